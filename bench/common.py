@@ -1,0 +1,117 @@
+"""Shared timing and result helpers for every benchmark in bench/.
+
+Protocol (../shared/BENCH.md): median of `triton.testing.do_bench` (it flushes L2), ratios to the base
+`F.linear` timed in the same run, CUDA-graph timing with rotated weight sets for launch-bound shapes,
+peak temporary memory of a forward, fresh random inputs (never zeros).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from typing import Callable, Sequence
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def have_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def device_name() -> str:
+    if have_gpu():
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, triton interpreter)"
+
+
+def environment() -> dict:
+    """What a results row needs to be read later: GPU, versions, time."""
+    import triton
+
+    import lora_fast
+
+    return {
+        "device": device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "lora_fast": lora_fast.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def bench_us(fn: Callable[[], object], quantiles: Sequence[float] = (0.5, 0.2, 0.8)) -> list[float]:
+    """Median (and the 20th/80th percentiles) of `fn` in microseconds, by `triton.testing.do_bench`."""
+    import triton.testing
+
+    ms = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=list(quantiles))
+    return [t * 1e3 for t in ms]
+
+
+def bench_graph_us(fns: Sequence[Callable[[], object]], replays: int = 50) -> float:
+    """Per-call time in microseconds of a CUDA graph that calls each of `fns` once, in turn.
+
+    Each function should use a different weight set (8 is usual) so that the weights do not sit in L2.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:  # warm up: compile, autotune, allocate outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(fns))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def peak_forward_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated while `fn` runs, minus what was allocated before it (its output included)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del out
+    return peak
+
+
+def write_json(name: str, rows: list[dict], extra: dict | None = None, out_dir: str | None = None) -> str:
+    """Write `{"env": ..., "rows": rows}` to `<out_dir>/<name>.json` and return the path."""
+    out_dir = out_dir or RESULTS_DIR
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    payload = {"env": environment(), **(extra or {}), "rows": rows}
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    return path
+
+
+def format_table(rows: list[dict], columns: Sequence[str]) -> str:
+    """A Markdown table of `rows` restricted to `columns` (floats to 3 significant digits)."""
+
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)

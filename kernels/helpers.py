@@ -1,0 +1,88 @@
+"""Device helpers shared by every lora-fast kernel.
+
+Nothing here launches anything: these are `@triton.jit` building blocks (the dot wrapper, the Philox dropout
+mask, the grouped tile order) and a few host-side facts about the running Triton.
+"""
+import os
+
+import triton
+import triton.language as tl
+
+# Triton's interpreter (TRITON_INTERPRET=1) computes bf16 arithmetic on the raw 16-bit storage and returns
+# garbage (seen with triton 3.9 and numpy 2.4), while loads, stores and casts are exact. Kernels therefore do
+# elementwise math in fp32 and call `dot`, which upcasts its operands when interpreting.
+INTERPRET: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+def is_interpret() -> bool:
+    """True when Triton runs kernels through its CPU interpreter."""
+    return bool(INTERPRET)
+
+
+def next_pow2_rank(r: int) -> int:
+    """Padded rank used as a constexpr block size: a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(int(r)))
+
+
+@triton.jit
+def dot(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b, accumulated in fp32 (fp64 for fp64 operands).
+
+    a: [BM, BK], b: [BK, BN] in the operands' dtype; acc: [BM, BN].
+    PRECISION: "ieee" or "tf32", used for fp32 operands only.
+    """
+    if INTERPRET:
+        if a.dtype == tl.float64:
+            return tl.dot(a, b, acc)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Map a linear program id to (pid_m, pid_n) in groups of GROUP_M row-tiles, so that programs running
+    together share both their X rows and their W columns in L2 (Triton tutorial 03)."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def dropout_keep(seed, offs_m, k0, K4, thr_shifted, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Boolean keep-mask of the tile rows `offs_m` [BLOCK_M] x columns `k0 + arange(BLOCK_K)`.
+
+    Element (m, k) takes word `k % 4` of Philox-4x32-10 keyed by `seed` at counter `m * K4 + k // 4`
+    (K4 = ceil(K / 4)) and is kept iff that word is >= ceil(p * 2**32). `thr_shifted` is that threshold minus
+    2**31, compared against the word minus 2**31 so that the test is a signed int32 compare.
+    One Philox call yields the four words of four neighbouring columns, so the mask costs a quarter of
+    `tl.rand` per element. `k0` must be a multiple of 4 (every BLOCK_K is).
+    """
+    tl.static_assert(BLOCK_K % 4 == 0)
+    cols4 = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+    counter = offs_m.to(tl.int64)[:, None] * K4 + cols4[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, counter)
+    # join(join(r0, r2), join(r1, r3))[c, t, u] = r_{2t+u}: flattening puts word (k % 4) at column k.
+    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_K))
+    signed = (words ^ 0x80000000).to(tl.int32, bitcast=True)
+    return signed >= thr_shifted
+
+
+@triton.jit
+def apply_dropout(x, keep, inv_keep):
+    """drop(x) = x * keep / (1 - p), computed in fp32 and returned in x's dtype."""
+    return tl.where(keep, x.to(tl.float32) * inv_keep, 0.0).to(x.dtype)
+
+
+def dropout_threshold(p: float) -> int:
+    """`thr_shifted` for `dropout_keep`: ceil(p * 2**32) - 2**31, clamped to the int32 range."""
+    import math
+
+    thr = min(math.ceil(p * 2**32), 2**32 - 1)
+    return thr - 2**31

@@ -1,0 +1,24 @@
+"""lora-fast: fused Triton kernels for LoRA training and multi-tenant serving.
+
+`kernels/` is installed as `lora_fast.kernels` through `package_dir`, so the
+project has a single import name and nothing called plain `kernels` lands in
+site-packages.
+"""
+from setuptools import setup
+
+setup(
+    name="lora-fast",
+    version="0.1.0",
+    description="Fused Triton kernels for LoRA: single-pass forward, fused backward, multi-adapter serving",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["lora_fast", "lora_fast.kernels"],
+    package_dir={"lora_fast": "lora_fast", "lora_fast.kernels": "kernels"},
+    install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
+    extras_require={
+        "test": ["pytest"],
+        "bench": ["matplotlib"],
+        "peft": ["peft", "transformers", "safetensors"],
+    },
+)
