@@ -1,1 +1,14 @@
-"""Triton kernels and their launchers, installed as `lora_fast.kernels`."""
+"""Triton kernels and their launchers, installed as `lora_fast.kernels`.
+
+No autograd and no modules here: see `lora_fast.functional` for those.
+"""
+from .dropout import dropout_mask
+from .helpers import is_interpret
+from .lora_bwd import lora_backward_dx, lora_grad_ab
+from .lora_fwd import choose_xa_mode, lora_forward
+from .lora_shrink import lora_shrink
+
+__all__ = [
+    "dropout_mask", "is_interpret", "lora_backward_dx", "lora_forward", "lora_grad_ab", "lora_shrink",
+    "choose_xa_mode",
+]

@@ -5,6 +5,7 @@ mask, the grouped tile order) and a few host-side facts about the running Triton
 """
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -17,6 +18,18 @@ INTERPRET: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") =
 def is_interpret() -> bool:
     """True when Triton runs kernels through its CPU interpreter."""
     return bool(INTERPRET)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot precision for fp32 operands: follow torch's own matmul setting, so results match nn.Linear's."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def acc_dtype(dtype: torch.dtype):
+    """Accumulator dtype of the kernels for operands of `dtype`: fp64 for fp64, fp32 otherwise."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def next_pow2_rank(r: int) -> int:
@@ -75,9 +88,17 @@ def dropout_keep(seed, offs_m, k0, K4, thr_shifted, BLOCK_M: tl.constexpr, BLOCK
 
 
 @triton.jit
+def upcast(x):
+    """x in its accumulation dtype: fp64 stays fp64, everything else goes to fp32."""
+    if x.dtype == tl.float64:
+        return x
+    return x.to(tl.float32)
+
+
+@triton.jit
 def apply_dropout(x, keep, inv_keep):
-    """drop(x) = x * keep / (1 - p), computed in fp32 and returned in x's dtype."""
-    return tl.where(keep, x.to(tl.float32) * inv_keep, 0.0).to(x.dtype)
+    """drop(x) = x * keep / (1 - p), computed in fp32 (fp64 for fp64) and returned in x's dtype."""
+    return tl.where(keep, upcast(x) * inv_keep, 0.0).to(x.dtype)
 
 
 def dropout_threshold(p: float) -> int:

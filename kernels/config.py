@@ -1,0 +1,124 @@
+"""Block sizes for every single-adapter LoRA kernel, in one place.
+
+Configs are looked up by shape class (not autotuned at run time): M changes with every batch in training and
+serving, and an autotuner keyed on M would re-tune at each new sequence length. The table was picked by
+sweeping candidates on the H100 (`bench/gpu_check.py --tune`; see bench/NOTES.md). Under the interpreter the
+blocks are small so that tests stay fast and still cover several tiles and every mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+import torch
+
+from .helpers import is_interpret
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile of a GEMM-shaped kernel: BLOCK_M x BLOCK_N outputs, BLOCK_K reduction step."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def launch(self) -> dict:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+# Overrides set by the tuning script: {(kernel, shape class): GemmConfig}.
+_OVERRIDES: dict = {}
+
+
+def set_override(kernel: str, shape_class: str, config: GemmConfig | None) -> None:
+    """Force `config` for (kernel, shape_class); None removes the override. For tuning sweeps."""
+    if config is None:
+        _OVERRIDES.pop((kernel, shape_class), None)
+    else:
+        _OVERRIDES[(kernel, shape_class)] = config
+    gemm_config.cache_clear()
+
+
+def shape_class(m: int) -> str:
+    """Bucket of the row count: the tile shape depends on M far more than on N or K."""
+    if m <= 16:
+        return "m16"
+    if m <= 64:
+        return "m64"
+    if m <= 256:
+        return "m256"
+    return "large"
+
+
+_INTERPRET_CONFIG = GemmConfig(16, 16, 16, group_m=2, num_warps=1, num_stages=1)
+
+# bf16 / fp16 tables (H100). "fwd": Y tile over (M, N), reduce K. "dx": dX tile over (M, K), reduce N.
+_HALF = {
+    "m16": GemmConfig(16, 32, 128, group_m=1, num_warps=4, num_stages=4),
+    "m64": GemmConfig(64, 64, 128, group_m=1, num_warps=4, num_stages=4),
+    "m256": GemmConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=4),
+    "large": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3),
+}
+_FULL = {  # fp32 / fp64: twice the bytes per element, so half the K step
+    "m16": GemmConfig(16, 32, 64, group_m=1, num_warps=4, num_stages=3),
+    "m64": GemmConfig(64, 64, 32, group_m=1, num_warps=4, num_stages=3),
+    "m256": GemmConfig(64, 128, 32, group_m=8, num_warps=4, num_stages=3),
+    "large": GemmConfig(128, 128, 32, group_m=8, num_warps=8, num_stages=3),
+}
+
+
+@lru_cache(maxsize=None)
+def gemm_config(kernel: str, m: int, dtype: torch.dtype, rank_block: int) -> GemmConfig:
+    """Config of the GEMM-shaped kernels `kernel` in {"fwd", "dx"} for M = m rows.
+
+    rank_block is the padded rank carried in registers alongside the tile (0 when the rank-r product is loaded
+    precomputed); a wide one shrinks BLOCK_N so that the two accumulators fit the register file.
+    """
+    if is_interpret():
+        return _INTERPRET_CONFIG
+    cls = shape_class(m)
+    if (kernel, cls) in _OVERRIDES:
+        return _OVERRIDES[(kernel, cls)]
+    cfg = (_HALF if dtype in (torch.float16, torch.bfloat16) else _FULL)[cls]
+    if rank_block > 64 and cfg.block_m * cfg.block_n > 128 * 128:
+        cfg = replace(cfg, block_n=128)
+    return cfg
+
+
+@lru_cache(maxsize=None)
+def shrink_config(m: int, dtype: torch.dtype) -> GemmConfig:
+    """Config of the shrink kernel `xa = drop(x) @ A^T`: block_n is unused (the rank block is the tile)."""
+    if is_interpret():
+        return _INTERPRET_CONFIG
+    if ("shrink", shape_class(m)) in _OVERRIDES:
+        return _OVERRIDES[("shrink", shape_class(m))]
+    half = dtype in (torch.float16, torch.bfloat16)
+    if m <= 64:
+        return GemmConfig(16, 0, 256 if half else 128, num_warps=4, num_stages=3)
+    return GemmConfig(64, 0, 128 if half else 64, num_warps=4, num_stages=3)
+
+
+@lru_cache(maxsize=None)
+def reduce_m_config(p_rows: int, q_cols: int, dtype: torch.dtype) -> GemmConfig:
+    """Config of the reduce-over-M kernel `out[P, Q] = s * U^T V` (dA and dB): block_m x block_n tiles of the
+    [P, Q] output, block_k rows of M per step (M is the reduction axis here)."""
+    if is_interpret():
+        return _INTERPRET_CONFIG
+    half = dtype in (torch.float16, torch.bfloat16)
+    block_p = min(128, max(16, _pow2(p_rows)))
+    block_q = min(128, max(16, _pow2(q_cols)))
+    return GemmConfig(block_p, block_q, 64 if half else 32, num_warps=4, num_stages=3)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count

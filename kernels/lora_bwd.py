@@ -1,0 +1,217 @@
+"""Fused LoRA backward with a frozen base weight.
+
+    dX = dY @ W + s * drop'((dY @ B) @ A)       (drop' = the forward's mask, scaled by 1 / (1 - p))
+    dA = s * (dY @ B)^T @ drop(X)
+    dB = s * dY^T @ xa,  xa = drop(X) @ A^T      (saved by the forward)
+
+`lora_backward_dx` is one GEMM over N whose K loop also accumulates dyb = dY @ B for its rows (r / BLOCK_K more
+MMA work, no second pass over dY); the programs of the first K tile store dyb for dA. Its epilogue adds the
+rank-r term, masked by the regenerated dropout mask, and writes dX once.
+`lora_grad_ab` computes dA and dB with one reduce-over-M kernel, split over M so the [r, K] and [N, r] outputs
+still fill the GPU; the fp32 partial sums are added in a fixed order (deterministic, no atomics).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .config import gemm_config, num_sms, reduce_m_config
+from .helpers import (
+    acc_dtype, apply_dropout, dot, dot_precision, dropout_keep, dropout_threshold, grouped_tile, next_pow2_rank,
+)
+from .lora_fwd import EPILOGUE_RANK_BLOCK, MAX_FUSED_RANK_BLOCK
+from .lora_shrink import lora_shrink
+
+
+@triton.jit(do_not_specialize=["M", "seed", "thr_shifted"])
+def _lora_bwd_dx_kernel(
+    DY, W, B, A, DYB, DX,
+    M, N, K, RANK,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br, stride_ar, stride_ak,
+    stride_dybm, stride_dybr, stride_dxm, stride_dxk,
+    scaling, seed, thr_shifted, inv_keep, K4,
+    DROPOUT: tl.constexpr, COMPUTE_DYB: tl.constexpr, STORE_DYB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """One BLOCK_M x BLOCK_K tile of dX, reducing over N in BLOCK_N steps.
+
+    DY: [M, N], W: [N, K], B: [N, RANK], A: [RANK, K], DX: [M, K], all strided.
+    DYB: [M, RANK], unscaled dY @ B in DY's dtype: read when not COMPUTE_DYB, written by the pid_k == 0
+        programs when STORE_DYB.
+    scaling: s; seed, thr_shifted, inv_keep, K4: the forward's dropout mask (helpers.dropout_keep) if DROPOUT.
+    BLOCK_R: padded rank (COMPUTE_DYB) or the epilogue's rank chunk; NUM_R_CHUNKS: chunks in the epilogue.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_k = tl.cdiv(K, BLOCK_K)
+    pid_m, pid_k = grouped_tile(pid, num_pid_m, num_pid_k, GROUP_M)
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+
+    dy_ptrs = DY + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
+    w_ptrs = W + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    b_ptrs = B + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
+    dyb = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+    for n0 in range(0, N, BLOCK_N):
+        mask_n = offs_n < N - n0
+        dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = dot(dy, w, acc, PRECISION)
+        if COMPUTE_DYB:
+            b = tl.load(b_ptrs, mask=mask_n[:, None] & (offs_r[None, :] < RANK), other=0.0)
+            dyb = dot(dy, b, dyb, PRECISION)
+            b_ptrs += BLOCK_N * stride_bn
+        dy_ptrs += BLOCK_N * stride_dyn
+        w_ptrs += BLOCK_N * stride_wn
+
+    low = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
+    if COMPUTE_DYB:
+        if STORE_DYB:
+            if pid_k == 0:
+                tl.store(DYB + offs_m[:, None] * stride_dybm + offs_r[None, :] * stride_dybr,
+                         dyb.to(DYB.dtype.element_ty), mask=mask_m[:, None] & (offs_r[None, :] < RANK))
+        a = tl.load(A + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=(offs_r[:, None] < RANK) & mask_k[None, :], other=0.0)
+        dyb_s = (dyb.to(DY.dtype.element_ty).to(ACC) * scaling).to(a.dtype)
+        low = dot(dyb_s, a, low, PRECISION)
+    else:
+        for c in tl.static_range(NUM_R_CHUNKS):
+            rr = c * BLOCK_R + offs_r
+            dyb_c = tl.load(DYB + offs_m[:, None] * stride_dybm + rr[None, :] * stride_dybr,
+                            mask=mask_m[:, None] & (rr[None, :] < RANK), other=0.0)
+            a = tl.load(A + rr[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                        mask=(rr[:, None] < RANK) & mask_k[None, :], other=0.0)
+            low = dot((dyb_c.to(ACC) * scaling).to(a.dtype), a, low, PRECISION)
+    if DROPOUT:
+        k0 = pid_k * BLOCK_K
+        low = tl.where(dropout_keep(seed, offs_m, k0, K4, thr_shifted, BLOCK_M, BLOCK_K), low * inv_keep, 0.0)
+    acc += low
+    dx_ptrs = DX + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+    tl.store(dx_ptrs, acc.to(DX.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "seed", "thr_shifted"])
+def _reduce_m_kernel(
+    U, V, OUT,
+    M, P, Q, ROWS_PER_SPLIT,
+    stride_um, stride_up, stride_vm, stride_vq, stride_os, stride_op, stride_oq,
+    scaling, seed, thr_shifted, inv_keep, K4,
+    DROPOUT_V: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """OUT[split, p, q] = s * sum over this split's rows m of U[m, p] * drop(V)[m, q].
+
+    U: [M, P], V: [M, Q], OUT: [splits, P, Q] (fp32 partials, or the final tensor when splits == 1).
+    grid = (cdiv(P, BLOCK_P), cdiv(Q, BLOCK_Q), splits); split s owns rows [s * ROWS_PER_SPLIT, ...),
+    ROWS_PER_SPLIT a multiple of BLOCK_M. DROPOUT_V applies the forward's mask at (m, q) (V = X for dA).
+    """
+    pid_p = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = pid_q.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    mask_p = offs_p < P
+    mask_q = offs_q < Q
+    row_start = pid_s.to(tl.int64) * ROWS_PER_SPLIT
+    row_end = tl.minimum(row_start + ROWS_PER_SPLIT, M)
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=ACC)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < row_end
+        u_t = tl.load(U + offs_m[None, :] * stride_um + offs_p[:, None] * stride_up,
+                      mask=mask_p[:, None] & mask_m[None, :], other=0.0)
+        v = tl.load(V + offs_m[:, None] * stride_vm + offs_q[None, :] * stride_vq,
+                    mask=mask_m[:, None] & mask_q[None, :], other=0.0)
+        if DROPOUT_V:
+            keep = dropout_keep(seed, offs_m, pid_q * BLOCK_Q, K4, thr_shifted, BLOCK_M, BLOCK_Q)
+            v = apply_dropout(v, keep, inv_keep)
+        acc = dot(u_t, v, acc, PRECISION)
+    out_ptrs = OUT + pid_s * stride_os + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq
+    tl.store(out_ptrs, (acc * scaling).to(OUT.dtype.element_ty), mask=mask_p[:, None] & mask_q[None, :])
+
+
+def _reduce_m(u, v, scaling, out_dtype, dropout_p=0.0, seed=0, k_for_mask=1):
+    """s * u^T @ drop(v): u [M, P], v [M, Q] -> [P, Q] in out_dtype, split over M to fill the GPU."""
+    M, P = u.shape
+    Q = v.shape[1]
+    if M == 0:
+        return torch.zeros((P, Q), device=u.device, dtype=out_dtype)
+    cfg = reduce_m_config(P, Q, u.dtype)
+    tiles = triton.cdiv(P, cfg.block_m) * triton.cdiv(Q, cfg.block_n)
+    m_blocks = triton.cdiv(M, cfg.block_k)
+    splits = max(1, min(m_blocks, triton.cdiv(2 * num_sms(u.device), tiles)))
+    rows_per_split = triton.cdiv(m_blocks, splits) * cfg.block_k
+    splits = triton.cdiv(M, rows_per_split)
+    if splits == 1:
+        out = torch.empty((1, P, Q), device=u.device, dtype=out_dtype)
+    else:
+        out = torch.empty((splits, P, Q), device=u.device, dtype=torch.promote_types(u.dtype, torch.float32))
+    _reduce_m_kernel[(triton.cdiv(P, cfg.block_m), triton.cdiv(Q, cfg.block_n), splits)](
+        u, v, out, M, P, Q, rows_per_split,
+        u.stride(0), u.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        float(scaling), int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), triton.cdiv(k_for_mask, 4),
+        DROPOUT_V=dropout_p > 0.0, BLOCK_P=cfg.block_m, BLOCK_Q=cfg.block_n, BLOCK_M=cfg.block_k,
+        PRECISION=dot_precision(u.dtype), ACC=acc_dtype(u.dtype), **cfg.launch(),
+    )
+    return out[0] if splits == 1 else out.sum(0).to(out_dtype)
+
+
+def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_dyb=True, dyb_mode="auto"):
+    """dX = dY @ W + s * drop'((dY @ B) @ A), fused into one GEMM.
+
+    dy: [M, N], weight: [N, K], lora_A: [r, K], lora_B: [N, r] (any strides, one dtype); scaling, dropout_p
+    and seed as in the forward. Returns (dx [M, K], dyb [M, r] = dY @ B unscaled, or None unless store_dyb).
+    dyb_mode: "fused" (dyb accumulated inside the GEMM), "shrink" (one extra pass over dY), or "auto".
+
+    >>> dx, dyb = lora_backward_dx(dy, W, A, B, 2.0)
+    """
+    M, N = dy.shape
+    K, rank = weight.shape[1], lora_A.shape[0]
+    dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
+    if dyb_mode == "auto":
+        dyb_mode = "fused" if next_pow2_rank(rank) <= MAX_FUSED_RANK_BLOCK else "shrink"
+    if M == 0 or K == 0:
+        return dx, (torch.zeros((M, rank), device=dy.device, dtype=dy.dtype) if store_dyb else None)
+    if dyb_mode == "shrink":
+        dyb = lora_shrink(dy, lora_B.t())
+    elif dyb_mode == "fused":
+        dyb = torch.empty((M, rank), device=dy.device, dtype=dy.dtype) if store_dyb else None
+    else:
+        raise ValueError(f"dyb_mode must be 'auto', 'fused' or 'shrink', got {dyb_mode!r}")
+    compute = dyb_mode == "fused"
+    block_r = next_pow2_rank(rank) if compute else min(EPILOGUE_RANK_BLOCK, next_pow2_rank(rank))
+    cfg = gemm_config("dx", M, dy.dtype, block_r if compute else 0)
+    dyb_arg = dyb if dyb is not None else dx
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(K, cfg.block_n),)
+    _lora_bwd_dx_kernel[grid](
+        dy, weight, lora_B, lora_A, dyb_arg, dx,
+        M, N, K, rank,
+        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
+        lora_A.stride(0), lora_A.stride(1), dyb_arg.stride(0), dyb_arg.stride(1), dx.stride(0), dx.stride(1),
+        float(scaling), int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), triton.cdiv(K, 4),
+        DROPOUT=dropout_p > 0.0, COMPUTE_DYB=compute, STORE_DYB=compute and dyb is not None,
+        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_N=cfg.block_k, BLOCK_R=block_r,
+        NUM_R_CHUNKS=1 if compute else triton.cdiv(rank, block_r), GROUP_M=cfg.group_m,
+        PRECISION=dot_precision(dy.dtype), ACC=acc_dtype(dy.dtype), **cfg.launch(),
+    )
+    return dx, dyb
+
+
+def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p=0.0, seed=0, need_a=True, need_b=True):
+    """dA = s * dyb^T @ drop(x) and dB = s * dy^T @ xa.
+
+    x: [M, K], dy: [M, N], xa: [M, r] (= drop(x) @ A^T from the forward), dyb: [M, r] (= dy @ B).
+    Returns (dA [r, K] in a_dtype or None, dB [N, r] in b_dtype or None).
+
+    >>> dA, dB = lora_grad_ab(x, dy, xa, dyb, 2.0, A.dtype, B.dtype)
+    """
+    K = x.shape[1]
+    dA = _reduce_m(dyb, x, scaling, a_dtype, dropout_p, seed, k_for_mask=K) if need_a else None
+    dB = _reduce_m(dy, xa, scaling, b_dtype) if need_b else None
+    return dA, dB

@@ -1,0 +1,157 @@
+"""Fused LoRA forward: Y = X @ W^T + b + s * (drop(X) @ A^T) @ B^T in one launch.
+
+Each program owns a BLOCK_M x BLOCK_N tile of Y and walks K once, accumulating X @ W^T in fp32. The rank-r
+product xa = drop(X) @ A^T [M, r] comes one of two ways (`xa_mode`):
+  * "fused": the same K loop also accumulates xa for its rows, reusing the X tile already loaded. This costs
+    r / BLOCK_N more MMA work (6 % at r=16, BLOCK_N=256) and reads X once. Programs of the first N tile store
+    xa for the backward. Used without dropout and at small padded rank.
+  * "shrink": `lora_shrink` computes xa once (one extra read of X, the dropout mask drawn once per element) and
+    the kernel loads it. Used with dropout (the mask would otherwise be redrawn for every N tile) and at large
+    rank (the xa accumulator would crowd out the GEMM's registers).
+Either way the epilogue adds (s * xa) @ B^T as one more small MMA, then the bias, and writes Y once: there is
+no [M, N] temporary and no dropout copy of X.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .config import gemm_config
+from .helpers import (
+    acc_dtype, apply_dropout, dot, dot_precision, dropout_keep, dropout_threshold, grouped_tile, next_pow2_rank,
+)
+from .lora_shrink import lora_shrink
+
+# Widest padded rank whose xa accumulator is kept next to a large GEMM tile ("fused" mode).
+MAX_FUSED_RANK_BLOCK = 64
+# Rank chunk loaded per step in the epilogue when xa is precomputed: bounds the registers at any rank.
+EPILOGUE_RANK_BLOCK = 64
+
+
+@triton.jit(do_not_specialize=["M", "seed", "thr_shifted"])
+def _lora_fwd_kernel(
+    X, W, A, B, BIAS, XA, Y,
+    M, N, K, RANK,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_xam, stride_xar, stride_ym, stride_yn,
+    scaling, seed, thr_shifted, inv_keep, K4,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_XA: tl.constexpr, STORE_XA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """One BLOCK_M x BLOCK_N tile of Y.
+
+    X: [M, K], W: [N, K], A: [RANK, K], B: [N, RANK], BIAS: [N] (if HAS_BIAS), Y: [M, N], all strided.
+    XA: [M, RANK] in X's dtype, unscaled drop(X) @ A^T; read when not COMPUTE_XA, written by the pid_n == 0
+        programs when STORE_XA.
+    scaling: s; seed, thr_shifted, inv_keep, K4: the dropout mask (helpers.dropout_keep), used if DROPOUT.
+    BLOCK_R: padded rank (COMPUTE_XA: the whole rank, a power of two >= 16; else the epilogue's rank chunk),
+    NUM_R_CHUNKS: rank chunks in the epilogue (1 when COMPUTE_XA). PRECISION: tl.dot precision for fp32; ACC: accumulator dtype.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = W + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    a_ptrs = A + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = dot(x, w, acc, PRECISION)
+        if COMPUTE_XA:
+            a = tl.load(a_ptrs, mask=mask_k[:, None] & (offs_r[None, :] < RANK), other=0.0)
+            if DROPOUT:
+                x = apply_dropout(x, dropout_keep(seed, offs_m, k0, K4, thr_shifted, BLOCK_M, BLOCK_K), inv_keep)
+            xa = dot(x, a, xa, PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    if COMPUTE_XA:
+        if STORE_XA:
+            if pid_n == 0:
+                xa_ptrs = XA + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar
+                tl.store(xa_ptrs, xa.to(XA.dtype.element_ty), mask=mask_m[:, None] & (offs_r[None, :] < RANK))
+        b = tl.load(B + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                    mask=(offs_r[:, None] < RANK) & mask_n[None, :], other=0.0)
+        # Round xa to the input dtype (as the unfused reference does), scale in fp32, then one small MMA.
+        xa_s = (xa.to(X.dtype.element_ty).to(ACC) * scaling).to(b.dtype)
+        acc = dot(xa_s, b, acc, PRECISION)
+    else:
+        for c in tl.static_range(NUM_R_CHUNKS):
+            rr = c * BLOCK_R + offs_r
+            xa_c = tl.load(XA + offs_m[:, None] * stride_xam + rr[None, :] * stride_xar,
+                           mask=mask_m[:, None] & (rr[None, :] < RANK), other=0.0)
+            b = tl.load(B + offs_n[None, :] * stride_bn + rr[:, None] * stride_br,
+                        mask=(rr[:, None] < RANK) & mask_n[None, :], other=0.0)
+            acc = dot((xa_c.to(ACC) * scaling).to(b.dtype), b, acc, PRECISION)
+
+    if HAS_BIAS:
+        bias = tl.load(BIAS + offs_n, mask=mask_n, other=0.0)
+        acc += bias.to(ACC)[None, :]
+    y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def choose_xa_mode(m: int, rank: int, dropout: bool) -> str:
+    """"fused" or "shrink" (see the module docstring); measured in bench/NOTES.md."""
+    if dropout:
+        return "shrink"
+    return "fused" if next_pow2_rank(rank) <= MAX_FUSED_RANK_BLOCK else "shrink"
+
+
+def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_xa=False, xa_mode="auto"):
+    """Fused LoRA forward.
+
+    x: [M, K], weight: [N, K], bias: [N] or None, lora_A: [r, K], lora_B: [N, r] (any strides, one dtype);
+    scaling: float; dropout_p in [0, 1) applied to x on the LoRA branch with the mask of `seed`.
+    Returns (y [M, N], xa [M, r] or None): xa = drop(x) @ A^T, returned when store_xa (for the backward).
+
+    >>> y, _ = lora_forward(x, W, b, A, B, 2.0)
+    >>> y, xa = lora_forward(x, W, None, A, B, 2.0, dropout_p=0.1, seed=7, store_xa=True)
+    """
+    M, K = x.shape
+    N, rank = weight.shape[0], lora_A.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    dropout = dropout_p > 0.0
+    if xa_mode == "auto":
+        xa_mode = choose_xa_mode(M, rank, dropout)
+    if M == 0 or N == 0:
+        xa = torch.empty((M, rank), device=x.device, dtype=x.dtype) if store_xa else None
+        return y, xa
+    if xa_mode == "shrink":
+        xa = lora_shrink(x, lora_A, dropout_p, seed)
+    elif xa_mode == "fused":
+        xa = torch.empty((M, rank), device=x.device, dtype=x.dtype) if store_xa else None
+    else:
+        raise ValueError(f"xa_mode must be 'auto', 'fused' or 'shrink', got {xa_mode!r}")
+    compute_xa = xa_mode == "fused"
+    block_r = next_pow2_rank(rank) if compute_xa else min(EPILOGUE_RANK_BLOCK, next_pow2_rank(rank))
+    cfg = gemm_config("fwd", M, x.dtype, block_r if compute_xa else 0)
+    xa_arg = xa if xa is not None else y  # never dereferenced when neither stored nor loaded
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    _lora_fwd_kernel[grid](
+        x, weight, lora_A, lora_B, bias if bias is not None else y, xa_arg, y,
+        M, N, K, rank,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+        lora_B.stride(0), lora_B.stride(1), xa_arg.stride(0), xa_arg.stride(1), y.stride(0), y.stride(1),
+        float(scaling), int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), triton.cdiv(K, 4),
+        HAS_BIAS=bias is not None, DROPOUT=dropout and compute_xa, COMPUTE_XA=compute_xa,
+        STORE_XA=compute_xa and xa is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
+        NUM_R_CHUNKS=1 if compute_xa else triton.cdiv(rank, block_r), GROUP_M=cfg.group_m,
+        PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype), **cfg.launch(),
+    )
+    return y, xa
+

@@ -1,0 +1,350 @@
+"""Batched multi-adapter LoRA forward (multi-tenant inference): `Y = X·Wᵀ + b + s[id]·(X·A[id]ᵀ)·B[id]ᵀ` per token.
+
+Token t uses adapter slot `ids[t]`; -1 means base only. Tokens are visited in *sorted order*: the batch metadata
+(`lora_fast.multi_lora.make_batch_metadata`) sorts them by adapter once per batch, so that sorted position p holds
+token `perm[p]` and the tokens of one adapter form one contiguous segment `[seg_start[s], seg_start[s+1])`.
+Kernels gather X rows and scatter Y rows through `perm`; nothing is copied.
+
+Two launches, no host sync:
+1. `_shrink_kernel`: per (segment tile, slice, rank chunk, K split), `xa_part = X[seg rows] @ A[a, slice, chunk]ᵀ`
+   in fp32 into a small workspace `[SPLIT_K, slices, T, R_PAD]`. A program whose rank chunk starts at or beyond the
+   adapter's true rank exits, so an adapter of rank 8 in a pool of rank 64 reads and computes only 8 rows of A.
+   Each adapter's A is read once per segment tile (not once per token), and split-K gives decode enough programs.
+2. `_fused_kernel`: the base GEMM `X @ Wᵀ (+ b)` over (sorted-row tile, N tile), walking K once, then an epilogue that
+   loops over the segments meeting the row tile, sums the split-K partials of xa, scales them in fp32, rounds to the
+   input dtype (as PEFT does), and adds `xa @ B[a]ᵀ` with a tensor-core dot per rank chunk of 16 up to the true rank.
+   W is read once whatever the adapter mix; B is read once per (segment, N tile).
+
+Why not one launch: the shrink needs a full K reduction before the expand, and recomputing it in every N-tile program
+would read A[ids] N / BLOCK_N times (128× at N=4096), which costs more than the second launch.
+
+Multi-slice: several projections sharing X (q/k/v, gate/up) go in one launch: W and B are concatenated along N,
+A is stacked `[S, slices, R, K]`; a small int32 table gives each slice's column offset, width and first N tile.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import helpers
+from .helpers import dot, grouped_tile
+
+# Rank chunk: the granularity at which an adapter's true rank is honoured, and tl.dot's minimum inner size.
+RANK_CHUNK = 16
+
+
+@triton.jit
+def _segment_tile(seg_start_ptr, j, MAX_SEGS, SEGS_P2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Segment-aligned tile j of BLOCK_M sorted rows -> (segment, first row, end row); segment == MAX_SEGS past the end.
+
+    Segment s holds `cdiv(len_s, BLOCK_M)` tiles; the tiles are numbered segment after segment.
+    """
+    s = tl.arange(0, SEGS_P2)
+    starts = tl.load(seg_start_ptr + s, mask=s < MAX_SEGS, other=0)
+    ends = tl.load(seg_start_ptr + s + 1, mask=s < MAX_SEGS, other=0)
+    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
+    incl = tl.cumsum(tiles, 0)
+    seg = tl.sum((incl <= j).to(tl.int32), 0)
+    first_tile = tl.sum(tl.where(s == seg, incl - tiles, 0), 0)
+    row0 = tl.sum(tl.where(s == seg, starts, 0), 0) + (j - first_tile) * BLOCK_M
+    row_end = tl.sum(tl.where(s == seg, ends, 0), 0)
+    return seg, row0, row_end
+
+
+@triton.jit(do_not_specialize=["T"])
+def _shrink_kernel(
+    x_ptr, a_ptr, ws_ptr, perm_ptr, seg_start_ptr, seg_adapter_ptr, ranks_ptr,
+    T, K, K_PER_SPLIT, MAX_SEGS,
+    stride_xt, stride_xk,
+    stride_as, stride_ai, stride_ar, stride_ak,
+    stride_wsk, stride_wsi, stride_wst,
+    SEGS_P2: tl.constexpr, NUM_RCHUNKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """xa_part[split, slice, p, r] = sum_{k in split} X[perm[p], k] * A[a, slice, r, k] for the rows p of one segment.
+
+    Pointers: x [T, K] (any strides); a [S, slices, R, K] (any strides); ws fp32 [SPLIT_K, slices, T, R_PAD]
+    (last dim contiguous); perm int32 [T] (sorted position -> token); seg_start int32 [MAX_SEGS + 1];
+    seg_adapter int32 [MAX_SEGS] (-1 = base only); ranks int32 [S] (true rank of each slot).
+    Grid: (segment tiles = cdiv(T, BLOCK_M) + MAX_SEGS, slices * NUM_RCHUNKS, SPLIT_K).
+    T: tokens (not specialised); K_PER_SPLIT: multiple of BLOCK_K; MAX_SEGS: length of seg_adapter.
+    SEGS_P2: next_pow2(MAX_SEGS); NUM_RCHUNKS: R_PAD // BLOCK_R; BLOCK_M: rows per tile; BLOCK_R: rank chunk (16);
+    BLOCK_K: K step; PRECISION: tl.dot input precision for fp32.
+    """
+    pid_tile = tl.program_id(0)
+    pid_sr = tl.program_id(1)
+    pid_k = tl.program_id(2).to(tl.int64)
+    seg, row0, row_end = _segment_tile(seg_start_ptr, pid_tile, MAX_SEGS, SEGS_P2, BLOCK_M)
+    if seg >= MAX_SEGS:
+        return
+    adapter = tl.load(seg_adapter_ptr + seg)
+    if adapter < 0:
+        return
+    rank = tl.load(ranks_ptr + adapter)
+    slice_id = pid_sr // NUM_RCHUNKS
+    r0 = (pid_sr % NUM_RCHUNKS) * BLOCK_R
+    if r0 >= rank:
+        return
+
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    tokens = tl.load(perm_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + tokens[:, None] * stride_xt
+    a_base = a_ptr + adapter.to(tl.int64) * stride_as + slice_id.to(tl.int64) * stride_ai \
+        + offs_r.to(tl.int64)[None, :] * stride_ar
+
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        ks = k0 + offs_k
+        k_mask = ks < k_end
+        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        a = tl.load(a_base + ks[:, None] * stride_ak, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = dot(x, a, acc, PRECISION)
+
+    ws = ws_ptr + pid_k * stride_wsk + slice_id.to(tl.int64) * stride_wsi \
+        + rows.to(tl.int64)[:, None] * stride_wst + offs_r[None, :]
+    tl.store(ws, acc, mask=row_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit(do_not_specialize=["T"])
+def _fused_kernel(
+    x_ptr, w_ptr, bias_ptr, b_ptr, ws_ptr, y_ptr,
+    perm_ptr, seg_of_ptr, seg_start_ptr, seg_adapter_ptr, ranks_ptr, scalings_ptr, slices_ptr,
+    T, K, NUM_N_TILES,
+    stride_xt, stride_xk, stride_wn, stride_wk,
+    stride_bs, stride_bn, stride_br,
+    stride_wsk, stride_wsi, stride_wst,
+    stride_yt, stride_yn,
+    HAS_BIAS: tl.constexpr, NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Y[perm[p], n] = X[perm[p]] · W[n] + b[n] + s[a] · round(sum_split xa_part[., slice(n), p]) · B[a, n] (a = adapter of p).
+
+    Pointers: x [T, K]; w [N, K]; bias [N] (unused unless HAS_BIAS); b [S, N, R] (any strides: the pool stores it
+    as Bᵀ [S, R, N]); ws fp32 [SPLIT_K, slices, T, R_PAD] from `_shrink_kernel`; y [T, N];
+    perm, seg_of int32 [T] (sorted position -> token / segment); seg_start int32 [MAX_SEGS + 1];
+    seg_adapter int32 [MAX_SEGS]; ranks int32 [S]; scalings fp32 [S];
+    slices int32 [NUM_SLICES, 3] = (column offset, width, first N tile) of each projection.
+    Grid: (cdiv(T, BLOCK_M) * NUM_N_TILES,) in GROUP_M-grouped order. T: tokens (not specialised).
+    BLOCK_M x BLOCK_N: output tile (rows in sorted order); BLOCK_K: K step; BLOCK_R: rank chunk (16).
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(T, BLOCK_M)
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, NUM_N_TILES, GROUP_M)
+
+    slice_id = pid_n * 0
+    for i in tl.static_range(1, NUM_SLICES):
+        slice_id = tl.where(pid_n >= tl.load(slices_ptr + 3 * i + 2), i, slice_id)
+    n_off = tl.load(slices_ptr + 3 * slice_id)
+    n_size = tl.load(slices_ptr + 3 * slice_id + 1)
+    local_n = (pid_n - tl.load(slices_ptr + 3 * slice_id + 2)) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = local_n < n_size
+    cols = (n_off + local_n).to(tl.int64)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < T
+    tokens = tl.load(perm_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + tokens[:, None] * stride_xt
+    w_cols = w_ptr + cols[None, :] * stride_wn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        k_mask = ks < K
+        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_cols + ks[:, None] * stride_wk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = dot(x, w, acc, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+
+    # LoRA epilogue: the segments that meet this row tile, each at its adapter's true rank.
+    last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, T) - 1
+    seg_first = tl.load(seg_of_ptr + pid_m * BLOCK_M)
+    seg_last = tl.load(seg_of_ptr + last_row)
+    offs_r = tl.arange(0, BLOCK_R)
+    ws_rows = ws_ptr + slice_id.to(tl.int64) * stride_wsi + rows.to(tl.int64)[:, None] * stride_wst
+    for seg in range(seg_first, seg_last + 1):
+        adapter = tl.load(seg_adapter_ptr + seg)
+        safe = tl.maximum(adapter, 0)
+        rank = tl.where(adapter >= 0, tl.load(ranks_ptr + safe), 0)
+        scale = tl.load(scalings_ptr + safe).to(tl.float32)
+        in_seg = row_mask & (rows >= tl.load(seg_start_ptr + seg)) & (rows < tl.load(seg_start_ptr + seg + 1))
+        b_base = b_ptr + safe.to(tl.int64) * stride_bs + cols[None, :] * stride_bn
+        for r0 in range(0, rank, BLOCK_R):
+            rs = r0 + offs_r
+            r_mask = rs < rank
+            xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for split in tl.static_range(SPLIT_K):
+                xa += tl.load(ws_rows + split * stride_wsk + rs[None, :],
+                              mask=in_seg[:, None] & r_mask[None, :], other=0.0)
+            xa = (xa * scale).to(x_ptr.dtype.element_ty)
+            b = tl.load(b_base + rs.to(tl.int64)[:, None] * stride_br,
+                        mask=r_mask[:, None] & col_mask[None, :], other=0.0)
+            acc = dot(xa, b, acc, PRECISION)
+
+    y = y_ptr + tokens[:, None] * stride_yt + cols[None, :] * stride_yn
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+
+def _bucket(t: int) -> int:
+    return triton.next_power_of_2(max(int(t), 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _config(t_bucket: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, is_cuda: bool) -> dict:
+    if not is_cuda:  # interpreter: small blocks keep numpy fast; SPLIT_K 2 still exercises the split path
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1,
+                    S_BLOCK_M=16, S_BLOCK_K=32, SPLIT_K=2 if K > 32 else 1, s_num_warps=4, s_num_stages=1)
+    big = dtype == torch.float32  # 4-byte operands: halve the K step to keep shared memory in budget
+    if t_bucket <= 16:
+        cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128 if big else 256, GROUP_M=1, num_warps=4, num_stages=4)
+    elif t_bucket <= 64:
+        cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64 if big else 128, GROUP_M=1, num_warps=4, num_stages=4)
+    elif t_bucket <= 256:
+        cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32 if big else 64, GROUP_M=4, num_warps=4, num_stages=4)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=128 if big else 256, BLOCK_K=32 if big else 64, GROUP_M=8,
+                   num_warps=8, num_stages=3)
+    # Shrink: segment tiles of 16 rows at decode (one token per adapter is common), 64 in prefill; split K until
+    # there are about two programs per SM.
+    s_block_m = 16 if t_bucket <= 256 else 64
+    tiles = triton.cdiv(t_bucket, s_block_m) + min(t_bucket, 64)
+    split_k = 1
+    while tiles * (R_PAD // RANK_CHUNK) * split_k < 256 and split_k < 16 and K // (split_k * 2) >= 256:
+        split_k *= 2
+    cfg.update(S_BLOCK_M=s_block_m, S_BLOCK_K=128 if big else 256, SPLIT_K=split_k, s_num_warps=4, s_num_stages=3)
+    return cfg
+
+
+def get_config(T: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Block sizes for one call: one lru_cached table keyed on the power-of-two bucket of T and the layer shape.
+
+    `set_config_override(cfg)` replaces entries (used by the GPU script to compare configs)."""
+    cfg = dict(_config(_bucket(T), int(K), int(N), int(R_PAD), dtype, torch.device(device).type == "cuda"))
+    cfg.update(_OVERRIDE)
+    return cfg
+
+
+_OVERRIDE: dict = {}
+
+
+def set_config_override(cfg: dict | None) -> None:
+    """Force some config entries for every later call (None clears). For tuning experiments only."""
+    _OVERRIDE.clear()
+    _OVERRIDE.update(cfg or {})
+
+
+# When True, the xa workspace is filled with NaN before the shrink, so a test sees any element read unwritten.
+DEBUG_FILL_WORKSPACE = False
+
+
+def rank_pad(R: int) -> int:
+    """Width of the xa workspace for a pool of rank R: a multiple of the rank chunk."""
+    return triton.cdiv(int(R), RANK_CHUNK) * RANK_CHUNK
+
+
+# ----------------------------------------------------------------------------------------------- launcher
+
+
+def multi_lora_forward(x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm, seg_of, seg_start, seg_adapter,
+                       slice_sizes, out=None, precision="ieee"):
+    """Launch the shrink and the fused base + expand kernels.
+
+    x2d: [T, K]; weight: [N, K] with N = sum(slice_sizes); bias: [N] or None;
+    lora_A: [S, slices, R, K]; lora_B: [S, N, R] (any strides); scalings: fp32 [S]; ranks: int32 [S];
+    perm, seg_of: int32 [T]; seg_start: int32 [MAX_SEGS + 1]; seg_adapter: int32 [MAX_SEGS];
+    slice_sizes: tuple of ints; out: optional [T, N] to write into. Returns y [T, N] in x2d's dtype.
+    No host sync: every per-batch quantity is read by the kernels from device memory.
+    """
+    T, K = x2d.shape
+    N = weight.shape[0]
+    S, n_slices, R, Ka = lora_A.shape
+    if weight.shape[1] != K or Ka != K:
+        raise ValueError(f"weight {tuple(weight.shape)} / lora_A {tuple(lora_A.shape)} do not match x's K={K}")
+    if tuple(lora_B.shape) != (S, N, R):
+        raise ValueError(f"lora_B must be [S={S}, N={N}, R={R}], got {tuple(lora_B.shape)}")
+    if n_slices != len(slice_sizes) or sum(slice_sizes) != N:
+        raise ValueError(f"slice_sizes {tuple(slice_sizes)} must have {n_slices} entries summing to N={N}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias must be [N={N}], got {tuple(bias.shape)}")
+    if tuple(scalings.shape) != (S,) or tuple(ranks.shape) != (S,):
+        raise ValueError(f"scalings and ranks must be [S={S}], got {tuple(scalings.shape)}, {tuple(ranks.shape)}")
+    if perm.shape[0] != T or seg_of.shape[0] != T or seg_start.shape[0] != seg_adapter.shape[0] + 1:
+        raise ValueError("batch metadata does not match x: build it for these tokens")
+    if out is None:
+        out = torch.empty((T, N), device=x2d.device, dtype=x2d.dtype)
+    elif tuple(out.shape) != (T, N) or out.dtype != x2d.dtype:
+        raise ValueError(f"out must be [T={T}, N={N}] of {x2d.dtype}, got {tuple(out.shape)} {out.dtype}")
+    if T == 0:
+        return out
+
+    R_PAD = rank_pad(R)
+    cfg = get_config(T, K, N, R_PAD, x2d.dtype, x2d.device)
+    split_k = cfg["SPLIT_K"]
+    max_segs = seg_adapter.shape[0]
+    fill = float("nan") if DEBUG_FILL_WORKSPACE else None
+    ws = torch.empty((split_k, n_slices, T, R_PAD), device=x2d.device, dtype=torch.float32)
+    if fill is not None:
+        ws.fill_(fill)
+
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), cfg["S_BLOCK_K"]) * cfg["S_BLOCK_K"]
+    num_rchunks = R_PAD // RANK_CHUNK
+    grid_s = (triton.cdiv(T, cfg["S_BLOCK_M"]) + max_segs, n_slices * num_rchunks, split_k)
+    _shrink_kernel[grid_s](
+        x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks,
+        T, K, k_per_split, max_segs,
+        x2d.stride(0), x2d.stride(1),
+        *lora_A.stride(),
+        ws.stride(0), ws.stride(1), ws.stride(2),
+        SEGS_P2=triton.next_power_of_2(max_segs), NUM_RCHUNKS=num_rchunks,
+        BLOCK_M=cfg["S_BLOCK_M"], BLOCK_R=RANK_CHUNK, BLOCK_K=cfg["S_BLOCK_K"], PRECISION=precision,
+        num_warps=cfg["s_num_warps"], num_stages=cfg["s_num_stages"],
+    )
+
+    slices, n_tiles = _slice_table(tuple(int(s) for s in slice_sizes), cfg["BLOCK_N"], x2d.device)
+    grid = (triton.cdiv(T, cfg["BLOCK_M"]) * n_tiles,)
+    _fused_kernel[grid](
+        x2d, weight, bias if bias is not None else weight, lora_B, ws, out,
+        perm, seg_of, seg_start, seg_adapter, ranks, scalings, slices,
+        T, K, n_tiles,
+        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
+        *lora_B.stride(),
+        ws.stride(0), ws.stride(1), ws.stride(2),
+        out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, NUM_SLICES=n_slices, SPLIT_K=split_k,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=RANK_CHUNK,
+        GROUP_M=cfg["GROUP_M"], PRECISION=precision,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+_SLICE_TABLES: dict = {}
+
+
+def _slice_table(slice_sizes: tuple, block_n: int, device) -> tuple:
+    """int32 [slices, 3] = (column offset, width, first N tile) on `device`, cached so that a graphed call allocates
+    nothing new; and the total number of N tiles."""
+    key = (slice_sizes, block_n, str(device))
+    if key not in _SLICE_TABLES:
+        rows, offset, tile = [], 0, 0
+        for size in slice_sizes:
+            rows.append((offset, size, tile))
+            offset += size
+            tile += triton.cdiv(size, block_n)
+        _SLICE_TABLES[key] = (torch.tensor(rows, dtype=torch.int32, device=device), tile)
+    return _SLICE_TABLES[key]
+
+
+__all__ = ["multi_lora_forward", "get_config", "set_config_override", "rank_pad", "RANK_CHUNK", "helpers"]

@@ -1,0 +1,42 @@
+"""Plain-PyTorch implementations with the kernels' signatures and numerics: the CPU path.
+
+Each function mirrors its launcher in `lora_fast.kernels` (same arguments, same outputs, the same Philox
+dropout mask), so the autograd Function runs the same code on either. The textbook module that tests and
+benchmarks compare against is `lora_fast.reference`, not this.
+"""
+import torch
+
+from .philox import dropout_mask_torch
+
+
+def _drop(x, dropout_p, seed):
+    if dropout_p <= 0.0:
+        return x
+    keep = dropout_mask_torch(seed, x.shape[0], x.shape[1], dropout_p, x.device)
+    return torch.where(keep, x * (1.0 / (1.0 - dropout_p)), torch.zeros((), dtype=x.dtype))
+
+
+def lora_shrink(x, lora_A, dropout_p=0.0, seed=0):
+    """xa = drop(x) @ A^T; x: [M, K], lora_A: [r, K] -> [M, r]."""
+    return _drop(x, dropout_p, seed) @ lora_A.t()
+
+
+def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_xa=False, xa_mode="auto"):
+    """(y [M, N], xa [M, r] or None) = (x @ W^T + b + s * xa @ B^T, drop(x) @ A^T)."""
+    xa = lora_shrink(x, lora_A, dropout_p, seed)
+    y = torch.nn.functional.linear(x, weight, bias) + (xa * scaling) @ lora_B.t()
+    return y, (xa if store_xa else None)
+
+
+def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_dyb=True, dyb_mode="auto"):
+    """(dx [M, K], dyb [M, r]) = (dy @ W + s * drop'(dyb @ A), dy @ B)."""
+    dyb = dy @ lora_B
+    low = _drop((dyb * scaling) @ lora_A, dropout_p, seed)
+    return dy @ weight + low, (dyb if store_dyb else None)
+
+
+def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p=0.0, seed=0, need_a=True, need_b=True):
+    """(dA [r, K], dB [N, r]) = (s * dyb^T @ drop(x), s * dy^T @ xa)."""
+    dA = ((dyb.t() @ _drop(x, dropout_p, seed)) * scaling).to(a_dtype) if need_a else None
+    dB = ((dy.t() @ xa) * scaling).to(b_dtype) if need_b else None
+    return dA, dB

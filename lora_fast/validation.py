@@ -1,0 +1,83 @@
+"""Argument checks shared by every public entry point.
+
+Each failure names the argument and says what was expected: TypeError for a wrong type or dtype, ValueError
+for a wrong shape, device or value. Nothing reaches a kernel unchecked.
+"""
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, t, ndim: int | None = None, min_ndim: int | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    return t
+
+
+def check_same(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
+    """`t` has `ref`'s dtype and device."""
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}: all operands must share one dtype")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}: all operands must share one device")
+
+
+def check_scaling(scaling) -> float:
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"scaling must be a Python float or int, got {type(scaling).__name__}")
+    if not math.isfinite(float(scaling)):
+        raise ValueError(f"scaling must be finite, got {scaling}")
+    return float(scaling)
+
+
+def check_dropout(dropout_p, name: str = "dropout_p") -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {dropout_p}")
+    return float(dropout_p)
+
+
+def check_rank(rank, name: str = "rank") -> int:
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 1, got {type(rank).__name__}")
+    if rank < 1:
+        raise ValueError(f"{name} must be >= 1, got {rank}")
+    return int(rank)
+
+
+def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training):
+    """Checks of `lora_fast.lora_linear`; returns (scaling, dropout_p) as floats."""
+    check_tensor("x", x, min_ndim=1)
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("lora_A", lora_A, ndim=2)
+    check_tensor("lora_B", lora_B, ndim=2)
+    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        check_same(name, t, x, "x")
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dimension but weight [N, K] has K={in_features}")
+    rank = lora_A.shape[0]
+    if rank < 1:
+        raise ValueError(f"lora_A [r, K] has rank r=0: the rank must be >= 1")
+    if lora_A.shape[1] != in_features:
+        raise ValueError(f"lora_A must be [r, K] = [{rank}, {in_features}], got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (out_features, rank):
+        raise ValueError(f"lora_B must be [N, r] = [{out_features}, {rank}], got {tuple(lora_B.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        check_same("bias", bias, x, "x")
+        if bias.shape[0] != out_features:
+            raise ValueError(f"bias must be [N] = [{out_features}], got {tuple(bias.shape)}")
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    return check_scaling(scaling), check_dropout(dropout_p)
