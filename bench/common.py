@@ -3,6 +3,11 @@
 Protocol (../shared/BENCH.md): median of `triton.testing.do_bench` (it flushes L2), ratios to the base
 `F.linear` timed in the same run, CUDA-graph timing with rotated weight sets for launch-bound shapes,
 peak temporary memory of a forward, fresh random inputs (never zeros).
+
+Results rows (what `write_json` stores and `plot.py` reads): one dict per (case, mode, provider) with at least
+`case`, `mode`, `provider`, `us` (median, None without a GPU), `us_p20`, `us_p80` and `ratio_to_base`; optional
+`graph_us` / `graph_ratio_to_base` (CUDA graph, launch-bound shapes), `mem_fwd_bytes` / `mem_fwd_x_out`, `rel_err_*`
+and `check_passed`. Scripts named `bench_<name>.py` write `<out_dir>/<name>.json`; `run_all.py` finds them.
 """
 from __future__ import annotations
 
@@ -78,6 +83,31 @@ def bench_graph_us(fns: Sequence[Callable[[], object]], replays: int = 50) -> fl
         times.append(start.elapsed_time(end) * 1e3 / len(fns))
     times.sort()
     return times[len(times) // 2]
+
+
+def measure_peaks(copy_bytes: int = 1 << 30, matmul_n: int = 8192) -> dict:
+    """Measured memory bandwidth (a device-to-device copy, bytes read + written) and bf16 matmul rate.
+
+    Returns {"bandwidth_Bps": ..., "matmul_flops": ...}; the floors of every case are computed from these.
+    """
+    src = torch.randn(copy_bytes // 2, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    copy_s = bench_us(lambda: dst.copy_(src), quantiles=(0.5,))[0] * 1e-6
+    del src, dst
+    a = torch.randn(matmul_n, matmul_n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(matmul_n, matmul_n, device="cuda", dtype=torch.bfloat16)
+    mm_s = bench_us(lambda: a @ b, quantiles=(0.5,))[0] * 1e-6
+    del a, b
+    torch.cuda.empty_cache()
+    return {"bandwidth_Bps": 2 * copy_bytes / copy_s, "matmul_flops": 2 * matmul_n**3 / mm_s, "measured": True}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| computed in fp32 (the plain norm of the difference when ref is all zeros)."""
+    out, ref = out.detach().float(), ref.detach().float()
+    diff = torch.linalg.vector_norm(out - ref).item()
+    scale = torch.linalg.vector_norm(ref).item()
+    return diff / scale if scale > 0 else diff
 
 
 def peak_forward_bytes(fn: Callable[[], object]) -> int:

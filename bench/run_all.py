@@ -1,0 +1,74 @@
+"""Run every benchmark in bench/ (each `bench_*.py`), then plot each results file and update the results README.
+
+Each script runs in its own process (a crash or a CUDA error in one does not stop the others) with `--out DIR`
+(and `--quick` when given); any other argument is passed on to every script. Script `bench_<name>.py` writes
+`DIR/<name>.json`; this then writes `DIR/<name>.png` and the `<name>` section of `DIR/README.md`.
+
+    python bench/run_all.py                        # everything, into bench/results/
+    python bench/run_all.py --out "$OUT" --quick   # a quick pass, results under $OUT
+    python bench/run_all.py --only lora_linear --no-peft
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, BENCH_DIR)
+import plot  # noqa: E402
+from common import RESULTS_DIR  # noqa: E402
+
+
+def bench_scripts(only: list[str] | None = None) -> dict[str, str]:
+    """{name: path} of bench/bench_<name>.py, sorted, optionally restricted to `only`."""
+    scripts = {}
+    for path in sorted(glob.glob(os.path.join(BENCH_DIR, "bench_*.py"))):
+        name = os.path.basename(path)[len("bench_"):-len(".py")]
+        if not only or name in only:
+            scripts[name] = path
+    return scripts
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=RESULTS_DIR, help=f"results directory (default {RESULTS_DIR})")
+    ap.add_argument("--quick", action="store_true", help="pass --quick to every script")
+    ap.add_argument("--only", help="comma-separated benchmark names (bench_<name>.py) to run")
+    ap.add_argument("--no-plot", action="store_true", help="skip the plots and the README")
+    args, passthrough = ap.parse_known_args(argv)
+    command = "python " + shlex.join([os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv)))
+    scripts = bench_scripts(args.only.split(",") if args.only else None)
+    if not scripts:
+        print("no benchmark script matches", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+
+    failures = []
+    for name, path in scripts.items():
+        cmd = [sys.executable, path, "--out", args.out] + (["--quick"] if args.quick else []) + passthrough
+        print(f"\n===== {name}: {shlex.join(cmd)}", flush=True)
+        start = time.time()
+        rc = subprocess.call(cmd)
+        print(f"===== {name}: exit {rc} after {time.time() - start:.0f} s", flush=True)
+        json_path = os.path.join(args.out, f"{name}.json")
+        fresh = os.path.exists(json_path) and os.path.getmtime(json_path) >= start
+        if rc != 0 or not fresh:
+            failures.append(name)
+        if fresh and not args.no_plot:
+            png, readme = plot.report(json_path, os.path.join(args.out, "README.md"), command)
+            print(f"plot: {png or '(matplotlib missing)'}; README: {readme}")
+
+    if failures:
+        print(f"\nfailed (non-zero exit or no fresh results): {', '.join(failures)}", file=sys.stderr)
+        return 1
+    print(f"\nall {len(scripts)} benchmark(s) done; results in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""CPU smoke test of the benchmark CLI: two tiny cases through the Triton interpreter, then its reports.
+
+The bench runs in a subprocess with CUDA hidden, so it takes its CPU mode (interpreter, checks, null timings)
+on any machine, and TRITON_INTERPRET is set before its first triton import.
+"""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_DIR = os.path.join(ROOT, "bench")
+# One case with dropout and a power-of-two rank, one decode-like row with an odd rank.
+CASES = "cpu-33x40x24-r16-p0.1,cpu-1x40x24-r3-p0$"
+
+
+def run_bench_cpu(out_dir) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, os.path.join(BENCH_DIR, "bench_lora_linear.py"), "--cases", CASES, "--out", str(out_dir)]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_bench_cli_cpu_smoke(tmp_path):
+    proc = run_bench_cpu(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "timings need a GPU" in proc.stdout
+
+    with open(tmp_path / "lora_linear.json") as f:
+        payload = json.load(f)
+    assert payload["env"]["lora_fast"] and payload["command"].startswith("python ")
+    rows = payload["rows"]
+    cases = {r["case"] for r in rows}
+    assert cases == {"cpu-33x40x24-r16-p0.1", "cpu-1x40x24-r3-p0"}, cases
+    assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+    assert all(r["us"] is None and r["ratio_to_base"] is None for r in rows)
+    assert all(r["flops"] > 0 and r["bytes"] > 0 for r in rows)
+    for name in ("fused", "reference"):
+        checked = [r for r in rows if r["provider"] == name]
+        assert len(checked) == 4, checked
+        for r in checked:
+            assert r["check_passed"] is True, r
+            grads = ("dx", "dA", "dB") if r["mode"] == "fwd+bwd" else ()
+            for key in ("out", *grads):
+                assert r[f"rel_err_{key}"] < r["check_tolerance"], (key, r)
+
+    sys.path.insert(0, BENCH_DIR)
+    try:
+        import plot
+    finally:
+        sys.path.remove(BENCH_DIR)
+    readme = tmp_path / "README.md"
+    for _ in range(2):  # a second run replaces the section instead of appending one
+        plot.report(str(tmp_path / "lora_linear.json"), str(readme), "python bench/run_all.py")
+    text = readme.read_text()
+    assert text.count("<!-- bench:lora_linear start -->") == 1
+    assert "cpu-33x40x24-r16-p0.1" in text and "`python bench/run_all.py`" in text
