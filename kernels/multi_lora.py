@@ -27,29 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import helpers
-from .helpers import dot, grouped_tile
+from .helpers import acc_dtype, dot, grouped_tile
 
 # Rank chunk: the granularity at which an adapter's true rank is honoured, and tl.dot's minimum inner size.
 RANK_CHUNK = 16
-
-
-@triton.jit
-def _segment_tile(seg_start_ptr, j, MAX_SEGS, SEGS_P2: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Segment-aligned tile j of BLOCK_M sorted rows -> (segment, first row, end row); segment == MAX_SEGS past the end.
-
-    Segment s holds `cdiv(len_s, BLOCK_M)` tiles; the tiles are numbered segment after segment.
-    """
-    s = tl.arange(0, SEGS_P2)
-    starts = tl.load(seg_start_ptr + s, mask=s < MAX_SEGS, other=0)
-    ends = tl.load(seg_start_ptr + s + 1, mask=s < MAX_SEGS, other=0)
-    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
-    incl = tl.cumsum(tiles, 0)
-    seg = tl.sum((incl <= j).to(tl.int32), 0)
-    first_tile = tl.sum(tl.where(s == seg, incl - tiles, 0), 0)
-    row0 = tl.sum(tl.where(s == seg, starts, 0), 0) + (j - first_tile) * BLOCK_M
-    row_end = tl.sum(tl.where(s == seg, ends, 0), 0)
-    return seg, row0, row_end
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -61,21 +42,32 @@ def _shrink_kernel(
     stride_wsk, stride_wsi, stride_wst,
     SEGS_P2: tl.constexpr, NUM_RCHUNKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """xa_part[split, slice, p, r] = sum_{k in split} X[perm[p], k] * A[a, slice, r, k] for the rows p of one segment.
 
-    Pointers: x [T, K] (any strides); a [S, slices, R, K] (any strides); ws fp32 [SPLIT_K, slices, T, R_PAD]
+    Pointers: x [T, K] (any strides); a [S, slices, R, K] (any strides); ws fp32 (fp64 for fp64) [SPLIT_K, slices, T, R_PAD]
     (last dim contiguous); perm int32 [T] (sorted position -> token); seg_start int32 [MAX_SEGS + 1];
     seg_adapter int32 [MAX_SEGS] (-1 = base only); ranks int32 [S] (true rank of each slot).
     Grid: (segment tiles = cdiv(T, BLOCK_M) + MAX_SEGS, slices * NUM_RCHUNKS, SPLIT_K).
     T: tokens (not specialised); K_PER_SPLIT: multiple of BLOCK_K; MAX_SEGS: length of seg_adapter.
     SEGS_P2: next_pow2(MAX_SEGS); NUM_RCHUNKS: R_PAD // BLOCK_R; BLOCK_M: rows per tile; BLOCK_R: rank chunk (16);
-    BLOCK_K: K step; PRECISION: tl.dot input precision for fp32.
+    BLOCK_K: K step; PRECISION: tl.dot input precision for fp32; ACC: accumulator dtype (fp32, fp64 for fp64).
     """
     pid_tile = tl.program_id(0)
     pid_sr = tl.program_id(1)
     pid_k = tl.program_id(2).to(tl.int64)
-    seg, row0, row_end = _segment_tile(seg_start_ptr, pid_tile, MAX_SEGS, SEGS_P2, BLOCK_M)
+    # Segment-aligned tile: segment s holds cdiv(len_s, BLOCK_M) tiles, numbered segment after segment.
+    # (Inline, not a helper: Triton 3.9's interpreter loses its tl.sum patch inside nested jit functions.)
+    s = tl.arange(0, SEGS_P2)
+    starts = tl.load(seg_start_ptr + s, mask=s < MAX_SEGS, other=0)
+    ends = tl.load(seg_start_ptr + s + 1, mask=s < MAX_SEGS, other=0)
+    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
+    incl = tl.sum(tl.where(s[None, :] <= s[:, None], tiles[None, :], 0), 1)  # inclusive prefix sum
+    seg = tl.sum((incl <= pid_tile).to(tl.int32), 0)
+    first_tile = tl.sum(tl.where(s == seg, incl - tiles, 0), 0)
+    row0 = tl.sum(tl.where(s == seg, starts, 0), 0) + (pid_tile - first_tile) * BLOCK_M
+    row_end = tl.sum(tl.where(s == seg, ends, 0), 0)
     if seg >= MAX_SEGS:
         return
     adapter = tl.load(seg_adapter_ptr + seg)
@@ -97,7 +89,7 @@ def _shrink_kernel(
     a_base = a_ptr + adapter.to(tl.int64) * stride_as + slice_id.to(tl.int64) * stride_ai \
         + offs_r.to(tl.int64)[None, :] * stride_ar
 
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -123,17 +115,18 @@ def _fused_kernel(
     stride_yt, stride_yn,
     HAS_BIAS: tl.constexpr, NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """Y[perm[p], n] = X[perm[p]] · W[n] + b[n] + s[a] · round(sum_split xa_part[., slice(n), p]) · B[a, n] (a = adapter of p).
 
     Pointers: x [T, K]; w [N, K]; bias [N] (unused unless HAS_BIAS); b [S, N, R] (any strides: the pool stores it
-    as Bᵀ [S, R, N]); ws fp32 [SPLIT_K, slices, T, R_PAD] from `_shrink_kernel`; y [T, N];
+    as Bᵀ [S, R, N]); ws fp32 (fp64 for fp64) [SPLIT_K, slices, T, R_PAD] from `_shrink_kernel`; y [T, N];
     perm, seg_of int32 [T] (sorted position -> token / segment); seg_start int32 [MAX_SEGS + 1];
     seg_adapter int32 [MAX_SEGS]; ranks int32 [S]; scalings fp32 [S];
     slices int32 [NUM_SLICES, 3] = (column offset, width, first N tile) of each projection.
     Grid: (cdiv(T, BLOCK_M) * NUM_N_TILES,) in GROUP_M-grouped order. T: tokens (not specialised).
-    BLOCK_M x BLOCK_N: output tile (rows in sorted order); BLOCK_K: K step; BLOCK_R: rank chunk (16).
+    BLOCK_M x BLOCK_N: output tile (rows in sorted order); BLOCK_K: K step; BLOCK_R: rank chunk (16);
+    GROUP_M: grouped tile order; PRECISION: tl.dot precision for fp32; ACC: accumulator dtype.
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
@@ -155,7 +148,7 @@ def _fused_kernel(
     x_rows = x_ptr + tokens[:, None] * stride_xt
     w_cols = w_ptr + cols[None, :] * stride_wn
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
         k_mask = ks < K
@@ -163,7 +156,7 @@ def _fused_kernel(
         w = tl.load(w_cols + ks[:, None] * stride_wk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc = dot(x, w, acc, PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
 
     # LoRA epilogue: the segments that meet this row tile, each at its adapter's true rank.
     last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, T) - 1
@@ -175,13 +168,13 @@ def _fused_kernel(
         adapter = tl.load(seg_adapter_ptr + seg)
         safe = tl.maximum(adapter, 0)
         rank = tl.where(adapter >= 0, tl.load(ranks_ptr + safe), 0)
-        scale = tl.load(scalings_ptr + safe).to(tl.float32)
+        scale = tl.load(scalings_ptr + safe).to(ACC)
         in_seg = row_mask & (rows >= tl.load(seg_start_ptr + seg)) & (rows < tl.load(seg_start_ptr + seg + 1))
         b_base = b_ptr + safe.to(tl.int64) * stride_bs + cols[None, :] * stride_bn
         for r0 in range(0, rank, BLOCK_R):
             rs = r0 + offs_r
             r_mask = rs < rank
-            xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
             for split in tl.static_range(SPLIT_K):
                 xa += tl.load(ws_rows + split * stride_wsk + rs[None, :],
                               mask=in_seg[:, None] & r_mask[None, :], other=0.0)
@@ -206,7 +199,7 @@ def _config(t_bucket: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, is_cu
     if not is_cuda:  # interpreter: small blocks keep numpy fast; SPLIT_K 2 still exercises the split path
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1,
                     S_BLOCK_M=16, S_BLOCK_K=32, SPLIT_K=2 if K > 32 else 1, s_num_warps=4, s_num_stages=1)
-    big = dtype == torch.float32  # 4-byte operands: halve the K step to keep shared memory in budget
+    big = dtype.itemsize >= 4  # 4- and 8-byte operands: halve the K step to keep shared memory in budget
     if t_bucket <= 16:
         cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128 if big else 256, GROUP_M=1, num_warps=4, num_stages=4)
     elif t_bucket <= 64:
@@ -294,7 +287,8 @@ def multi_lora_forward(x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm,
     split_k = cfg["SPLIT_K"]
     max_segs = seg_adapter.shape[0]
     fill = float("nan") if DEBUG_FILL_WORKSPACE else None
-    ws = torch.empty((split_k, n_slices, T, R_PAD), device=x2d.device, dtype=torch.float32)
+    acc = torch.float64 if x2d.dtype == torch.float64 else torch.float32
+    ws = torch.empty((split_k, n_slices, T, R_PAD), device=x2d.device, dtype=acc)
     if fill is not None:
         ws.fill_(fill)
 
@@ -309,6 +303,7 @@ def multi_lora_forward(x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm,
         ws.stride(0), ws.stride(1), ws.stride(2),
         SEGS_P2=triton.next_power_of_2(max_segs), NUM_RCHUNKS=num_rchunks,
         BLOCK_M=cfg["S_BLOCK_M"], BLOCK_R=RANK_CHUNK, BLOCK_K=cfg["S_BLOCK_K"], PRECISION=precision,
+        ACC=acc_dtype(x2d.dtype),
         num_warps=cfg["s_num_warps"], num_stages=cfg["s_num_stages"],
     )
 
@@ -324,7 +319,7 @@ def multi_lora_forward(x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm,
         out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, NUM_SLICES=n_slices, SPLIT_K=split_k,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=RANK_CHUNK,
-        GROUP_M=cfg["GROUP_M"], PRECISION=precision,
+        GROUP_M=cfg["GROUP_M"], PRECISION=precision, ACC=acc_dtype(x2d.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
@@ -347,4 +342,4 @@ def _slice_table(slice_sizes: tuple, block_n: int, device) -> tuple:
     return _SLICE_TABLES[key]
 
 
-__all__ = ["multi_lora_forward", "get_config", "set_config_override", "rank_pad", "RANK_CHUNK", "helpers"]
+__all__ = ["multi_lora_forward", "get_config", "set_config_override", "rank_pad", "RANK_CHUNK"]

@@ -1,0 +1,386 @@
+"""Multi-tenant LoRA serving: one batch mixes tokens of many adapters.
+
+Per token t with adapter slot `ids[t]` (-1: base only):
+    Y[t] = X[t]·Wᵀ + b + s[ids[t]] · (X[t]·A[ids[t]]ᵀ) · B[ids[t]]ᵀ
+
+Pieces:
+- `AdapterPool`: name -> slot, load/unload of adapters (A, B, alpha, rank) into fixed buffers shared by every layer
+  of a model; mixed ranks share one pool (each slot's true rank lives in a device tensor).
+- `make_batch_metadata(ids, pool_or_slots)` -> `BatchMetadata`: built once per batch and reused by every layer.
+  It sorts the tokens by adapter (sort order and segments, in fixed-size device buffers) and validates the ids.
+- `MultiLoRALinear(base_linear, pool, key, slice_sizes)`: `forward(x, batch)`; several projections sharing X
+  (q/k/v, gate/up) can live in one module and one launch (`slice_sizes`).
+- `multi_lora_linear(x, weight, bias, lora_A_stack, lora_B_stack, scalings, adapter_ids)`: the functional form.
+
+Validation and CUDA graphs: `make_batch_metadata(..., validate=True)` (the default) checks the ids on the host (one
+sync) and raises `ValueError` naming `adapter_ids` for an id outside [-1, slots) or a slot with no adapter. The layer
+call itself never syncs, so it can be captured in a CUDA graph: build the metadata once for a fixed T before the
+capture, and before each replay refill its buffers in place with `meta.update_(new_ids)` (validates, outside the
+graph), or capture `meta.update_(ids, validate=False)` itself inside the graph. With validation skipped, an invalid
+id is computed as base only (-1): the kernels never read out of bounds whatever the ids hold.
+
+Inference only: no autograd through the Triton path.
+
+Example:
+    pool = AdapterPool(max_adapters=64, max_rank=16, device="cuda", dtype=torch.bfloat16)
+    layer = MultiLoRALinear(torch.nn.Linear(4096, 4096, device="cuda", dtype=torch.bfloat16), pool, key="proj")
+    pool.load("tenant-a", {"proj": (A, B)}, alpha=32)          # A [r, 4096], B [4096, r]
+    meta = pool.batch_metadata(["tenant-a", None, "tenant-a"])   # one entry per token; None = base only
+    y = layer(x, meta)                                           # x [3, 4096]
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import use_triton
+
+
+# ----------------------------------------------------------------------------------------------- batch metadata
+
+
+@dataclass
+class BatchMetadata:
+    """Per-batch adapter layout, in fixed-size int32 device buffers (safe to reuse across CUDA-graph replays).
+
+    adapter_ids [T]: the ids as used (an invalid id is -1 when validation was skipped);
+    perm [T]: sorted position -> token, tokens sorted by adapter (stable);
+    seg_of [T]: sorted position -> segment; seg_start [max_segs + 1]: first sorted position of each segment
+    (unused segments start and end at T); seg_adapter [max_segs]: each segment's slot (-1: base only).
+    num_slots: size of the pool the ids index. max_segs = min(T, num_slots + 1).
+    """
+
+    adapter_ids: torch.Tensor
+    perm: torch.Tensor
+    seg_of: torch.Tensor
+    seg_start: torch.Tensor
+    seg_adapter: torch.Tensor
+    num_slots: int
+    ranks: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.adapter_ids.shape[0]
+
+    @property
+    def max_segs(self) -> int:
+        return self.seg_adapter.shape[0]
+
+    def update_(self, adapter_ids: torch.Tensor, validate: bool = True) -> "BatchMetadata":
+        """Refill these buffers in place for a new adapter mix of the same T (for CUDA-graph replay)."""
+        fresh = make_batch_metadata(adapter_ids, self.num_slots, ranks=self.ranks, validate=validate)
+        if fresh.num_tokens != self.num_tokens:
+            raise ValueError(f"adapter_ids: update_ needs {self.num_tokens} tokens, got {fresh.num_tokens}")
+        for name in ("adapter_ids", "perm", "seg_of", "seg_start", "seg_adapter"):
+            getattr(self, name).copy_(getattr(fresh, name))
+        return self
+
+
+def validate_adapter_ids(adapter_ids: torch.Tensor, num_slots: int, ranks: torch.Tensor | None = None) -> None:
+    """Raise ValueError naming `adapter_ids` if an id is outside [-1, num_slots) or points at an empty slot
+    (`ranks[slot] == 0`). Syncs with the device once."""
+    if adapter_ids.dtype.is_floating_point or adapter_ids.dtype == torch.bool or adapter_ids.is_complex():
+        raise ValueError(f"adapter_ids must be an integer tensor, got {adapter_ids.dtype}")
+    ids = adapter_ids.reshape(-1).to(torch.int64)
+    out_of_range = (ids < -1) | (ids >= num_slots)
+    if ranks is not None:
+        empty = (ids >= 0) & ~out_of_range & (ranks.to(ids.device)[ids.clamp(0, max(num_slots - 1, 0))] == 0)
+    else:
+        empty = torch.zeros_like(out_of_range)
+    bad = out_of_range | empty
+    if ids.numel() and bool(bad.any()):
+        pos = int(bad.nonzero()[0, 0])
+        value = int(ids[pos])
+        if out_of_range[pos]:
+            raise ValueError(f"adapter_ids[{pos}] = {value} is outside [-1, {num_slots}) (the pool has {num_slots} "
+                             f"slots; -1 means base model only)")
+        raise ValueError(f"adapter_ids[{pos}] = {value} points at an empty slot (no adapter loaded there)")
+
+
+def make_batch_metadata(adapter_ids, pool_or_slots, *, ranks: torch.Tensor | None = None,
+                        validate: bool = True) -> BatchMetadata:
+    """Sort order and segments of one batch, built once and shared by every layer.
+
+    adapter_ids: integer tensor [T] (any leading shape is flattened), -1 = base only, on the device of the model.
+    pool_or_slots: an `AdapterPool` (its ranks are used to reject empty slots) or the number of slots.
+    validate: check the ids (one host sync; raises ValueError). With False nothing syncs, so the call can be
+    captured in a CUDA graph, and invalid ids are computed as base only.
+    """
+    if isinstance(pool_or_slots, AdapterPool):
+        num_slots, ranks = pool_or_slots.max_adapters, pool_or_slots.ranks
+    else:
+        num_slots = int(pool_or_slots)
+    if not isinstance(adapter_ids, torch.Tensor):
+        raise ValueError(f"adapter_ids must be an integer tensor, got {type(adapter_ids).__name__}")
+    if validate:
+        validate_adapter_ids(adapter_ids, num_slots, ranks)
+    ids = adapter_ids.reshape(-1).to(torch.int32)
+    ids = torch.where((ids >= -1) & (ids < num_slots), ids, -1)  # no-op once validated; base-only otherwise
+    T = ids.shape[0]
+    max_segs = max(1, min(T, num_slots + 1))
+    device = ids.device
+    sorted_ids, perm = torch.sort(ids, stable=True)
+    is_start = torch.ones(T, dtype=torch.bool, device=device)
+    is_start[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    seg_of = torch.cumsum(is_start, 0, dtype=torch.int32) - 1
+    # Scatter each segment's first position and adapter; positions that start nothing go to a spare last cell.
+    target = torch.where(is_start, seg_of, max_segs + 1).to(torch.int64)
+    seg_start = torch.full((max_segs + 2,), T, dtype=torch.int32, device=device)
+    seg_start.scatter_(0, target, torch.arange(T, dtype=torch.int32, device=device))
+    seg_adapter = torch.full((max_segs + 2,), -1, dtype=torch.int32, device=device)
+    seg_adapter.scatter_(0, target, sorted_ids)
+    return BatchMetadata(ids, perm.to(torch.int32), seg_of, seg_start[: max_segs + 1].clone(),
+                         seg_adapter[:max_segs].clone(), num_slots, ranks)
+
+
+# ----------------------------------------------------------------------------------------------- functional
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{name}: {msg}")
+
+
+def multi_lora_linear(x, weight, bias, lora_A_stack, lora_B_stack, scalings, adapter_ids, *, ranks=None,
+                      slice_sizes: Sequence[int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Batched multi-adapter LoRA linear (inference).
+
+    x: [..., K]; weight: [N, K]; bias: [N] or None;
+    lora_A_stack: [S, R, K], or [S, slices, R, K] for several projections sharing x;
+    lora_B_stack: [S, N, R] (per-slice B concatenated along N); scalings: [S] tensor, a float or a list;
+    adapter_ids: integer tensor with x's leading shape (-1 = base only), or a `BatchMetadata` for these tokens;
+    ranks: int [S] true rank of each slot (default R for all; 0 = empty slot); slice_sizes: widths summing to N.
+    Returns [..., N] in x's dtype. Example:
+        y = multi_lora_linear(x, W, None, A, B, torch.full((4,), 2.0), torch.tensor([0, 3, -1]))
+    """
+    _check(isinstance(x, torch.Tensor) and x.dim() >= 1, "x", "must be a tensor [..., K]")
+    K = x.shape[-1]
+    _check(weight.dim() == 2 and weight.shape[1] == K, "weight", f"must be [N, K={K}], got {tuple(weight.shape)}")
+    N = weight.shape[0]
+    _check(weight.dtype == x.dtype and weight.device == x.device, "weight", "must match x's dtype and device")
+    _check(bias is None or (tuple(bias.shape) == (N,) and bias.device == x.device), "bias", f"must be [N={N}] or None")
+    _check(lora_A_stack.dim() in (3, 4), "lora_A_stack", f"must be [S, R, K] or [S, slices, R, K], "
+           f"got {tuple(lora_A_stack.shape)}")
+    A = lora_A_stack if lora_A_stack.dim() == 4 else lora_A_stack.unsqueeze(1)
+    S, n_slices, R, Ka = A.shape
+    _check(S >= 1 and R >= 1 and Ka == K, "lora_A_stack", f"must have S >= 1, R >= 1 and K={K}, got {tuple(A.shape)}")
+    _check(tuple(lora_B_stack.shape) == (S, N, R), "lora_B_stack", f"must be [S={S}, N={N}, R={R}], "
+           f"got {tuple(lora_B_stack.shape)}")
+    for name, t in (("lora_A_stack", A), ("lora_B_stack", lora_B_stack)):
+        _check(t.dtype == x.dtype and t.device == x.device, name, "must match x's dtype and device")
+    slice_sizes = tuple(int(s) for s in (slice_sizes or (N,)))
+    _check(len(slice_sizes) == n_slices and sum(slice_sizes) == N and min(slice_sizes) > 0, "slice_sizes",
+           f"must be {n_slices} positive widths summing to N={N}, got {slice_sizes}")
+    if not isinstance(scalings, torch.Tensor):
+        scalings = torch.tensor([float(scalings)] * S if isinstance(scalings, (int, float)) else list(scalings),
+                                dtype=torch.float32)
+    scalings = scalings.to(device=x.device, dtype=torch.float32)
+    _check(tuple(scalings.shape) == (S,), "scalings", f"must be [S={S}], got {tuple(scalings.shape)}")
+    if ranks is None:
+        ranks = torch.full((S,), R, dtype=torch.int32, device=x.device)
+    ranks = ranks.to(device=x.device, dtype=torch.int32)
+    _check(tuple(ranks.shape) == (S,), "ranks", f"must be [S={S}], got {tuple(ranks.shape)}")
+
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, K)
+    T = x2d.shape[0]
+    if isinstance(adapter_ids, BatchMetadata):
+        meta = adapter_ids
+        _check(meta.num_tokens == T, "adapter_ids", f"metadata is for {meta.num_tokens} tokens, x has {T}")
+        _check(meta.num_slots == S, "adapter_ids", f"metadata is for {meta.num_slots} slots, the stacks have {S}")
+    else:
+        _check(isinstance(adapter_ids, torch.Tensor) and adapter_ids.numel() == T, "adapter_ids",
+               f"must be an integer tensor of {T} ids (x's leading shape {tuple(lead)})")
+        meta = make_batch_metadata(adapter_ids.to(x.device), S, ranks=ranks, validate=True)
+    if out is not None:
+        _check(tuple(out.shape) == (*lead, N) and out.dtype == x.dtype and out.is_contiguous(), "out",
+               f"must be a contiguous {(*lead, N)} tensor of {x.dtype}")
+
+    if use_triton(x):
+        from .kernels.helpers import dot_precision
+        from .kernels.multi_lora import multi_lora_forward
+
+        y = multi_lora_forward(x2d, weight, bias, A, lora_B_stack, scalings, ranks, meta.perm, meta.seg_of,
+                               meta.seg_start, meta.seg_adapter, slice_sizes,
+                               out=None if out is None else out.view(T, N),
+                               precision=dot_precision(x.dtype))
+    else:
+        y = _multi_lora_torch(x2d, weight, bias, A, lora_B_stack, scalings, ranks, meta.adapter_ids, slice_sizes)
+        if out is not None:
+            out.view(T, N).copy_(y)
+            y = out.view(T, N)
+    return y.view(*lead, N)
+
+
+def _multi_lora_torch(x2d, weight, bias, A, B, scalings, ranks, ids, slice_sizes):
+    """The plain-PyTorch path for CPU tensors: same numerics as the kernels (fp32 accumulation, xa scaled in fp32
+    and rounded to x's dtype before it meets B; fp64 throughout for fp64), one matmul pair per adapter present."""
+    acc = torch.float64 if x2d.dtype == torch.float64 else torch.float32
+    y = F.linear(x2d.to(acc), weight.to(acc), None if bias is None else bias.to(acc))
+    offsets = [0, *itertools.accumulate(slice_sizes)]
+    for a in ids.unique().tolist():
+        r = int(ranks[a]) if a >= 0 else 0
+        if r == 0:
+            continue
+        rows = (ids == a).nonzero()[:, 0]
+        xs = x2d[rows].to(acc)
+        for i in range(len(slice_sizes)):
+            xa = (xs @ A[a, i, :r].to(acc).T) * scalings[a]
+            lo, hi = offsets[i], offsets[i + 1]
+            y[rows, lo:hi] += xa.to(x2d.dtype).to(acc) @ B[a, lo:hi, :r].to(acc).T
+    return y.to(x2d.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- adapter pool
+
+
+class AdapterPool:
+    """Fixed-size adapter storage shared by every layer of a model: name -> slot, load and unload in place.
+
+    max_adapters: slots S; max_rank: R, the largest rank a slot can hold (each slot keeps its true rank in
+    `ranks`, int32 [S] on the device, 0 = empty); `scalings` fp32 [S] = alpha / rank (alpha / sqrt(rank) for rsLoRA).
+    Layers register with `add_layer(key, in_features, slice_sizes)`; per layer the pool holds
+    A [S, slices, R, K] and Bᵀ [S, R, N] (B is exposed as the [S, N, R] view, so a B tile of one rank row is
+    contiguous along N). Nothing is reallocated by `load` / `unload`, so CUDA graphs captured earlier stay valid.
+    """
+
+    def __init__(self, max_adapters: int, max_rank: int, device=None, dtype=torch.bfloat16):
+        if max_adapters < 1 or max_rank < 1:
+            raise ValueError(f"max_adapters and max_rank must be >= 1, got {max_adapters}, {max_rank}")
+        self.max_adapters, self.max_rank = int(max_adapters), int(max_rank)
+        self.device, self.dtype = torch.device(device or "cpu"), dtype
+        self.ranks = torch.zeros(max_adapters, dtype=torch.int32, device=self.device)
+        self.scalings = torch.zeros(max_adapters, dtype=torch.float32, device=self.device)
+        self._slots: dict[str, int] = {}
+        self._layers: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = {}
+
+    # layers
+    def add_layer(self, key: str, in_features: int, slice_sizes: Sequence[int]) -> None:
+        if key in self._layers:
+            raise ValueError(f"key: layer {key!r} is already registered with this pool")
+        slice_sizes = tuple(int(s) for s in slice_sizes)
+        S, R = self.max_adapters, self.max_rank
+        A = torch.zeros(S, len(slice_sizes), R, in_features, device=self.device, dtype=self.dtype)
+        Bt = torch.zeros(S, R, sum(slice_sizes), device=self.device, dtype=self.dtype)
+        self._layers[key] = (A, Bt, slice_sizes)
+
+    def layer_stacks(self, key: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        """(lora_A_stack [S, slices, R, K], lora_B_stack [S, N, R] view, slice_sizes) of one layer."""
+        A, Bt, sizes = self._layers[key]
+        return A, Bt.transpose(1, 2), sizes
+
+    # adapters
+    @property
+    def names(self) -> list[str]:
+        return list(self._slots)
+
+    def slot(self, name: str) -> int:
+        if name not in self._slots:
+            raise KeyError(f"adapter {name!r} is not loaded (loaded: {self.names})")
+        return self._slots[name]
+
+    def load(self, name: str, weights: Mapping[str, object], alpha: float, rank: int | None = None,
+             use_rslora: bool = False) -> int:
+        """Copy an adapter into a free slot and return the slot.
+
+        weights: layer key -> (A [r, K], B [N, r]) for a one-slice layer, or a list of such pairs, one per slice.
+        Layers not named get a zero update. rank: r (default: read from the first A).
+        """
+        if name in self._slots:
+            raise ValueError(f"name: adapter {name!r} is already loaded in slot {self._slots[name]}")
+        unknown = set(weights) - set(self._layers)
+        if unknown:
+            raise ValueError(f"weights: unknown layer keys {sorted(unknown)}")
+        free = sorted(set(range(self.max_adapters)) - set(self._slots.values()))
+        if not free:
+            raise RuntimeError(f"the pool is full ({self.max_adapters} adapters); unload one first")
+        pairs = {k: (list(v) if isinstance(v, list) else [v]) for k, v in weights.items()}
+        if rank is None:
+            rank = next(iter(pairs.values()))[0][0].shape[0] if pairs else 1
+        if not 1 <= rank <= self.max_rank:
+            raise ValueError(f"rank: {rank} is outside [1, {self.max_rank}]")
+        for key, plist in pairs.items():
+            A, Bt, sizes = self._layers[key]
+            if len(plist) != len(sizes):
+                raise ValueError(f"weights[{key!r}]: {len(sizes)} (A, B) pairs expected, got {len(plist)}")
+            for i, (a, b) in enumerate(plist):
+                if tuple(a.shape) != (rank, A.shape[-1]) or tuple(b.shape) != (sizes[i], rank):
+                    raise ValueError(f"weights[{key!r}][{i}]: A must be [{rank}, {A.shape[-1]}] and B "
+                                     f"[{sizes[i]}, {rank}], got {tuple(a.shape)}, {tuple(b.shape)}")
+        slot = free[0]
+        for key, (A, Bt, sizes) in self._layers.items():
+            A[slot].zero_()
+            Bt[slot].zero_()
+            for i, (a, b) in enumerate(pairs.get(key, [])):
+                lo = sum(sizes[:i])
+                A[slot, i, :rank].copy_(a)
+                Bt[slot, :rank, lo:lo + sizes[i]].copy_(b.T)
+        self.ranks[slot] = rank
+        self.scalings[slot] = alpha / (math.sqrt(rank) if use_rslora else rank)
+        self._slots[name] = slot
+        return slot
+
+    def unload(self, name: str) -> None:
+        """Free the slot; ids that still point at it are rejected by validation (and computed as base if not)."""
+        slot = self._slots.pop(self.slot(name))
+        self.ranks[slot] = 0
+        self.scalings[slot] = 0.0
+
+    def ids(self, names: Sequence[str | None]) -> torch.Tensor:
+        """int32 [len(names)] slot per entry on the pool's device; None -> -1 (base only)."""
+        return torch.tensor([-1 if n is None else self.slot(n) for n in names], dtype=torch.int32,
+                            device=self.device)
+
+    def batch_metadata(self, adapters, validate: bool = True) -> BatchMetadata:
+        """Metadata for one batch, from a list of names (None = base) or an id tensor; one entry per token."""
+        ids = adapters if isinstance(adapters, torch.Tensor) else self.ids(adapters)
+        return make_batch_metadata(ids, self, validate=validate)
+
+
+# ----------------------------------------------------------------------------------------------- module
+
+
+class MultiLoRALinear(nn.Module):
+    """A frozen base linear plus the pool's adapters; `forward(x, batch)` serves every token with its own adapter.
+
+    base_linear: nn.Linear [N, K] (for several projections sharing x, the concatenated weight, e.g. fused qkv);
+    pool: the model's `AdapterPool`; key: this layer's name in adapter weight dicts;
+    slice_sizes: output widths of the projections (default one slice of N).
+    forward(x [..., K], batch: BatchMetadata or integer ids with x's leading shape) -> [..., N].
+    """
+
+    _auto_key = itertools.count()
+
+    def __init__(self, base_linear: nn.Linear, pool: AdapterPool, key: str | None = None,
+                 slice_sizes: Sequence[int] | None = None):
+        super().__init__()
+        self.weight = base_linear.weight
+        self.bias = base_linear.bias
+        self.in_features, self.out_features = base_linear.in_features, base_linear.out_features
+        self.slice_sizes = tuple(slice_sizes or (self.out_features,))
+        if sum(self.slice_sizes) != self.out_features:
+            raise ValueError(f"slice_sizes: {self.slice_sizes} must sum to out_features={self.out_features}")
+        self.pool = pool
+        self.key = key if key is not None else f"multi_lora_linear_{next(self._auto_key)}"
+        pool.add_layer(self.key, self.in_features, self.slice_sizes)
+
+    def forward(self, x: torch.Tensor, batch) -> torch.Tensor:
+        A, B, sizes = self.pool.layer_stacks(self.key)
+        if not isinstance(batch, BatchMetadata):
+            batch = make_batch_metadata(batch.to(x.device), self.pool)
+        return multi_lora_linear(x, self.weight, self.bias, A, B, self.pool.scalings, batch,
+                                 ranks=self.pool.ranks, slice_sizes=sizes)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, key={self.key!r}, "
+                f"slices={self.slice_sizes}, slots={self.pool.max_adapters}, max_rank={self.pool.max_rank}")
+
+
+__all__ = ["AdapterPool", "BatchMetadata", "MultiLoRALinear", "make_batch_metadata", "multi_lora_linear",
+           "validate_adapter_ids"]
