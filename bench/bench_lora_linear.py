@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
+import json
 import os
 import re
+import shlex
 import sys
 from dataclasses import dataclass
 
@@ -423,16 +425,29 @@ def time_case(case: Case, mode: str, providers: list[Provider], states: dict, x,
 # ------------------------------------------------------------------------------------------------- the run
 
 
+def prepare_states(providers: list[Provider], weight_sets: list[WeightSet]) -> tuple[dict, dict]:
+    """({provider: [state per weight set]}, {provider: note}) for the providers that could be built."""
+    states, failed = {}, {}
+    for p in providers:
+        try:
+            states[p.name] = [p.prepare(w) for w in weight_sets]
+        except Exception as exc:
+            failed[p.name] = {"note": f"could not build {p.name}: {type(exc).__name__}: {str(exc)[:300]}"}
+    return states, failed
+
+
 def run(cases: list[Case], modes: list[str], provider_names: list[str], device: str, bias: bool,
-        peaks: dict | None, graph_sets: int) -> list[dict]:
+        peaks: dict | None, graph_sets: int, timed: bool, on_case=None) -> list[dict]:
+    """Check every case, and time it when `timed`; `on_case(rows so far)` after each one (to save partial
+    results)."""
     rows: list[dict] = []
-    timed = device == "cuda"
     for case in cases:
         torch.manual_seed(0)
         providers = [PROVIDER_CLASSES[n](case) for n in provider_names]
         n_sets = graph_sets if timed and case.M <= GRAPH_MAX_M and "fwd" in modes else 1
         weight_sets = [random_weights(case, bias, device, DTYPE) for _ in range(n_sets)]
-        states = {p.name: [p.prepare(w) for w in weight_sets] for p in providers}
+        states, unbuilt = prepare_states(providers, weight_sets)
+        providers = [p for p in providers if p.name in states]
         x = torch.randn(case.M, case.K, device=device, dtype=DTYPE)
         dy = torch.randn(case.M, case.N, device=device, dtype=DTYPE)
         first = {name: s[0] for name, s in states.items()}
@@ -441,7 +456,7 @@ def run(cases: list[Case], modes: list[str], provider_names: list[str], device: 
             times = time_case(case, mode, providers, states, x, dy) if timed else {}
             flops, nbytes = floor_counts(case, mode, x.element_size(), bias)
             base = times.get("base", {})
-            for p in providers:
+            for p in [PROVIDER_CLASSES[n](case) for n in provider_names]:
                 row = {"bench": BENCH_NAME, "case": case.name, "kind": case.kind, "mode": mode,
                        "provider": p.name, "M": case.M, "K": case.K, "N": case.N, "r": case.r,
                        "dropout": case.p, "scaling": case.scaling, "bias": bias, "dtype": str(DTYPE)[6:],
@@ -450,6 +465,7 @@ def run(cases: list[Case], modes: list[str], provider_names: list[str], device: 
                        "floor_us": floor_us(flops, nbytes, peaks) if peaks else None}
                 row.update(checks.get(p.name, {}))
                 row.update(times.get(p.name, {}))
+                row.update(unbuilt.get(p.name, {}))
                 if row["us"] is not None and base.get("us"):
                     row["ratio_to_base"] = row["us"] / base["us"]
                 if row.get("graph_us") is not None and base.get("graph_us"):
@@ -457,8 +473,10 @@ def run(cases: list[Case], modes: list[str], provider_names: list[str], device: 
                 rows.append(row)
             report_progress(case, mode, [r for r in rows if r["case"] == case.name and r["mode"] == mode])
         del states, weight_sets, x, dy
-        if timed:
+        if device == "cuda":
             torch.cuda.empty_cache()
+        if on_case is not None:
+            on_case(rows)
     return rows
 
 
@@ -541,6 +559,17 @@ def summary_tables(rows: list[dict], providers: list[str]) -> str:
     return "\n".join(out)
 
 
+def previous_rows(out_dir: str | None, cases: list[Case], modes: list[str]) -> list[dict]:
+    """Rows of an earlier results file that this run does not redo."""
+    path = os.path.join(out_dir or common.RESULTS_DIR, f"{BENCH_NAME}.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        old = json.load(f)["rows"]
+    redone = {(c.name, m) for c in cases for m in modes}
+    return [r for r in old if (r["case"], r["mode"]) not in redone]
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a small subset of the cases")
@@ -553,6 +582,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-measure-peaks", action="store_true",
                     help=f"use the nominal H100 peaks ({NOMINAL_PEAKS['bandwidth_Bps'] / 1e12:.1f} TB/s, "
                          f"{NOMINAL_PEAKS['matmul_flops'] / 1e12:.0f} TFLOP/s) for the floors")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of other cases/modes already in the results file (runs split by --cases)")
     ap.add_argument("--graph-sets", type=int, default=GRAPH_WEIGHT_SETS, help="weight sets rotated in a graph")
     return ap.parse_args(argv)
 
@@ -591,14 +622,20 @@ def main(argv=None) -> int:
         print("no GPU: tiny shapes through the Triton interpreter, checked against the reference; "
               "timings need a GPU (timing fields are null)")
 
-    rows = run(cases, modes, providers, device, args.bias, peaks, args.graph_sets)
+    command = "python " + shlex.join([os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv)))
+    extra = {"command": command, "peaks": peaks, "notes": notes, "timed": on_gpu, "interpreter": not on_gpu,
+             "providers": providers, "modes": modes}
+    kept = previous_rows(args.out, cases, modes) if args.merge else []
+
+    def save(rows):  # after every case, so that a crash or a time limit keeps what was measured
+        return common.write_json(BENCH_NAME, kept + rows, extra=extra, out_dir=args.out)
+
+    rows = run(cases, modes, providers, device, args.bias, peaks, args.graph_sets, timed=on_gpu, on_case=save)
     print(summary_tables(rows, providers))
-    command = "python " + " ".join([os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv)))
-    path = common.write_json(BENCH_NAME, rows, out_dir=args.out,
-                             extra={"command": command, "peaks": peaks, "notes": notes,
-                                    "timed": on_gpu, "interpreter": not on_gpu, "providers": providers, "modes": modes})
+    path = save(rows)
     failed = [r for r in rows if r.get("check_passed") is False]
-    print(f"\nwrote {len(rows)} rows to {path}" + (f"; {len(failed)} CHECKS FAILED" if failed else ""))
+    print(f"\nwrote {len(kept) + len(rows)} rows ({len(kept)} kept from before) to {path}"
+          + (f"; {len(failed)} CHECKS FAILED" if failed else ""))
     return 1 if failed else 0
 
 
