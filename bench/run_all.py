@@ -1,7 +1,7 @@
 """Run every benchmark in bench/ (each `bench_*.py`), then plot each results file and update the results README.
 
 Each script runs in its own process (a crash or a CUDA error in one does not stop the others) with `--out DIR`
-(and `--quick` when given); any other argument is passed on to every script. Script `bench_<name>.py` writes
+(and `--quick` when given); any other option is passed on to each script whose --help lists it. Script `bench_<name>.py` writes
 `DIR/<name>.json`; this then writes `DIR/<name>.png` and the `<name>` section of `DIR/README.md`.
 
     python bench/run_all.py                        # everything, into bench/results/
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -34,6 +35,31 @@ def bench_scripts(only: list[str] | None = None) -> dict[str, str]:
     return scripts
 
 
+def option_groups(args: list[str]) -> list[list[str]]:
+    """Split ['--cases', 'decode', '--no-peft'] into [['--cases', 'decode'], ['--no-peft']]."""
+    groups: list[list[str]] = []
+    for a in args:
+        if a.startswith("--") or not groups:
+            groups.append([a])
+        else:
+            groups[-1].append(a)
+    return groups
+
+
+def accepted_options(path: str, options: list[list[str]]) -> list[str]:
+    """The option groups whose flag the script's --help mentions, flattened."""
+    if not options:
+        return []
+    help_text = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True).stdout
+    kept, dropped = [], []
+    for group in options:
+        flag = group[0].split("=", 1)[0]
+        (kept if re.search(rf"{re.escape(flag)}\b", help_text) else dropped).append(group)
+    if dropped:
+        print(f"{os.path.basename(path)} does not take {' '.join(g[0] for g in dropped)}: not passed")
+    return [a for g in kept for a in g]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=RESULTS_DIR, help=f"results directory (default {RESULTS_DIR})")
@@ -50,7 +76,8 @@ def main(argv=None) -> int:
 
     failures = []
     for name, path in scripts.items():
-        cmd = [sys.executable, path, "--out", args.out] + (["--quick"] if args.quick else []) + passthrough
+        cmd = [sys.executable, path, "--out", args.out] + (["--quick"] if args.quick else [])
+        cmd += accepted_options(path, option_groups(passthrough))
         print(f"\n===== {name}: {shlex.join(cmd)}", flush=True)
         start = time.time()
         rc = subprocess.call(cmd)
