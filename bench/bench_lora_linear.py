@@ -402,22 +402,30 @@ def timing_fn(provider: Provider, state, x, dy, mode: str):
 def time_case(case: Case, mode: str, providers: list[Provider], states: dict, x, dy) -> dict[str, dict]:
     """Median / p20 / p80 µs of each provider, the CUDA-graph µs for decode shapes, and forward memory."""
     out: dict[str, dict] = {}
+    out_bytes = case.M * case.N * x.element_size()
     for p in providers:
         row: dict = {}
-        try:
-            fn = timing_fn(p, states[p.name][0], x, dy, mode)
-            with torch.set_grad_enabled(mode != "fwd"):
-                row["us"], row["us_p20"], row["us_p80"] = common.bench_us(fn)
-            if mode == "fwd" and case.M <= GRAPH_MAX_M:
-                fns = [timing_fn(p, s, x, dy, mode) for s in states[p.name]]
-                with torch.no_grad():
-                    row["graph_us"] = common.bench_graph_us(fns)
-            if mode == "fwd":
-                with torch.no_grad():
-                    row["mem_fwd_bytes"] = common.peak_forward_bytes(fn)
-                row["mem_fwd_x_out"] = row["mem_fwd_bytes"] / (case.M * case.N * x.element_size())
-        except Exception as exc:
-            row["note"] = f"timing failed: {type(exc).__name__}: {str(exc)[:300]}"
+        notes = []
+
+        def attempt(what, measure):  # one failure (say, a graph capture) must not lose the other figures
+            try:
+                row.update(measure())
+            except Exception as exc:
+                notes.append(f"{what} failed: {type(exc).__name__}: {str(exc)[:200]}")
+
+        fn = timing_fn(p, states[p.name][0], x, dy, mode)
+        with torch.set_grad_enabled(mode != "fwd"):
+            attempt("timing", lambda: dict(zip(("us", "us_p20", "us_p80"), common.bench_us(fn))))
+        if mode == "fwd":
+            with torch.no_grad():
+                if case.M <= GRAPH_MAX_M:
+                    fns = [timing_fn(p, s, x, dy, mode) for s in states[p.name]]
+                    attempt("CUDA graph", lambda: {"graph_us": common.bench_graph_us(fns)})
+                attempt("memory", lambda: {"mem_fwd_bytes": common.peak_forward_bytes(fn)})
+            if "mem_fwd_bytes" in row:
+                row["mem_fwd_x_out"] = row["mem_fwd_bytes"] / out_bytes
+        if notes:
+            row["note"] = "; ".join(notes)
         out[p.name] = row
     return out
 
@@ -463,9 +471,12 @@ def run(cases: list[Case], modes: list[str], provider_names: list[str], device: 
                        "us": None, "us_p20": None, "us_p80": None, "ratio_to_base": None,
                        "flops": flops, "bytes": nbytes,
                        "floor_us": floor_us(flops, nbytes, peaks) if peaks else None}
-                row.update(checks.get(p.name, {}))
-                row.update(times.get(p.name, {}))
-                row.update(unbuilt.get(p.name, {}))
+                parts = [checks.get(p.name, {}), times.get(p.name, {}), unbuilt.get(p.name, {})]
+                for part in parts:
+                    row.update(part)
+                notes = [part["note"] for part in parts if part.get("note")]
+                if notes:
+                    row["note"] = "; ".join(notes)
                 if row["us"] is not None and base.get("us"):
                     row["ratio_to_base"] = row["us"] / base["us"]
                 if row.get("graph_us") is not None and base.get("graph_us"):
