@@ -328,7 +328,8 @@ class AdapterPool:
 
     def unload(self, name: str) -> None:
         """Free the slot; ids that still point at it are rejected by validation (and computed as base if not)."""
-        slot = self._slots.pop(self.slot(name))
+        slot = self.slot(name)
+        del self._slots[name]
         self.ranks[slot] = 0
         self.scalings[slot] = 0.0
 

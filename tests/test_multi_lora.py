@@ -1,0 +1,245 @@
+"""Batched multi-adapter LoRA: kernels (through Triton's interpreter on CPU), metadata, pool, module, validation.
+
+Every check compares with the per-token float64 reference by relative error ||out - ref|| / ||ref||; outputs and the
+kernels' xa workspace are filled with NaN first, so an element left unwritten (or read unwritten) shows.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # conftest sets it too; must precede the first triton import
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lora_fast.functional import use_triton  # noqa: E402
+from lora_fast.kernels import multi_lora as kml  # noqa: E402
+from lora_fast.multi_lora import (AdapterPool, BatchMetadata, MultiLoRALinear, _multi_lora_torch,  # noqa: E402
+                                  make_batch_metadata, multi_lora_linear)
+from lora_fast.multi_lora_reference import multi_lora_linear_reference  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float64: 1e-12}
+
+
+@pytest.fixture(autouse=True)
+def _nan_workspace(monkeypatch):
+    monkeypatch.setattr(kml, "DEBUG_FILL_WORKSPACE", True)
+
+
+def rel_err(out, ref):
+    out, ref = out.detach().double(), ref.detach().double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def assert_close(out, ref, dtype, what=""):
+    out = out.detach()
+    assert not torch.isnan(out).any(), f"{what}: NaN at {torch.isnan(out).nonzero()[:5].tolist()}"
+    err = rel_err(out, ref)
+    if err > TOL[dtype]:
+        bad = ((out.double() - ref.double()).abs() > 10 * TOL[dtype] * ref.double().abs().max()).nonzero()
+        raise AssertionError(f"{what}: relative error {err:.3g} > {TOL[dtype]:.1g}; first mismatches {bad[:5].tolist()}")
+
+
+def make_case(T, S, R, K, N, dtype, seed, n_slices=1, base_frac=0.2, mixed_ranks=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, K, generator=g).to(dtype)
+    W = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype)
+    A = (torch.randn(S, n_slices, R, K, generator=g) / K**0.5).to(dtype)
+    B = (torch.randn(S, N, R, generator=g) / R**0.5).to(dtype)
+    scal = torch.rand(S, generator=g) + 0.5
+    ranks = torch.randint(1, R + 1, (S,), generator=g, dtype=torch.int32) if mixed_ranks \
+        else torch.full((S,), R, dtype=torch.int32)
+    ids = torch.randint(0, S, (T,), generator=g, dtype=torch.int32)
+    ids[torch.rand(T, generator=g) < base_frac] = -1
+    return x, W, b, A, B, scal, ranks, ids
+
+
+def run(x, W, b, A, B, scal, ranks, ids, slice_sizes=None):
+    out = torch.full((x.shape[0], W.shape[0]), float("nan"), dtype=x.dtype)
+    return multi_lora_linear(x, W, b, A, B, scal, ids, ranks=ranks, slice_sizes=slice_sizes, out=out)
+
+
+def test_cpu_runs_the_triton_kernels():
+    assert use_triton(torch.empty(1)), "tests must run the Triton kernels through TRITON_INTERPRET=1"
+
+
+@pytest.mark.parametrize("T,S,R,K,N,dtype,mixed", [
+    (0, 3, 16, 32, 48, torch.float32, False),
+    (1, 1, 16, 64, 48, torch.float32, False),
+    (1, 4, 16, 64, 48, torch.bfloat16, False),
+    (5, 123 % 7, 8, 33, 17, torch.float32, True),        # weird shapes, rank below the chunk
+    (37, 5, 64, 70, 65, torch.bfloat16, True),           # ranks 1..64 in one pool
+    (40, 64, 16, 64, 70, torch.float32, False),          # 64 adapters (more than tokens)
+    (23, 8, 32, 40, 24, torch.float64, True),
+])
+def test_matches_per_token_reference(T, S, R, K, N, dtype, mixed):
+    x, W, b, A, B, scal, ranks, ids = make_case(T, S, R, K, N, dtype, seed=T * 7 + S, mixed_ranks=mixed)
+    y = run(x, W, b, A, B, scal, ranks, ids)
+    assert y.shape == (T, N) and y.dtype == dtype
+    if T:
+        assert_close(y, multi_lora_linear_reference(x, W, b, A, B, scal, ids, ranks), dtype, "kernel vs reference")
+        assert_close(_multi_lora_torch(x, W, b, A, B, scal, ranks, ids, (N,)),
+                     multi_lora_linear_reference(x, W, b, A, B, scal, ids, ranks), dtype, "torch path vs reference")
+
+
+@pytest.mark.parametrize("case", ["all_base", "all_one_adapter", "no_bias"])
+def test_degenerate_mixes(case):
+    T, S, R, K, N = 19, 6, 16, 48, 40
+    x, W, b, A, B, scal, ranks, ids = make_case(T, S, R, K, N, torch.float32, seed=3)
+    if case == "all_base":
+        ids = torch.full((T,), -1, dtype=torch.int32)
+    elif case == "all_one_adapter":
+        ids = torch.full((T,), 4, dtype=torch.int32)
+    else:
+        b = None
+    assert_close(run(x, W, b, A, B, scal, ranks, ids),
+                 multi_lora_linear_reference(x, W, b, A, B, scal, ids, ranks), torch.float32, case)
+
+
+def test_true_rank_ignores_padded_rows():
+    """Rows of A and columns of B beyond a slot's rank hold garbage: the result must not see them."""
+    T, S, R, K, N = 21, 4, 64, 40, 36
+    x, W, b, A, B, scal, _, ids = make_case(T, S, R, K, N, torch.float32, seed=11)
+    ranks = torch.tensor([4, 16, 17, 64], dtype=torch.int32)
+    ref = multi_lora_linear_reference(x, W, b, A, B, scal, ids, ranks)
+    for s, r in enumerate(ranks.tolist()):
+        A[s, :, r:] = 1e30
+        B[s, :, r:] = float("nan")
+    assert_close(run(x, W, b, A, B, scal, ranks, ids), ref, torch.float32, "mixed ranks")
+
+
+def test_multi_slice_qkv():
+    T, S, R, K = 17, 5, 16, 48
+    sizes = (40, 16, 24)
+    x, W, b, A, B, scal, ranks, ids = make_case(T, S, R, K, sum(sizes), torch.bfloat16, seed=5, n_slices=3,
+                                                mixed_ranks=True)
+    y = run(x, W, b, A, B, scal, ranks, ids, slice_sizes=sizes)
+    assert_close(y, multi_lora_linear_reference(x, W, b, A, B, scal, ids, ranks, sizes), torch.bfloat16, "qkv")
+
+
+def test_tenant_isolation_under_permutation_and_mixing():
+    """Each row equals that token's single-adapter result, whatever else is in the batch."""
+    T, S, R, K, N = 24, 7, 16, 40, 33
+    x, W, b, A, B, scal, ranks, ids = make_case(T, S, R, K, N, torch.float32, seed=9, mixed_ranks=True)
+    y = run(x, W, b, A, B, scal, ranks, ids)
+    perm = torch.randperm(T, generator=torch.Generator().manual_seed(1))
+    assert_close(run(x[perm], W, b, A, B, scal, ranks, ids[perm]), y[perm], torch.float32, "permuted batch")
+    # each token alone with its adapter, and each tenant's tokens alone
+    for t in (0, 7, T - 1):
+        assert_close(run(x[t:t + 1], W, b, A, B, scal, ranks, ids[t:t + 1]), y[t:t + 1], torch.float32, f"token {t}")
+    for a in ids.unique().tolist()[:3]:
+        rows = (ids == a).nonzero()[:, 0]
+        assert_close(run(x[rows], W, b, A, B, scal, ranks, ids[rows]), y[rows], torch.float32, f"tenant {a}")
+    # mixing in tokens of other adapters leaves the original rows unchanged
+    extra_x, extra_ids = torch.randn(9, K), torch.randint(0, S, (9,), dtype=torch.int32)
+    mixed = run(torch.cat([extra_x, x]), W, b, A, B, scal, ranks, torch.cat([extra_ids, ids]))
+    assert_close(mixed[9:], y, torch.float32, "mixed with other tenants")
+
+
+@pytest.mark.parametrize("bad,needle", [(7, "outside [-1, 7)"), (-2, "outside [-1, 7)"), (100, "outside")])
+def test_bad_ids_raise_before_any_kernel(monkeypatch, bad, needle):
+    x, W, b, A, B, scal, ranks, ids = make_case(6, 7, 16, 32, 24, torch.float32, seed=2)
+    ids[3] = bad
+    monkeypatch.setattr(kml, "multi_lora_forward", lambda *a, **k: pytest.fail("a kernel ran"))
+    with pytest.raises(ValueError, match=r"adapter_ids\[3\]") as info:
+        multi_lora_linear(x, W, b, A, B, scal, ids, ranks=ranks)
+    assert needle in str(info.value)
+
+
+def test_empty_slot_and_wrong_types_raise():
+    x, W, b, A, B, scal, ranks, ids = make_case(6, 4, 16, 32, 24, torch.float32, seed=2)
+    ranks[2] = 0  # empty slot
+    ids[:] = 2
+    with pytest.raises(ValueError, match=r"adapter_ids\[0\] = 2 points at an empty slot"):
+        multi_lora_linear(x, W, b, A, B, scal, ids, ranks=ranks)
+    with pytest.raises(ValueError, match="adapter_ids must be an integer tensor"):
+        multi_lora_linear(x, W, b, A, B, scal, ids.float(), ranks=ranks)
+    with pytest.raises(ValueError, match="adapter_ids"):
+        multi_lora_linear(x, W, b, A, B, scal, ids[:3], ranks=ranks)
+    with pytest.raises(ValueError, match="lora_B_stack"):
+        multi_lora_linear(x, W, b, A, B[:, :5], scal, ids, ranks=ranks)
+    with pytest.raises(ValueError, match="slice_sizes"):
+        multi_lora_linear(x, W, b, A, B, scal, ids, ranks=ranks, slice_sizes=(10, 14))
+    with pytest.raises(ValueError, match="scalings"):
+        multi_lora_linear(x, W, b, A, B, scal[:2], ids, ranks=ranks)
+
+
+def test_unvalidated_invalid_ids_are_base_only():
+    """With validation skipped (graph capture), invalid ids never read out of bounds: they compute as base."""
+    x, W, b, A, B, scal, ranks, ids = make_case(10, 4, 16, 32, 24, torch.float32, seed=4)
+    ids[2], ids[5] = 9, -7
+    meta = make_batch_metadata(ids, 4, ranks=ranks, validate=False)
+    clean = ids.clone()
+    clean[2] = clean[5] = -1
+    assert_close(run(x, W, b, A, B, scal, ranks, meta), multi_lora_linear_reference(x, W, b, A, B, scal, clean, ranks),
+                 torch.float32, "base-only fallback")
+
+
+def test_metadata_layout_and_update_in_place():
+    ids = torch.tensor([3, -1, 3, 0, 5, 0, 3], dtype=torch.int32)
+    meta = make_batch_metadata(ids, 6)
+    assert isinstance(meta, BatchMetadata) and meta.max_segs == 7
+    assert ids[meta.perm.long()].tolist() == [-1, 0, 0, 3, 3, 3, 5]
+    assert meta.perm.tolist() == [1, 3, 5, 0, 2, 6, 4]  # stable
+    assert meta.seg_of.tolist() == [0, 1, 1, 2, 2, 2, 3]
+    assert meta.seg_start.tolist() == [0, 1, 3, 6, 7, 7, 7, 7]
+    assert meta.seg_adapter.tolist() == [-1, 0, 3, 5, -1, -1, -1]
+    buffers = [meta.perm.data_ptr(), meta.seg_start.data_ptr(), meta.seg_adapter.data_ptr()]
+    new = torch.tensor([1, 1, 1, 1, 1, 1, 1], dtype=torch.int32)
+    meta.update_(new)
+    assert buffers == [meta.perm.data_ptr(), meta.seg_start.data_ptr(), meta.seg_adapter.data_ptr()]
+    assert meta.seg_adapter.tolist()[:2] == [1, -1] and meta.seg_start.tolist()[:2] == [0, 7]
+    with pytest.raises(ValueError, match="adapter_ids"):
+        meta.update_(torch.tensor([1, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"adapter_ids\[0\]"):
+        meta.update_(torch.full((7,), 6, dtype=torch.int32))
+
+
+def test_pool_and_module_mixed_ranks_and_slices():
+    torch.manual_seed(0)
+    K, sizes, T = 32, (24, 8, 8), 15
+    pool = AdapterPool(max_adapters=4, max_rank=32, dtype=torch.float32)
+    qkv = MultiLoRALinear(torch.nn.Linear(K, sum(sizes)), pool, key="qkv", slice_sizes=sizes)
+    down = MultiLoRALinear(torch.nn.Linear(K, 20, bias=False), pool, key="down")
+    weights = {}
+    for name, r in (("a", 4), ("b", 32), ("c", 16)):
+        w = {"qkv": [(torch.randn(r, K), torch.randn(n, r)) for n in sizes]}
+        if name != "c":  # adapter c does not touch `down`
+            w["down"] = (torch.randn(r, K), torch.randn(20, r))
+        weights[name] = (w, r)
+        pool.load(name, w, alpha=2.0 * r, use_rslora=name == "b")
+    assert pool.names == ["a", "b", "c"] and pool.ranks.tolist() == [4, 32, 16, 0]
+    assert pool.scalings.tolist()[:3] == pytest.approx([2.0, 64 / 32**0.5, 2.0])
+    names = ["b", None, "a", "c", "a", "b", None, "c", "c", "a", "b", "b", None, "a", "c"]
+    meta = pool.batch_metadata(names)
+    x = torch.randn(3, 5, K)  # any leading shape
+    for layer in (qkv, down):
+        A, B, sl = pool.layer_stacks(layer.key)
+        y = layer(x, meta)
+        ref = multi_lora_linear_reference(x, layer.weight, layer.bias, A, B, pool.scalings, meta.adapter_ids,
+                                          pool.ranks, sl)
+        assert y.shape == (3, 5, sum(sl))
+        assert_close(y, ref, torch.float32, layer.key)
+    # the reference built from the adapters' own matrices, for one token of each
+    for t, name in ((0, "b"), (2, "a"), (3, "c")):
+        w, r = weights[name]
+        s = pool.scalings[pool.slot(name)]
+        xt = x.reshape(T, K)[t]
+        want = torch.cat([qkv.weight[o:o + n] @ xt + qkv.bias[o:o + n] + s * (B_ @ (A_ @ xt))
+                          for (A_, B_), n, o in zip(w["qkv"], sizes, (0, 24, 32))])
+        assert_close(qkv(x.reshape(T, K)[t:t + 1], pool.ids([name]))[0], want, torch.float32, f"qkv {name}")
+    # unload: the slot is empty (rejected), then reused by the next load without reallocating
+    A_ptr = pool.layer_stacks("qkv")[0].data_ptr()
+    pool.unload("a")
+    with pytest.raises(ValueError, match="empty slot"):
+        pool.batch_metadata(torch.tensor([0]))
+    with pytest.raises(KeyError):
+        pool.ids(["a"])
+    assert pool.load("d", {"down": (torch.randn(8, K), torch.randn(20, 8))}, alpha=8) == 0
+    assert pool.layer_stacks("qkv")[0].data_ptr() == A_ptr
+    with pytest.raises(ValueError, match="already loaded"):
+        pool.load("d", {}, alpha=1)
+    with pytest.raises(ValueError, match="rank"):
+        pool.load("e", {"down": (torch.randn(40, K), torch.randn(20, 40))}, alpha=1)
+    pool.load("e", {}, alpha=1, rank=1)
+    with pytest.raises(RuntimeError, match="full"):
+        pool.load("f", {}, alpha=1, rank=1)
