@@ -52,6 +52,8 @@ def bench_us(fn: Callable[[], object], quantiles: Sequence[float] = (0.5, 0.2, 0
     import triton.testing
 
     ms = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=list(quantiles))
+    if isinstance(ms, (int, float)):  # do_bench returns a bare float for a single quantile
+        ms = [ms]
     return [t * 1e3 for t in ms]
 
 

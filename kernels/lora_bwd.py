@@ -18,7 +18,7 @@ from .config import gemm_config, num_sms, reduce_m_config
 from .helpers import (
     acc_dtype, apply_dropout, dot, dot_precision, dropout_keep, dropout_threshold, grouped_tile, next_pow2_rank,
 )
-from .lora_fwd import EPILOGUE_RANK_BLOCK, MAX_FUSED_RANK_BLOCK
+from .lora_fwd import EPILOGUE_RANK_BLOCK, MAX_FUSED_RANK_BLOCK, _output
 from .lora_shrink import lora_shrink
 
 
@@ -162,18 +162,20 @@ def _reduce_m(u, v, scaling, out_dtype, dropout_p=0.0, seed=0, k_for_mask=1):
     return out[0] if splits == 1 else out.sum(0).to(out_dtype)
 
 
-def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_dyb=True, dyb_mode="auto"):
+def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_dyb=True, dyb_mode="auto",
+                     out=None):
     """dX = dY @ W + s * drop'((dY @ B) @ A), fused into one GEMM.
 
     dy: [M, N], weight: [N, K], lora_A: [r, K], lora_B: [N, r] (any strides, one dtype); scaling, dropout_p
     and seed as in the forward. Returns (dx [M, K], dyb [M, r] = dY @ B unscaled, or None unless store_dyb).
     dyb_mode: "fused" (dyb accumulated inside the GEMM), "shrink" (one extra pass over dY), or "auto".
+    out: optional preallocated dx [M, K] of dy's dtype and device.
 
     >>> dx, dyb = lora_backward_dx(dy, W, A, B, 2.0)
     """
     M, N = dy.shape
     K, rank = weight.shape[1], lora_A.shape[0]
-    dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
+    dx = _output(out, (M, K), dy, "out")
     if dyb_mode == "auto":
         dyb_mode = "fused" if next_pow2_rank(rank) <= MAX_FUSED_RANK_BLOCK else "shrink"
     if M == 0 or K == 0:

@@ -104,6 +104,16 @@ def _lora_fwd_kernel(
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+def _output(out, shape, like, name):
+    """`out` checked against shape/dtype/device, or a new tensor."""
+    if out is None:
+        return torch.empty(shape, device=like.device, dtype=like.dtype)
+    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(f"{name} must be {list(shape)} {like.dtype} on {like.device}, "
+                         f"got {list(out.shape)} {out.dtype} on {out.device}")
+    return out
+
+
 def choose_xa_mode(m: int, rank: int, dropout: bool) -> str:
     """"fused" or "shrink" (see the module docstring); measured in bench/NOTES.md."""
     if dropout:
@@ -111,19 +121,21 @@ def choose_xa_mode(m: int, rank: int, dropout: bool) -> str:
     return "fused" if next_pow2_rank(rank) <= MAX_FUSED_RANK_BLOCK else "shrink"
 
 
-def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_xa=False, xa_mode="auto"):
+def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_xa=False, xa_mode="auto",
+                 out=None):
     """Fused LoRA forward.
 
     x: [M, K], weight: [N, K], bias: [N] or None, lora_A: [r, K], lora_B: [N, r] (any strides, one dtype);
     scaling: float; dropout_p in [0, 1) applied to x on the LoRA branch with the mask of `seed`.
     Returns (y [M, N], xa [M, r] or None): xa = drop(x) @ A^T, returned when store_xa (for the backward).
+    out: optional preallocated y [M, N] of x's dtype and device (any strides).
 
     >>> y, _ = lora_forward(x, W, b, A, B, 2.0)
     >>> y, xa = lora_forward(x, W, None, A, B, 2.0, dropout_p=0.1, seed=7, store_xa=True)
     """
     M, K = x.shape
     N, rank = weight.shape[0], lora_A.shape[0]
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    y = _output(out, (M, N), x, "out")
     dropout = dropout_p > 0.0
     if xa_mode == "auto":
         xa_mode = choose_xa_mode(M, rank, dropout)

@@ -6,7 +6,15 @@
 """
 __version__ = "0.1.0"
 
-from . import kernels, reference
+import importlib.util as _util
+import os as _os
+
+if _util.find_spec(".kernels", __name__) is None:
+    # A source checkout on sys.path, not installed: `kernels/` sits beside `lora_fast/` (setup.py maps it to
+    # lora_fast.kernels on install), so look for subpackages in the checkout's root too.
+    __path__.append(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+
+from . import kernels, reference  # noqa: E402
 from .functional import LoRALinearFunction, lora_linear, use_triton
 from .layers import LoRALinear, ParameterCount, apply_lora, count_parameters
 

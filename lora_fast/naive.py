@@ -21,18 +21,25 @@ def lora_shrink(x, lora_A, dropout_p=0.0, seed=0):
     return _drop(x, dropout_p, seed) @ lora_A.t()
 
 
-def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_xa=False, xa_mode="auto"):
+def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_xa=False, xa_mode="auto",
+                 out=None):
     """(y [M, N], xa [M, r] or None) = (x @ W^T + b + s * xa @ B^T, drop(x) @ A^T)."""
     xa = lora_shrink(x, lora_A, dropout_p, seed)
     y = torch.nn.functional.linear(x, weight, bias) + (xa * scaling) @ lora_B.t()
+    if out is not None:
+        y = out.copy_(y)
     return y, (xa if store_xa else None)
 
 
-def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_dyb=True, dyb_mode="auto"):
+def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_dyb=True, dyb_mode="auto",
+                     out=None):
     """(dx [M, K], dyb [M, r]) = (dy @ W + s * drop'(dyb @ A), dy @ B)."""
     dyb = dy @ lora_B
     low = _drop((dyb * scaling) @ lora_A, dropout_p, seed)
-    return dy @ weight + low, (dyb if store_dyb else None)
+    dx = dy @ weight + low
+    if out is not None:
+        dx = out.copy_(dx)
+    return dx, (dyb if store_dyb else None)
 
 
 def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p=0.0, seed=0, need_a=True, need_b=True):
