@@ -75,7 +75,7 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_w:
             dw = (dy2d.t() @ x2d).to(weight.dtype)
         if need_bias and ctx.has_bias:
-            dbias = dy2d.sum(0, dtype=torch.float32).to(dy2d.dtype)
+            dbias = dy2d.sum(0, dtype=torch.promote_types(dy2d.dtype, torch.float32)).to(dy2d.dtype)
         return dx, dw, dbias, dA, dB, None, None, None
 
 

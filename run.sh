@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One-command set-up and run on a fresh machine (README):
+#   bash run.sh tests   install, then run the test suite (CPU: kernels through Triton's interpreter)
+#   bash run.sh main    install, then run the benchmarks and the demos on whatever hardware is present
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+
+install() {
+  # torch first and pinned: on a CPU-only machine 2.13.0 is the local CPU build, while an unpinned torch
+  # would pull gigabytes of CUDA packages. An installed torch is kept.
+  if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+    "$PY" -m pip install -q torch==2.13.0
+  fi
+  "$PY" -m pip install -q -e ".[$1]"
+}
+
+case "${1:-}" in
+  tests)
+    install test
+    "$PY" -m pytest -q tests
+    ;;
+  main)
+    install bench
+    "$PY" examples/quickstart.py
+    "$PY" bench/run_all.py
+    if [ -f examples/serve_multi_lora.py ]; then "$PY" examples/serve_multi_lora.py; fi
+    ;;
+  *)
+    echo "usage: bash run.sh tests|main" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,180 @@
+"""LoRALinear, apply_lora, count_parameters, and the argument checks of every public entry point."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lora_fast
+from lora_fast import LoRALinear, apply_lora, count_parameters
+from lora_fast.reference import ReferenceLoRALinear, lora_linear_reference
+
+from .utils import assert_close
+
+
+def test_from_linear_equals_base_at_init_and_shares_weight(device):
+    base = nn.Linear(24, 18, device=device)
+    layer = LoRALinear.from_linear(base, rank=4, alpha=8, dropout=0.1)
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    assert layer.lora_A.shape == (4, 24) and layer.lora_B.shape == (18, 4) and layer.scaling == 2.0
+    assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
+    bound = 1 / math.sqrt(24)  # kaiming-uniform with a = sqrt(5) gives U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert layer.lora_A.abs().max() <= bound
+    x = torch.randn(5, 24, device=device)
+    layer.eval()
+    assert_close("y", layer(x), base(x), torch.float32)
+
+
+def test_module_matches_reference_module(device):
+    ref = ReferenceLoRALinear(20, 12, rank=3, alpha=6, bias=True, device=device)
+    nn.init.normal_(ref.lora_B.weight)
+    ours = LoRALinear(20, 12, rank=3, alpha=6, device=device)
+    ours.load_state_dict({"weight": ref.base.weight, "bias": ref.base.bias, "lora_A": ref.lora_A.weight,
+                          "lora_B": ref.lora_B.weight})
+    x = torch.randn(2, 7, 20, device=device)
+    assert_close("y", ours(x), ref(x).detach(), torch.float32)
+
+
+def test_rslora_scaling():
+    assert LoRALinear(8, 8, rank=16, alpha=32, use_rslora=True).scaling == pytest.approx(32 / 4)
+    assert LoRALinear(8, 8, rank=16, alpha=32).scaling == pytest.approx(2.0)
+
+
+def test_merge_unmerge_round_trip(device):
+    layer = LoRALinear(33, 17, rank=3, alpha=5, device=device)
+    nn.init.normal_(layer.lora_B)
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(4, 33, device=device)
+    y0 = layer(x)
+    layer.merge()
+    assert layer.merged
+    assert_close("merged weight", layer.weight, w0.double() + layer.delta_weight().double(), torch.float32)
+    assert_close("merged y", layer(x), y0.detach(), torch.float32)
+    layer.merge()  # idempotent
+    layer.unmerge()
+    assert not layer.merged
+    assert (layer.weight - w0).abs().max() <= 1e-6 * w0.abs().max()
+    assert "merged=False" in repr(layer) and "rank=3" in repr(layer)
+
+
+def test_state_dict_round_trip(device):
+    a = LoRALinear(10, 6, rank=2, device=device)
+    nn.init.normal_(a.lora_B)
+    sd = a.state_dict()
+    assert list(sd) == ["weight", "bias", "lora_A", "lora_B"]
+    b = LoRALinear(10, 6, rank=2, device=device)
+    b.load_state_dict(sd)
+    x = torch.randn(3, 10, device=device)
+    assert torch.equal(a(x), b(x))
+
+
+def test_training_step_updates_only_lora(device):
+    layer = LoRALinear(16, 8, rank=2, device=device)
+    w0 = layer.weight.detach().clone()
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    layer(torch.randn(4, 16, device=device)).pow(2).sum().backward()
+    opt.step()
+    assert torch.equal(layer.weight, w0)
+    assert torch.count_nonzero(layer.lora_B) > 0
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(16, 16)
+        self.v_proj = nn.Linear(16, 16, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x):
+        return self.mlp(self.norm(self.q_proj(x) + self.v_proj(x)))
+
+
+def test_apply_lora_swaps_targets_and_freezes_the_rest(device):
+    model = _Block().to(device)
+    x = torch.randn(3, 16, device=device)
+    y0 = model(x)
+    total0 = count_parameters(model).total
+    apply_lora(model, ["q_proj", "v_proj", "mlp.2"], rank=4, alpha=8)
+    assert isinstance(model.q_proj, LoRALinear) and isinstance(model.v_proj, LoRALinear)
+    assert isinstance(model.mlp[2], LoRALinear) and isinstance(model.mlp[0], nn.Linear)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"q_proj.lora_A", "q_proj.lora_B", "v_proj.lora_A", "v_proj.lora_B", "mlp.2.lora_A",
+                         "mlp.2.lora_B"}
+    assert_close("y at init", model(x), y0.detach(), torch.float32)
+    count = count_parameters(model)
+    lora = 3 * 4 * 16 + 3 * 16 * 4 + 4 * 32 - 4 * 16  # q, v: 4x16 + 16x4; mlp.2: 4x32 + 16x4
+    assert count.trainable == lora and count.total == total0 + lora
+    assert "trainable params" in str(count)
+
+
+def test_apply_lora_regex_and_no_match():
+    model = _Block()
+    apply_lora(model, r"(q|v)_proj", rank=2)
+    assert isinstance(model.q_proj, LoRALinear) and isinstance(model.mlp[0], nn.Linear)
+    with pytest.raises(ValueError, match="target_modules"):
+        apply_lora(_Block(), ["nope"])
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def _args(**over):
+    x, W, b = torch.randn(4, 8), torch.randn(6, 8), torch.randn(6)
+    A, B = torch.randn(2, 8), torch.randn(6, 2)
+    args = dict(x=x, weight=W, bias=b, lora_A=A, lora_B=B, scaling=1.0, dropout_p=0.0, training=False)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("over, exc, name", [
+    (dict(x=torch.randn(4, 7)), ValueError, "x"),
+    (dict(weight=torch.randn(6)), ValueError, "weight"),
+    (dict(lora_A=torch.randn(2, 9)), ValueError, "lora_A"),
+    (dict(lora_A=torch.randn(0, 8), lora_B=torch.randn(6, 0)), ValueError, "rank"),
+    (dict(lora_B=torch.randn(6, 3)), ValueError, "lora_B"),
+    (dict(lora_B=torch.randn(5, 2)), ValueError, "lora_B"),
+    (dict(bias=torch.randn(5)), ValueError, "bias"),
+    (dict(weight=torch.randn(6, 8, dtype=torch.float64)), TypeError, "weight"),
+    (dict(lora_A=torch.randn(2, 8, dtype=torch.bfloat16)), TypeError, "lora_A"),
+    (dict(bias=torch.randn(6, dtype=torch.float16)), TypeError, "bias"),
+    (dict(x=torch.randint(0, 3, (4, 8))), TypeError, "x"),
+    (dict(lora_B=torch.randn(6, 2, device="meta")), ValueError, "lora_B"),
+    (dict(x=[[1.0] * 8]), TypeError, "x"),
+    (dict(dropout_p=1.0), ValueError, "dropout_p"),
+    (dict(dropout_p=-0.1), ValueError, "dropout_p"),
+    (dict(dropout_p="0.1"), TypeError, "dropout_p"),
+    (dict(scaling=torch.tensor(1.0)), TypeError, "scaling"),
+    (dict(scaling="2"), TypeError, "scaling"),
+    (dict(scaling=True), TypeError, "scaling"),
+    (dict(scaling=float("nan")), ValueError, "scaling"),
+    (dict(training=1), TypeError, "training"),
+])
+def test_bad_input_names_the_argument(over, exc, name):
+    with pytest.raises(exc, match=name):
+        lora_fast.lora_linear(**_args(**over))
+
+
+@pytest.mark.parametrize("kwargs, exc, name", [
+    (dict(rank=0), ValueError, "rank"),
+    (dict(rank=2.5), TypeError, "rank"),
+    (dict(dropout=1.5), ValueError, "dropout"),
+    (dict(in_features=0), ValueError, "in_features"),
+])
+def test_module_bad_arguments(kwargs, exc, name):
+    args = dict(in_features=8, out_features=4)
+    args.update(kwargs)
+    with pytest.raises(exc, match=name):
+        LoRALinear(**args)
+
+
+def test_from_linear_rejects_non_linear():
+    with pytest.raises(TypeError, match="linear"):
+        LoRALinear.from_linear(nn.Conv1d(3, 3, 1))
+
+
+def test_reference_function_matches_module():
+    ref = ReferenceLoRALinear(9, 5, rank=2, alpha=4)
+    nn.init.normal_(ref.lora_B.weight)
+    x = torch.randn(3, 9)
+    y = lora_linear_reference(x, ref.base.weight, ref.base.bias, ref.lora_A.weight, ref.lora_B.weight, ref.scaling)
+    assert torch.allclose(y, ref(x))

@@ -1,0 +1,200 @@
+"""The fused LoRA linear against the textbook reference: outputs, all gradients, dropout, gradcheck, dispatch.
+
+On a CPU-only machine the kernels run through Triton's interpreter (tests/conftest.py), so sizes are small.
+"""
+import pytest
+import torch
+
+import lora_fast
+from lora_fast import kernels, naive
+from lora_fast.functional import LoRALinearFunction, draw_seed, use_triton
+from lora_fast.philox import dropout_mask_torch
+from lora_fast.reference import lora_linear_reference
+
+from .utils import assert_close, lora_problem, rel_err
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# (M, K, N, r): M of 0 and 1, K and N of 1, 17 and 33, r of 1, 3 and 64, plus a multi-tile case.
+SHAPES = [(0, 17, 33, 3), (1, 33, 17, 1), (33, 1, 33, 64), (33, 33, 1, 3), (17, 17, 17, 1), (40, 33, 24, 64),
+          (1, 1, 1, 1)]
+
+
+def _reference_grads(x, W, b, A, B, s, p, keep, dy):
+    xr, Ar, Br = (t.detach().double().requires_grad_() for t in (x, A, B))
+    yr = lora_linear_reference(xr, W.double(), None if b is None else b.double(), Ar, Br, s, p, p > 0, keep)
+    yr.backward(dy.double())
+    return yr, xr.grad, Ar.grad, Br.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M%d_K%d_N%d_r%d" % s)
+def test_lora_linear_matches_reference(shape, p, dtype, device):
+    M, K, N, r = shape
+    bias = (M + K + N) % 2 == 0  # half the shapes with a bias, half without
+    x, W, b, A, B = lora_problem(M, K, N, r, dtype, device, bias)
+    s = 1.7
+    x.requires_grad_()
+    A.requires_grad_()
+    B.requires_grad_()
+    torch.manual_seed(1000 + M)
+    seed = draw_seed()
+    torch.manual_seed(1000 + M)  # lora_linear draws the same seed
+    y = lora_fast.lora_linear(x, W, b, A, B, s, dropout_p=p, training=True)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    keep = dropout_mask_torch(seed, M, K, p, device) if p > 0 else None
+    yr, dxr, dAr, dBr = _reference_grads(x, W, b, A, B, s, p, keep, dy)
+    assert y.shape == (M, N) and y.dtype == dtype
+    for name, out, ref in (("y", y, yr), ("dx", x.grad, dxr), ("dA", A.grad, dAr), ("dB", B.grad, dBr)):
+        assert out.dtype == dtype, name
+        assert_close(name, out, ref, dtype)
+
+
+@pytest.mark.parametrize("mode", ["fused", "shrink"])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_launchers_write_every_element(mode, p, device):
+    """NaN-filled outputs, both ways of computing the rank-r product, several tiles in every dimension."""
+    M, K, N, r, s, seed = 37, 45, 35, 5, 0.5, 4242
+    x, W, b, A, B = lora_problem(M, K, N, r, torch.float32, device)
+    dy = torch.randn(M, N, device=device)
+    y = torch.full((M, N), float("nan"), device=device)
+    dx = torch.full((M, K), float("nan"), device=device)
+    _, xa = kernels.lora_forward(x, W, b, A, B, s, p, seed, store_xa=True, xa_mode=mode, out=y)
+    _, dyb = kernels.lora_backward_dx(dy, W, A, B, s, p, seed, dyb_mode=mode, out=dx)
+    dA, dB = kernels.lora_grad_ab(x, dy, xa, dyb, s, A.dtype, B.dtype, p, seed)
+    keep = dropout_mask_torch(seed, M, K, p, device) if p > 0 else None
+    yr, dxr, dAr, dBr = _reference_grads(x, W, b, A, B, s, p, keep, dy)
+    xa_ref = (x.double() * (keep.double() / (1 - p) if p > 0 else 1.0)) @ A.double().t()
+    for name, out, ref in (("y", y, yr), ("dx", dx, dxr), ("xa", xa, xa_ref), ("dyb", dyb, dy.double() @ B.double()),
+                           ("dA", dA, dAr), ("dB", dB, dBr)):
+        assert_close(name, out, ref, torch.float32)
+
+
+def test_strided_and_batched_inputs(device):
+    """Non-contiguous x (a transposed view, 3-D), W, A and B views: strides are passed, nothing assumed."""
+    dtype, s = torch.float32, 2.0
+    x = torch.randn(2, 19, 5, device=device, dtype=dtype).transpose(1, 2)  # [2, 5, 19], non-contiguous
+    W = torch.randn(19, 23, device=device, dtype=dtype).t()  # [23, 19] with strides (1, 23)
+    A = torch.randn(19, 3, device=device, dtype=dtype).t().requires_grad_()  # a leaf view [3, 19]
+    B = torch.randn(6, 23, device=device, dtype=dtype)[::2].t()  # [23, 3], strides (1, 46)
+    B = B.detach().requires_grad_()
+    x = x.detach().requires_grad_()
+    y = lora_fast.lora_linear(x, W, None, A, B, s)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    yr, dxr, dAr, dBr = _reference_grads(x, W, None, A, B, s, 0.0, None, dy)
+    assert y.shape == (2, 5, 23)
+    for name, out, ref in (("y", y, yr), ("dx", x.grad, dxr), ("dA", A.grad, dAr), ("dB", B.grad, dBr)):
+        assert_close(name, out, ref, dtype)
+
+
+def test_frozen_weight_and_bias_gradients_when_requested(device):
+    x, W, b, A, B = lora_problem(9, 12, 10, 2, torch.float64, device)
+    for t in (x, W, b, A, B):
+        t.requires_grad_()
+    y = lora_fast.lora_linear(x, W, b, A, B, 0.5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert_close("dW", W.grad, dy.t() @ x.detach(), torch.float64)
+    assert_close("db", b.grad, dy.sum(0), torch.float64)
+
+
+def test_only_some_gradients(device):
+    """x without grad (a first layer) and B alone: the paths that skip dX or dA."""
+    x, W, b, A, B = lora_problem(11, 20, 13, 4, torch.float32, device)
+    B.requires_grad_()
+    y = lora_fast.lora_linear(x, W, b, A, B, 1.0)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert_close("dB", B.grad, (dy.double().t() @ (x.double() @ A.double().t())), torch.float32)
+    A.requires_grad_()
+    B.grad = None
+    lora_fast.lora_linear(x, W, b, A, B, 1.0).backward(dy)
+    assert_close("dA", A.grad, (dy.double() @ B.double()).t() @ x.double(), torch.float32)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_gradcheck_float64(p, device):
+    x, W, b, A, B = lora_problem(5, 7, 6, 3, torch.float64, device)
+    for t in (x, b, A, B):
+        t.requires_grad_()
+    seed = 31337
+
+    def fn(x, b, A, B):
+        return LoRALinearFunction.apply(x, W, b, A, B, 1.3, p, seed)
+
+    assert torch.autograd.gradcheck(fn, (x, b, A, B), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_dropout_mask_kernel_matches_numpy_philox(device):
+    for seed, M, K, p in [(0, 3, 5, 0.5), (2**40 + 7, 17, 33, 0.1), (123456789, 64, 130, 0.9)]:
+        got = kernels.dropout_mask(seed, M, K, p, device).cpu()
+        want = dropout_mask_torch(seed, M, K, p)
+        assert torch.equal(got, want), (seed, M, K, p)
+
+
+def test_dropout_statistics_and_seeds(device):
+    M, K = 64, 256
+    for p in (0.1, 0.5):
+        keep = kernels.dropout_mask(7, M, K, p, device)
+        assert abs(keep.float().mean().item() - (1 - p)) < 0.02
+    a, b = kernels.dropout_mask(1, M, K, 0.5, device), kernels.dropout_mask(2, M, K, 0.5, device)
+    assert not torch.equal(a, b)
+    assert kernels.dropout_mask(5, M, K, 0.0, device).all()
+
+
+def test_dropout_same_mask_forward_and_backward(device):
+    """The backward regenerates the forward's mask: with B = I-like and W = 0, dx's LoRA term is zero exactly
+    where the forward dropped x."""
+    M, K, r, p = 8, 16, 16, 0.5
+    x = torch.randn(M, K, device=device, requires_grad=True)
+    W = torch.zeros(r, K, device=device)
+    A = torch.eye(r, K, device=device)
+    B = torch.eye(r, r, device=device)
+    torch.manual_seed(3)
+    y = lora_fast.lora_linear(x, W, None, A, B, 1.0, dropout_p=p, training=True)
+    y.backward(torch.ones_like(y))
+    kept_fwd = y != 0  # y = drop(x) here
+    kept_bwd = x.grad != 0
+    assert torch.equal(kept_fwd, kept_bwd)
+    assert 0 < kept_fwd.float().mean() < 1
+
+
+def test_eval_mode_ignores_dropout(device):
+    x, W, b, A, B = lora_problem(6, 10, 7, 2, torch.float32, device)
+    y = lora_fast.lora_linear(x, W, b, A, B, 1.0, dropout_p=0.5, training=False)
+    assert_close("y", y, lora_linear_reference(x.double(), W.double(), b.double(), A.double(), B.double(), 1.0),
+                 torch.float32)
+
+
+def test_kernel_and_torch_paths_agree(device):
+    """The CPU path (lora_fast.naive) and the kernels give the same results, dropout mask included."""
+    x, W, b, A, B = lora_problem(21, 30, 14, 3, torch.float64, device)
+    dy = torch.randn(21, 14, device=device, dtype=torch.float64)
+    for p in (0.0, 0.3):
+        yk, xak = kernels.lora_forward(x, W, b, A, B, 0.7, p, 99, store_xa=True)
+        yn, xan = naive.lora_forward(x, W, b, A, B, 0.7, p, 99, store_xa=True)
+        dxk, dybk = kernels.lora_backward_dx(dy, W, A, B, 0.7, p, 99)
+        dxn, dybn = naive.lora_backward_dx(dy, W, A, B, 0.7, p, 99)
+        gk = kernels.lora_grad_ab(x, dy, xak, dybk, 0.7, A.dtype, B.dtype, p, 99)
+        gn = naive.lora_grad_ab(x, dy, xan, dybn, 0.7, A.dtype, B.dtype, p, 99)
+        for name, a, b_ in (("y", yk, yn), ("xa", xak, xan), ("dx", dxk, dxn), ("dA", gk[0], gn[0]),
+                            ("dB", gk[1], gn[1])):
+            assert rel_err(a, b_) < 1e-12, (name, p)
+
+
+def test_dispatch():
+    cpu = torch.zeros(1)
+    assert use_triton(cpu) == kernels.is_interpret()
+    if torch.cuda.is_available():
+        assert use_triton(cpu.cuda())
+
+
+@pytest.mark.gpu
+def test_gpu_matches_cpu_path():
+    x, W, b, A, B = lora_problem(300, 257, 129, 7, torch.float32, "cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    y = lora_fast.lora_linear(x, W, b, A, B, 2.0)
+    yc, _ = naive.lora_forward(x.cpu(), W.cpu(), b.cpu(), A.cpu(), B.cpu(), 2.0)
+    assert rel_err(y.cpu(), yc) < 1e-5
