@@ -145,29 +145,20 @@ def graph_replay() -> dict:
     return result
 
 
+G, SEG, CUB = dict(GATHER=True, BASE="triton"), dict(GATHER=False, BASE="triton"), dict(BASE="cublas")
 SWEEP = {
-    (1, 1): [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4),
-             dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=5),
-             dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6),
-             dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=4),
-             dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=512, num_warps=8, num_stages=3)],
-    (64, 64): [dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4),
-               dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
-               dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4),
-               dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=6),
-               dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=3)],
-    (256, 32): [dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4, GROUP_M=4),
-                dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, GROUP_M=4),
-                dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=3, GROUP_M=2),
-                dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, GROUP_M=2),
-                dict(BLOCK_M=256, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=4, GROUP_M=1)],
-    (4096, 32): [dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, GROUP_M=8),
-                 dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4, GROUP_M=8),
-                 dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4, GROUP_M=8),
-                 dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, GROUP_M=8),
-                 dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4, GROUP_M=8)],
+    (1, 1): [{}, dict(BLOCK_N=64, BLOCK_K=128, num_stages=5), dict(SEG)],
+    (16, 16): [{}, dict(BLOCK_N=64, BLOCK_K=128), dict(SEG)],
+    (64, 64): [{}, dict(G, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128), dict(G, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256),
+               dict(G, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128), dict(CUB, GATHER=True, BLOCK_M=64, BLOCK_N=64)],
+    (256, 32): [{}, dict(G, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), dict(G, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128),
+                dict(CUB, GATHER=True, BLOCK_M=64, BLOCK_N=64), dict(CUB, GATHER=False, BLOCK_M=128, BLOCK_N=64)],
+    (1024, 32): [{}, dict(CUB, GATHER=True, BLOCK_M=64, BLOCK_N=64),
+                 dict(SEG, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)],
+    (4096, 32): [{}, dict(CUB, GATHER=False, BLOCK_M=64, BLOCK_N=128),
+                 dict(SEG, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)],
 }
-SPLITS = {(1, 1): [1, 4, 16], (64, 64): [1, 2, 4], (256, 32): [1, 2], (4096, 32): [1]}
+SPLITS = {(1, 1): [1, 16], (16, 16): [], (64, 64): [1, 2], (256, 32): [1], (1024, 32): [], (4096, 32): []}
 
 
 def sweep() -> list[dict]:
@@ -193,9 +184,11 @@ def sweep() -> list[dict]:
         kml.set_config_override(None)
         base_only = bml.Problem(T, n_ad, 16, 4096, 4096, torch.bfloat16, DEV, sets=bml.WEIGHT_SETS)
         base_only.meta = make_batch_metadata(torch.full((T,), -1, device=DEV, dtype=torch.int32), n_ad)
+        kml.set_config_override(dict(BASE="triton"))
         us = bench_graph_us([base_only.provider("ours", s) for s in range(bml.WEIGHT_SETS)])
-        rows.append(dict(T=T, adapters=n_ad, override="all ids -1 (Triton base GEMM only)", graph_us=us,
-                         base_us=base, ratio=us / base))
+        kml.set_config_override(None)
+        rows.append(dict(T=T, adapters=n_ad, override="all ids -1, BASE=triton (our GEMM, LoRA skipped)",
+                         graph_us=us, base_us=base, ratio=us / base))
         print(rows[-1], flush=True)
     return rows
 

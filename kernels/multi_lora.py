@@ -116,6 +116,7 @@ def _fused_kernel(
     HAS_BIAS: tl.constexpr, NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    GATHER: tl.constexpr, GATHER_R: tl.constexpr, BASE_IN_Y: tl.constexpr,
 ):
     """Y[perm[p], n] = X[perm[p]] · W[n] + b[n] + s[a] · round(sum_split xa_part[., slice(n), p]) · B[a, n] (a = adapter of p).
 
@@ -127,6 +128,9 @@ def _fused_kernel(
     Grid: (cdiv(T, BLOCK_M) * NUM_N_TILES,) in GROUP_M-grouped order. T: tokens (not specialised).
     BLOCK_M x BLOCK_N: output tile (rows in sorted order); BLOCK_K: K step; BLOCK_R: rank chunk (16);
     GROUP_M: grouped tile order; PRECISION: tl.dot precision for fp32; ACC: accumulator dtype.
+    GATHER: epilogue per row (each row gathers its adapter's B, GATHER_R rank rows at a time, all rows' loads in
+    flight together) instead of per segment (one tensor-core dot per segment; its loads form a dependent chain, so
+    it suits tiles that meet few segments). BASE_IN_Y: y already holds X·Wᵀ + b (cuBLAS); add the LoRA term to it.
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
@@ -148,22 +152,61 @@ def _fused_kernel(
     x_rows = x_ptr + tokens[:, None] * stride_xt
     w_cols = w_ptr + cols[None, :] * stride_wn
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + offs_k
-        k_mask = ks < K
-        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_cols + ks[:, None] * stride_wk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = dot(x, w, acc, PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+    y = y_ptr + tokens[:, None] * stride_yt + cols[None, :] * stride_yn
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    if BASE_IN_Y:
+        acc = tl.load(y, mask=out_mask, other=0.0).to(ACC)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + offs_k
+            k_mask = ks < K
+            x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_cols + ks[:, None] * stride_wk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            acc = dot(x, w, acc, PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
 
-    # LoRA epilogue: the segments that meet this row tile, each at its adapter's true rank.
+    ws_rows = ws_ptr + slice_id.to(tl.int64) * stride_wsi + rows.to(tl.int64)[:, None] * stride_wst
+    if GATHER:
+        # LoRA epilogue per row: adapter, rank and scale of every row at once, then GATHER_R rank rows per step.
+        adapter = tl.load(seg_adapter_ptr + tl.load(seg_of_ptr + rows, mask=row_mask, other=0), mask=row_mask,
+                          other=-1)
+        safe = tl.maximum(adapter, 0)
+        rank = tl.where(adapter >= 0, tl.load(ranks_ptr + safe), 0)
+        scale = tl.load(scalings_ptr + safe).to(ACC)
+        offs_g = tl.arange(0, GATHER_R)
+        b_rows = b_ptr + safe.to(tl.int64)[:, None, None] * stride_bs + cols[None, None, :] * stride_bn
+        for r0 in range(0, tl.max(rank, 0), GATHER_R):
+            rs = r0 + offs_g
+            r_mask = rs[None, :] < rank[:, None]
+            xa = tl.zeros((BLOCK_M, GATHER_R), dtype=ACC)
+            for split in tl.static_range(SPLIT_K):
+                xa += tl.load(ws_rows + split * stride_wsk + rs[None, :], mask=r_mask, other=0.0)
+            xa = (xa * scale[:, None]).to(x_ptr.dtype.element_ty).to(ACC)
+            b = tl.load(b_rows + rs.to(tl.int64)[None, :, None] * stride_br,
+                        mask=r_mask[:, :, None] & col_mask[None, None, :], other=0.0)
+            acc += tl.sum(xa[:, :, None] * b.to(ACC), 1)
+    else:
+        acc = _segment_epilogue(acc, ws_rows, b_ptr, x_ptr, rows, row_mask, cols, col_mask, pid_m, T,
+                                seg_of_ptr, seg_start_ptr, seg_adapter_ptr, ranks_ptr, scalings_ptr,
+                                stride_bs, stride_bn, stride_br, stride_wsk,
+                                SPLIT_K, BLOCK_M, BLOCK_R, PRECISION, ACC)
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _segment_epilogue(acc, ws_rows, b_ptr, x_ptr, rows, row_mask, cols, col_mask, pid_m, T,
+                      seg_of_ptr, seg_start_ptr, seg_adapter_ptr, ranks_ptr, scalings_ptr,
+                      stride_bs, stride_bn, stride_br, stride_wsk,
+                      SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                      PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """acc + the LoRA term of the segments that meet this row tile, one tensor-core dot per segment and rank chunk
+    of BLOCK_R up to the adapter's true rank."""
     last_row = tl.minimum(pid_m * BLOCK_M + BLOCK_M, T) - 1
     seg_first = tl.load(seg_of_ptr + pid_m * BLOCK_M)
     seg_last = tl.load(seg_of_ptr + last_row)
     offs_r = tl.arange(0, BLOCK_R)
-    ws_rows = ws_ptr + slice_id.to(tl.int64) * stride_wsi + rows.to(tl.int64)[:, None] * stride_wst
     for seg in range(seg_first, seg_last + 1):
         adapter = tl.load(seg_adapter_ptr + seg)
         safe = tl.maximum(adapter, 0)
@@ -182,9 +225,7 @@ def _fused_kernel(
             b = tl.load(b_base + rs.to(tl.int64)[:, None] * stride_br,
                         mask=r_mask[:, None] & col_mask[None, :], other=0.0)
             acc = dot(xa, b, acc, PRECISION)
-
-    y = y_ptr + tokens[:, None] * stride_yt + cols[None, :] * stride_yn
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+    return acc
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -197,18 +238,22 @@ def _bucket(t: int) -> int:
 @functools.lru_cache(maxsize=None)
 def _config(t_bucket: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, is_cuda: bool) -> dict:
     if not is_cuda:  # interpreter: small blocks keep numpy fast; SPLIT_K 2 still exercises the split path
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1,
-                    S_BLOCK_M=16, S_BLOCK_K=32, SPLIT_K=2 if K > 32 else 1, s_num_warps=4, s_num_stages=1)
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1, GATHER=False,
+                    BASE="triton", S_BLOCK_M=16, S_BLOCK_K=32, SPLIT_K=2 if K > 32 else 1, s_num_warps=4,
+                    s_num_stages=1)
     big = dtype.itemsize >= 4  # 4- and 8-byte operands: halve the K step to keep shared memory in budget
+    # Decode (T <= 256): our GEMM reads W once and the LoRA term is gathered per row in its epilogue.
+    # Prefill: cuBLAS computes X·Wᵀ + b into y and the epilogue kernel adds the per-segment LoRA term (tensor cores);
+    # measured on H100 (bench/NOTES.md), our gathered-row GEMM is 1.8x slower than cuBLAS at 4096 tokens.
     if t_bucket <= 16:
         cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128 if big else 256, GROUP_M=1, num_warps=4, num_stages=4)
     elif t_bucket <= 64:
-        cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64 if big else 128, GROUP_M=1, num_warps=4, num_stages=4)
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128 if big else 256, GROUP_M=1, num_warps=4, num_stages=4)
     elif t_bucket <= 256:
-        cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32 if big else 64, GROUP_M=4, num_warps=4, num_stages=4)
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64 if big else 128, GROUP_M=4, num_warps=4, num_stages=4)
     else:
-        cfg = dict(BLOCK_M=128, BLOCK_N=128 if big else 256, BLOCK_K=32 if big else 64, GROUP_M=8,
-                   num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=1)
+    cfg.update(GATHER=t_bucket <= 256, BASE="triton" if t_bucket <= 256 else "cublas")
     # Shrink: segment tiles of 16 rows at decode (one token per adapter is common), 64 in prefill; split K until
     # there are about two programs per SM.
     s_block_m = 16 if t_bucket <= 256 else 64
@@ -307,6 +352,11 @@ def multi_lora_forward(x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm,
         num_warps=cfg["s_num_warps"], num_stages=cfg["s_num_stages"],
     )
 
+    if cfg["BASE"] == "cublas":  # y = X·Wᵀ + b by cuBLAS; the epilogue kernel below adds the LoRA term in place
+        if bias is not None:
+            torch.addmm(bias, x2d, weight.t(), out=out)
+        else:
+            torch.mm(x2d, weight.t(), out=out)
     slices, n_tiles = _slice_table(tuple(int(s) for s in slice_sizes), cfg["BLOCK_N"], x2d.device)
     grid = (triton.cdiv(T, cfg["BLOCK_M"]) * n_tiles,)
     _fused_kernel[grid](
@@ -320,9 +370,16 @@ def multi_lora_forward(x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm,
         HAS_BIAS=bias is not None, NUM_SLICES=n_slices, SPLIT_K=split_k,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=RANK_CHUNK,
         GROUP_M=cfg["GROUP_M"], PRECISION=precision, ACC=acc_dtype(x2d.dtype),
+        GATHER=bool(cfg["GATHER"]), GATHER_R=_gather_r(cfg["BLOCK_M"], cfg["BLOCK_N"]),
+        BASE_IN_Y=cfg["BASE"] == "cublas",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
+
+
+def _gather_r(block_m: int, block_n: int) -> int:
+    """Rank rows per step of the gather epilogue: its [BLOCK_M, GATHER_R, BLOCK_N] B tile stays near 8K elements."""
+    return max(1, min(16, 8192 // (block_m * block_n)))
 
 
 _SLICE_TABLES: dict = {}

@@ -243,3 +243,18 @@ def test_pool_and_module_mixed_ranks_and_slices():
     pool.load("e", {}, alpha=1, rank=1)
     with pytest.raises(RuntimeError, match="full"):
         pool.load("f", {}, alpha=1, rank=1)
+
+
+@pytest.mark.parametrize("variant", [dict(GATHER=True), dict(BASE="cublas"), dict(GATHER=True, BASE="cublas"),
+                                     dict(BLOCK_M=32, BLOCK_N=16, SPLIT_K=1)])
+def test_epilogue_and_base_variants(variant):
+    """The per-row gather epilogue (decode) and the cuBLAS-base + LoRA-epilogue path (prefill) agree too."""
+    T, S, R, K, N = 29, 9, 32, 48, 40
+    sizes = (24, 16)
+    x, W, b, A, B, scal, ranks, ids = make_case(T, S, R, K, N, torch.bfloat16, seed=21, n_slices=2, mixed_ranks=True)
+    kml.set_config_override(variant)
+    try:
+        y = run(x, W, b, A, B, scal, ranks, ids, slice_sizes=sizes)
+    finally:
+        kml.set_config_override(None)
+    assert_close(y, multi_lora_linear_reference(x, W, b, A, B, scal, ids, ranks, sizes), torch.bfloat16, str(variant))
