@@ -27,6 +27,33 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+try:  # host-side tensor descriptors (Triton >= 3.3): TMA loads on Hopper, zero-filled out of range
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
+
+
+def tma_enabled(mode, *tensors) -> bool:
+    """Whether to load `tensors` (2-D) through tensor descriptors: mode True/False forces it (if possible);
+    "auto" uses them on Hopper and newer GPUs. TMA needs a unit last stride, 16-byte aligned rows and base."""
+    if mode is False or TensorDescriptor is None:
+        return False
+    for t in tensors:
+        if t.dim() != 2 or t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return False
+    if mode is True:
+        return True
+    t = tensors[0]
+    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+def tensor_descriptor(t, block_shape):
+    """Host tensor descriptor of 2-D `t` with the given block shape."""
+    return TensorDescriptor.from_tensor(t, list(block_shape))
+
+
 def acc_dtype(dtype: torch.dtype):
     """Accumulator dtype of the kernels for operands of `dtype`: fp64 for fp64, fp32 otherwise."""
     return tl.float64 if dtype == torch.float64 else tl.float32

@@ -17,8 +17,9 @@ import triton.language as tl
 from .config import gemm_config, num_sms, reduce_m_config
 from .helpers import (
     acc_dtype, apply_dropout, dot, dot_precision, dropout_keep, dropout_threshold, grouped_tile, next_pow2_rank,
+    tensor_descriptor, tma_enabled,
 )
-from .lora_fwd import EPILOGUE_RANK_BLOCK, MAX_FUSED_RANK_BLOCK, _output
+from .lora_fwd import EPILOGUE_RANK_BLOCK, _output, choose_xa_mode
 from .lora_shrink import lora_shrink
 
 
@@ -29,13 +30,15 @@ def _lora_bwd_dx_kernel(
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br, stride_ar, stride_ak,
     stride_dybm, stride_dybr, stride_dxm, stride_dxk,
     scaling, seed, thr_shifted, inv_keep, K4,
-    DROPOUT: tl.constexpr, COMPUTE_DYB: tl.constexpr, STORE_DYB: tl.constexpr,
+    DROPOUT: tl.constexpr, COMPUTE_DYB: tl.constexpr, STORE_DYB: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_K tile of dX, reducing over N in BLOCK_N steps.
 
-    DY: [M, N], W: [N, K], B: [N, RANK], A: [RANK, K], DX: [M, K], all strided.
+    DY: [M, N], W: [N, K], B: [N, RANK], A: [RANK, K], DX: [M, K], all strided. With COMPUTE_DYB, B is
+        zero-padded to [N, BLOCK_R] with unit rank stride (see lora_backward_dx).
+    USE_TMA: DY and W are host tensor descriptors with blocks [BLOCK_M, BLOCK_N] and [BLOCK_N, BLOCK_K].
     DYB: [M, RANK], unscaled dY @ B in DY's dtype: read when not COMPUTE_DYB, written by the pid_k == 0
         programs when STORE_DYB.
     scaling: s; seed, thr_shifted, inv_keep, K4: the forward's dropout mask (helpers.dropout_keep) if DROPOUT.
@@ -53,22 +56,27 @@ def _lora_bwd_dx_kernel(
     mask_m = offs_m < M
     mask_k = offs_k < K
 
-    dy_ptrs = DY + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
-    w_ptrs = W + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    if not USE_TMA:
+        dy_ptrs = DY + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
+        w_ptrs = W + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
     b_ptrs = B + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
     dyb = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
     for n0 in range(0, N, BLOCK_N):
         mask_n = offs_n < N - n0
-        dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if USE_TMA:
+            dy = DY.load([pid_m * BLOCK_M, n0])
+            w = W.load([n0, pid_k * BLOCK_K])
+        else:
+            dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            dy_ptrs += BLOCK_N * stride_dyn
+            w_ptrs += BLOCK_N * stride_wn
         acc = dot(dy, w, acc, PRECISION)
         if COMPUTE_DYB:
-            b = tl.load(b_ptrs, mask=mask_n[:, None] & (offs_r[None, :] < RANK), other=0.0)
+            b = tl.load(b_ptrs, mask=mask_n[:, None], other=0.0)
             dyb = dot(dy, b, dyb, PRECISION)
             b_ptrs += BLOCK_N * stride_bn
-        dy_ptrs += BLOCK_N * stride_dyn
-        w_ptrs += BLOCK_N * stride_wn
 
     low = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
     if COMPUTE_DYB:
@@ -78,7 +86,7 @@ def _lora_bwd_dx_kernel(
                          dyb.to(DYB.dtype.element_ty), mask=mask_m[:, None] & (offs_r[None, :] < RANK))
         a = tl.load(A + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=(offs_r[:, None] < RANK) & mask_k[None, :], other=0.0)
-        dyb_s = (dyb.to(DY.dtype.element_ty).to(ACC) * scaling).to(a.dtype)
+        dyb_s = (dyb.to(a.dtype).to(ACC) * scaling).to(a.dtype)
         low = dot(dyb_s, a, low, PRECISION)
     else:
         for c in tl.static_range(NUM_R_CHUNKS):
@@ -163,13 +171,13 @@ def _reduce_m(u, v, scaling, out_dtype, dropout_p=0.0, seed=0, k_for_mask=1):
 
 
 def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_dyb=True, dyb_mode="auto",
-                     out=None):
+                     out=None, tma="auto"):
     """dX = dY @ W + s * drop'((dY @ B) @ A), fused into one GEMM.
 
     dy: [M, N], weight: [N, K], lora_A: [r, K], lora_B: [N, r] (any strides, one dtype); scaling, dropout_p
     and seed as in the forward. Returns (dx [M, K], dyb [M, r] = dY @ B unscaled, or None unless store_dyb).
     dyb_mode: "fused" (dyb accumulated inside the GEMM), "shrink" (one extra pass over dY), or "auto".
-    out: optional preallocated dx [M, K] of dy's dtype and device.
+    out: optional preallocated dx [M, K] of dy's dtype and device. tma: as in lora_forward.
 
     >>> dx, dyb = lora_backward_dx(dy, W, A, B, 2.0)
     """
@@ -177,7 +185,7 @@ def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
     K, rank = weight.shape[1], lora_A.shape[0]
     dx = _output(out, (M, K), dy, "out")
     if dyb_mode == "auto":
-        dyb_mode = "fused" if next_pow2_rank(rank) <= MAX_FUSED_RANK_BLOCK else "shrink"
+        dyb_mode = choose_xa_mode(M, rank, dropout=False)
     if M == 0 or K == 0:
         return dx, (torch.zeros((M, rank), device=dy.device, dtype=dy.dtype) if store_dyb else None)
     if dyb_mode == "shrink":
@@ -190,14 +198,24 @@ def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
     block_r = next_pow2_rank(rank) if compute else min(EPILOGUE_RANK_BLOCK, next_pow2_rank(rank))
     cfg = gemm_config("dx", M, dy.dtype, block_r if compute else 0)
     dyb_arg = dyb if dyb is not None else dx
+    b_arg = lora_B
+    if compute and (lora_B.stride(1) != 1 or rank != block_r):
+        # The in-loop B tile is read unmasked along the rank from a [N, BLOCK_R] zero-padded copy (N * BLOCK_R
+        # elements, tiny): on the H100 with Triton 3.6, a pipelined load of B's rows masked to an odd rank
+        # (r = 3, 12) gave wrong results at the large tile config, while unit-stride padded rows were right.
+        b_arg = lora_B.new_zeros((N, block_r))
+        b_arg[:, :rank] = lora_B
+    use_tma = tma_enabled(tma, dy, weight)
+    dy_arg = tensor_descriptor(dy, [cfg.block_m, cfg.block_k]) if use_tma else dy
+    w_arg = tensor_descriptor(weight, [cfg.block_k, cfg.block_n]) if use_tma else weight
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(K, cfg.block_n),)
     _lora_bwd_dx_kernel[grid](
-        dy, weight, lora_B, lora_A, dyb_arg, dx,
+        dy_arg, w_arg, b_arg, lora_A, dyb_arg, dx,
         M, N, K, rank,
-        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
+        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), b_arg.stride(0), b_arg.stride(1),
         lora_A.stride(0), lora_A.stride(1), dyb_arg.stride(0), dyb_arg.stride(1), dx.stride(0), dx.stride(1),
         float(scaling), int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), triton.cdiv(K, 4),
-        DROPOUT=dropout_p > 0.0, COMPUTE_DYB=compute, STORE_DYB=compute and dyb is not None,
+        DROPOUT=dropout_p > 0.0, COMPUTE_DYB=compute, STORE_DYB=compute and dyb is not None, USE_TMA=use_tma,
         BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_N=cfg.block_k, BLOCK_R=block_r,
         NUM_R_CHUNKS=1 if compute else triton.cdiv(rank, block_r), GROUP_M=cfg.group_m,
         PRECISION=dot_precision(dy.dtype), ACC=acc_dtype(dy.dtype), **cfg.launch(),

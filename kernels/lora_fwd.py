@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .config import gemm_config
+from .helpers import tensor_descriptor, tma_enabled
 from .helpers import (
     acc_dtype, apply_dropout, dot, dot_precision, dropout_keep, dropout_threshold, grouped_tile, next_pow2_rank,
 )
@@ -23,6 +24,8 @@ from .lora_shrink import lora_shrink
 
 # Widest padded rank whose xa accumulator is kept next to a large GEMM tile ("fused" mode).
 MAX_FUSED_RANK_BLOCK = 64
+# Largest M for which "fused" beats "shrink" (H100 sweep, bench/NOTES.md).
+MAX_FUSED_ROWS = 256
 # Rank chunk loaded per step in the epilogue when xa is precomputed: bounds the registers at any rank.
 EPILOGUE_RANK_BLOCK = 64
 
@@ -35,12 +38,15 @@ def _lora_fwd_kernel(
     stride_xam, stride_xar, stride_ym, stride_yn,
     scaling, seed, thr_shifted, inv_keep, K4,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_XA: tl.constexpr, STORE_XA: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N tile of Y.
 
     X: [M, K], W: [N, K], A: [RANK, K], B: [N, RANK], BIAS: [N] (if HAS_BIAS), Y: [M, N], all strided.
+    USE_TMA: X and W are host tensor descriptors with blocks [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K] (the
+        bulk tensor copy engine on Hopper; out-of-range elements read as zero), else plain pointers.
     XA: [M, RANK] in X's dtype, unscaled drop(X) @ A^T; read when not COMPUTE_XA, written by the pid_n == 0
         programs when STORE_XA.
     scaling: s; seed, thr_shifted, inv_keep, K4: the dropout mask (helpers.dropout_keep), used if DROPOUT.
@@ -59,15 +65,22 @@ def _lora_fwd_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
 
-    x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = W + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    if not USE_TMA:
+        x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        w_ptrs = W + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
     a_ptrs = A + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if USE_TMA:
+            x = X.load([pid_m * BLOCK_M, k0])
+            w = W.load([pid_n * BLOCK_N, k0]).T
+        else:
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
         acc = dot(x, w, acc, PRECISION)
         if COMPUTE_XA:
             a = tl.load(a_ptrs, mask=mask_k[:, None] & (offs_r[None, :] < RANK), other=0.0)
@@ -75,8 +88,6 @@ def _lora_fwd_kernel(
                 x = apply_dropout(x, dropout_keep(seed, offs_m, k0, K4, thr_shifted, BLOCK_M, BLOCK_K), inv_keep)
             xa = dot(x, a, xa, PRECISION)
             a_ptrs += BLOCK_K * stride_ak
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
 
     if COMPUTE_XA:
         if STORE_XA:
@@ -86,7 +97,7 @@ def _lora_fwd_kernel(
         b = tl.load(B + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
                     mask=(offs_r[:, None] < RANK) & mask_n[None, :], other=0.0)
         # Round xa to the input dtype (as the unfused reference does), scale in fp32, then one small MMA.
-        xa_s = (xa.to(X.dtype.element_ty).to(ACC) * scaling).to(b.dtype)
+        xa_s = (xa.to(b.dtype).to(ACC) * scaling).to(b.dtype)
         acc = dot(xa_s, b, acc, PRECISION)
     else:
         for c in tl.static_range(NUM_R_CHUNKS):
@@ -115,20 +126,26 @@ def _output(out, shape, like, name):
 
 
 def choose_xa_mode(m: int, rank: int, dropout: bool) -> str:
-    """"fused" or "shrink" (see the module docstring); measured in bench/NOTES.md."""
-    if dropout:
+    """"fused" or "shrink" (see the module docstring; measured in bench/NOTES.md).
+
+    On the H100 the in-loop rank product slowed the large GEMM by far more than its r / BLOCK_N MMA share
+    (1.55x vs 1.27x the base at M=8192, K=N=4096, r=16), while at decode sizes, where reading W bounds the
+    time, fusing it wins (1.05x vs 2.3x at M=1): fuse up to MAX_FUSED_ROWS rows.
+    """
+    if dropout or m > MAX_FUSED_ROWS:
         return "shrink"
     return "fused" if next_pow2_rank(rank) <= MAX_FUSED_RANK_BLOCK else "shrink"
 
 
 def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_xa=False, xa_mode="auto",
-                 out=None):
+                 out=None, tma="auto"):
     """Fused LoRA forward.
 
     x: [M, K], weight: [N, K], bias: [N] or None, lora_A: [r, K], lora_B: [N, r] (any strides, one dtype);
     scaling: float; dropout_p in [0, 1) applied to x on the LoRA branch with the mask of `seed`.
     Returns (y [M, N], xa [M, r] or None): xa = drop(x) @ A^T, returned when store_xa (for the backward).
     out: optional preallocated y [M, N] of x's dtype and device (any strides).
+    tma: "auto" (tensor descriptors where the GPU and strides allow), True or False (tests force both).
 
     >>> y, _ = lora_forward(x, W, b, A, B, 2.0)
     >>> y, xa = lora_forward(x, W, None, A, B, 2.0, dropout_p=0.1, seed=7, store_xa=True)
@@ -152,15 +169,18 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
     block_r = next_pow2_rank(rank) if compute_xa else min(EPILOGUE_RANK_BLOCK, next_pow2_rank(rank))
     cfg = gemm_config("fwd", M, x.dtype, block_r if compute_xa else 0)
     xa_arg = xa if xa is not None else y  # never dereferenced when neither stored nor loaded
+    use_tma = tma_enabled(tma, x, weight)
+    x_arg = tensor_descriptor(x, [cfg.block_m, cfg.block_k]) if use_tma else x
+    w_arg = tensor_descriptor(weight, [cfg.block_n, cfg.block_k]) if use_tma else weight
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     _lora_fwd_kernel[grid](
-        x, weight, lora_A, lora_B, bias if bias is not None else y, xa_arg, y,
+        x_arg, w_arg, lora_A, lora_B, bias if bias is not None else y, xa_arg, y,
         M, N, K, rank,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1), xa_arg.stride(0), xa_arg.stride(1), y.stride(0), y.stride(1),
         float(scaling), int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), triton.cdiv(K, 4),
         HAS_BIAS=bias is not None, DROPOUT=dropout and compute_xa, COMPUTE_XA=compute_xa,
-        STORE_XA=compute_xa and xa is not None,
+        STORE_XA=compute_xa and xa is not None, USE_TMA=use_tma,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
         NUM_R_CHUNKS=1 if compute_xa else triton.cdiv(rank, block_r), GROUP_M=cfg.group_m,
         PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype), **cfg.launch(),

@@ -7,7 +7,6 @@ with dropout, a dropped copy of x.
 """
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

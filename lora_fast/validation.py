@@ -68,7 +68,7 @@ def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, 
         raise ValueError(f"x has {x.shape[-1]} features in its last dimension but weight [N, K] has K={in_features}")
     rank = lora_A.shape[0]
     if rank < 1:
-        raise ValueError(f"lora_A [r, K] has rank r=0: the rank must be >= 1")
+        raise ValueError("lora_A [r, K] has rank r=0: the rank must be >= 1")
     if lora_A.shape[1] != in_features:
         raise ValueError(f"lora_A must be [r, K] = [{rank}, {in_features}], got {tuple(lora_A.shape)}")
     if tuple(lora_B.shape) != (out_features, rank):

@@ -51,17 +51,21 @@ def test_lora_linear_matches_reference(shape, p, dtype, device):
         assert_close(name, out, ref, dtype)
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
 @pytest.mark.parametrize("mode", ["fused", "shrink"])
 @pytest.mark.parametrize("p", [0.0, 0.25])
-def test_launchers_write_every_element(mode, p, device):
-    """NaN-filled outputs, both ways of computing the rank-r product, several tiles in every dimension."""
-    M, K, N, r, s, seed = 37, 45, 35, 5, 0.5, 4242
+def test_launchers_write_every_element(mode, p, tma, device):
+    """NaN-filled outputs, both ways of computing the rank-r product, pointer and tensor-descriptor loads,
+    several tiles in every dimension, edge tiles in every dimension."""
+    M, K, N, r, s, seed = 37, (44 if tma else 45), (36 if tma else 35), 5, 0.5, 4242
     x, W, b, A, B = lora_problem(M, K, N, r, torch.float32, device)
     dy = torch.randn(M, N, device=device)
     y = torch.full((M, N), float("nan"), device=device)
     dx = torch.full((M, K), float("nan"), device=device)
-    _, xa = kernels.lora_forward(x, W, b, A, B, s, p, seed, store_xa=True, xa_mode=mode, out=y)
-    _, dyb = kernels.lora_backward_dx(dy, W, A, B, s, p, seed, dyb_mode=mode, out=dx)
+    if tma:
+        assert kernels.helpers.tma_enabled(True, x, W, dy)
+    _, xa = kernels.lora_forward(x, W, b, A, B, s, p, seed, store_xa=True, xa_mode=mode, out=y, tma=tma)
+    _, dyb = kernels.lora_backward_dx(dy, W, A, B, s, p, seed, dyb_mode=mode, out=dx, tma=tma)
     dA, dB = kernels.lora_grad_ab(x, dy, xa, dyb, s, A.dtype, B.dtype, p, seed)
     keep = dropout_mask_torch(seed, M, K, p, device) if p > 0 else None
     yr, dxr, dAr, dBr = _reference_grads(x, W, b, A, B, s, p, keep, dy)
