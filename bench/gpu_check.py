@@ -75,6 +75,16 @@ def check_case(M, K, N, r, dtype, p, bias=True, xa_mode="auto", scaling=1.7):
             "xa_mode": xa_mode, **errs, "ok": bool(ok)}
 
 
+def check_fp64():
+    """fp64 CUDA tensors take the PyTorch path (lora_fast.functional._ops): gradcheck the public function."""
+    x = torch.randn(6, 9, device="cuda", dtype=torch.float64, requires_grad=True)
+    W = torch.randn(5, 9, device="cuda", dtype=torch.float64)
+    A = torch.randn(3, 9, device="cuda", dtype=torch.float64, requires_grad=True)
+    B = torch.randn(5, 3, device="cuda", dtype=torch.float64, requires_grad=True)
+    ok = torch.autograd.gradcheck(lambda x, A, B: lora_fast.lora_linear(x, W, None, A, B, 1.5), (x, A, B))
+    return {"case": "fp64 gradcheck (CUDA -> torch path)", "ok": bool(ok)}
+
+
 def check_autograd(dtype=torch.bfloat16):
     """The module path end to end: LoRALinear on a 3-D input, grads of x, A, B vs the reference module."""
     layer = lora_fast.LoRALinear(1000, 777, rank=12, alpha=24, dropout=0.0, device="cuda", dtype=dtype)
@@ -142,10 +152,7 @@ def correctness() -> list[dict]:
     for dtype in (torch.float16, torch.float32):
         for (M, K, N, r) in [(2048, 4096, 4096, 16), (33, 1000, 517, 64)]:
             rows.append(check_case(M, K, N, r, dtype, 0.1, bias=False))
-    try:
-        rows.append(check_case(64, 256, 192, 8, torch.float64, 0.1))
-    except Exception as e:  # noqa: BLE001 - report, don't hide
-        rows.append({"case": "fp64", "error": repr(e)[-1500:], "ok": False})
+    rows.append(check_fp64())
     rows.append(check_autograd())
     return rows
 

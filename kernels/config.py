@@ -25,6 +25,7 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    tma: bool = False  # load the GEMM operands through tensor descriptors where the GPU and strides allow
 
     def launch(self) -> dict:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
@@ -57,23 +58,31 @@ def shape_class(m: int) -> str:
 _INTERPRET_CONFIG = GemmConfig(16, 16, 16, group_m=2, num_warps=1, num_stages=1)
 
 # bf16 / fp16 tables (H100). "fwd": Y tile over (M, N), reduce K. "dx": dX tile over (M, K), reduce N.
+# H100 sweeps (bench/NOTES.md): at M=8192, K=N=4096 tensor descriptors took the forward from 1.17x to 1.11x the
+# base linear and dX from 1.05x to 1.07x (1.16x to 1.07x at N=14336); at decode sizes the host-side
+# descriptors cost more than they save, so only the large class uses them.
 _HALF = {
-    "m16": GemmConfig(16, 32, 128, group_m=1, num_warps=4, num_stages=4),
-    "m64": GemmConfig(64, 64, 128, group_m=1, num_warps=4, num_stages=4),
-    "m256": GemmConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=4),
-    "large": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3),
+    "m16": GemmConfig(16, 32, 256, group_m=1, num_warps=4, num_stages=4),
+    "m64": GemmConfig(32, 64, 128, group_m=1, num_warps=4, num_stages=4),
+    "m256": GemmConfig(64, 32, 128, group_m=8, num_warps=4, num_stages=4),
+    "large": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, tma=True),
 }
 _FULL = {  # fp32 / fp64: twice the bytes per element, so half the K step
     "m16": GemmConfig(16, 32, 64, group_m=1, num_warps=4, num_stages=3),
     "m64": GemmConfig(64, 64, 32, group_m=1, num_warps=4, num_stages=3),
     "m256": GemmConfig(64, 128, 32, group_m=8, num_warps=4, num_stages=3),
-    "large": GemmConfig(128, 128, 32, group_m=8, num_warps=8, num_stages=3),
+    "large": GemmConfig(128, 128, 32, group_m=8, num_warps=8, num_stages=3, tma=True),
 }
+
+
+# dX with dropout: the epilogue's Philox mask and the separate rank-r accumulator on top of a 128 x 256 fp32
+# tile spilled registers on the H100 (dX took 2.96 ms instead of 0.37 ms at M=8192, K=N=4096); half the tile fits.
+_DX_DROPOUT_LARGE = GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3, tma=True)
 
 
 @lru_cache(maxsize=None)
 def gemm_config(kernel: str, m: int, dtype: torch.dtype, rank_block: int) -> GemmConfig:
-    """Config of the GEMM-shaped kernels `kernel` in {"fwd", "dx"} for M = m rows.
+    """Config of the GEMM-shaped kernels `kernel` in {"fwd", "dx", "dx_dropout"} for M = m rows.
 
     rank_block is the padded rank carried in registers alongside the tile (0 when the rank-r product is loaded
     precomputed); a wide one shrinks BLOCK_N so that the two accumulators fit the register file.
@@ -84,6 +93,8 @@ def gemm_config(kernel: str, m: int, dtype: torch.dtype, rank_block: int) -> Gem
     if (kernel, cls) in _OVERRIDES:
         return _OVERRIDES[(kernel, cls)]
     cfg = (_HALF if dtype in (torch.float16, torch.bfloat16) else _FULL)[cls]
+    if kernel == "dx_dropout" and cfg.block_m * cfg.block_n > 128 * 128:
+        cfg = _DX_DROPOUT_LARGE
     if rank_block > 64 and cfg.block_m * cfg.block_n > 128 * 128:
         cfg = replace(cfg, block_n=128)
     return cfg

@@ -196,7 +196,7 @@ def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
         raise ValueError(f"dyb_mode must be 'auto', 'fused' or 'shrink', got {dyb_mode!r}")
     compute = dyb_mode == "fused"
     block_r = next_pow2_rank(rank) if compute else min(EPILOGUE_RANK_BLOCK, next_pow2_rank(rank))
-    cfg = gemm_config("dx", M, dy.dtype, block_r if compute else 0)
+    cfg = gemm_config("dx_dropout" if dropout_p > 0.0 else "dx", M, dy.dtype, block_r if compute else 0)
     dyb_arg = dyb if dyb is not None else dx
     b_arg = lora_B
     if compute and (lora_B.stride(1) != 1 or rank != block_r):
@@ -205,7 +205,7 @@ def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
         # (r = 3, 12) gave wrong results at the large tile config, while unit-stride padded rows were right.
         b_arg = lora_B.new_zeros((N, block_r))
         b_arg[:, :rank] = lora_B
-    use_tma = tma_enabled(tma, dy, weight)
+    use_tma = tma_enabled(tma if tma != "auto" else ("auto" if cfg.tma else False), dy, weight)
     dy_arg = tensor_descriptor(dy, [cfg.block_m, cfg.block_k]) if use_tma else dy
     w_arg = tensor_descriptor(weight, [cfg.block_k, cfg.block_n]) if use_tma else weight
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(K, cfg.block_n),)

@@ -145,7 +145,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
     scaling: float; dropout_p in [0, 1) applied to x on the LoRA branch with the mask of `seed`.
     Returns (y [M, N], xa [M, r] or None): xa = drop(x) @ A^T, returned when store_xa (for the backward).
     out: optional preallocated y [M, N] of x's dtype and device (any strides).
-    tma: "auto" (tensor descriptors where the GPU and strides allow), True or False (tests force both).
+    tma: "auto" (the config's choice, where the GPU and strides allow), True or False (tests force both).
 
     >>> y, _ = lora_forward(x, W, b, A, B, 2.0)
     >>> y, xa = lora_forward(x, W, None, A, B, 2.0, dropout_p=0.1, seed=7, store_xa=True)
@@ -169,7 +169,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
     block_r = next_pow2_rank(rank) if compute_xa else min(EPILOGUE_RANK_BLOCK, next_pow2_rank(rank))
     cfg = gemm_config("fwd", M, x.dtype, block_r if compute_xa else 0)
     xa_arg = xa if xa is not None else y  # never dereferenced when neither stored nor loaded
-    use_tma = tma_enabled(tma, x, weight)
+    use_tma = tma_enabled(tma if tma != "auto" else ("auto" if cfg.tma else False), x, weight)
     x_arg = tensor_descriptor(x, [cfg.block_m, cfg.block_k]) if use_tma else x
     w_arg = tensor_descriptor(weight, [cfg.block_n, cfg.block_k]) if use_tma else weight
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)

@@ -17,8 +17,12 @@ if _util.find_spec(".kernels", __name__) is None:
 from . import kernels, reference  # noqa: E402
 from .functional import LoRALinearFunction, lora_linear, use_triton
 from .layers import LoRALinear, ParameterCount, apply_lora, count_parameters
+from .multi_lora import (
+    AdapterPool, BatchMetadata, MultiLoRALinear, make_batch_metadata, multi_lora_linear, validate_adapter_ids,
+)
 
 __all__ = [
-    "LoRALinear", "LoRALinearFunction", "ParameterCount", "apply_lora", "count_parameters", "kernels",
-    "lora_linear", "reference", "use_triton",
+    "AdapterPool", "BatchMetadata", "LoRALinear", "LoRALinearFunction", "MultiLoRALinear", "ParameterCount",
+    "apply_lora", "count_parameters", "kernels", "lora_linear", "make_batch_metadata", "multi_lora_linear",
+    "reference", "use_triton", "validate_adapter_ids",
 ]
