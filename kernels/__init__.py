@@ -3,7 +3,6 @@
 No autograd and no modules here: see `lora_fast.functional` for those.
 """
 from .dropout import dropout_mask
-from . import helpers  # noqa: F401  (kernels.helpers.tma_enabled etc.)
 from .helpers import is_interpret
 from .lora_bwd import lora_backward_dx, lora_grad_ab
 from .lora_fwd import choose_xa_mode, lora_forward
