@@ -185,7 +185,7 @@ def tune(out_rows: list[dict]):
             B = torch.randn(N, r, device="cuda", dtype=dtype)
             base = {"fwd": common.bench_us(lambda: torch.nn.functional.linear(x, W))[0],
                     "dx": common.bench_us(lambda: dy @ W)[0]}
-            mode = kernels.choose_xa_mode(M, r)
+            mode = kernels.choose_xa_mode(M, r, False)
             for c in cands:
                 cfg = kconfig.GemmConfig(*c)
                 for kernel in ("fwd", "dx"):

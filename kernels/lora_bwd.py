@@ -185,7 +185,7 @@ def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
     K, rank = weight.shape[1], lora_A.shape[0]
     dx = _output(out, (M, K), dy, "out")
     if dyb_mode == "auto":
-        dyb_mode = choose_xa_mode(M, rank)
+        dyb_mode = choose_xa_mode(M, rank, dropout=False)
     if M == 0 or K == 0:
         return dx, (torch.zeros((M, rank), device=dy.device, dtype=dy.dtype) if store_dyb else None)
     if dyb_mode == "shrink":

@@ -125,15 +125,16 @@ def _output(out, shape, like, name):
     return out
 
 
-def choose_xa_mode(m: int, rank: int) -> str:
+def choose_xa_mode(m: int, rank: int, dropout: bool) -> str:
     """"fused" or "shrink" (see the module docstring; measured in bench/NOTES.md).
 
     On the H100 the in-loop rank product slowed the large GEMM by far more than its r / BLOCK_N MMA share
     (1.55x vs 1.27x the base at M=8192, K=N=4096, r=16), while at decode sizes, where reading W bounds the
-    time, fusing it wins (1.05x vs 2.3x at M=1): fuse up to MAX_FUSED_ROWS rows. There the dropout mask is
-    redrawn per N tile, which costs little for so few rows; above it, "shrink" draws it once.
+    time, fusing it wins (1.05x vs 2.3x at M=1): fuse up to MAX_FUSED_ROWS rows. With dropout, "shrink" draws
+    the mask once per element; fused, every N tile redraws it for a whole BLOCK_M of rows, which measured
+    3.1x the base at M=1 against 2.5x for "shrink" (bench/NOTES.md).
     """
-    if m > MAX_FUSED_ROWS:
+    if dropout or m > MAX_FUSED_ROWS:
         return "shrink"
     return "fused" if next_pow2_rank(rank) <= MAX_FUSED_RANK_BLOCK else "shrink"
 
@@ -156,7 +157,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
     y = _output(out, (M, N), x, "out")
     dropout = dropout_p > 0.0
     if xa_mode == "auto":
-        xa_mode = choose_xa_mode(M, rank)
+        xa_mode = choose_xa_mode(M, rank, dropout)
     if M == 0 or N == 0:
         xa = torch.empty((M, rank), device=x.device, dtype=x.dtype) if store_xa else None
         return y, xa
