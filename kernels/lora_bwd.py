@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .config import gemm_config, num_sms, reduce_m_config
 from .helpers import (
-    acc_dtype, apply_dropout, dot, dot_precision, dropout_keep, dropout_threshold, grouped_tile, next_pow2_rank,
+    acc_dtype, apply_dropout, dot, dot_precision, dropout_keep, dropout_threshold, next_pow2_rank, output_tile,
     tensor_descriptor, tma_enabled,
 )
 from .lora_fwd import EPILOGUE_RANK_BLOCK, _output, choose_xa_mode
@@ -44,13 +44,7 @@ def _lora_bwd_dx_kernel(
     scaling: s; seed, thr_shifted, inv_keep, K4: the forward's dropout mask (helpers.dropout_keep) if DROPOUT.
     BLOCK_R: padded rank (COMPUTE_DYB) or the epilogue's rank chunk; NUM_R_CHUNKS: chunks in the epilogue.
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_k = tl.cdiv(K, BLOCK_K)
-    pid_m, pid_k = grouped_tile(pid, num_pid_m, num_pid_k, GROUP_M)
-
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    pid_m, pid_k, offs_m, offs_k = output_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
@@ -167,7 +161,7 @@ def _reduce_m(u, v, scaling, out_dtype, dropout_p=0.0, seed=0, k_for_mask=1):
         DROPOUT_V=dropout_p > 0.0, BLOCK_P=cfg.block_m, BLOCK_Q=cfg.block_n, BLOCK_M=cfg.block_k,
         PRECISION=dot_precision(u.dtype), ACC=acc_dtype(u.dtype), **cfg.launch(),
     )
-    return out[0] if splits == 1 else out.sum(0).to(out_dtype)
+    return out[0] if splits == 1 else out.sum(0, dtype=out_dtype)  # fp32 partials, summed in fp32 by torch
 
 
 def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_dyb=True, dyb_mode="auto",

@@ -16,9 +16,9 @@ import triton
 import triton.language as tl
 
 from .config import gemm_config
-from .helpers import tensor_descriptor, tma_enabled
 from .helpers import (
-    acc_dtype, apply_dropout, dot, dot_precision, dropout_keep, dropout_threshold, grouped_tile, next_pow2_rank,
+    acc_dtype, apply_dropout, dot, dot_precision, dropout_keep, dropout_threshold, next_pow2_rank, output_tile,
+    tensor_descriptor, tma_enabled,
 )
 from .lora_shrink import lora_shrink
 
@@ -53,13 +53,7 @@ def _lora_fwd_kernel(
     BLOCK_R: padded rank (COMPUTE_XA: the whole rank, a power of two >= 16; else the epilogue's rank chunk),
     NUM_R_CHUNKS: rank chunks in the epilogue (1 when COMPUTE_XA). PRECISION: tl.dot precision for fp32; ACC: accumulator dtype.
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
-
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m, pid_n, offs_m, offs_n = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
