@@ -54,6 +54,24 @@ def tensor_descriptor(t, block_shape):
     return TensorDescriptor.from_tensor(t, list(block_shape))
 
 
+def check_shapes(**named) -> None:
+    """Launcher guard: each keyword maps a tensor (or None) to its expected shape, with one dtype and device.
+
+    The public API (`lora_fast.lora_linear`) validates fully with named errors; this keeps a direct launcher call
+    from ever reading out of bounds.
+    """
+    ref = None
+    for name, (t, shape) in named.items():
+        if t is None:
+            continue
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+        if ref is None:
+            ref = (name, t)
+        elif t.dtype != ref[1].dtype or t.device != ref[1].device:
+            raise ValueError(f"{name} is {t.dtype} on {t.device} but {ref[0]} is {ref[1].dtype} on {ref[1].device}")
+
+
 def acc_dtype(dtype: torch.dtype):
     """Accumulator dtype of the kernels for operands of `dtype`: fp64 for fp64, fp32 otherwise."""
     return tl.float64 if dtype == torch.float64 else tl.float32

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .config import gemm_config, num_sms, reduce_m_config
 from .helpers import (
-    acc_dtype, apply_dropout, dot, dot_precision, dropout_keep, dropout_threshold, next_pow2_rank, output_tile,
+    acc_dtype, apply_dropout, check_shapes, dot, dot_precision, dropout_keep, dropout_threshold, next_pow2_rank, output_tile,
     tensor_descriptor, tma_enabled,
 )
 from .lora_fwd import EPILOGUE_RANK_BLOCK, _output, choose_xa_mode
@@ -177,6 +177,7 @@ def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
     """
     M, N = dy.shape
     K, rank = weight.shape[1], lora_A.shape[0]
+    check_shapes(dy=(dy, (M, N)), weight=(weight, (N, K)), lora_A=(lora_A, (rank, K)), lora_B=(lora_B, (N, rank)))
     dx = _output(out, (M, K), dy, "out")
     if dyb_mode == "auto":
         dyb_mode = choose_xa_mode(M, rank, dropout=False)
@@ -225,7 +226,9 @@ def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p=0.0, seed=
 
     >>> dA, dB = lora_grad_ab(x, dy, xa, dyb, 2.0, A.dtype, B.dtype)
     """
-    K = x.shape[1]
+    (M, K), N, rank = x.shape, dy.shape[1], (xa if xa is not None else dyb).shape[1]
+    check_shapes(x=(x, (M, K)), dy=(dy, (M, N)), xa=(xa if need_b else None, (M, rank)),
+                 dyb=(dyb if need_a else None, (M, rank)))
     dA = _reduce_m(dyb, x, scaling, a_dtype, dropout_p, seed, k_for_mask=K) if need_a else None
     dB = _reduce_m(dy, xa, scaling, b_dtype) if need_b else None
     return dA, dB

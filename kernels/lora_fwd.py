@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .config import gemm_config
 from .helpers import (
-    acc_dtype, apply_dropout, dot, dot_precision, dropout_keep, dropout_threshold, next_pow2_rank, output_tile,
+    acc_dtype, apply_dropout, check_shapes, dot, dot_precision, dropout_keep, dropout_threshold, next_pow2_rank, output_tile,
     tensor_descriptor, tma_enabled,
 )
 from .lora_shrink import lora_shrink
@@ -148,6 +148,8 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
     """
     M, K = x.shape
     N, rank = weight.shape[0], lora_A.shape[0]
+    check_shapes(x=(x, (M, K)), weight=(weight, (N, K)), bias=(bias, (N,)), lora_A=(lora_A, (rank, K)),
+                 lora_B=(lora_B, (N, rank)))
     y = _output(out, (M, N), x, "out")
     dropout = dropout_p > 0.0
     if xa_mode == "auto":

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .config import shrink_config
-from .helpers import acc_dtype, apply_dropout, dot, dot_precision, dropout_keep, dropout_threshold
+from .helpers import acc_dtype, apply_dropout, check_shapes, dot, dot_precision, dropout_keep, dropout_threshold
 
 # Widest rank slice per program: [BLOCK_M, 128] fp32 accumulators still fit the registers of 4 warps.
 MAX_SHRINK_RANK_BLOCK = 128
@@ -63,6 +63,7 @@ def lora_shrink(x, lora_A, dropout_p=0.0, seed=0):
     """
     M, K = x.shape
     rank = lora_A.shape[0]
+    check_shapes(x=(x, (M, K)), lora_A=(lora_A, (rank, K)))
     xa = torch.empty((M, rank), device=x.device, dtype=x.dtype)
     if M == 0:
         return xa

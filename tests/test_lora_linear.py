@@ -202,3 +202,20 @@ def test_gpu_matches_cpu_path():
     y = lora_fast.lora_linear(x, W, b, A, B, 2.0)
     yc, _ = naive.lora_forward(x.cpu(), W.cpu(), b.cpu(), A.cpu(), B.cpu(), 2.0)
     assert rel_err(y.cpu(), yc) < 1e-5
+
+
+def test_launchers_reject_mismatched_shapes(device):
+    x, W, b, A, B = lora_problem(4, 8, 6, 2, torch.float32, device)
+    with pytest.raises(ValueError, match="lora_B"):
+        kernels.lora_forward(x, W, b, A, B[:, :1], 1.0)
+    with pytest.raises(ValueError, match="bias"):
+        kernels.lora_forward(x, W, b[:3], A, B, 1.0)
+    with pytest.raises(ValueError, match="lora_A"):  # K is read off the weight: A no longer matches it
+        kernels.lora_backward_dx(torch.randn(4, 6, device=device), W[:, :5], A, B, 1.0)
+    with pytest.raises(ValueError, match="weight"):
+        kernels.lora_backward_dx(torch.randn(4, 5, device=device), W, A, B, 1.0)
+    with pytest.raises(ValueError, match="lora_A"):
+        kernels.lora_shrink(x, A.double())
+    with pytest.raises(ValueError, match="xa"):
+        kernels.lora_grad_ab(x, torch.randn(4, 6, device=device), torch.randn(3, 2, device=device),
+                             torch.randn(4, 2, device=device), 1.0, A.dtype, B.dtype)
