@@ -23,7 +23,7 @@ case "${1:-}" in
   main)
     install bench
     "$PY" examples/quickstart.py
-    "$PY" bench/run_all.py
+    "$PY" bench/run_all.py --out "${OUT:-bench/out}"   # bench/results/ keeps the recorded H100 runs
     if [ -f examples/serve_multi_lora.py ]; then "$PY" examples/serve_multi_lora.py; fi
     ;;
   *)

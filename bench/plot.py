@@ -224,6 +224,13 @@ def update_readme(readme_path: str, payload: dict, command: str | None = None, p
     return readme_path
 
 
+def handles(payload: dict) -> bool:
+    """Whether these reports fit the payload: rows of (case, mode, provider), as bench_lora_linear writes.
+    Other benchmarks (bench_multi_lora) write their own table and plot."""
+    rows = payload.get("rows") or []
+    return bool(rows) and all(k in rows[0] for k in ("case", "mode", "provider"))
+
+
 def report(json_path: str, readme_path: str | None = None, command: str | None = None) -> tuple[str | None, str | None]:
     """Plot `json_path` next to itself and update `readme_path` (default: README.md in the same folder)."""
     payload = load(json_path)

@@ -82,11 +82,13 @@ def main(argv=None) -> int:
         start = time.time()
         rc = subprocess.call(cmd)
         print(f"===== {name}: exit {rc} after {time.time() - start:.0f} s", flush=True)
-        json_path = os.path.join(args.out, f"{name}.json")
-        fresh = os.path.exists(json_path) and os.path.getmtime(json_path) >= start
+        # A bench names its file <name>.json, or <name>_cpu.json for a run without a GPU.
+        paths = [os.path.join(args.out, f"{name}{suffix}.json") for suffix in ("", "_cpu")]
+        json_path = next((p for p in paths if os.path.exists(p) and os.path.getmtime(p) >= start), None)
+        fresh = json_path is not None
         if rc != 0 or not fresh:
             failures.append(name)
-        if fresh and not args.no_plot:
+        if fresh and not args.no_plot and plot.handles(plot.load(json_path)):
             png, readme = plot.report(json_path, os.path.join(args.out, "README.md"), command)
             print(f"plot: {png or '(matplotlib missing)'}; README: {readme}")
 
