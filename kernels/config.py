@@ -130,6 +130,20 @@ def _pow2(n: int) -> int:
 
 
 def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (4 for the interpreter), cached: the property query costs
+    tens of µs of host time, paid on every launch otherwise."""
     if device.type != "cuda":
         return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _device_facts(device.index if device.index is not None else torch.cuda.current_device())[0]
+
+
+@lru_cache(maxsize=None)
+def _device_facts(index: int) -> tuple[int, int]:
+    """(multiprocessor count, compute capability major) of CUDA device `index`."""
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, props.major
+
+
+def capability_major(device: torch.device) -> int:
+    """Compute capability major of a CUDA `device` (9 for Hopper), cached."""
+    return _device_facts(device.index if device.index is not None else torch.cuda.current_device())[1]

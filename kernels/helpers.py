@@ -46,7 +46,11 @@ def tma_enabled(mode, *tensors) -> bool:
     if mode is True:
         return True
     t = tensors[0]
-    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+    if not t.is_cuda:
+        return False
+    from .config import capability_major  # config imports this module
+
+    return capability_major(t.device) >= 9
 
 
 def tensor_descriptor(t, block_shape):
