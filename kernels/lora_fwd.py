@@ -24,6 +24,10 @@ from .lora_shrink import lora_shrink
 
 # Widest padded rank whose xa accumulator is kept next to a large GEMM tile ("fused" mode).
 MAX_FUSED_RANK_BLOCK = 64
+# Decode (M <= DECODE_ROWS): the rank block is padded to at least DECODE_RANK_BLOCK (masked, so no extra bytes):
+# under CUDA graphs on the H100, r=64 ran at 1.01x the base linear while r=16 ran at 1.17-1.23x.
+DECODE_ROWS = 16
+DECODE_RANK_BLOCK = 64
 # Largest M for which "fused" beats "shrink" (H100 sweep, bench/NOTES.md).
 MAX_FUSED_ROWS = 256
 # Rank chunk loaded per step in the epilogue when xa is precomputed: bounds the registers at any rank.
@@ -165,6 +169,8 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
         raise ValueError(f"xa_mode must be 'auto', 'fused' or 'shrink', got {xa_mode!r}")
     compute_xa = xa_mode == "fused"
     block_r = next_pow2_rank(rank) if compute_xa else min(EPILOGUE_RANK_BLOCK, next_pow2_rank(rank))
+    if compute_xa and M <= DECODE_ROWS:
+        block_r = max(block_r, DECODE_RANK_BLOCK)
     cfg = gemm_config("fwd", M, x.dtype, block_r if compute_xa else 0)
     xa_arg = xa if xa is not None else y  # never dereferenced when neither stored nor loaded
     use_tma = tma_enabled(tma if tma != "auto" else ("auto" if cfg.tma else False), x, weight)
