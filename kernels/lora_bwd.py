@@ -4,11 +4,12 @@
     dA = s * (dY @ B)^T @ drop(X)
     dB = s * dY^T @ xa,  xa = drop(X) @ A^T      (saved by the forward)
 
-`lora_backward_dx` is one GEMM over N whose K loop also accumulates dyb = dY @ B for its rows (r / BLOCK_K more
-MMA work, no second pass over dY); the programs of the first K tile store dyb for dA. Its epilogue adds the
-rank-r term, masked by the regenerated dropout mask, and writes dX once.
-`lora_grad_ab` computes dA and dB with one reduce-over-M kernel, split over M so the [r, K] and [N, r] outputs
-still fill the GPU; the fp32 partial sums are added in a fixed order (deterministic, no atomics).
+`lora_backward_dx` is one GEMM over N. Up to 256 rows its K loop also accumulates dyb = dY @ B for its rows
+("fused": no second pass over dY; the programs of the first K tile store dyb for dA); above, `lora_shrink`
+computes dyb first ("shrink", measured faster there). Its epilogue adds the rank-r term, masked by the
+regenerated dropout mask, and writes dX once.
+`lora_grad_ab` computes dA and dB in one launch of a reduce-over-M kernel, split over M so that the [r, K] and
+[N, r] outputs still fill the GPU; the fp32 partial sums are added in a fixed order (deterministic, no atomics).
 """
 import torch
 import triton
@@ -98,24 +99,20 @@ def _lora_bwd_dx_kernel(
     tl.store(dx_ptrs, acc.to(DX.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "seed", "thr_shifted"])
-def _reduce_m_kernel(
-    U, V, OUT,
-    M, P, Q, ROWS_PER_SPLIT,
+@triton.jit
+def _reduce_m_tile(
+    U, V, OUT, M, P, Q, ROWS_PER_SPLIT,
     stride_um, stride_up, stride_vm, stride_vq, stride_os, stride_op, stride_oq,
-    scaling, seed, thr_shifted, inv_keep, K4,
+    pid_p, pid_q, pid_s, scaling, seed, thr_shifted, inv_keep, K4,
     DROPOUT_V: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
-    """OUT[split, p, q] = s * sum over this split's rows m of U[m, p] * drop(V)[m, q].
+    """OUT[pid_s, p, q] = s * sum over split pid_s's rows m of U[m, p] * drop(V)[m, q], one BLOCK_P x BLOCK_Q tile.
 
     U: [M, P], V: [M, Q], OUT: [splits, P, Q] (fp32 partials, or the final tensor when splits == 1).
-    grid = (cdiv(P, BLOCK_P), cdiv(Q, BLOCK_Q), splits); split s owns rows [s * ROWS_PER_SPLIT, ...),
-    ROWS_PER_SPLIT a multiple of BLOCK_M. DROPOUT_V applies the forward's mask at (m, q) (V = X for dA).
+    Split s owns rows [s * ROWS_PER_SPLIT, ...), ROWS_PER_SPLIT a multiple of BLOCK_M. DROPOUT_V applies the
+    forward's mask at (m, q) (V = X for dA).
     """
-    pid_p = tl.program_id(0)
-    pid_q = tl.program_id(1)
-    pid_s = tl.program_id(2)
     offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_q = pid_q.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     mask_p = offs_p < P
@@ -138,30 +135,37 @@ def _reduce_m_kernel(
     tl.store(out_ptrs, (acc * scaling).to(OUT.dtype.element_ty), mask=mask_p[:, None] & mask_q[None, :])
 
 
-def _reduce_m(u, v, scaling, out_dtype, dropout_p=0.0, seed=0, k_for_mask=1):
-    """s * u^T @ drop(v): u [M, P], v [M, Q] -> [P, Q] in out_dtype, split over M to fill the GPU."""
-    M, P = u.shape
-    Q = v.shape[1]
-    if M == 0:
-        return torch.zeros((P, Q), device=u.device, dtype=out_dtype)
-    cfg = reduce_m_config(P, Q, u.dtype)
-    tiles = triton.cdiv(P, cfg.block_m) * triton.cdiv(Q, cfg.block_n)
-    m_blocks = triton.cdiv(M, cfg.block_k)
-    splits = max(1, min(m_blocks, triton.cdiv(2 * num_sms(u.device), tiles)))
-    rows_per_split = triton.cdiv(m_blocks, splits) * cfg.block_k
-    splits = triton.cdiv(M, rows_per_split)
-    if splits == 1:
-        out = torch.empty((1, P, Q), device=u.device, dtype=out_dtype)
+@triton.jit(do_not_specialize=["M", "seed", "thr_shifted"])
+def _lora_grad_ab_kernel(
+    DYB, X, DY, XA, OUT_A, OUT_B,
+    M, K, N, RANK, ROWS_PER_SPLIT, TILES_A,
+    stride_dybm, stride_dybr, stride_xm, stride_xk, stride_dym, stride_dyn, stride_xam, stride_xar,
+    stride_oas, stride_oap, stride_oaq, stride_obs, stride_obp, stride_obq,
+    scaling, seed, thr_shifted, inv_keep, K4,
+    DROPOUT: tl.constexpr, BLOCK_RA: tl.constexpr, BLOCK_KA: tl.constexpr, BLOCK_NB: tl.constexpr,
+    BLOCK_RB: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """dA and dB in one launch: program ids below TILES_A take tiles of dA = s * DYB^T @ drop(X), the others tiles
+    of dB = s * DY^T @ XA; axis 1 is the split of M.
+
+    DYB: [M, RANK], X: [M, K], DY: [M, N], XA: [M, RANK]; OUT_A: [splits, RANK, K], OUT_B: [splits, N, RANK].
+    Tiles: dA BLOCK_RA x BLOCK_KA, dB BLOCK_NB x BLOCK_RB; BLOCK_M rows of M per step.
+    """
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    if pid < TILES_A:
+        num_q = tl.cdiv(K, BLOCK_KA)
+        _reduce_m_tile(DYB, X, OUT_A, M, RANK, K, ROWS_PER_SPLIT,
+                       stride_dybm, stride_dybr, stride_xm, stride_xk, stride_oas, stride_oap, stride_oaq,
+                       pid // num_q, pid % num_q, pid_s, scaling, seed, thr_shifted, inv_keep, K4,
+                       DROPOUT, BLOCK_RA, BLOCK_KA, BLOCK_M, PRECISION, ACC)
     else:
-        out = torch.empty((splits, P, Q), device=u.device, dtype=torch.promote_types(u.dtype, torch.float32))
-    _reduce_m_kernel[(triton.cdiv(P, cfg.block_m), triton.cdiv(Q, cfg.block_n), splits)](
-        u, v, out, M, P, Q, rows_per_split,
-        u.stride(0), u.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        float(scaling), int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), triton.cdiv(k_for_mask, 4),
-        DROPOUT_V=dropout_p > 0.0, BLOCK_P=cfg.block_m, BLOCK_Q=cfg.block_n, BLOCK_M=cfg.block_k,
-        PRECISION=dot_precision(u.dtype), ACC=acc_dtype(u.dtype), **cfg.launch(),
-    )
-    return out[0] if splits == 1 else out.sum(0, dtype=out_dtype)  # fp32 partials, summed in fp32 by torch
+        num_q = tl.cdiv(RANK, BLOCK_RB)
+        t = pid - TILES_A
+        _reduce_m_tile(DY, XA, OUT_B, M, N, RANK, ROWS_PER_SPLIT,
+                       stride_dym, stride_dyn, stride_xam, stride_xar, stride_obs, stride_obp, stride_obq,
+                       t // num_q, t % num_q, pid_s, scaling, seed, thr_shifted, inv_keep, K4,
+                       False, BLOCK_NB, BLOCK_RB, BLOCK_M, PRECISION, ACC)
 
 
 def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_dyb=True, dyb_mode="auto",
@@ -219,16 +223,48 @@ def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
 
 
 def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p=0.0, seed=0, need_a=True, need_b=True):
-    """dA = s * dyb^T @ drop(x) and dB = s * dy^T @ xa.
+    """dA = s * dyb^T @ drop(x) and dB = s * dy^T @ xa, in one launch.
 
     x: [M, K], dy: [M, N], xa: [M, r] (= drop(x) @ A^T from the forward), dyb: [M, r] (= dy @ B).
-    Returns (dA [r, K] in a_dtype or None, dB [N, r] in b_dtype or None).
+    Returns (dA [r, K] in a_dtype or None, dB [N, r] in b_dtype or None). Both reduce over M, split so that the
+    small outputs still fill the GPU; the fp32 partials of both sit in one buffer, summed in one pass.
 
     >>> dA, dB = lora_grad_ab(x, dy, xa, dyb, 2.0, A.dtype, B.dtype)
     """
     (M, K), N, rank = x.shape, dy.shape[1], (xa if xa is not None else dyb).shape[1]
     check_shapes(x=(x, (M, K)), dy=(dy, (M, N)), xa=(xa if need_b else None, (M, rank)),
                  dyb=(dyb if need_a else None, (M, rank)))
-    dA = _reduce_m(dyb, x, scaling, a_dtype, dropout_p, seed, k_for_mask=K) if need_a else None
-    dB = _reduce_m(dy, xa, scaling, b_dtype) if need_b else None
+    if not (need_a or need_b):
+        return None, None
+    if M == 0:
+        return (torch.zeros((rank, K), device=x.device, dtype=a_dtype) if need_a else None,
+                torch.zeros((N, rank), device=x.device, dtype=b_dtype) if need_b else None)
+    cfg_a = reduce_m_config(rank, K, x.dtype)
+    cfg_b = reduce_m_config(N, rank, x.dtype)
+    tiles_a = triton.cdiv(rank, cfg_a.block_m) * triton.cdiv(K, cfg_a.block_n) if need_a else 0
+    tiles_b = triton.cdiv(N, cfg_b.block_m) * triton.cdiv(rank, cfg_b.block_n) if need_b else 0
+    m_blocks = triton.cdiv(M, cfg_a.block_k)
+    splits = max(1, min(m_blocks, triton.cdiv(2 * num_sms(x.device), tiles_a + tiles_b)))
+    rows_per_split = triton.cdiv(m_blocks, splits) * cfg_a.block_k
+    splits = triton.cdiv(M, rows_per_split)
+    size_a = rank * K
+    buf_dtype = a_dtype if splits == 1 else torch.promote_types(x.dtype, torch.float32)
+    buf = torch.empty((splits, size_a + N * rank), device=x.device, dtype=buf_dtype)
+    out_a = buf[:, :size_a].view(splits, rank, K)
+    out_b = buf[:, size_a:].view(splits, N, rank)
+    u_a = dyb if need_a else x  # placeholders are never read: their tile count is zero
+    v_b = xa if need_b else x
+    _lora_grad_ab_kernel[(tiles_a + tiles_b, splits)](
+        u_a, x, dy, v_b, out_a, out_b,
+        M, K, N, rank, rows_per_split, tiles_a,
+        u_a.stride(0), u_a.stride(1), x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), v_b.stride(0), v_b.stride(1),
+        out_a.stride(0), out_a.stride(1), out_a.stride(2), out_b.stride(0), out_b.stride(1), out_b.stride(2),
+        float(scaling), int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), triton.cdiv(K, 4),
+        DROPOUT=dropout_p > 0.0, BLOCK_RA=cfg_a.block_m, BLOCK_KA=cfg_a.block_n, BLOCK_NB=cfg_b.block_m,
+        BLOCK_RB=cfg_b.block_n, BLOCK_M=cfg_a.block_k, PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype),
+        **cfg_a.launch(),
+    )
+    total = buf[0] if splits == 1 else buf.sum(0, dtype=a_dtype)  # fp32 partials, summed in fp32 by torch
+    dA = total[:size_a].view(rank, K) if need_a else None
+    dB = total[size_a:].view(N, rank).to(b_dtype) if need_b else None
     return dA, dB
