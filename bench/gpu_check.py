@@ -36,6 +36,14 @@ def rel_err(out, ref) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def cancellation(u, v) -> float:
+    """|| sqrt((u*u)^T (v*v)) || / || u^T v || (at least 1): the rounding error of a sum over rows grows like the
+    root of its squared terms; near 1 for random-sign terms, large only where the sum cancels atypically."""
+    ref = (u.t() @ v).norm()
+    spread = ((u * u).t() @ (v * v)).sqrt().norm()
+    return max(1.0, (spread / ref.clamp_min(1e-30)).item())
+
+
 def poison(nbytes: int) -> None:
     """Fill `nbytes` of the caching allocator's free memory with NaN, so torch.empty hands back NaNs."""
     t = torch.empty(nbytes // 2 + 1024, dtype=torch.float16, device="cuda").fill_(float("nan"))
@@ -66,9 +74,16 @@ def check_case(M, K, N, r, dtype, p, bias=True, xa_mode="auto", scaling=1.7):
     yr = lora_linear_reference(xr, W.to(f32), b.to(f32) if bias else None, Ar, Br, scaling, p, p > 0, mask)
     yr.backward(dy.to(f32))
     errs = {"y": rel_err(y, yr), "dx": rel_err(dx, xr.grad), "dA": rel_err(dA, Ar.grad), "dB": rel_err(dB, Br.grad)}
+    # dA and dB are sums over M: where the terms cancel (tiny outputs such as r = K = 1), ||ref|| is small against
+    # the terms' own size and bf16 rounding alone exceeds the bound (6.7 % of random draws at M=77, K=r=1, in a
+    # numpy model of the kernel's roundings). Scale their bound by `cancellation`, ~1 for well-conditioned sums.
+    xd = xr.detach() * (mask / (1 - p) if mask is not None else 1.0)
+    dyb_ref = dy.to(f32) @ Br.detach()
+    xa_ref = xd @ Ar.detach().t()
+    cond = {"dA": cancellation(dyb_ref, xd), "dB": cancellation(dy.to(f32), xa_ref)}
     if p > 0:
         errs["keep_rate"] = mask.float().mean().item() if mask.numel() else 1 - p
-    ok = all(v == v and v < TOL[dtype] for k, v in errs.items() if k != "keep_rate")
+    ok = all(v == v and v < TOL[dtype] * cond.get(k, 1.0) for k, v in errs.items() if k != "keep_rate")
     if p > 0 and M * K >= 100_000:
         ok = ok and abs(errs["keep_rate"] - (1 - p)) < 0.01
     return {"M": M, "K": K, "N": N, "r": r, "dtype": str(dtype).split(".")[-1], "p": p, "bias": bias,
