@@ -1,0 +1,282 @@
+"""PEFT interoperability on the CPU, against the real PEFT: `lora_fast.peft.patch` / `unpatch` parity (outputs and
+the gradients of every LoRA parameter) and PEFT adapter files both ways. Tiny Hugging Face models built from a
+config; nothing is downloaded. Without a GPU the kernels run through Triton's interpreter (tests/conftest.py)."""
+import copy
+import logging
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import lora_fast  # noqa: E402
+import lora_fast.peft as lfp  # noqa: E402
+
+TOL = 1e-4
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def llama(bias=False, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                      intermediate_size=128, vocab_size=128, max_position_embeddings=64, attention_bias=bias,
+                      mlp_bias=bias)
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def gpt2(seed=0):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=32, vocab_size=128, bos_token_id=0,
+                     eos_token_id=0)
+    return GPT2LMHeadModel(cfg)
+
+
+def ids(seed=1, batch=2, seq=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 128, (batch, seq), generator=g)
+
+
+@pytest.fixture
+def count_fused(monkeypatch):
+    """Counts the calls of the fused lora_linear made by the patched forwards."""
+    calls = {"n": 0}
+    real = lfp.lora_linear
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(lfp, "lora_linear", counting)
+    return calls
+
+
+def run(model, x):
+    """Logits and the gradients of every trainable parameter (by name) of one forward + backward."""
+    model.zero_grad(set_to_none=True)
+    y = model(input_ids=x).logits
+    if y.requires_grad:  # not under disable_adapter(): nothing trainable is used
+        (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return y.detach(), grads
+
+
+def assert_parity(model, x, tol=TOL):
+    """PEFT's forward/backward vs the patched one on the same model; restores the unpatched state."""
+    lfp.unpatch(model)
+    y0, g0 = run(model, x)
+    lfp.patch(model)
+    y1, g1 = run(model, x)
+    lfp.unpatch(model)
+    assert rel(y1, y0) < tol, rel(y1, y0)
+    assert g0.keys() == g1.keys()
+    lora_names = [n for n in g0 if "lora_" in n]
+    for n in g0:
+        assert rel(g1[n], g0[n]) < tol, (n, rel(g1[n], g0[n]))
+    return y0, lora_names
+
+
+CASES = {
+    "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "r8_all_rslora_dropout": dict(r=8, lora_alpha=16, use_rslora=True, lora_dropout=0.1, target_modules=LLAMA_TARGETS),
+    "r2_alpha3_patterns": dict(r=2, lora_alpha=3, target_modules=["q_proj", "down_proj", "o_proj"],
+                               rank_pattern={"down_proj": 6}, alpha_pattern={r"layers\.1\.self_attn\.o_proj": 7}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_llama_parity(case, count_fused):
+    cfg = LoraConfig(init_lora_weights=False, **CASES[case])
+    model = get_peft_model(llama(bias=case == "r8_all_rslora_dropout"), cfg)
+    model.eval()
+    _, lora_names = assert_parity(model, ids())
+    assert lora_names and count_fused["n"] > 0
+
+
+def test_gpt2_conv1d_fan_in_fan_out(count_fused):
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
+                     init_lora_weights=False)
+    model = get_peft_model(gpt2(), cfg).eval()
+    _, lora_names = assert_parity(model, ids())
+    assert len(lora_names) == 2 * 2 * 4  # A and B of 4 Conv1D per block, 2 blocks
+    assert count_fused["n"] == 8
+
+
+def test_several_adapters_set_adapter_disable_merge(count_fused):
+    model = get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                               init_lora_weights=False))
+    model.add_adapter("second", LoraConfig(r=2, lora_alpha=5, use_rslora=True, target_modules=["v_proj", "up_proj"],
+                                           init_lora_weights=False))
+    model.eval()
+    x = ids()
+    model.set_adapter("second")
+    assert_parity(model, x)
+    model.set_adapter("default")
+    assert_parity(model, x)
+    model.base_model.set_adapter(["default", "second"])  # both active: their updates add up
+    for _, p in model.named_parameters():
+        p.requires_grad_("lora_" in _)  # LoraModel.set_adapter([...]) leaves requires_grad as is; train both
+    y_both, _ = assert_parity(model, x)
+    with model.disable_adapter():
+        y_base, _ = assert_parity(model, x)
+    assert rel(y_both, y_base) > 1e-3
+    model.base_model.set_adapter("default")
+    y_default = run(model, x)[0]
+    model.merge_adapter()
+    lfp.patch(model)
+    n = count_fused["n"]
+    with torch.no_grad():
+        y_merged = model(input_ids=x).logits
+    assert count_fused["n"] == n  # merged: base forward only
+    assert rel(y_merged, y_default) < TOL
+    model.unmerge_adapter()
+    with torch.no_grad():
+        y_unmerged = model(input_ids=x).logits
+    assert count_fused["n"] > n
+    assert rel(y_unmerged, y_default) < TOL
+    lfp.unpatch(model)
+
+
+def test_inject_adapter_in_model_and_training_mode():
+    model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj"],
+                                               init_lora_weights=False), llama())
+    model.eval()
+    assert_parity(model, ids())
+    # training with dropout 0: identical; with p > 0 the kernel draws its own mask, so only check it runs
+    model.train()
+    assert_parity(model, ids())
+    for m in model.modules():
+        if "lora_dropout" in m._modules:
+            m.lora_dropout["default"] = torch.nn.Dropout(0.3)
+    lfp.patch(model)
+    _, grads = run(model, ids())
+    assert grads and all(torch.isfinite(g).all() for g in grads.values())
+    lfp.unpatch(model)
+
+
+def test_patch_keeps_parameters_unpatch_restores(caplog):
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens", "k_proj"],
+                     init_lora_weights=False)
+    model = get_peft_model(llama(), cfg).eval()
+    model.add_adapter("dora", LoraConfig(r=2, target_modules=["k_proj"], use_dora=True))
+    sd0 = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    params0 = [(n, id(p)) for n, p in model.named_parameters()]
+    x = ids()
+    with torch.no_grad():
+        y0 = model(input_ids=x).logits
+    with caplog.at_level(logging.INFO, logger="lora_fast.peft"):
+        assert lfp.patch(model) is model
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "patched 4 lora.Linear" in msg and "lora.Embedding x1" in msg and "DoRA/variant x2" in msg, msg
+    patched = [m for m in model.modules() if lfp.is_patched(m)]
+    assert len(patched) == 4 and all("forward" in m.__dict__ for m in patched)
+    sd1 = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    assert sd1 == sd0 and [(n, id(p)) for n, p in model.named_parameters()] == params0
+    lfp.patch(model)  # idempotent
+    with torch.no_grad():
+        y1 = model(input_ids=x).logits
+        clone = copy.deepcopy(model)  # the copy's patched forwards are bound to the copy's modules
+        assert sum(lfp.is_patched(m) for m in clone.modules()) == 4
+        for name, m in clone.named_modules():
+            if lfp.is_patched(m):
+                assert m.forward.__self__ is m and m._lora_fast_peft_forward.__self__ is m, name
+        assert rel(clone(input_ids=x).logits, y0) < TOL
+    assert rel(y1, y0) < TOL
+    lfp.unpatch(model)
+    assert not any(lfp.is_patched(m) or "forward" in m.__dict__ for m in model.modules())
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == sd0
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, y0)
+
+
+def test_bf16_base_fp32_adapters():
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(llama(dtype=torch.bfloat16), cfg)
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert all(p.dtype == torch.float32 for p in lora)  # PEFT's autocast_adapter_dtype
+    model.eval()
+    y0, g0 = run(model, ids())
+    lfp.patch(model)
+    y1, g1 = run(model, ids())
+    assert y1.dtype == y0.dtype == torch.bfloat16
+    assert rel(y1, y0) < 2e-2
+    for n in g0:
+        assert g1[n].dtype == g0[n].dtype and rel(g1[n], g0[n]) < 5e-2, (n, rel(g1[n], g0[n]))
+
+
+# ------------------------------------------------------------------------------------------------- adapter files
+
+FILE_CFG = dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"],
+                rank_pattern={"down_proj": 2}, alpha_pattern={r"layers\.0\.self_attn\.q_proj": 5})
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_peft_files_load_into_ours(tmp_path, safe):
+    peft_model = get_peft_model(llama(), LoraConfig(init_lora_weights=False, **FILE_CFG)).eval()
+    peft_model.save_pretrained(tmp_path, safe_serialization=safe)
+    with torch.no_grad():
+        y_peft = peft_model(input_ids=ids()).logits
+    ours = lora_fast.apply_lora(llama(), ["q_proj", "v_proj", "down_proj"], rank=4, alpha=1.0).eval()
+    lfp.load_peft_adapter(ours, str(tmp_path))
+    down = ours.model.layers[1].mlp.down_proj
+    q0 = ours.model.layers[0].self_attn.q_proj
+    assert (down.rank, q0.alpha, q0.use_rslora) == (2, 5.0, True)
+    with torch.no_grad():
+        y_ours = ours(input_ids=ids()).logits
+    assert rel(y_ours, y_peft) < TOL
+
+
+def test_our_files_load_into_peft(tmp_path):
+    ours = lora_fast.apply_lora(llama(), ["q_proj", "v_proj", "up_proj"], rank=4, alpha=8).eval()
+    up = ours.model.layers[1].mlp.up_proj  # a different rank and alpha on one module
+    up.lora_A = torch.nn.Parameter(torch.randn(3, up.in_features) * 0.1)
+    up.lora_B = torch.nn.Parameter(torch.zeros(up.out_features, 3))
+    up.rank, up.alpha = 3, 2.5
+    torch.manual_seed(5)
+    for m in ours.modules():
+        if isinstance(m, lora_fast.LoRALinear):
+            torch.nn.init.normal_(m.lora_B, std=0.1)
+    cfg = lfp.save_peft_adapter(ours, str(tmp_path))
+    assert sorted(cfg["target_modules"]) == ["q_proj", "up_proj", "v_proj"]
+    assert list(cfg["rank_pattern"].values()) == [3] and list(cfg["alpha_pattern"].values()) == [2.5]
+    with torch.no_grad():
+        y_ours = ours(input_ids=ids()).logits
+    peft_model = PeftModel.from_pretrained(llama(), str(tmp_path)).eval()
+    assert peft_model.base_model.model.model.layers[1].mlp.up_proj.r["default"] == 3
+    with torch.no_grad():
+        y_peft = peft_model(input_ids=ids()).logits
+    assert rel(y_peft, y_ours) < TOL
+    # and back into ours
+    back = lora_fast.apply_lora(llama(), ["q_proj", "v_proj", "up_proj"], rank=4, alpha=8).eval()
+    lfp.load_peft_adapter(back, str(tmp_path))
+    with torch.no_grad():
+        assert rel(back(input_ids=ids()).logits, y_ours) < TOL
+
+
+def test_peft_file_into_adapter_pool(tmp_path):
+    peft_model = get_peft_model(llama(), LoraConfig(init_lora_weights=False, **FILE_CFG)).eval()
+    peft_model.save_pretrained(tmp_path)
+    pool = lora_fast.AdapterPool(max_adapters=2, max_rank=8, dtype=torch.float32)
+    names = {"q0": "model.layers.0.self_attn.q_proj", "d1": "model.layers.1.mlp.down_proj"}
+    pool.add_layer("q0", 64, [64])
+    pool.add_layer("d1", 128, [64])
+    slot = lfp.load_peft_adapter_into_pool(pool, names, str(tmp_path), "ft")
+    base = peft_model.base_model.model.model
+    for key, path in names.items():
+        mod = base.get_submodule(path.removeprefix("model."))
+        x = torch.randn(5, mod.in_features)
+        with torch.no_grad():
+            want = mod(x)
+        A, B, _ = pool.layer_stacks(key)
+        w = mod.get_base_layer()
+        got = lora_fast.multi_lora_linear(x, w.weight, w.bias, A, B, pool.scalings, torch.full((5,), slot),
+                                          ranks=pool.ranks)
+        assert rel(got, want) < TOL, key
