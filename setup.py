@@ -17,8 +17,9 @@ setup(
     package_dir={"lora_fast": "lora_fast", "lora_fast.kernels": "kernels"},
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
     extras_require={
-        "test": ["pytest"],
+        # The PEFT parity tests run against the real PEFT on tiny transformers models (nothing is downloaded).
+        "test": ["pytest", "peft", "transformers", "safetensors", "accelerate"],
         "bench": ["matplotlib"],
-        "peft": ["peft", "transformers", "safetensors"],
+        "peft": ["peft", "transformers", "safetensors", "accelerate"],
     },
 )
