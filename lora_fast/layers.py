@@ -129,6 +129,13 @@ def apply_lora(model: nn.Module, target_modules: Iterable[str] | str = ("q_proj"
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"target_modules is not a valid regex: {e}") from None
+    elif not (isinstance(target_modules, Iterable) and all(isinstance(t, str) for t in target_modules)):
+        raise TypeError(f"target_modules must be a regex string or a list of module names, got {target_modules!r}")
     check_rank(rank)
     check_dropout(dropout, "dropout")
     replaced = []
@@ -160,6 +167,8 @@ class ParameterCount:
 
 def count_parameters(model: nn.Module) -> ParameterCount:
     """Trainable and total parameters of `model` (shared tensors counted once)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:

@@ -115,6 +115,14 @@ def test_apply_lora_regex_and_no_match():
     assert isinstance(model.q_proj, LoRALinear) and isinstance(model.mlp[0], nn.Linear)
     with pytest.raises(ValueError, match="target_modules"):
         apply_lora(_Block(), ["nope"])
+    with pytest.raises(TypeError, match="target_modules"):
+        apply_lora(_Block(), [1, 2])
+    with pytest.raises(ValueError, match="target_modules"):
+        apply_lora(_Block(), "(unclosed")
+    with pytest.raises(TypeError, match="model"):
+        apply_lora("not a model", ["q_proj"])
+    with pytest.raises(TypeError, match="model"):
+        count_parameters([1, 2])
 
 
 # ------------------------------------------------------------------------------------------- bad input
