@@ -42,7 +42,7 @@ class LoRALinear(nn.Module):
 
     def _init(self, weight: nn.Parameter, bias: nn.Parameter | None, rank, alpha, dropout, use_rslora) -> None:
         self.rank = check_rank(rank)
-        self.alpha = check_scaling(alpha)
+        self.alpha = check_scaling(alpha, "alpha")
         self.dropout = check_dropout(dropout, "dropout")
         self.use_rslora = bool(use_rslora)
         self.out_features, self.in_features = weight.shape

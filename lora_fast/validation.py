@@ -31,11 +31,11 @@ def check_same(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str) -> 
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}: all operands must share one device")
 
 
-def check_scaling(scaling) -> float:
+def check_scaling(scaling, name: str = "scaling") -> float:
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
-        raise TypeError(f"scaling must be a Python float or int, got {type(scaling).__name__}")
+        raise TypeError(f"{name} must be a Python float or int, got {type(scaling).__name__}")
     if not math.isfinite(float(scaling)):
-        raise ValueError(f"scaling must be finite, got {scaling}")
+        raise ValueError(f"{name} must be finite, got {scaling}")
     return float(scaling)
 
 

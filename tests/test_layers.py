@@ -167,6 +167,8 @@ def test_bad_input_names_the_argument(over, exc, name):
     (dict(rank=2.5), TypeError, "rank"),
     (dict(dropout=1.5), ValueError, "dropout"),
     (dict(in_features=0), ValueError, "in_features"),
+    (dict(alpha="16"), TypeError, "alpha"),
+    (dict(alpha=float("inf")), ValueError, "alpha"),
 ])
 def test_module_bad_arguments(kwargs, exc, name):
     args = dict(in_features=8, out_features=4)
