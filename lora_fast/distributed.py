@@ -419,19 +419,19 @@ class RowParallelLoRALinear(_RowForward, _ParallelLoRA):
         self.input_is_parallel = bool(input_is_parallel)
 
     def _local(self, x):
-        from .functional import LoRALinearFunction, draw_seed, lora_linear
-        from .validation import check_lora_linear_args
+        from .functional import draw_seed, lora_linear
 
         B = copy_to_parallel(self.lora_B, self.group)
-        bias = self._local_bias()
-        p = self.dropout if self.training else 0.0
-        if p == 0.0:
-            return lora_linear(x, self.weight, bias, self.lora_A, B, self.scaling)
-        args = (x, self.weight, bias, self.lora_A, B)
-        scaling, p = check_lora_linear_args(*args, self.scaling, p, True)
-        # One draw on every rank (same CPU RNG state, and replayed by checkpointing), a distinct key per shard.
-        seed = (draw_seed() + self.tp_rank * _SHARD_SEED_STRIDE) % 2**62
-        return LoRALinearFunction.apply(*args, scaling, p, seed)
+        args = (x, self.weight, self._local_bias(), self.lora_A, B, self.scaling, self.dropout, self.training)
+        if not (self.training and self.dropout > 0.0):
+            return lora_linear(*args)
+        # One draw on every rank (the same CPU RNG state; replayed by checkpointing), then a distinct Philox key
+        # per shard: lora_linear draws its seed from the CPU generator, re-seeded here inside a fork that
+        # restores the caller's RNG state afterwards.
+        shard_seed = (draw_seed() + self.tp_rank * _SHARD_SEED_STRIDE) % 2**62
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(shard_seed)
+            return lora_linear(*args)
 
 
 # ----------------------------------------------------------------------------------------------- model surgery
