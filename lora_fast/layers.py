@@ -3,19 +3,23 @@
 State-dict keys of a LoRALinear: `weight` [out, in] and `bias` [out] (the frozen base, as nn.Linear names them),
 `lora_A` [r, in] and `lora_B` [out, r]. `scaling` and `dropout` are constructor arguments, not state.
 merge() folds s * B @ A into `weight` in place, so save the state dict unmerged (or unmerge first).
+`init=` picks the initialisation (lora_fast.init): "pissa" and "nonzero" rewrite `weight` in place.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
-from dataclasses import dataclass
-from typing import Iterable
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .embedding import LoRAEmbedding
 from .functional import lora_linear
+from .init import check_init, init_lora
 from .validation import check_dropout, check_rank, check_scaling
 
 
@@ -24,23 +28,29 @@ class LoRALinear(nn.Module):
 
     Args: in_features, out_features; rank r >= 1; alpha (scaling = alpha / r, or alpha / sqrt(r) with
     use_rslora); dropout in [0, 1) on the LoRA branch's input during training; bias; device; dtype.
-    Initialisation follows PEFT: W and b as nn.Linear, A kaiming-uniform (a = sqrt(5)), B zero, so that at
-    init the output equals the base linear's.
+    init: "default" (PEFT's: A kaiming-uniform (a = sqrt(5)), B zero: at init the output equals the base
+    linear's), "gaussian", "nonzero", "pissa" or "from_delta" (with delta=dW [out, in]); see lora_fast.init.
+    "pissa" and "nonzero" rewrite the weight in place (W <- W - s*B@A). pissa_niter: randomized SVD iterations.
+    `init_error` holds the scheme's reported error (from_delta: ||dW - s*B@A|| / ||dW||), else None.
 
     >>> layer = LoRALinear(4096, 4096, rank=16, alpha=32, dropout=0.05, device="cuda", dtype=torch.bfloat16)
     >>> y = layer(torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16))
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 bias: bool = True, use_rslora: bool = False, device=None, dtype=None):
+                 bias: bool = True, use_rslora: bool = False, device=None, dtype=None, init: str = "default",
+                 delta: torch.Tensor | None = None, pissa_niter: int | None = None):
         super().__init__()
         check_rank(in_features, "in_features")
         check_rank(out_features, "out_features")
         kw = {"device": device, "dtype": dtype}
         base = nn.Linear(in_features, out_features, bias=bias, **kw)
-        self._init(base.weight, base.bias, rank, alpha, dropout, use_rslora)
+        self._init(base.weight, base.bias, rank, alpha, dropout, use_rslora, init, delta, pissa_niter)
 
-    def _init(self, weight: nn.Parameter, bias: nn.Parameter | None, rank, alpha, dropout, use_rslora) -> None:
+    adapter_variant = "lora"
+
+    def _init(self, weight: nn.Parameter, bias: nn.Parameter | None, rank, alpha, dropout, use_rslora,
+              init="default", delta=None, pissa_niter=None) -> None:
         self.rank = check_rank(rank)
         self.alpha = check_scaling(alpha, "alpha")
         self.dropout = check_dropout(dropout, "dropout")
@@ -55,26 +65,46 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.rank, **kw))
         self.merged = False
-        self.reset_lora_parameters()
+        self.reset_lora_parameters(init, delta, pissa_niter)
 
     @property
     def scaling(self) -> float:
         return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
 
-    def reset_lora_parameters(self) -> None:
-        """PEFT's default: A ~ kaiming-uniform(a = sqrt(5)), B = 0."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+    @torch.no_grad()
+    def reset_lora_parameters(self, init: str = "default", delta: torch.Tensor | None = None,
+                              pissa_niter: int | None = None, generator: torch.Generator | None = None) -> None:
+        """(Re)initialise A and B by `init` (lora_fast.init.init_lora); "pissa"/"nonzero" also rewrite W in place.
+
+        Default: PEFT's, A ~ kaiming-uniform(a = sqrt(5)), B = 0. The scaling (rsLoRA or not) is the layer's.
+        """
+        check_init(init)
+        if self.merged:
+            raise ValueError("reset_lora_parameters on a merged layer: unmerge() first")
+        res = init_lora(self.weight, self.rank, init, self.scaling, delta, pissa_niter, generator)
+        self.lora_A.copy_(res.A)
+        self.lora_B.copy_(res.B)
+        if res.weight is not None:
+            self.weight.copy_(res.weight)
+        self.init, self.init_error = init, res.error
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors an adapter file holds for this layer (count_parameters sizes the adapter from these)."""
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
-                    use_rslora: bool = False) -> "LoRALinear":
-        """Wrap `linear`, sharing (not copying) its weight and bias, which are frozen."""
+                    use_rslora: bool = False, init: str = "default", delta: torch.Tensor | None = None,
+                    pissa_niter: int | None = None) -> "LoRALinear":
+        """Wrap `linear`, sharing (not copying) its weight and bias, which are frozen.
+
+        init="pissa" or "nonzero" rewrites the shared weight in place: `linear` then holds the residual too.
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._init(linear.weight, linear.bias, rank, alpha, dropout, use_rslora)
+        layer._init(linear.weight, linear.bias, rank, alpha, dropout, use_rslora, init, delta, pissa_niter)
         return layer
 
     def delta_weight(self) -> torch.Tensor:
@@ -108,7 +138,7 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"alpha={self.alpha:g}, scaling={self.scaling:g}, dropout={self.dropout:g}, "
-                f"bias={self.bias is not None}, use_rslora={self.use_rslora}, merged={self.merged}")
+                f"bias={self.bias is not None}, use_rslora={self.use_rslora}, init={self.init}, merged={self.merged}")
 
 
 def _matches(name: str, targets: Iterable[str] | str) -> bool:
@@ -119,11 +149,15 @@ def _matches(name: str, targets: Iterable[str] | str) -> bool:
 
 
 def apply_lora(model: nn.Module, target_modules: Iterable[str] | str = ("q_proj", "k_proj", "v_proj", "o_proj"),
-               rank: int = 8, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False) -> nn.Module:
-    """Replace every nn.Linear of `model` whose name matches `target_modules` by a LoRALinear sharing its
-    weights, freeze every other parameter, and return `model` (changed in place).
+               rank: int = 8, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False,
+               init: str = "default", pissa_niter: int | None = None,
+               deltas: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """Replace every nn.Linear (nn.Embedding) of `model` whose name matches `target_modules` by a LoRALinear
+    (LoRAEmbedding) sharing its weights, freeze every other parameter, and return `model` (changed in place).
 
     target_modules: names or name suffixes (["q_proj", "mlp.up_proj"]), or one regex string (full match).
+    init, pissa_niter: see LoRALinear (embeddings take no dropout, as in PEFT). init="from_delta" needs
+    deltas={module name: dW} for every matched module (dW [out, in] for a linear, [vocab, dim] for an embedding).
 
     >>> model = apply_lora(model, ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], rank=16, alpha=32)
     """
@@ -138,42 +172,154 @@ def apply_lora(model: nn.Module, target_modules: Iterable[str] | str = ("q_proj"
         raise TypeError(f"target_modules must be a regex string or a list of module names, got {target_modules!r}")
     check_rank(rank)
     check_dropout(dropout, "dropout")
+    check_init(init)
+    if (deltas is not None) != (init == "from_delta"):
+        raise ValueError("deltas={module name: dW} goes with init='from_delta' and only with it")
     replaced = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and not isinstance(module, LoRALinear) and _matches(name, target_modules):
+        if isinstance(module, (nn.Linear, nn.Embedding)) and not isinstance(module, LoRALinear) \
+                and _matches(name, target_modules):
+            delta = None
+            if deltas is not None:
+                if name not in deltas:
+                    raise ValueError(f"init='from_delta': deltas has no entry for matched module {name!r}")
+                delta = deltas[name]
             replaced.append(name)
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, LoRALinear.from_linear(module, rank, alpha, dropout, use_rslora))
+            if isinstance(module, nn.Embedding):
+                wrapped = LoRAEmbedding.from_embedding(module, rank, alpha, use_rslora, init, delta, pissa_niter)
+            else:
+                wrapped = LoRALinear.from_linear(module, rank, alpha, dropout, use_rslora, init, delta, pissa_niter)
+            setattr(parent, child, wrapped)
     if not replaced:
-        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear in the model")
+        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear or nn.Embedding in the model")
     for name, param in model.named_parameters():
         param.requires_grad_(name.endswith("lora_A") or name.endswith("lora_B"))
     return model
 
 
 @dataclass
+class VariantCount:
+    """One adapter variant's share of a model: its modules, trainable and adapter parameters, bytes on disk."""
+    modules: int
+    trainable: int
+    adapter: int
+    adapter_bytes: int
+
+
+@dataclass
 class ParameterCount:
+    """trainable / total parameters (PEFT's print line), plus the adapter: `adapter` parameters (every tensor an
+    adapter file stores, trainable or frozen-but-adapter-owned, e.g. VeRA's shared projections, counted once),
+    `adapter_bytes` (its safetensors size) and `by_variant` {variant name: VariantCount}."""
     trainable: int
     total: int
+    adapter: int = 0
+    adapter_bytes: int = 0
+    by_variant: dict[str, VariantCount] = field(default_factory=dict)
 
     @property
     def percent(self) -> float:
         return 100.0 * self.trainable / max(1, self.total)
 
     def __str__(self) -> str:
-        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
+        line = f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
+        if self.adapter:
+            line += f" || adapter: {self.adapter:,} params, {self.adapter_bytes:,} bytes"
+        return line
+
+
+def _storage_key(t: torch.Tensor):
+    """Tensors sharing memory (one VeRA projection used by many layers) count once."""
+    ptr = t.untyped_storage().data_ptr() if t.device.type != "meta" else 0
+    return ptr if ptr else id(t)
+
+
+# Above this many bytes of tensors, count_parameters estimates the safetensors size instead of serializing
+# (which copies every tensor to host memory: fine for adapters, not for a fully trainable 7B model).
+_SERIALIZE_LIMIT = 64 << 20
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Size of `tensors` saved as one safetensors file: exact (safetensors' serializer) up to _SERIALIZE_LIMIT,
+    else data bytes + the JSON header, which can differ from the real header by a few bytes of padding."""
+    if not tensors:
+        return 0
+    data = sum(t.numel() * t.element_size() for t in tensors.values())
+    try:
+        from safetensors.torch import save
+    except ImportError:
+        save = None
+    if save is not None and data <= _SERIALIZE_LIMIT:
+        return len(save({k: t.detach().contiguous().cpu() for k, t in tensors.items()}))
+    header, offset = {}, 0
+    for k, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[k] = {"dtype": _ST_DTYPES.get(t.dtype, "F32"), "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    return 8 + -(-len(json.dumps(header, separators=(",", ":"))) // 8) * 8 + data
+
+
+def _adapter_tensors(model: nn.Module) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, int]]:
+    """{variant: {qualified name: tensor}} and {variant: number of modules}, each storage once (the largest view kept, in the first variant that
+    holds it). Adapter modules are those with `adapter_state_dict()`; a trainable parameter outside them (a
+    trained head, say) belongs to variant "other"."""
+    found: dict[object, tuple[str, str, torch.Tensor]] = {}
+    owned, modules = set(), {}
+
+    def add(variant: str, name: str, t: torch.Tensor) -> None:
+        key = _storage_key(t)
+        if key not in found or t.numel() > found[key][2].numel():
+            found[key] = (found[key][0] if key in found else variant, name, t)
+
+    for mname, module in model.named_modules():
+        if callable(getattr(module, "adapter_state_dict", None)):
+            variant = getattr(module, "adapter_variant", type(module).__name__)
+            modules[variant] = modules.get(variant, 0) + 1
+            for k, t in module.adapter_state_dict().items():
+                add(variant, f"{mname}.{k}" if mname else k, t)
+            owned.update(id(p) for p in module.parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in owned:
+            add("other", name, p)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for variant, name, t in found.values():
+        out.setdefault(variant, {})[name] = t
+    return out, modules
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:
-    """Trainable and total parameters of `model` (shared tensors counted once)."""
+    """Trainable and total parameters of `model` (shared tensors counted once), and the adapter's size.
+
+    Adapter convention (for every variant module): a module that defines `adapter_state_dict() -> {name: tensor}`
+    (the tensors an adapter file holds for it) and `adapter_variant` (a name, e.g. "lora", "vera", "dora") is an
+    adapter. Tensors that share memory across modules count once. `total` also includes adapter tensors that
+    are buffers rather than parameters. `adapter_bytes` is the safetensors size of each variant's tensors.
+
+    >>> model = apply_lora(model, ["q_proj", "v_proj"], rank=16)
+    >>> c = count_parameters(model)
+    >>> print(c, c.by_variant["lora"].adapter_bytes)
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
-        if id(p) in seen:
+        if _storage_key(p) in seen:
             continue
-        seen.add(id(p))
+        seen.add(_storage_key(p))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
-    return ParameterCount(trainable, total)
+    count = ParameterCount(trainable, total)
+    tensors_by_variant, modules = _adapter_tensors(model)
+    for variant, tensors in tensors_by_variant.items():
+        uniq = list(tensors.values())
+        vc = VariantCount(modules.get(variant, 0), sum(t.numel() for t in uniq if t.requires_grad), sum(t.numel() for t in uniq),
+                          _safetensors_bytes(tensors))
+        count.by_variant[variant] = vc
+        count.adapter += vc.adapter
+        count.adapter_bytes += vc.adapter_bytes
+        count.total += sum(t.numel() for t in uniq if _storage_key(t) not in seen)
+    return count

@@ -1,0 +1,183 @@
+"""LoRA initialisation schemes: `init_lora(weight, rank, scheme, scaling, ...) -> LoRAInit(A, B, weight, error)`.
+
+A LoRA adapter adds `s * B @ A` to a frozen `W [N, K]` (A `[r, K]`, B `[N, r]`, s the scaling). The scheme picks
+A and B, and for some schemes a new W:
+
+| scheme | A | B | W | output at init |
+|---|---|---|---|---|
+| "default" | kaiming-uniform (a=sqrt(5)): U(-1/sqrt(K), 1/sqrt(K)) | 0 | unchanged | = base |
+| "gaussian" | N(0, std=1/r) (PEFT's `init_lora_weights="gaussian"`) | 0 | unchanged | = base |
+| "nonzero" | kaiming-uniform (a=sqrt(5)) on fan-in K | kaiming-uniform (a=sqrt(5)) on fan-in r | W - s*B@A | = base within W's rounding |
+| "pissa" | sqrt(S_r/s) * Vh_r | U_r * sqrt(S_r/s) | W - s*B@A (residual) | = base within W's rounding |
+| "from_delta" | sqrt(S_r/s) * Vh_r of dW | U_r * sqrt(S_r/s) of dW | unchanged | base + best rank-r dW |
+
+"zeros" (A = B = 0) is refused: dL/dA = s * B^T (...) and dL/dB = s * (...) A^T are both zero when A = B = 0, so
+neither factor ever moves: the adapter never learns.
+
+The SVD of "pissa" / "from_delta" runs in fp32 (fp64 for fp64 weights); `niter=` switches to a randomized SVD
+(`torch.svd_lowrank`, Halko et al.) for big matrices. The scaling split (S divided by s before the square root)
+is PEFT's, so s*B@A is exactly the top-r part of the SVD whatever alpha is, with or without rsLoRA.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .validation import check_rank, check_scaling, check_tensor
+
+logger = logging.getLogger("lora_fast")
+
+INIT_SCHEMES = ("default", "gaussian", "nonzero", "pissa", "from_delta")
+
+# Extra columns the randomized SVD samples beyond the rank: 5-10 makes the top-r subspace accurate for matrices
+# whose spectrum decays slowly (Halko, Martinsson & Tropp 2011, section 4.2). PEFT's pissa_niter samples none.
+SVD_OVERSAMPLE = 8
+
+ZEROS_MESSAGE = ("init='zeros' is refused: with A = 0 and B = 0 the gradients dL/dA = s * B^T (dY^T X) and "
+                 "dL/dB = s * dY^T (X A^T) are both exactly zero, so neither factor ever changes and the adapter "
+                 "never learns. Use 'default' (A random, B zero) or 'gaussian'.")
+
+
+class LoRAInit(NamedTuple):
+    """What `init_lora` returns.
+
+    A: [r, K]; B: [N, r]; weight: the new base weight [N, K] to copy into W, or None when W stays as it is;
+    error: for "from_delta", ||dW - s*B@A||_F / ||dW||_F (computed with A and B as rounded to their dtype),
+    for "pissa" and "nonzero", ||W_new + s*B@A - W||_F / ||W||_F (the rounding of the new W); else None.
+    """
+    A: torch.Tensor
+    B: torch.Tensor
+    weight: torch.Tensor | None
+    error: float | None
+
+
+def check_init(init) -> str:
+    """`init` is one of INIT_SCHEMES; "zeros" gets an explanation."""
+    if not isinstance(init, str):
+        raise TypeError(f"init must be a string, one of {INIT_SCHEMES}, got {type(init).__name__}")
+    if init == "zeros":
+        raise ValueError(ZEROS_MESSAGE)
+    if init not in INIT_SCHEMES:
+        raise ValueError(f"init must be one of {INIT_SCHEMES}, got {init!r}")
+    return init
+
+
+def _check_niter(niter) -> int | None:
+    if niter is None:
+        return None
+    if isinstance(niter, bool) or not isinstance(niter, int) or niter < 0:
+        raise ValueError(f"pissa_niter must be None (exact SVD) or an int >= 0 (randomized SVD), got {niter!r}")
+    return niter
+
+
+def _svd_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def truncated_svd(matrix: torch.Tensor, rank: int, niter: int | None = None):
+    """Top-`rank` singular triplets of `matrix` [N, K]: (U [N, r], S [r], Vh [r, K]) in fp32 (fp64 for fp64).
+
+    niter=None: exact `torch.linalg.svd`. niter >= 0: randomized SVD (`torch.svd_lowrank` with `niter` power
+    iterations and SVD_OVERSAMPLE extra columns), O(N K r) instead of O(N K min(N, K)); draws from torch's RNG.
+
+    >>> U, S, Vh = truncated_svd(torch.randn(64, 32), 4)
+    >>> U.shape, S.shape, Vh.shape
+    (torch.Size([64, 4]), torch.Size([4]), torch.Size([4, 32]))
+    """
+    check_tensor("matrix", matrix, ndim=2)
+    rank = check_rank(rank)
+    niter = _check_niter(niter)
+    if rank > min(matrix.shape):
+        raise ValueError(f"rank={rank} exceeds min(N, K) = {min(matrix.shape)} of the {tuple(matrix.shape)} matrix: "
+                         "an SVD-based init needs rank <= min(N, K)")
+    m = matrix.detach().to(_svd_dtype(matrix))
+    if niter is None:
+        U, S, Vh = torch.linalg.svd(m, full_matrices=False)
+    else:
+        U, S, V = torch.svd_lowrank(m, q=min(rank + SVD_OVERSAMPLE, *m.shape), niter=niter)
+        Vh = V.mT
+    return U[:, :rank], S[:rank], Vh[:rank]
+
+
+def _svd_factors(matrix: torch.Tensor, rank: int, scaling: float, niter: int | None, dtype: torch.dtype):
+    """PEFT's split: A = sqrt(S/s) Vh, B = U sqrt(S/s), so that s * B @ A = U S Vh (the top-r part)."""
+    U, S, Vh = truncated_svd(matrix, rank, niter)
+    root = (S / scaling).sqrt()
+    return (root[:, None] * Vh).to(dtype).contiguous(), (U * root[None, :]).to(dtype).contiguous()
+
+
+def _delta(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """s * B @ A in fp32 (fp64 for fp64)."""
+    t = _svd_dtype(A)
+    return B.to(t) @ A.to(t) * scaling
+
+
+def _rel(diff: torch.Tensor, ref: torch.Tensor) -> float:
+    return (diff.norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _compensate(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float):
+    """W - s*B@A rounded to W's dtype, and how far W_new + s*B@A lands from W (relative Frobenius)."""
+    w = weight.detach().to(_svd_dtype(weight))
+    new = (w - _delta(A, B, scaling)).to(weight.dtype)
+    return new, _rel(new.to(w.dtype) + _delta(A, B, scaling) - w, w)
+
+
+def init_lora(weight: torch.Tensor, rank: int, scheme: str = "default", scaling: float = 1.0,
+              delta: torch.Tensor | None = None, pissa_niter: int | None = None,
+              generator: torch.Generator | None = None) -> LoRAInit:
+    """A [r, K] and B [N, r] for `weight` [N, K] by `scheme` (see the module docstring), in weight's dtype/device.
+
+    scaling: the adapter's s (alpha/r, or alpha/sqrt(r) with rsLoRA): "pissa" and "from_delta" divide S by it
+    and "nonzero" / "pissa" subtract s*B@A from W. delta: dW [N, K], required by "from_delta" only.
+    pissa_niter: None for the exact SVD, else power iterations of a randomized SVD ("pissa" and "from_delta").
+    generator: for the random schemes. The caller copies `.weight` (when not None) into the base weight.
+
+    >>> W = torch.randn(32, 48)
+    >>> A, B, W_res, _ = init_lora(W, 4, "pissa", scaling=2.0)
+    >>> torch.allclose(W_res + 2.0 * B @ A, W, atol=1e-5)
+    True
+    """
+    check_tensor("weight", weight, ndim=2)
+    rank = check_rank(rank)
+    scheme = check_init(scheme)
+    scaling = check_scaling(scaling)
+    if scaling == 0.0 and scheme in ("pissa", "from_delta"):
+        raise ValueError(f"init={scheme!r} divides the singular values by scaling, which is 0 (alpha=0)")
+    if delta is not None and scheme != "from_delta":
+        raise ValueError(f"delta is only used by init='from_delta', got init={scheme!r}")
+    if pissa_niter is not None and scheme not in ("pissa", "from_delta"):
+        raise ValueError(f"pissa_niter is only used by init='pissa' or 'from_delta', got init={scheme!r}")
+    N, K = weight.shape
+    kw = {"device": weight.device, "dtype": weight.dtype}
+    if scheme == "pissa":
+        A, B = _svd_factors(weight, rank, scaling, pissa_niter, weight.dtype)
+        new, err = _compensate(weight, A, B, scaling)
+        return LoRAInit(A, B, new, err)
+    if scheme == "from_delta":
+        if delta is None:
+            raise ValueError("init='from_delta' needs delta=dW [N, K] (for example W_finetuned - W_0)")
+        check_tensor("delta", delta, ndim=2)
+        if tuple(delta.shape) != (N, K):
+            raise ValueError(f"delta must be [N, K] = [{N}, {K}] like the weight, got {tuple(delta.shape)}")
+        A, B = _svd_factors(delta.to(weight.device), rank, scaling, pissa_niter, weight.dtype)
+        d = delta.detach().to(device=weight.device, dtype=_svd_dtype(weight))
+        err = _rel(_delta(A, B, scaling) - d, d)
+        logger.info("lora_fast init='from_delta': rank-%d approximation of dW %s, relative error %.3e",
+                    rank, tuple(delta.shape), err)
+        return LoRAInit(A, B, None, err)
+    A = torch.empty(rank, K, **kw)
+    B = torch.zeros(N, rank, **kw)
+    if scheme == "gaussian":
+        nn.init.normal_(A, std=1.0 / rank, generator=generator)
+    else:  # default and nonzero
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+    if scheme != "nonzero":
+        return LoRAInit(A, B, None, None)
+    nn.init.kaiming_uniform_(B, a=math.sqrt(5), generator=generator)
+    new, err = _compensate(weight, A, B, scaling)
+    return LoRAInit(A, B, new, err)
