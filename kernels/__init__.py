@@ -2,6 +2,7 @@
 
 No autograd and no modules here: see `lora_fast.functional` for those.
 """
+from .dora import column_dot, dora_row_stats
 from .dropout import dropout_mask
 from .helpers import is_interpret
 from .lora_bwd import lora_backward_dx, lora_grad_ab
@@ -10,5 +11,5 @@ from .lora_shrink import lora_shrink
 
 __all__ = [
     "dropout_mask", "is_interpret", "lora_backward_dx", "lora_forward", "lora_grad_ab", "lora_shrink",
-    "choose_xa_mode",
+    "choose_xa_mode", "column_dot", "dora_row_stats",
 ]

@@ -76,6 +76,17 @@ def check_shapes(**named) -> None:
             raise ValueError(f"{name} is {t.dtype} on {t.device} but {ref[0]} is {ref[1].dtype} on {ref[1].device}")
 
 
+def check_vector(name, v, length, like) -> None:
+    """Launcher guard for an optional per-row/per-column scale vector: None, or 1-D [length], contiguous, float,
+    on `like`'s device (its dtype may differ: kernels load it and upcast)."""
+    if v is None:
+        return
+    if v.dim() != 1 or v.shape[0] != length or v.stride(0) != 1:
+        raise ValueError(f"{name} must be a contiguous [{length}] vector, got shape {list(v.shape)}")
+    if not v.is_floating_point() or v.device != like.device:
+        raise ValueError(f"{name} must be a float tensor on {like.device}, got {v.dtype} on {v.device}")
+
+
 def acc_dtype(dtype: torch.dtype):
     """Accumulator dtype of the kernels for operands of `dtype`: fp64 for fp64, fp32 otherwise."""
     return tl.float64 if dtype == torch.float64 else tl.float32

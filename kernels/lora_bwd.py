@@ -17,8 +17,8 @@ import triton.language as tl
 
 from .config import gemm_config, num_sms, reduce_m_config
 from .helpers import (
-    acc_dtype, apply_dropout, check_shapes, dot, dot_precision, dropout_keep, dropout_threshold, next_pow2_rank, output_tile,
-    tensor_descriptor, tma_enabled,
+    acc_dtype, apply_dropout, check_shapes, check_vector, dot, dot_precision, dropout_keep, dropout_threshold, next_pow2_rank, output_tile,
+    tensor_descriptor, tma_enabled, upcast,
 )
 from .lora_fwd import EPILOGUE_RANK_BLOCK, _output, choose_xa_mode
 from .lora_shrink import lora_shrink
@@ -34,6 +34,7 @@ def _lora_bwd_dx_kernel(
     DROPOUT: tl.constexpr, COMPUTE_DYB: tl.constexpr, STORE_DYB: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    DY_SCALE=None, HAS_DY_SCALE: tl.constexpr = False,
 ):
     """One BLOCK_M x BLOCK_K tile of dX, reducing over N in BLOCK_N steps.
 
@@ -44,6 +45,8 @@ def _lora_bwd_dx_kernel(
         programs when STORE_DYB.
     scaling: s; seed, thr_shifted, inv_keep, K4: the forward's dropout mask (helpers.dropout_keep) if DROPOUT.
     BLOCK_R: padded rank (COMPUTE_DYB) or the epilogue's rank chunk; NUM_R_CHUNKS: chunks in the epilogue.
+    DY_SCALE: [N], any float dtype, read if HAS_DY_SCALE: every dY tile is scaled by it per column (in fp32,
+        rounded back to dY's dtype) before both products, i.e. the kernel differentiates DY_SCALE * Y (DoRA).
     """
     pid_m, pid_k, offs_m, offs_k = output_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -67,6 +70,9 @@ def _lora_bwd_dx_kernel(
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             dy_ptrs += BLOCK_N * stride_dyn
             w_ptrs += BLOCK_N * stride_wn
+        if HAS_DY_SCALE:
+            g = tl.load(DY_SCALE + n0 + offs_n, mask=mask_n, other=0.0)
+            dy = (upcast(dy) * upcast(g)[None, :]).to(dy.dtype)
         acc = dot(dy, w, acc, PRECISION)
         if COMPUTE_DYB:
             b = tl.load(b_ptrs, mask=mask_n[:, None], other=0.0)
@@ -169,26 +175,31 @@ def _lora_grad_ab_kernel(
 
 
 def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_dyb=True, dyb_mode="auto",
-                     out=None, tma="auto"):
+                     out=None, tma="auto", dy_scale=None):
     """dX = dY @ W + s * drop'((dY @ B) @ A), fused into one GEMM.
 
     dy: [M, N], weight: [N, K], lora_A: [r, K], lora_B: [N, r] (any strides, one dtype); scaling, dropout_p
     and seed as in the forward. Returns (dx [M, K], dyb [M, r] = dY @ B unscaled, or None unless store_dyb).
     dyb_mode: "fused" (dyb accumulated inside the GEMM), "shrink" (one extra pass over dY), or "auto".
     out: optional preallocated dx [M, K] of dy's dtype and device. tma: as in lora_forward.
+    dy_scale: optional [N] vector g: the gradient of y = g * (x @ W^T + s * xa @ B^T): dy is replaced by g * dy
+        (per column) inside the kernel, and the returned dyb is (g * dy) @ B (DoRA).
 
     >>> dx, dyb = lora_backward_dx(dy, W, A, B, 2.0)
     """
     M, N = dy.shape
     K, rank = weight.shape[1], lora_A.shape[0]
     check_shapes(dy=(dy, (M, N)), weight=(weight, (N, K)), lora_A=(lora_A, (rank, K)), lora_B=(lora_B, (N, rank)))
+    check_vector("dy_scale", dy_scale, N, dy)
     dx = _output(out, (M, K), dy, "out")
     if dyb_mode == "auto":
         dyb_mode = choose_xa_mode(M, rank, dropout=False)
     if M == 0 or K == 0:
         return dx, (torch.zeros((M, rank), device=dy.device, dtype=dy.dtype) if store_dyb else None)
     if dyb_mode == "shrink":
-        dyb = lora_shrink(dy, lora_B.t())
+        # (g * dy) @ B = dy @ (g * B): fold the column scale into the [N, r] factor rather than into dy.
+        b_shrink = lora_B if dy_scale is None else (lora_B * dy_scale[:, None]).to(lora_B.dtype)
+        dyb = lora_shrink(dy, b_shrink.t())
     elif dyb_mode == "fused":
         dyb = torch.empty((M, rank), device=dy.device, dtype=dy.dtype) if store_dyb else None
     else:
@@ -217,7 +228,8 @@ def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
         DROPOUT=dropout_p > 0.0, COMPUTE_DYB=compute, STORE_DYB=compute and dyb is not None, USE_TMA=use_tma,
         BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_N=cfg.block_k, BLOCK_R=block_r,
         NUM_R_CHUNKS=1 if compute else triton.cdiv(rank, block_r), GROUP_M=cfg.group_m,
-        PRECISION=dot_precision(dy.dtype), ACC=acc_dtype(dy.dtype), **cfg.launch(),
+        PRECISION=dot_precision(dy.dtype), ACC=acc_dtype(dy.dtype),
+        DY_SCALE=dy_scale, HAS_DY_SCALE=dy_scale is not None, **cfg.launch(),
     )
     return dx, dyb
 

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .config import gemm_config
 from .helpers import (
-    acc_dtype, apply_dropout, check_shapes, dot, dot_precision, dropout_keep, dropout_threshold, next_pow2_rank, output_tile,
+    acc_dtype, apply_dropout, check_shapes, check_vector, dot, dot_precision, dropout_keep, dropout_threshold, next_pow2_rank, output_tile,
     tensor_descriptor, tma_enabled,
 )
 from .lora_shrink import lora_shrink
@@ -45,6 +45,7 @@ def _lora_fwd_kernel(
     USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    OUT_SCALE=None, HAS_OUT_SCALE: tl.constexpr = False,
 ):
     """One BLOCK_M x BLOCK_N tile of Y.
 
@@ -56,6 +57,8 @@ def _lora_fwd_kernel(
     scaling: s; seed, thr_shifted, inv_keep, K4: the dropout mask (helpers.dropout_keep), used if DROPOUT.
     BLOCK_R: padded rank (COMPUTE_XA: the whole rank, a power of two >= 16; else the epilogue's rank chunk),
     NUM_R_CHUNKS: rank chunks in the epilogue (1 when COMPUTE_XA). PRECISION: tl.dot precision for fp32; ACC: accumulator dtype.
+    OUT_SCALE: [N], any float dtype, read if HAS_OUT_SCALE: Y = OUT_SCALE * (X @ W^T + LoRA term) + BIAS (DoRA's
+        per-output magnitude factor, applied in fp32 before the bias).
     """
     pid_m, pid_n, offs_m, offs_n = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
@@ -106,6 +109,8 @@ def _lora_fwd_kernel(
                         mask=(rr[:, None] < RANK) & mask_n[None, :], other=0.0)
             acc = dot((xa_c.to(ACC) * scaling).to(b.dtype), b, acc, PRECISION)
 
+    if HAS_OUT_SCALE:
+        acc = acc * tl.load(OUT_SCALE + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
     if HAS_BIAS:
         bias = tl.load(BIAS + offs_n, mask=mask_n, other=0.0)
         acc += bias.to(ACC)[None, :]
@@ -138,7 +143,7 @@ def choose_xa_mode(m: int, rank: int, dropout: bool) -> str:
 
 
 def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_xa=False, xa_mode="auto",
-                 out=None, tma="auto"):
+                 out=None, tma="auto", out_scale=None):
     """Fused LoRA forward.
 
     x: [M, K], weight: [N, K], bias: [N] or None, lora_A: [r, K], lora_B: [N, r] (any strides, one dtype);
@@ -146,6 +151,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
     Returns (y [M, N], xa [M, r] or None): xa = drop(x) @ A^T, returned when store_xa (for the backward).
     out: optional preallocated y [M, N] of x's dtype and device (any strides).
     tma: "auto" (the config's choice, where the GPU and strides allow), True or False (tests force both).
+    out_scale: optional [N] vector g (any float dtype, x's device): y = g * (x @ W^T + s * xa @ B^T) + b (DoRA).
 
     >>> y, _ = lora_forward(x, W, b, A, B, 2.0)
     >>> y, xa = lora_forward(x, W, None, A, B, 2.0, dropout_p=0.1, seed=7, store_xa=True)
@@ -154,6 +160,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
     N, rank = weight.shape[0], lora_A.shape[0]
     check_shapes(x=(x, (M, K)), weight=(weight, (N, K)), bias=(bias, (N,)), lora_A=(lora_A, (rank, K)),
                  lora_B=(lora_B, (N, rank)))
+    check_vector("out_scale", out_scale, N, x)
     y = _output(out, (M, N), x, "out")
     dropout = dropout_p > 0.0
     if xa_mode == "auto":
@@ -187,7 +194,8 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
         STORE_XA=compute_xa and xa is not None, USE_TMA=use_tma,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
         NUM_R_CHUNKS=1 if compute_xa else triton.cdiv(rank, block_r), GROUP_M=cfg.group_m,
-        PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype), **cfg.launch(),
+        PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype),
+        OUT_SCALE=out_scale, HAS_OUT_SCALE=out_scale is not None, **cfg.launch(),
     )
     return y, xa
 

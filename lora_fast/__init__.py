@@ -17,6 +17,8 @@ if _util.find_spec(".kernels", __name__) is None:
 from . import kernels, reference  # noqa: E402
 from .functional import LoRALinearFunction, lora_linear, use_triton
 from .layers import LoRALinear, ParameterCount, apply_lora, count_parameters
+from .dora import DoRALinear, apply_dora, dora_linear, dora_weight_norm
+from .vera import VeRALinear, VeRAProjections, apply_vera, shared_projections, vera_linear
 from .multi_lora import (
     AdapterPool, BatchMetadata, MultiLoRALinear, make_batch_metadata, multi_lora_linear, validate_adapter_ids,
 )
@@ -25,4 +27,6 @@ __all__ = [
     "AdapterPool", "BatchMetadata", "LoRALinear", "LoRALinearFunction", "MultiLoRALinear", "ParameterCount",
     "apply_lora", "count_parameters", "kernels", "lora_linear", "make_batch_metadata", "multi_lora_linear",
     "reference", "use_triton", "validate_adapter_ids",
+    "DoRALinear", "apply_dora", "dora_linear", "dora_weight_norm",
+    "VeRALinear", "VeRAProjections", "apply_vera", "shared_projections", "vera_linear",
 ]

@@ -22,18 +22,24 @@ def lora_shrink(x, lora_A, dropout_p=0.0, seed=0):
 
 
 def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_xa=False, xa_mode="auto",
-                 out=None):
-    """(y [M, N], xa [M, r] or None) = (x @ W^T + b + s * xa @ B^T, drop(x) @ A^T)."""
+                 out=None, out_scale=None):
+    """(y [M, N], xa [M, r] or None) = (g * (x @ W^T + s * xa @ B^T) + b, drop(x) @ A^T); g = out_scale or 1."""
     xa = lora_shrink(x, lora_A, dropout_p, seed)
-    y = torch.nn.functional.linear(x, weight, bias) + (xa * scaling) @ lora_B.t()
+    if out_scale is None:
+        y = torch.nn.functional.linear(x, weight, bias) + (xa * scaling) @ lora_B.t()
+    else:
+        y = ((torch.nn.functional.linear(x, weight) + (xa * scaling) @ lora_B.t()) * out_scale).to(x.dtype)
+        y = y if bias is None else y + bias
     if out is not None:
         y = out.copy_(y)
     return y, (xa if store_xa else None)
 
 
 def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_dyb=True, dyb_mode="auto",
-                     out=None):
-    """(dx [M, K], dyb [M, r]) = (dy @ W + s * drop'(dyb @ A), dy @ B)."""
+                     out=None, dy_scale=None):
+    """(dx [M, K], dyb [M, r]) = (dy @ W + s * drop'(dyb @ A), dy @ B), dy first scaled by dy_scale [N] if given."""
+    if dy_scale is not None:
+        dy = (dy * dy_scale).to(dy.dtype)
     dyb = dy @ lora_B
     low = _drop((dyb * scaling) @ lora_A, dropout_p, seed)
     dx = dy @ weight + low
@@ -47,3 +53,17 @@ def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p=0.0, seed=
     dA = ((dyb.t() @ _drop(x, dropout_p, seed)) * scaling).to(a_dtype) if need_a else None
     dB = ((dy.t() @ xa) * scaling).to(b_dtype) if need_b else None
     return dA, dB
+
+
+def dora_row_stats(weight, lora_A):
+    """(||W||^2 per row [N], W @ A^T [N, r]), both fp32 (fp64 for fp64): kernels.dora_row_stats."""
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    w = weight.to(acc)
+    return (w * w).sum(1), w @ lora_A.to(acc).t()
+
+
+def column_dot(u, v, bias=None):
+    """sum_m u[m, n] * (v[m, n] - bias[n]) in fp32 (fp64 for fp64): [N]; kernels.column_dot."""
+    acc = torch.promote_types(u.dtype, torch.float32)
+    v = v.to(acc) if bias is None else v.to(acc) - bias.to(acc)
+    return (u.to(acc) * v).sum(0)

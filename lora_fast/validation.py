@@ -81,3 +81,14 @@ def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, 
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
     return check_scaling(scaling), check_dropout(dropout_p)
+
+
+def check_vector_param(name: str, v, length: int, x: torch.Tensor) -> torch.Tensor:
+    """A per-row or per-output vector (DoRA's magnitude, VeRA's lambdas): 1-D [length], float, on x's device.
+    Its dtype may differ from x's (kernels upcast it), e.g. fp32 trainable vectors on a bf16 model."""
+    check_tensor(name, v, ndim=1)
+    if v.shape[0] != length:
+        raise ValueError(f"{name} must be [{length}], got {tuple(v.shape)}")
+    if v.device != x.device:
+        raise ValueError(f"{name} is on {v.device} but x is on {x.device}: all operands must share one device")
+    return v

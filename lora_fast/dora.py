@@ -1,0 +1,223 @@
+"""DoRA (weight-decomposed LoRA) on the fused kernels: `dora_linear`, `DoRALinear`, `apply_dora`.
+
+    y = g * (x @ W^T + s * (x @ A^T) @ B^T) + b,    g = m / ||W + s * B @ A||_row    (no dropout, or eval)
+
+with PEFT's conventions (peft/tuners/lora/dora.py): the weight norm is detached (a constant in the backward, DoRA
+paper section 4.3), the bias is added after the scaling, and with dropout p > 0 in training the base output keeps
+the undropped x while the DoRA correction uses the dropped one:
+
+    y = x @ W^T + b + (g - 1) * (drop(x) @ W^T) + g * s * (drop(x) @ A^T) @ B^T
+
+Fused path (no dropout): the forward is one `lora_forward` launch with g applied in its epilogue (`out_scale`);
+the backward is one `lora_backward_dx` launch with g applied to every dY tile (`dy_scale`), one `lora_grad_ab`
+launch (dB's rows scaled by g afterwards, in fp32) and one `column_dot` pass for dm. The norm comes from one pass
+over W plus rank-sized products (`kernels/dora.py`): the [N, K] merged weight is never formed.
+With dropout, the extra `(x - drop(x)) @ W^T` term is a second cuBLAS GEMM and drop(x) is materialised (what
+PEFT's own forward does too); the DoRA part still runs fused.
+
+The magnitude gradient dm[n] = sum_m dY[m, n] * (y[m, n] - b[n]) / m[n] reads the saved output y (one [M, N]
+tensor kept alive for the backward when m requires grad; PEFT keeps several). Columns with m[n] == 0 (where y
+holds no information) are recomputed exactly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import naive
+from .functional import _ops, draw_seed, use_triton
+from .layers import LoRALinear
+from .philox import dropout_mask_torch
+from .targeting import replace_linears
+from .validation import check_lora_linear_args, check_vector_param
+
+
+def _stats_ops(t: torch.Tensor):
+    # The helper kernels accumulate in fp32; fp64 takes the PyTorch path for them.
+    return naive if t.dtype == torch.float64 else _ops(t)
+
+
+@torch.no_grad()
+def dora_weight_norm(weight, lora_A, lora_B, scaling) -> torch.Tensor:
+    """||W + s * B @ A|| per output row, [N] in fp32 (fp64 for fp64), without forming the [N, K] sum.
+
+    weight: [N, K], lora_A: [r, K], lora_B: [N, r]; scaling: float.
+    ||W + sBA||^2 = ||W||^2 + 2 s rowdot(B, W A^T) + s^2 rowdot(B (A A^T), B): one pass over W, then [N, r] work.
+
+    >>> norm = dora_weight_norm(layer.weight, layer.lora_A, layer.lora_B, layer.scaling)
+    >>> g = layer.lora_magnitude / norm
+    """
+    sq, wa = _stats_ops(weight).dora_row_stats(weight, lora_A)
+    a, b = lora_A.to(wa.dtype), lora_B.to(wa.dtype)
+    cross = (b * wa).sum(1)
+    low = ((b @ (a @ a.t())) * b).sum(1)
+    return (sq + 2.0 * scaling * cross + (scaling * scaling) * low).clamp_min(0.0).sqrt()
+
+
+class DoRALinearFunction(torch.autograd.Function):
+    """y = g * (x @ W^T + s * (x @ A^T) @ B^T) + b, g = magnitude / weight_norm (weight_norm constant).
+
+    Saves x, W, A, B, xa = x @ A^T (when B needs a gradient), and y (when the magnitude does).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling):
+        ops = _ops(x)
+        x2d = x.reshape(-1, x.shape[-1])
+        g = (magnitude.to(weight_norm.dtype) / weight_norm).contiguous()
+        need_b, need_m = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
+        y2d, xa = ops.lora_forward(x2d, weight, bias, lora_A, lora_B, scaling, store_xa=need_b, out_scale=g)
+        ctx.save_for_backward(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, g, xa,
+                              y2d if need_m else None)
+        ctx.scaling = scaling
+        return y2d.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, lora_A, lora_B, magnitude, weight_norm, g, xa, y2d = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
+        ops, s = _ops(x), ctx.scaling
+        x2d = x.reshape(-1, x.shape[-1])
+        dy2d = dy.reshape(-1, weight.shape[0])
+        if dy2d.dtype != x.dtype:
+            dy2d = dy2d.to(x.dtype)
+        dx = dw = dbias = dA = dB = dm = None
+        dyb = None  # (g * dY) @ B
+        if need_x:
+            dx2d, dyb = ops.lora_backward_dx(dy2d, weight, lora_A, lora_B, s, store_dyb=need_a, dy_scale=g)
+            dx = dx2d.reshape(x.shape)
+        elif need_a:
+            dyb = ops.lora_shrink(dy2d, (lora_B * g[:, None]).to(lora_B.dtype).t())
+        if need_a or need_b:
+            # fp32 outputs: dB = s * (g * dY)^T @ xa gets its row scale g before the one rounding to B's dtype.
+            dA, dB = ops.lora_grad_ab(x2d, dy2d, xa, dyb, s, g.dtype, g.dtype, need_a=need_a, need_b=need_b)
+            dA = dA.to(lora_A.dtype) if need_a else None
+            dB = (dB * g[:, None]).to(lora_B.dtype) if need_b else None
+        if need_m:
+            dm = _magnitude_grad(ops, dy2d, y2d, bias, x2d, weight, lora_A, lora_B, magnitude, weight_norm, s)
+        if need_w:
+            dw = ((dy2d * g).to(dy2d.dtype).t() @ x2d).to(weight.dtype)
+        if need_bias and bias is not None:
+            dbias = dy2d.sum(0, dtype=torch.promote_types(dy2d.dtype, torch.float32)).to(bias.dtype)
+        return dx, dw, dbias, dA, dB, dm, None, None
+
+
+def _magnitude_grad(ops, dy2d, y2d, bias, x2d, weight, lora_A, lora_B, magnitude, weight_norm, scaling):
+    """dm = sum_m dY * z / ||.|| with z = (y - b) / g, i.e. sum_m dY * (y - b) / m; columns with m == 0 exact."""
+    m = magnitude.to(weight_norm.dtype)
+    dm = _stats_ops(dy2d).column_dot(dy2d, y2d, bias).to(m.dtype) / torch.where(m == 0, 1.0, m)
+    zero = (m == 0).nonzero().flatten()
+    if zero.numel():  # g = 0 there, so y carries no z: recompute those columns of z (plain PyTorch, rare)
+        z = F.linear(x2d, weight[zero]).to(m.dtype) + scaling * (x2d @ lora_A.t()).to(m.dtype) @ lora_B[zero].t().to(m.dtype)
+        dm[zero] = (dy2d[:, zero].to(m.dtype) * z).sum(0) / weight_norm[zero]
+    return dm.to(magnitude.dtype)
+
+
+def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, training=False):
+    """Fused DoRA linear with PEFT's semantics (module docstring): differentiable in x, A, B, magnitude, bias.
+
+    x: [..., K]; weight: [N, K]; bias: [N] or None; lora_A: [r, K]; lora_B: [N, r] (x's dtype, or fp32 on a half
+    x; one device); magnitude: [N] (any float dtype, x's device); scaling: float; dropout_p in [0, 1), used when `training`.
+    The weight norm ||W + s * B @ A||_row is recomputed from the current A and B on every call, and detached.
+    Returns y: [..., N].
+
+    >>> m = dora_weight_norm(W, A, B, 2.0).requires_grad_()          # DoRA's init: g = 1
+    >>> y = dora_linear(x, W, b, A, B, m, scaling=2.0, dropout_p=0.05, training=True)
+    >>> y.sum().backward()                                          # grads in x, A, B, m
+    """
+    scaling, dropout_p = check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
+    check_vector_param("magnitude", magnitude, weight.shape[0], x)
+    # fp32 adapters on a half x (PEFT's habit) run in x's dtype; their gradients come back in fp32.
+    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
+    p = dropout_p if training else 0.0
+    if p == 0.0:
+        return DoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling)
+    x2d = x.reshape(-1, x.shape[-1])
+    seed = draw_seed()
+    if use_triton(x):
+        from .kernels import dropout_mask
+
+        keep = dropout_mask(seed, x2d.shape[0], x2d.shape[1], p, x.device)
+    else:
+        keep = dropout_mask_torch(seed, x2d.shape[0], x2d.shape[1], p, x.device)
+    xd = torch.where(keep, x2d * (1.0 / (1.0 - p)), torch.zeros((), dtype=x.dtype, device=x.device))
+    y2d = F.linear(x2d - xd, weight, bias) + DoRALinearFunction.apply(xd, weight, None, lora_A, lora_B, magnitude,
+                                                                       norm, scaling)
+    return y2d.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class DoRALinear(LoRALinear):
+    """DoRA on a frozen linear: LoRALinear's A, B, scaling, dropout and init, plus a trained magnitude
+    `lora_magnitude` [out] initialised to ||W + s * B @ A||_row (so the output at init equals LoRA's).
+
+    Same constructor and `from_linear` as LoRALinear. State-dict keys: weight, bias, lora_A, lora_B, lora_magnitude.
+    merge() writes g * (W + s * B @ A) into `weight`; unmerge() restores W (within the dtype's rounding).
+
+    >>> layer = DoRALinear.from_linear(linear, rank=16, alpha=32, dropout=0.05)
+    >>> layer(x).sum().backward()           # grads in layer.lora_A, lora_B, lora_magnitude
+    >>> layer.merge()
+    """
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, *args, **kwargs) -> None:
+        """LoRALinear's (re)initialisation of A and B, then the magnitude set to the new ||W + s * B @ A||_row."""
+        super().reset_lora_parameters(*args, **kwargs)
+        norm = dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling).to(self.weight.dtype)
+        if "lora_magnitude" in self._parameters:
+            self.lora_magnitude.copy_(norm)
+        else:
+            self.lora_magnitude = nn.Parameter(norm)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {**super().adapter_state_dict(), "lora_magnitude": self.lora_magnitude}
+
+    def _merged_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g * (W + s * B @ A) in fp32, g [N] fp32) from the unmerged weight."""
+        w = self.weight.float() + self.lora_B.float() @ self.lora_A.float() * self.scaling
+        g = self.lora_magnitude.float() / w.norm(dim=1)
+        return w * g[:, None], g
+
+    def delta_weight(self) -> torch.Tensor:
+        """merged - W = g * (W + s * B @ A) - W [out, in], in the weight's dtype (computed from the unmerged W)."""
+        if self.merged:
+            raise ValueError("delta_weight of a merged DoRALinear: unmerge() first")
+        return (self._merged_weight()[0] - self.weight.float()).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """weight <- g * (W + s * B @ A), g from the current magnitude and norm (kept for unmerge)."""
+        if self.merged:
+            return
+        merged, g = self._merged_weight()
+        self._merge_scale = g
+        self.weight.copy_(merged.to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """weight <- merged / g - s * B @ A with merge()'s g (the norm of the merged weight differs)."""
+        if not self.merged:
+            return
+        w = self.weight.float() / self._merge_scale[:, None] - self.lora_B.float() @ self.lora_A.float() * self.scaling
+        self.weight.copy_(w.to(self.weight.dtype))
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        return dora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_magnitude, self.scaling,
+                           self.dropout, self.training)
+
+
+def apply_dora(model: nn.Module, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), rank: int = 8,
+               alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False) -> nn.Module:
+    """Replace the matching nn.Linear modules of `model` by DoRALinear (sharing their weights), train only
+    lora_A, lora_B and lora_magnitude, and return `model` (changed in place). target_modules as in apply_lora.
+
+    >>> model = apply_dora(model, ["q_proj", "v_proj"], rank=16, alpha=32)
+    """
+    return replace_linears(model, target_modules,
+                           lambda name, lin: DoRALinear.from_linear(lin, rank, alpha, dropout, use_rslora),
+                           trainable=("lora_A", "lora_B", "lora_magnitude"))

@@ -1,0 +1,48 @@
+"""`replace_linears`: the module-swapping walk shared by the variant helpers (`apply_vera`, `apply_dora`)."""
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable
+
+from torch import nn
+
+from .layers import _matches
+
+
+def check_targets(model, target_modules) -> None:
+    """`model` an nn.Module and `target_modules` a list of names/suffixes or one valid regex, else a named error."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"target_modules is not a valid regex: {e}") from None
+    elif not (isinstance(target_modules, Iterable) and all(isinstance(t, str) for t in target_modules)):
+        raise TypeError(f"target_modules must be a regex string or a list of module names, got {target_modules!r}")
+
+
+def matching_linears(model: nn.Module, target_modules) -> list[tuple[str, nn.Linear]]:
+    """(name, module) of every plain nn.Linear whose name matches `target_modules` (PEFT's rule, as apply_lora)."""
+    check_targets(model, target_modules)
+    found = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and _matches(n, target_modules)]
+    if not found:
+        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear in the model")
+    return found
+
+
+def replace_linears(model: nn.Module, target_modules, make: Callable[[str, nn.Linear], nn.Module],
+                    trainable: Iterable[str], found=None) -> nn.Module:
+    """Swap each matching nn.Linear for `make(name, linear)`; then only parameters whose name ends with one of
+    `trainable` require grad. Returns `model`, changed in place.
+
+    >>> replace_linears(model, ["q_proj"], lambda name, lin: DoRALinear.from_linear(lin, 8), ("lora_A", "lora_B"))
+    """
+    trainable = tuple(trainable)
+    for name, module in (found if found is not None else matching_linears(model, target_modules)):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, make(name, module))
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.endswith(trainable))
+    return model

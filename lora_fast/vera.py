@@ -1,0 +1,281 @@
+"""VeRA (vector-based random matrix adaptation) on the fused kernels: `vera_linear`, `VeRALinear`, `apply_vera`.
+
+    y = x @ W^T + b + lambda_b * (B @ (lambda_d * (A @ drop(x))))
+
+A [r, K] and B [N, r] are frozen random projections, drawn once from a seed and shared by every adapted layer
+(`VeRAProjections`, PEFT's `vera_A` / `vera_B` with its `projection_prng_key` and kaiming-uniform init: the same
+seed gives PEFT's values); each layer trains only lambda_d [r] and lambda_b [N] (PEFT's init: lambda_d = 0.1,
+lambda_b = 0, so the output at init is the base's).
+
+Fused path: the two vectors are folded into the rank-sized factors, A_d = lambda_d * A [r, K] and
+B_b = lambda_b * B [N, r] (r * (K + N) elements, tiny next to x), and the LoRA kernels run unchanged with s = 1:
+one forward launch, one dX launch, one dA/dB launch. Their gradients come from the factor gradients:
+
+    d lambda_d[j] = rowdot(dA_d, A)[j],   dA_d = (dY @ B_b)^T @ drop(x)          [r, K]
+    d lambda_b[n] = rowdot(dB_b, B)[n],   dB_b = dY^T @ (drop(x) @ A_d^T)         [N, r]
+
+so d lambda_b = sum_m dY * (xa_d @ B^T) never needs an [M, N] temporary: it is a rowdot of the [N, r] product
+that LoRA's dB computes anyway (taken in fp32).
+"""
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import _ops, draw_seed
+from .targeting import matching_linears, replace_linears
+from .validation import check_dropout, check_lora_linear_args, check_rank, check_vector_param
+
+
+def kaiming_uniform_projection(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """U(-b, b) with b = sqrt(6 / fan_in), fan_in = shape[1] (kaiming-uniform, gain sqrt(2)), fp32 on the CPU,
+    drawn from `generator`: PEFT's `_kaiming_init` for vera_A and vera_B."""
+    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+class VeRAProjections(nn.Module):
+    """The frozen shared projections: buffers vera_A [rank, in_features] and vera_B [out_features, rank].
+
+    Drawn from `seed` on the CPU (A first, then B, as PEFT does), so the seed alone reproduces them. A layer of
+    shape (K, N) with K <= in_features and N <= out_features uses vera_A[:, :K] and vera_B[:N] (PEFT slices the
+    projections of the largest shape the same way).
+
+    >>> proj = VeRAProjections(4096, 14336, rank=256, seed=0)
+    >>> A, B = proj.sliced(4096, 4096, x.device, x.dtype)
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, seed: int = 0):
+        super().__init__()
+        self.rank, self.seed = check_rank(rank), int(seed)
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        self.register_buffer("vera_A", kaiming_uniform_projection((self.rank, check_rank(in_features, "in_features")), gen))
+        self.register_buffer("vera_B", kaiming_uniform_projection((check_rank(out_features, "out_features"), self.rank), gen))
+        self._cache: dict = {}
+
+    def sliced(self, in_features: int, out_features: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [rank, in_features], B [out_features, rank]) on `device` in `dtype`, contiguous; cached until the
+        buffers change (moved, loaded or edited in place)."""
+        if in_features > self.vera_A.shape[1] or out_features > self.vera_B.shape[0]:
+            raise ValueError(f"a layer of in_features={in_features}, out_features={out_features} does not fit "
+                             f"the projections [{self.rank}, {self.vera_A.shape[1]}] and "
+                             f"[{self.vera_B.shape[0]}, {self.rank}]")
+        key = (in_features, out_features, torch.device(device), dtype, self.vera_A.data_ptr(),
+               self.vera_A._version, self.vera_B.data_ptr(), self.vera_B._version)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = (self.vera_A[:, :in_features].to(device=device, dtype=dtype).contiguous(),
+                   self.vera_B[:out_features].to(device=device, dtype=dtype).contiguous())
+            self._cache = {k: v for k, v in self._cache.items() if k[:4] != key[:4]}
+            self._cache[key] = hit
+        return hit
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, in_features={self.vera_A.shape[1]}, out_features={self.vera_B.shape[0]}, seed={self.seed}"
+
+
+_SHARED: "weakref.WeakValueDictionary[tuple, VeRAProjections]" = weakref.WeakValueDictionary()
+
+
+def shared_projections(in_features: int, out_features: int, rank: int, seed: int = 0) -> VeRAProjections:
+    """The one VeRAProjections of this shape and seed in the process (created on first use, freed when no layer
+    holds it): every VeRALinear of the same shape built without explicit projections shares it."""
+    key = (int(in_features), int(out_features), int(rank), int(seed))
+    proj = _SHARED.get(key)
+    if proj is None:
+        proj = VeRAProjections(in_features, out_features, rank, seed)
+        _SHARED[key] = proj
+    return proj
+
+
+class VeRALinearFunction(torch.autograd.Function):
+    """y = x @ W^T + b + (drop(x) @ A_d^T) @ B_b^T with A_d = d * A, B_b = lambda_b * B; see the module docstring.
+
+    Saves x, W, the folded factors, A, B (no copies of x) and xa_d = drop(x) @ A_d^T [M, r] when lambda_b needs
+    a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p, seed):
+        ops = _ops(x)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        a_d = (lambda_d.to(acc)[:, None] * vera_A.to(acc)).to(x.dtype)
+        b_b = (lambda_b.to(acc)[:, None] * vera_B.to(acc)).to(x.dtype)
+        x2d = x.reshape(-1, x.shape[-1])
+        y2d, xa = ops.lora_forward(x2d, weight, bias, a_d, b_b, 1.0, dropout_p, seed, store_xa=ctx.needs_input_grad[6])
+        ctx.save_for_backward(x, weight, vera_A, vera_B, a_d, b_b, xa)
+        ctx.dropout_p, ctx.seed, ctx.has_bias = dropout_p, seed, bias is not None
+        ctx.dtypes = (lambda_d.dtype, lambda_b.dtype)
+        return y2d.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, vera_A, vera_B, a_d, b_b, xa = ctx.saved_tensors
+        need_x, need_w, need_bias, _, _, need_d, need_lb = ctx.needs_input_grad[:7]
+        ops, p, seed = _ops(x), ctx.dropout_p, ctx.seed
+        acc = torch.promote_types(x.dtype, torch.float32)
+        x2d = x.reshape(-1, x.shape[-1])
+        dy2d = dy.reshape(-1, weight.shape[0])
+        if dy2d.dtype != x.dtype:
+            dy2d = dy2d.to(x.dtype)
+        dx = dw = dbias = dd = dlb = None
+        dyb = None  # dY @ B_b
+        if need_x:
+            dx2d, dyb = ops.lora_backward_dx(dy2d, weight, a_d, b_b, 1.0, p, seed, store_dyb=need_d)
+            dx = dx2d.reshape(x.shape)
+        elif need_d:
+            dyb = ops.lora_shrink(dy2d, b_b.t())
+        if need_d or need_lb:
+            d_ad, d_bb = ops.lora_grad_ab(x2d, dy2d, xa, dyb, 1.0, acc, acc, p, seed, need_a=need_d, need_b=need_lb)
+            dd = (d_ad * vera_A.to(acc)).sum(1).to(ctx.dtypes[0]) if need_d else None
+            dlb = (d_bb * vera_B.to(acc)).sum(1).to(ctx.dtypes[1]) if need_lb else None
+        if need_w:
+            dw = (dy2d.t() @ x2d).to(weight.dtype)
+        if need_bias and ctx.has_bias:
+            dbias = dy2d.sum(0, dtype=acc).to(dy2d.dtype)
+        return dx, dw, dbias, None, None, dd, dlb, None, None
+
+
+def vera_linear(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p=0.0, training=False):
+    """Fused VeRA linear: `x @ W^T + b + lambda_b * ((lambda_d * (drop(x) @ A^T)) @ B^T)`.
+
+    x: [..., K]; weight: [N, K]; bias: [N] or None; vera_A: [r, K]; vera_B: [N, r] (one dtype and device; the
+    projections are not differentiated); lambda_d: [r]; lambda_b: [N] (any float dtype, x's device).
+    dropout_p in [0, 1), on the VeRA branch's input, used when `training`. Returns y: [..., N].
+
+    >>> A, B = shared_projections(4096, 4096, rank=256).sliced(4096, 4096, x.device, x.dtype)
+    >>> y = vera_linear(x, W, b, A, B, lambda_d, lambda_b, dropout_p=0.1, training=True)
+    >>> y.sum().backward()                                       # grads in x, lambda_d, lambda_b
+    """
+    try:  # the LoRA checks, with the errors naming VeRA's arguments
+        _, dropout_p = check_lora_linear_args(x, weight, bias, vera_A, vera_B, 1.0, dropout_p, training)
+    except (TypeError, ValueError) as e:
+        raise type(e)(str(e).replace("lora_A", "vera_A").replace("lora_B", "vera_B")) from None
+    check_vector_param("lambda_d", lambda_d, vera_A.shape[0], x)
+    check_vector_param("lambda_b", lambda_b, weight.shape[0], x)
+    p = dropout_p if training else 0.0
+    seed = draw_seed() if p > 0.0 else 0
+    return VeRALinearFunction.apply(x, weight, bias, vera_A.detach().to(x.dtype), vera_B.detach().to(x.dtype),
+                                    lambda_d, lambda_b, p, seed)
+
+
+class VeRALinear(nn.Module):
+    """y = x @ W^T + b + lambda_b * (B @ (lambda_d * (A @ drop(x)))), W and b frozen, A and B frozen and shared.
+
+    Args: in_features, out_features; rank r (PEFT's default 256); dropout in [0, 1); bias; seed (PEFT's
+    projection_prng_key); d_initial (lambda_d's initial value, PEFT's 0.1); projections: a VeRAProjections to
+    use (default: the process-wide one of this shape and seed, `shared_projections`); device; dtype.
+    State-dict keys: weight, bias, vera_lambda_d [r], vera_lambda_b [out]. The projections are not in it (the
+    seed regenerates them); `apply_vera` stores them once on the model instead.
+
+    >>> layer = VeRALinear.from_linear(linear, rank=256, dropout=0.05, seed=0)
+    >>> layer(x).sum().backward()          # grads in layer.vera_lambda_d and layer.vera_lambda_b
+    >>> layer.merge()
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int = 256, dropout: float = 0.0, bias: bool = True,
+                 seed: int = 0, d_initial: float = 0.1, projections: VeRAProjections | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        check_rank(in_features, "in_features")
+        check_rank(out_features, "out_features")
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init(base.weight, base.bias, rank, dropout, seed, d_initial, projections)
+
+    def _init(self, weight, bias, rank, dropout, seed, d_initial, projections) -> None:
+        self.rank = check_rank(rank)
+        self.dropout = check_dropout(dropout, "dropout")
+        self.out_features, self.in_features = weight.shape
+        if projections is None:
+            projections = shared_projections(self.in_features, self.out_features, self.rank, seed)
+        elif not isinstance(projections, VeRAProjections):
+            raise TypeError(f"projections must be a VeRAProjections, got {type(projections).__name__}")
+        if projections.rank != self.rank:
+            raise ValueError(f"projections have rank {projections.rank} but rank={self.rank}")
+        projections.sliced(self.in_features, self.out_features, "cpu", torch.float32)  # shape check, named error
+        # Held outside the module tree so that the projections are stored once (by apply_vera), not per layer.
+        object.__setattr__(self, "projections", projections)
+        self.seed = projections.seed
+        weight.requires_grad_(False)
+        self.weight = weight
+        if bias is not None:
+            bias.requires_grad_(False)
+        self.bias = bias
+        kw = {"device": weight.device, "dtype": weight.dtype}
+        self.vera_lambda_d = nn.Parameter(torch.full((self.rank,), float(d_initial), **kw))
+        self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features, **kw))
+        self.merged = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int = 256, dropout: float = 0.0, seed: int = 0,
+                    d_initial: float = 0.1, projections: VeRAProjections | None = None) -> "VeRALinear":
+        """Wrap `linear`, sharing (not copying) its weight and bias, which are frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._init(linear.weight, linear.bias, rank, dropout, seed, d_initial, projections)
+        return layer
+
+    def factors(self, device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's (A [r, in], B [out, r]) slices of the shared projections (default: the weight's device, dtype)."""
+        return self.projections.sliced(self.in_features, self.out_features, device or self.weight.device,
+                                       dtype or self.weight.dtype)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {"vera_lambda_d": self.vera_lambda_d, "vera_lambda_b": self.vera_lambda_b}
+
+    def delta_weight(self) -> torch.Tensor:
+        """(lambda_b * B) @ (lambda_d * A) [out, in], computed in fp32, returned in the weight's dtype."""
+        A, B = self.factors(dtype=torch.float32)
+        return ((self.vera_lambda_b.float()[:, None] * B) @ (self.vera_lambda_d.float()[:, None] * A)).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into `weight` (rounded in its dtype): forward then costs a plain linear."""
+        if not self.merged:
+            self.weight.copy_((self.weight.float() + self.delta_weight().float()).to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo merge(): W is restored within the rounding of its dtype."""
+        if self.merged:
+            self.weight.copy_((self.weight.float() - self.delta_weight().float()).to(self.weight.dtype))
+            self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        A, B = self.factors(x.device, x.dtype)
+        return vera_linear(x, self.weight, self.bias, A, B, self.vera_lambda_d, self.vera_lambda_b,
+                           self.dropout, self.training)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"dropout={self.dropout:g}, bias={self.bias is not None}, seed={self.seed}, merged={self.merged}")
+
+
+def apply_vera(model: nn.Module, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), rank: int = 256,
+               dropout: float = 0.0, seed: int = 0, d_initial: float = 0.1) -> nn.Module:
+    """Replace the matching nn.Linear modules of `model` by VeRALinear, with one VeRAProjections of the largest
+    matched shape (PEFT's rule) registered once as `model.vera_projections`; train only the lambdas.
+    target_modules as in apply_lora. Returns `model` (changed in place).
+
+    >>> model = apply_vera(model, ["q_proj", "v_proj"], rank=256, seed=0)
+    >>> model.vera_projections.vera_A.shape         # [256, max in_features]
+    """
+    check_rank(rank)
+    check_dropout(dropout, "dropout")
+    found = matching_linears(model, target_modules)
+    if hasattr(model, "vera_projections"):
+        raise ValueError("model already has vera_projections: apply_vera once per model")
+    proj = VeRAProjections(max(m.in_features for _, m in found), max(m.out_features for _, m in found), rank, seed)
+    model.add_module("vera_projections", proj.to(found[0][1].weight.device))
+    return replace_linears(model, target_modules,
+                           lambda name, lin: VeRALinear.from_linear(lin, rank, dropout, seed, d_initial, proj),
+                           trainable=("vera_lambda_d", "vera_lambda_b"), found=found)

@@ -1,0 +1,238 @@
+"""DoRA: fused dora_linear / DoRALinear against a plain fp64 reference and against PEFT's DoRA (real PEFT)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lora_fast
+from lora_fast import kernels, naive
+from lora_fast.dora import DoRALinear, apply_dora, dora_linear, dora_weight_norm
+from lora_fast.functional import draw_seed
+from lora_fast.philox import dropout_mask_torch
+from tests.utils import REL_TOL, assert_close, lora_problem
+
+DEV = "cpu"
+
+
+def dora_reference(x, W, b, A, B, m, s, keep=None, p=0.0):
+    """PEFT's DoRA in fp64, written out: detached norm, bias unscaled, base on undropped x."""
+    x, W, A, B, m = (t.double() for t in (x, W, A, B, m))
+    b = b.double() if b is not None else None
+    norm = (W + s * B @ A).norm(dim=1).detach()
+    g = m / norm
+    xd = x if keep is None else torch.where(keep, x / (1 - p), torch.zeros((), dtype=x.dtype))
+    return F.linear(x, W, b) + (g - 1) * F.linear(xd, W) + g * ((s * (xd @ A.t())) @ B.t())
+
+
+def _leaves(*ts):
+    return [t.detach().clone().requires_grad_(t is not None) if t is not None else None for t in ts]
+
+
+def _check_grads(out, ref, ins, ref_ins, names, dtype):
+    dy = torch.randn_like(ref)
+    out.backward(dy.to(out.dtype))
+    ref.backward(dy)
+    assert_close("y", out, ref, dtype)
+    for name, a, r in zip(names, ins, ref_ins):
+        if a is not None:
+            assert_close(f"d{name}", a.grad, r.grad, dtype)
+
+
+@pytest.mark.parametrize("M,K,N,r,bias,dtype", [
+    (7, 19, 23, 3, True, torch.float32),   # odd K, N and rank
+    (1, 16, 33, 1, False, torch.float32),  # one row, rank 1
+    (9, 24, 20, 4, True, torch.bfloat16),
+])
+def test_dora_matches_reference(M, K, N, r, bias, dtype):
+    torch.manual_seed(0)
+    x, W, b, A, B = lora_problem(M, K, N, r, dtype, DEV, bias)
+    m = (torch.rand(N, dtype=dtype) + 0.5)
+    s = 1.7
+    ins = _leaves(x, b, A, B, m)
+    ref_ins = _leaves(*(t.double() if t is not None else None for t in (x, b, A, B, m)))
+    out = dora_linear(ins[0], W, ins[1], ins[2], ins[3], ins[4], s)
+    ref = dora_reference(ref_ins[0], W.double(), ref_ins[1], ref_ins[2], ref_ins[3], ref_ins[4], s)
+    _check_grads(out, ref, ins, ref_ins, ["x", "bias", "A", "B", "magnitude"], dtype)
+
+
+def test_dora_dropout_matches_reference():
+    torch.manual_seed(1)
+    M, K, N, r, p, s = 6, 21, 18, 3, 0.3, 0.9
+    x, W, b, A, B = lora_problem(M, K, N, r, torch.float32, DEV)
+    m = torch.rand(N) + 0.5
+    ins = _leaves(x, A, B, m)
+    ref_ins = _leaves(x.double(), A.double(), B.double(), m.double())
+    torch.manual_seed(5)
+    seed = draw_seed()
+    keep = dropout_mask_torch(seed, M, K, p)
+    torch.manual_seed(5)
+    out = dora_linear(ins[0], W, b, ins[1], ins[2], ins[3], s, dropout_p=p, training=True)
+    ref = dora_reference(ref_ins[0], W, b, ref_ins[1], ref_ins[2], ref_ins[3], s, keep=keep, p=p)
+    _check_grads(out, ref, ins, ref_ins, ["x", "A", "B", "magnitude"], torch.float32)
+    with torch.no_grad():  # eval: no dropout at all
+        assert_close("eval y", dora_linear(x, W, b, A, B, m, s, dropout_p=p, training=False),
+                     dora_reference(x, W, b, A, B, m, s), torch.float32)
+
+
+def test_zero_magnitude_column_gradient_is_exact():
+    torch.manual_seed(2)
+    x, W, b, A, B = lora_problem(5, 16, 12, 2, torch.float32, DEV)
+    m = torch.rand(12) + 0.5
+    m[[0, 7]] = 0.0  # g = 0: y holds no z there, so dm must be recomputed
+    ins = _leaves(x, m)
+    ref_ins = _leaves(x.double(), m.double())
+    out = dora_linear(ins[0], W, b, A, B, ins[1], 2.0)
+    ref = dora_reference(ref_ins[0], W, b, A, B, ref_ins[1], 2.0)
+    _check_grads(out, ref, ins, ref_ins, ["x", "magnitude"], torch.float32)
+
+
+def test_weight_norm_without_merged_weight():
+    torch.manual_seed(3)
+    _, W, _, A, B = lora_problem(1, 37, 29, 5, torch.float32, DEV)
+    ref = (W.double() + 1.3 * B.double() @ A.double()).norm(dim=1)
+    assert_close("norm", dora_weight_norm(W, A, B, 1.3), ref, torch.float32)
+    sq, wa = kernels.dora_row_stats(W, A)
+    assert_close("||W||^2", sq, (W.double() ** 2).sum(1), torch.float32)
+    assert_close("W A^T", wa, W.double() @ A.double().t(), torch.float32)
+
+
+def test_launcher_scale_vectors_write_every_element():
+    """The kernels' out_scale / dy_scale against the naive launchers, outputs NaN-filled first."""
+    torch.manual_seed(4)
+    M, K, N, r = 5, 18, 22, 3
+    x, W, b, A, B = lora_problem(M, K, N, r, torch.float32, DEV)
+    g = torch.rand(N) + 0.5
+    y = torch.full((M, N), float("nan"))
+    kernels.lora_forward(x, W, b, A, B, 1.5, out=y, out_scale=g)
+    assert_close("y", y, naive.lora_forward(x, W, b, A, B, 1.5, out_scale=g)[0], torch.float32)
+    dy = torch.randn(M, N)
+    dx = torch.full((M, K), float("nan"))
+    for mode in ("fused", "shrink"):
+        _, dyb = kernels.lora_backward_dx(dy, W, A, B, 1.5, dyb_mode=mode, out=dx, dy_scale=g)
+        ref_dx, ref_dyb = naive.lora_backward_dx(dy, W, A, B, 1.5, dy_scale=g)
+        assert_close(f"dx {mode}", dx, ref_dx, torch.float32)
+        assert_close(f"dyb {mode}", dyb, ref_dyb, torch.float32)
+    v = torch.randn(M, N)
+    assert_close("column_dot", kernels.column_dot(dy, v, b), naive.column_dot(dy.double(), v.double(), b.double()),
+                 torch.float32)
+
+
+def test_empty_batch():
+    _, W, b, A, B = lora_problem(1, 16, 12, 2, torch.float32, DEV)
+    x = torch.randn(0, 16, requires_grad=True)
+    m = (torch.rand(12) + 0.5).requires_grad_()
+    y = dora_linear(x, W, b, A, B, m, 2.0)
+    assert y.shape == (0, 12)
+    y.sum().backward()
+    assert torch.equal(m.grad, torch.zeros(12))
+
+
+class _Tiny(nn.Module):
+    def __init__(self, K, N, bias=True):
+        super().__init__()
+        self.lin = nn.Linear(K, N, bias=bias)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class _MaskDropout(nn.Module):
+    """nn.Dropout with lora-fast's Philox mask, seeded like lora_fast (draw_seed): PEFT then sees our mask."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        x2d = x.reshape(-1, x.shape[-1])
+        keep = dropout_mask_torch(draw_seed(), x2d.shape[0], x2d.shape[1], self.p)
+        return torch.where(keep, x2d / (1 - self.p), torch.zeros(())).reshape(x.shape)
+
+
+@pytest.mark.parametrize("dropout,train", [(0.0, True), (0.25, True), (0.25, False)])
+def test_dora_matches_peft(dropout, train):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(6)
+    K, N, r, alpha = 20, 14, 4, 6
+    base = _Tiny(K, N)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=["lin"], use_dora=True, lora_dropout=dropout))
+    pl = pm.base_model.model.lin
+    with torch.no_grad():
+        pl.lora_B["default"].weight.normal_(0, 0.3)
+        pl.lora_magnitude_vector["default"].weight.uniform_(0.5, 1.5)
+    if dropout:
+        pl.lora_dropout["default"] = _MaskDropout(dropout)
+    ours = DoRALinear.from_linear(copy.deepcopy(base.lin), rank=r, alpha=alpha, dropout=dropout)
+    with torch.no_grad():
+        ours.lora_A.copy_(pl.lora_A["default"].weight)
+        ours.lora_B.copy_(pl.lora_B["default"].weight)
+        ours.lora_magnitude.copy_(pl.lora_magnitude_vector["default"].weight)
+    pm.train(train)
+    ours.train(train)
+    x = torch.randn(2, 4, K)
+    xp, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(9)
+    yp = pm(xp)
+    torch.manual_seed(9)
+    yo = ours(xo)
+    dy = torch.randn_like(yp)
+    yp.backward(dy)
+    yo.backward(dy)
+    tol = torch.float32
+    assert_close("y", yo, yp, tol)
+    assert_close("dx", xo.grad, xp.grad, tol)
+    assert_close("dA", ours.lora_A.grad, pl.lora_A["default"].weight.grad, tol)
+    assert_close("dB", ours.lora_B.grad, pl.lora_B["default"].weight.grad, tol)
+    assert_close("dm", ours.lora_magnitude.grad, pl.lora_magnitude_vector["default"].weight.grad, tol)
+    if not train or not dropout:  # PEFT's merge agrees with ours
+        with torch.no_grad():
+            pl.merge()
+            ours.merge()
+        assert_close("merged W", ours.weight, pl.base_layer.weight, tol)
+
+
+def test_dora_init_merge_unmerge_and_apply():
+    torch.manual_seed(7)
+    layer = DoRALinear(19, 13, rank=3, alpha=6)
+    with torch.no_grad():  # LoRA's init (B = 0) and m = ||W||: the output is the base linear's
+        x = torch.randn(4, 19)
+        assert_close("init", layer(x), F.linear(x, layer.weight, layer.bias), torch.float32)
+        assert_close("m init", layer.lora_magnitude, layer.weight.norm(dim=1), torch.float32)
+        layer.lora_B.normal_()
+        layer.lora_magnitude.mul_(1.3)
+        y = layer(x)
+        w0 = layer.weight.clone()
+        layer.merge()
+        assert layer.merged
+        assert_close("merged", layer(x), y, torch.float32)
+        layer.unmerge()
+        assert_close("unmerged W", layer.weight, w0, torch.float32)
+        assert_close("unmerged y", layer(x), y, torch.float32)
+    assert set(layer.state_dict()) == {"weight", "bias", "lora_A", "lora_B", "lora_magnitude"}
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    apply_dora(model, ["0"], rank=2, alpha=4)
+    assert isinstance(model[0], DoRALinear) and isinstance(model[2], nn.Linear)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "0.lora_A", "0.lora_B", "0.lora_magnitude"}
+    assert lora_fast.DoRALinear is DoRALinear
+
+
+def test_dora_bad_input():
+    x, W, b, A, B = lora_problem(3, 16, 12, 2, torch.float32, DEV)
+    m = torch.ones(12)
+    with pytest.raises(ValueError, match="magnitude"):
+        dora_linear(x, W, b, A, B, torch.ones(11), 2.0)
+    with pytest.raises(TypeError, match="magnitude"):
+        dora_linear(x, W, b, A, B, [1.0] * 12, 2.0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        dora_linear(x, W, b, A, B, m, 2.0, dropout_p=1.0, training=True)
+    with pytest.raises(ValueError, match="lora_B"):
+        dora_linear(x, W, b, A, B[:, :1], m, 2.0)
+    with pytest.raises(TypeError, match="model"):
+        apply_dora("not a model", ["q"])
+    with pytest.raises(ValueError, match="matched no"):
+        apply_dora(nn.Sequential(nn.Linear(4, 4)), ["q_proj"])
