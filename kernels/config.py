@@ -161,3 +161,47 @@ def _device_facts(index: int) -> tuple[int, int]:
 def capability_major(device: torch.device) -> int:
     """Compute capability major of a CUDA `device` (9 for Hopper), cached."""
     return _device_facts(device.index if device.index is not None else torch.cuda.current_device())[1]
+
+
+# ---- NF4 (QLoRA) kernels: kernels/nf4_dequant.py, nf4_gemv.py, lora_nf4_fwd.py, lora_nf4_bwd.py ----
+# Not yet swept on the H100 (bench/gpu_qlora.py times every path; move these to its measurements).
+# Up to NF4_GEMV_ROWS rows the forward is a split-K GEMV over the 4-bit bytes (decode). Up to NF4_FUSED_ROWS
+# rows the fused GEMM decodes W tile by tile in registers: it re-decodes each W tile once per BLOCK_M rows, so
+# at large M the decode work (about 7 ALU ops and one L1 lookup per weight per row tile) outgrows the MMA work,
+# and writing deq(W) once (a 4 + 16 bit per weight round trip) then running the bf16 LoRA kernels wins.
+NF4_GEMV_ROWS = 16
+NF4_FUSED_ROWS = 1024
+_NF4_INTERPRET = {"gemm": GemmConfig(16, 16, 64, group_m=2, num_warps=1, num_stages=1),
+                  "gemv": GemmConfig(16, 16, 64, num_warps=1, num_stages=1),
+                  "dequant": GemmConfig(0, 16, 64, num_warps=1, num_stages=1)}
+_NF4_GEMM = {  # bf16/fp16, by shape class; BLOCK_K a multiple of the 64-weight quantization block
+    "m64": GemmConfig(32, 64, 128, group_m=1, num_warps=4, num_stages=4),
+    "m256": GemmConfig(64, 64, 128, group_m=8, num_warps=4, num_stages=4),
+    "large": GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3),
+}
+
+
+def nf4_path(m: int) -> str:
+    """How the NF4 forward/dX runs for m rows: "gemv" (forward only, m <= NF4_GEMV_ROWS), "fused" (dequantize
+    in registers) or "dequant" (write deq(W) once, then the bf16 LoRA kernels)."""
+    if m <= NF4_GEMV_ROWS:
+        return "gemv"
+    return "fused" if m <= NF4_FUSED_ROWS else "dequant"
+
+
+@lru_cache(maxsize=None)
+def nf4_config(kernel: str, m: int, dtype: torch.dtype = torch.bfloat16) -> GemmConfig:
+    """Config of the NF4 kernels: "gemm" (fused forward and dX, tile BLOCK_M x BLOCK_N, K step BLOCK_K),
+    "gemv" (rows padded to block_m = 16, block_n outputs per program, block_k per step, split over K), and
+    "dequant" (block_n x block_k tiles of W; m is unused)."""
+    if is_interpret():
+        return _NF4_INTERPRET[kernel]
+    if ("nf4_" + kernel, shape_class(m)) in _OVERRIDES:
+        return _OVERRIDES[("nf4_" + kernel, shape_class(m))]
+    if kernel == "gemv":
+        return GemmConfig(16, 64, 128, num_warps=4, num_stages=4)
+    if kernel == "dequant":
+        return GemmConfig(0, 32, 256, num_warps=4, num_stages=2)
+    cls = "m64" if shape_class(m) in ("m16", "m64") else shape_class(m)
+    cfg = _NF4_GEMM[cls]
+    return cfg if dtype in (torch.float16, torch.bfloat16) else replace(cfg, block_k=64)

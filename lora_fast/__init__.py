@@ -16,6 +16,8 @@ if _util.find_spec(".kernels", __name__) is None:
 
 from . import kernels, reference  # noqa: E402
 from .functional import LoRALinearFunction, lora_linear, use_triton
+from .nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from .qlora import LoRALinear4bit, qlora_linear
 from .layers import LoRALinear, ParameterCount, apply_lora, count_parameters
 from .dora import DoRALinear, apply_dora, dora_linear, dora_weight_norm
 from .vera import VeRALinear, VeRAProjections, apply_vera, shared_projections, vera_linear
@@ -24,6 +26,7 @@ from .multi_lora import (
 )
 
 __all__ = [
+    "LoRALinear4bit", "NF4Tensor", "dequantize_nf4", "qlora_linear", "quantize_nf4",
     "AdapterPool", "BatchMetadata", "LoRALinear", "LoRALinearFunction", "MultiLoRALinear", "ParameterCount",
     "apply_lora", "count_parameters", "kernels", "lora_linear", "make_batch_metadata", "multi_lora_linear",
     "reference", "use_triton", "validate_adapter_ids",

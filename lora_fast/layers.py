@@ -151,13 +151,16 @@ def _matches(name: str, targets: Iterable[str] | str) -> bool:
 def apply_lora(model: nn.Module, target_modules: Iterable[str] | str = ("q_proj", "k_proj", "v_proj", "o_proj"),
                rank: int = 8, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False,
                init: str = "default", pissa_niter: int | None = None,
-               deltas: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+               deltas: Mapping[str, torch.Tensor] | None = None, quantize: str | None = None) -> nn.Module:
     """Replace every nn.Linear (nn.Embedding) of `model` whose name matches `target_modules` by a LoRALinear
     (LoRAEmbedding) sharing its weights, freeze every other parameter, and return `model` (changed in place).
 
     target_modules: names or name suffixes (["q_proj", "mlp.up_proj"]), or one regex string (full match).
     init, pissa_niter: see LoRALinear (embeddings take no dropout, as in PEFT). init="from_delta" needs
     deltas={module name: dW} for every matched module (dW [out, in] for a linear, [vocab, dim] for an embedding).
+    quantize: None, "nf4" or "nf4_dq" (double-quantized absmax): QLoRA, each matched linear becomes a
+    `lora_fast.qlora.LoRALinear4bit` whose frozen base is quantized to NF4 (its bf16 weight is released);
+    compute dtype = the linear's dtype. Needs init="default" and in_features a multiple of 64.
 
     >>> model = apply_lora(model, ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], rank=16, alpha=32)
     """
@@ -175,6 +178,10 @@ def apply_lora(model: nn.Module, target_modules: Iterable[str] | str = ("q_proj"
     check_init(init)
     if (deltas is not None) != (init == "from_delta"):
         raise ValueError("deltas={module name: dW} goes with init='from_delta' and only with it")
+    if quantize not in (None, "nf4", "nf4_dq"):
+        raise ValueError(f"quantize must be None, 'nf4' or 'nf4_dq', got {quantize!r}")
+    if quantize is not None and init != "default":
+        raise ValueError(f"quantize={quantize!r} takes init='default' only (the base is frozen in NF4), got {init!r}")
     replaced = []
     for name, module in list(model.named_modules()):
         if isinstance(module, (nn.Linear, nn.Embedding)) and not isinstance(module, LoRALinear) \
@@ -189,6 +196,11 @@ def apply_lora(model: nn.Module, target_modules: Iterable[str] | str = ("q_proj"
             parent = model.get_submodule(parent_name) if parent_name else model
             if isinstance(module, nn.Embedding):
                 wrapped = LoRAEmbedding.from_embedding(module, rank, alpha, use_rslora, init, delta, pissa_niter)
+            elif quantize is not None:
+                from .qlora import LoRALinear4bit
+
+                wrapped = LoRALinear4bit.from_linear(module, rank, alpha, dropout, module.weight.dtype, use_rslora,
+                                                     double_quant=quantize == "nf4_dq")
             else:
                 wrapped = LoRALinear.from_linear(module, rank, alpha, dropout, use_rslora, init, delta, pissa_niter)
             setattr(parent, child, wrapped)

@@ -1,0 +1,337 @@
+"""QLoRA (issue 7): NF4 quantization against a reference written from the paper, the NF4 kernels against
+dequantize-then-reference (outputs and every gradient), the module (save/load, merge/unmerge, .to), apply_lora's
+quantize option, bad input, and bitsandbytes' layout when bitsandbytes is installed.
+
+The kernels run through Triton's interpreter on the CPU (tests/conftest.py): sizes stay tiny.
+"""
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lora_fast
+from lora_fast import kernels
+from lora_fast.nf4 import NF4_CODE, NF4Tensor, dequantize_nf4, fp8_absmax_code, quantize_nf4, roundtrip_error
+from lora_fast.philox import dropout_mask_torch
+from lora_fast.qlora import LoRALinear4bit, QLoRALinearFunction, qlora_linear
+
+from .utils import REL_TOL, assert_close, rel_err
+
+
+def paper_code_book() -> torch.Tensor:
+    """NF4 from the QLoRA paper (section 3 and appendix E): 8 positive and 7 negative quantiles of N(0, 1) taken
+    at evenly spaced probabilities from `offset` = (1 - 1/(2*15) + 1 - 1/(2*16)) / 2 down to 0.5 (exclusive),
+    plus an exact zero, normalised by the largest magnitude."""
+    offset = 0.5 * ((1 - 1 / 30) + (1 - 1 / 32))
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    values = torch.cat([pos, neg, torch.zeros(1, dtype=torch.float64)]).sort().values
+    return values / values.abs().max()
+
+
+def reference_quantize(W: torch.Tensor):
+    """Blockwise absmax NF4 by brute force: (codes [N, K] long, absmax [N, K // 64]) with each weight mapped to
+    the code of least |w / absmax - c| (no midpoints, no packing)."""
+    code = torch.tensor(NF4_CODE, dtype=torch.float64)
+    N, K = W.shape
+    blocks = W.double().reshape(N, K // 64, 64)
+    absmax = blocks.abs().amax(-1)
+    normalized = blocks / absmax[..., None]
+    codes = (normalized[..., None] - code).abs().argmin(-1)
+    return codes.reshape(N, K), absmax
+
+
+def weight(N, K, dtype=torch.float32):
+    return torch.randn(N, K, dtype=dtype) / math.sqrt(K)
+
+
+def test_code_book_is_the_papers():
+    assert len(NF4_CODE) == 16 and NF4_CODE[7] == 0.0
+    assert torch.allclose(torch.tensor(NF4_CODE, dtype=torch.float64), paper_code_book(), atol=2e-7, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_matches_reference(dtype):
+    torch.manual_seed(0)
+    W = weight(6, 192, dtype)
+    q = quantize_nf4(W)
+    codes, absmax = reference_quantize(W)
+    assert q.qweight.dtype == torch.uint8 and tuple(q.qweight.shape) == (6, 96)
+    assert torch.equal(q.codes().long(), codes)
+    # packing: element 2j in the high nibble of byte j
+    assert torch.equal(q.qweight.long(), codes[:, 0::2] * 16 + codes[:, 1::2])
+    assert torch.equal(q.absmax.double(), absmax.float().double())
+    ref = (torch.tensor(NF4_CODE, dtype=torch.float64)[codes].reshape(6, 3, 64) * absmax.float().double()[..., None])
+    assert torch.equal(dequantize_nf4(q, torch.float32).double(), ref.reshape(6, 192).float().double())
+    assert dequantize_nf4(q).dtype == dtype
+    err = rel_err(ref.reshape(6, 192), W)
+    assert q.error == pytest.approx(err, rel=1e-3) and 0.05 < q.error < 0.15  # NF4 on Gaussian weights: ~0.1
+
+
+def test_quantize_zero_block_and_extremes():
+    W = torch.zeros(2, 128)
+    W[1, 64:] = torch.linspace(-3, 3, 64)
+    q = quantize_nf4(W)
+    out = q.dequantize(torch.float32)
+    assert torch.equal(out[:, :64], torch.zeros(2, 64))  # an all-zero block stays zero (no 0/0)
+    assert out[1, 64] == -3.0 and out[1, 127] == 3.0  # the block's extremes are exact (codes -1 and 1)
+
+
+def test_double_quant():
+    torch.manual_seed(1)
+    W = weight(20, 1024)  # 320 blocks: two groups of 256 for the second level
+    plain, dq = quantize_nf4(W), quantize_nf4(W, double_quant=True)
+    assert dq.double_quant and dq.absmax.dtype == torch.uint8 and dq.absmax_scale.numel() == 2
+    assert torch.equal(dq.qweight, plain.qweight)  # the 4-bit codes do not depend on the second level
+    absmax = plain.absmax.reshape(-1).double()
+    offset = absmax.mean()
+    centered = absmax - offset
+    scale = torch.stack([centered[:256].abs().max(), centered[256:].abs().max()])
+    assert dq.absmax_offset == pytest.approx(offset.item(), rel=1e-6)
+    assert torch.allclose(dq.absmax_scale.double(), scale, rtol=1e-6)
+    decoded = dq.absmax_float().reshape(-1).double()
+    hand = fp8_absmax_code()[dq.absmax.reshape(-1).long()].double() * dq.absmax_scale.double().repeat_interleave(
+        256)[:320] + offset
+    assert torch.allclose(decoded, hand, rtol=1e-6)
+    # FP8 E4M3 keeps 3 mantissa bits: each centred value within 2^-4 of itself (plus the subnormal step)
+    group_scale = scale.repeat_interleave(256)[:320]
+    assert ((decoded - absmax).abs() <= centered.abs() / 16 + group_scale * 2.0**-9 / 448 * 64 + 1e-9).all()
+    assert dq.absmax.element_size() * 4 == plain.absmax.element_size()  # 8 bits per block instead of 32
+    assert dq.error < plain.error + 0.01
+
+
+def test_nf4tensor_state_dict_and_to():
+    torch.manual_seed(2)
+    for dq in (False, True):
+        q = quantize_nf4(weight(8, 128), double_quant=dq)
+        q2 = NF4Tensor.from_state_dict(q.state_dict(), q.dtype)
+        assert torch.equal(q2.dequantize(), q.dequantize())
+        moved = q.to("cpu", dtype=torch.bfloat16)
+        assert moved.dequantize().dtype == torch.bfloat16 and moved.qweight.dtype == torch.uint8
+    with pytest.raises(ValueError, match="missing 'absmax'"):
+        NF4Tensor.from_state_dict({"qweight": q.qweight})
+
+
+def test_memory_at_most_0_3_of_bf16():
+    q = quantize_nf4(weight(64, 1024), double_quant=True)
+    assert q.nbytes <= 0.3 * 64 * 1024 * 2
+    assert quantize_nf4(weight(64, 1024)).nbytes == 64 * 1024 // 2 + 64 * 16 * 4  # 4.5 bits per weight
+
+
+@pytest.mark.parametrize("bad", [100, 63, 0])
+def test_k_not_multiple_of_blocksize_is_refused(bad):
+    with pytest.raises(ValueError, match="multiple of the blocksize 64"):
+        quantize_nf4(torch.randn(4, bad))
+    if bad:
+        with pytest.raises(ValueError, match="multiple of the blocksize 64"):
+            LoRALinear4bit.from_linear(nn.Linear(bad, 4), rank=2)
+
+
+def test_bad_input():
+    q = quantize_nf4(weight(8, 64))
+    x, A, B = torch.randn(3, 64), torch.randn(2, 64), torch.randn(8, 2)
+    with pytest.raises(TypeError, match="weight must be"):
+        quantize_nf4(torch.ones(4, 64, dtype=torch.int32))
+    with pytest.raises(TypeError, match="weight must be an NF4Tensor"):
+        qlora_linear(x, torch.randn(8, 64), None, A, B, 1.0)
+    with pytest.raises(TypeError, match="x must be float16, bfloat16 or float32"):
+        qlora_linear(x.double(), q, None, A, B, 1.0)
+    with pytest.raises(ValueError, match="K=64"):
+        qlora_linear(torch.randn(3, 32), q, None, A, B, 1.0)
+    with pytest.raises(ValueError, match="lora_B must be"):
+        qlora_linear(x, q, None, A, torch.randn(7, 2), 1.0)
+    with pytest.raises(TypeError, match="lora_A has dtype"):
+        qlora_linear(x, q, None, A.to(torch.bfloat16), B, 1.0)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        qlora_linear(x, q, None, A, B, 1.0, dropout_p=1.0, training=True)
+    with pytest.raises(ValueError, match="bias must be"):
+        qlora_linear(x, q, torch.randn(5), A, B, 1.0)
+    with pytest.raises(TypeError, match="compute_dtype"):
+        LoRALinear4bit(64, 8, compute_dtype=torch.float64)
+    with pytest.raises(ValueError, match="path must be"):
+        kernels.lora_nf4_forward(x, q, None, A, B, 1.0, path="cublas")
+
+
+def reference_grads(x, W, b, A, B, s, p, seed, dy):
+    """fp64 dequantize-then-reference: (y, dx, db, dA, dB) with the kernels' dropout mask."""
+    x64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, A, B))
+    b64 = b.detach().double().requires_grad_() if b is not None else None
+    keep = dropout_mask_torch(seed, x.shape[0], x.shape[1], p, "cpu") if p > 0 else torch.ones_like(x, dtype=bool)
+    xd = torch.where(keep, x64 / (1 - p), 0.0)
+    y = x64 @ W.double().t() + s * (xd @ A64.t()) @ B64.t()
+    if b64 is not None:
+        y = y + b64
+    y.backward(dy.double())
+    return y, x64.grad, (b64.grad if b64 is not None else None), A64.grad, B64.grad
+
+
+# (M, K, N, r, double_quant, dropout, dtype): M <= 16 takes the GEMV forward, M > 16 the fused GEMM.
+CASES = [
+    (1, 128, 37, 3, False, 0.0, torch.float32),
+    (5, 64, 20, 1, True, 0.25, torch.float32),
+    (19, 192, 33, 3, True, 0.0, torch.float32),
+    (18, 128, 17, 16, False, 0.25, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("M,K,N,r,dq,p,dtype", CASES)
+def test_fused_outputs_and_gradients(M, K, N, r, dq, p, dtype):
+    torch.manual_seed(M * 131 + K)
+    q = quantize_nf4(weight(N, K), double_quant=dq, dtype=dtype)
+    W = q.dequantize(torch.float32)
+    x = torch.randn(M, K, dtype=dtype, requires_grad=True)
+    b = torch.randn(N, dtype=dtype, requires_grad=True)
+    A = (torch.randn(r, K) / math.sqrt(K)).to(dtype).requires_grad_()
+    B = (torch.randn(N, r) / math.sqrt(r)).to(dtype).requires_grad_()
+    s, seed = 1.5, 1234
+    y = QLoRALinearFunction.apply(x, b, A, B, q, s, p, seed)
+    dy = torch.randn(M, N, dtype=dtype)
+    y.backward(dy)
+    ref = reference_grads(x, W, b, A, B, s, p, seed, dy)
+    for name, out, want in zip(("y", "dx", "db", "dA", "dB"), (y, x.grad, b.grad, A.grad, B.grad), ref):
+        assert out.dtype == dtype
+        assert_close(name, out, want, dtype)
+
+
+@pytest.mark.parametrize("path,table", [("dequant", True), ("fused", False), ("gemv", False)])
+def test_every_path_and_decode(path, table):
+    torch.manual_seed(3)
+    M, K, N, r = (4 if path == "gemv" else 9), 128, 21, 3
+    q = quantize_nf4(weight(N, K), double_quant=True)
+    W = q.dequantize(torch.float32).double()
+    x, dy = torch.randn(M, K), torch.randn(M, N)
+    A, B = torch.randn(r, K) / 8, torch.randn(N, r)
+    y, xa = kernels.lora_nf4_forward(x, q, None, A, B, 2.0, store_xa=True, path=path, table=table)
+    assert_close("y", y, x.double() @ W.t() + 2.0 * (x.double() @ A.double().t()) @ B.double().t(), torch.float32)
+    assert_close("xa", xa, x.double() @ A.double().t(), torch.float32)
+    if path != "gemv":
+        dx, dyb = kernels.lora_nf4_backward_dx(dy, q, A, B, 2.0, path=path, table=table)
+        assert_close("dx", dx, dy.double() @ W + 2.0 * (dy.double() @ B.double()) @ A.double(), torch.float32)
+        assert_close("dyb", dyb, dy.double() @ B.double(), torch.float32)
+
+
+def test_dequantize_kernel_writes_every_element():
+    torch.manual_seed(4)
+    for dq in (False, True):
+        q = quantize_nf4(weight(19, 192), double_quant=dq)
+        out = torch.full((19, 192), float("nan"))
+        kernels.nf4_dequantize(q, torch.float32, out=out)
+        assert torch.equal(out, q.dequantize(torch.float32))
+
+
+def test_gemv_split_k_and_empty_rows():
+    torch.manual_seed(5)
+    q = quantize_nf4(weight(20, 256))
+    x, A, B, b = torch.randn(3, 256), torch.randn(2, 256) / 16, torch.randn(20, 2), torch.randn(20)
+    want = x.double() @ q.dequantize(torch.float32).double().t() + b.double() + (x.double() @ A.double().t()) @ B.double().t()
+    for splits in (1, 3, 4):
+        y, _ = kernels.nf4_gemv(x, q, b, A, B, 1.0, splits=splits)
+        assert_close(f"y (splits={splits})", y, want, torch.float32)
+    for path in ("gemv", "fused"):
+        y, xa = kernels.lora_nf4_forward(x[:0], q, b, A, B, 1.0, store_xa=True, path=path)
+        assert y.shape == (0, 20) and xa.shape == (0, 2)
+    dx, _ = kernels.lora_nf4_backward_dx(torch.randn(0, 20), q, A, B, 1.0)
+    assert dx.shape == (0, 256)
+
+
+def make_layer(dq=False, dtype=torch.float32):
+    torch.manual_seed(6)
+    linear = nn.Linear(128, 24)
+    layer = LoRALinear4bit.from_linear(linear, rank=3, alpha=6, compute_dtype=dtype, double_quant=dq)
+    nn.init.normal_(layer.lora_B)
+    return linear, layer
+
+
+@pytest.mark.parametrize("dq", [False, True])
+def test_module_matches_reference_and_saves(dq):
+    linear, layer = make_layer(dq)
+    assert layer.quant_error == pytest.approx(roundtrip_error(linear.weight, layer.weight4), rel=1e-6)
+    x = torch.randn(2, 3, 128, requires_grad=True)
+    y = layer(x)
+    ref = lora_fast.reference.lora_linear_reference(x.detach(), layer.weight4.dequantize(torch.float32),
+                                                    linear.bias.detach(), layer.lora_A.detach(),
+                                                    layer.lora_B.detach(), layer.scaling)
+    assert_close("module y", y, ref, torch.float32)
+    y.sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None and not layer.bias.requires_grad
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    fresh = LoRALinear4bit(128, 24, rank=3, alpha=6, compute_dtype=torch.float32, double_quant=dq)
+    fresh.load_state_dict(torch.load(buf))
+    assert torch.equal(fresh(x), y)
+    keys = set(layer.state_dict())
+    assert {"qweight", "absmax", "bias", "lora_A", "lora_B"} <= keys and ("absmax_code" in keys) == dq
+    layer.to(torch.bfloat16)  # the format's tensors keep their dtypes; the adapters follow
+    assert layer.qweight.dtype == torch.uint8 and layer.lora_A.dtype == torch.bfloat16
+    assert layer.absmax.dtype == (torch.uint8 if dq else torch.float32)
+    assert torch.equal(layer.weight4.dequantize(torch.float32), fresh.weight4.dequantize(torch.float32))
+
+
+def test_merge_unmerge():
+    _, layer = make_layer(dq=True)
+    x = torch.randn(4, 128)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    y = layer(x)
+    target = layer.weight4.dequantize(torch.float32) + layer.delta_weight()
+    err = layer.merge()
+    assert layer.merged and err == layer.merge_error and 0.0 < err < 0.15
+    assert err == pytest.approx(roundtrip_error(target, layer.weight4), rel=1e-6)
+    y_merged = layer(x)
+    ref_merged = x.double() @ layer.weight4.dequantize(torch.float32).double().t() + layer.bias.double()
+    assert_close("merged y", y_merged, ref_merged, torch.float32)
+    assert rel_err(y_merged, y) < 2 * err  # the merged layer computes the same function up to the NF4 rounding
+    layer.unmerge()
+    assert not layer.merged
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert torch.equal(layer(x), y)
+
+
+def test_apply_lora_quantize_nf4():
+    torch.manual_seed(7)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.v_proj, self.o_proj = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.o_proj(self.q_proj(x) + self.v_proj(x))
+
+    model = nn.Sequential(Block(), nn.Linear(64, 8))
+    weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    lora_fast.apply_lora(model, ["q_proj", "v_proj"], rank=2, alpha=4, quantize="nf4_dq")
+    assert isinstance(model[0].q_proj, LoRALinear4bit) and model[0].q_proj.double_quant
+    assert isinstance(model[0].o_proj, nn.Linear) and not isinstance(model[0].o_proj, LoRALinear4bit)
+    assert torch.allclose(model[0].q_proj.weight4.dequantize(torch.float32), weights["0.q_proj"], atol=0.1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"0.{m}.lora_{ab}" for m in ("q_proj", "v_proj") for ab in "AB"}
+    model(torch.randn(3, 64)).sum().backward()
+    assert model[0].q_proj.lora_B.grad is not None
+    with pytest.raises(ValueError, match="quantize must be"):
+        lora_fast.apply_lora(nn.Sequential(nn.Linear(64, 8)), ["0"], quantize="int4")
+
+
+def test_bitsandbytes_layout():
+    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbF
+
+    torch.manual_seed(8)
+    W = weight(40, 128, torch.bfloat16)
+    for compress in (False, True):
+        p = bnb.nn.Params4bit(W.clone(), requires_grad=False, quant_type="nf4", compress_statistics=compress,
+                              blocksize=64)
+        if p.quant_state is None:
+            p = p._quantize("cpu")
+        q = lora_fast.nf4.from_bnb(p)
+        theirs = bnbF.dequantize_4bit(p.data, p.quant_state)
+        assert torch.equal(q.dequantize(theirs.dtype), theirs)
+        ours = quantize_nf4(W, double_quant=compress)
+        assert torch.equal(ours.qweight, q.qweight)  # same codes, same packing: no re-quantization needed
+        linear = bnb.nn.Linear4bit(128, 40, compute_dtype=torch.bfloat16, quant_type="nf4")
+        linear.weight = p
+        layer = LoRALinear4bit.from_linear(linear, rank=2, compute_dtype=torch.bfloat16)
+        assert torch.equal(layer.weight4.dequantize(), theirs)
