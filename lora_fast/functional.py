@@ -57,47 +57,111 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, xa = ctx.saved_tensors
-        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        ops = _ops(x)
-        s, p, seed = ctx.scaling, ctx.dropout_p, ctx.seed
-        x2d = x.reshape(-1, x.shape[-1])
-        dy2d = dy.reshape(-1, weight.shape[0])
-        if dy2d.dtype != x.dtype:
-            dy2d = dy2d.to(x.dtype)
-        dx = dw = dbias = dA = dB = None
-        dyb = None
-        if need_x:
-            dx2d, dyb = ops.lora_backward_dx(dy2d, weight, lora_A, lora_B, s, p, seed, store_dyb=need_a)
-            dx = dx2d.reshape(x.shape)
-        elif need_a:
-            dyb = ops.lora_shrink(dy2d, lora_B.t())
-        if need_a or need_b:
-            dA, dB = ops.lora_grad_ab(x2d, dy2d, xa, dyb, s, lora_A.dtype, lora_B.dtype, p, seed,
-                                      need_a=need_a, need_b=need_b)
-        if need_w:
-            dw = (dy2d.t() @ x2d).to(weight.dtype)
-        if need_bias and ctx.has_bias:
-            dbias = dy2d.sum(0, dtype=torch.promote_types(dy2d.dtype, torch.float32)).to(dy2d.dtype)
-        return dx, dw, dbias, dA, dB, None, None, None
+        grads = lora_backward(_ops(x), dy, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, ctx.seed,
+                              ctx.has_bias, ctx.needs_input_grad[:5])
+        return (*grads, None, None, None)
+
+
+def lora_backward(ops, dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, has_bias, needs):
+    """The LoRA linear's gradients (dx, dW, db, dA, dB), each None unless `needs` asks for it.
+
+    ops: the launchers (`lora_fast.kernels`, `lora_fast.naive`, or the `lora_fast::` ops through
+    `lora_fast.ops.OP_LAUNCHERS`); dy: [..., N]; x: [..., K]; xa: drop(x) @ A^T [M, r] from the forward (needed
+    for dB); seed: whatever the launchers take (an int, or a seed tensor for the ops); needs: 5 bools.
+    Shared by the autograd Function (eager) and the custom op's registered autograd (torch.compile).
+    """
+    need_x, need_w, need_bias, need_a, need_b = needs
+    x2d = x.reshape(-1, x.shape[-1])
+    dy2d = dy.reshape(-1, weight.shape[0])
+    if dy2d.dtype != x.dtype:
+        dy2d = dy2d.to(x.dtype)
+    dx = dw = dbias = dA = dB = None
+    dyb = None
+    if need_x:
+        dx2d, dyb = ops.lora_backward_dx(dy2d, weight, lora_A, lora_B, scaling, dropout_p, seed, store_dyb=need_a)
+        dx = dx2d.reshape(x.shape)
+    elif need_a:
+        dyb = ops.lora_shrink(dy2d, lora_B.t())
+    if need_a or need_b:
+        dA, dB = ops.lora_grad_ab(x2d, dy2d, xa, dyb, scaling, lora_A.dtype, lora_B.dtype, dropout_p, seed,
+                                  need_a=need_a, need_b=need_b)
+    if need_w:
+        dw = (dy2d.t() @ x2d).to(weight.dtype)
+    if need_bias and has_bias:
+        dbias = dy2d.sum(0, dtype=torch.promote_types(dy2d.dtype, torch.float32)).to(dy2d.dtype)
+    return dx, dw, dbias, dA, dB
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=False):
     """Fused LoRA linear: `x @ weight^T + bias + scaling * (dropout(x) @ lora_A^T) @ lora_B^T`.
 
-    x: [..., K]; weight: [N, K]; bias: [N] or None; lora_A: [r, K]; lora_B: [N, r]; one dtype (fp16, bf16,
-    fp32 or fp64) and one device for all. scaling: Python float (alpha / r, or alpha / sqrt(r) for rsLoRA).
+    x: [..., K]; weight: [N, K]; bias: [N] or None, in x's dtype (fp16, bf16, fp32 or fp64) on x's device;
+    lora_A: [r, K]; lora_B: [N, r], in x's dtype, or fp32 on an fp16/bf16 x (PEFT's fp32 adapters on a half base:
+    the adapters are cast down to x's dtype, never x up, and their gradients come back in fp32).
+    scaling: Python float (alpha / r, or alpha / sqrt(r) for rsLoRA).
     dropout_p in [0, 1), applied to x on the LoRA branch only, and only when `training`.
-    Returns y: [..., N]. Differentiable in every tensor argument.
+    Returns y: [..., N] in x's dtype. Differentiable in every tensor argument.
+
+    Under `torch.autocast` every floating operand (not fp64) is cast to the autocast dtype first, as nn.Linear's
+    inputs are, so with fp32 parameters the kernels run in bf16/fp16 and the gradients land in fp32.
+    Eager calls go straight to `LoRALinearFunction` (no dispatcher cost); while torch.compile traces, the call
+    goes through the `lora_fast::lora_forward` op instead (`lora_fast.ops`), which it captures without a break.
 
     >>> layer = torch.nn.Linear(4096, 4096, device="cuda", dtype=torch.bfloat16)
     >>> A = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     >>> y = lora_linear(x, layer.weight, layer.bias, A, B, scaling=2.0, dropout_p=0.1, training=True)
     """
+    x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
     scaling, dropout_p = check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
+    if lora_A.dtype != x.dtype:  # fp32 adapters on a half base: a differentiable cast of the small matrices
+        lora_A = lora_A.to(x.dtype)
+    if lora_B.dtype != x.dtype:
+        lora_B = lora_B.to(x.dtype)
     p = dropout_p if training else 0.0
+    if is_compiling():
+        from . import ops
+
+        if ops.HAS_CUSTOM_OPS:
+            return ops.lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, p)
     seed = draw_seed() if p > 0.0 else 0
     tensors = (x, weight, bias, lora_A, lora_B)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed)
     y2d, _ = _ops(x).lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, p, seed)
     return y2d.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def is_compiling() -> bool:
+    """True while torch.compile (dynamo) traces the caller."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return bool(getattr(getattr(torch, "_dynamo", None), "is_compiling", lambda: False)())
+
+
+_CASTABLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def autocast_dtype(device_type: str):
+    """The autocast dtype active for `device_type` ("cuda", "cpu"), or None when autocast is off there."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        enabled = torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+    if not enabled:
+        return None
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device_type)
+    return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
+
+
+def autocast_inputs(x, *others):
+    """(x, *others) cast as autocast casts nn.Linear's operands: every fp16/bf16/fp32 tensor to the autocast dtype
+    of x's device (a differentiable `.to`, so gradients return in each tensor's own dtype); unchanged when autocast
+    is off. Anything else (fp64, non-tensors) passes through for the argument checks to judge."""
+    if not isinstance(x, torch.Tensor) or x.device.type not in ("cuda", "cpu"):
+        return (x, *others)
+    dtype = autocast_dtype(x.device.type)
+    if dtype is None:
+        return (x, *others)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _CASTABLE else t for t in (x, *others))

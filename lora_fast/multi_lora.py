@@ -19,7 +19,8 @@ capture, and before each replay refill its buffers in place with `meta.update_(n
 graph), or capture `meta.update_(ids, validate=False)` itself inside the graph. With validation skipped, an invalid
 id is computed as base only (-1): the kernels never read out of bounds whatever the ids hold.
 
-Inference only: no autograd through the Triton path.
+Autograd: the Triton path is for inference; with x requiring grad (or under torch.compile) the call goes through
+the `lora_fast::multi_lora_forward` op, which returns dx (the pool and the base weight are frozen: no gradients).
 
 Example:
     pool = AdapterPool(max_adapters=64, max_rank=16, device="cuda", dtype=torch.bfloat16)
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import use_triton
+from .functional import is_compiling, use_triton
 
 
 # ----------------------------------------------------------------------------------------------- batch metadata
@@ -202,20 +203,65 @@ def multi_lora_linear(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ada
         _check(tuple(out.shape) == (*lead, N) and out.dtype == x.dtype and out.is_contiguous(), "out",
                f"must be a contiguous {(*lead, N)} tensor of {x.dtype}")
 
-    if use_triton(x):
+    tensors = (x2d, weight, bias, A, lora_B_stack, scalings, ranks, meta.adapter_ids, meta.perm, meta.seg_of,
+               meta.seg_start, meta.seg_adapter)
+    if is_compiling() or (torch.is_grad_enabled() and x.requires_grad and use_triton(x)):
+        # The `lora_fast::multi_lora_forward` op: traced by torch.compile without a break, and differentiable in x
+        # (the kernels' own launch has no autograd). Eager inference keeps the direct launch below.
+        from . import ops
+
+        if ops.HAS_CUSTOM_OPS:
+            y = torch.ops.lora_fast.multi_lora_forward(*tensors, list(slice_sizes))
+            if out is not None:
+                y = out.view(T, N).copy_(y)
+            return y.view(*lead, N)
+    y = multi_lora_compute(*tensors, slice_sizes, out=None if out is None else out.view(T, N))
+    return y.view(*lead, N)
+
+
+def multi_lora_compute(x2d, weight, bias, A, B, scalings, ranks, adapter_ids, perm, seg_of, seg_start, seg_adapter,
+                       slice_sizes, out=None) -> torch.Tensor:
+    """The checked call's work: the kernels (CUDA, or CPU under the interpreter), else `_multi_lora_torch`.
+
+    x2d: [T, K]; A: [S, slices, R, K]; B: [S, N, R]; scalings fp32 [S]; ranks int32 [S]; the rest is a
+    `BatchMetadata`'s buffers; out: optional [T, N]. Returns y [T, N] (out when given).
+    """
+    if use_triton(x2d):
         from .kernels.helpers import dot_precision
         from .kernels.multi_lora import multi_lora_forward
 
-        y = multi_lora_forward(x2d, weight, bias, A, lora_B_stack, scalings, ranks, meta.perm, meta.seg_of,
-                               meta.seg_start, meta.seg_adapter, slice_sizes,
-                               out=None if out is None else out.view(T, N),
-                               precision=dot_precision(x.dtype))
-    else:
-        y = _multi_lora_torch(x2d, weight, bias, A, lora_B_stack, scalings, ranks, meta.adapter_ids, slice_sizes)
-        if out is not None:
-            out.view(T, N).copy_(y)
-            y = out.view(T, N)
-    return y.view(*lead, N)
+        return multi_lora_forward(x2d, weight, bias, A, B, scalings, ranks, perm, seg_of, seg_start, seg_adapter,
+                                  slice_sizes, out=out, precision=dot_precision(x2d.dtype))
+    y = _multi_lora_torch(x2d, weight, bias, A, B, scalings, ranks, adapter_ids, slice_sizes)
+    return y if out is None else out.copy_(y)
+
+
+def multi_lora_backward_dx(dy, weight, A, B, scalings, ranks, adapter_ids, slice_sizes) -> torch.Tensor:
+    """dx = dy @ W + Σ_slices s[id] · (dy_slice @ B[id, slice][:, :rank]) @ A[id, slice][:rank], per token.
+
+    dy: [T, N]; weight: [N, K]; A: [S, slices, R, K]; B: [S, N, R]; scalings [S]; ranks [S]; adapter_ids [T]
+    (-1: base only). Returns dx [T, K] in dy's dtype, accumulated in fp32 (fp64 for fp64). Plain PyTorch with no
+    data-dependent host control (so it traces and graphs): each token's rank-R product is taken against every slot,
+    [T, S, R], and the token's own slot gathered, which costs S times the minimal rank FLOPs (still rank-sized).
+    """
+    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    T, (S, _, R, K) = dy.shape[0], A.shape
+    ids = adapter_ids.reshape(-1).to(torch.int64)
+    used = ids >= 0
+    slot = ids.clamp(0, S - 1)
+    keep = (torch.arange(R, device=dy.device)[None, :] < ranks.to(dy.device)[slot][:, None]) & used[:, None]
+    scale = torch.where(used, scalings.to(dy.device, acc)[slot], torch.zeros((), device=dy.device, dtype=acc))
+    index = slot[:, None, None].expand(T, 1, R)
+    dyf = dy.to(acc)
+    dx = dyf @ weight.to(acc)
+    offsets = [0, *itertools.accumulate(slice_sizes)]
+    for i in range(len(slice_sizes)):
+        lo, hi = offsets[i], offsets[i + 1]
+        dyb = torch.einsum("tn,snr->tsr", dyf[:, lo:hi], B[:, lo:hi].to(acc)).gather(1, index)[:, 0]
+        dyb = dyb * keep * scale[:, None]
+        spread = torch.zeros(T, S, R, device=dy.device, dtype=acc).scatter_(1, index, dyb[:, None])
+        dx = dx + spread.reshape(T, S * R) @ A[:, i].reshape(S * R, K).to(acc)
+    return dx.to(dy.dtype)
 
 
 def _multi_lora_torch(x2d, weight, bias, A, B, scalings, ranks, ids, slice_sizes):

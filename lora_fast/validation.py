@@ -31,6 +31,16 @@ def check_same(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str) -> 
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}: all operands must share one device")
 
 
+def check_adapter_dtype(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    """An adapter matrix has x's dtype, or is fp32 on an fp16/bf16 x (PEFT keeps adapters in fp32 on a half
+    base; the callers cast the small adapter down to x's dtype rather than x up), on x's device."""
+    if t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+        raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}: an adapter must have x's dtype, or be "
+                        f"float32 on a float16/bfloat16 x")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all operands must share one device")
+
+
 def check_scaling(scaling, name: str = "scaling") -> float:
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"{name} must be a Python float or int, got {type(scaling).__name__}")
@@ -61,8 +71,9 @@ def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, 
     check_tensor("weight", weight, ndim=2)
     check_tensor("lora_A", lora_A, ndim=2)
     check_tensor("lora_B", lora_B, ndim=2)
-    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
-        check_same(name, t, x, "x")
+    check_same("weight", weight, x, "x")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        check_adapter_dtype(name, t, x)
     out_features, in_features = weight.shape
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features in its last dimension but weight [N, K] has K={in_features}")

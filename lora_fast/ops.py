@@ -1,0 +1,222 @@
+"""The kernels as torch operators in the `lora_fast::` namespace, so torch.compile traces them without graph breaks.
+
+Ops (each with a fake implementation for tracing; shapes as in the launchers of `lora_fast.kernels`):
+- `lora_fast::lora_forward(x [M, K], weight [N, K], bias [N]?, lora_A [r, K], lora_B [N, r], scaling, dropout_p,
+  seed?, store_xa)` -> `(y [M, N], xa [M or 0, r])`, with autograd registered (training);
+- `lora_fast::lora_backward_dx(dy [M, N], weight, lora_A, lora_B, scaling, dropout_p, seed?, store_dyb)`
+  -> `(dx [M, K], dyb [M or 0, r])`;
+- `lora_fast::lora_shrink(x [M, K], lora_A [r, K], dropout_p, seed?)` -> `xa [M, r]`;
+- `lora_fast::lora_grad_ab(x, dy, xa?, dyb?, scaling, a_dtype, b_dtype, dropout_p, seed?, need_a, need_b)`
+  -> `(dA [r, K] or [0], dB [N, r] or [0])`;
+- `lora_fast::draw_seed(generator [0] on the CPU)` -> int64 [1] on the CPU: a dropout seed from torch's generator (see below);
+- `lora_fast::multi_lora_forward(x [T, K], weight, bias?, A [S, slices, R, K], B [S, N, R], scalings [S],
+  ranks [S], adapter_ids, perm, seg_of, seg_start, seg_adapter, slice_sizes)` -> `y [T, N]`, with autograd for x
+  only (serving: the pool and the base weight are frozen, their gradients are not computed).
+
+Why opaque `torch.library.custom_op` and not `triton_op` + `wrap_triton`: the launchers do host work that a
+traced triton_op would have to see through with fake tensors: they read `data_ptr()` to decide whether TMA may be
+used and build host `TensorDescriptor`s from it on Hopper at large M, pick configs from lru_cached device facts,
+cache device-side slice tables, and on the CPU CI path run the kernels through Triton's interpreter, which inductor
+cannot compile. Inductor could not fuse anything into these GEMM kernels anyway, so an opaque op loses nothing that
+matters: the graph has no break, the kernels run exactly as in eager (TMA included), and the op is CUDA-graph safe
+(no host sync: the only `.item()` reads the CPU seed tensor).
+
+The dropout seed: `seed` is an int64 [1] CPU tensor drawn inside the traced graph by the `lora_fast::draw_seed` op
+(`draw_seed_tensor`: torch's CPU generator, the value eager's `draw_seed` would draw), so every compiled step draws a
+fresh mask (not a constant baked into the graph), and the autograd saves that same tensor so the backward
+regenerates the forward's mask. None = no dropout.
+
+Eager calls do not come here: `lora_fast.lora_linear` calls `LoRALinearFunction` directly unless torch.compile is
+tracing (no dispatcher cost on the host-bound small-size eager step). `HAS_CUSTOM_OPS` is False on a torch without
+`torch.library.custom_op` / `register_fake` / `register_autograd` (< 2.4); then nothing is registered and compile
+falls back to the autograd Function (with a graph break).
+
+>>> x, W, A, B = torch.randn(5, 12), torch.randn(10, 12), torch.randn(3, 12), torch.randn(10, 3)
+>>> y, _ = torch.ops.lora_fast.lora_forward(x, W, None, A, B, 2.0, 0.0, None, False)
+>>> torch.testing.assert_close(y, x @ W.T + 2.0 * (x @ A.T) @ B.T)
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from .functional import _ops, lora_backward
+
+HAS_CUSTOM_OPS = all(hasattr(torch.library, f) for f in ("custom_op", "register_fake", "register_autograd"))
+
+Tensor = torch.Tensor
+
+
+def seed_value(seed: Optional[Tensor]) -> int:
+    """The int the launchers take from a seed tensor (None: no dropout, 0)."""
+    return 0 if seed is None else int(seed.reshape(-1)[0])
+
+
+def draw_seed_tensor() -> Tensor:
+    """int64 [1] on the CPU: `functional.draw_seed`'s value (same generator, same draw) without the `.item()`, via
+    the `lora_fast::draw_seed` op, so a compiled graph draws it afresh on every call and eager and compiled runs
+    under one `torch.manual_seed` use the same masks; torch.utils.checkpoint restores the CPU RNG before recomputing."""
+    return torch.ops.lora_fast.draw_seed(torch.empty(0, dtype=torch.int64))
+
+
+def _empty(like: Tensor, *shape, dtype=None) -> Tensor:
+    return torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
+
+
+def _own(t: Tensor) -> Tensor:
+    """`t`, or a copy when it is a piece of a larger storage (inside an op `_is_view()` is not tracked)."""
+    if t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone()
+
+
+if HAS_CUSTOM_OPS:
+
+    # An opaque op rather than torch.randint in the graph: inductor would generate its own RNG code for randint
+    # (C++ on the CPU, other numbers than torch's generator); this draws exactly what eager draws. Tagged as
+    # seeded-random so the graph passes neither merge two draws nor recompute one (checkpointing saves it).
+    try:
+        _seed_op = torch.library.custom_op("lora_fast::draw_seed", mutates_args=(),
+                                           tags=(torch.Tag.nondeterministic_seeded,))
+    except TypeError:  # torch without custom_op(tags=...)
+        _seed_op = torch.library.custom_op("lora_fast::draw_seed", mutates_args=())
+
+    # `generator` is an empty CPU tensor that names the generator drawn from: inductor's checkpoint recompute
+    # (`run_and_save_rng_state`) saves and restores the RNG state of the device of the op's tensor arguments.
+    @_seed_op
+    def draw_seed(generator: Tensor) -> Tensor:
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=generator.device)
+
+    @draw_seed.register_fake
+    def _(generator):
+        return torch.empty(1, dtype=torch.int64, device=generator.device)
+
+    # ------------------------------------------------------------------------------------------- single adapter
+
+    @torch.library.custom_op("lora_fast::lora_forward", mutates_args=())
+    def lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                     scaling: float, dropout_p: float, seed: Optional[Tensor], store_xa: bool) -> Tuple[Tensor, Tensor]:
+        y, xa = _ops(x).lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed_value(seed),
+                                     store_xa=store_xa)
+        return y, (xa if xa is not None else _empty(x, 0, lora_A.shape[0]))
+
+    @lora_forward.register_fake
+    def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, store_xa):
+        return _empty(x, x.shape[0], weight.shape[0]), _empty(x, x.shape[0] if store_xa else 0, lora_A.shape[0])
+
+    @torch.library.custom_op("lora_fast::lora_backward_dx", mutates_args=())
+    def lora_backward_dx(dy: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                         dropout_p: float, seed: Optional[Tensor], store_dyb: bool) -> Tuple[Tensor, Tensor]:
+        dx, dyb = _ops(dy).lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p, seed_value(seed),
+                                            store_dyb=store_dyb)
+        return dx, (dyb if dyb is not None else _empty(dy, 0, lora_A.shape[0]))
+
+    @lora_backward_dx.register_fake
+    def _(dy, weight, lora_A, lora_B, scaling, dropout_p, seed, store_dyb):
+        return _empty(dy, dy.shape[0], weight.shape[1]), _empty(dy, dy.shape[0] if store_dyb else 0, lora_A.shape[0])
+
+    @torch.library.custom_op("lora_fast::lora_shrink", mutates_args=())
+    def lora_shrink(x: Tensor, lora_A: Tensor, dropout_p: float, seed: Optional[Tensor]) -> Tensor:
+        return _ops(x).lora_shrink(x, lora_A, dropout_p, seed_value(seed))
+
+    @lora_shrink.register_fake
+    def _(x, lora_A, dropout_p, seed):
+        return _empty(x, x.shape[0], lora_A.shape[0])
+
+    @torch.library.custom_op("lora_fast::lora_grad_ab", mutates_args=())
+    def lora_grad_ab(x: Tensor, dy: Tensor, xa: Optional[Tensor], dyb: Optional[Tensor], scaling: float,
+                     a_dtype: torch.dtype, b_dtype: torch.dtype, dropout_p: float, seed: Optional[Tensor],
+                     need_a: bool, need_b: bool) -> Tuple[Tensor, Tensor]:
+        dA, dB = _ops(x).lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p, seed_value(seed),
+                                      need_a=need_a, need_b=need_b)
+        # The launcher may return both as views into one partial-sum buffer; op outputs must be their own
+        # tensors (no aliasing, zero storage offset, as the fake ones), so copy those views (r-sized, cheap).
+        return (_own(dA) if dA is not None else _empty(x, 0, dtype=a_dtype),
+                _own(dB) if dB is not None else _empty(x, 0, dtype=b_dtype))
+
+    @lora_grad_ab.register_fake
+    def _(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p, seed, need_a, need_b):
+        rank = (xa if xa is not None else dyb).shape[1]
+        return (_empty(x, rank, x.shape[1], dtype=a_dtype) if need_a else _empty(x, 0, dtype=a_dtype),
+                _empty(x, dy.shape[1], rank, dtype=b_dtype) if need_b else _empty(x, 0, dtype=b_dtype))
+
+    # The launchers' signatures over the ops, for the shared backward (`functional.lora_backward`).
+    class _OpLaunchers:
+        @staticmethod
+        def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p, seed, store_dyb=True):
+            dx, dyb = torch.ops.lora_fast.lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p, seed,
+                                                           store_dyb)
+            return dx, (dyb if store_dyb else None)
+
+        @staticmethod
+        def lora_shrink(x, lora_A, dropout_p=0.0, seed=None):
+            return torch.ops.lora_fast.lora_shrink(x, lora_A, dropout_p, seed)
+
+        @staticmethod
+        def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p, seed, need_a=True, need_b=True):
+            dA, dB = torch.ops.lora_fast.lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p, seed,
+                                                      need_a, need_b)
+            return (dA if need_a else None), (dB if need_b else None)
+
+    OP_LAUNCHERS = _OpLaunchers()
+
+    def _lora_forward_setup(ctx, inputs, output):
+        x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, store_xa = inputs
+        ctx.save_for_backward(x, weight, lora_A, lora_B, output[1] if store_xa else None, seed)
+        ctx.scaling, ctx.dropout_p, ctx.has_bias = scaling, dropout_p, bias is not None
+        ctx.mark_non_differentiable(output[1])
+
+    def _lora_forward_backward(ctx, dy, _dxa):
+        x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+        grads = lora_backward(OP_LAUNCHERS, dy, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed,
+                              ctx.has_bias, ctx.needs_input_grad[:5])
+        return (*grads, None, None, None, None)
+
+    lora_forward.register_autograd(_lora_forward_backward, setup_context=_lora_forward_setup)
+
+    # ------------------------------------------------------------------------------------------- multi-adapter
+
+    @torch.library.custom_op("lora_fast::multi_lora_forward", mutates_args=())
+    def multi_lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                           scalings: Tensor, ranks: Tensor, adapter_ids: Tensor, perm: Tensor, seg_of: Tensor,
+                           seg_start: Tensor, seg_adapter: Tensor, slice_sizes: List[int]) -> Tensor:
+        from .multi_lora import multi_lora_compute
+
+        return multi_lora_compute(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_ids, perm, seg_of,
+                                  seg_start, seg_adapter, tuple(slice_sizes))
+
+    @multi_lora_forward.register_fake
+    def _(x, weight, bias, lora_A, lora_B, scalings, ranks, adapter_ids, perm, seg_of, seg_start, seg_adapter,
+          slice_sizes):
+        return _empty(x, x.shape[0], weight.shape[0])
+
+    def _multi_setup(ctx, inputs, output):
+        x, weight, _, lora_A, lora_B, scalings, ranks, adapter_ids = inputs[:8]
+        ctx.save_for_backward(weight, lora_A, lora_B, scalings, ranks, adapter_ids)
+        ctx.slice_sizes = tuple(inputs[-1])
+
+    def _multi_backward(ctx, dy):
+        from .multi_lora import multi_lora_backward_dx
+
+        weight, lora_A, lora_B, scalings, ranks, adapter_ids = ctx.saved_tensors
+        dx = multi_lora_backward_dx(dy, weight, lora_A, lora_B, scalings, ranks, adapter_ids, ctx.slice_sizes)
+        return (dx, *([None] * 12))
+
+    multi_lora_forward.register_autograd(_multi_backward, setup_context=_multi_setup)
+
+
+def lora_linear_op(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float):
+    """`lora_fast.lora_linear` after its checks and casts, through the `lora_fast::lora_forward` op.
+
+    x: [..., K] -> [..., N]. The seed is drawn as a tensor inside the graph (see the module docstring); xa is
+    stored only when lora_B needs a gradient.
+    """
+    seed = draw_seed_tensor() if dropout_p > 0.0 else None
+    store_xa = torch.is_grad_enabled() and lora_B.requires_grad
+    y2d, _ = torch.ops.lora_fast.lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling,
+                                              dropout_p, seed, store_xa)
+    return y2d.reshape(*x.shape[:-1], weight.shape[0])
+
+
+__all__ = ["HAS_CUSTOM_OPS", "draw_seed_tensor", "lora_linear_op", "seed_value"]

@@ -1,0 +1,171 @@
+"""The `lora_fast::` ops: opcheck for each, and torch.compile(fullgraph=True) of models with LoRALinear and
+MultiLoRALinear (training and inference) against eager; the dropout seed under compile; the multi-adapter dx.
+
+On the CPU the ops run the Triton kernels through the interpreter (conftest sets TRITON_INTERPRET=1). The model test
+uses the aot_eager backend (inductor's cold C++ compile of its elementwise ops costs a minute of CI); the dropout
+tests go through inductor. bench/gpu_compile.py compiles everything with inductor on the GPU. fullgraph=True turns any graph break into an error, and a CompileCounter backend
+counts the captured graphs. Sizes are tiny: the interpreter and the CPU compiler are slow.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # conftest sets it too; must precede the first triton import
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from lora_fast import LoRALinear, ops  # noqa: E402
+from lora_fast.multi_lora import AdapterPool, MultiLoRALinear, _multi_lora_torch, multi_lora_backward_dx  # noqa: E402
+from tests.utils import assert_close  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not ops.HAS_CUSTOM_OPS, reason="torch without torch.library.custom_op")
+
+
+def _lora_args(M=5, K=12, N=10, r=3, requires_grad=False, bias=True):
+    g = torch.Generator().manual_seed(M * 100 + K)
+    t = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x, W, A, B = t(M, K), t(N, K) / K**0.5, t(r, K) / K**0.5, t(N, r)
+    b = t(N) if bias else None
+    if requires_grad:
+        for v in (x, A, B):
+            v.requires_grad_(True)
+    return x, W, b, A, B
+
+
+def test_opcheck_lora_forward_and_backward_ops():
+    seed = torch.tensor([1234], dtype=torch.int64)
+    x, W, b, A, B = _lora_args()
+    torch.library.opcheck(torch.ops.lora_fast.lora_forward.default, (x, W, b, A, B, 2.0, 0.0, None, False))
+    xg, Wg, bg, Ag, Bg = _lora_args(M=4, K=9, N=7, r=1, requires_grad=True, bias=False)
+    torch.library.opcheck(torch.ops.lora_fast.lora_forward.default, (xg, Wg, bg, Ag, Bg, 0.5, 0.25, seed, True))
+    dy = torch.randn(5, 10)
+    torch.library.opcheck(torch.ops.lora_fast.lora_backward_dx.default, (dy, W, A, B, 2.0, 0.25, seed, True))
+    torch.library.opcheck(torch.ops.lora_fast.lora_shrink.default, (x, A, 0.25, seed))
+    xa = torch.randn(5, 3)
+    dyb = torch.randn(5, 3)
+    for need_a, need_b in ((True, True), (False, True)):
+        torch.library.opcheck(torch.ops.lora_fast.lora_grad_ab.default,
+                              (x, dy, xa, dyb if need_a else None, 2.0, torch.float32, torch.float32, 0.25, seed,
+                               need_a, need_b))
+
+
+def test_opcheck_multi_lora_forward():
+    _, multi, meta = _pool_model()
+    A, B, sizes = multi.pool.layer_stacks(multi.key)
+    x = torch.randn(6, 16, requires_grad=True)
+    args = (x, multi.weight, multi.bias, A, B, multi.pool.scalings, multi.pool.ranks, meta.adapter_ids, meta.perm,
+            meta.seg_of, meta.seg_start, meta.seg_adapter, list(sizes))
+    torch.library.opcheck(torch.ops.lora_fast.multi_lora_forward.default, args)
+    torch.library.opcheck(torch.ops.lora_fast.draw_seed.default, (torch.empty(0, dtype=torch.int64),))
+
+
+def _pool_model(T=6, K=12, hidden=16, slots=3, R=4):
+    """A LoRALinear feeding a two-slice MultiLoRALinear over a pool with two adapters of ranks 4 and 1."""
+    torch.manual_seed(0)
+    pool = AdapterPool(slots, R, dtype=torch.float32)
+    first = LoRALinear(K, hidden, rank=3, alpha=6)
+    nn.init.normal_(first.lora_B)
+    multi = MultiLoRALinear(nn.Linear(hidden, 10), pool, key="proj", slice_sizes=(6, 4))
+    for name, r in (("a", 4), ("b", 1)):
+        pool.load(name, {"proj": [(torch.randn(r, hidden), torch.randn(6, r)),
+                                  (torch.randn(r, hidden), torch.randn(4, r))]}, alpha=2.0 * r)
+    for p in multi.parameters():
+        p.requires_grad_(False)
+    meta = pool.batch_metadata(["a", None, "b", "a", "b", None][:T])
+    return first, multi, meta
+
+
+class _Stack(nn.Module):
+    def __init__(self, first, multi):
+        super().__init__()
+        self.first, self.multi = first, multi
+
+    def forward(self, x, meta):
+        return self.multi(F.gelu(self.first(x)), meta)
+
+
+def _compile(model, backend="inductor"):
+    counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
+    return torch.compile(model, backend=counter, fullgraph=True), counter
+
+
+def test_compiled_fullgraph_training_and_inference_equal_eager():
+    torch._dynamo.reset()
+    first, multi, meta = _pool_model()
+    model = _Stack(first, multi)
+    # aot_eager: dynamo + AOTAutograd (fake impls, functionalization, the registered autograd, the joint graph)
+    # without inductor's C++ codegen, which costs about a minute of CI time cold; the tiny dropout tests below
+    # run inductor itself.
+    compiled, counter = _compile(model, "aot_eager")
+    x = torch.randn(6, 12, requires_grad=True)
+    grads = {}
+    for name, fn in (("eager", model), ("compiled", compiled)):
+        for p in (x, first.lora_A, first.lora_B):
+            p.grad = None
+        y = fn(x, meta)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads[name] = [y.detach(), x.grad, first.lora_A.grad, first.lora_B.grad]
+    assert counter.frame_count == 1
+    for what, c, e in zip(("y", "dx", "dA", "dB"), grads["compiled"], grads["eager"]):
+        assert c is not None, what
+        assert_close(what, c, e, torch.float32)
+    with torch.no_grad():  # inference: a second graph (grad mode is guarded), still one frame, no break
+        x2 = torch.randn(6, 12)
+        assert_close("inference y", compiled(x2, meta), model(x2, meta), torch.float32)
+    meta.update_(torch.tensor([1, 0, -1, -1, 0, 1], dtype=torch.int32))  # a new adapter mix, same buffers
+    with torch.no_grad():
+        assert_close("new mix y", compiled(x2, meta), model(x2, meta), torch.float32)
+
+
+def test_multi_lora_dx_matches_autograd_of_the_reference():
+    _, multi, meta = _pool_model()
+    A, B, sizes = multi.pool.layer_stacks(multi.key)
+    x = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
+    W = multi.weight.double()
+    args = (W, None, A.double(), B.double(), multi.pool.scalings, multi.pool.ranks)
+    y = _multi_lora_torch(x, *args, meta.adapter_ids, sizes)
+    dy = torch.randn_like(y)
+    (ref,) = torch.autograd.grad(y, x, dy)
+    dx = multi_lora_backward_dx(dy, W, A.double(), B.double(), multi.pool.scalings, multi.pool.ranks,
+                                meta.adapter_ids, sizes)
+    assert_close("multi dx", dx, ref, torch.float64)
+
+
+def _identity_lora(p):
+    """K = N = r = 8, W = 0, A = B = I, scaling 1: y = drop(x), so the output shows the dropout mask."""
+    layer = LoRALinear(8, 8, rank=8, alpha=8, dropout=p, bias=False)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.lora_A.copy_(torch.eye(8))
+        layer.lora_B.copy_(torch.eye(8))
+    return layer
+
+
+def test_compiled_dropout_fresh_mask_each_step_and_backward_uses_the_forwards():
+    torch._dynamo.reset()
+    p = 0.5
+    layer = _identity_lora(p)
+    compiled, counter = _compile(layer)
+    x = torch.rand(6, 8) + 0.5  # no zeros: y == 0 exactly where dropped
+    masks = []
+    for _ in range(2):
+        xg = x.clone().requires_grad_(True)
+        layer.lora_A.grad = None
+        y = compiled(xg)
+        keep = y.detach() != 0
+        assert 0 < keep.sum() < keep.numel()
+        assert_close("y = drop(x)", y, x * keep / (1 - p), torch.float32)
+        g = torch.randn(6, 8)
+        y.backward(g)
+        # The backward regenerates the forward's mask from the saved seed tensor.
+        assert_close("dx = drop'(g)", xg.grad, g * keep / (1 - p), torch.float32)
+        assert_close("dA = g^T drop(x)", layer.lora_A.grad, g.T @ y.detach(), torch.float32)
+        masks.append(keep)
+    assert counter.frame_count == 1
+    assert not torch.equal(masks[0], masks[1]), "two compiled steps drew the same dropout mask"
+    # The seed op draws what eager draws: under one torch.manual_seed both runs use the same mask.
+    torch.manual_seed(7)
+    y_compiled = compiled(x)
+    torch.manual_seed(7)
+    assert torch.equal(y_compiled, layer(x))
