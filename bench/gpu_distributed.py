@@ -183,12 +183,28 @@ def lora_block(dim=2048, heads=16, kv_heads=8, mlp=5632):
     return block
 
 
-def block_grads(block, x, dy):
-    x = x.detach().clone().requires_grad_(True)
-    y = block(x)
-    y.backward(dy)
-    grads = {n: p.grad for n, p in block.named_parameters() if p.requires_grad}
-    return y.detach(), x.grad, grads
+def lora_grads(model) -> dict:
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def compare_tp(name: str, model: nn.Module, run) -> None:
+    """`run(model, dtype)` -> (outputs dict, LoRA grads dict) of one forward/backward. Compares the 2-way TP model
+    (`tensor_parallel(model, LLAMA_TP_PLAN)`) and the single-device bf16 model against the fp32 model."""
+    out_ref, g_ref = run(copy.deepcopy(model).float(), torch.float32)
+    out_1, g_1 = run(copy.deepcopy(model), BF16)
+    tp = lfd.tensor_parallel(model, lfd.LLAMA_TP_PLAN)
+    out_tp, g_tp = run(tp, BF16)
+    errs = {k: rel_err(out_tp[k], out_ref[k]) for k in out_ref}
+    single = {k: rel_err(out_1[k], out_ref[k]) for k in out_ref}
+    for mod_name, module in tp.named_modules():
+        if isinstance(module, (lfd.ColumnParallelLoRALinear, lfd.RowParallelLoRALinear)):
+            rows, cols = module._shard_slices(module.out_features, module.in_features)
+            for which in ("lora_A", "lora_B"):
+                key = f"{mod_name}.{which}"
+                pick = (lambda t: t[:, cols]) if which == "lora_A" else (lambda t: t[rows])
+                errs[key] = rel_err(g_tp[key], pick(g_ref[key]))
+                single[key] = rel_err(pick(g_1[key]), pick(g_ref[key]))
+    record_check(name, errs, single)
 
 
 @case("tp_llama_block")
@@ -197,21 +213,43 @@ def check_tp_block(batch=2, T=512, dim=2048):
     torch.manual_seed(4)
     x = torch.randn(batch, T, dim, device=DEV, dtype=BF16)
     dy = torch.randn(batch, T, dim, device=DEV, dtype=BF16)
-    y_ref, dx_ref, g_ref = block_grads(copy.deepcopy(block).float(), x.float(), dy.float())
-    y_1, dx_1, g_1 = block_grads(copy.deepcopy(block), x, dy)
-    tp = lfd.tensor_parallel(block, lfd.LLAMA_TP_PLAN)
-    y_tp, dx_tp, g_tp = block_grads(tp, x, dy)
-    errs, single = {"y": rel_err(y_tp, y_ref), "dx": rel_err(dx_tp, dx_ref)}, {}
-    single.update(y=rel_err(y_1, y_ref), dx=rel_err(dx_1, dx_ref))
-    for name, module in tp.named_modules():
-        if isinstance(module, (lfd.ColumnParallelLoRALinear, lfd.RowParallelLoRALinear)):
-            rows, cols = module._shard_slices(module.out_features, module.in_features)
-            for which in ("lora_A", "lora_B"):
-                key = f"{name}.{which}"
-                pick = (lambda t: t[:, cols]) if which == "lora_A" else (lambda t: t[rows])
-                errs[key] = rel_err(g_tp[key], pick(g_ref[key]))
-                single[key] = rel_err(pick(g_1[key]), pick(g_ref[key]))
-    record_check("tp_llama_block", errs, single)
+
+    def run(model, dtype):
+        xi = x.to(dtype).requires_grad_(True)
+        y = model(xi)
+        y.backward(dy.to(dtype))
+        return {"y": y.detach(), "dx": xi.grad}, lora_grads(model)
+
+    compare_tp("tp_llama_block", block, run)
+
+
+@case("tp_hf_llama")
+def check_tp_hf_llama(layers=2, dim=1024, heads=16, kv_heads=8, mlp=2816, T=256, vocab=1024):
+    """transformers' own LlamaForCausalLM (attention reshapes heads with -1, so local heads just work)."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        ROWS.append({"case": "tp_hf_llama", "kind": "check", "passed": None, "skipped": "no transformers"})
+        return
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=mlp, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=T)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(10)
+    model = LlamaForCausalLM(cfg).to(DEV, BF16)
+    lora_fast.apply_lora(model, list(lfd.LLAMA_TP_PLAN), rank=16, alpha=32)
+    for m in model.modules():
+        if isinstance(m, lora_fast.LoRALinear):
+            with torch.no_grad():
+                m.lora_B.normal_(0, 0.05)
+    ids = torch.randint(0, vocab, (2, T), device=DEV)
+    dy = torch.randn(2, T, vocab, device=DEV)
+
+    def run(m, dtype):
+        logits = m(input_ids=ids).logits
+        logits.backward(dy.to(logits.dtype))
+        return {"logits": logits.detach()}, lora_grads(m)
+
+    compare_tp("tp_hf_llama", model, run)
 
 
 @case("tp_multi_lora")
@@ -416,6 +454,7 @@ def main(argv=None) -> int:
     log(f"{dist.get_world_size()} ranks, {torch.cuda.get_device_name()}")
     check_tp_layers()
     check_tp_block()
+    check_tp_hf_llama()
     check_tp_multi_lora()
     check_data_parallel()
     if not args.no_timing:
