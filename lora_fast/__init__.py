@@ -18,7 +18,9 @@ from . import kernels, reference  # noqa: E402
 from .functional import LoRALinearFunction, lora_linear, use_triton
 from .nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from .qlora import LoRALinear4bit, qlora_linear
-from .layers import LoRALinear, ParameterCount, apply_lora, count_parameters
+from .layers import LoRALinear, ParameterCount, VariantCount, apply_lora, count_parameters
+from .embedding import LoRAEmbedding
+from .optim import loraplus_param_groups
 from .dora import DoRALinear, apply_dora, dora_linear, dora_weight_norm
 from .vera import VeRALinear, VeRAProjections, apply_vera, shared_projections, vera_linear
 from .multi_lora import (
@@ -32,4 +34,5 @@ __all__ = [
     "reference", "use_triton", "validate_adapter_ids",
     "DoRALinear", "apply_dora", "dora_linear", "dora_weight_norm",
     "VeRALinear", "VeRAProjections", "apply_vera", "shared_projections", "vera_linear",
+    "LoRAEmbedding", "VariantCount", "loraplus_param_groups",
 ]

@@ -289,7 +289,8 @@ def _adapter_tensors(model: nn.Module) -> tuple[dict[str, dict[str, torch.Tensor
 
     for mname, module in model.named_modules():
         if callable(getattr(module, "adapter_state_dict", None)):
-            variant = getattr(module, "adapter_variant", type(module).__name__)
+            # Looked up on the module's own class: a subclass (DoRALinear of LoRALinear) is its own variant.
+            variant = vars(type(module)).get("adapter_variant", type(module).__name__)
             modules[variant] = modules.get(variant, 0) + 1
             for k, t in module.adapter_state_dict().items():
                 add(variant, f"{mname}.{k}" if mname else k, t)
@@ -307,8 +308,8 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     """Trainable and total parameters of `model` (shared tensors counted once), and the adapter's size.
 
     Adapter convention (for every variant module): a module that defines `adapter_state_dict() -> {name: tensor}`
-    (the tensors an adapter file holds for it) and `adapter_variant` (a name, e.g. "lora", "vera", "dora") is an
-    adapter. Tensors that share memory across modules count once. `total` also includes adapter tensors that
+    (the tensors an adapter file holds for it) is an adapter; its class attribute `adapter_variant` names the
+    variant ("lora", "vera", "dora"; default: the class name, not inherited). Tensors that share memory across modules count once. `total` also includes adapter tensors that
     are buffers rather than parameters. `adapter_bytes` is the safetensors size of each variant's tensors.
 
     >>> model = apply_lora(model, ["q_proj", "v_proj"], rank=16)

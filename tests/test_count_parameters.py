@@ -74,3 +74,14 @@ def test_size_estimate_for_large_adapters_matches_serializer(monkeypatch):
     estimate = count_parameters(model)
     for name, v in exact.by_variant.items():
         assert abs(estimate.by_variant[name].adapter_bytes - v.adapter_bytes) <= 8, name
+
+
+def test_subclass_is_its_own_variant():
+    from lora_fast import LoRALinear
+
+    class MyLoRA(LoRALinear):
+        pass
+
+    model = nn.Sequential(MyLoRA(4, 3, rank=1), LoRALinear(3, 2, rank=1))
+    c = count_parameters(model)
+    assert c.by_variant["MyLoRA"].adapter == 4 + 3 and c.by_variant["lora"].adapter == 3 + 2

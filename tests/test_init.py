@@ -181,3 +181,15 @@ def test_schemes_listed_and_reset_on_merged_layer_refused():
     layer.merge()
     with pytest.raises(ValueError, match="unmerge"):
         layer.reset_lora_parameters("pissa")
+
+
+def test_forced_zeros_gives_exactly_zero_gradients(device):
+    """Why "zeros" is refused: through the fused kernels, dA and dB are exactly zero when A = B = 0."""
+    torch.manual_seed(7)
+    layer = LoRALinear(19, 13, rank=3, alpha=6, dropout=0.1, device=device)
+    with torch.no_grad():
+        layer.lora_A.zero_()
+    x = torch.randn(6, 19, device=device, requires_grad=True)
+    layer.train()(x).square().sum().backward()
+    assert torch.count_nonzero(layer.lora_A.grad) == 0 and torch.count_nonzero(layer.lora_B.grad) == 0
+    assert torch.count_nonzero(x.grad) > 0  # the base path still back-propagates
