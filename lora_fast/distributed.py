@@ -143,11 +143,16 @@ class _ReduceFromParallel(torch.autograd.Function):
         return grad, None
 
 
-def _all_gather_last(t: torch.Tensor, group) -> torch.Tensor:
-    """[..., n] on each rank -> [..., n * P], the ranks' parts in rank order."""
+def _all_gather_dim(t: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Concatenate every rank's `t` along `dim`, in rank order (the inverse of sharding `dim` evenly)."""
     parts = [torch.empty_like(t, memory_format=torch.contiguous_format) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
+    return torch.cat(parts, dim=dim)
+
+
+def _all_gather_last(t: torch.Tensor, group) -> torch.Tensor:
+    """[..., n] on each rank -> [..., n * P], the ranks' parts in rank order."""
+    return _all_gather_dim(t, -1, group)
 
 
 def _local_part(t: torch.Tensor, group) -> torch.Tensor:
@@ -249,9 +254,15 @@ class _ParallelLinear(nn.Module):
         return torch.cat(rows), everything
 
     def _local_bias(self):
-        if self.style == ROW and self.tp_rank != 0:
+        """The bias the local product adds: a row layer adds its (frozen) full bias on rank 0 only, fused into the
+        kernel; a trainable bias is added after the all-reduce instead (`_bias_after_reduce`), so that every
+        rank gets its gradient."""
+        if self.style == ROW and (self.tp_rank != 0 or self._bias_after_reduce()):
             return None
         return self.bias
+
+    def _bias_after_reduce(self) -> bool:
+        return self.style == ROW and self.bias is not None and self.bias.requires_grad
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -274,7 +285,8 @@ class _RowForward:
             _check_x(x, self.in_features, self)
             x = split_to_parallel(x, self.group)
         _check_x(x, self.weight.shape[1], self)
-        return reduce_from_parallel(self._local(x, *args), self.group)
+        y = reduce_from_parallel(self._local(x, *args), self.group)
+        return y + self.bias if self._bias_after_reduce() else y
 
 
 class ColumnParallelLinear(_ColumnForward, _ParallelLinear):
@@ -340,6 +352,26 @@ class _ParallelLoRA(_ParallelLinear):
     @property
     def scaling(self) -> float:
         return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
+
+    @torch.no_grad()
+    def to_lora_linear(self) -> LoRALinear:
+        """The full LoRALinear, gathered from every rank's shard (the same on every rank; a collective call).
+        For saving the adapter (e.g. `lora_fast.peft.save_peft_adapter`) or checking against one device."""
+        dim = 0 if self.style == COLUMN else 1  # the split dimension of W [N, K]
+        weight = _all_gather_dim(self.weight, dim, self.group)
+        bias = self.bias
+        if bias is not None and self.style == COLUMN:
+            bias = _all_gather_dim(bias, 0, self.group)
+        A = self.lora_A if self.style == COLUMN else _all_gather_dim(self.lora_A, 1, self.group)
+        B = _all_gather_dim(self.lora_B, 0, self.group) if self.style == COLUMN else self.lora_B
+        linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        linear.bias = None if bias is None else nn.Parameter(bias.clone(), requires_grad=False)
+        with torch.random.fork_rng(devices=[weight.device.index] if weight.is_cuda else []):  # its A init: unused
+            full = LoRALinear.from_linear(linear, self.rank, self.alpha, self.dropout, self.use_rslora)
+        full.lora_A = nn.Parameter(A.clone())
+        full.lora_B = nn.Parameter(B.clone())
+        return full
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int = 8, alpha: float = 16, dropout: float = 0.0,

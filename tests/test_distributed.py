@@ -238,6 +238,7 @@ def _check_column(rank):
         _close("column dA (replicated, all-reduced)", col.lora_A.grad, dA_ref)
         _close("column dB (sharded)", col.lora_B.grad, dB_ref[rows])
         assert col.weight.grad is None and col.bias.grad is None
+    _check_round_trip(col, full)
 
 
 def _check_row(rank):
@@ -257,6 +258,22 @@ def _check_row(rank):
         _close("row dx", xi.grad, dx_ref[:, cols] if parallel_input else dx_ref)
         _close("row dA (sharded)", row.lora_A.grad, dA_ref[:, cols])
         _close("row dB (replicated, all-reduced)", row.lora_B.grad, dB_ref)
+    _check_round_trip(row, full)
+    # A trainable bias is added after the all-reduce, so every rank gets its gradient (not rank 0 only).
+    row.bias.requires_grad_(True)
+    y = row(x[:, cols].contiguous())
+    _close("row y (trainable bias)", y, y_ref)
+    y.backward(dy)
+    _close("row d bias", row.bias.grad, dy.sum(0))
+
+
+def _check_round_trip(tp_layer, full):
+    """to_lora_linear() gathers exactly the full layer back."""
+    back = tp_layer.to_lora_linear()
+    assert isinstance(back, lora_fast.LoRALinear) and back.scaling == full.scaling
+    for name in ("weight", "bias", "lora_A", "lora_B"):
+        assert torch.equal(getattr(back, name), getattr(full, name)), f"to_lora_linear: {name} differs"
+    assert not back.weight.requires_grad and back.lora_A.requires_grad
 
 
 def _row_dropout_masks(M, K, p, seed):
