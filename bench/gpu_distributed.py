@@ -143,22 +143,24 @@ def check_tp_layers(M=2048, K=4096, N=4096, r=16):
     log(f"tp_column_dropout_bitwise: {ROWS[-1]}")
 
 
-class Block(nn.Module):
-    """Llama-style decoder block (RMSNorm, GQA causal attention, SwiGLU); heads reshaped with -1 for TP."""
+class LlamaBlock(nn.Module):
+    """Llama-style decoder block: RMSNorm, GQA causal attention (q, k, v, o), SwiGLU MLP (gate, up, down).
+    Heads are reshaped with -1, so a TP rank runs its local heads unchanged. Also used by tests/test_distributed.py.
+    """
 
-    def __init__(self, dim, heads, kv_heads, mlp):
+    def __init__(self, dim, heads, kv_heads, mlp, bias=False):
         super().__init__()
         self.head_dim, self.groups = dim // heads, heads // kv_heads
         self.norm1, self.norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=bias)
         self.gate_proj = nn.Linear(dim, mlp, bias=False)
         self.up_proj = nn.Linear(dim, mlp, bias=False)
-        self.down_proj = nn.Linear(mlp, dim, bias=False)
+        self.down_proj = nn.Linear(mlp, dim, bias=bias)
 
-    def forward(self, x):
+    def forward(self, x):  # x [batch, T, dim]
         b, t, _ = x.shape
         h = self.norm1(x)
         q = self.q_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
@@ -172,7 +174,7 @@ class Block(nn.Module):
 
 def lora_block(dim=2048, heads=16, kv_heads=8, mlp=5632):
     torch.manual_seed(2)
-    block = Block(dim, heads, kv_heads, mlp).to(DEV, BF16)
+    block = LlamaBlock(dim, heads, kv_heads, mlp).to(DEV, BF16)
     lora_fast.apply_lora(block, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                          rank=16, alpha=32)
     torch.manual_seed(3)

@@ -20,6 +20,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lora_fast  # noqa: E402
+from bench.gpu_distributed import LlamaBlock  # noqa: E402
 from lora_fast import distributed as lfd  # noqa: E402
 from lora_fast.reference import lora_linear_reference  # noqa: E402
 from tests.utils import assert_close  # noqa: E402
@@ -86,34 +87,6 @@ def _randomise_lora(model):
         if isinstance(m, lora_fast.LoRALinear):
             with torch.no_grad():
                 m.lora_B.normal_(0, 0.5)
-
-
-class TinyBlock(nn.Module):
-    """Llama-style decoder block: RMSNorm, GQA causal attention (q, k, v, o), SwiGLU MLP (gate, up, down).
-    Heads are reshaped with -1, so a TP rank runs its local heads unchanged."""
-
-    def __init__(self, dim=24, heads=4, kv_heads=2, mlp=34):
-        super().__init__()
-        self.head_dim, self.groups = dim // heads, heads // kv_heads
-        self.norm1, self.norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
-        self.q_proj = nn.Linear(dim, heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(heads * self.head_dim, dim, bias=True)
-        self.gate_proj = nn.Linear(dim, mlp, bias=False)
-        self.up_proj = nn.Linear(dim, mlp, bias=False)
-        self.down_proj = nn.Linear(mlp, dim, bias=True)
-
-    def forward(self, x):  # x [B, T, dim]
-        b, t, _ = x.shape
-        h = self.norm1(x)
-        q = self.q_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2).repeat_interleave(self.groups, 1)
-        v = self.v_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2).repeat_interleave(self.groups, 1)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1)
-        x = x + self.o_proj(a)
-        h = self.norm2(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
 
 def _mlp():
@@ -331,7 +304,7 @@ def _shard_of(module, full_grad, which):
 
 def _check_block(rank):
     torch.manual_seed(3)
-    block = TinyBlock().to(DT)
+    block = LlamaBlock(dim=24, heads=4, kv_heads=2, mlp=34, bias=True).to(DT)
     # k_proj stays a plain nn.Linear: the plan shards it as a TP base layer
     lora_fast.apply_lora(block, ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], rank=3, alpha=6)
     _randomise_lora(block)
