@@ -161,30 +161,18 @@ def _local_part(t: torch.Tensor, group) -> torch.Tensor:
     return t[..., shard_range(t.shape[-1], rank, size, "x.shape[-1]")].contiguous()
 
 
-class _GatherFromParallel(torch.autograd.Function):
-    """Forward: all-gather the last dimension ([..., n] per rank -> [..., n * P]); backward: keep this rank's slice."""
+class _GatherOrSplit(torch.autograd.Function):
+    """gather=True: all-gather the last dimension ([..., n] per rank -> [..., n * P]), backward keeps this rank's
+    slice of the gradient; gather=False: the reverse (keep this rank's slice, all-gather the gradient)."""
 
     @staticmethod
-    def forward(ctx, t, group):
-        ctx.group = group
-        return _all_gather_last(t, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _local_part(grad, ctx.group), None
-
-
-class _SplitToParallel(torch.autograd.Function):
-    """Forward: keep this rank's slice of the last dimension; backward: all-gather the gradient."""
-
-    @staticmethod
-    def forward(ctx, t, group):
-        ctx.group = group
-        return _local_part(t, group)
+    def forward(ctx, t, group, gather):
+        ctx.group, ctx.gather = group, gather
+        return _all_gather_last(t, group) if gather else _local_part(t, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather_last(grad, ctx.group), None
+        return (_local_part(grad, ctx.group) if ctx.gather else _all_gather_last(grad, ctx.group)), None, None
 
 
 def copy_to_parallel(t, group=None):
@@ -199,12 +187,12 @@ def reduce_from_parallel(t, group=None):
 
 def gather_from_parallel(t, group=None):
     """All-gather the last dimension over `group`; backward keeps this rank's slice."""
-    return _GatherFromParallel.apply(t, group)
+    return _GatherOrSplit.apply(t, group, True)
 
 
 def split_to_parallel(t, group=None):
     """This rank's slice of the last dimension; backward all-gathers the gradient."""
-    return _SplitToParallel.apply(t, group)
+    return _GatherOrSplit.apply(t, group, False)
 
 
 # ----------------------------------------------------------------------------------------------- TP linear layers
@@ -271,6 +259,9 @@ class _ParallelLinear(nn.Module):
 
 
 class _ColumnForward:
+    def _set_options(self, gather_output: bool = False) -> None:
+        self.gather_output = bool(gather_output)
+
     def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
         """x [..., K] (replicated) -> [..., N / P] (this rank's output slice), or [..., N] with gather_output."""
         _check_x(x, self.in_features, self)
@@ -279,6 +270,9 @@ class _ColumnForward:
 
 
 class _RowForward:
+    def _set_options(self, input_is_parallel: bool = True) -> None:
+        self.input_is_parallel = bool(input_is_parallel)
+
     def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
         """x [..., K / P] (this rank's input slice; [..., K] without input_is_parallel) -> [..., N] (replicated)."""
         if not self.input_is_parallel:
@@ -289,7 +283,19 @@ class _RowForward:
         return y + self.bias if self._bias_after_reduce() else y
 
 
-class ColumnParallelLinear(_ColumnForward, _ParallelLinear):
+class _ParallelBaseLinear(_ParallelLinear):
+    def __init__(self, linear: nn.Linear, group=None, **options):
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        self._setup(linear.weight, linear.bias, group)
+        self._set_options(**options)
+
+    def _local(self, x):
+        return F.linear(x, self.weight, self._local_bias())
+
+
+class ColumnParallelLinear(_ColumnForward, _ParallelBaseLinear):
     """Frozen base linear split by output rows (the TP base layer, for models and benchmarks).
 
     linear: the full nn.Linear [N, K] (identical on every rank); group: the TP process group (default world);
@@ -302,17 +308,10 @@ class ColumnParallelLinear(_ColumnForward, _ParallelLinear):
     style = COLUMN
 
     def __init__(self, linear: nn.Linear, group=None, gather_output: bool = False):
-        super().__init__()
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        self._setup(linear.weight, linear.bias, group)
-        self.gather_output = bool(gather_output)
-
-    def _local(self, x):
-        return F.linear(x, self.weight, self.bias)
+        super().__init__(linear, group, gather_output=gather_output)
 
 
-class RowParallelLinear(_RowForward, _ParallelLinear):
+class RowParallelLinear(_RowForward, _ParallelBaseLinear):
     """Frozen base linear split by input columns; one all-reduce of the [..., N] output.
 
     linear: the full nn.Linear [N, K]; input_is_parallel: x is already this rank's [..., K/P] slice (the output
@@ -325,14 +324,7 @@ class RowParallelLinear(_RowForward, _ParallelLinear):
     style = ROW
 
     def __init__(self, linear: nn.Linear, group=None, input_is_parallel: bool = True):
-        super().__init__()
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        self._setup(linear.weight, linear.bias, group)
-        self.input_is_parallel = bool(input_is_parallel)
-
-    def _local(self, x):
-        return F.linear(x, self.weight, self._local_bias())
+        super().__init__(linear, group, input_is_parallel=input_is_parallel)
 
 
 class _ParallelLoRA(_ParallelLinear):
@@ -424,9 +416,6 @@ class ColumnParallelLoRALinear(_ColumnForward, _ParallelLoRA):
 
     style = COLUMN
 
-    def _set_options(self, gather_output: bool = False) -> None:
-        self.gather_output = bool(gather_output)
-
     def _local(self, x):
         from .functional import lora_linear
 
@@ -446,9 +435,6 @@ class RowParallelLoRALinear(_RowForward, _ParallelLoRA):
     """
 
     style = ROW
-
-    def _set_options(self, input_is_parallel: bool = True) -> None:
-        self.input_is_parallel = bool(input_is_parallel)
 
     def _local(self, x):
         from .functional import draw_seed, lora_linear
@@ -618,7 +604,7 @@ class ColumnParallelMultiLoRALinear(_ColumnForward, _ParallelMultiLoRA):
                  slice_sizes: Sequence[int] | None = None, gather_output: bool = False):
         super().__init__()
         self._setup_multi(base_linear, pool, key, slice_sizes)
-        self.gather_output = bool(gather_output)
+        self._set_options(gather_output)
 
 
 class RowParallelMultiLoRALinear(_RowForward, _ParallelMultiLoRA):
@@ -635,7 +621,7 @@ class RowParallelMultiLoRALinear(_RowForward, _ParallelMultiLoRA):
                  input_is_parallel: bool = True):
         super().__init__()
         self._setup_multi(base_linear, pool, key, None)
-        self.input_is_parallel = bool(input_is_parallel)
+        self._set_options(input_is_parallel)
 
 
 __all__ = [
