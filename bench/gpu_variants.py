@@ -204,11 +204,14 @@ def timing_rows(M, K, N, quick):
                 FAILURES.append(f"timing {name} {mode} {(M, K, N)}: {e!r}")
                 traceback.print_exc()
             rows.append(row)
-    # The weight norm alone: ours (one pass over W + [N, r] work) and PEFT's ||W + s B A|| on the merged weight.
+    # DoRA's extra pieces alone: the weight norm, ours (one pass over W + [N, r] work) and PEFT's ||W + s B A||
+    # on the merged weight; and the dm reduction (one read of dY and Y).
     dl = providers["dora"]
+    y_like = torch.randn_like(dy)
     for name, fn in (("norm_ours", lambda: dora_weight_norm(dl.weight, dl.lora_A, dl.lora_B, dl.scaling)),
                      ("norm_peft_style", lambda: torch.linalg.norm(
-                         dl.weight + dl.scaling * (dl.lora_B @ dl.lora_A), dim=1))):
+                         dl.weight + dl.scaling * (dl.lora_B @ dl.lora_A), dim=1)),
+                     ("dm_column_dot", lambda: lora_fast.kernels.column_dot(dy, y_like))):
         row = {"case": f"{M}x{K}x{N}", "provider": name, "mode": "norm"}
         try:
             with torch.no_grad():

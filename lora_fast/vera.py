@@ -169,8 +169,8 @@ class VeRALinear(nn.Module):
     Args: in_features, out_features; rank r (PEFT's default 256); dropout in [0, 1); bias; seed (PEFT's
     projection_prng_key); d_initial (lambda_d's initial value, PEFT's 0.1); projections: a VeRAProjections to
     use (default: the process-wide one of this shape and seed, `shared_projections`); device; dtype.
-    State-dict keys: weight, bias, vera_lambda_d [r], vera_lambda_b [out]. The projections are not in it (the
-    seed regenerates them); `apply_vera` stores them once on the model instead.
+    State-dict keys: weight, bias, vera_lambda_d [r], vera_lambda_b [out]; the projections are not in it (the
+    seed regenerates them) unless `own_projections()` registered them (apply_vera does, on one layer per model).
 
     >>> layer = VeRALinear.from_linear(linear, rank=256, dropout=0.05, seed=0)
     >>> layer(x).sum().backward()          # grads in layer.vera_lambda_d and layer.vera_lambda_b
@@ -197,7 +197,8 @@ class VeRALinear(nn.Module):
         if projections.rank != self.rank:
             raise ValueError(f"projections have rank {projections.rank} but rank={self.rank}")
         projections.sliced(self.in_features, self.out_features, "cpu", torch.float32)  # shape check, named error
-        # Held outside the module tree so that the projections are stored once (by apply_vera), not per layer.
+        # Held outside the module tree, so that a model stores the shared projections once: apply_vera registers
+        # them as a submodule (`vera_projections`) of the first adapted layer only (`own_projections`).
         object.__setattr__(self, "projections", projections)
         self.seed = projections.seed
         weight.requires_grad_(False)
@@ -209,6 +210,11 @@ class VeRALinear(nn.Module):
         self.vera_lambda_d = nn.Parameter(torch.full((self.rank,), float(d_initial), **kw))
         self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features, **kw))
         self.merged = False
+
+    def own_projections(self) -> None:
+        """Register the shared projections as this layer's submodule `vera_projections`: they then appear in its
+        state dict (vera_projections.vera_A / vera_B) and move with it under .to(); do it on one layer per model."""
+        self.add_module("vera_projections", self.projections)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int = 256, dropout: float = 0.0, seed: int = 0,
@@ -262,20 +268,23 @@ class VeRALinear(nn.Module):
 
 def apply_vera(model: nn.Module, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), rank: int = 256,
                dropout: float = 0.0, seed: int = 0, d_initial: float = 0.1) -> nn.Module:
-    """Replace the matching nn.Linear modules of `model` by VeRALinear, with one VeRAProjections of the largest
-    matched shape (PEFT's rule) registered once as `model.vera_projections`; train only the lambdas.
-    target_modules as in apply_lora. Returns `model` (changed in place).
+    """Replace the matching nn.Linear modules of `model` by VeRALinear sharing one VeRAProjections of the
+    largest matched shape (PEFT's rule), stored once: as `vera_projections` of the first adapted layer. Only the
+    lambdas train. target_modules as in apply_lora. Returns `model` (changed in place).
 
     >>> model = apply_vera(model, ["q_proj", "v_proj"], rank=256, seed=0)
-    >>> model.vera_projections.vera_A.shape         # [256, max in_features]
+    >>> [k for k in model.state_dict() if "vera_projections" in k]   # [...q_proj.vera_projections.vera_A, ..._B]
     """
     check_rank(rank)
     check_dropout(dropout, "dropout")
     found = matching_linears(model, target_modules)
-    if hasattr(model, "vera_projections"):
-        raise ValueError("model already has vera_projections: apply_vera once per model")
     proj = VeRAProjections(max(m.in_features for _, m in found), max(m.out_features for _, m in found), rank, seed)
-    model.add_module("vera_projections", proj.to(found[0][1].weight.device))
-    return replace_linears(model, target_modules,
-                           lambda name, lin: VeRALinear.from_linear(lin, rank, dropout, seed, d_initial, proj),
-                           trainable=("vera_lambda_d", "vera_lambda_b"), found=found)
+    proj = proj.to(found[0][1].weight.device)
+
+    def make(name, lin):
+        layer = VeRALinear.from_linear(lin, rank, dropout, seed, d_initial, proj)
+        if name == found[0][0]:
+            layer.own_projections()
+        return layer
+
+    return replace_linears(model, target_modules, make, trainable=("vera_lambda_d", "vera_lambda_b"), found=found)

@@ -75,8 +75,8 @@ def test_vera_matches_peft(dropout, train):
         r=r, target_modules=["lin", "out"], projection_prng_key=key, vera_dropout=dropout, save_projection=True))
     ours = apply_vera(copy.deepcopy(base), ["lin", "out"], rank=r, dropout=dropout, seed=key)
     # The seed alone reproduces PEFT's shared projections (its kaiming init on a seeded CPU generator).
-    assert torch.equal(ours.vera_projections.vera_A, pm.base_model.vera_A["default"])
-    assert torch.equal(ours.vera_projections.vera_B, pm.base_model.vera_B["default"])
+    assert torch.equal(ours.lin.projections.vera_A, pm.base_model.vera_A["default"])
+    assert torch.equal(ours.lin.projections.vera_B, pm.base_model.vera_B["default"])
     pairs = []
     for name in ("lin", "out"):
         pl, ol = getattr(pm.base_model.model, name), getattr(ours, name)
@@ -123,9 +123,10 @@ def test_projections_shared_and_stored_once():
     model = _Two(10, 12)
     apply_vera(model, ["lin", "out"], rank=3)
     keys = [k for k in model.state_dict() if "vera_A" in k or "vera_B" in k]
-    assert keys == ["vera_projections.vera_A", "vera_projections.vera_B"]
+    assert keys == ["lin.vera_projections.vera_A", "lin.vera_projections.vera_B"]  # once, on the first layer
+    assert model.out.projections is model.lin.projections
     # lin [12, 10] and out [7, 12]: the projections take the largest in (12) and out (12) features
-    assert model.vera_projections.vera_A.shape == (3, 12) and model.vera_projections.vera_B.shape == (12, 3)
+    assert model.lin.projections.vera_A.shape == (3, 12) and model.lin.projections.vera_B.shape == (12, 3)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         "lin.vera_lambda_d", "lin.vera_lambda_b", "out.vera_lambda_d", "out.vera_lambda_b"}
     assert lora_fast.VeRALinear is VeRALinear
