@@ -78,12 +78,15 @@ def record_check(name: str, errs: dict, ref_errs: dict | None = None, tol: float
     for k, e in errs.items():
         bound = tol if ref_errs is None else 2 * ref_errs[k] + 2e-3
         ok[k] = bool(e <= bound)
-    row = {"case": name, "kind": "check", "passed": all(ok.values()),
-           "rel_err": {k: float(f"{v:.3g}") for k, v in errs.items()}}
+    row = {"case": name, "kind": "check", "passed": all(ok.values()), "worst_rel_err": max(errs.values()),
+           "rel_err": {k: float(f"{v:.3g}") for k, v in errs.items()},
+           "failed_quantities": [k for k, good in ok.items() if not good]}
     if ref_errs is not None:
+        row["worst_single_device_rel_err"] = max(ref_errs.values())
         row["single_device_rel_err"] = {k: float(f"{v:.3g}") for k, v in ref_errs.items()}
     ROWS.append(row)
-    log(f"{name}: {'pass' if row['passed'] else 'FAIL'} {row['rel_err']}")
+    log(f"{name}: {'pass' if row['passed'] else 'FAIL'} worst rel. err {row['worst_rel_err']:.3g} "
+        f"{row['failed_quantities'] or ''}")
 
 
 def shard(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -491,7 +494,8 @@ def report(out_dir: str) -> int:
         print(f"wrote {path}")
         print(format_table([r for r in ROWS if r.get("kind") == "timing"],
                            ["case", "mode", "base_us", "lora_us", "ratio_to_base", "meets_target", "skipped"]))
-        print(format_table(checks, ["case", "passed", "rel_err", "error"]))
+        print(format_table(checks, ["case", "passed", "worst_rel_err", "worst_single_device_rel_err",
+                                    "failed_quantities", "error"]))
         print(f"checks: {len(checks) - len(failed)}/{len(checks)} passed" + (f"; FAILED {failed}" if failed else ""))
     dist.destroy_process_group()
     return 1 if failed else 0
