@@ -142,13 +142,22 @@ def is_compiling() -> bool:
 _CASTABLE = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _autocast_enabled_fn():
+    """torch.is_autocast_enabled(device_type) (torch >= 2.4), or its older per-device spellings."""
+    try:
+        torch.is_autocast_enabled("cpu")
+        return torch.is_autocast_enabled
+    except TypeError:  # torch < 2.4: no device argument
+        return lambda device_type: (torch.is_autocast_enabled() if device_type == "cuda"
+                                    else torch.is_autocast_cpu_enabled())
+
+
+_autocast_enabled = _autocast_enabled_fn()
+
+
 def autocast_dtype(device_type: str):
     """The autocast dtype active for `device_type` ("cuda", "cpu"), or None when autocast is off there."""
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: no device argument
-        enabled = torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
-    if not enabled:
+    if not _autocast_enabled(device_type):
         return None
     if hasattr(torch, "get_autocast_dtype"):
         return torch.get_autocast_dtype(device_type)
@@ -158,10 +167,12 @@ def autocast_dtype(device_type: str):
 def autocast_inputs(x, *others):
     """(x, *others) cast as autocast casts nn.Linear's operands: every fp16/bf16/fp32 tensor to the autocast dtype
     of x's device (a differentiable `.to`, so gradients return in each tensor's own dtype); unchanged when autocast
-    is off. Anything else (fp64, non-tensors) passes through for the argument checks to judge."""
-    if not isinstance(x, torch.Tensor) or x.device.type not in ("cuda", "cpu"):
+    is off. Anything else (fp64, non-tensors) passes through for the argument checks to judge.
+    Costs well under a microsecond when autocast is off (`x.is_cuda`, not `x.device`: eager steps are host-bound)."""
+    if not isinstance(x, torch.Tensor):
         return (x, *others)
-    dtype = autocast_dtype(x.device.type)
-    if dtype is None:
+    device_type = "cuda" if x.is_cuda else "cpu" if x.is_cpu else None
+    if device_type is None or not _autocast_enabled(device_type):
         return (x, *others)
+    dtype = autocast_dtype(device_type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _CASTABLE else t for t in (x, *others))

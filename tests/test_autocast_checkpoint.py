@@ -136,3 +136,29 @@ def test_compiled_checkpoint_backward_uses_the_forward_mask():
     y.backward(g)
     assert_close("dx", x.grad, g * keep / (1 - p), torch.float32)
     assert_close("dA", layer.lora_A.grad, g.T @ y.detach(), torch.float32)
+
+
+@pytest.mark.skipif(not ops.HAS_CUSTOM_OPS, reason="torch without torch.library.custom_op")
+def test_compiled_autocast_with_dropout_equals_eager():
+    """fullgraph compile of an autocast region: bf16 output, fp32 grads, and (the seed op draws what eager draws)
+    the same dropout mask as eager under one torch.manual_seed."""
+    torch._dynamo.reset()
+    layer = _layer(dropout=0.3)
+
+    def step(x):
+        with torch.autocast("cpu", dtype=BF16):
+            return layer(x)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 12, requires_grad=True)
+    results = []
+    for fn in (compiled, step):
+        layer.zero_grad()
+        x.grad = None
+        torch.manual_seed(3)
+        y = fn(x)
+        y.float().square().sum().backward()
+        results.append([y, x.grad, layer.lora_A.grad, layer.lora_B.grad])
+    assert results[0][0].dtype == BF16 and results[0][2].dtype == torch.float32
+    for i, (c, e) in enumerate(zip(*results)):
+        assert torch.equal(c, e), f"compiled output/gradient {i} differs from eager"

@@ -39,6 +39,8 @@ def test_opcheck_lora_forward_and_backward_ops():
     torch.library.opcheck(torch.ops.lora_fast.lora_forward.default, (x, W, b, A, B, 2.0, 0.0, None, False))
     xg, Wg, bg, Ag, Bg = _lora_args(M=4, K=9, N=7, r=1, requires_grad=True, bias=False)
     torch.library.opcheck(torch.ops.lora_fast.lora_forward.default, (xg, Wg, bg, Ag, Bg, 0.5, 0.25, seed, True))
+    for M in (0, 1):  # empty and single-row inputs through the op and its fake
+        torch.library.opcheck(torch.ops.lora_fast.lora_forward.default, (x[:M], W, b, A, B, 2.0, 0.25, seed, True))
     dy = torch.randn(5, 10)
     torch.library.opcheck(torch.ops.lora_fast.lora_backward_dx.default, (dy, W, A, B, 2.0, 0.25, seed, True))
     torch.library.opcheck(torch.ops.lora_fast.lora_shrink.default, (x, A, 0.25, seed))
