@@ -9,7 +9,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import math  # noqa: E402
+
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -65,6 +68,43 @@ def pyplot():
     return plt
 
 
+def save_plot(fig, ax, args, name: str) -> None:
+    """Legend, layout, and <out>/<name>.png."""
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, f"{name}.png"), dpi=120)
+
+
 def sync(device) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def setup(args, sizes: dict) -> tuple[dict, int, nn.Linear]:
+    """The size preset, the step count, and a frozen base nn.Linear(K, N) without bias, seeded."""
+    cfg = sizes[args.size]
+    torch.manual_seed(args.seed)
+    base = nn.Linear(cfg["K"], cfg["N"], bias=False, device=args.device, dtype=args.dtype).requires_grad_(False)
+    return cfg, args.steps or cfg["steps"], base
+
+
+def train(layer, target_weight: torch.Tensor, steps: int, batch: int, lr: float, seed: int):
+    """Adam on the layer's lora_A / lora_B towards y = x @ target_weight^T, on fresh x ~ N(0, I) batches drawn
+    from `seed` (the same batches for every layer). Loss: MSE relative to the target's mean square.
+    Returns (losses, gradient norms ||(dA, dB)||), one per step."""
+    dev, dt = layer.weight.device, layer.weight.dtype
+    opt = torch.optim.Adam([layer.lora_A, layer.lora_B], lr=lr)
+    gen = torch.Generator(dev).manual_seed(seed)
+    losses, grad_norms = [], []
+    layer.train()
+    for _ in range(steps):
+        x = torch.randn(batch, layer.in_features, device=dev, dtype=dt, generator=gen)
+        y_t = x.float() @ target_weight.float().T
+        loss = (layer(x).float() - y_t).square().mean() / y_t.square().mean()
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        grad_norms.append(math.hypot(layer.lora_A.grad.float().norm().item(), layer.lora_B.grad.float().norm().item()))
+        losses.append(loss.item())
+        opt.step()
+    sync(dev)
+    return losses, grad_norms

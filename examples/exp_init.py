@@ -24,10 +24,9 @@ Writes <out>/exp_init.json, exp_init.md (the table) and exp_init.png (loss curve
 from __future__ import annotations
 
 import copy
-import math
 import time
 
-from exp_common import parse_args, pyplot, sync, write_results
+from exp_common import parse_args, pyplot, save_plot, setup, train, write_results
 
 import torch  # noqa: E402  (exp_common puts the checkout on sys.path)
 from torch import nn  # noqa: E402
@@ -66,12 +65,9 @@ def make_layer(base: nn.Linear, rank: int, variant: str) -> LoRALinear:
 
 def run(args) -> None:
     started = time.time()
-    cfg = SIZES[args.size]
-    steps = args.steps or cfg["steps"]
+    cfg, steps, base = setup(args, SIZES)
     dev, dt = args.device, args.dtype
-    torch.manual_seed(args.seed)
     K, N, M, r = cfg["K"], cfg["N"], cfg["M"], cfg["rank"]
-    base = nn.Linear(K, N, bias=False, device=dev, dtype=dt).requires_grad_(False)
     u, v = torch.randn(N, TARGET_RANK, device=dev), torch.randn(TARGET_RANK, K, device=dev)
     target_delta = u @ v
     target_delta *= 0.5 * base.weight.float().norm() / target_delta.norm()   # ||dW*|| = ||W|| / 2
@@ -87,21 +83,7 @@ def run(args) -> None:
         with torch.no_grad():
             y_base = probe.float() @ base.weight.float().T
             off_base = ((layer.eval()(probe).float() - y_base).norm() / y_base.norm()).item()
-        layer.train()
-        opt = torch.optim.Adam([layer.lora_A, layer.lora_B], lr=cfg["lr"])
-        gen = torch.Generator(dev).manual_seed(args.seed + 1)   # the same batches for every variant
-        losses, grad_norms = [], []
-        for _ in range(steps):
-            x = torch.randn(M, K, device=dev, dtype=dt, generator=gen)
-            y_t = x.float() @ target_weight.float().T
-            loss = (layer(x).float() - y_t).square().mean() / y_t.square().mean()
-            opt.zero_grad(set_to_none=False)
-            loss.backward()
-            grad_norms.append(math.hypot(layer.lora_A.grad.float().norm().item(),
-                                         layer.lora_B.grad.float().norm().item()))
-            losses.append(loss.item())
-            opt.step()
-        sync(dev)
+        losses, grad_norms = train(layer, target_weight, steps, M, cfg["lr"], args.seed + 1)
         moved = max((layer.lora_A - a0).abs().max().item(), (layer.lora_B - b0).abs().max().item())
         curves[variant] = losses
         rows.append([variant, off_base, losses[0], losses[-1], floor, grad_norms[0], max(grad_norms), moved])
@@ -119,9 +101,7 @@ def run(args) -> None:
             ax.plot(range(len(losses)), [max(v, 1e-12) for v in losses], label=variant)
         ax.set(yscale="log", xlabel="step", ylabel="relative MSE to target",
                title=f"LoRA init ({args.size}: K={K}, N={N}, r={r}, target rank {TARGET_RANK})")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(f"{args.out}/exp_init.png", dpi=120)
+        save_plot(fig, ax, args, "exp_init")
     print(table)
 
 

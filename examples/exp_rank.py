@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import time
 
-from exp_common import parse_args, pyplot, sync, write_results
+from exp_common import parse_args, pyplot, save_plot, setup, train, write_results
 
 import torch  # noqa: E402  (exp_common puts the checkout on sys.path)
-from torch import nn  # noqa: E402
-
 from lora_fast import LoRALinear, count_parameters  # noqa: E402
 
 RANKS = (1, 2, 4, 8, 16, 64)
@@ -39,34 +37,22 @@ def target_delta(N: int, K: int, k: int, scale: float, device) -> tuple[torch.Te
 
 def run(args) -> None:
     started = time.time()
-    cfg = SIZES[args.size]
-    steps = args.steps or cfg["steps"]
+    cfg, steps, base = setup(args, SIZES)
     dev, dt = args.device, args.dtype
-    torch.manual_seed(args.seed)
     K, N, M, k = cfg["K"], cfg["N"], cfg["M"], cfg["k"]
-    base = nn.Linear(K, N, bias=False, device=dev, dtype=dt).requires_grad_(False)
     delta, sigma = target_delta(N, K, k, 0.5 * base.weight.float().norm().item(), dev)
     target_weight = (base.weight.float() + delta).to(dt)
     rows, errors, bounds = [], [], []
     for r in RANKS:
         layer = LoRALinear.from_linear(base, rank=r, alpha=r)     # s = 1 at every rank; shares W (frozen)
-        opt = torch.optim.Adam([layer.lora_A, layer.lora_B], lr=cfg["lr"])
-        gen = torch.Generator(dev).manual_seed(args.seed + 1)
-        for _ in range(steps):
-            x = torch.randn(M, K, device=dev, dtype=dt, generator=gen)
-            y_t = x.float() @ target_weight.float().T
-            loss = (layer(x).float() - y_t).square().mean() / y_t.square().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        sync(dev)
+        losses, _ = train(layer, target_weight, steps, M, cfg["lr"], args.seed + 1)
         with torch.no_grad():
             err = ((layer.delta_weight().float() - delta).norm() / delta.norm()).item()
         bound = (sigma[r:].square().sum().sqrt() / sigma.norm()).item()
         errors.append(err)
         bounds.append(bound)
         adapter = count_parameters(layer).adapter
-        rows.append([r, err, bound, loss.item(), adapter])
+        rows.append([r, err, bound, losses[-1], adapter])
         print(f"r={r:3d}: ||sBA - dW*||/||dW*|| = {err:.3e} (rank-r optimum {bound:.3e}), {adapter:,} params")
     header = ["r", "‖sBA−ΔW*‖/‖ΔW*‖", "rank-r optimum", "final loss", "adapter params"]
     table = write_results(args, "exp_rank", header, rows,
@@ -81,9 +67,7 @@ def run(args) -> None:
         ax.set(xscale="log", yscale="log", xlabel="LoRA rank r", ylabel="‖sBA − ΔW*‖ / ‖ΔW*‖",
                title=f"Learning a rank-{k} update ({args.size}: K={K}, N={N}, {steps} steps)")
         ax.set_xticks(RANKS, [str(r) for r in RANKS])
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(f"{args.out}/exp_rank.png", dpi=120)
+        save_plot(fig, ax, args, "exp_rank")
     print(table)
 
 

@@ -17,13 +17,11 @@ and no kernel to maintain.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .init import check_init, init_lora
+from .init import check_init, init_lora, load_init, lora_scaling
 from .validation import check_rank, check_scaling
 
 
@@ -100,7 +98,7 @@ class LoRAEmbedding(nn.Module):
 
     @property
     def scaling(self) -> float:
-        return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
+        return lora_scaling(self.alpha, self.rank, self.use_rslora)
 
     @torch.no_grad()
     def reset_lora_parameters(self, init: str = "default", delta: torch.Tensor | None = None,
@@ -119,10 +117,7 @@ class LoRAEmbedding(nn.Module):
             raise ValueError("delta must be a 2-D tensor dE [vocab, dim]")
         res = init_lora(self.weight.T, self.rank, init, self.scaling, None if delta is None else delta.T,
                         pissa_niter, generator)
-        self.lora_A.copy_(res.A)
-        self.lora_B.copy_(res.B)
-        if res.weight is not None:
-            self.weight.copy_(res.weight.T)
+        load_init(self.lora_A, self.lora_B, self.weight.T, res)
         self.init, self.init_error = init, res.error
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:

@@ -55,6 +55,11 @@ class LoRAInit(NamedTuple):
     error: float | None
 
 
+def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    """The adapter's s: alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023), as PEFT's use_rslora."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
 def check_init(init) -> str:
     """`init` is one of INIT_SCHEMES; "zeros" gets an explanation."""
     if not isinstance(init, str):
@@ -125,6 +130,15 @@ def _compensate(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling:
     w = weight.detach().to(_svd_dtype(weight))
     new = (w - _delta(A, B, scaling)).to(weight.dtype)
     return new, _rel(new.to(w.dtype) + _delta(A, B, scaling) - w, w)
+
+
+@torch.no_grad()
+def load_init(lora_A: torch.Tensor, lora_B: torch.Tensor, weight: torch.Tensor, res: LoRAInit) -> None:
+    """Copy an init_lora result into a layer's factors, and into its weight (a view, e.g. E^T) when it changed."""
+    lora_A.copy_(res.A)
+    lora_B.copy_(res.B)
+    if res.weight is not None:
+        weight.copy_(res.weight)
 
 
 def init_lora(weight: torch.Tensor, rank: int, scheme: str = "default", scaling: float = 1.0,

@@ -8,7 +8,6 @@ merge() folds s * B @ A into `weight` in place, so save the state dict unmerged 
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
@@ -19,7 +18,7 @@ from torch import nn
 
 from .embedding import LoRAEmbedding
 from .functional import lora_linear
-from .init import check_init, init_lora
+from .init import check_init, init_lora, load_init, lora_scaling
 from .validation import check_dropout, check_rank, check_scaling
 
 
@@ -69,7 +68,7 @@ class LoRALinear(nn.Module):
 
     @property
     def scaling(self) -> float:
-        return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
+        return lora_scaling(self.alpha, self.rank, self.use_rslora)
 
     @torch.no_grad()
     def reset_lora_parameters(self, init: str = "default", delta: torch.Tensor | None = None,
@@ -82,10 +81,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             raise ValueError("reset_lora_parameters on a merged layer: unmerge() first")
         res = init_lora(self.weight, self.rank, init, self.scaling, delta, pissa_niter, generator)
-        self.lora_A.copy_(res.A)
-        self.lora_B.copy_(res.B)
-        if res.weight is not None:
-            self.weight.copy_(res.weight)
+        load_init(self.lora_A, self.lora_B, self.weight, res)
         self.init, self.init_error = init, res.error
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
