@@ -117,9 +117,13 @@ def test_checkpoint_recompute_regenerates_the_dropout_mask(autocast):
 
 
 @pytest.mark.skipif(not ops.HAS_CUSTOM_OPS, reason="torch without torch.library.custom_op")
-def test_compiled_checkpoint_backward_uses_the_forward_mask():
+@pytest.mark.parametrize("order", ["compile(checkpoint)", "checkpoint(compiled) reentrant",
+                                   "checkpoint(compiled) non_reentrant"])
+def test_compiled_checkpoint_backward_uses_the_forward_mask(order):
     """K = N = r = 8, W = 0, A = B = I: y = drop(x) shows the mask; the checkpointed, compiled backward must give
-    dx = g * keep / (1 - p) with that same mask."""
+    dx = g * keep / (1 - p) with that same mask. Checkpoint inside the compiled region goes through inductor (which
+    saves and restores the generator around the seed op); a compiled module inside an eager checkpoint is recomputed
+    with the CPU RNG restored by checkpoint (aot_eager: no C++ compile needed)."""
     torch._dynamo.reset()
     p = 0.5
     layer = LoRALinear(8, 8, rank=8, alpha=8, dropout=p, bias=False)
@@ -127,7 +131,11 @@ def test_compiled_checkpoint_backward_uses_the_forward_mask():
         layer.weight.zero_()
         layer.lora_A.copy_(torch.eye(8))
         layer.lora_B.copy_(torch.eye(8))
-    fn = torch.compile(lambda t: checkpoint(layer, t, use_reentrant=False), fullgraph=True)
+    if order == "compile(checkpoint)":
+        fn = torch.compile(lambda t: checkpoint(layer, t, use_reentrant=False), fullgraph=True)
+    else:
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        fn = lambda t: checkpoint(compiled, t, use_reentrant=order.endswith(" reentrant"))  # noqa: E731
     x = (torch.rand(6, 8) + 0.5).requires_grad_(True)
     y = fn(x)
     keep = y.detach() != 0
