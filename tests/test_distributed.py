@@ -240,6 +240,31 @@ def _check_row(rank):
     _close("row d bias", row.bias.grad, dy.sum(0))
 
 
+def _check_few_rows(rank):
+    """M = 1 and M = 0 through both layers (an empty all-reduce and all-gather included)."""
+    full = _full_layer(26, 30, 3)
+    cols, rows = slice(13 * rank, 13 * (rank + 1)), slice(15 * rank, 15 * (rank + 1))
+    col = lfd.ColumnParallelLoRALinear.from_lora_linear(full, gather_output=True)
+    row = lfd.RowParallelLoRALinear.from_lora_linear(full)
+    for M in (1, 0):
+        x, dy = torch.randn(M, 26), torch.randn(M, 30)
+        y_ref, dx_ref, dA_ref, dB_ref = _reference(full, x, dy)
+        for layer, xi in ((col, x.clone()), (row, x[:, cols].contiguous())):
+            layer.zero_grad()
+            xi.requires_grad_(True)
+            y = layer(xi)
+            assert y.shape == (M, 30), f"M={M}: {type(layer).__name__} returned {tuple(y.shape)}"
+            y.backward(dy)
+            if M == 0:
+                assert xi.grad.shape == xi.shape and not layer.lora_A.grad.any() and not layer.lora_B.grad.any()
+                continue
+            _close(f"M=1 {type(layer).__name__} y", y, y_ref)
+            is_col = layer is col
+            _close(f"M=1 {type(layer).__name__} dx", xi.grad, dx_ref if is_col else dx_ref[:, cols])
+            _close(f"M=1 {type(layer).__name__} dA", layer.lora_A.grad, dA_ref if is_col else dA_ref[:, cols])
+            _close(f"M=1 {type(layer).__name__} dB", layer.lora_B.grad, dB_ref[rows] if is_col else dB_ref)
+
+
 def _check_round_trip(tp_layer, full):
     """to_lora_linear() gathers exactly the full layer back."""
     back = tp_layer.to_lora_linear()
@@ -409,7 +434,7 @@ def _check_errors(rank):
 
 
 def _check_tensor_parallel(rank):
-    for check in (_check_column, _check_row, _check_dropout, _check_block, _check_multi_lora, _check_errors):
+    for check in (_check_column, _check_row, _check_few_rows, _check_dropout, _check_block, _check_multi_lora, _check_errors):
         check(rank)
 
 
