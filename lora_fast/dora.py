@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import naive
-from .functional import _ops, draw_seed, use_triton
+from .functional import _ops, autocast_inputs, draw_seed, use_triton
 from .layers import LoRALinear
 from .philox import dropout_mask_torch
 from .targeting import replace_linears
@@ -48,11 +48,12 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling) -> torch.Tensor:
     >>> norm = dora_weight_norm(layer.weight, layer.lora_A, layer.lora_B, layer.scaling)
     >>> g = layer.lora_magnitude / norm
     """
-    sq, wa = _stats_ops(weight).dora_row_stats(weight, lora_A)
-    a, b = lora_A.to(wa.dtype), lora_B.to(wa.dtype)
-    cross = (b * wa).sum(1)
-    low = ((b @ (a @ a.t())) * b).sum(1)
-    return (sq + 2.0 * scaling * cross + (scaling * scaling) * low).clamp_min(0.0).sqrt()
+    with torch.autocast(weight.device.type, enabled=False):  # the [N, r] / [r, r] products stay in fp32
+        sq, wa = _stats_ops(weight).dora_row_stats(weight, lora_A)
+        a, b = lora_A.to(wa.dtype), lora_B.to(wa.dtype)
+        cross = (b * wa).sum(1)
+        low = ((b @ (a @ a.t())) * b).sum(1)
+        return (sq + 2.0 * scaling * cross + (scaling * scaling) * low).clamp_min(0.0).sqrt()
 
 
 class DoRALinearFunction(torch.autograd.Function):
@@ -120,12 +121,14 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
     x: [..., K]; weight: [N, K]; bias: [N] or None; lora_A: [r, K]; lora_B: [N, r] (x's dtype, or fp32 on a half
     x; one device); magnitude: [N] (any float dtype, x's device); scaling: float; dropout_p in [0, 1), used when `training`.
     The weight norm ||W + s * B @ A||_row is recomputed from the current A and B on every call, and detached.
+    Under torch.autocast, x, weight, bias, A and B are cast as lora_linear casts them (magnitude keeps its dtype).
     Returns y: [..., N].
 
     >>> m = dora_weight_norm(W, A, B, 2.0).requires_grad_()          # DoRA's init: g = 1
     >>> y = dora_linear(x, W, b, A, B, m, scaling=2.0, dropout_p=0.05, training=True)
     >>> y.sum().backward()                                          # grads in x, A, B, m
     """
+    x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
     scaling, dropout_p = check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
     check_vector_param("magnitude", magnitude, weight.shape[0], x)
     # fp32 adapters on a half x (PEFT's habit) run in x's dtype; their gradients come back in fp32.
@@ -169,6 +172,8 @@ class DoRALinear(LoRALinear):
             self.lora_magnitude.copy_(norm)
         else:
             self.lora_magnitude = nn.Parameter(norm)
+
+    adapter_variant = "dora"  # count_parameters' variant name
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         return {**super().adapter_state_dict(), "lora_magnitude": self.lora_magnitude}

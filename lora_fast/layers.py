@@ -19,7 +19,18 @@ from torch import nn
 from .embedding import LoRAEmbedding
 from .functional import lora_linear
 from .init import check_init, init_lora, load_init, lora_scaling
-from .validation import check_dropout, check_rank, check_scaling
+from .validation import check_dropout, check_rank, check_scaling, check_target_modules
+
+
+def adopt_frozen_base(module: nn.Module, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
+    """Give `module` the base layer's weight [out, in] and bias [out] (shared, not copied), frozen, and set its
+    out_features / in_features."""
+    module.out_features, module.in_features = weight.shape
+    weight.requires_grad_(False)
+    module.weight = weight
+    if bias is not None:
+        bias.requires_grad_(False)
+    module.bias = bias
 
 
 class LoRALinear(nn.Module):
@@ -54,12 +65,7 @@ class LoRALinear(nn.Module):
         self.alpha = check_scaling(alpha, "alpha")
         self.dropout = check_dropout(dropout, "dropout")
         self.use_rslora = bool(use_rslora)
-        self.out_features, self.in_features = weight.shape
-        weight.requires_grad_(False)
-        self.weight = weight
-        if bias is not None:
-            bias.requires_grad_(False)
-        self.bias = bias
+        adopt_frozen_base(self, weight, bias)
         kw = {"device": weight.device, "dtype": weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.rank, **kw))
@@ -160,15 +166,7 @@ def apply_lora(model: nn.Module, target_modules: Iterable[str] | str = ("q_proj"
 
     >>> model = apply_lora(model, ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], rank=16, alpha=32)
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(target_modules, str):
-        try:
-            re.compile(target_modules)
-        except re.error as e:
-            raise ValueError(f"target_modules is not a valid regex: {e}") from None
-    elif not (isinstance(target_modules, Iterable) and all(isinstance(t, str) for t in target_modules)):
-        raise TypeError(f"target_modules must be a regex string or a list of module names, got {target_modules!r}")
+    check_target_modules(model, target_modules)
     check_rank(rank)
     check_dropout(dropout, "dropout")
     check_init(init)

@@ -1,30 +1,17 @@
 """`replace_linears`: the module-swapping walk shared by the variant helpers (`apply_vera`, `apply_dora`)."""
 from __future__ import annotations
 
-import re
 from typing import Callable, Iterable
 
 from torch import nn
 
 from .layers import _matches
-
-
-def check_targets(model, target_modules) -> None:
-    """`model` an nn.Module and `target_modules` a list of names/suffixes or one valid regex, else a named error."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(target_modules, str):
-        try:
-            re.compile(target_modules)
-        except re.error as e:
-            raise ValueError(f"target_modules is not a valid regex: {e}") from None
-    elif not (isinstance(target_modules, Iterable) and all(isinstance(t, str) for t in target_modules)):
-        raise TypeError(f"target_modules must be a regex string or a list of module names, got {target_modules!r}")
+from .validation import check_target_modules
 
 
 def matching_linears(model: nn.Module, target_modules) -> list[tuple[str, nn.Linear]]:
     """(name, module) of every plain nn.Linear whose name matches `target_modules` (PEFT's rule, as apply_lora)."""
-    check_targets(model, target_modules)
+    check_target_modules(model, target_modules)
     found = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and _matches(n, target_modules)]
     if not found:
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear in the model")

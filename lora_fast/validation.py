@@ -103,3 +103,19 @@ def check_vector_param(name: str, v, length: int, x: torch.Tensor) -> torch.Tens
     if v.device != x.device:
         raise ValueError(f"{name} is on {v.device} but x is on {x.device}: all operands must share one device")
     return v
+
+
+def check_target_modules(model, target_modules) -> None:
+    """`model` an nn.Module and `target_modules` a list of module names/suffixes or one valid regex string."""
+    import re
+    from collections.abc import Iterable
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"target_modules is not a valid regex: {e}") from None
+    elif not (isinstance(target_modules, Iterable) and all(isinstance(t, str) for t in target_modules)):
+        raise TypeError(f"target_modules must be a regex string or a list of module names, got {target_modules!r}")

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import _ops, draw_seed
+from .functional import _ops, autocast_inputs, draw_seed
+from .layers import adopt_frozen_base
 from .targeting import matching_linears, replace_linears
 from .validation import check_dropout, check_lora_linear_args, check_rank, check_vector_param
 
@@ -145,12 +146,14 @@ def vera_linear(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p=0
 
     x: [..., K]; weight: [N, K]; bias: [N] or None; vera_A: [r, K]; vera_B: [N, r] (one dtype and device; the
     projections are not differentiated); lambda_d: [r]; lambda_b: [N] (any float dtype, x's device).
-    dropout_p in [0, 1), on the VeRA branch's input, used when `training`. Returns y: [..., N].
+    dropout_p in [0, 1), on the VeRA branch's input, used when `training`. Under torch.autocast, x, weight, bias
+    and the projections are cast as lora_linear casts them (the lambdas keep their dtype). Returns y: [..., N].
 
     >>> A, B = shared_projections(4096, 4096, rank=256).sliced(4096, 4096, x.device, x.dtype)
     >>> y = vera_linear(x, W, b, A, B, lambda_d, lambda_b, dropout_p=0.1, training=True)
     >>> y.sum().backward()                                       # grads in x, lambda_d, lambda_b
     """
+    x, weight, bias, vera_A, vera_B = autocast_inputs(x, weight, bias, vera_A, vera_B)
     try:  # the LoRA checks, with the errors naming VeRA's arguments
         _, dropout_p = check_lora_linear_args(x, weight, bias, vera_A, vera_B, 1.0, dropout_p, training)
     except (TypeError, ValueError) as e:
@@ -189,23 +192,19 @@ class VeRALinear(nn.Module):
     def _init(self, weight, bias, rank, dropout, seed, d_initial, projections) -> None:
         self.rank = check_rank(rank)
         self.dropout = check_dropout(dropout, "dropout")
-        self.out_features, self.in_features = weight.shape
+        out_features, in_features = weight.shape
         if projections is None:
-            projections = shared_projections(self.in_features, self.out_features, self.rank, seed)
+            projections = shared_projections(in_features, out_features, self.rank, seed)
         elif not isinstance(projections, VeRAProjections):
             raise TypeError(f"projections must be a VeRAProjections, got {type(projections).__name__}")
         if projections.rank != self.rank:
             raise ValueError(f"projections have rank {projections.rank} but rank={self.rank}")
-        projections.sliced(self.in_features, self.out_features, "cpu", torch.float32)  # shape check, named error
+        projections.sliced(in_features, out_features, "cpu", torch.float32)  # shape check, named error
         # Held outside the module tree, so that a model stores the shared projections once: apply_vera registers
         # them as a submodule (`vera_projections`) of the first adapted layer only (`own_projections`).
         object.__setattr__(self, "projections", projections)
         self.seed = projections.seed
-        weight.requires_grad_(False)
-        self.weight = weight
-        if bias is not None:
-            bias.requires_grad_(False)
-        self.bias = bias
+        adopt_frozen_base(self, weight, bias)
         kw = {"device": weight.device, "dtype": weight.dtype}
         self.vera_lambda_d = nn.Parameter(torch.full((self.rank,), float(d_initial), **kw))
         self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features, **kw))
@@ -232,8 +231,12 @@ class VeRALinear(nn.Module):
         return self.projections.sliced(self.in_features, self.out_features, device or self.weight.device,
                                        dtype or self.weight.dtype)
 
+    adapter_variant = "vera"  # count_parameters' variant name
+
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return {"vera_lambda_d": self.vera_lambda_d, "vera_lambda_b": self.vera_lambda_b}
+        """The lambdas and the shared projections (PEFT's save_projection=True; shared storage counts once)."""
+        return {"vera_lambda_d": self.vera_lambda_d, "vera_lambda_b": self.vera_lambda_b,
+                "vera_A": self.projections.vera_A, "vera_B": self.projections.vera_B}
 
     def delta_weight(self) -> torch.Tensor:
         """(lambda_b * B) @ (lambda_d * A) [out, in], computed in fp32, returned in the weight's dtype."""

@@ -151,6 +151,23 @@ class _MaskDropout(nn.Module):
         return torch.where(keep, x2d / (1 - self.p), torch.zeros(())).reshape(x.shape)
 
 
+def run_against_peft(peft_model, ours, x, train):
+    """Forward both in train(train) mode from the same CPU RNG state (so a dropout draws the same seed), backward
+    the same dY, and compare the outputs and dx."""
+    peft_model.train(train)
+    ours.train(train)
+    xp, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(9)
+    yp = peft_model(xp)
+    torch.manual_seed(9)
+    yo = ours(xo)
+    dy = torch.randn_like(yp)
+    yp.backward(dy)
+    yo.backward(dy)
+    assert_close("y", yo, yp, torch.float32)
+    assert_close("dx", xo.grad, xp.grad, torch.float32)
+
+
 @pytest.mark.parametrize("dropout,train", [(0.0, True), (0.25, True), (0.25, False)])
 def test_dora_matches_peft(dropout, train):
     peft = pytest.importorskip("peft")
@@ -170,20 +187,8 @@ def test_dora_matches_peft(dropout, train):
         ours.lora_A.copy_(pl.lora_A["default"].weight)
         ours.lora_B.copy_(pl.lora_B["default"].weight)
         ours.lora_magnitude.copy_(pl.lora_magnitude_vector["default"].weight)
-    pm.train(train)
-    ours.train(train)
-    x = torch.randn(2, 4, K)
-    xp, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
-    torch.manual_seed(9)
-    yp = pm(xp)
-    torch.manual_seed(9)
-    yo = ours(xo)
-    dy = torch.randn_like(yp)
-    yp.backward(dy)
-    yo.backward(dy)
+    run_against_peft(pm, ours, torch.randn(2, 4, K), train)
     tol = torch.float32
-    assert_close("y", yo, yp, tol)
-    assert_close("dx", xo.grad, xp.grad, tol)
     assert_close("dA", ours.lora_A.grad, pl.lora_A["default"].weight.grad, tol)
     assert_close("dB", ours.lora_B.grad, pl.lora_B["default"].weight.grad, tol)
     assert_close("dm", ours.lora_magnitude.grad, pl.lora_magnitude_vector["default"].weight.grad, tol)
@@ -219,6 +224,8 @@ def test_dora_init_merge_unmerge_and_apply():
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         "0.lora_A", "0.lora_B", "0.lora_magnitude"}
     assert lora_fast.DoRALinear is DoRALinear
+    c = lora_fast.count_parameters(model).by_variant["dora"]
+    assert (c.modules, c.trainable, c.adapter) == (1, 2 * 8 + 8 * 2 + 8, 2 * 8 + 8 * 2 + 8)
 
 
 def test_dora_bad_input():
@@ -236,3 +243,19 @@ def test_dora_bad_input():
         apply_dora("not a model", ["q"])
     with pytest.raises(ValueError, match="matched no"):
         apply_dora(nn.Sequential(nn.Linear(4, 4)), ["q_proj"])
+
+
+def test_dora_under_autocast():
+    """fp32 parameters under CPU bf16 autocast: bf16 kernels, fp32 gradients, close to the fp32 result."""
+    torch.manual_seed(10)
+    layer = DoRALinear(24, 20, rank=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.3)
+    x = torch.randn(6, 24)
+    ref = dora_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.scaling)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert_close("y", y, ref, torch.bfloat16)
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == layer.lora_magnitude.grad.dtype == torch.float32

@@ -10,7 +10,7 @@ import lora_fast
 from lora_fast.functional import draw_seed
 from lora_fast.philox import dropout_mask_torch
 from lora_fast.vera import VeRALinear, VeRAProjections, apply_vera, shared_projections, vera_linear
-from tests.test_dora import _MaskDropout, _Tiny, _check_grads, _leaves
+from tests.test_dora import _MaskDropout, _check_grads, _leaves, run_against_peft
 from tests.utils import assert_close, lora_problem
 
 DEV = "cpu"
@@ -88,20 +88,8 @@ def test_vera_matches_peft(dropout, train):
         if dropout:
             pl.vera_dropout["default"] = _MaskDropout(dropout)
         pairs.append((pl, ol))
-    pm.train(train)
-    ours.train(train)
-    x = torch.randn(2, 3, K)
-    xp, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
-    torch.manual_seed(9)
-    yp = pm(xp)
-    torch.manual_seed(9)
-    yo = ours(xo)
-    dy = torch.randn_like(yp)
-    yp.backward(dy)
-    yo.backward(dy)
+    run_against_peft(pm, ours, torch.randn(2, 3, K), train)
     f32 = torch.float32
-    assert_close("y", yo, yp, f32)
-    assert_close("dx", xo.grad, xp.grad, f32)
     for pl, ol in pairs:
         assert_close("dlambda_d", ol.vera_lambda_d.grad, pl.vera_lambda_d["default"].grad, f32)
         assert_close("dlambda_b", ol.vera_lambda_b.grad, pl.vera_lambda_b["default"].grad, f32)
@@ -130,6 +118,8 @@ def test_projections_shared_and_stored_once():
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         "lin.vera_lambda_d", "lin.vera_lambda_b", "out.vera_lambda_d", "out.vera_lambda_b"}
     assert lora_fast.VeRALinear is VeRALinear
+    c = lora_fast.count_parameters(model).by_variant["vera"]  # lambdas + the projections, stored once
+    assert (c.modules, c.trainable, c.adapter) == (2, 3 + 12 + 3 + 7, 3 + 12 + 3 + 7 + 2 * 3 * 12)
 
 
 def test_vera_init_merge_unmerge():
@@ -167,3 +157,19 @@ def test_vera_bad_input():
         VeRALinear(12, 10, rank=4, projections=VeRAProjections(12, 10, 3))
     with pytest.raises(ValueError, match="matched no"):
         apply_vera(nn.Sequential(nn.Linear(4, 4)), ["q_proj"])
+
+
+def test_vera_under_autocast():
+    torch.manual_seed(10)
+    layer = VeRALinear(24, 20, rank=4)
+    with torch.no_grad():
+        layer.vera_lambda_b.normal_()
+    x = torch.randn(6, 24)
+    A, B = layer.factors()
+    ref = vera_reference(x, layer.weight, layer.bias, A, B, layer.vera_lambda_d, layer.vera_lambda_b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert_close("y", y, ref, torch.bfloat16)
+    y.float().sum().backward()
+    assert layer.vera_lambda_d.grad.dtype == layer.vera_lambda_b.grad.dtype == torch.float32
