@@ -4,7 +4,8 @@
 
 A and B have the shapes of PEFT's `lora_embedding_A` / `lora_embedding_B` (state-dict keys here: `weight`,
 `lora_A`, `lora_B`). As in PEFT, there is no dropout on the embedding's LoRA branch, the A lookup passes the base
-layer's padding_idx / max_norm / norm_type / scale_grad_by_freq / sparse to `F.embedding`, and the default init is
+layer's padding_idx / max_norm / norm_type / scale_grad_by_freq to `F.embedding` (A's gradient is always dense:
+`sparse=True` only concerns the frozen table), and the default init is
 A = 0, B ~ N(0, 1) (the original LoRA code's for embeddings).
 
 Why no Triton kernel: the op is a row gather of E, a gather of r columns of A and a [T, r] x [r, dim] product.
@@ -147,15 +148,17 @@ class LoRAEmbedding(nn.Module):
             self._fold(-1.0)
             self.merged = False
 
-    def _lookup(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    def _lookup(self, ids: torch.Tensor, table: torch.Tensor, sparse: bool) -> torch.Tensor:
         return F.embedding(ids, table, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
-                           self.sparse)
+                           sparse)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         _check_ids(ids, self.num_embeddings, self.weight.device)
-        y = self._lookup(ids, self.weight)
+        y = self._lookup(ids, self.weight, self.sparse)
         if not self.merged:
-            after_a = self._lookup(ids, self.lora_A.T)                       # [..., r]: A's columns for the ids
+            # [..., r]: A's columns for the ids. Always a dense gradient: A is only [r, vocab], and a sparse one
+            # cannot flow back through the transpose (PEFT passes `sparse` here and fails in the backward).
+            after_a = self._lookup(ids, self.lora_A.T, False)
             y = torch.addmm(y.reshape(-1, self.embedding_dim), after_a.reshape(-1, self.rank), self.lora_B.T,
                             alpha=self.scaling).reshape(y.shape)
         if self.embed_scale is not None:

@@ -145,3 +145,20 @@ def test_apply_lora_on_embedding_state_dict_and_freeze():
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"0.lora_A", "0.lora_B", "1.lora_A",
                                                                           "1.lora_B"}
     assert "rank=2" in repr(model[0])
+
+
+@pytest.mark.parametrize("opts", [{"sparse": True}, {"max_norm": 1.0}])
+def test_sparse_and_max_norm_options(opts):
+    """sparse=True (the frozen table's option) still trains A with a dense gradient; max_norm renormalises rows
+    of E (and columns of A, as PEFT's lookup does) before the lookup."""
+    torch.manual_seed(5)
+    layer = LoRAEmbedding(15, 6, rank=2, alpha=2, **opts)
+    _randomize(layer)
+    ids = torch.tensor([3, 3, 14, 0])
+    y = layer(ids)
+    ref = _reference(ids, layer.weight.detach(), layer.lora_A.detach(), layer.lora_B.detach(), layer.scaling)
+    assert_close("y", y, ref, torch.float32)  # after the in-place renormalisation, the plain formula holds
+    if "max_norm" in opts:
+        assert layer.weight[ids].norm(dim=-1).max() <= 1.0 + 1e-6
+    y.square().sum().backward()
+    assert layer.lora_A.grad.layout == torch.strided and torch.count_nonzero(layer.lora_A.grad[:, 3]) > 0

@@ -193,3 +193,38 @@ def test_forced_zeros_gives_exactly_zero_gradients(device):
     layer.train()(x).square().sum().backward()
     assert torch.count_nonzero(layer.lora_A.grad) == 0 and torch.count_nonzero(layer.lora_B.grad) == 0
     assert torch.count_nonzero(x.grad) > 0  # the base path still back-propagates
+
+
+def _load_example(name):
+    import importlib
+    import os
+    import sys
+    examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+    sys.path.insert(0, examples)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(examples)
+
+
+def test_experiment_init_claims(tmp_path):
+    """examples/exp_init.py (2 steps): forced zeros has exactly zero gradients and never moves; default and the
+    compensated inits start on the base output, the uncompensated nonzero init does not."""
+    import json
+    exp = _load_example("exp_init")
+    exp.run(_load_example("exp_common").parse_args(exp.__doc__, ["--steps", "2", "--out", str(tmp_path), "--device", "cpu"]))
+    rows = {r[0]: r for r in json.load(open(tmp_path / "exp_init.json"))["table"]["rows"]}
+    assert rows["zeros (forced)"][5] == 0.0 and rows["zeros (forced)"][6] == 0.0 and rows["zeros (forced)"][7] == 0.0
+    for init in ("default", "gaussian"):
+        assert rows[init][1] < 1e-6 and rows[init][5] > 0   # B = 0: the base output up to GEMM summation order
+    assert rows["nonzero"][1] < 1e-5 and rows["pissa"][1] < 1e-5 and rows["nonzero, uncompensated"][1] > 0.1
+    assert (tmp_path / "exp_init.md").exists()
+
+
+def test_experiment_rank_runs(tmp_path):
+    import json
+    exp = _load_example("exp_rank")
+    exp.run(_load_example("exp_common").parse_args(exp.__doc__, ["--steps", "1", "--out", str(tmp_path), "--device", "cpu"]))
+    rows = json.load(open(tmp_path / "exp_rank.json"))["table"]["rows"]
+    assert [r[0] for r in rows] == [1, 2, 4, 8, 16, 64]
+    assert all(r[2] == 0.0 for r in rows if r[0] >= 8) and rows[0][2] > rows[1][2] > rows[2][2] > 0
