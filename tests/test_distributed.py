@@ -139,27 +139,36 @@ def _check_data_parallel(rank):
         return
     from torch.distributed.device_mesh import init_device_mesh
 
-    model = _mlp()
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+    except ImportError:
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy
     mesh = init_device_mesh("cpu", (WORLD,))
-    seen = []
-    for m in model.modules():
-        if isinstance(m, lora_fast.LoRALinear):
-            m.register_forward_pre_hook(lambda mod, args: seen.append(
-                (type(mod.weight) is nn.Parameter, tuple(mod.weight.shape), (mod.out_features, mod.in_features))))
-            fully_shard(m, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    assert all(type(p).__name__ == "DTensor" for p in model.parameters()), "FSDP2 left a parameter unsharded"
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    F.mse_loss(model(x), t).backward()
-    assert seen and all(plain and shape == full for plain, shape, full in seen), f"kernels saw sharded weights: {seen}"
-    for name, g in _lora_grads(model).items():
-        _close(f"FSDP2 grad {name}", g.full_tensor(), ref_grads[name])
-    assert all(p.grad is None for p in model.parameters() if not p.requires_grad), "FSDP2: a frozen weight got a grad"
-    base_before = {n: p.full_tensor().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    opt.step()
-    for name, p in model.named_parameters():
-        if name in base_before:
-            assert torch.equal(base_before[name], p.full_tensor()), f"FSDP2: frozen {name} changed"
+    # fp32 parameters, then FSDP2's usual mixed precision: bf16 compute on fp32 master weights, fp32 reduction
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for policy, dtype in ((None, DT), (bf16, torch.bfloat16)):
+        kw = {"mesh": mesh} if policy is None else {"mesh": mesh, "mp_policy": policy}
+        model = _mlp()
+        seen = []
+        for m in model.modules():
+            if isinstance(m, lora_fast.LoRALinear):
+                m.register_forward_pre_hook(lambda mod, args: seen.append(
+                    (type(mod.weight) is nn.Parameter, tuple(mod.weight.shape), (mod.out_features, mod.in_features))))
+                fully_shard(m, **kw)
+        fully_shard(model, **kw)
+        assert all(type(p).__name__ == "DTensor" for p in model.parameters()), "FSDP2 left a parameter unsharded"
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        F.mse_loss(model(x).float(), t).backward()
+        assert seen and all(plain and shape == full for plain, shape, full in seen), f"kernels saw shards: {seen}"
+        for name, g in _lora_grads(model).items():
+            assert g.dtype == DT, f"FSDP2 {dtype}: grad {name} is {g.dtype}, expected the fp32 master dtype"
+            assert_close(f"FSDP2 ({dtype} compute) grad {name}", g.full_tensor(), ref_grads[name], dtype)
+        assert all(p.grad is None for p in model.parameters() if not p.requires_grad), "FSDP2: a frozen weight got a grad"
+        base_before = {n: p.full_tensor().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        opt.step()
+        for name, p in model.named_parameters():
+            if name in base_before:
+                assert torch.equal(base_before[name], p.full_tensor()), f"FSDP2: frozen {name} changed"
 
 
 def test_ddp_and_fsdp2_match_single_process():
