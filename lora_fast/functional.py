@@ -123,6 +123,19 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
 
         if ops.HAS_CUSTOM_OPS:
             return ops.lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, p)
+        return eager_only(_lora_linear_eager)(x, weight, bias, lora_A, lora_B, scaling, p)
+    return _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, p)
+
+
+def eager_only(fn):
+    """`fn` run outside the graph under torch.compile (a graph break): the fallback on a torch without custom ops,
+    where dynamo would otherwise trace into the Triton launchers (and the interpreter on CPU)."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None) or torch._dynamo.disable
+    return disable(fn)
+
+
+def _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, p):
+    """`lora_linear` after its checks and casts: the autograd Function when a gradient is needed, else the launch."""
     seed = draw_seed() if p > 0.0 else 0
     tensors = (x, weight, bias, lora_A, lora_B)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):

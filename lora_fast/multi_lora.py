@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import is_compiling, use_triton
+from .functional import eager_only, is_compiling, use_triton
 
 
 # ----------------------------------------------------------------------------------------------- batch metadata
@@ -215,7 +215,8 @@ def multi_lora_linear(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ada
             if out is not None:
                 y = out.view(T, N).copy_(y)
             return y.view(*lead, N)
-    y = multi_lora_compute(*tensors, slice_sizes, out=None if out is None else out.view(T, N))
+    compute = eager_only(multi_lora_compute) if is_compiling() else multi_lora_compute
+    y = compute(*tensors, slice_sizes, out=None if out is None else out.view(T, N))
     return y.view(*lead, N)
 
 

@@ -12,6 +12,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # conftest sets it too; must pre
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch._dynamo.testing  # noqa: E402  (CompileCounterWithBackend)
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -171,3 +172,30 @@ def test_compiled_dropout_fresh_mask_each_step_and_backward_uses_the_forwards():
     y_compiled = compiled(x)
     torch.manual_seed(7)
     assert torch.equal(y_compiled, layer(x))
+
+
+def test_fallback_without_custom_ops_breaks_the_graph_but_matches_eager(monkeypatch):
+    """A torch without torch.library.custom_op: the layers run outside the graph (torch.compiler.disable) instead of
+    dynamo tracing into the Triton launchers; LoRALinear training (with dropout) and MultiLoRALinear inference
+    still equal eager. (Without the op, the multi-adapter kernels have no autograd, as before the ops existed.)"""
+    monkeypatch.setattr(ops, "HAS_CUSTOM_OPS", False)
+    torch._dynamo.reset()
+    first, multi, meta = _pool_model()
+    first.dropout = 0.3
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled_first = torch.compile(lambda t: F.gelu(first(t)) * 2, backend=counter)
+    compiled_multi = torch.compile(lambda t: multi(t, meta) + 1, backend=counter)
+    x = torch.randn(6, 12, requires_grad=True)
+    results = []
+    for fn in (compiled_first, lambda t: F.gelu(first(t)) * 2):
+        x.grad = first.lora_A.grad = first.lora_B.grad = None
+        torch.manual_seed(5)
+        y = fn(x)
+        y.square().sum().backward()
+        results.append([y, x.grad, first.lora_A.grad, first.lora_B.grad])
+    for what, c, e in zip(("y", "dx", "dA", "dB"), *results):
+        assert torch.equal(c, e), what
+    with torch.no_grad():
+        h = torch.randn(6, 16)
+        assert torch.equal(compiled_multi(h), multi(h, meta) + 1)
+    assert counter.frame_count >= 2
