@@ -15,6 +15,7 @@ if _util.find_spec(".kernels", __name__) is None:
     __path__.append(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
 
 from . import kernels, reference  # noqa: E402
+from . import ops  # noqa: E402,F401  (registers the lora_fast:: torch ops at import; see docs/compile_graphs.md)
 from .functional import LoRALinearFunction, lora_linear, use_triton
 from .nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from .qlora import LoRALinear4bit, qlora_linear

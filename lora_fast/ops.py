@@ -29,7 +29,8 @@ regenerates the forward's mask. None = no dropout.
 Eager calls do not come here: `lora_fast.lora_linear` calls `LoRALinearFunction` directly unless torch.compile is
 tracing (no dispatcher cost on the host-bound small-size eager step). `HAS_CUSTOM_OPS` is False on a torch without
 `torch.library.custom_op` / `register_fake` / `register_autograd` (< 2.4); then nothing is registered and compile
-falls back to the autograd Function (with a graph break).
+runs each layer outside the graph (`functional.eager_only`: a graph break per layer). `lora_fast` imports this
+module, so the ops exist once the package is imported.
 
 >>> x, W, A, B = torch.randn(5, 12), torch.randn(10, 12), torch.randn(3, 12), torch.randn(10, 3)
 >>> y, _ = torch.ops.lora_fast.lora_forward(x, W, None, A, B, 2.0, 0.0, None, False)
