@@ -163,7 +163,7 @@ def trainable(module):
 def timing_rows(M, K, N, quick):
     from bench.common import bench_us, peak_forward_bytes
     import lora_fast
-    from lora_fast.dora import dora_weight_norm
+    from lora_fast.dora import dora_scale
 
     x, lin, dy = make_inputs(M, K, N)
     xg = x.clone().requires_grad_()
@@ -204,11 +204,12 @@ def timing_rows(M, K, N, quick):
                 FAILURES.append(f"timing {name} {mode} {(M, K, N)}: {e!r}")
                 traceback.print_exc()
             rows.append(row)
-    # DoRA's extra pieces alone: the weight norm, ours (one pass over W + [N, r] work) and PEFT's ||W + s B A||
+    # DoRA's extra pieces alone: the weight norm and g, ours (one pass over W, W + sBA tile by tile in registers)
+    # and PEFT's ||W + s B A||
     # on the merged weight; and the dm reduction (one read of dY and Y).
     dl = providers["dora"]
     y_like = torch.randn_like(dy)
-    for name, fn in (("norm_ours", lambda: dora_weight_norm(dl.weight, dl.lora_A, dl.lora_B, dl.scaling)),
+    for name, fn in (("norm_ours", lambda: dora_scale(dl.weight, dl.lora_A, dl.lora_B, dl.scaling, dl.lora_magnitude)),
                      ("norm_peft_style", lambda: torch.linalg.norm(
                          dl.weight + dl.scaling * (dl.lora_B @ dl.lora_A), dim=1)),
                      ("dm_column_dot", lambda: lora_fast.kernels.column_dot(dy, y_like))):

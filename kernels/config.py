@@ -128,13 +128,13 @@ def reduce_m_config(p_rows: int, q_cols: int, dtype: torch.dtype) -> GemmConfig:
 @lru_cache(maxsize=None)
 def dora_config(kernel: str, dtype: torch.dtype) -> GemmConfig:
     """Configs of the DoRA helper kernels (kernels/dora.py), both bound by reading one operand once.
-    "row_stats": block_m rows of W [N, K] per program (16: at N=4096 that is 256 programs for 132 SMs),
-    block_k columns per step, block_n unused (the rank block is the tile). "column_dot": block_n columns of
-    [M, N], block_m rows per step; block_k unused."""
+    "norm": block_m rows of W [N, K] per program (16: at N=4096 that is 256 programs for 132 SMs), block_k
+    columns per step, block_n unused (the rank block is the MMA depth). "column_dot": block_n columns of [M, N],
+    block_m rows per step; block_k unused."""
     if is_interpret():
         return _INTERPRET_CONFIG
     half = dtype in (torch.float16, torch.bfloat16)
-    if kernel == "row_stats":
+    if kernel == "norm":
         return GemmConfig(16, 0, 256 if half else 128, num_warps=4, num_stages=3)
     return GemmConfig(64, 128, 0, num_warps=4, num_stages=1)
 

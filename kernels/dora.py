@@ -1,48 +1,52 @@
-"""DoRA helper kernels: the row statistics behind ||W + s * B @ A||_row, and the column dot that gives dm.
+"""DoRA helper kernels: the norm ||W + s * B @ A||_row with the scale g = m / norm, and the column dot behind dm.
 
-DoRA scales each output n by g[n] = m[n] / ||W[n] + s * (B @ A)[n]||. The merged weight [N, K] is never formed:
-    ||W + s B A||^2_row = ||W||^2_row + 2 s rowdot(B, W @ A^T) + s^2 rowdot(B @ (A @ A^T), B)
-so one pass over W (`dora_row_stats`: ||W||^2_row and W @ A^T [N, r], both in fp32) plus rank-sized products
-give the norm. The magnitude gradient is dm[n] = sum_m dY[m, n] * z[m, n] / ||.||_n with z the unscaled output;
-`column_dot` reduces dY * (Y - bias) over M, tile by tile, without an [M, N] temporary.
+DoRA scales each output n by g[n] = m[n] / ||W[n] + s * (B @ A)[n]||. `dora_norm` reads W once and forms
+W + s * B @ A one [BLOCK_N, BLOCK_K] tile at a time in registers (a rank-deep MMA per tile), summing its squares
+in fp32: the merged [N, K] weight is never written. The magnitude gradient is dm[n] = sum_m dY[m, n] * z[m, n] / norm_n
+with z the unscaled output; `column_dot` reduces dY * (Y - bias) over M, tile by tile, without an [M, N] temporary.
 """
 import torch
 import triton
 import triton.language as tl
 
 from .config import dora_config, num_sms
-from .helpers import check_shapes, dot, dot_precision, next_pow2_rank, upcast
+from .helpers import check_shapes, check_vector, dot, dot_precision, next_pow2_rank, upcast
 
 
 @triton.jit
-def _dora_row_stats_kernel(
-    W, A, SQ, WA,
+def _dora_norm_kernel(
+    W, A, B, MAG, NORM, G,
     N, K, RANK,
-    stride_wn, stride_wk, stride_ar, stride_ak, stride_wan, stride_war,
+    stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    scaling,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """SQ[n] = sum_k W[n, k]^2 and WA[n, :] = W[n, :] @ A^T for BLOCK_N rows, in fp32.
+    """NORM[n] = ||W[n, :] + s * B[n, :] @ A|| and G[n] = MAG[n] / NORM[n] for BLOCK_N rows, in fp32.
 
-    W: [N, K], A: [RANK, K] (one dtype); SQ: [N] fp32; WA: [N, RANK] fp32. BLOCK_R: padded rank (>= 16).
+    W: [N, K], A: [RANK, K], B: [N, RANK] (one dtype); MAG: [N] (any float dtype); NORM, G: [N] fp32.
+    Each step forms one [BLOCK_N, BLOCK_K] tile of W + s * B @ A in registers (a BLOCK_R-deep MMA) and adds its
+    squares: the merged weight never exists in memory. BLOCK_R: padded rank (>= 16).
     """
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     mask_n = offs_n < N
+    b = tl.load(B + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                mask=mask_n[:, None] & (offs_r[None, :] < RANK), other=0.0)
     sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    wa = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
         w = tl.load(W + offs_n[:, None] * stride_wn + (k0 + offs_k)[None, :] * stride_wk,
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        a = tl.load(A + offs_r[None, :] * stride_ar + (k0 + offs_k)[:, None] * stride_ak,
-                    mask=mask_k[:, None] & (offs_r[None, :] < RANK), other=0.0)
-        w32 = upcast(w)
-        sq += tl.sum(w32 * w32, axis=1)
-        wa = dot(w, a, wa, PRECISION)
-    tl.store(SQ + offs_n, sq, mask=mask_n)
-    tl.store(WA + offs_n[:, None] * stride_wan + offs_r[None, :] * stride_war, wa,
-             mask=mask_n[:, None] & (offs_r[None, :] < RANK))
+        a = tl.load(A + offs_r[:, None] * stride_ar + (k0 + offs_k)[None, :] * stride_ak,
+                    mask=(offs_r[:, None] < RANK) & mask_k[None, :], other=0.0)
+        ba = dot(b, a, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), PRECISION)
+        v = w.to(tl.float32) + scaling * ba
+        sq += tl.sum(v * v, axis=1)
+    norm = tl.sqrt(sq)
+    tl.store(NORM + offs_n, norm, mask=mask_n)
+    mag = tl.load(MAG + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(G + offs_n, mag / tl.where(mask_n, norm, 1.0), mask=mask_n)  # rows past N: no 0 / 0
 
 
 @triton.jit(do_not_specialize=["M", "ROWS_PER_SPLIT"])
@@ -75,29 +79,31 @@ def _column_dot_kernel(
     tl.store(OUT + tl.program_id(1) * stride_os + offs_n, tl.sum(acc, axis=0), mask=mask_n)
 
 
-def dora_row_stats(weight, lora_A):
-    """(||W||^2 per row [N] fp32, W @ A^T [N, r] fp32) in one pass over W.
+def dora_norm(weight, lora_A, lora_B, scaling, magnitude):
+    """(||W + s * B @ A||_row [N], g = magnitude / that norm [N]), both fp32, in one pass over W.
 
-    weight: [N, K], lora_A: [r, K], one dtype and device, any strides.
+    weight: [N, K], lora_A: [r, K], lora_B: [N, r] (one dtype and device, any strides); scaling: float;
+    magnitude: [N] contiguous, any float dtype.
 
-    >>> sq, wa = dora_row_stats(W, A)
-    >>> norm = (sq + 2 * s * (B.float() * wa).sum(1) + s * s * ((B.float() @ (A.float() @ A.float().T)) * B.float()).sum(1)).sqrt()
+    >>> norm, g = dora_norm(W, A, B, 2.0, m)
     """
     N, K = weight.shape
     rank = lora_A.shape[0]
-    check_shapes(weight=(weight, (N, K)), lora_A=(lora_A, (rank, K)))
-    sq = torch.empty(N, device=weight.device, dtype=torch.float32)
-    wa = torch.empty((N, rank), device=weight.device, dtype=torch.float32)
+    check_shapes(weight=(weight, (N, K)), lora_A=(lora_A, (rank, K)), lora_B=(lora_B, (N, rank)))
+    check_vector("magnitude", magnitude, N, weight)
+    norm = torch.empty(N, device=weight.device, dtype=torch.float32)
+    g = torch.empty_like(norm)
     if N == 0:
-        return sq, wa
-    cfg = dora_config("row_stats", weight.dtype)
-    _dora_row_stats_kernel[(triton.cdiv(N, cfg.block_m),)](
-        weight, lora_A, sq, wa, N, K, rank,
-        weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), wa.stride(0), wa.stride(1),
+        return norm, g
+    cfg = dora_config("norm", weight.dtype)
+    _dora_norm_kernel[(triton.cdiv(N, cfg.block_m),)](
+        weight, lora_A, lora_B, magnitude, norm, g, N, K, rank,
+        weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
+        float(scaling),
         BLOCK_N=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=next_pow2_rank(rank),
         PRECISION=dot_precision(weight.dtype), **cfg.launch(),
     )
-    return sq, wa
+    return norm, g
 
 
 def column_dot(u, v, bias=None):

@@ -10,8 +10,9 @@ the undropped x while the DoRA correction uses the dropped one:
 
 Fused path (no dropout): the forward is one `lora_forward` launch with g applied in its epilogue (`out_scale`);
 the backward is one `lora_backward_dx` launch with g applied to every dY tile (`dy_scale`), one `lora_grad_ab`
-launch (dB's rows scaled by g afterwards, in fp32) and one `column_dot` pass for dm. The norm comes from one pass
-over W plus rank-sized products (`kernels/dora.py`): the [N, K] merged weight is never formed.
+launch (dB's rows scaled by g afterwards, in fp32) and one `column_dot` pass for dm. The norm and g come from one
+kernel pass over W that forms W + s * B @ A tile by tile in registers (`kernels/dora.py`): the [N, K] merged
+weight is never written.
 With dropout, the extra `(x - drop(x)) @ W^T` term is a second cuBLAS GEMM and drop(x) is materialised (what
 PEFT's own forward does too); the DoRA part still runs fused.
 
@@ -39,21 +40,36 @@ def _stats_ops(t: torch.Tensor):
 
 
 @torch.no_grad()
-def dora_weight_norm(weight, lora_A, lora_B, scaling) -> torch.Tensor:
-    """||W + s * B @ A|| per output row, [N] in fp32 (fp64 for fp64), without forming the [N, K] sum.
+def dora_scale(weight, lora_A, lora_B, scaling, magnitude) -> tuple[torch.Tensor, torch.Tensor]:
+    """(||W + s * B @ A||_row, g = magnitude / norm), both [N] fp32 (fp64 for fp64), detached, in one pass over W.
 
-    weight: [N, K], lora_A: [r, K], lora_B: [N, r]; scaling: float.
-    ||W + sBA||^2 = ||W||^2 + 2 s rowdot(B, W A^T) + s^2 rowdot(B (A A^T), B): one pass over W, then [N, r] work.
+    weight: [N, K], lora_A: [r, K], lora_B: [N, r] (one dtype); magnitude: [N]. The kernel forms W + s * B @ A one
+    tile at a time in registers; the [N, K] merged weight is never written.
 
-    >>> norm = dora_weight_norm(layer.weight, layer.lora_A, layer.lora_B, layer.scaling)
-    >>> g = layer.lora_magnitude / norm
+    >>> norm, g = dora_scale(layer.weight, layer.lora_A, layer.lora_B, layer.scaling, layer.lora_magnitude)
     """
-    with torch.autocast(weight.device.type, enabled=False):  # the [N, r] / [r, r] products stay in fp32
-        sq, wa = _stats_ops(weight).dora_row_stats(weight, lora_A)
-        a, b = lora_A.to(wa.dtype), lora_B.to(wa.dtype)
-        cross = (b * wa).sum(1)
-        low = ((b @ (a @ a.t())) * b).sum(1)
-        return (sq + 2.0 * scaling * cross + (scaling * scaling) * low).clamp_min(0.0).sqrt()
+    with torch.autocast(weight.device.type, enabled=False):
+        return _stats_ops(weight).dora_norm(weight, lora_A, lora_B, scaling, magnitude.detach().contiguous())
+
+
+def dora_weight_norm(weight, lora_A, lora_B, scaling) -> torch.Tensor:
+    """||W + s * B @ A|| per output row, [N] fp32 (fp64 for fp64), detached; see dora_scale.
+
+    >>> m0 = dora_weight_norm(W, A, B, 2.0)           # DoRA's initial magnitude: g = 1
+    """
+    return dora_scale(weight, lora_A, lora_B, scaling, weight.new_ones(weight.shape[0]))[0]
+
+
+def _zero_magnitude_check(magnitude):
+    """Whether magnitude has an exact zero, read in the backward without stalling the GPU: on CUDA the flag is
+    copied to pinned host memory in the forward and an event marks it; by the backward that event has long passed."""
+    if not magnitude.is_cuda:
+        return bool((magnitude == 0).any()), None
+    flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+    flag.copy_((magnitude == 0).any(), non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return flag, event
 
 
 class DoRALinearFunction(torch.autograd.Function):
@@ -63,15 +79,15 @@ class DoRALinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, weight_norm, scaling):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, g, weight_norm, scaling):
         ops = _ops(x)
         x2d = x.reshape(-1, x.shape[-1])
-        g = (magnitude.to(weight_norm.dtype) / weight_norm).contiguous()
         need_b, need_m = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
         y2d, xa = ops.lora_forward(x2d, weight, bias, lora_A, lora_B, scaling, store_xa=need_b, out_scale=g)
         ctx.save_for_backward(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, g, xa,
                               y2d if need_m else None)
         ctx.scaling = scaling
+        ctx.zero_check = _zero_magnitude_check(magnitude) if need_m else None
         return y2d.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -96,20 +112,24 @@ class DoRALinearFunction(torch.autograd.Function):
             dA = dA.to(lora_A.dtype) if need_a else None
             dB = (dB * g[:, None]).to(lora_B.dtype) if need_b else None
         if need_m:
-            dm = _magnitude_grad(ops, dy2d, y2d, bias, x2d, weight, lora_A, lora_B, magnitude, weight_norm, s)
+            flag, event = ctx.zero_check
+            if event is not None:
+                event.synchronize()
+            dm = _magnitude_grad(dy2d, y2d, bias, x2d, weight, lora_A, lora_B, magnitude, weight_norm, s, bool(flag))
         if need_w:
             dw = ((dy2d * g).to(dy2d.dtype).t() @ x2d).to(weight.dtype)
         if need_bias and bias is not None:
             dbias = dy2d.sum(0, dtype=torch.promote_types(dy2d.dtype, torch.float32)).to(bias.dtype)
-        return dx, dw, dbias, dA, dB, dm, None, None
+        return dx, dw, dbias, dA, dB, dm, None, None, None
 
 
-def _magnitude_grad(ops, dy2d, y2d, bias, x2d, weight, lora_A, lora_B, magnitude, weight_norm, scaling):
-    """dm = sum_m dY * z / ||.|| with z = (y - b) / g, i.e. sum_m dY * (y - b) / m; columns with m == 0 exact."""
+def _magnitude_grad(dy2d, y2d, bias, x2d, weight, lora_A, lora_B, magnitude, weight_norm, scaling, has_zero):
+    """dm = sum_m dY * z / ||.|| with z = (y - b) / g, i.e. sum_m dY * (y - b) / m; where m == 0 (has_zero), y
+    holds no z, and those columns are recomputed exactly (plain PyTorch, rare)."""
     m = magnitude.to(weight_norm.dtype)
     dm = _stats_ops(dy2d).column_dot(dy2d, y2d, bias).to(m.dtype) / torch.where(m == 0, 1.0, m)
-    zero = (m == 0).nonzero().flatten()
-    if zero.numel():  # g = 0 there, so y carries no z: recompute those columns of z (plain PyTorch, rare)
+    if has_zero:
+        zero = (m == 0).nonzero().flatten()
         z = F.linear(x2d, weight[zero]).to(m.dtype) + scaling * (x2d @ lora_A.t()).to(m.dtype) @ lora_B[zero].t().to(m.dtype)
         dm[zero] = (dy2d[:, zero].to(m.dtype) * z).sum(0) / weight_norm[zero]
     return dm.to(magnitude.dtype)
@@ -133,10 +153,10 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
     check_vector_param("magnitude", magnitude, weight.shape[0], x)
     # fp32 adapters on a half x (PEFT's habit) run in x's dtype; their gradients come back in fp32.
     lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
+    norm, g = dora_scale(weight, lora_A, lora_B, scaling, magnitude)
     p = dropout_p if training else 0.0
     if p == 0.0:
-        return DoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling)
+        return DoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, g, norm, scaling)
     x2d = x.reshape(-1, x.shape[-1])
     seed = draw_seed()
     if use_triton(x):
@@ -147,7 +167,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
         keep = dropout_mask_torch(seed, x2d.shape[0], x2d.shape[1], p, x.device)
     xd = torch.where(keep, x2d * (1.0 / (1.0 - p)), torch.zeros((), dtype=x.dtype, device=x.device))
     y2d = F.linear(x2d - xd, weight, bias) + DoRALinearFunction.apply(xd, weight, None, lora_A, lora_B, magnitude,
-                                                                       norm, scaling)
+                                                                       g, norm, scaling)
     return y2d.reshape(*x.shape[:-1], weight.shape[0])
 
 

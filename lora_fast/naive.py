@@ -55,11 +55,11 @@ def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p=0.0, seed=
     return dA, dB
 
 
-def dora_row_stats(weight, lora_A):
-    """(||W||^2 per row [N], W @ A^T [N, r]), both fp32 (fp64 for fp64): kernels.dora_row_stats."""
+def dora_norm(weight, lora_A, lora_B, scaling, magnitude):
+    """(||W + s * B @ A||_row, magnitude / norm), fp32 (fp64 for fp64): kernels.dora_norm, on the merged weight."""
     acc = torch.promote_types(weight.dtype, torch.float32)
-    w = weight.to(acc)
-    return (w * w).sum(1), w @ lora_A.to(acc).t()
+    norm = (weight.to(acc) + scaling * (lora_B.to(acc) @ lora_A.to(acc))).norm(dim=1)
+    return norm, magnitude.to(acc) / norm
 
 
 def column_dot(u, v, bias=None):

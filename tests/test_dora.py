@@ -8,7 +8,7 @@ from torch import nn
 
 import lora_fast
 from lora_fast import kernels, naive
-from lora_fast.dora import DoRALinear, apply_dora, dora_linear, dora_weight_norm
+from lora_fast.dora import DoRALinear, apply_dora, dora_linear, dora_scale, dora_weight_norm
 from lora_fast.functional import draw_seed
 from lora_fast.philox import dropout_mask_torch
 from tests.utils import REL_TOL, assert_close, lora_problem
@@ -90,12 +90,17 @@ def test_zero_magnitude_column_gradient_is_exact():
 
 def test_weight_norm_without_merged_weight():
     torch.manual_seed(3)
-    _, W, _, A, B = lora_problem(1, 37, 29, 5, torch.float32, DEV)
+    _, W, _, A, B = lora_problem(1, 37, 29, 5, torch.float32, DEV)  # K = 37 spans three K tiles, N = 29 two row tiles
+    m = torch.rand(29) + 0.5
     ref = (W.double() + 1.3 * B.double() @ A.double()).norm(dim=1)
     assert_close("norm", dora_weight_norm(W, A, B, 1.3), ref, torch.float32)
-    sq, wa = kernels.dora_row_stats(W, A)
-    assert_close("||W||^2", sq, (W.double() ** 2).sum(1), torch.float32)
-    assert_close("W A^T", wa, W.double() @ A.double().t(), torch.float32)
+    norm, g = kernels.dora_norm(W, A, B, 1.3, m)
+    assert_close("kernel norm", norm, ref, torch.float32)
+    assert_close("kernel g", g, m.double() / ref, torch.float32)
+    assert_close("naive g", naive.dora_norm(W, A, B, 1.3, m)[1], m.double() / ref, torch.float32)
+    Wb, Ab, Bb = W.bfloat16(), A.bfloat16(), B.bfloat16()
+    ref_b = (Wb.double() + 1.3 * Bb.double() @ Ab.double()).norm(dim=1)
+    assert_close("bf16 norm", dora_scale(Wb, Ab, Bb, 1.3, m)[0], ref_b, torch.float32)  # fp32 math on bf16 tiles
 
 
 def test_launcher_scale_vectors_write_every_element():
