@@ -4,7 +4,7 @@
 
 Checks (bf16 at real sizes unless noted; each TP result against the single-device computation on the full layer,
 both measured by relative error to an fp32 reference; a TP result passes when it is no less accurate than the
-single-device one, within 2x + 2e-3):
+single-device one, within 2x + 2e-3, and within 0.1 in any case):
 - column- and row-parallel LoRA layer: output, dx, dA, dB; column-parallel dropout bitwise equal to single-device;
 - a 2-way TP Llama-style block (q/k/v/gate/up column, o/down row) against the unsharded block: output, dx, LoRA grads;
 - TP multi-adapter layers (fused qkv column with slices, row) against single-device MultiLoRALinear;
@@ -51,6 +51,7 @@ DEV = "cuda"  # "cpu" under --cpu-smoke
 START = time.time()
 BUDGET_S = 100.0  # stop timing new cases past this (the whole run must stay under 120 s)
 ROWS: list[dict] = []
+MAX_REL_ERR = 0.1  # bf16 results at these sizes are ~1e-2 from fp32; nothing legitimate comes near 0.1
 
 
 def log(msg: str) -> None:
@@ -75,10 +76,11 @@ def case(name: str):
 
 def record_check(name: str, errs: dict, ref_errs: dict | None = None, tol: float | None = None) -> None:
     """errs: quantity -> rel. error of the TP/DP result to the fp32 reference; ref_errs: the same for the
-    single-device result. Pass: err <= 2 * single-device err + 2e-3 (or err <= tol without ref_errs)."""
+    single-device result. Pass: err <= min(2 * single-device err + 2e-3, MAX_REL_ERR) (or err <= tol without
+    ref_errs); the cap catches a comparison that is broken on both sides."""
     ok = {}
     for k, e in errs.items():
-        bound = tol if ref_errs is None else 2 * ref_errs[k] + 2e-3
+        bound = tol if ref_errs is None else min(2 * ref_errs[k] + 2e-3, MAX_REL_ERR)
         ok[k] = bool(e <= bound)
     row = {"case": name, "kind": "check", "passed": all(ok.values()), "worst_rel_err": max(errs.values()),
            "rel_err": {k: float(f"{v:.3g}") for k, v in errs.items()},
@@ -215,14 +217,14 @@ def compare_tp(name: str, model: nn.Module, run) -> None:
 
 
 @case("tp_llama_block")
-def check_tp_block(batch=2, T=512, dim=2048):
-    block = lora_block(dim)
+def check_tp_block(batch=2, T=512, dim=2048, heads=16, kv_heads=8, mlp=5632):
+    block = lora_block(dim, heads, kv_heads, mlp)
     torch.manual_seed(4)
     x = torch.randn(batch, T, dim, device=DEV, dtype=BF16)
     dy = torch.randn(batch, T, dim, device=DEV, dtype=BF16)
 
     def run(model, dtype):
-        xi = x.to(dtype).requires_grad_(True)
+        xi = x.detach().to(dtype).clone().requires_grad_(True)  # a fresh leaf per run: grads must not accumulate
         y = model(xi)
         y.backward(dy.to(dtype))
         return {"y": y.detach(), "dx": xi.grad}, lora_grads(model)
@@ -493,7 +495,8 @@ def cpu_smoke(out_dir: str) -> int:
     DEV = "cpu"
     dist.init_process_group("gloo")
     check_tp_layers(M=6, K=32, N=24, r=3)
-    check_tp_block(batch=1, T=5, dim=16)
+    check_tp_block(batch=1, T=5, dim=16, heads=4, kv_heads=2, mlp=22)
+    check_tp_hf_llama(layers=1, dim=16, heads=4, kv_heads=2, mlp=22, T=5, vocab=32)
     check_tp_multi_lora(T=6, S=3, R=4, dim=16, kv=8)
     check_data_parallel(M=4, dim=16)
     return report(out_dir)

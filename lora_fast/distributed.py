@@ -37,6 +37,7 @@ are the TP forms of `MultiLoRALinear`. `tensor_parallel(model, plan)` swaps a mo
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Mapping, Sequence
 
@@ -100,6 +101,27 @@ def broadcast_from_first(tensors: Sequence[torch.Tensor], group=None) -> None:
     with torch.no_grad():
         for t in tensors:
             dist.broadcast(t.data, src=src, group=group)
+
+
+def check_rng_in_sync(group=None) -> None:
+    """Raise RuntimeError if the ranks of `group` have different torch CPU RNG states (one all-gather; call it
+    once after seeding). Column-parallel dropout needs the same state on every TP rank: the seed of each mask is
+    drawn from it, and different seeds would give each output slice a different mask.
+
+    >>> torch.manual_seed(1234)                 # the same seed on every rank
+    >>> lora_fast.distributed.check_rng_in_sync()
+    """
+    tp_rank_and_size(group)
+    state = torch.get_rng_state()
+    # 8 bytes of a hash of the state, as an int64 (a tensor on the backend's device: NCCL takes CUDA tensors)
+    digest = int.from_bytes(hashlib.sha256(state.numpy().tobytes()).digest()[:8], "little", signed=True)
+    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    mine = torch.tensor([digest], dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    if any(int(d) != digest for d in every):
+        raise RuntimeError("the ranks' torch CPU RNG states differ: call torch.manual_seed with the same seed on "
+                           "every rank of the tensor-parallel group (column-parallel dropout draws its seed there)")
 
 
 def _all_reduce_(t: torch.Tensor, group) -> torch.Tensor:
@@ -627,7 +649,7 @@ class RowParallelMultiLoRALinear(_RowForward, _ParallelMultiLoRA):
 __all__ = [
     "COLUMN", "ColumnParallelLinear", "ColumnParallelLoRALinear", "ColumnParallelMultiLoRALinear", "LLAMA_TP_PLAN",
     "ROW", "RowParallelLinear", "RowParallelLoRALinear", "RowParallelMultiLoRALinear", "ShardedAdapterPool",
-    "broadcast_from_first", "copy_to_parallel", "gather_from_parallel", "import_fully_shard",
+    "broadcast_from_first", "check_rng_in_sync", "copy_to_parallel", "gather_from_parallel", "import_fully_shard",
     "reduce_from_parallel", "shard_range",
     "split_to_parallel", "tensor_parallel", "tp_rank_and_size",
 ]

@@ -302,6 +302,7 @@ def _row_dropout_masks(M, K, p, seed):
 def _check_dropout(rank):
     # Column: ranks share x and the seed (same CPU RNG state), so the result is bitwise single-device's.
     full = _full_layer(26, 30, 3, dropout=0.3).train()
+    lfd.check_rng_in_sync()
     x = torch.randn(6, 26)
     torch.manual_seed(99)
     y_single = full(x).detach()
@@ -435,6 +436,8 @@ def _check_errors(rank):
     dist.broadcast(lin.weight.data, 0)
     dist.broadcast(lin.bias.data, 0)
     torch.manual_seed(100 + rank)  # different RNG on each rank
+    with pytest.raises(RuntimeError, match="RNG states differ"):
+        lfd.check_rng_in_sync()
     for layer in (lfd.ColumnParallelLoRALinear.from_linear(lin, rank=3, alpha=6),
                   lfd.ColumnParallelLoRALinear(26, 30, rank=3, dtype=DT)):
         a = layer.lora_A.detach().clone()
