@@ -49,7 +49,7 @@ from lora_fast import distributed as lfd  # noqa: E402
 BF16 = torch.bfloat16
 DEV = "cuda"  # "cpu" under --cpu-smoke
 START = time.time()
-BUDGET_S = 100.0  # stop timing new cases past this (the whole run must stay under 120 s)
+BUDGET_S = 60.0  # start no new timing shape past this: the checks that follow need ~40 s (whole run <= 120 s)
 ROWS: list[dict] = []
 MAX_REL_ERR = 0.1  # bf16 results at these sizes are ~1e-2 from fp32; nothing legitimate comes near 0.1
 
@@ -459,6 +459,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join("bench", "out"), help="folder for gpu_distributed.json")
     ap.add_argument("--dry", action="store_true", help="parse arguments and exit (smoke test without GPUs)")
     ap.add_argument("--no-timing", action="store_true", help="correctness checks only")
+    ap.add_argument("--no-checks", action="store_true", help="timing only")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny checks on CPU with gloo (under torchrun)")
     args = ap.parse_args(argv)
     if args.dry:
@@ -477,13 +478,14 @@ def main(argv=None) -> int:
     dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=90),
                             device_id=torch.device("cuda", local_rank))
     log(f"{dist.get_world_size()} ranks, {torch.cuda.get_device_name()}")
-    check_tp_layers()
-    check_tp_block()
-    check_tp_hf_llama()
-    check_tp_multi_lora()
-    check_data_parallel()
-    if not args.no_timing:
+    if not args.no_timing:  # first: the target measurement must not be squeezed out by the checks' compiles
         time_tp()
+    if not args.no_checks:
+        check_tp_layers()
+        check_tp_block()
+        check_tp_hf_llama()
+        check_tp_multi_lora()
+        check_data_parallel()
     torch.cuda.synchronize()
     return report(args.out)
 
