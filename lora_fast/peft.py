@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from .functional import lora_linear
+from .embedding import LoRAEmbedding
 from .layers import LoRALinear
 
 logger = logging.getLogger(__name__)
@@ -240,8 +241,9 @@ def _pattern_value(patterns: Mapping[str, object] | None, name: str, default):
 def read_peft_adapter(path: str) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """(config dict, {module name: (A [r, K], B [N, r])}) of a PEFT adapter directory.
 
-    Module names are relative to the base model (PEFT's `base_model.model.` prefix removed). Raises for what a
-    plain LoRA file cannot hold here: DoRA magnitudes, lora_bias, modules_to_save weights, non-LoRA types.
+    Module names are relative to the base model (PEFT's `base_model.model.` prefix removed); embedding adapters
+    (`lora_embedding_A` [r, vocab] / `lora_embedding_B` [dim, r]) come as (A, B) too. Raises for what a plain LoRA
+    file cannot hold here: DoRA magnitudes, lora_bias, modules_to_save weights, non-LoRA types.
     """
     with open(os.path.join(path, "adapter_config.json")) as f:
         config = json.load(f)
@@ -255,11 +257,12 @@ def read_peft_adapter(path: str) -> tuple[dict, dict[str, tuple[torch.Tensor, to
         state = torch.load(os.path.join(path, "adapter_model.bin"), map_location="cpu", weights_only=True)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     pat = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+    emb = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_embedding_([AB])(?:\.[^.]+)?$")
     for key, t in state.items():
-        m = pat.match(key)
+        m = pat.match(key) or emb.match(key)
         if m is None:
-            raise ValueError(f"{path}: unsupported key {key!r} (only plain LoRA lora_A / lora_B weights are "
-                             "supported: no DoRA, lora_bias, modules_to_save or embedding adapters)")
+            raise ValueError(f"{path}: unsupported key {key!r} (only plain LoRA lora_A / lora_B weights and "
+                             "lora_embedding_A / _B are supported: no DoRA, lora_bias or modules_to_save)")
         pairs.setdefault(m.group(1), {})[m.group(2)] = t
     out = {}
     for name, d in pairs.items():
@@ -273,7 +276,7 @@ def load_peft_adapter(model: nn.Module, path: str, adapter_name: str = "default"
     """Load a PEFT LoRA adapter directory into `model` (built with `lora_fast.apply_lora`), in place.
 
     Each adapted module `name` of the file must be a `LoRALinear` of `model` (or a plain nn.Linear, which is then
-    wrapped with `LoRALinear.from_linear`). Its rank comes from the tensors (= `r` or `rank_pattern`), its alpha
+    wrapped with `LoRALinear.from_linear`), or a `LoRAEmbedding` (nn.Embedding, wrapped) for embedding adapters. Its rank comes from the tensors (= `r` or `rank_pattern`), its alpha
     from `lora_alpha` / `alpha_pattern`, `use_rslora` and `lora_dropout` from the config. When the rank differs
     from the layer's, lora_A / lora_B are replaced by new Parameters (build the optimizer after loading).
     strict: raise if `model` has LoRALinear modules the file does not adapt (else they are left as they are).
@@ -288,12 +291,13 @@ def load_peft_adapter(model: nn.Module, path: str, adapter_name: str = "default"
     if config.get("fan_in_fan_out"):
         raise ValueError(f"{path}: fan_in_fan_out (Conv1D) adapters need a Conv1D base; LoRALinear wraps nn.Linear")
     modules = dict(model.named_modules())
-    missing = [n for n in pairs if not isinstance(modules.get(n), (nn.Linear, LoRALinear))]
+    adaptable = (nn.Linear, LoRALinear, nn.Embedding, LoRAEmbedding)
+    missing = [n for n in pairs if not isinstance(modules.get(n), adaptable)]
     if missing:
         raise ValueError(f"{path} (adapter {adapter_name!r}): modules {missing[:5]}{'...' if len(missing) > 5 else ''}"
-                         " are not nn.Linear / LoRALinear modules of the model")
+                         " are not nn.Linear / LoRALinear / nn.Embedding / LoRAEmbedding modules of the model")
     if strict:
-        extra = [n for n, m in modules.items() if isinstance(m, LoRALinear) and n not in pairs]
+        extra = [n for n, m in modules.items() if isinstance(m, (LoRALinear, LoRAEmbedding)) and n not in pairs]
         if extra:
             raise ValueError(f"{path} (adapter {adapter_name!r}) does not adapt LoRALinear modules {extra[:5]}"
                              f"{'...' if len(extra) > 5 else ''}; pass strict=False to leave them as they are")
@@ -307,16 +311,20 @@ def load_peft_adapter(model: nn.Module, path: str, adapter_name: str = "default"
         if rank != int(expected):
             raise ValueError(f"{path}: {name}.lora_A has rank {rank} but the config says r={expected}")
         alpha = float(_pattern_value(config.get("alpha_pattern"), name, alpha0))
-        if not isinstance(layer, LoRALinear):
+        if not isinstance(layer, (LoRALinear, LoRAEmbedding)):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            layer = LoRALinear.from_linear(layer, rank, alpha, dropout, use_rslora)
+            if isinstance(layer, nn.Embedding):
+                layer = LoRAEmbedding.from_embedding(layer, rank, alpha, use_rslora)
+            else:
+                layer = LoRALinear.from_linear(layer, rank, alpha, dropout, use_rslora)
             setattr(parent, child, layer)
         if layer.merged:
             raise ValueError(f"{name} is merged; unmerge() before loading an adapter")
-        if tuple(a.shape) != (rank, layer.in_features) or tuple(b.shape) != (layer.out_features, rank):
+        fan_in, fan_out = layer.lora_A.shape[1], layer.lora_B.shape[0]
+        if tuple(a.shape) != (rank, fan_in) or tuple(b.shape) != (fan_out, rank):
             raise ValueError(f"{path}: {name} has A {tuple(a.shape)}, B {tuple(b.shape)}; the layer needs "
-                             f"[r, {layer.in_features}] and [{layer.out_features}, r]")
+                             f"[r, {fan_in}] and [{fan_out}, r]")
         kw = {"device": layer.weight.device, "dtype": layer.lora_A.dtype}
         if layer.rank != rank:
             layer.lora_A = nn.Parameter(a.to(**kw).clone(), requires_grad=layer.lora_A.requires_grad)
@@ -325,13 +333,16 @@ def load_peft_adapter(model: nn.Module, path: str, adapter_name: str = "default"
             with torch.no_grad():
                 layer.lora_A.copy_(a)
                 layer.lora_B.copy_(b)
-        layer.rank, layer.alpha, layer.use_rslora, layer.dropout = rank, alpha, use_rslora, dropout
+        layer.rank, layer.alpha, layer.use_rslora = rank, alpha, use_rslora
+        if isinstance(layer, LoRALinear):   # PEFT applies no dropout to embedding adapters
+            layer.dropout = dropout
     return model
 
 
 def _suffix_targets(model: nn.Module, names: list[str]) -> list[str] | None:
     """The shortest name suffixes that select exactly `names` among the model's linear modules, or None."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))]
+    linears = [n for n, m in model.named_modules()
+               if isinstance(m, (nn.Linear, LoRALinear, nn.Embedding, LoRAEmbedding))]
     chosen = set(names)
     for depth in range(1, max(n.count(".") for n in names) + 2):
         suffixes = sorted({".".join(n.split(".")[-depth:]) for n in names})
@@ -344,7 +355,8 @@ def _suffix_targets(model: nn.Module, names: list[str]) -> list[str] | None:
 def save_peft_adapter(model: nn.Module, path: str, target_modules: Iterable[str] | str | None = None,
                       base_model_name_or_path: str | None = None, task_type: str | None = None,
                       safe_serialization: bool = True) -> dict:
-    """Write the `LoRALinear` adapters of `model` as a PEFT LoRA adapter directory; return the config written.
+    """Write the `LoRALinear` and `LoRAEmbedding` adapters of `model` as a PEFT LoRA adapter directory; return
+    the config written.
 
     `peft.PeftModel.from_pretrained(base_model, path)` loads it, `base_model` being the model before
     `apply_lora`. The most common rank and alpha become `r` / `lora_alpha`, the others go to
@@ -353,9 +365,9 @@ def save_peft_adapter(model: nn.Module, path: str, target_modules: Iterable[str]
     target_modules: written as given; by default the shortest module-name suffixes that select exactly the
     adapted layers (e.g. ["q_proj", "v_proj"]), else the full names.
     """
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding))]
     if not layers:
-        raise ValueError("model has no LoRALinear module")
+        raise ValueError("model has no LoRALinear or LoRAEmbedding module")
     merged = [n for n, m in layers if m.merged]
     if merged:
         raise ValueError(f"modules {merged[:5]} are merged; unmerge() them before saving")
@@ -365,7 +377,8 @@ def save_peft_adapter(model: nn.Module, path: str, target_modules: Iterable[str]
     names = [n for n, _ in layers]
     r0 = Counter(m.rank for _, m in layers).most_common(1)[0][0]
     a0 = Counter(m.alpha for _, m in layers).most_common(1)[0][0]
-    d0 = Counter(m.dropout for _, m in layers).most_common(1)[0][0]
+    d0 = Counter(m.dropout for _, m in layers if isinstance(m, LoRALinear)).most_common(1)
+    d0 = d0[0][0] if d0 else 0.0
     rank_pattern = {re.escape(n): m.rank for n, m in layers if m.rank != r0}
     alpha_pattern = {re.escape(n): _num(m.alpha) for n, m in layers if m.alpha != a0}
     if target_modules is None:
@@ -381,8 +394,10 @@ def save_peft_adapter(model: nn.Module, path: str, target_modules: Iterable[str]
     }
     state = {}
     for n, m in layers:
-        state[f"{_PREFIX}{n}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu().clone()
-        state[f"{_PREFIX}{n}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu().clone()
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if isinstance(m, LoRAEmbedding) else \
+            ("lora_A.weight", "lora_B.weight")
+        state[f"{_PREFIX}{n}.{a_key}"] = m.lora_A.detach().contiguous().cpu().clone()
+        state[f"{_PREFIX}{n}.{b_key}"] = m.lora_B.detach().contiguous().cpu().clone()
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)

@@ -162,3 +162,31 @@ def test_sparse_and_max_norm_options(opts):
         assert layer.weight[ids].norm(dim=-1).max() <= 1.0 + 1e-6
     y.square().sum().backward()
     assert layer.lora_A.grad.layout == torch.strided and torch.count_nonzero(layer.lora_A.grad[:, 3]) > 0
+
+
+def test_peft_adapter_files_round_trip(tmp_path):
+    """An apply_lora model with an embedding adapter saves as a PEFT adapter that PEFT loads (same outputs), and
+    a PEFT-saved embedding adapter loads into a lora_fast model."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    import lora_fast.peft as lfp
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Embedding(16, 6), nn.Linear(6, 4))
+    ours = apply_lora(copy.deepcopy(model), ["0", "1"], rank=2, alpha=3)
+    for layer in (ours[0], ours[1]):
+        _randomize(layer)
+    config = lfp.save_peft_adapter(ours, str(tmp_path / "ours"))
+    assert sorted(config["target_modules"]) == ["0", "1"]
+    ids = torch.tensor([[3, 15, 0]])
+    loaded = PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "ours"))
+    assert_close("PEFT loads ours", loaded(ids).detach(), ours(ids).detach(), torch.float32)
+
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, lora_alpha=3, target_modules=["0", "1"]))
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    back = lfp.load_peft_adapter(copy.deepcopy(model), str(tmp_path / "peft"))
+    assert isinstance(back[0], LoRAEmbedding)
+    assert_close("ours loads PEFT's", back(ids).detach(), peft_model(ids).detach(), torch.float32)
