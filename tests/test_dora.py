@@ -264,3 +264,21 @@ def test_dora_under_autocast():
     assert_close("y", y, ref, torch.bfloat16)
     y.float().sum().backward()
     assert layer.lora_A.grad.dtype == layer.lora_magnitude.grad.dtype == torch.float32
+
+
+def test_dora_frozen_input_and_frozen_magnitude():
+    """The branches where x needs no gradient (dyb from the shrink kernel) and where m is frozen (y not saved)."""
+    torch.manual_seed(11)
+    x, W, b, A, B = lora_problem(5, 18, 14, 3, torch.float32, DEV)
+    m = torch.rand(14) + 0.5
+    ins = _leaves(A, B, m)
+    ref_ins = _leaves(A.double(), B.double(), m.double())
+    out = dora_linear(x, W, b, ins[0], ins[1], ins[2], 1.5)
+    ref = dora_reference(x, W, b, ref_ins[0], ref_ins[1], ref_ins[2], 1.5)
+    _check_grads(out, ref, ins, ref_ins, ["A", "B", "magnitude"], torch.float32)
+    xg, Ag = _leaves(x, A)
+    dora_linear(xg, W, b, Ag, B, m, 1.5).sum().backward()
+    xr, Ar = _leaves(x.double(), A.double())
+    dora_reference(xr, W, b, Ar, B, m, 1.5).sum().backward()
+    assert_close("dx, m frozen", xg.grad, xr.grad, torch.float32)
+    assert_close("dA, m frozen", Ag.grad, Ar.grad, torch.float32)

@@ -173,3 +173,14 @@ def test_vera_under_autocast():
     assert_close("y", y, ref, torch.bfloat16)
     y.float().sum().backward()
     assert layer.vera_lambda_d.grad.dtype == layer.vera_lambda_b.grad.dtype == torch.float32
+
+
+def test_vera_frozen_input():
+    """x needs no gradient: dY @ B_b comes from the shrink kernel."""
+    torch.manual_seed(12)
+    x, W, b, A, B = lora_problem(5, 18, 14, 3, torch.float32, DEV)
+    ins = _leaves(torch.randn(3), torch.randn(14))
+    ref_ins = _leaves(ins[0].double(), ins[1].double())
+    out = vera_linear(x, W, b, A, B, ins[0], ins[1])
+    ref = vera_reference(x, W, b, A, B, ref_ins[0], ref_ins[1])
+    _check_grads(out, ref, ins, ref_ins, ["lambda_d", "lambda_b"], torch.float32)
