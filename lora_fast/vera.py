@@ -103,9 +103,9 @@ class VeRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p, seed):
         ops = _ops(x)
-        acc = torch.promote_types(x.dtype, torch.float32)
-        a_d = (lambda_d.to(acc)[:, None] * vera_A.to(acc)).to(x.dtype)
-        b_b = (lambda_b.to(acc)[:, None] * vera_B.to(acc)).to(x.dtype)
+        # One rounding to x's dtype (torch multiplies half operands in fp32); 1-2 small launches per factor.
+        a_d = (vera_A * lambda_d[:, None]).to(x.dtype)
+        b_b = (vera_B * lambda_b[:, None]).to(x.dtype)
         x2d = x.reshape(-1, x.shape[-1])
         y2d, xa = ops.lora_forward(x2d, weight, bias, a_d, b_b, 1.0, dropout_p, seed, store_xa=ctx.needs_input_grad[6])
         ctx.save_for_backward(x, weight, vera_A, vera_B, a_d, b_b, xa)
@@ -132,8 +132,8 @@ class VeRALinearFunction(torch.autograd.Function):
             dyb = ops.lora_shrink(dy2d, b_b.t())
         if need_d or need_lb:
             d_ad, d_bb = ops.lora_grad_ab(x2d, dy2d, xa, dyb, 1.0, acc, acc, p, seed, need_a=need_d, need_b=need_lb)
-            dd = (d_ad * vera_A.to(acc)).sum(1).to(ctx.dtypes[0]) if need_d else None
-            dlb = (d_bb * vera_B.to(acc)).sum(1).to(ctx.dtypes[1]) if need_lb else None
+            dd = (d_ad * vera_A).sum(1).to(ctx.dtypes[0]) if need_d else None  # fp32 (d_ad is fp32)
+            dlb = (d_bb * vera_B).sum(1).to(ctx.dtypes[1]) if need_lb else None
         if need_w:
             dw = (dy2d.t() @ x2d).to(weight.dtype)
         if need_bias and ctx.has_bias:
