@@ -199,3 +199,25 @@ def test_fallback_without_custom_ops_breaks_the_graph_but_matches_eager(monkeypa
         h = torch.randn(6, 16)
         assert torch.equal(compiled_multi(h), multi(h, meta) + 1)
     assert counter.frame_count >= 2
+
+
+def test_compiled_dynamic_lengths_with_dropout_equal_eager():
+    """Changing sequence lengths: the fake impls take symbolic sizes, so the second length compiles a dynamic graph
+    that serves the third; with dropout, each step equals eager under the same torch.manual_seed."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = LoRALinear(12, 10, rank=3, dropout=0.2)
+    nn.init.normal_(layer.lora_B)
+    compiled, counter = _compile(layer, "aot_eager")
+    for M in (5, 7, 9):
+        x = torch.randn(2, M, 12, requires_grad=True)
+        results = []
+        for fn in (compiled, layer):
+            x.grad = layer.lora_A.grad = layer.lora_B.grad = None
+            torch.manual_seed(M)
+            y = fn(x)
+            y.square().sum().backward()
+            results.append([y, x.grad, layer.lora_A.grad, layer.lora_B.grad])
+        for what, c, e in zip(("y", "dx", "dA", "dB"), *results):
+            assert_close(f"M={M} {what}", c, e, torch.float32)
+    assert counter.frame_count == 2
