@@ -500,21 +500,22 @@ def tensor_parallel(model: nn.Module, plan: Mapping[str, str] = LLAMA_TP_PLAN, g
     if not isinstance(plan, Mapping) or any(v not in (COLUMN, ROW) for v in plan.values()):
         raise ValueError(f"plan must map module-name suffixes to 'column' or 'row', got {plan!r}")
     tp_rank_and_size(group)
-    swapped = []
-    for name, module in list(model.named_modules()):
-        style = _plan_style(name, plan)
-        if style is None or not isinstance(module, (nn.Linear, LoRALinear)):
-            continue
+    targets = [(name, module, _plan_style(name, plan)) for name, module in model.named_modules()
+               if isinstance(module, (nn.Linear, LoRALinear)) and _plan_style(name, plan) is not None]
+    if not targets:
+        raise ValueError(f"plan={dict(plan)!r} matched no nn.Linear or LoRALinear in the model")
+    # Build every shard first (this checks sizes and merged layers), so a bad layer leaves the model unchanged.
+    new_modules = []
+    for name, module, style in targets:
         if isinstance(module, LoRALinear):
             cls = ColumnParallelLoRALinear if style == COLUMN else RowParallelLoRALinear
-            new = cls.from_lora_linear(module, group=group)
+            new_modules.append(cls.from_lora_linear(module, group=group))
         else:
-            new = ColumnParallelLinear(module, group) if style == COLUMN else RowParallelLinear(module, group)
+            cls = ColumnParallelLinear if style == COLUMN else RowParallelLinear
+            new_modules.append(cls(module, group))
+    for (name, _, _), new in zip(targets, new_modules):
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-        swapped.append(name)
-    if not swapped:
-        raise ValueError(f"plan={dict(plan)!r} matched no nn.Linear or LoRALinear in the model")
     return model
 
 

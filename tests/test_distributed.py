@@ -423,6 +423,10 @@ def _check_errors(rank):
         lfd.RowParallelLoRALinear.from_lora_linear(nn.Linear(4, 4))
     with pytest.raises(ValueError, match="matched no nn.Linear"):
         lfd.tensor_parallel(nn.Sequential(nn.Linear(4, 4)), lfd.LLAMA_TP_PLAN)
+    odd = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 5))
+    with pytest.raises(ValueError, match="out_features=5 must be divisible"):
+        lfd.tensor_parallel(odd, {"0": "column", "1": "column"})
+    assert all(type(m) is nn.Linear for m in odd), "a failed tensor_parallel left the model half converted"
     with pytest.raises(ValueError, match="plan must map"):
         lfd.tensor_parallel(nn.Sequential(nn.Linear(4, 4)), {"0": "diagonal"})
     pool = lfd.ShardedAdapterPool(2, 4, dtype=DT)
