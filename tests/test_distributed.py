@@ -6,6 +6,7 @@ sends its traceback back and the parent fails with it. Every check compares with
 the full layer / full batch in float64 (`lora_fast.reference`) by relative error, for the outputs and every gradient.
 """
 import copy
+import datetime
 import os
 import socket
 import traceback
@@ -44,7 +45,8 @@ def _free_port() -> int:
 def _child(rank, port, check_name, errors):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+        # a short collective timeout: when one rank fails, the other stops waiting for it within a minute
+        dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
         try:
             globals()[check_name](rank)
         finally:
