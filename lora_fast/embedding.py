@@ -105,15 +105,16 @@ class LoRAEmbedding(nn.Module):
     def reset_lora_parameters(self, init: str = "default", delta: torch.Tensor | None = None,
                               pissa_niter: int | None = None, generator: torch.Generator | None = None) -> None:
         """(Re)initialise A and B; "pissa" / "nonzero" rewrite the embedding weight in place (E <- E - s*(B@A)^T)."""
-        if check_init(init) in ("default", "gaussian"):
+        check_init(init)
+        if self.merged:
+            raise ValueError("reset_lora_parameters on a merged layer: unmerge() first")
+        if init in ("default", "gaussian"):
             if delta is not None or pissa_niter is not None:
                 raise ValueError(f"delta and pissa_niter are not used by init={init!r}")
             self.lora_A.zero_()
             nn.init.normal_(self.lora_B, generator=generator)
             self.init, self.init_error = init, None
             return
-        if self.merged:
-            raise ValueError("reset_lora_parameters on a merged layer: unmerge() first")
         if delta is not None and (not isinstance(delta, torch.Tensor) or delta.dim() != 2):
             raise ValueError("delta must be a 2-D tensor dE [vocab, dim]")
         res = init_lora(self.weight.T, self.rank, init, self.scaling, None if delta is None else delta.T,

@@ -93,6 +93,8 @@ def test_merge_unmerge_round_trip():
     assert_close("merged y", layer(ids), y0, torch.float32)
     assert_close("merged weight", layer.weight, w0.double() + layer.delta_weight().double(), torch.float32)
     layer.merge()  # idempotent
+    with pytest.raises(ValueError, match="unmerge"):
+        layer.reset_lora_parameters()
     layer.unmerge()
     assert not layer.merged and (layer.weight - w0).abs().max() <= 1e-6 * w0.abs().max()
 
