@@ -84,7 +84,10 @@ def tp_rank_and_size(group=None) -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("tensor parallel layers need torch.distributed initialised "
                            "(torch.distributed.init_process_group) before they are built")
-    return dist.get_rank(group), dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(f"group: this process (global rank {dist.get_rank()}) is not a member of the given group")
+    return rank, dist.get_world_size(group)
 
 
 def shard_range(n: int, rank: int, size: int, name: str) -> slice:

@@ -437,6 +437,13 @@ def _check_errors(rank):
         pool.load("x", {"down": (torch.randn(2, 13), torch.randn(10, 2))}, alpha=2.0)
     with pytest.raises(TypeError, match="pool must be a lora_fast.distributed.ShardedAdapterPool"):
         lfd.ColumnParallelMultiLoRALinear(nn.Linear(4, 4), lora_fast.AdapterPool(2, 2, dtype=DT))
+    only_rank0 = dist.new_group([0])  # every rank must take part in creating it
+    if rank == 1:
+        with pytest.raises(ValueError, match="group: this process .* is not a member"):
+            lfd.ColumnParallelLoRALinear.from_lora_linear(_full_layer(26, 30, 3), group=only_rank0)
+    else:  # a group of one: the layer is the whole layer
+        solo = lfd.ColumnParallelLoRALinear.from_lora_linear(_full_layer(26, 30, 3), group=only_rank0)
+        assert solo.tp_size == 1 and solo.weight.shape == (30, 26)
     # from_linear / direct construction: one adapter draw broadcast from rank 0, so ranks agree
     lin = nn.Linear(26, 30, dtype=DT)
     dist.broadcast(lin.weight.data, 0)
