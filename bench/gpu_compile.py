@@ -18,6 +18,7 @@ Checks (each case in its own try/except; failures are recorded in the JSON and t
   adapters on a bf16 base (values, gradient dtypes, and forward peak memory against an all-bf16 layer: no
   full-activation fp32 copy);
 - torch.utils.checkpoint, re-entrant and not, dropout 0.1, under autocast too: gradients bit-equal to no checkpoint;
+  and under torch.compile (checkpoint inside the compiled region and around a compiled module): the same mask;
 - the host time of an eager call through the op's dispatcher against the direct autograd.Function that eager uses;
 - torch.compile(mode="reduce-overhead"): a LoRALinear decode, and a training step with dropout, against eager.
 Writes OUT/gpu_compile.json and prints a table last.
@@ -471,13 +472,41 @@ def host_overhead(K=4096, N=4096, r=16, M=16, calls=300):
                      "ratio_to_base": v / base, "extra_us": v - base})
 
 
+def checkpoint_compiled(M=512, K=64, p=0.5):
+    """Checkpoint inside a compiled region (inductor saves and restores the CPU generator around the seed op) and
+    around a compiled module: K = N = r, W = 0, A = B = I, so y = drop(x) shows the mask and the backward must give
+    dx = g * keep / (1 - p) with that same mask."""
+    from torch.utils.checkpoint import checkpoint
+
+    layer = LoRALinear(K, K, rank=K, alpha=K, dropout=p, bias=False, device=DEV, dtype=torch.float32)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.lora_A.copy_(torch.eye(K))
+        layer.lora_B.copy_(torch.eye(K))
+    compiled = torch.compile(layer, fullgraph=True)
+    variants = {"compile(checkpoint)": torch.compile(lambda t: checkpoint(layer, t, use_reentrant=False),
+                                                     fullgraph=True),
+                "checkpoint(compiled) non_reentrant": lambda t: checkpoint(compiled, t, use_reentrant=False),
+                "checkpoint(compiled) reentrant": lambda t: checkpoint(compiled, t, use_reentrant=True)}
+    for name, fn in variants.items():
+        x = (torch.rand(M, K, device=DEV) + 0.5).requires_grad_(True)
+        layer.lora_A.grad = None
+        y = fn(x)
+        keep = y.detach() != 0
+        g = torch.randn(M, K, device=DEV)
+        y.backward(g)
+        err = rel_err(x.grad, g * keep / (1 - p))
+        record(f"{name}: backward uses the forward's dropout mask", err <= 1e-5 and 0 < int(keep.sum()) < keep.numel(),
+               rel_err_dx=err)
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 
 # In order of importance: the budget guard skips what comes last when compiles run long (run it with --only).
 CASES = {f.__name__: f for f in (training_block, opcheck_cuda, multi_inference, demo_decode_graph,
                                  lora_linear_decode_graph, autocast_fp32_params, mixed_adapters, checkpointing,
-                                 host_overhead, reduce_overhead)}
+                                 host_overhead, reduce_overhead, checkpoint_compiled)}
 
 
 def main(argv=None) -> int:
