@@ -258,12 +258,17 @@ def test_dora_under_autocast():
         layer.lora_B.normal_(0, 0.3)
     x = torch.randn(6, 24)
     ref = dora_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.scaling)
+    check_bf16_autocast(layer, x, ref, [layer.lora_A, layer.lora_B, layer.lora_magnitude])
+
+
+def check_bf16_autocast(layer, x, ref, params):
+    """layer(x) under CPU bf16 autocast: a bf16 output close to `ref`, and fp32 gradients for the fp32 `params`."""
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16
     assert_close("y", y, ref, torch.bfloat16)
     y.float().sum().backward()
-    assert layer.lora_A.grad.dtype == layer.lora_magnitude.grad.dtype == torch.float32
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
 
 
 def test_dora_frozen_input_and_frozen_magnitude():

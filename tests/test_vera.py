@@ -10,7 +10,7 @@ import lora_fast
 from lora_fast.functional import draw_seed
 from lora_fast.philox import dropout_mask_torch
 from lora_fast.vera import VeRALinear, VeRAProjections, apply_vera, shared_projections, vera_linear
-from tests.test_dora import _MaskDropout, _check_grads, _leaves, run_against_peft
+from tests.test_dora import _MaskDropout, _check_grads, _leaves, check_bf16_autocast, run_against_peft
 from tests.utils import assert_close, lora_problem
 
 DEV = "cpu"
@@ -167,12 +167,7 @@ def test_vera_under_autocast():
     x = torch.randn(6, 24)
     A, B = layer.factors()
     ref = vera_reference(x, layer.weight, layer.bias, A, B, layer.vera_lambda_d, layer.vera_lambda_b)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer(x)
-    assert y.dtype == torch.bfloat16
-    assert_close("y", y, ref, torch.bfloat16)
-    y.float().sum().backward()
-    assert layer.vera_lambda_d.grad.dtype == layer.vera_lambda_b.grad.dtype == torch.float32
+    check_bf16_autocast(layer, x, ref, [layer.vera_lambda_d, layer.vera_lambda_b])
 
 
 def test_vera_frozen_input():
