@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import eager_only, is_compiling, use_triton
+from .functional import autocast_inputs, eager_only, is_compiling, use_triton
 
 
 # ----------------------------------------------------------------------------------------------- batch metadata
@@ -157,9 +157,12 @@ def multi_lora_linear(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ada
     lora_B_stack: [S, N, R] (per-slice B concatenated along N); scalings: [S] tensor, a float or a list;
     adapter_ids: integer tensor with x's leading shape (-1 = base only), or a `BatchMetadata` for these tokens;
     ranks: int [S] true rank of each slot (default R for all; 0 = empty slot); slice_sizes: widths summing to N.
-    Returns [..., N] in x's dtype. Example:
+    Returns [..., N] in x's dtype. Under torch.autocast, x, weight, bias and the stacks are cast to the autocast
+    dtype first, as nn.Linear's operands are (keep the pool in that dtype to avoid copying it on every call).
+    Example:
         y = multi_lora_linear(x, W, None, A, B, torch.full((4,), 2.0), torch.tensor([0, 3, -1]))
     """
+    x, weight, bias, lora_A_stack, lora_B_stack = autocast_inputs(x, weight, bias, lora_A_stack, lora_B_stack)
     _check(isinstance(x, torch.Tensor) and x.dim() >= 1, "x", "must be a tensor [..., K]")
     K = x.shape[-1]
     _check(weight.dim() == 2 and weight.shape[1] == K, "weight", f"must be [N, K={K}], got {tuple(weight.shape)}")

@@ -170,3 +170,24 @@ def test_compiled_autocast_with_dropout_equals_eager():
     assert results[0][0].dtype == BF16 and results[0][2].dtype == torch.float32
     for i, (c, e) in enumerate(zip(*results)):
         assert torch.equal(c, e), f"compiled output/gradient {i} differs from eager"
+
+
+def test_multi_lora_under_autocast_casts_like_nn_linear():
+    """An fp32 serving layer under CPU autocast: bf16 output equal to the reference on bf16-rounded operands."""
+    from lora_fast.multi_lora import AdapterPool, MultiLoRALinear, _multi_lora_torch
+
+    torch.manual_seed(0)
+    pool = AdapterPool(3, 4, dtype=torch.float32)
+    multi = MultiLoRALinear(torch.nn.Linear(12, 10), pool, key="p")
+    pool.load("a", {"p": (torch.randn(4, 12), torch.randn(10, 4))}, alpha=8)
+    pool.load("b", {"p": (torch.randn(2, 12), torch.randn(10, 2))}, alpha=2, rank=2)
+    meta = pool.batch_metadata(["a", None, "b", "a", "b"])
+    x = torch.randn(5, 12)
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        y = multi(x, meta)
+    A, B, sizes = pool.layer_stacks("p")
+    c = lambda t: t.to(BF16).double()  # noqa: E731
+    ref = _multi_lora_torch(c(x), c(multi.weight), c(multi.bias), c(A), c(B), pool.scalings.double(), pool.ranks,
+                            meta.adapter_ids, sizes)
+    assert y.dtype == BF16
+    assert_close("multi y", y, ref, BF16)
