@@ -34,7 +34,7 @@ def _lora_bwd_dx_kernel(
     DROPOUT: tl.constexpr, COMPUTE_DYB: tl.constexpr, STORE_DYB: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    DY_SCALE=None, HAS_DY_SCALE: tl.constexpr = False,
+    DY_SCALE, HAS_DY_SCALE: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_K tile of dX, reducing over N in BLOCK_N steps.
 
@@ -229,7 +229,7 @@ def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
         BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_N=cfg.block_k, BLOCK_R=block_r,
         NUM_R_CHUNKS=1 if compute else triton.cdiv(rank, block_r), GROUP_M=cfg.group_m,
         PRECISION=dot_precision(dy.dtype), ACC=acc_dtype(dy.dtype),
-        DY_SCALE=dy_scale, HAS_DY_SCALE=dy_scale is not None, **cfg.launch(),
+        DY_SCALE=dy_scale if dy_scale is not None else dx, HAS_DY_SCALE=dy_scale is not None, **cfg.launch(),
     )
     return dx, dyb
 

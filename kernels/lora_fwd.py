@@ -45,7 +45,7 @@ def _lora_fwd_kernel(
     USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    OUT_SCALE=None, HAS_OUT_SCALE: tl.constexpr = False,
+    OUT_SCALE, HAS_OUT_SCALE: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N tile of Y.
 
@@ -195,7 +195,8 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
         NUM_R_CHUNKS=1 if compute_xa else triton.cdiv(rank, block_r), GROUP_M=cfg.group_m,
         PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype),
-        OUT_SCALE=out_scale, HAS_OUT_SCALE=out_scale is not None, **cfg.launch(),
+        # A placeholder pointer when absent (never read), as for BIAS: no None pointer arguments.
+        OUT_SCALE=out_scale if out_scale is not None else y, HAS_OUT_SCALE=out_scale is not None, **cfg.launch(),
     )
     return y, xa
 
