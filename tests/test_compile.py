@@ -221,3 +221,34 @@ def test_compiled_dynamic_lengths_with_dropout_equal_eager():
         for what, c, e in zip(("y", "dx", "dA", "dB"), *results):
             assert_close(f"M={M} {what}", c, e, torch.float32)
     assert counter.frame_count == 2
+
+
+def test_peft_patched_model_compiles_fullgraph_with_dropout():
+    """A PEFT LoRA model patched onto the fused kernels (lora_fast.peft.patch) traces without a break; with dropout,
+    the compiled step equals eager under the same torch.manual_seed."""
+    peft = pytest.importorskip("peft")
+    import lora_fast.peft as lfp
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 10))
+    model = peft.get_peft_model(base, peft.LoraConfig(r=3, lora_alpha=6, target_modules=["0", "2"],
+                                                      lora_dropout=0.1))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p)
+    lfp.patch(model)
+    compiled, counter = _compile(model, "aot_eager")
+    x = torch.randn(5, 12, requires_grad=True)
+    results = []
+    for fn in (compiled, model):
+        model.zero_grad()
+        x.grad = None
+        torch.manual_seed(1)
+        y = fn(x)
+        y.square().sum().backward()
+        results.append([y, x.grad] + [p.grad for n, p in model.named_parameters() if p.requires_grad])
+    assert counter.frame_count == 1
+    assert len(results[0]) == 6
+    for i, (c, e) in enumerate(zip(*results)):
+        assert_close(f"output/gradient {i}", c, e, torch.float32)
