@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint  # noqa: E402
 import lora_fast  # noqa: E402
 from lora_fast import LoRALinear, functional, ops  # noqa: E402
 from lora_fast.reference import lora_linear_reference  # noqa: E402
-from tests.utils import assert_close  # noqa: E402
+from tests.utils import assert_close, seeded_grads  # noqa: E402
 
 BF16 = torch.bfloat16
 
@@ -159,14 +159,7 @@ def test_compiled_autocast_with_dropout_equals_eager():
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     x = torch.randn(5, 12, requires_grad=True)
-    results = []
-    for fn in (compiled, step):
-        layer.zero_grad()
-        x.grad = None
-        torch.manual_seed(3)
-        y = fn(x)
-        y.float().square().sum().backward()
-        results.append([y, x.grad, layer.lora_A.grad, layer.lora_B.grad])
+    results = [seeded_grads(fn, x, [layer.lora_A, layer.lora_B], 3) for fn in (compiled, step)]
     assert results[0][0].dtype == BF16 and results[0][2].dtype == torch.float32
     for i, (c, e) in enumerate(zip(*results)):
         assert torch.equal(c, e), f"compiled output/gradient {i} differs from eager"

@@ -18,7 +18,7 @@ from torch import nn  # noqa: E402
 
 from lora_fast import LoRALinear, ops  # noqa: E402
 from lora_fast.multi_lora import AdapterPool, MultiLoRALinear, _multi_lora_torch, multi_lora_backward_dx  # noqa: E402
-from tests.utils import assert_close  # noqa: E402
+from tests.utils import assert_close, seeded_grads  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not ops.HAS_CUSTOM_OPS, reason="torch without torch.library.custom_op")
 
@@ -186,13 +186,8 @@ def test_fallback_without_custom_ops_breaks_the_graph_but_matches_eager(monkeypa
     compiled_first = torch.compile(lambda t: F.gelu(first(t)) * 2, backend=counter)
     compiled_multi = torch.compile(lambda t: multi(t, meta) + 1, backend=counter)
     x = torch.randn(6, 12, requires_grad=True)
-    results = []
-    for fn in (compiled_first, lambda t: F.gelu(first(t)) * 2):
-        x.grad = first.lora_A.grad = first.lora_B.grad = None
-        torch.manual_seed(5)
-        y = fn(x)
-        y.square().sum().backward()
-        results.append([y, x.grad, first.lora_A.grad, first.lora_B.grad])
+    results = [seeded_grads(fn, x, [first.lora_A, first.lora_B], 5)
+               for fn in (compiled_first, lambda t: F.gelu(first(t)) * 2)]
     for what, c, e in zip(("y", "dx", "dA", "dB"), *results):
         assert torch.equal(c, e), what
     with torch.no_grad():
@@ -211,13 +206,7 @@ def test_compiled_dynamic_lengths_with_dropout_equal_eager():
     compiled, counter = _compile(layer, "aot_eager")
     for M in (5, 7, 9):
         x = torch.randn(2, M, 12, requires_grad=True)
-        results = []
-        for fn in (compiled, layer):
-            x.grad = layer.lora_A.grad = layer.lora_B.grad = None
-            torch.manual_seed(M)
-            y = fn(x)
-            y.square().sum().backward()
-            results.append([y, x.grad, layer.lora_A.grad, layer.lora_B.grad])
+        results = [seeded_grads(fn, x, [layer.lora_A, layer.lora_B], M) for fn in (compiled, layer)]
         for what, c, e in zip(("y", "dx", "dA", "dB"), *results):
             assert_close(f"M={M} {what}", c, e, torch.float32)
     assert counter.frame_count == 2
@@ -240,14 +229,8 @@ def test_peft_patched_model_compiles_fullgraph_with_dropout():
     lfp.patch(model)
     compiled, counter = _compile(model, "aot_eager")
     x = torch.randn(5, 12, requires_grad=True)
-    results = []
-    for fn in (compiled, model):
-        model.zero_grad()
-        x.grad = None
-        torch.manual_seed(1)
-        y = fn(x)
-        y.square().sum().backward()
-        results.append([y, x.grad] + [p.grad for n, p in model.named_parameters() if p.requires_grad])
+    trained = [p for p in model.parameters() if p.requires_grad]
+    results = [seeded_grads(fn, x, trained, 1) for fn in (compiled, model)]
     assert counter.frame_count == 1
     assert len(results[0]) == 6
     for i, (c, e) in enumerate(zip(*results)):

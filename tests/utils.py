@@ -31,3 +31,14 @@ def lora_problem(M, K, N, r, dtype, device, bias=True):
     A = torch.randn(r, K, **g) / max(K, 1) ** 0.5
     B = torch.randn(N, r, **g) / r**0.5
     return x, W, b, A, B
+
+
+def seeded_grads(fn, x, params, seed):
+    """[y, x.grad, *param grads] of one step `fn(x)` (loss sum(y²) in fp32) after torch.manual_seed(seed): run a
+    compiled and an eager `fn` through it to compare outputs, gradients and dropout masks."""
+    for t in (x, *params):
+        t.grad = None
+    torch.manual_seed(seed)
+    y = fn(x)
+    y.float().square().sum().backward()
+    return [y, x.grad, *(p.grad for p in params)]
