@@ -3,6 +3,11 @@
 Dispatch (DESIGN.md): CUDA tensors run the Triton kernels; CPU tensors run them through Triton's interpreter
 when TRITON_INTERPRET=1, and the plain-PyTorch `lora_fast.naive` path otherwise. Both compute the same
 function with the same dropout mask.
+
+Eager calls go straight to `LoRALinearFunction`; while torch.compile traces, `lora_linear` calls the
+`lora_fast::lora_forward` op (`lora_fast.ops`), whose registered autograd shares `lora_backward` with the Function.
+Under torch.autocast the operands are cast as nn.Linear's are (`autocast_inputs`); fp32 adapters on an fp16/bf16 x
+are cast down to x's dtype (docs/compile_graphs.md).
 """
 import torch
 
