@@ -38,6 +38,7 @@ are the TP forms of `MultiLoRALinear`. `tensor_parallel(model, plan)` swaps a mo
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from typing import Mapping, Sequence
 
@@ -581,6 +582,9 @@ class ShardedAdapterPool(AdapterPool):
         return super().load(name, local, alpha, rank=rank, use_rslora=use_rslora)
 
 
+_auto_key = itertools.count()
+
+
 def _check_pool(pool) -> None:
     if not isinstance(pool, ShardedAdapterPool):
         raise TypeError(f"pool must be a lora_fast.distributed.ShardedAdapterPool, got {type(pool).__name__}")
@@ -599,7 +603,8 @@ class _ParallelMultiLoRA(_ParallelLinear):
                              f"{base_linear.out_features}")
         self._setup(base_linear.weight, base_linear.bias, pool.group, sizes)
         self.pool = pool
-        self.key = key if key is not None else f"tp_multi_lora_linear_{id(self)}"
+        # the same default key on every rank when layers are built in the same order
+        self.key = key if key is not None else f"tp_multi_lora_linear_{next(_auto_key)}"
         pool.add_sharded_layer(self.key, base_linear.in_features, sizes, self.style)
 
     def _local(self, x, batch):

@@ -369,33 +369,6 @@ def _check_block(rank):
     assert n == 6
 
 
-def _check_hf_llama(rank):
-    """transformers' own LlamaForCausalLM (heads reshaped with -1), when transformers is installed."""
-    try:
-        from transformers import LlamaConfig, LlamaForCausalLM
-    except ImportError:
-        return
-    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=22, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(13)
-    model = lora_fast.apply_lora(LlamaForCausalLM(cfg).to(DT), list(lfd.LLAMA_TP_PLAN), rank=2, alpha=4)
-    _randomise_lora(model)
-    ref = copy.deepcopy(model).double()
-    ids, dy = torch.randint(0, 32, (1, 6)), torch.randn(1, 6, 32)
-    logits_ref = ref(input_ids=ids).logits
-    logits_ref.backward(dy.double())
-    tp = lfd.tensor_parallel(model, lfd.LLAMA_TP_PLAN)
-    logits = tp(input_ids=ids).logits
-    logits.backward(dy)
-    _close("TP HF Llama logits", logits, logits_ref)
-    for name, module in tp.named_modules():
-        if isinstance(module, lfd._ParallelLoRA):
-            for which in ("lora_A", "lora_B"):
-                _close(f"TP HF Llama {name}.{which}.grad", getattr(module, which).grad,
-                       _shard_of(module, getattr(ref.get_submodule(name), which).grad, which))
-
-
 def _check_multi_lora(rank):
     torch.manual_seed(8)
     qkv = nn.Linear(26, 24, dtype=DT)            # fused q, k, v of widths 12, 6, 6
@@ -486,7 +459,7 @@ def _check_errors(rank):
 
 
 def _check_tensor_parallel(rank):
-    for check in (_check_column, _check_row, _check_few_rows, _check_dropout, _check_block, _check_hf_llama,
+    for check in (_check_column, _check_row, _check_few_rows, _check_dropout, _check_block,
                   _check_multi_lora, _check_errors):
         check(rank)
 
