@@ -41,7 +41,7 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # no GPU: the kernels through the interpreter (before triton loads)
 
-from common import environment, format_table, write_json  # noqa: E402
+from common import format_table, write_json  # noqa: E402
 from llama_tasks import LLAMA_TARGETS, build_base, count_params, llama_config  # noqa: E402
 
 TARGETS = {"dropout0": 1.25, "dropout0.1": 1.35}  # the tokens/s targets, lora_fast over PEFT
@@ -252,6 +252,9 @@ def run_config(base, adapter_dtype, dropout, args, vocab) -> tuple[list[dict], d
         if not timed:
             r["us"] = r["us_p20"] = r["us_p80"] = None  # CPU timings are not measurements of the kernels
     ours, peft = by.get("lora_fast", {}), by.get("peft", {})
+    if ours and "grad_rel_err" in summary.get("check", {}):
+        ours["rel_err_grads_vs_peft"] = summary["check"]["grad_rel_err"]  # plot.py's panel without timings
+        ours["check_passed"] = summary["check"]["passed"]
     if ours.get("tokens_per_s") and peft.get("tokens_per_s"):
         summary["speedup_tokens_per_s"] = ours["tokens_per_s"] / peft["tokens_per_s"] if timed else None
         summary["target_speedup"] = TARGETS["dropout0" if dropout == 0 else "dropout0.1"]

@@ -28,9 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from llama_tasks import LLAMA_TARGETS, TaskLanguage, build_base, causal_lm_loss, count_params, llama_config  # noqa: E402
+from llama_tasks import (DTYPES, LLAMA_TARGETS, TaskLanguage, build_base, causal_lm_loss, count_params,  # noqa: E402
+                         llama_config)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "adapters")
 
 

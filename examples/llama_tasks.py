@@ -18,6 +18,7 @@ import math
 
 import torch
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # command-line names
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # name -> (hidden, layers, heads, intermediate, vocab). "1b" is the issue's ~1B-parameter Llama (TinyLlama-like

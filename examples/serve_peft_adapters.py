@@ -28,11 +28,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from llama_tasks import TaskLanguage, build_base  # noqa: E402
+from llama_tasks import DTYPES, TaskLanguage, build_base  # noqa: E402
 from lora_fast.multi_lora import AdapterPool, MultiLoRALinear, make_batch_metadata  # noqa: E402
 from lora_fast.peft import load_peft_adapter_into_pool, read_peft_adapter  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_ADAPTERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "adapters")
 
 
