@@ -21,5 +21,7 @@ setup(
         "test": ["pytest", "peft", "transformers", "safetensors", "accelerate"],
         "bench": ["matplotlib"],
         "peft": ["peft", "transformers", "safetensors", "accelerate"],
+        # QLoRA: import bitsandbytes Linear4bit weights and benchmark against bitsandbytes + PEFT.
+        "qlora": ["bitsandbytes", "peft", "transformers"],
     },
 )

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import naive
-from .functional import autocast_inputs, draw_seed, use_triton
+from .functional import autocast_inputs, draw_seed, lora_backward, use_triton
 from .nf4 import ABSMAX_GROUP, NF4_BLOCK, NF4Tensor, check_nf4_shape, from_bnb, quantize_nf4, roundtrip_error
 from .validation import check_adapter_dtype, check_dropout, check_rank, check_scaling, check_tensor
 
@@ -72,21 +72,23 @@ class QLoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, lora_A, lora_B, xa = ctx.saved_tensors
         need_x, need_bias, need_a, need_b = ctx.needs_input_grad[:4]
-        ops, s, p, seed = _nf4_ops(x), ctx.scaling, ctx.dropout_p, ctx.seed
-        x2d = x.reshape(-1, x.shape[-1])
-        dy2d = dy.reshape(-1, dy.shape[-1]).to(x.dtype)
-        dx = dbias = dA = dB = dyb = None
-        if need_x:
-            dx2d, dyb = ops.lora_nf4_backward_dx(dy2d, ctx.w4, lora_A, lora_B, s, p, seed, store_dyb=need_a)
-            dx = dx2d.reshape(x.shape)
-        elif need_a:
-            dyb = ops.lora_shrink(dy2d, lora_B.t())
-        if need_a or need_b:
-            dA, dB = ops.lora_grad_ab(x2d, dy2d, xa, dyb, s, lora_A.dtype, lora_B.dtype, p, seed,
-                                      need_a=need_a, need_b=need_b)
-        if need_bias and ctx.has_bias:
-            dbias = dy2d.sum(0, dtype=torch.promote_types(dy2d.dtype, torch.float32)).to(dy2d.dtype)
+        dx, _, dbias, dA, dB = lora_backward(_NF4Backward(_nf4_ops(x)), dy, x, ctx.w4, lora_A, lora_B, xa,
+                                             ctx.scaling, ctx.dropout_p, ctx.seed, ctx.has_bias,
+                                             (need_x, False, need_bias, need_a, need_b))
         return dx, dbias, dA, dB, None, None, None, None
+
+
+class _NF4Backward:
+    """`functional.lora_backward`'s launchers with the NF4 weight in W's place (W is frozen: no dW)."""
+
+    def __init__(self, ops):
+        self.ops = ops
+
+    def lora_backward_dx(self, dy, w4, *args, **kwargs):
+        return self.ops.lora_nf4_backward_dx(dy, w4, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.ops, name)
 
 
 def check_qlora_args(x, w4, bias, lora_A, lora_B, scaling, dropout_p, training):
