@@ -65,6 +65,8 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="timed steps per provider (default 10; 2 on CPU)")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on (off by default)")
     ap.add_argument("--no-check", action="store_true", help="skip the patched-vs-PEFT gradient check")
+    ap.add_argument("--max-seconds", type=float, default=130, help="start no further config after this many "
+                    "seconds (recorded as skipped), so that the run fits its slot on the GPU")
     ap.add_argument("--quick", action="store_true", help="bf16 adapters only, 2 warmup + 5 timed steps")
     args = ap.parse_args(argv)
     cpu = not gpu
@@ -280,6 +282,10 @@ def main(argv=None) -> int:
     rows, summaries = [], []
     for adapter_dtype in args.adapter_dtypes:
         for dropout in args.dropouts:
+            if summaries and time.perf_counter() - t_start > args.max_seconds:  # the first config always runs
+                summaries.append({"case": f"{adapter_dtype}-p{dropout:g}", "error": "skipped: past --max-seconds"})
+                print(f"  {adapter_dtype}-p{dropout:g}: skipped (past --max-seconds {args.max_seconds:g})")
+                continue
             try:
                 r, s = run_config(base, adapter_dtype, dropout, args, config.vocab_size)
             except Exception as e:
