@@ -335,3 +335,31 @@ def test_bitsandbytes_layout():
         linear.weight = p
         layer = LoRALinear4bit.from_linear(linear, rank=2, compute_dtype=torch.bfloat16)
         assert torch.equal(layer.weight4.dequantize(), theirs)
+
+
+def test_decode_tiles_spanning_several_blocks(monkeypatch):
+    """The GPU configs decode BLOCK_K = 128 or 256 (several 64-weight blocks per row, a masked tail when K = 192);
+    the interpreter's default tiles hold one block: force the wide ones here."""
+    from lora_fast.kernels import config as kcfg
+
+    wide = {"gemm": kcfg.GemmConfig(16, 128, 128, group_m=2, num_warps=1, num_stages=1),
+            "gemv": kcfg.GemmConfig(16, 16, 128, num_warps=1, num_stages=1),
+            "dequant": kcfg.GemmConfig(0, 16, 128, num_warps=1, num_stages=1)}
+    monkeypatch.setattr(kcfg, "_NF4_INTERPRET", wide)
+    kcfg.nf4_config.cache_clear()
+    try:
+        torch.manual_seed(9)
+        M, K, N, r = 18, 192, 20, 3
+        q = quantize_nf4(weight(N, K), double_quant=True)
+        W = q.dequantize(torch.float32).double()
+        x, dy, A, B = torch.randn(M, K), torch.randn(M, N), torch.randn(r, K) / 8, torch.randn(N, r)
+        assert torch.equal(kernels.nf4_dequantize(q, torch.float32), q.dequantize(torch.float32))
+        want = x.double() @ W.t() + (x.double() @ A.double().t()) @ B.double().t()
+        y, _ = kernels.lora_nf4_forward(x, q, None, A, B, 1.0, path="fused")
+        assert_close("fused y", y, want, torch.float32)
+        y, _ = kernels.nf4_gemv(x[:5], q, None, A, B, 1.0)
+        assert_close("gemv y", y, want[:5], torch.float32)
+        dx, _ = kernels.lora_nf4_backward_dx(dy, q, A, B, 1.0, path="fused")
+        assert_close("dx", dx, dy.double() @ W + (dy.double() @ B.double()) @ A.double(), torch.float32)
+    finally:
+        kcfg.nf4_config.cache_clear()
