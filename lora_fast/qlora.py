@@ -196,6 +196,8 @@ class LoRALinear4bit(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(self.rank, K, **kw))
         self.lora_B = nn.Parameter(torch.zeros(N, self.rank, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default: B = 0, the output starts at base
+        self._refresh_scalars()
+        self.register_load_state_dict_post_hook(self._refresh_scalars)
 
     @property
     def scaling(self) -> float:
@@ -211,7 +213,13 @@ class LoRALinear4bit(nn.Module):
         dq = self.double_quant
         return NF4Tensor(self.qweight, self.absmax, (self.out_features, self.in_features), self.compute_dtype,
                          self.absmax_code if dq else None, self.absmax_scale if dq else None,
-                         float(self.absmax_offset) if dq else 0.0, int(self.absmax_group) if dq else ABSMAX_GROUP)
+                         *self._dq_scalars)
+
+    def _refresh_scalars(self, *_) -> None:
+        """Cache absmax_offset and absmax_group as Python numbers: reading the 0-d buffers on every forward
+        would sync the GPU (and break CUDA-graph capture). Called after set_base and load_state_dict."""
+        dq = self.double_quant
+        self._dq_scalars = (float(self.absmax_offset) if dq else 0.0, int(self.absmax_group) if dq else ABSMAX_GROUP)
 
     @torch.no_grad()
     def set_base(self, w4: NF4Tensor) -> None:
@@ -224,6 +232,7 @@ class LoRALinear4bit(nn.Module):
             if buf.shape != t.shape:
                 raise ValueError(f"{name} must have shape {list(buf.shape)}, got {list(t.shape)}")
             buf.copy_(t)
+        self._refresh_scalars()
 
     @classmethod
     def from_linear(cls, linear: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
@@ -274,6 +283,7 @@ class LoRALinear4bit(nn.Module):
             return
         for name, t in self._unmerged.items():
             getattr(self, name).copy_(t)
+        self._refresh_scalars()
         self._unmerged, self.merged = None, False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
