@@ -146,19 +146,39 @@ def graph_replay() -> dict:
 
 
 G, SEG, CUB = dict(GATHER=True, BASE="triton"), dict(GATHER=False, BASE="triton"), dict(BASE="cublas")
+OV = dict(GATHER=True, BASE="overlap")  # LoRA on a side stream into an fp32 delta, under cuBLAS's W stream
+CS, OS = dict(BASE="cublas", EXPAND="segment"), dict(BASE="overlap", EXPAND="segment")  # segment-tile expand
 SWEEP = {
-    (1, 1): [{}, dict(BLOCK_N=64, BLOCK_K=128, num_stages=5), dict(SEG)],
-    (16, 16): [{}, dict(BLOCK_N=64, BLOCK_K=128), dict(SEG)],
-    (64, 64): [{}, dict(G, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128), dict(G, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256),
-               dict(G, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128), dict(CUB, GATHER=True, BLOCK_M=64, BLOCK_N=64)],
-    (256, 32): [{}, dict(G, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), dict(G, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128),
-                dict(CUB, GATHER=True, BLOCK_M=64, BLOCK_N=64), dict(CUB, GATHER=False, BLOCK_M=128, BLOCK_N=64)],
-    (1024, 32): [{}, dict(CUB, GATHER=True, BLOCK_M=64, BLOCK_N=64),
-                 dict(SEG, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)],
-    (4096, 32): [{}, dict(CUB, GATHER=False, BLOCK_M=64, BLOCK_N=128),
-                 dict(SEG, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)],
+    (1, 1): [{}, dict(CS), dict(OS), dict(OS, E_BLOCK_N=256), dict(OS, E_BLOCK_N=64), dict(OS, SPLIT_K=4)],
+    (16, 16): [{}, dict(CS), dict(OS), dict(OS, E_BLOCK_N=256), dict(OS, E_BLOCK_N=64)],
+    (64, 64): [{}, dict(OV, BLOCK_M=16, BLOCK_N=64), dict(CS), dict(OS), dict(OS, E_BLOCK_N=256),
+               dict(OS, E_BLOCK_N=64), dict(OS, SPLIT_K=1), dict(OS, SPLIT_K=2), dict(OS, SPLIT_K=8),
+               dict(OS, e_num_warps=8, E_BLOCK_N=256)],
+    (256, 32): [{}, dict(CS), dict(OS), dict(OS, E_BLOCK_N=256), dict(CS, E_BLOCK_M=32), dict(OS, E_BLOCK_M=32),
+                dict(OS, SPLIT_K=1)],
+    (1024, 32): [{}, dict(CS, E_BLOCK_M=64), dict(CS, E_BLOCK_M=32), dict(CS, E_BLOCK_M=64, E_BLOCK_N=256)],
+    (4096, 32): [{}, dict(CS, E_BLOCK_M=64), dict(CS, E_BLOCK_M=128, e_num_warps=8),
+                 dict(CS, E_BLOCK_M=64, E_BLOCK_N=256, e_num_warps=8)],
 }
-SPLITS = {(1, 1): [1, 16], (16, 16): [], (64, 64): [1, 2], (256, 32): [1], (1024, 32): [], (4096, 32): []}
+SPLITS = {(1, 1): [], (16, 16): [], (64, 64): [], (256, 32): [], (1024, 32): [], (4096, 32): []}
+
+
+def _graphed_error(prob, fn) -> float:
+    """Relative error of one graph-captured call (weight set 0) against the fp64 reference: a config must be right
+    under capture (the overlapped path forks a side stream) before its time counts."""
+    W, b, A, B = prob.sets[0]
+    ref = _multi_lora_torch(prob.x.double(), W.double(), b.double(), A.double().unsqueeze(1), B.double(),
+                            prob.scalings.double(), prob.ranks, prob.meta.adapter_ids, (prob.N,))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fn()
+    y.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    err = rel(y, ref)
+    if not err <= 1e-2:
+        FAILURES.append(f"sweep {prob.T}/{prob.S} {kml._OVERRIDE}: rel err {err:.2e}")
+    return err
 
 
 def sweep() -> list[dict]:
@@ -177,7 +197,8 @@ def sweep() -> list[dict]:
             kml.set_config_override(override)
             try:
                 us = bench_graph_us(fns)
-                rows.append(dict(T=T, adapters=n_ad, override=override, graph_us=us, base_us=base, ratio=us / base))
+                rows.append(dict(T=T, adapters=n_ad, override=override, graph_us=us, base_us=base, ratio=us / base,
+                                 graph_rel_err=_graphed_error(prob, fns[0])))
             except Exception as e:  # noqa: BLE001 - a config that does not compile is reported and skipped
                 rows.append(dict(T=T, adapters=n_ad, override=override, error=repr(e)[:200]))
             print(rows[-1], flush=True)
@@ -190,6 +211,37 @@ def sweep() -> list[dict]:
         rows.append(dict(T=T, adapters=n_ad, override="all ids -1, BASE=triton (our GEMM, LoRA skipped)",
                          graph_us=us, base_us=base, ratio=us / base))
         print(rows[-1], flush=True)
+    return rows
+
+
+PROFILE = {(64, 64): [{}, dict(CS)], (256, 32): [{}, dict(CS)], (4096, 32): [{}, dict(CS, E_BLOCK_M=64)]}
+
+
+def profile() -> list[dict]:
+    """GPU time per kernel of one call (torch.profiler, 8 weight sets), to split GEMM, shrink and expand."""
+    rows = []
+    for (T, n_ad), cfgs in PROFILE.items():
+        prob = bml.Problem(T, n_ad, 16, 4096, 4096, torch.bfloat16, DEV, sets=bml.WEIGHT_SETS)
+        fns = [prob.provider("ours", s) for s in range(bml.WEIGHT_SETS)]
+        for cfg in cfgs:
+            kml.set_config_override(cfg)
+            for fn in fns:
+                fn()
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    for fn in fns:
+                        fn()
+                torch.cuda.synchronize()
+            kml.set_config_override(None)
+            calls = 5 * len(fns)
+            for ev in prof.key_averages():
+                if ev.device_type == torch.autograd.DeviceType.CUDA or getattr(ev, "device_time_total", 0):
+                    total = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+                    if total:
+                        rows.append(dict(T=T, adapters=n_ad, override=cfg, kernel=ev.key[:60],
+                                         us_per_call=total / calls))
+                        print(rows[-1], flush=True)
     return rows
 
 
@@ -217,7 +269,7 @@ def main():
     report = {"env": environment()}
     stages = [("floor", machine_floor), ("correctness", correctness), ("graph_replay", graph_replay)]
     if not args.no_sweep:
-        stages.append(("sweep", sweep))
+        stages += [("profile", profile), ("sweep", sweep)]
     for name, fn in stages:
         try:
             report[name] = fn()
@@ -258,7 +310,11 @@ def main():
     print("== graph replay", report["graph_replay"])
     if isinstance(report.get("sweep"), list):
         print("== sweep (graph, 8 weight sets)")
-        print(format_table(report["sweep"], ["T", "adapters", "override", "graph_us", "base_us", "ratio", "error"]))
+        print(format_table(report["sweep"], ["T", "adapters", "override", "graph_us", "base_us", "ratio",
+                                             "graph_rel_err", "error"]))
+    if isinstance(report.get("profile"), list):
+        print("== GPU time per call by kernel")
+        print(format_table(report["profile"], ["T", "adapters", "override", "kernel", "us_per_call"]))
     if report.get("providers"):
         print("== providers (graph_ratio = time / base F.linear under CUDA graphs)")
         print(format_table([r for r in report["providers"] if "provider" in r],

@@ -21,6 +21,7 @@ would read A[ids] N / BLOCK_N times (128× at N=4096), which costs more than the
 Multi-slice: several projections sharing X (q/k/v, gate/up) go in one launch: W and B are concatenated along N,
 A is stacked `[S, slices, R, K]`; a small int32 table gives each slice's column offset, width and first N tile.
 """
+import contextlib
 import functools
 
 import torch
@@ -31,6 +32,34 @@ from .helpers import acc_dtype, dot, grouped_tile
 
 # Rank chunk: the granularity at which an adapter's true rank is honoured, and tl.dot's minimum inner size.
 RANK_CHUNK = 16
+
+
+@triton.jit
+def _segment_tile(pid_tile, seg_start_ptr, MAX_SEGS, SEGS_P2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(segment, first row, row end) of segment-aligned tile `pid_tile`: segment s holds cdiv(len_s, BLOCK_M) tiles,
+    numbered segment after segment, so a tile never mixes adapters. segment >= MAX_SEGS: a spare tile (exit)."""
+    s = tl.arange(0, SEGS_P2)
+    starts = tl.load(seg_start_ptr + s, mask=s < MAX_SEGS, other=0)
+    ends = tl.load(seg_start_ptr + s + 1, mask=s < MAX_SEGS, other=0)
+    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
+    incl = tl.sum(tl.where(s[None, :] <= s[:, None], tiles[None, :], 0), 1)  # inclusive prefix sum
+    seg = tl.sum((incl <= pid_tile).to(tl.int32), 0)
+    first_tile = tl.sum(tl.where(s == seg, incl - tiles, 0), 0)
+    row0 = tl.sum(tl.where(s == seg, starts, 0), 0) + (pid_tile - first_tile) * BLOCK_M
+    row_end = tl.sum(tl.where(s == seg, ends, 0), 0)
+    return seg, row0, row_end
+
+
+@triton.jit
+def _tile_columns(pid_n, slices_ptr, NUM_SLICES: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(slice, global columns int64 [BLOCK_N], column mask) of output column tile `pid_n` in the slice table."""
+    slice_id = pid_n * 0
+    for i in tl.static_range(1, NUM_SLICES):
+        slice_id = tl.where(pid_n >= tl.load(slices_ptr + 3 * i + 2), i, slice_id)
+    n_off = tl.load(slices_ptr + 3 * slice_id)
+    n_size = tl.load(slices_ptr + 3 * slice_id + 1)
+    local_n = (pid_n - tl.load(slices_ptr + 3 * slice_id + 2)) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return slice_id, (n_off + local_n).to(tl.int64), local_n < n_size
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -57,17 +86,7 @@ def _shrink_kernel(
     pid_tile = tl.program_id(0)
     pid_sr = tl.program_id(1)
     pid_k = tl.program_id(2).to(tl.int64)
-    # Segment-aligned tile: segment s holds cdiv(len_s, BLOCK_M) tiles, numbered segment after segment.
-    # (Inline, not a helper: Triton 3.9's interpreter loses its tl.sum patch inside nested jit functions.)
-    s = tl.arange(0, SEGS_P2)
-    starts = tl.load(seg_start_ptr + s, mask=s < MAX_SEGS, other=0)
-    ends = tl.load(seg_start_ptr + s + 1, mask=s < MAX_SEGS, other=0)
-    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
-    incl = tl.sum(tl.where(s[None, :] <= s[:, None], tiles[None, :], 0), 1)  # inclusive prefix sum
-    seg = tl.sum((incl <= pid_tile).to(tl.int32), 0)
-    first_tile = tl.sum(tl.where(s == seg, incl - tiles, 0), 0)
-    row0 = tl.sum(tl.where(s == seg, starts, 0), 0) + (pid_tile - first_tile) * BLOCK_M
-    row_end = tl.sum(tl.where(s == seg, ends, 0), 0)
+    seg, row0, row_end = _segment_tile(pid_tile, seg_start_ptr, MAX_SEGS, SEGS_P2, BLOCK_M)
     if seg >= MAX_SEGS:
         return
     adapter = tl.load(seg_adapter_ptr + seg)
@@ -116,7 +135,7 @@ def _fused_kernel(
     HAS_BIAS: tl.constexpr, NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    GATHER: tl.constexpr, GATHER_R: tl.constexpr, BASE_IN_Y: tl.constexpr,
+    GATHER: tl.constexpr, GATHER_R: tl.constexpr, BASE_MODE: tl.constexpr,
 ):
     """Y[perm[p], n] = X[perm[p]] · W[n] + b[n] + s[a] · round(sum_split xa_part[., slice(n), p]) · B[a, n] (a = adapter of p).
 
@@ -130,20 +149,14 @@ def _fused_kernel(
     GROUP_M: grouped tile order; PRECISION: tl.dot precision for fp32; ACC: accumulator dtype.
     GATHER: epilogue per row (each row gathers its adapter's B, GATHER_R rank rows at a time, all rows' loads in
     flight together) instead of per segment (one tensor-core dot per segment; its loads form a dependent chain, so
-    it suits tiles that meet few segments). BASE_IN_Y: y already holds X·Wᵀ + b (cuBLAS); add the LoRA term to it.
+    it suits tiles that meet few segments). BASE_MODE: 0 computes X·Wᵀ + b here; 1: y already holds X·Wᵀ + b
+    (cuBLAS), add the LoRA term to it; 2: write the LoRA term alone into y (an fp32 [T, N] buffer; no W read).
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
     pid_m, pid_n = grouped_tile(pid, num_pid_m, NUM_N_TILES, GROUP_M)
 
-    slice_id = pid_n * 0
-    for i in tl.static_range(1, NUM_SLICES):
-        slice_id = tl.where(pid_n >= tl.load(slices_ptr + 3 * i + 2), i, slice_id)
-    n_off = tl.load(slices_ptr + 3 * slice_id)
-    n_size = tl.load(slices_ptr + 3 * slice_id + 1)
-    local_n = (pid_n - tl.load(slices_ptr + 3 * slice_id + 2)) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = local_n < n_size
-    cols = (n_off + local_n).to(tl.int64)
+    slice_id, cols, col_mask = _tile_columns(pid_n, slices_ptr, NUM_SLICES, BLOCK_N)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < T
@@ -154,8 +167,10 @@ def _fused_kernel(
 
     y = y_ptr + tokens[:, None] * stride_yt + cols[None, :] * stride_yn
     out_mask = row_mask[:, None] & col_mask[None, :]
-    if BASE_IN_Y:
+    if BASE_MODE == 1:
         acc = tl.load(y, mask=out_mask, other=0.0).to(ACC)
+    elif BASE_MODE == 2:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         for k0 in range(0, K, BLOCK_K):
@@ -228,6 +243,64 @@ def _segment_epilogue(acc, ws_rows, b_ptr, x_ptr, rows, row_mask, cols, col_mask
     return acc
 
 
+@triton.jit(do_not_specialize=["T"])
+def _expand_kernel(
+    b_ptr, ws_ptr, y_ptr, perm_ptr, seg_start_ptr, seg_adapter_ptr, ranks_ptr, scalings_ptr, slices_ptr,
+    T, MAX_SEGS,
+    stride_bs, stride_bn, stride_br,
+    stride_wsk, stride_wsi, stride_wst,
+    stride_yt, stride_yn,
+    SEGS_P2: tl.constexpr, NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    """Y[perm[p], n] (+)= s[a] · round(sum_split xa_part[., slice(n), p]) · B[a, n] over one segment tile (adapter a).
+
+    Pointers: b [S, N, R] (any strides); ws fp32 (fp64 for fp64) [SPLIT_K, slices, T, R_PAD] from `_shrink_kernel`;
+    y [T, N] (rows indexed by token); perm int32 [T]; seg_start int32 [MAX_SEGS + 1]; seg_adapter int32 [MAX_SEGS];
+    ranks int32 [S]; scalings fp32 [S]; slices int32 [NUM_SLICES, 3] as in `_fused_kernel`.
+    Grid: (segment tiles = cdiv(T, BLOCK_M) + MAX_SEGS, N tiles). Every tile holds one adapter, so B[a]'s
+    [rank, BLOCK_N] block is read once per tile and meets the rows in a tensor-core dot; no per-row gather.
+    ACCUMULATE: add to y (it holds X·Wᵀ + b); else write the LoRA term alone (zeros for base-only rows).
+    """
+    pid_tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    seg, row0, row_end = _segment_tile(pid_tile, seg_start_ptr, MAX_SEGS, SEGS_P2, BLOCK_M)
+    if seg >= MAX_SEGS:
+        return
+    adapter = tl.load(seg_adapter_ptr + seg)
+    if ACCUMULATE:
+        if adapter < 0:
+            return
+    slice_id, cols, col_mask = _tile_columns(pid_n, slices_ptr, NUM_SLICES, BLOCK_N)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    safe = tl.maximum(adapter, 0)
+    rank = tl.where(adapter >= 0, tl.load(ranks_ptr + safe), 0)
+    scale = tl.load(scalings_ptr + safe).to(ACC)
+    ws_rows = ws_ptr + slice_id.to(tl.int64) * stride_wsi + rows.to(tl.int64)[:, None] * stride_wst
+    b_base = b_ptr + safe.to(tl.int64) * stride_bs + cols[None, :] * stride_bn
+    offs_r = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for r0 in range(0, rank, BLOCK_R):
+        rs = r0 + offs_r
+        r_mask = rs < rank
+        xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+        for split in tl.static_range(SPLIT_K):
+            xa += tl.load(ws_rows + split * stride_wsk + rs[None, :], mask=row_mask[:, None] & r_mask[None, :],
+                          other=0.0)
+        xa = (xa * scale).to(b_ptr.dtype.element_ty)
+        b = tl.load(b_base + rs.to(tl.int64)[:, None] * stride_br, mask=r_mask[:, None] & col_mask[None, :],
+                    other=0.0)
+        acc = dot(xa, b, acc, PRECISION)
+    tokens = tl.load(perm_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    y = y_ptr + tokens[:, None] * stride_yt + cols[None, :] * stride_yn
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    if ACCUMULATE:
+        acc += tl.load(y, mask=out_mask, other=0.0).to(ACC)
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
 # ----------------------------------------------------------------------------------------------- configs
 
 
@@ -240,7 +313,7 @@ def _config(t_bucket: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, is_cu
     if not is_cuda:  # interpreter: small blocks keep numpy fast; SPLIT_K 2 still exercises the split path
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1, GATHER=False,
                     BASE="triton", S_BLOCK_M=16, S_BLOCK_K=32, SPLIT_K=2 if K > 32 else 1, s_num_warps=4,
-                    s_num_stages=1)
+                    s_num_stages=1, EXPAND="fused", E_BLOCK_M=16, E_BLOCK_N=16, e_num_warps=4)
     big = dtype.itemsize >= 4  # 4- and 8-byte operands: halve the K step to keep shared memory in budget
     # Measured on H100 (bench/NOTES.md, "multi-LoRA"): up to 64 tokens our GEMM reads W once (1.04x cuBLAS at
     # T <= 16) and the LoRA term is gathered per row in its epilogue. From 128 tokens our gathered-row GEMM falls
@@ -263,6 +336,15 @@ def _config(t_bucket: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, is_cu
     while tiles * (R_PAD // RANK_CHUNK) * split_k < 256 and split_k < 16 and K // (split_k * 2) >= 256:
         split_k *= 2
     cfg.update(S_BLOCK_M=s_block_m, S_BLOCK_K=128 if big else 256, SPLIT_K=split_k, s_num_warps=4, s_num_stages=3)
+    cfg.update(EXPAND="fused", E_BLOCK_M=16 if t_bucket <= 256 else 64, E_BLOCK_N=128, e_num_warps=4)
+    # Measured on H100 under graphs (bench/NOTES.md, multi-LoRA step 5): from 32 to 256 tokens, cuBLAS's W stream
+    # with the shrink and a segment-tile expand on a side stream (joined by one add) beats the fused GEMM
+    # (64 tok/64 adapters 2.86x -> 2.23x the base, 256/32 2.30x -> 1.98x); at 512-1024 tokens the segment expand
+    # in place after cuBLAS wins (1024/32 1.80x -> 1.71x); from 2048 the fused epilogue after cuBLAS stays best.
+    if 32 <= t_bucket <= 256:
+        cfg.update(BASE="overlap", EXPAND="segment", E_BLOCK_M=16, E_BLOCK_N=256)
+    elif 512 <= t_bucket <= 1024:
+        cfg.update(BASE="cublas", EXPAND="segment", E_BLOCK_M=32, E_BLOCK_N=128)
     return cfg
 
 
@@ -331,13 +413,102 @@ def multi_lora_forward(x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm,
     R_PAD = rank_pad(R)
     cfg = get_config(T, K, N, R_PAD, x2d.dtype, x2d.device)
     split_k = cfg["SPLIT_K"]
-    max_segs = seg_adapter.shape[0]
     fill = float("nan") if DEBUG_FILL_WORKSPACE else None
     acc = torch.float64 if x2d.dtype == torch.float64 else torch.float32
     ws = torch.empty((split_k, n_slices, T, R_PAD), device=x2d.device, dtype=acc)
     if fill is not None:
         ws.fill_(fill)
 
+    base = cfg["BASE"]
+    if base not in ("triton", "cublas", "overlap"):
+        raise ValueError(f"config BASE must be 'triton', 'cublas' or 'overlap', got {base!r}")
+    # "overlap": cuBLAS computes X·Wᵀ + b on the caller's stream while a side stream runs the shrink and the expand
+    # into an fp32 delta [T, N]; one add joins them. At decode sizes the W stream leaves bandwidth and SMs idle, so
+    # the adapter reads hide under it (bench/NOTES.md, multi-LoRA step 4). Fork and join are capturable in a graph.
+    delta = side = main = None
+    if base == "overlap":
+        delta = torch.empty((T, N), device=x2d.device, dtype=acc)
+        if x2d.is_cuda:
+            main = torch.cuda.current_stream(x2d.device)
+            side = _side_stream(x2d.device)
+            side.wait_stream(main)
+    with (torch.cuda.stream(side) if side is not None else contextlib.nullcontext()):
+        _launch_shrink(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks, cfg, precision)
+    if base in ("cublas", "overlap"):  # y = X·Wᵀ + b by cuBLAS (no_grad: a frozen base may still require grad)
+        with torch.no_grad():
+            _base_gemm(x2d, weight, bias, out)
+    base_mode = {"triton": 0, "cublas": 1, "overlap": 2}[base]
+    target = out if delta is None else delta
+    with (torch.cuda.stream(side) if side is not None else contextlib.nullcontext()):
+        if base != "triton" and cfg.get("EXPAND") == "segment":
+            _launch_expand(lora_B, ws, target, perm, seg_start, seg_adapter, ranks, scalings, slice_sizes, cfg,
+                           precision, accumulate=delta is None)
+        else:
+            _launch_fused(x2d, weight, bias, lora_B, ws, target, perm, seg_of, seg_start, seg_adapter, ranks,
+                          scalings, slice_sizes, cfg, precision, base_mode)
+    if delta is not None:
+        if side is not None:
+            main.wait_stream(side)
+        out.add_(delta)
+    return out
+
+
+def _base_gemm(x2d, weight, bias, out):
+    """out [T, N] = x2d @ weightᵀ (+ bias) by cuBLAS."""
+    if bias is not None:
+        torch.addmm(bias, x2d, weight.t(), out=out)
+    else:
+        torch.mm(x2d, weight.t(), out=out)
+
+
+def _launch_fused(x2d, weight, bias, lora_B, ws, target, perm, seg_of, seg_start, seg_adapter, ranks, scalings,
+                  slice_sizes, cfg, precision, base_mode):
+    """target [T, N] = base GEMM and/or LoRA epilogue over (row tile, N tile) programs (see `_fused_kernel`)."""
+    T, K = x2d.shape
+    slices, n_tiles = _slice_table(tuple(int(s) for s in slice_sizes), cfg["BLOCK_N"], x2d.device)
+    grid = (triton.cdiv(T, cfg["BLOCK_M"]) * n_tiles,)
+    _fused_kernel[grid](
+        x2d, weight, bias if bias is not None else weight, lora_B, ws, target,
+        perm, seg_of, seg_start, seg_adapter, ranks, scalings, slices,
+        T, K, n_tiles,
+        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
+        *lora_B.stride(),
+        ws.stride(0), ws.stride(1), ws.stride(2),
+        target.stride(0), target.stride(1),
+        HAS_BIAS=bias is not None, NUM_SLICES=len(slice_sizes), SPLIT_K=ws.shape[0],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=RANK_CHUNK,
+        GROUP_M=cfg["GROUP_M"], PRECISION=precision, ACC=acc_dtype(x2d.dtype),
+        GATHER=bool(cfg["GATHER"]), GATHER_R=_gather_r(cfg["BLOCK_M"], cfg["BLOCK_N"]),
+        BASE_MODE=base_mode,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def _launch_expand(lora_B, ws, target, perm, seg_start, seg_adapter, ranks, scalings, slice_sizes, cfg, precision,
+                   accumulate):
+    """target (+)= the LoRA term over (segment tile, N tile) programs (see `_expand_kernel`)."""
+    T = target.shape[0]
+    max_segs = seg_adapter.shape[0]
+    slices, n_tiles = _slice_table(tuple(int(s) for s in slice_sizes), cfg["E_BLOCK_N"], target.device)
+    grid = (triton.cdiv(T, cfg["E_BLOCK_M"]) + max_segs, n_tiles)
+    _expand_kernel[grid](
+        lora_B, ws, target, perm, seg_start, seg_adapter, ranks, scalings, slices,
+        T, max_segs,
+        *lora_B.stride(),
+        ws.stride(0), ws.stride(1), ws.stride(2),
+        target.stride(0), target.stride(1),
+        SEGS_P2=triton.next_power_of_2(max_segs), NUM_SLICES=len(slice_sizes), SPLIT_K=ws.shape[0],
+        BLOCK_M=cfg["E_BLOCK_M"], BLOCK_N=cfg["E_BLOCK_N"], BLOCK_R=RANK_CHUNK, PRECISION=precision,
+        ACC=acc_dtype(lora_B.dtype), ACCUMULATE=accumulate,
+        num_warps=cfg["e_num_warps"], num_stages=1,
+    )
+
+
+def _launch_shrink(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks, cfg, precision):
+    """ws[split, slice, p, :rank] = X[perm[p]] @ A[a, slice, :rank]ᵀ over one K split (see `_shrink_kernel`)."""
+    T, K = x2d.shape
+    split_k, n_slices, _, R_PAD = ws.shape
+    max_segs = seg_adapter.shape[0]
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), cfg["S_BLOCK_K"]) * cfg["S_BLOCK_K"]
     num_rchunks = R_PAD // RANK_CHUNK
     grid_s = (triton.cdiv(T, cfg["S_BLOCK_M"]) + max_segs, n_slices * num_rchunks, split_k)
@@ -353,29 +524,17 @@ def multi_lora_forward(x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm,
         num_warps=cfg["s_num_warps"], num_stages=cfg["s_num_stages"],
     )
 
-    if cfg["BASE"] == "cublas":  # y = X·Wᵀ + b by cuBLAS; the epilogue kernel below adds the LoRA term in place
-        if bias is not None:
-            torch.addmm(bias, x2d, weight.t(), out=out)
-        else:
-            torch.mm(x2d, weight.t(), out=out)
-    slices, n_tiles = _slice_table(tuple(int(s) for s in slice_sizes), cfg["BLOCK_N"], x2d.device)
-    grid = (triton.cdiv(T, cfg["BLOCK_M"]) * n_tiles,)
-    _fused_kernel[grid](
-        x2d, weight, bias if bias is not None else weight, lora_B, ws, out,
-        perm, seg_of, seg_start, seg_adapter, ranks, scalings, slices,
-        T, K, n_tiles,
-        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
-        *lora_B.stride(),
-        ws.stride(0), ws.stride(1), ws.stride(2),
-        out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, NUM_SLICES=n_slices, SPLIT_K=split_k,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=RANK_CHUNK,
-        GROUP_M=cfg["GROUP_M"], PRECISION=precision, ACC=acc_dtype(x2d.dtype),
-        GATHER=bool(cfg["GATHER"]), GATHER_R=_gather_r(cfg["BLOCK_M"], cfg["BLOCK_N"]),
-        BASE_IN_Y=cfg["BASE"] == "cublas",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    return out
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """One extra stream per device for the overlapped LoRA work, created once (so graph captures reuse it)."""
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
 
 
 def _gather_r(block_m: int, block_n: int) -> int:

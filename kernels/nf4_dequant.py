@@ -59,8 +59,10 @@ def nf4_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, flat, mask, DOUBLE_QUANT
     if DOUBLE_QUANT:
         q = tl.load(ABSMAX + flat, mask=mask, other=0).to(tl.int32)
         scale = tl.load(ABS_SCALE + flat // ABS_GROUP, mask=mask, other=0.0)
-        return tl.where(mask, tl.load(ABS_CODE + q) * scale + abs_offset, 0.0)
-    return tl.load(ABSMAX + flat, mask=mask, other=0.0)
+        absmax = tl.where(mask, tl.load(ABS_CODE + q) * scale + abs_offset, 0.0)
+    else:  # an else, not a second return: triton 3.6 types both returns even when the if is a constexpr
+        absmax = tl.load(ABSMAX + flat, mask=mask, other=0.0)
+    return absmax
 
 
 @triton.jit

@@ -246,9 +246,12 @@ def test_pool_and_module_mixed_ranks_and_slices():
 
 
 @pytest.mark.parametrize("variant", [dict(GATHER=True), dict(BASE="cublas"), dict(GATHER=True, BASE="cublas"),
-                                     dict(BLOCK_M=32, BLOCK_N=16, SPLIT_K=1)])
+                                     dict(BLOCK_M=32, BLOCK_N=16, SPLIT_K=1), dict(GATHER=True, BASE="overlap"),
+                                     dict(GATHER=False, BASE="overlap"), dict(BASE="cublas", EXPAND="segment"),
+                                     dict(BASE="overlap", EXPAND="segment", E_BLOCK_M=32, E_BLOCK_N=32)])
 def test_epilogue_and_base_variants(variant):
-    """The per-row gather epilogue (decode) and the cuBLAS-base + LoRA-epilogue path (prefill) agree too."""
+    """The per-row gather epilogue (decode), the cuBLAS-base + LoRA-epilogue path (prefill) and the overlapped
+    path (LoRA term into an fp32 buffer on a side stream, added after the base GEMM) agree too."""
     T, S, R, K, N = 29, 9, 32, 48, 40
     sizes = (24, 16)
     x, W, b, A, B, scal, ranks, ids = make_case(T, S, R, K, N, torch.bfloat16, seed=21, n_slices=2, mixed_ranks=True)
@@ -258,3 +261,27 @@ def test_epilogue_and_base_variants(variant):
     finally:
         kml.set_config_override(None)
     assert_close(y, multi_lora_linear_reference(x, W, b, A, B, scal, ids, ranks, sizes), torch.bfloat16, str(variant))
+
+
+@pytest.mark.parametrize("variant", [dict(BASE="cublas"), dict(BASE="overlap", EXPAND="segment")])
+def test_module_with_trainable_base_on_cublas_paths(variant):
+    """A MultiLoRALinear built from a plain nn.Linear (weight and bias still require grad) runs the cuBLAS base
+    paths outside no_grad: the base GEMM writing into the output buffer must not meet autograd (H100 regression)."""
+    torch.manual_seed(5)
+    K, N, T = 40, 24, 11
+    pool = AdapterPool(max_adapters=3, max_rank=16, dtype=torch.float32)
+    lin = torch.nn.Linear(K, N)
+    assert lin.weight.requires_grad
+    layer = MultiLoRALinear(lin, pool, key="proj")
+    for name, r in (("a", 3), ("b", 16)):
+        pool.load(name, {"proj": (torch.randn(r, K), torch.randn(N, r))}, alpha=r)
+    ids = pool.ids(["a", "b", None, "b", "a", "a", None, "b", "b", "a", "b"])
+    x = torch.randn(T, K)
+    kml.set_config_override(variant)
+    try:
+        y = layer(x, ids)
+    finally:
+        kml.set_config_override(None)
+    A, B, sl = pool.layer_stacks("proj")
+    ref = multi_lora_linear_reference(x, lin.weight, lin.bias, A, B, pool.scalings, ids, pool.ranks, sl)
+    assert_close(y, ref, torch.float32, str(variant))

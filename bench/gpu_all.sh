@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs a chosen set of the GPU scripts in one device call, each under its own time limit, and leaves every JSON and
+# log in one tarball (the device tool returns at most 8 files):
+#   OUT=/some/dir bash bench/gpu_all.sh compile qlora variants init multi check train
+# Names: check (gpu_check --skip-big), multi (gpu_multi_lora, targets grid + sweep), multi_full (full grid, no
+# sweep), compile, qlora, variants, init, train (bench_train_step). bitsandbytes wheels in .whl/ are installed
+# first when present (the device image lacks it). A summary line per script is printed last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/out}
+mkdir -p "$OUT/logs"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+SUMMARY=()
+step() {  # step NAME SECONDS CMD...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout --signal=INT --kill-after=15 "$limit" "$@" >"$OUT/logs/$name.log" 2>&1
+  local rc=$?
+  SUMMARY+=("$(printf '%-10s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" "$(tail -n 1 "$OUT/logs/$name.log" | cut -c1-150)")")
+}
+for name in "$@"; do
+  case $name in
+    check) step check 240 python3 bench/gpu_check.py --skip-big --out "$OUT/logs" ;;
+    multi) step multi 300 python3 bench/gpu_multi_lora.py "$OUT/logs" --grid targets --demo ;;
+    multi_full) step multi_full 420 python3 bench/gpu_multi_lora.py "$OUT/logs" --grid full --no-sweep ;;
+    compile) step compile 170 python3 bench/gpu_compile.py --out "$OUT/logs" ;;
+    qlora) step qlora 200 python3 bench/gpu_qlora.py --out "$OUT/logs" ;;
+    variants) step variants 150 python3 bench/gpu_variants.py --out "$OUT/logs" ;;
+    init) step init 100 python3 bench/gpu_init_embedding.py --out "$OUT/logs" ;;
+    train) step train 200 python3 bench/bench_train_step.py --out "$OUT/logs" --max-seconds 150 ;;
+    *) echo "unknown step $name" >&2 ;;
+  esac
+done
+tar -czf "$OUT/gpu_all.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
+printf '%s\n' "${SUMMARY[@]}"
