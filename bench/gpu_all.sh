@@ -2,8 +2,9 @@
 # Runs a chosen set of the GPU scripts in one device call, each under its own time limit, and leaves every JSON and
 # log in one tarball (the device tool returns at most 8 files):
 #   OUT=/some/dir bash bench/gpu_all.sh compile qlora variants init multi check train
-# Names: check (gpu_check --skip-big), multi (gpu_multi_lora, targets grid + sweep), multi_full (full grid, no
-# sweep), compile, qlora, variants, init, train (bench_train_step). bitsandbytes wheels in .whl/ are installed
+# Names: check (gpu_check --skip-big), multi (gpu_multi_lora, targets grid + sweep + demo), multi_check (its checks
+# and the demo only), multi_full (full grid, no sweep), compile, compile_late (its last two cases), host
+# (profile_host), dist (gpu_distributed on 2 GPUs, kind nvidia-h200-x2), qlora, variants, init, train (bench_train_step). bitsandbytes wheels in .whl/ are installed
 # first when present (the device image lacks it). A summary line per script is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +28,12 @@ for name in "$@"; do
   case $name in
     check) step check 240 python3 bench/gpu_check.py --skip-big --out "$OUT/logs" ;;
     multi) step multi 300 python3 bench/gpu_multi_lora.py "$OUT/logs" --grid targets --demo ;;
+    multi_check) step multi_check 200 python3 bench/gpu_multi_lora.py "$OUT/logs" --no-sweep --grid none --demo ;;
     multi_full) step multi_full 420 python3 bench/gpu_multi_lora.py "$OUT/logs" --grid full --no-sweep ;;
+    compile_late) step compile_late 150 python3 bench/gpu_compile.py --out "$OUT/logs" \
+      --only reduce_overhead,checkpoint_compiled ;;
+    host) step host 120 python3 bench/profile_host.py --out "$OUT/logs" ;;
+    dist) step dist 200 torchrun --standalone --nproc_per_node 2 bench/gpu_distributed.py --out "$OUT/logs" ;;
     compile) step compile 170 python3 bench/gpu_compile.py --out "$OUT/logs" ;;
     qlora) step qlora 200 python3 bench/gpu_qlora.py --out "$OUT/logs" ;;
     variants) step variants 150 python3 bench/gpu_variants.py --out "$OUT/logs" ;;

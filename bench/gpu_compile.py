@@ -350,24 +350,34 @@ def reduce_overhead(K=4096, N=4096, r=16, M=16):
             x = torch.randn(M, K, device=DEV, dtype=BF16)
             errs.append(rel_err(fwd(x).clone(), layer(x)))
     record(f"reduce-overhead LoRALinear decode M={M} == eager", max(errs) <= 1e-3, rel_errs=errs)
-    layer.train()
-    train = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
-    x = torch.randn(256, K, device=DEV, dtype=BF16, requires_grad=True)
-    grads, outs = [], []
-    for fn in (train, train, layer):
-        layer.lora_A.grad = layer.lora_B.grad = None
-        torch.manual_seed(11 if fn is layer else 11 + len(outs))
-        y = fn(x)
-        y.float().square().mean().backward()
-        outs.append(y.detach().clone())
-        grads.append(layer.lora_A.grad.clone())
-    # steps 0 and 2 used the same manual seed (11): same mask, so equal outputs and dA; step 1 another mask.
-    same = rel_err(outs[0], outs[2]) <= 1e-3 and rel_err(grads[0], grads[2]) <= 2e-2
     from torch._dynamo.utils import counters  # inductor counts the graphs it would not CUDA-graph
 
-    record("reduce-overhead training step with dropout: fresh masks, equals eager under one seed",
-           same and not torch.equal(outs[0], outs[1]), rel_err_y=rel_err(outs[0], outs[2]),
-           rel_err_dA=rel_err(grads[0], grads[2]), inductor_counters=dict(counters["inductor"]))
+    for p in (0.0, 0.1):  # recorded apart: torch 2.11 fails the dropout step (a CPU seed tensor, docs)
+        torch._dynamo.reset()
+        layer.dropout = p
+        layer.train()
+        train = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+        x = torch.randn(256, K, device=DEV, dtype=BF16, requires_grad=True)
+        grads, outs = [], []
+        try:
+            for fn in (train, train, layer):
+                layer.lora_A.grad = layer.lora_B.grad = None
+                torch.manual_seed(11 if fn is layer else 11 + len(outs))
+                torch.compiler.cudagraph_mark_step_begin()  # a training loop under reduce-overhead marks steps
+                y = fn(x)
+                y.float().square().mean().backward()
+                outs.append(y.detach().clone())
+                grads.append(layer.lora_A.grad.clone())
+        except Exception as e:  # noqa: BLE001 - one record per dropout setting
+            record(f"reduce-overhead training step p={p}", False, error=f"{type(e).__name__}: {str(e)[:300]}")
+            continue
+        # steps 0 and 2 used the same manual seed (11): same mask, so equal outputs and dA; with dropout step 1
+        # drew another mask.
+        same = rel_err(outs[0], outs[2]) <= 1e-3 and rel_err(grads[0], grads[2]) <= 2e-2
+        fresh = p == 0.0 or not torch.equal(outs[0], outs[1])
+        record(f"reduce-overhead training step p={p}: equals eager" + (", fresh masks" if p else ""),
+               same and fresh, rel_err_y=rel_err(outs[0], outs[2]), rel_err_dA=rel_err(grads[0], grads[2]),
+               inductor_counters=dict(counters["inductor"]))
 
 
 # ----------------------------------------------------------------------------------------------- autocast

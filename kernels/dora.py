@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .config import dora_config, num_sms
-from .helpers import check_shapes, check_vector, dot, dot_precision, next_pow2_rank, upcast
+from .helpers import cdiv, check_shapes, check_vector, dot, dot_precision, next_pow2_rank, upcast
 
 
 @triton.jit
@@ -96,7 +96,7 @@ def dora_norm(weight, lora_A, lora_B, scaling, magnitude):
     if N == 0:
         return norm, g
     cfg = dora_config("norm", weight.dtype)
-    _dora_norm_kernel[(triton.cdiv(N, cfg.block_m),)](
+    _dora_norm_kernel[(cdiv(N, cfg.block_m),)](
         weight, lora_A, lora_B, magnitude, norm, g, N, K, rank,
         weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
         float(scaling),
@@ -118,12 +118,12 @@ def column_dot(u, v, bias=None):
     if M == 0 or N == 0:
         return torch.zeros(N, device=u.device, dtype=torch.float32)
     cfg = dora_config("column_dot", u.dtype)
-    col_tiles = triton.cdiv(N, cfg.block_n)
-    m_blocks = triton.cdiv(M, cfg.block_m)
+    col_tiles = cdiv(N, cfg.block_n)
+    m_blocks = cdiv(M, cfg.block_m)
     # Enough splits of M to fill the GPU twice over; the [splits, N] fp32 partials are summed by torch.
-    splits = max(1, min(m_blocks, triton.cdiv(2 * num_sms(u.device), col_tiles)))
-    rows_per_split = triton.cdiv(m_blocks, splits) * cfg.block_m
-    splits = triton.cdiv(M, rows_per_split)
+    splits = max(1, min(m_blocks, cdiv(2 * num_sms(u.device), col_tiles)))
+    rows_per_split = cdiv(m_blocks, splits) * cfg.block_m
+    splits = cdiv(M, rows_per_split)
     partial = torch.empty((splits, N), device=u.device, dtype=torch.float32)
     _column_dot_kernel[(col_tiles, splits)](
         u, v, bias if bias is not None else u, partial,

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .helpers import dropout_keep, dropout_threshold
+from .helpers import cdiv, dropout_keep, dropout_threshold
 
 
 @triton.jit(do_not_specialize=["M", "seed", "thr_shifted"])
@@ -27,7 +27,7 @@ def dropout_mask(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
     """
     out = torch.empty((M, K), device=device, dtype=torch.int8)
     if M and K:
-        grid = (triton.cdiv(M, 16), triton.cdiv(K, 64))
-        _dropout_mask_kernel[grid](out, M, K, int(seed), dropout_threshold(p), triton.cdiv(K, 4),
+        grid = (cdiv(M, 16), cdiv(K, 64))
+        _dropout_mask_kernel[grid](out, M, K, int(seed), dropout_threshold(p), cdiv(K, 4),
                                    BLOCK_M=16, BLOCK_K=64)
     return out.bool()

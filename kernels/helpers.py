@@ -92,9 +92,21 @@ def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints, in plain Python: launchers call it often, and `triton.cdiv` is a constexpr_function
+    whose call costs a few microseconds of host time each (bench/NOTES.md, host overhead)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (0 for 0), as `triton.next_power_of_2`, in plain Python (see `cdiv`)."""
+    n = int(n)
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def next_pow2_rank(r: int) -> int:
     """Padded rank used as a constexpr block size: a power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(int(r)))
+    return max(16, next_pow2(r))
 
 
 @triton.jit

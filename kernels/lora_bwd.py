@@ -11,14 +11,16 @@ regenerated dropout mask, and writes dX once.
 `lora_grad_ab` computes dA and dB in one launch of a reduce-over-M kernel, split over M so that the [r, K] and
 [N, r] outputs still fill the GPU; the fp32 partial sums are added in a fixed order (deterministic, no atomics).
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .config import gemm_config, num_sms, reduce_m_config
 from .helpers import (
-    acc_dtype, apply_dropout, check_shapes, check_vector, dot, dot_precision, dropout_keep, dropout_threshold, next_pow2_rank, output_tile,
-    tensor_descriptor, tma_enabled, upcast,
+    acc_dtype, apply_dropout, cdiv, check_shapes, check_vector, dot, dot_precision, dropout_keep, dropout_threshold,
+    next_pow2_rank, output_tile, tensor_descriptor, tma_enabled, upcast,
 )
 from .lora_fwd import EPILOGUE_RANK_BLOCK, _output, choose_xa_mode
 from .lora_shrink import lora_shrink
@@ -218,20 +220,34 @@ def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
     use_tma = tma_enabled(tma if tma != "auto" else ("auto" if cfg.tma else False), dy, weight)
     dy_arg = tensor_descriptor(dy, [cfg.block_m, cfg.block_k]) if use_tma else dy
     w_arg = tensor_descriptor(weight, [cfg.block_k, cfg.block_n]) if use_tma else weight
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(K, cfg.block_n),)
+    grid = (cdiv(M, cfg.block_m) * cdiv(K, cfg.block_n),)
     _lora_bwd_dx_kernel[grid](
         dy_arg, w_arg, b_arg, lora_A, dyb_arg, dx,
         M, N, K, rank,
         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), b_arg.stride(0), b_arg.stride(1),
         lora_A.stride(0), lora_A.stride(1), dyb_arg.stride(0), dyb_arg.stride(1), dx.stride(0), dx.stride(1),
-        float(scaling), int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), triton.cdiv(K, 4),
+        float(scaling), int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 4),
         DROPOUT=dropout_p > 0.0, COMPUTE_DYB=compute, STORE_DYB=compute and dyb is not None, USE_TMA=use_tma,
         BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_N=cfg.block_k, BLOCK_R=block_r,
-        NUM_R_CHUNKS=1 if compute else triton.cdiv(rank, block_r), GROUP_M=cfg.group_m,
+        NUM_R_CHUNKS=1 if compute else cdiv(rank, block_r), GROUP_M=cfg.group_m,
         PRECISION=dot_precision(dy.dtype), ACC=acc_dtype(dy.dtype),
         DY_SCALE=dy_scale if dy_scale is not None else dx, HAS_DY_SCALE=dy_scale is not None, **cfg.launch(),
     )
     return dx, dyb
+
+
+@functools.lru_cache(maxsize=4096)
+def _grad_ab_plan(M, K, N, rank, dtype, device, need_a, need_b):
+    """(cfg_a, cfg_b, tiles_a, tiles_b, splits, rows_per_split) of `lora_grad_ab` for one shape: the same for every
+    step of a training run, so computed once (host time, bench/NOTES.md)."""
+    cfg_a = reduce_m_config(rank, K, dtype)
+    cfg_b = reduce_m_config(N, rank, dtype)
+    tiles_a = cdiv(rank, cfg_a.block_m) * cdiv(K, cfg_a.block_n) if need_a else 0
+    tiles_b = cdiv(N, cfg_b.block_m) * cdiv(rank, cfg_b.block_n) if need_b else 0
+    m_blocks = cdiv(M, cfg_a.block_k)
+    splits = max(1, min(m_blocks, cdiv(2 * num_sms(device), tiles_a + tiles_b)))
+    rows_per_split = cdiv(m_blocks, splits) * cfg_a.block_k
+    return cfg_a, cfg_b, tiles_a, tiles_b, cdiv(M, rows_per_split), rows_per_split
 
 
 def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p=0.0, seed=0, need_a=True, need_b=True):
@@ -251,14 +267,8 @@ def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p=0.0, seed=
     if M == 0:
         return (torch.zeros((rank, K), device=x.device, dtype=a_dtype) if need_a else None,
                 torch.zeros((N, rank), device=x.device, dtype=b_dtype) if need_b else None)
-    cfg_a = reduce_m_config(rank, K, x.dtype)
-    cfg_b = reduce_m_config(N, rank, x.dtype)
-    tiles_a = triton.cdiv(rank, cfg_a.block_m) * triton.cdiv(K, cfg_a.block_n) if need_a else 0
-    tiles_b = triton.cdiv(N, cfg_b.block_m) * triton.cdiv(rank, cfg_b.block_n) if need_b else 0
-    m_blocks = triton.cdiv(M, cfg_a.block_k)
-    splits = max(1, min(m_blocks, triton.cdiv(2 * num_sms(x.device), tiles_a + tiles_b)))
-    rows_per_split = triton.cdiv(m_blocks, splits) * cfg_a.block_k
-    splits = triton.cdiv(M, rows_per_split)
+    cfg_a, cfg_b, tiles_a, tiles_b, splits, rows_per_split = _grad_ab_plan(
+        M, K, N, rank, x.dtype, x.device, need_a, need_b)
     size_a = rank * K
     buf_dtype = a_dtype if splits == 1 else torch.promote_types(x.dtype, torch.float32)
     buf = torch.empty((splits, size_a + N * rank), device=x.device, dtype=buf_dtype)
@@ -271,7 +281,7 @@ def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p=0.0, seed=
         M, K, N, rank, rows_per_split, tiles_a,
         u_a.stride(0), u_a.stride(1), x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), v_b.stride(0), v_b.stride(1),
         out_a.stride(0), out_a.stride(1), out_a.stride(2), out_b.stride(0), out_b.stride(1), out_b.stride(2),
-        float(scaling), int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), triton.cdiv(K, 4),
+        float(scaling), int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 4),
         DROPOUT=dropout_p > 0.0, BLOCK_RA=cfg_a.block_m, BLOCK_KA=cfg_a.block_n, BLOCK_NB=cfg_b.block_m,
         BLOCK_RB=cfg_b.block_n, BLOCK_M=cfg_a.block_k, PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype),
         **cfg_a.launch(),

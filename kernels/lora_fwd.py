@@ -17,8 +17,8 @@ import triton.language as tl
 
 from .config import gemm_config
 from .helpers import (
-    acc_dtype, apply_dropout, check_shapes, check_vector, dot, dot_precision, dropout_keep, dropout_threshold, next_pow2_rank, output_tile,
-    tensor_descriptor, tma_enabled,
+    acc_dtype, apply_dropout, cdiv, check_shapes, check_vector, dot, dot_precision, dropout_keep, dropout_threshold,
+    next_pow2_rank, output_tile, tensor_descriptor, tma_enabled,
 )
 from .lora_shrink import lora_shrink
 
@@ -183,17 +183,17 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
     use_tma = tma_enabled(tma if tma != "auto" else ("auto" if cfg.tma else False), x, weight)
     x_arg = tensor_descriptor(x, [cfg.block_m, cfg.block_k]) if use_tma else x
     w_arg = tensor_descriptor(weight, [cfg.block_n, cfg.block_k]) if use_tma else weight
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)
     _lora_fwd_kernel[grid](
         x_arg, w_arg, lora_A, lora_B, bias if bias is not None else y, xa_arg, y,
         M, N, K, rank,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1), xa_arg.stride(0), xa_arg.stride(1), y.stride(0), y.stride(1),
-        float(scaling), int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), triton.cdiv(K, 4),
+        float(scaling), int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 4),
         HAS_BIAS=bias is not None, DROPOUT=dropout and compute_xa, COMPUTE_XA=compute_xa,
         STORE_XA=compute_xa and xa is not None, USE_TMA=use_tma,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
-        NUM_R_CHUNKS=1 if compute_xa else triton.cdiv(rank, block_r), GROUP_M=cfg.group_m,
+        NUM_R_CHUNKS=1 if compute_xa else cdiv(rank, block_r), GROUP_M=cfg.group_m,
         PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype),
         # A placeholder pointer when absent (never read), as for BIAS: no None pointer arguments.
         OUT_SCALE=out_scale if out_scale is not None else y, HAS_OUT_SCALE=out_scale is not None, **cfg.launch(),

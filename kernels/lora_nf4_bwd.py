@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .config import nf4_config, nf4_path
-from .helpers import acc_dtype, dot, dot_precision, dropout_keep, dropout_threshold, next_pow2_rank, output_tile
+from .helpers import acc_dtype, cdiv, dot, dot_precision, dropout_keep, dropout_threshold, next_pow2_rank, output_tile
 from .lora_bwd import lora_backward_dx
 from .lora_fwd import EPILOGUE_RANK_BLOCK
 from .lora_nf4_fwd import rank_r_term
@@ -90,16 +90,16 @@ def lora_nf4_backward_dx(dy, w4, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
     block_k, block_n = cfg.block_n, cfg.block_k
     if block_k > 64 and block_k % 64:
         block_k = 64
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(K, block_k),)
+    grid = (cdiv(M, cfg.block_m) * cdiv(K, block_k),)
     _lora_nf4_dx_kernel[grid](
         dy, qw, absmax, abs_code, abs_scale, code, lora_A, dyb, dx,
         M, N, K, rank,
         dy.stride(0), dy.stride(1), qw.stride(0), lora_A.stride(0), lora_A.stride(1), dyb.stride(0),
         dyb.stride(1), dx.stride(0), dx.stride(1),
         abs_offset, float(scaling), int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
-        triton.cdiv(K, 4),
+        cdiv(K, 4),
         DROPOUT=dropout_p > 0.0, TABLE=table, BLOCK_M=cfg.block_m, BLOCK_K=block_k, BLOCK_N=block_n,
-        BLOCK_R=block_r, NUM_R_CHUNKS=triton.cdiv(rank, block_r), GROUP_M=cfg.group_m,
+        BLOCK_R=block_r, NUM_R_CHUNKS=cdiv(rank, block_r), GROUP_M=cfg.group_m,
         PRECISION=dot_precision(dy.dtype), ACC=acc_dtype(dy.dtype), **meta, **cfg.launch(),
     )
     return dx, (dyb if store_dyb else None)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .config import nf4_config, nf4_path
-from .helpers import acc_dtype, dot, dot_precision, next_pow2_rank, output_tile
+from .helpers import acc_dtype, cdiv, dot, dot_precision, next_pow2_rank, output_tile
 from .lora_fwd import EPILOGUE_RANK_BLOCK, lora_forward
 from .lora_shrink import lora_shrink
 from .nf4_dequant import check_nf4_operands, nf4_dequantize, nf4_kernel_args, nf4_tile
@@ -79,13 +79,14 @@ def _lora_nf4_fwd_kernel(
 
 
 def lora_nf4_forward(x, w4, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_xa=False, path="auto",
-                     table=True):
+                     table=None):
     """QLoRA forward with an NF4 base weight.
 
     x: [M, K] (fp16, bf16 or fp32), w4: NF4 weight of shape (N, K) (`lora_fast.nf4.NF4Tensor`), bias: [N] or
     None, lora_A: [r, K], lora_B: [N, r] in x's dtype; scaling, dropout_p, seed as in `lora_forward`.
     path: "auto" (`config.nf4_path`), "gemv" (M <= 16), "fused" or "dequant". table: code-book lookup (True)
-    or select-tree decode (False).
+    or select-tree decode (False); None picks the select tree for the GEMV (H100 under CUDA graphs, M=1:
+    2.4x against 10.7x the bf16 base with the lookup, bench/NOTES.md) and the lookup for the GEMM paths.
     Returns (y [M, N], xa [M, r] = drop(x) @ A^T or None unless store_xa).
 
     >>> y, _ = lora_nf4_forward(x, w4, None, A, B, 2.0)
@@ -94,6 +95,8 @@ def lora_nf4_forward(x, w4, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
     M, K, N, rank = check_nf4_operands(w4, lora_A, lora_B, x=x, bias=bias)
     if path == "auto":
         path = nf4_path(M)
+    if table is None:
+        table = path != "gemv"
     if path == "gemv":
         return nf4_gemv(x, w4, bias, lora_A, lora_B, scaling, dropout_p, seed, store_xa, table=table)
     if path == "dequant":
@@ -108,14 +111,14 @@ def lora_nf4_forward(x, w4, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
         return y, (xa if store_xa else None)
     cfg = nf4_config("gemm", M, x.dtype)
     block_r = min(EPILOGUE_RANK_BLOCK, next_pow2_rank(rank))
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)
     _lora_nf4_fwd_kernel[grid](
         x, qw, absmax, abs_code, abs_scale, code, lora_B, bias if bias is not None else y, xa, y,
         M, N, K, rank,
         x.stride(0), x.stride(1), qw.stride(0), lora_B.stride(0), lora_B.stride(1), xa.stride(0), xa.stride(1),
         y.stride(0), y.stride(1), abs_offset, float(scaling),
         HAS_BIAS=bias is not None, TABLE=table, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        BLOCK_R=block_r, NUM_R_CHUNKS=triton.cdiv(rank, block_r), GROUP_M=cfg.group_m,
+        BLOCK_R=block_r, NUM_R_CHUNKS=cdiv(rank, block_r), GROUP_M=cfg.group_m,
         PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype), **meta, **cfg.launch(),
     )
     return y, (xa if store_xa else None)

@@ -9,7 +9,9 @@ import triton
 import triton.language as tl
 
 from .config import shrink_config
-from .helpers import acc_dtype, apply_dropout, check_shapes, dot, dot_precision, dropout_keep, dropout_threshold
+from .helpers import (
+    acc_dtype, apply_dropout, cdiv, check_shapes, dot, dot_precision, dropout_keep, dropout_threshold, next_pow2,
+)
 
 # Widest rank slice per program: [BLOCK_M, 128] fp32 accumulators still fit the registers of 4 warps.
 MAX_SHRINK_RANK_BLOCK = 128
@@ -68,12 +70,12 @@ def lora_shrink(x, lora_A, dropout_p=0.0, seed=0):
     if M == 0:
         return xa
     cfg = shrink_config(M, x.dtype)
-    block_r = min(MAX_SHRINK_RANK_BLOCK, max(16, triton.next_power_of_2(rank)))
-    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(rank, block_r))
+    block_r = min(MAX_SHRINK_RANK_BLOCK, max(16, next_pow2(rank)))
+    grid = (cdiv(M, cfg.block_m), cdiv(rank, block_r))
     _lora_shrink_kernel[grid](
         x, lora_A, xa, M, K, rank,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0), xa.stride(1),
-        int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), triton.cdiv(K, 4),
+        int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 4),
         DROPOUT=dropout_p > 0.0, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
         PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype), **cfg.launch(),
     )

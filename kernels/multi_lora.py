@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .helpers import acc_dtype, dot, grouped_tile
+from .helpers import acc_dtype, cdiv, dot, grouped_tile, next_pow2
 
 # Rank chunk: the granularity at which an adapter's true rank is honoured, and tl.dot's minimum inner size.
 RANK_CHUNK = 16
@@ -305,7 +305,7 @@ def _expand_kernel(
 
 
 def _bucket(t: int) -> int:
-    return triton.next_power_of_2(max(int(t), 1))
+    return next_pow2(max(int(t), 1))
 
 
 @functools.lru_cache(maxsize=None)
@@ -331,7 +331,7 @@ def _config(t_bucket: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, is_cu
     # Shrink: segment tiles of 16 rows at decode (one token per adapter is common), 64 in prefill; split K until
     # there are about two programs per SM.
     s_block_m = 16 if t_bucket <= 256 else 64
-    tiles = triton.cdiv(t_bucket, s_block_m) + min(t_bucket, 64)
+    tiles = cdiv(t_bucket, s_block_m) + min(t_bucket, 64)
     split_k = 1
     while tiles * (R_PAD // RANK_CHUNK) * split_k < 256 and split_k < 16 and K // (split_k * 2) >= 256:
         split_k *= 2
@@ -372,7 +372,7 @@ DEBUG_FILL_WORKSPACE = False
 
 def rank_pad(R: int) -> int:
     """Width of the xa workspace for a pool of rank R: a multiple of the rank chunk."""
-    return triton.cdiv(int(R), RANK_CHUNK) * RANK_CHUNK
+    return cdiv(int(R), RANK_CHUNK) * RANK_CHUNK
 
 
 # ----------------------------------------------------------------------------------------------- launcher
@@ -466,7 +466,7 @@ def _launch_fused(x2d, weight, bias, lora_B, ws, target, perm, seg_of, seg_start
     """target [T, N] = base GEMM and/or LoRA epilogue over (row tile, N tile) programs (see `_fused_kernel`)."""
     T, K = x2d.shape
     slices, n_tiles = _slice_table(tuple(int(s) for s in slice_sizes), cfg["BLOCK_N"], x2d.device)
-    grid = (triton.cdiv(T, cfg["BLOCK_M"]) * n_tiles,)
+    grid = (cdiv(T, cfg["BLOCK_M"]) * n_tiles,)
     _fused_kernel[grid](
         x2d, weight, bias if bias is not None else weight, lora_B, ws, target,
         perm, seg_of, seg_start, seg_adapter, ranks, scalings, slices,
@@ -490,14 +490,14 @@ def _launch_expand(lora_B, ws, target, perm, seg_start, seg_adapter, ranks, scal
     T = target.shape[0]
     max_segs = seg_adapter.shape[0]
     slices, n_tiles = _slice_table(tuple(int(s) for s in slice_sizes), cfg["E_BLOCK_N"], target.device)
-    grid = (triton.cdiv(T, cfg["E_BLOCK_M"]) + max_segs, n_tiles)
+    grid = (cdiv(T, cfg["E_BLOCK_M"]) + max_segs, n_tiles)
     _expand_kernel[grid](
         lora_B, ws, target, perm, seg_start, seg_adapter, ranks, scalings, slices,
         T, max_segs,
         *lora_B.stride(),
         ws.stride(0), ws.stride(1), ws.stride(2),
         target.stride(0), target.stride(1),
-        SEGS_P2=triton.next_power_of_2(max_segs), NUM_SLICES=len(slice_sizes), SPLIT_K=ws.shape[0],
+        SEGS_P2=next_pow2(max_segs), NUM_SLICES=len(slice_sizes), SPLIT_K=ws.shape[0],
         BLOCK_M=cfg["E_BLOCK_M"], BLOCK_N=cfg["E_BLOCK_N"], BLOCK_R=RANK_CHUNK, PRECISION=precision,
         ACC=acc_dtype(lora_B.dtype), ACCUMULATE=accumulate,
         num_warps=cfg["e_num_warps"], num_stages=1,
@@ -509,16 +509,16 @@ def _launch_shrink(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks, cfg, pr
     T, K = x2d.shape
     split_k, n_slices, _, R_PAD = ws.shape
     max_segs = seg_adapter.shape[0]
-    k_per_split = triton.cdiv(triton.cdiv(K, split_k), cfg["S_BLOCK_K"]) * cfg["S_BLOCK_K"]
+    k_per_split = cdiv(cdiv(K, split_k), cfg["S_BLOCK_K"]) * cfg["S_BLOCK_K"]
     num_rchunks = R_PAD // RANK_CHUNK
-    grid_s = (triton.cdiv(T, cfg["S_BLOCK_M"]) + max_segs, n_slices * num_rchunks, split_k)
+    grid_s = (cdiv(T, cfg["S_BLOCK_M"]) + max_segs, n_slices * num_rchunks, split_k)
     _shrink_kernel[grid_s](
         x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks,
         T, K, k_per_split, max_segs,
         x2d.stride(0), x2d.stride(1),
         *lora_A.stride(),
         ws.stride(0), ws.stride(1), ws.stride(2),
-        SEGS_P2=triton.next_power_of_2(max_segs), NUM_RCHUNKS=num_rchunks,
+        SEGS_P2=next_pow2(max_segs), NUM_RCHUNKS=num_rchunks,
         BLOCK_M=cfg["S_BLOCK_M"], BLOCK_R=RANK_CHUNK, BLOCK_K=cfg["S_BLOCK_K"], PRECISION=precision,
         ACC=acc_dtype(x2d.dtype),
         num_warps=cfg["s_num_warps"], num_stages=cfg["s_num_stages"],
@@ -554,7 +554,7 @@ def _slice_table(slice_sizes: tuple, block_n: int, device) -> tuple:
         for size in slice_sizes:
             rows.append((offset, size, tile))
             offset += size
-            tile += triton.cdiv(size, block_n)
+            tile += cdiv(size, block_n)
         _SLICE_TABLES[key] = (torch.tensor(rows, dtype=torch.int32, device=device), tile)
     return _SLICE_TABLES[key]
 

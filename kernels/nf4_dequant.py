@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .config import nf4_config
-from .helpers import check_shapes
+from .helpers import cdiv, check_shapes
 
 # The NF4 code book of the QLoRA paper (Dettmers et al. 2023, appendix E): the 2^4 quantiles of N(0, 1) with an
 # exact zero, normalised to [-1, 1] (fp32 values, as bitsandbytes stores them).
@@ -153,7 +153,7 @@ def nf4_kernel_args(w4):
     code = nf4_code_table(qweight.device)
     if dq:
         group = int(w4.absmax_group)
-        if w4.absmax_scale.numel() < triton.cdiv(absmax.numel(), group) or w4.absmax_code.numel() != 256:
+        if w4.absmax_scale.numel() < cdiv(absmax.numel(), group) or w4.absmax_code.numel() != 256:
             raise ValueError("absmax_scale / absmax_code do not match the double-quantized absmax")
         args = (qweight, absmax, w4.absmax_code, w4.absmax_scale, float(w4.absmax_offset), code)
     else:
@@ -200,7 +200,7 @@ def nf4_dequantize(w4, dtype=torch.bfloat16, out=None, table=True):
     if N == 0:
         return out
     cfg = nf4_config("dequant", N)
-    grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(K, cfg.block_k))
+    grid = (cdiv(N, cfg.block_n), cdiv(K, cfg.block_k))
     _nf4_dequant_kernel[grid](
         qw, absmax, abs_code, abs_scale, code, out, N, K, qw.stride(0), out.stride(0), out.stride(1), abs_offset,
         TABLE=table, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **meta, **cfg.launch(),

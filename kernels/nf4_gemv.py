@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .config import nf4_config, num_sms
 from .helpers import (
-    acc_dtype, apply_dropout, dot, dot_precision, dropout_keep, dropout_threshold, next_pow2_rank,
+    acc_dtype, apply_dropout, cdiv, dot, dot_precision, dropout_keep, dropout_threshold, next_pow2_rank,
 )
 from .nf4_dequant import check_nf4_operands, nf4_kernel_args, nf4_tile
 
@@ -113,10 +113,10 @@ def _nf4_gemv_finish_kernel(
 
 def nf4_gemv_splits(n_tiles: int, k_steps: int, device) -> int:
     """K splits: about TARGET_CTAS_PER_SM programs per SM in all, at most one BLOCK_K step per split."""
-    return max(1, min(k_steps, triton.cdiv(TARGET_CTAS_PER_SM * num_sms(device), n_tiles)))
+    return max(1, min(k_steps, cdiv(TARGET_CTAS_PER_SM * num_sms(device), n_tiles)))
 
 
-def nf4_gemv(x, w4, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_xa=False, table=True,
+def nf4_gemv(x, w4, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_xa=False, table=False,
              splits=None):
     """NF4 LoRA forward for M <= 16 rows, reading the 4-bit weight directly.
 
@@ -136,11 +136,11 @@ def nf4_gemv(x, w4, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_
     if M == 0 or N == 0:
         return y, xa
     block_r = next_pow2_rank(rank)
-    n_tiles = triton.cdiv(N, cfg.block_n)
-    k_steps = triton.cdiv(K, cfg.block_k)
+    n_tiles = cdiv(N, cfg.block_n)
+    k_steps = cdiv(K, cfg.block_k)
     splits = splits or nf4_gemv_splits(n_tiles, k_steps, x.device)
-    k_per_split = triton.cdiv(k_steps, splits) * cfg.block_k
-    splits = triton.cdiv(K, k_per_split)
+    k_per_split = cdiv(k_steps, splits) * cfg.block_k
+    splits = cdiv(K, k_per_split)
     part = torch.empty((splits, cfg.block_m, N), device=x.device, dtype=torch.float32)
     xa_part = torch.empty((splits, cfg.block_m, block_r), device=x.device, dtype=torch.float32)
     dropout = dropout_p > 0.0
@@ -148,7 +148,7 @@ def nf4_gemv(x, w4, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_
         x, qw, absmax, abs_code, abs_scale, code, lora_A, part, xa_part,
         M, N, K, rank, k_per_split,
         x.stride(0), x.stride(1), qw.stride(0), lora_A.stride(0), lora_A.stride(1), abs_offset,
-        int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), triton.cdiv(K, 4),
+        int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 4),
         DROPOUT=dropout, TABLE=table, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         BLOCK_R=block_r, PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype), **meta, **cfg.launch(),
     )

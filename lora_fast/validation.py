@@ -44,9 +44,11 @@ def check_adapter_dtype(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
 def check_scaling(scaling, name: str = "scaling") -> float:
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"{name} must be a Python float or int, got {type(scaling).__name__}")
-    if not math.isfinite(float(scaling)):
+    # Comparisons, not math.isfinite: torch 2.11's dynamo may lift a module's float into a SymFloat (seen under
+    # checkpoint of a compiled module), where math.isfinite is a graph break but a comparison traces. NaN fails both.
+    if not -math.inf < scaling < math.inf:
         raise ValueError(f"{name} must be finite, got {scaling}")
-    return float(scaling)
+    return scaling if isinstance(scaling, float) else float(scaling)
 
 
 def check_dropout(dropout_p, name: str = "dropout_p") -> float:

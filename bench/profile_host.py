@@ -1,0 +1,120 @@
+"""Host (CPU) time per eager call of the fused LoRA linear, and where it goes (cProfile).
+
+Small M makes the GPU work negligible, so wall time per call is the Python + launch cost that bounds an eager
+training step when layers are small (bench/NOTES.md, "host overhead"). Prints, per case, microseconds per call
+(no sync inside the loop) and the top functions by own time; a bare Triton launch of a trivial kernel with as many
+arguments as the forward kernel gives the floor that Triton's launcher alone costs.
+
+    PYTHONPATH=$PWD python3 bench/profile_host.py [--out DIR] [--calls 300]
+"""
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import sys
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lora_fast import LoRALinear  # noqa: E402
+
+
+@triton.jit
+def _noop_kernel(p0, p1, p2, p3, p4, p5, p6, i0, i1, i2, i3, i4, i5, i6, i7, i8, i9, i10, i11, i12, i13, i14, i15,
+                 i16, i17, i18, f0, f1, f2, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr):
+    if C0 == 12345:
+        tl.store(p0, tl.load(p1))
+
+
+def bare_launch_us(calls: int) -> float:
+    t = torch.empty(16, device="cuda")
+    ints = list(range(1, 20))
+
+    def launch():
+        _noop_kernel[(1,)](t, t, t, t, t, t, t, *ints, 1.0, 2.0, 3.0, C0=1, C1=2, C2=3)
+
+    for _ in range(10):
+        launch()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        launch()
+    us = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize()
+    return us
+
+
+def case(name, fn, calls):
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    us = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
+    return dict(case=name, us_per_call=us, profile=s.getvalue()[-6000:])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join("bench", "out"))
+    ap.add_argument("--calls", type=int, default=300)
+    args = ap.parse_args(argv)
+    rows = [dict(case="bare triton launch, 32 args", us_per_call=bare_launch_us(args.calls))]
+    for p in (0.0, 0.1):
+        layer = LoRALinear(1024, 1024, rank=16, alpha=32, dropout=p, device="cuda", dtype=torch.bfloat16)
+        layer.train()
+        x = torch.randn(16, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(16, 1024, device="cuda", dtype=torch.bfloat16)
+        lin = torch.nn.Linear(1024, 1024, device="cuda", dtype=torch.bfloat16)
+        rows.append(case("nn.Linear fwd+bwd M=16", lambda: lin(x).backward(g), args.calls))
+        rows.append(case(f"LoRALinear fwd p={p} M=16", lambda: layer(x), args.calls))
+        rows.append(case(f"LoRALinear fwd+bwd p={p} M=16", lambda: layer(x).backward(g), args.calls))
+    # host µs per launcher call (no autograd, no sync): where an eager fwd+bwd's host time goes
+    from lora_fast import kernels as K_
+
+    for M in (16, 4096):
+        x2 = torch.randn(M, 2048, device="cuda", dtype=torch.bfloat16)
+        W = torch.randn(5632, 2048, device="cuda", dtype=torch.bfloat16)
+        A = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
+        B = torch.randn(5632, 16, device="cuda", dtype=torch.bfloat16)
+        dy = torch.randn(M, 5632, device="cuda", dtype=torch.bfloat16)
+        xa = torch.randn(M, 16, device="cuda", dtype=torch.bfloat16)
+        launchers = {"lora_forward": lambda: K_.lora_forward(x2, W, None, A, B, 2.0, store_xa=True),
+                     "lora_shrink": lambda: K_.lora_shrink(x2, A),
+                     "lora_backward_dx": lambda: K_.lora_backward_dx(dy, W, A, B, 2.0),
+                     "lora_grad_ab": lambda: K_.lora_grad_ab(x2, dy, xa, xa, 2.0, A.dtype, B.dtype)}
+        for name, fn in launchers.items():
+            rows.append(dict(case=f"launcher {name} M={M}", us_per_call=case(name, fn, args.calls)["us_per_call"]))
+    # a 1B Llama MLP-sized layer at a training batch (2 x 2048 tokens): the TMA / split paths of large M
+    layer = LoRALinear(2048, 5632, rank=16, alpha=32, dropout=0.0, device="cuda", dtype=torch.bfloat16).train()
+    x = torch.randn(4096, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(4096, 5632, device="cuda", dtype=torch.bfloat16)
+    rows.append(case("LoRALinear fwd+bwd p=0 M=4096 K=2048 N=5632", lambda: layer(x).backward(g), 50))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "profile_host.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    for r in rows:
+        if "profile" in r:
+            print(f"==== {r['case']}\n{r['profile']}")
+    for r in rows:
+        print(f"{r['case']:40s} {r['us_per_call']:8.1f} us/call")
+
+
+if __name__ == "__main__":
+    main()
