@@ -164,13 +164,15 @@ def capability_major(device: torch.device) -> int:
 
 
 # ---- NF4 (QLoRA) kernels: kernels/nf4_dequant.py, nf4_gemv.py, lora_nf4_fwd.py, lora_nf4_bwd.py ----
-# Not yet swept on the H100 (bench/gpu_qlora.py times every path; move these to its measurements).
 # Up to NF4_GEMV_ROWS rows the forward is a split-K GEMV over the 4-bit bytes (decode). Up to NF4_FUSED_ROWS
 # rows the fused GEMM decodes W tile by tile in registers: it re-decodes each W tile once per BLOCK_M rows, so
 # at large M the decode work (about 7 ALU ops and one L1 lookup per weight per row tile) outgrows the MMA work,
 # and writing deq(W) once (a 4 + 16 bit per weight round trip) then running the bf16 LoRA kernels wins.
+# Measured on the H100 (bench/results/qlora_gpu.json, bench/NOTES.md): the fused GEMM, with these untuned tiles,
+# took 19-32x the bf16 base from 128 to 8192 rows against 1.2-6.5x for the dequant path, so it is off
+# (NF4_FUSED_ROWS = NF4_GEMV_ROWS) until it is tuned; path="fused" still runs it.
 NF4_GEMV_ROWS = 16
-NF4_FUSED_ROWS = 1024
+NF4_FUSED_ROWS = NF4_GEMV_ROWS
 _NF4_INTERPRET = {"gemm": GemmConfig(16, 16, 64, group_m=2, num_warps=1, num_stages=1),
                   "gemv": GemmConfig(16, 16, 64, num_warps=1, num_stages=1),
                   "dequant": GemmConfig(0, 16, 64, num_warps=1, num_stages=1)}
