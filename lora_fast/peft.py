@@ -58,7 +58,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from .functional import lora_linear
+from .functional import autocast_dtype, lora_linear
 from .embedding import LoRAEmbedding
 from .layers import LoRALinear
 
@@ -143,7 +143,12 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
         return peft_forward(x)
     weight, bias = base.weight, base.bias
-    if x.dtype != weight.dtype or x.dtype not in _FLOAT_DTYPES or (bias is not None and bias.dtype != x.dtype):
+    if x.dtype not in _FLOAT_DTYPES:
+        return peft_forward(x)
+    # Under autocast lora_linear casts every operand to the autocast dtype, as PEFT's base layer and adapters get
+    # cast, so x, W and b may differ in dtype there (a bf16 activation meeting fp32 weights is the usual case).
+    autocast = autocast_dtype("cuda" if x.is_cuda else "cpu") is not None
+    if not autocast and (x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype)):
         return peft_forward(x)
     first = active[0]
     drop = _dropout_p(self.lora_dropout[first])

@@ -212,6 +212,33 @@ def test_bf16_base_fp32_adapters():
         assert g1[n].dtype == g0[n].dtype and rel(g1[n], g0[n]) < 5e-2, (n, rel(g1[n], g0[n]))
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fp32_model_under_autocast_is_fused(count_fused, dropout):
+    """fp32 PEFT model under bf16 autocast: every LoRA module takes the fused path (also where a bf16 activation
+    meets the fp32 weights), and the result is as close to the fp32 step as PEFT's own autocast step is: bf16
+    rounding through two layers moves single gradients by several percent either way (eval: dropout off)."""
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=LLAMA_TARGETS, init_lora_weights=False)
+    model = get_peft_model(llama(), cfg)
+    model.eval()
+    y_ref, g_ref = run(model, ids())  # fp32, no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y0, g0 = run(model, ids())
+        lfp.patch(model)
+        y1, g1 = run(model, ids())
+    lfp.unpatch(model)
+    assert count_fused["n"] == 2 * len(LLAMA_TARGETS)  # 2 layers, every target fused
+    assert y1.dtype == y0.dtype
+    assert all(g1[n].dtype == g0[n].dtype == torch.float32 for n in g0) and g0.keys() == g1.keys()
+
+    def dist(g):
+        return sum(float((g[n].double() - g_ref[n].double()).norm() ** 2) for n in g_ref) ** 0.5 / \
+            sum(float(g_ref[n].double().norm() ** 2) for n in g_ref) ** 0.5
+
+    assert rel(y1, y_ref) <= 1.5 * rel(y0, y_ref) + 1e-3, (rel(y1, y_ref), rel(y0, y_ref))
+    assert dist(g1) <= 1.5 * dist(g0) + 1e-3, (dist(g1), dist(g0))
+    assert rel(y1, y0) < 2e-2
+
+
 # ------------------------------------------------------------------------------------------------- adapter files
 
 FILE_CFG = dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"],
