@@ -250,12 +250,19 @@ def _grad_ab_plan(M, K, N, rank, dtype, device, need_a, need_b):
     return cfg_a, cfg_b, tiles_a, tiles_b, cdiv(M, rows_per_split), rows_per_split
 
 
+def _grad_out(splits, rows, cols, dtype, device):
+    """The [splits, rows, cols] partial-sum buffer, or [rows, cols] itself when there is one split."""
+    shape = (rows, cols) if splits == 1 else (splits, rows, cols)
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
 def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p=0.0, seed=0, need_a=True, need_b=True):
     """dA = s * dyb^T @ drop(x) and dB = s * dy^T @ xa, in one launch.
 
     x: [M, K], dy: [M, N], xa: [M, r] (= drop(x) @ A^T from the forward), dyb: [M, r] (= dy @ B).
     Returns (dA [r, K] in a_dtype or None, dB [N, r] in b_dtype or None). Both reduce over M, split so that the
-    small outputs still fill the GPU; the fp32 partials of both sit in one buffer, summed in one pass.
+    small outputs still fill the GPU; with several splits each output has an fp32 partial-sum buffer, summed in a
+    fixed order.
 
     >>> dA, dB = lora_grad_ab(x, dy, xa, dyb, 2.0, A.dtype, B.dtype)
     """
@@ -269,24 +276,30 @@ def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p=0.0, seed=
                 torch.zeros((N, rank), device=x.device, dtype=b_dtype) if need_b else None)
     cfg_a, cfg_b, tiles_a, tiles_b, splits, rows_per_split = _grad_ab_plan(
         M, K, N, rank, x.dtype, x.device, need_a, need_b)
-    size_a = rank * K
-    buf_dtype = a_dtype if splits == 1 else torch.promote_types(x.dtype, torch.float32)
-    buf = torch.empty((splits, size_a + N * rank), device=x.device, dtype=buf_dtype)
-    out_a = buf[:, :size_a].view(splits, rank, K)
-    out_b = buf[:, size_a:].view(splits, N, rank)
+    # Two outputs, each [splits, P, Q] of fp32 partials, or (one split) the final [P, Q] tensor in its own dtype
+    # with a zero split stride: no slicing, views or casts afterwards (each torch op costs host time, NOTES.md).
+    part = torch.promote_types(x.dtype, torch.float32)
+    out_a = _grad_out(splits, rank, K, a_dtype if splits == 1 else part, x.device) if need_a else None
+    out_b = _grad_out(splits, N, rank, b_dtype if splits == 1 else part, x.device) if need_b else None
+    oa = out_a if need_a else out_b  # placeholders are never written: their tile count is zero
+    ob = out_b if need_b else out_a
+    sa = (0, *oa.stride()) if oa.dim() == 2 else oa.stride()
+    sb = (0, *ob.stride()) if ob.dim() == 2 else ob.stride()
     u_a = dyb if need_a else x  # placeholders are never read: their tile count is zero
     v_b = xa if need_b else x
     _lora_grad_ab_kernel[(tiles_a + tiles_b, splits)](
-        u_a, x, dy, v_b, out_a, out_b,
+        u_a, x, dy, v_b, oa, ob,
         M, K, N, rank, rows_per_split, tiles_a,
         u_a.stride(0), u_a.stride(1), x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), v_b.stride(0), v_b.stride(1),
-        out_a.stride(0), out_a.stride(1), out_a.stride(2), out_b.stride(0), out_b.stride(1), out_b.stride(2),
+        *sa, *sb,
         float(scaling), int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 4),
         DROPOUT=dropout_p > 0.0, BLOCK_RA=cfg_a.block_m, BLOCK_KA=cfg_a.block_n, BLOCK_NB=cfg_b.block_m,
         BLOCK_RB=cfg_b.block_n, BLOCK_M=cfg_a.block_k, PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype),
         **cfg_a.launch(),
     )
-    total = buf[0] if splits == 1 else buf.sum(0, dtype=a_dtype)  # fp32 partials, summed in fp32 by torch
-    dA = total[:size_a].view(rank, K) if need_a else None
-    dB = total[size_a:].view(N, rank).to(b_dtype) if need_b else None
+    if splits == 1:
+        return out_a, out_b
+    # fp32 partials, summed in fp32 by torch (a fixed order: deterministic)
+    dA = out_a.sum(0, dtype=a_dtype) if need_a else None
+    dB = out_b.sum(0, dtype=b_dtype) if need_b else None
     return dA, dB
