@@ -168,7 +168,7 @@ def capability_major(device: torch.device) -> int:
 # rows the fused GEMM decodes W tile by tile in registers: it re-decodes each W tile once per BLOCK_M rows, so
 # at large M the decode work (about 7 ALU ops and one L1 lookup per weight per row tile) outgrows the MMA work,
 # and writing deq(W) once (a 4 + 16 bit per weight round trip) then running the bf16 LoRA kernels wins.
-# Measured on the H100 (bench/results/qlora_gpu.json, bench/NOTES.md): the fused GEMM, with these untuned tiles,
+# Measured on the H200 (bench/results/qlora_gpu.json, bench/NOTES.md): the fused GEMM, with these untuned tiles,
 # took 19-32x the bf16 base from 128 to 8192 rows against 1.2-6.5x for the dequant path, so it is off
 # (NF4_FUSED_ROWS = NF4_GEMV_ROWS) until it is tuned; path="fused" still runs it.
 NF4_GEMV_ROWS = 16

@@ -8,7 +8,7 @@ Three paths (`kernels.config.nf4_path`, by row count):
   * "dequant" (large M): `nf4_dequantize` writes deq(W) once, then the bf16 fused LoRA forward runs on it. The
     fused kernel decodes each W tile once per BLOCK_M rows of X, which at thousands of rows costs more than the
     one extra write and read of W in bf16; the temporary is freed on return.
-"auto" takes "dequant" for every M > 16 for now: the fused GEMM measured 19-32x the bf16 base on the H100
+"auto" takes "dequant" for every M > 16 for now: the fused GEMM measured 19-32x the bf16 base on the H200
 (config.NF4_FUSED_ROWS).
 """
 import torch
@@ -87,7 +87,7 @@ def lora_nf4_forward(x, w4, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
     x: [M, K] (fp16, bf16 or fp32), w4: NF4 weight of shape (N, K) (`lora_fast.nf4.NF4Tensor`), bias: [N] or
     None, lora_A: [r, K], lora_B: [N, r] in x's dtype; scaling, dropout_p, seed as in `lora_forward`.
     path: "auto" (`config.nf4_path`), "gemv" (M <= 16), "fused" or "dequant". table: code-book lookup (True)
-    or select-tree decode (False); None picks the select tree for the GEMV (H100 under CUDA graphs, M=1:
+    or select-tree decode (False); None picks the select tree for the GEMV (H200 under CUDA graphs, M=1:
     2.4x against 10.7x the bf16 base with the lookup, bench/NOTES.md) and the lookup for the GEMM paths.
     Returns (y [M, N], xa [M, r] = drop(x) @ A^T or None unless store_xa).
 
