@@ -67,6 +67,23 @@ def check_rank(rank, name: str = "rank") -> int:
     return int(rank)
 
 
+def check_dtype(dtype, name: str = "dtype", allowed=FLOAT_DTYPES, none_ok: bool = True):
+    """`dtype` is one of `allowed` (a torch.dtype; None too when `none_ok`): a string or an integer dtype is refused."""
+    if dtype is None and none_ok:
+        return None
+    if not isinstance(dtype, torch.dtype) or dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{name} must be a torch.dtype, one of {names}{' (or None)' if none_ok else ''}, got {dtype!r}")
+    return dtype
+
+
+def check_flag(value, name: str) -> bool:
+    """A True/False option: a string such as "false" would otherwise count as True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
 def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training):
     """Checks of `lora_fast.lora_linear`; returns (scaling, dropout_p) as floats."""
     check_tensor("x", x, min_ndim=1)
@@ -119,5 +136,8 @@ def check_target_modules(model, target_modules) -> None:
             re.compile(target_modules)
         except re.error as e:
             raise ValueError(f"target_modules is not a valid regex: {e}") from None
-    elif not (isinstance(target_modules, Iterable) and all(isinstance(t, str) for t in target_modules)):
+    elif not isinstance(target_modules, Iterable) or iter(target_modules) is target_modules:
+        # A one-shot iterator (a generator) would be used up by this check and then match nothing.
+        raise TypeError(f"target_modules must be a regex string or a list of module names, got {target_modules!r}")
+    elif not all(isinstance(t, str) for t in target_modules):
         raise TypeError(f"target_modules must be a regex string or a list of module names, got {target_modules!r}")
