@@ -16,19 +16,21 @@ with zeros and x's with zeros to use NF4 there).
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from .kernels.nf4_dequant import NF4_BLOCK, NF4_CODE
-from .validation import check_tensor
+from .validation import FLOAT_DTYPES, check_dtype, check_flag, check_tensor
 
 # Blocks of absmax per second-level scale in double quantization (the paper's blocksize 256).
 ABSMAX_GROUP = 256
 # FP8 E4M3's largest finite value: the second-level codes are E4M3 numbers scaled to [-1, 1] by it.
 _E4M3_MAX = 448.0
 
-__all__ = ["NF4_BLOCK", "NF4_CODE", "NF4Tensor", "quantize_nf4", "dequantize_nf4", "roundtrip_error", "from_bnb"]
+__all__ = ["NF4_BLOCK", "NF4_CODE", "NF4Tensor", "check_nf4_tensor", "quantize_nf4", "dequantize_nf4",
+           "roundtrip_error", "from_bnb"]
 
 
 @dataclass
@@ -84,13 +86,15 @@ class NF4Tensor:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W' [N, K] in `dtype` (default: self.dtype), computed in fp32 and rounded once."""
+        dtype = check_dtype(dtype, "dtype") or check_dtype(self.dtype, "NF4Tensor.dtype", none_ok=False)
         N, K = self.shape
         code = torch.tensor(NF4_CODE, dtype=torch.float32, device=self.device)
         vals = code[self.codes().long()].view(N, K // NF4_BLOCK, NF4_BLOCK)
-        return (vals * self.absmax_float()[..., None]).view(N, K).to(dtype or self.dtype)
+        return (vals * self.absmax_float()[..., None]).view(N, K).to(dtype)
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "NF4Tensor":
         """A copy on `device` (the packed tensors keep their dtypes); `dtype` changes the dequantize dtype."""
+        check_dtype(dtype, "dtype")
         moved = {k: v.to(device) if device is not None else v for k, v in self._tensors().items()}
         return replace(self, **moved, dtype=dtype or self.dtype)
 
@@ -140,6 +144,60 @@ def check_nf4_shape(shape, name: str = "weight") -> None:
                          f"blocksize {NF4_BLOCK} (pad the weight's columns, and x, with zeros)")
 
 
+def _is_int(v) -> bool:
+    return type(v) is int or (isinstance(v, numbers.Integral) and not isinstance(v, bool))
+
+
+def check_nf4_tensor(q, name: str = "weight") -> "NF4Tensor":
+    """`q` is an NF4Tensor whose fields agree with each other (an NF4Tensor built or edited by hand may not): the
+    layout every decode path reads, checked in O(1) (no tensor is read; a few µs, as qlora_linear runs it on every
+    call). Each error names `name` and the field."""
+    if not isinstance(q, NF4Tensor):
+        raise TypeError(f"{name} must be an NF4Tensor (lora_fast.nf4.quantize_nf4), got {type(q).__name__}")
+    shape = q.shape
+    if not (isinstance(shape, (tuple, list)) and len(shape) == 2 and _is_int(shape[0]) and _is_int(shape[1])):
+        raise ValueError(f"{name}.shape must be two ints (N, K), got {shape!r}")
+    N, K = shape
+    if N < 0:
+        raise ValueError(f"{name}.shape has N={N} rows")
+    check_nf4_shape(shape, f"{name}.shape")
+    if q.dtype not in FLOAT_DTYPES:
+        check_dtype(q.dtype, f"{name}.dtype", none_ok=False)
+    qweight, absmax = q.qweight, q.absmax
+    if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.uint8 or qweight.shape != (N, K // 2):
+        got = f"{qweight.dtype} {list(qweight.shape)}" if isinstance(qweight, torch.Tensor) else type(qweight).__name__
+        raise ValueError(f"{name}.qweight must be a uint8 [{N}, {K // 2}] tensor (two 4-bit codes per byte), got {got}")
+    dq = q.absmax_code is not None
+    blocks = N * K // NF4_BLOCK
+    if not isinstance(absmax, torch.Tensor) or absmax.dtype != (torch.uint8 if dq else torch.float32) \
+            or absmax.numel() != blocks or not absmax.is_contiguous():
+        got = f"{absmax.dtype} {list(absmax.shape)}" if isinstance(absmax, torch.Tensor) else type(absmax).__name__
+        raise ValueError(f"{name}.absmax must be a contiguous {torch.uint8 if dq else torch.float32} tensor of {blocks} "
+                         f"block scales ([{N}, {K // NF4_BLOCK}]{', double-quantized codes' if dq else ''}), got {got}")
+    device = qweight.device
+    if absmax.device != device:
+        raise ValueError(f"{name}.absmax is on {absmax.device} but {name}.qweight is on {device}")
+    if dq:
+        code, scale, group = q.absmax_code, q.absmax_scale, q.absmax_group
+        if not isinstance(code, torch.Tensor) or not code.dtype.is_floating_point or code.numel() != 256:
+            raise ValueError(f"{name}.absmax_code must be a float tensor of 256 values")
+        if not _is_int(group) or group < 1:
+            raise ValueError(f"{name}.absmax_group must be an int >= 1, got {group!r}")
+        if not isinstance(scale, torch.Tensor) or not scale.dtype.is_floating_point \
+                or scale.numel() < -(-blocks // group) or not scale.is_contiguous():
+            raise ValueError(f"{name}.absmax_scale must be a contiguous float tensor of ceil({blocks} / "
+                             f"{group}) = {-(-blocks // group)} scales")
+        offset = q.absmax_offset
+        if type(offset) is not float and (isinstance(offset, bool) or not isinstance(offset, numbers.Real)):
+            raise ValueError(f"{name}.absmax_offset must be a float, got {type(offset).__name__}")
+        for field_name, t in (("absmax_code", code), ("absmax_scale", scale)):
+            if t.device != device:
+                raise ValueError(f"{name}.{field_name} is on {t.device} but {name}.qweight is on {device}")
+    elif q.absmax_scale is not None:
+        raise ValueError(f"{name}.absmax_scale is set but absmax_code is None: double quantization needs both")
+    return q
+
+
 def _nearest_code(normalized: torch.Tensor) -> torch.Tensor:
     """Index of the nearest NF4 value to each element of `normalized` (in [-1, 1]): uint8."""
     code = torch.tensor(NF4_CODE, dtype=torch.float32, device=normalized.device)
@@ -183,9 +241,18 @@ def quantize_nf4(weight: torch.Tensor, double_quant: bool = False, dtype: torch.
     """
     check_tensor("weight", weight, ndim=2)
     check_nf4_shape(weight.shape)
+    check_flag(double_quant, "double_quant")
+    check_dtype(dtype, "dtype")
+    if weight.device.type == "meta":
+        raise ValueError("weight is on the meta device: quantize_nf4 needs its values (materialize it first)")
     N, K = weight.shape
     w = weight.detach().float().reshape(N, K // NF4_BLOCK, NF4_BLOCK)
     absmax = w.abs().amax(-1)
+    # One reduction of the [N, K / 64] scales (a quantization reads W several times anyway): a NaN or inf weight
+    # would turn its whole 64-weight block into NaN.
+    if not bool(torch.isfinite(absmax).all()):
+        raise ValueError("weight must be finite: it holds NaN or inf values, which NF4 cannot store (each block is "
+                         "scaled by its largest |w|)")
     normalized = w / absmax.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
     codes = _nearest_code(normalized).view(N, K)
     qweight = (codes[:, 0::2] << 4) | codes[:, 1::2]
@@ -203,8 +270,7 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
 
     >>> W2 = dequantize_nf4(quantize_nf4(W), torch.float32)
     """
-    if not isinstance(q, NF4Tensor):
-        raise TypeError(f"q must be an NF4Tensor, got {type(q).__name__}")
+    check_nf4_tensor(q, "q")
     return q.dequantize(dtype)
 
 
@@ -226,6 +292,7 @@ def from_bnb(obj, dtype: torch.dtype | None = None) -> NF4Tensor:
     >>> q = from_bnb(bnb_linear4bit)
     >>> torch.equal(q.dequantize(), bitsandbytes.functional.dequantize_4bit(p.data, p.quant_state))
     """
+    check_dtype(dtype, "dtype")
     param = getattr(obj, "weight", obj)
     state = getattr(param, "quant_state", None)
     if state is None:

@@ -20,8 +20,9 @@ from torch import nn
 
 from . import naive
 from .functional import autocast_inputs, draw_seed, lora_backward, use_triton
-from .nf4 import ABSMAX_GROUP, NF4_BLOCK, NF4Tensor, check_nf4_shape, from_bnb, quantize_nf4, roundtrip_error
-from .validation import check_adapter_dtype, check_dropout, check_rank, check_scaling, check_tensor
+from .nf4 import (ABSMAX_GROUP, NF4_BLOCK, NF4Tensor, check_nf4_shape, check_nf4_tensor, from_bnb, quantize_nf4,
+                  roundtrip_error)
+from .validation import check_adapter_dtype, check_dropout, check_flag, check_rank, check_scaling, check_tensor
 
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -93,8 +94,7 @@ class _NF4Backward:
 
 def check_qlora_args(x, w4, bias, lora_A, lora_B, scaling, dropout_p, training):
     """Checks of `qlora_linear`, each naming its argument; returns (scaling, dropout_p)."""
-    if not isinstance(w4, NF4Tensor):
-        raise TypeError(f"weight must be an NF4Tensor (lora_fast.nf4.quantize_nf4), got {type(w4).__name__}")
+    check_nf4_tensor(w4, "weight")  # O(1): the fields' dtypes, shapes and devices, no tensor read
     check_tensor("x", x, min_ndim=1)
     if x.dtype not in COMPUTE_DTYPES:
         raise TypeError(f"x must be float16, bfloat16 or float32 for the NF4 kernels, got {x.dtype}")
@@ -143,6 +143,17 @@ def qlora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, traini
     return y2d.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def _check_options(rank, alpha, dropout, compute_dtype, use_rslora, double_quant) -> None:
+    """LoRALinear4bit's scalar options, each named when wrong."""
+    check_rank(rank)
+    check_scaling(alpha, "alpha")
+    check_dropout(dropout, "dropout")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise TypeError(f"compute_dtype must be float16, bfloat16 or float32, got {compute_dtype}")
+    check_flag(use_rslora, "use_rslora")
+    check_flag(double_quant, "double_quant")
+
+
 # Buffers whose dtype is part of the format: module.to(dtype) must move them but never cast them.
 _FIXED_DTYPE_BUFFERS = ("qweight", "absmax", "absmax_code", "absmax_scale", "absmax_offset", "absmax_group")
 
@@ -170,13 +181,12 @@ class LoRALinear4bit(nn.Module):
         check_rank(in_features, "in_features")
         check_rank(out_features, "out_features")
         check_nf4_shape((out_features, in_features), "in_features")
-        if compute_dtype not in COMPUTE_DTYPES:
-            raise TypeError(f"compute_dtype must be float16, bfloat16 or float32, got {compute_dtype}")
+        _check_options(rank, alpha, dropout, compute_dtype, use_rslora, double_quant)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.rank = check_rank(rank)
         self.alpha = check_scaling(alpha, "alpha")
         self.dropout = check_dropout(dropout, "dropout")
-        self.use_rslora = bool(use_rslora)
+        self.use_rslora = use_rslora
         self.compute_dtype = compute_dtype
         self.merged, self.quant_error, self.merge_error = False, None, None
         self._unmerged = None
@@ -224,6 +234,7 @@ class LoRALinear4bit(nn.Module):
     @torch.no_grad()
     def set_base(self, w4: NF4Tensor) -> None:
         """Copy an NF4 weight into the buffers (its shape and double-quantization must match this module's)."""
+        check_nf4_tensor(w4, "w4")
         if tuple(w4.shape) != (self.out_features, self.in_features) or w4.double_quant != self.double_quant:
             raise ValueError(f"NF4 weight {tuple(w4.shape)} (double_quant={w4.double_quant}) does not fit this "
                              f"layer ({self.out_features}, {self.in_features}) (double_quant={self.double_quant})")
@@ -245,6 +256,7 @@ class LoRALinear4bit(nn.Module):
         is_bnb = getattr(getattr(linear, "weight", None), "quant_state", None) is not None
         if not is_bnb and not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear or a bitsandbytes Linear4bit, got {type(linear).__name__}")
+        _check_options(rank, alpha, dropout, compute_dtype, use_rslora, double_quant)  # before quantizing W
         w = linear.weight
         out_features, in_features = (int(d) for d in (w.quant_state.shape if is_bnb else w.shape))
         w4 = from_bnb(linear, compute_dtype) if is_bnb else quantize_nf4(w, double_quant, compute_dtype)
