@@ -25,11 +25,26 @@ def replace_linears(model: nn.Module, target_modules, make: Callable[[str, nn.Li
 
     >>> replace_linears(model, ["q_proj"], lambda name, lin: DoRALinear.from_linear(lin, 8), ("lora_A", "lora_B"))
     """
-    trainable = tuple(trainable)
-    for name, module in (found if found is not None else matching_linears(model, target_modules)):
+    if not callable(make):
+        raise TypeError(f"make must be a callable (name, linear) -> nn.Module, got {type(make).__name__}")
+    # A lone string would be split into characters, each one a suffix that nearly every parameter name ends with.
+    names = tuple(trainable) if isinstance(trainable, Iterable) and not isinstance(trainable, str) else None
+    if names is None or not all(isinstance(t, str) for t in names):
+        raise TypeError(f"trainable must be a list of parameter-name suffixes, got {trainable!r}")
+    trainable = names
+    # Every replacement is built before any is set: an error (a bad option, a layer that does not fit) leaves the
+    # model unchanged.
+    targets = found if found is not None else matching_linears(model, target_modules)
+    replacements = []
+    for name, module in targets:
+        new = make(name, module)
+        if not isinstance(new, nn.Module):
+            raise TypeError(f"make({name!r}, linear) must return an nn.Module, got {type(new).__name__}")
+        replacements.append(new)
+    for (name, _), new in zip(targets, replacements):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, make(name, module))
+        setattr(parent, child, new)
     for name, param in model.named_parameters():
         param.requires_grad_(name.endswith(trainable))
     return model
