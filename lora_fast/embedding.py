@@ -18,12 +18,14 @@ and no kernel to maintain.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .init import check_init, init_lora, load_init, lora_scaling
-from .validation import check_rank, check_scaling
+from .init import _lora_scaling, check_init, init_lora, load_init
+from .validation import check_dtype, check_flag, check_rank, check_scaling
 
 
 def _check_ids(ids, num_embeddings: int, device: torch.device) -> torch.Tensor:
@@ -62,6 +64,13 @@ class LoRAEmbedding(nn.Module):
         super().__init__()
         check_rank(num_embeddings, "num_embeddings")
         check_rank(embedding_dim, "embedding_dim")
+        check_dtype(dtype, "dtype")
+        if padding_idx is not None:  # nn.Embedding only asserts this
+            if isinstance(padding_idx, bool) or not isinstance(padding_idx, numbers.Integral):
+                raise TypeError(f"padding_idx must be an int or None, got {type(padding_idx).__name__}")
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"padding_idx must be in [-{num_embeddings}, {num_embeddings}) (a row of the "
+                                 f"table), got {padding_idx}")
         base = nn.Embedding(num_embeddings, embedding_dim, padding_idx, max_norm, norm_type, scale_grad_by_freq,
                             sparse, device=device, dtype=dtype)
         self._init(base, rank, alpha, use_rslora, init, delta, pissa_niter)
@@ -84,7 +93,7 @@ class LoRAEmbedding(nn.Module):
     def _init(self, base: nn.Embedding, rank, alpha, use_rslora, init, delta, pissa_niter) -> None:
         self.rank = check_rank(rank)
         self.alpha = check_scaling(alpha, "alpha")
-        self.use_rslora = bool(use_rslora)
+        self.use_rslora = check_flag(use_rslora, "use_rslora")
         self.num_embeddings, self.embedding_dim = base.weight.shape
         for name in ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"):
             setattr(self, name, getattr(base, name))
@@ -99,7 +108,7 @@ class LoRAEmbedding(nn.Module):
 
     @property
     def scaling(self) -> float:
-        return lora_scaling(self.alpha, self.rank, self.use_rslora)
+        return _lora_scaling(self.alpha, self.rank, self.use_rslora)
 
     @torch.no_grad()
     def reset_lora_parameters(self, init: str = "default", delta: torch.Tensor | None = None,

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .validation import check_rank, check_scaling, check_tensor
+from .validation import check_flag, check_rank, check_scaling, check_tensor
 
 logger = logging.getLogger("lora_fast")
 
@@ -57,6 +57,13 @@ class LoRAInit(NamedTuple):
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     """The adapter's s: alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023), as PEFT's use_rslora."""
+    alpha, rank = check_scaling(alpha, "alpha"), check_rank(rank)
+    return _lora_scaling(alpha, rank, check_flag(use_rslora, "use_rslora"))
+
+
+def _lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    """`lora_scaling` without the checks, for the layers' `scaling` property (read on every forward; the layer
+    checked alpha, rank and use_rslora when it was built)."""
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
@@ -79,11 +86,20 @@ def _check_niter(niter) -> int | None:
     return niter
 
 
+def _check_values(name: str, t: torch.Tensor) -> None:
+    """`t` holds real, finite values: not a meta tensor (no data), no NaN or inf (the exact SVD fails to converge
+    on them, the randomized one returns NaN factors). One reduction and host read, in an init that runs an SVD."""
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device: this init needs its values (materialize it first)")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite: it holds NaN or inf values")
+
+
 def _svd_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def truncated_svd(matrix: torch.Tensor, rank: int, niter: int | None = None):
+def truncated_svd(matrix: torch.Tensor, rank: int, niter: int | None = None, name: str = "matrix"):
     """Top-`rank` singular triplets of `matrix` [N, K]: (U [N, r], S [r], Vh [r, K]) in fp32 (fp64 for fp64).
 
     niter=None: exact `torch.linalg.svd`. niter >= 0: randomized SVD (`torch.svd_lowrank` with `niter` power
@@ -93,12 +109,13 @@ def truncated_svd(matrix: torch.Tensor, rank: int, niter: int | None = None):
     >>> U.shape, S.shape, Vh.shape
     (torch.Size([64, 4]), torch.Size([4]), torch.Size([4, 32]))
     """
-    check_tensor("matrix", matrix, ndim=2)
+    check_tensor(name, matrix, ndim=2)
     rank = check_rank(rank)
     niter = _check_niter(niter)
     if rank > min(matrix.shape):
-        raise ValueError(f"rank={rank} exceeds min(N, K) = {min(matrix.shape)} of the {tuple(matrix.shape)} matrix: "
+        raise ValueError(f"rank={rank} exceeds min(N, K) = {min(matrix.shape)} of the {tuple(matrix.shape)} {name}: "
                          "an SVD-based init needs rank <= min(N, K)")
+    _check_values(name, matrix)
     m = matrix.detach().to(_svd_dtype(matrix))
     if niter is None:
         U, S, Vh = torch.linalg.svd(m, full_matrices=False)
@@ -108,9 +125,10 @@ def truncated_svd(matrix: torch.Tensor, rank: int, niter: int | None = None):
     return U[:, :rank], S[:rank], Vh[:rank]
 
 
-def _svd_factors(matrix: torch.Tensor, rank: int, scaling: float, niter: int | None, dtype: torch.dtype):
+def _svd_factors(matrix: torch.Tensor, rank: int, scaling: float, niter: int | None, dtype: torch.dtype,
+                 name: str = "weight"):
     """PEFT's split: A = sqrt(S/s) Vh, B = U sqrt(S/s), so that s * B @ A = U S Vh (the top-r part)."""
-    U, S, Vh = truncated_svd(matrix, rank, niter)
+    U, S, Vh = truncated_svd(matrix, rank, niter, name)
     root = (S / scaling).sqrt()
     return (root[:, None] * Vh).to(dtype).contiguous(), (U * root[None, :]).to(dtype).contiguous()
 
@@ -160,14 +178,20 @@ def init_lora(weight: torch.Tensor, rank: int, scheme: str = "default", scaling:
     rank = check_rank(rank)
     scheme = check_init(scheme)
     scaling = check_scaling(scaling)
-    if scaling == 0.0 and scheme in ("pissa", "from_delta"):
-        raise ValueError(f"init={scheme!r} divides the singular values by scaling, which is 0 (alpha=0)")
+    if scaling <= 0.0 and scheme in ("pissa", "from_delta"):
+        # A = sqrt(S / s) Vh: s = 0 divides by zero, s < 0 takes the root of negative numbers (NaN factors).
+        which = "which is 0 (alpha=0)" if scaling == 0.0 else f"which is negative ({scaling}): the root of S / s is NaN"
+        raise ValueError(f"init={scheme!r} divides the singular values by scaling, {which}; scaling must be > 0")
     if delta is not None and scheme != "from_delta":
         raise ValueError(f"delta is only used by init='from_delta', got init={scheme!r}")
     if pissa_niter is not None and scheme not in ("pissa", "from_delta"):
         raise ValueError(f"pissa_niter is only used by init='pissa' or 'from_delta', got init={scheme!r}")
     N, K = weight.shape
     kw = {"device": weight.device, "dtype": weight.dtype}
+    if scheme == "nonzero":  # W - s*B@A and its rounding error are computed from W's values
+        _check_values("weight", weight)
+    elif scheme == "from_delta" and weight.device.type == "meta":  # A, B land on W's device; the error is read
+        raise ValueError("weight is on the meta device: init='from_delta' needs a materialized weight")
     if scheme == "pissa":
         A, B = _svd_factors(weight, rank, scaling, pissa_niter, weight.dtype)
         new, err = _compensate(weight, A, B, scaling)
@@ -178,7 +202,8 @@ def init_lora(weight: torch.Tensor, rank: int, scheme: str = "default", scaling:
         check_tensor("delta", delta, ndim=2)
         if tuple(delta.shape) != (N, K):
             raise ValueError(f"delta must be [N, K] = [{N}, {K}] like the weight, got {tuple(delta.shape)}")
-        A, B = _svd_factors(delta.to(weight.device), rank, scaling, pissa_niter, weight.dtype)
+        _check_values("delta", delta)  # before the copy to W's device
+        A, B = _svd_factors(delta.to(weight.device), rank, scaling, pissa_niter, weight.dtype, "delta")
         d = delta.detach().to(device=weight.device, dtype=_svd_dtype(weight))
         err = _rel(_delta(A, B, scaling) - d, d)
         logger.info("lora_fast init='from_delta': rank-%d approximation of dW %s, relative error %.3e",

@@ -18,8 +18,8 @@ from torch import nn
 
 from .embedding import LoRAEmbedding
 from .functional import lora_linear
-from .init import check_init, init_lora, load_init, lora_scaling
-from .validation import check_dropout, check_rank, check_scaling, check_target_modules
+from .init import _lora_scaling, check_init, init_lora, load_init
+from .validation import check_dropout, check_dtype, check_flag, check_rank, check_scaling, check_target_modules
 
 
 def adopt_frozen_base(module: nn.Module, weight: nn.Parameter, bias: nn.Parameter | None) -> None:
@@ -53,6 +53,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         check_rank(in_features, "in_features")
         check_rank(out_features, "out_features")
+        check_dtype(dtype, "dtype")
         kw = {"device": device, "dtype": dtype}
         base = nn.Linear(in_features, out_features, bias=bias, **kw)
         self._init(base.weight, base.bias, rank, alpha, dropout, use_rslora, init, delta, pissa_niter)
@@ -64,7 +65,7 @@ class LoRALinear(nn.Module):
         self.rank = check_rank(rank)
         self.alpha = check_scaling(alpha, "alpha")
         self.dropout = check_dropout(dropout, "dropout")
-        self.use_rslora = bool(use_rslora)
+        self.use_rslora = check_flag(use_rslora, "use_rslora")  # a truthy string would switch the scaling
         adopt_frozen_base(self, weight, bias)
         kw = {"device": weight.device, "dtype": weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, **kw))
@@ -74,7 +75,7 @@ class LoRALinear(nn.Module):
 
     @property
     def scaling(self) -> float:
-        return lora_scaling(self.alpha, self.rank, self.use_rslora)
+        return _lora_scaling(self.alpha, self.rank, self.use_rslora)
 
     @torch.no_grad()
     def reset_lora_parameters(self, init: str = "default", delta: torch.Tensor | None = None,
