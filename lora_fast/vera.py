@@ -20,6 +20,7 @@ that LoRA's dB computes anyway (taken in fp32).
 from __future__ import annotations
 
 import math
+import numbers
 import weakref
 
 import torch
@@ -29,7 +30,15 @@ from torch import nn
 from .functional import _ops, autocast_inputs, draw_seed
 from .layers import adopt_frozen_base
 from .targeting import matching_linears, replace_linears
-from .validation import check_dropout, check_lora_linear_args, check_rank, check_vector_param
+from .validation import (check_dropout, check_dtype, check_lora_linear_args, check_rank, check_scaling, check_tensor,
+                         check_vector_param)
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """An int seed (projection_prng_key): a float would be truncated and a string refused by int() without a name."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(seed).__name__} {seed!r}")
+    return int(seed)
 
 
 def kaiming_uniform_projection(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -52,7 +61,7 @@ class VeRAProjections(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, rank: int, seed: int = 0):
         super().__init__()
-        self.rank, self.seed = check_rank(rank), int(seed)
+        self.rank, self.seed = check_rank(rank), check_seed(seed)
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         self.register_buffer("vera_A", kaiming_uniform_projection((self.rank, check_rank(in_features, "in_features")), gen))
         self.register_buffer("vera_B", kaiming_uniform_projection((check_rank(out_features, "out_features"), self.rank), gen))
@@ -61,6 +70,9 @@ class VeRAProjections(nn.Module):
     def sliced(self, in_features: int, out_features: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(A [rank, in_features], B [out_features, rank]) on `device` in `dtype`, contiguous; cached until the
         buffers change (moved, loaded or edited in place)."""
+        if type(in_features) is not int or type(out_features) is not int or in_features < 1 or out_features < 1:
+            check_rank(in_features, "in_features")  # a 0 or negative width would slice the wrong columns
+            check_rank(out_features, "out_features")
         if in_features > self.vera_A.shape[1] or out_features > self.vera_B.shape[0]:
             raise ValueError(f"a layer of in_features={in_features}, out_features={out_features} does not fit "
                              f"the projections [{self.rank}, {self.vera_A.shape[1]}] and "
@@ -69,6 +81,7 @@ class VeRAProjections(nn.Module):
                self.vera_A._version, self.vera_B.data_ptr(), self.vera_B._version)
         hit = self._cache.get(key)
         if hit is None:
+            check_dtype(dtype, "dtype", none_ok=False)  # a cached key was checked when it was first seen
             hit = (self.vera_A[:, :in_features].to(device=device, dtype=dtype).contiguous(),
                    self.vera_B[:out_features].to(device=device, dtype=dtype).contiguous())
             self._cache = {k: v for k, v in self._cache.items() if k[:4] != key[:4]}
@@ -85,6 +98,7 @@ _SHARED: "weakref.WeakValueDictionary[tuple, VeRAProjections]" = weakref.WeakVal
 def shared_projections(in_features: int, out_features: int, rank: int, seed: int = 0) -> VeRAProjections:
     """The one VeRAProjections of this shape and seed in the process (created on first use, freed when no layer
     holds it): every VeRALinear of the same shape built without explicit projections shares it."""
+    check_seed(seed)
     key = (int(in_features), int(out_features), int(rank), int(seed))
     proj = _SHARED.get(key)
     if proj is None:
@@ -186,12 +200,15 @@ class VeRALinear(nn.Module):
         super().__init__()
         check_rank(in_features, "in_features")
         check_rank(out_features, "out_features")
+        check_dtype(dtype, "dtype")
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init(base.weight, base.bias, rank, dropout, seed, d_initial, projections)
 
     def _init(self, weight, bias, rank, dropout, seed, d_initial, projections) -> None:
         self.rank = check_rank(rank)
         self.dropout = check_dropout(dropout, "dropout")
+        d_initial = check_scaling(d_initial, "d_initial")  # a NaN lambda_d would make every output NaN
+        check_seed(seed)
         out_features, in_features = weight.shape
         if projections is None:
             projections = shared_projections(in_features, out_features, self.rank, seed)
@@ -206,7 +223,7 @@ class VeRALinear(nn.Module):
         self.seed = projections.seed
         adopt_frozen_base(self, weight, bias)
         kw = {"device": weight.device, "dtype": weight.dtype}
-        self.vera_lambda_d = nn.Parameter(torch.full((self.rank,), float(d_initial), **kw))
+        self.vera_lambda_d = nn.Parameter(torch.full((self.rank,), d_initial, **kw))
         self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features, **kw))
         self.merged = False
 
@@ -260,6 +277,7 @@ class VeRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
+        check_tensor("x", x, min_ndim=1)  # before x.device / x.dtype pick the projections' copy
         A, B = self.factors(x.device, x.dtype)
         return vera_linear(x, self.weight, self.bias, A, B, self.vera_lambda_d, self.vera_lambda_b,
                            self.dropout, self.training)
@@ -280,6 +298,8 @@ def apply_vera(model: nn.Module, target_modules=("q_proj", "k_proj", "v_proj", "
     """
     check_rank(rank)
     check_dropout(dropout, "dropout")
+    check_seed(seed)
+    check_scaling(d_initial, "d_initial")
     found = matching_linears(model, target_modules)
     proj = VeRAProjections(max(m.in_features for _, m in found), max(m.out_features for _, m in found), rank, seed)
     proj = proj.to(found[0][1].weight.device)
