@@ -31,12 +31,30 @@ from .functional import _ops, autocast_inputs, draw_seed, use_triton
 from .layers import LoRALinear
 from .philox import dropout_mask_torch
 from .targeting import replace_linears
-from .validation import check_lora_linear_args, check_vector_param
+from .validation import (check_dropout, check_lora_linear_args, check_rank, check_same, check_scaling, check_tensor,
+                         check_vector_param)
 
 
 def _stats_ops(t: torch.Tensor):
     # The helper kernels accumulate in fp32; fp64 takes the PyTorch path for them.
     return naive if t.dtype == torch.float64 else _ops(t)
+
+
+def _check_norm_args(weight, lora_A, lora_B, scaling) -> float:
+    """Checks of `dora_scale` / `dora_weight_norm`: W [N, K], A [r, K], B [N, r] in one float dtype on one device
+    (the norm kernel reads all three with W's dtype); returns the scaling as a float."""
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("lora_A", lora_A, ndim=2)
+    check_tensor("lora_B", lora_B, ndim=2)
+    check_same("lora_A", lora_A, weight, "weight")
+    check_same("lora_B", lora_B, weight, "weight")
+    N, K = weight.shape
+    rank = lora_A.shape[0]
+    if rank < 1 or lora_A.shape[1] != K:
+        raise ValueError(f"lora_A must be [r, K] = [r >= 1, {K}], got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (N, rank):
+        raise ValueError(f"lora_B must be [N, r] = [{N}, {rank}], got {tuple(lora_B.shape)}")
+    return check_scaling(scaling)
 
 
 @torch.no_grad()
@@ -48,6 +66,14 @@ def dora_scale(weight, lora_A, lora_B, scaling, magnitude) -> tuple[torch.Tensor
 
     >>> norm, g = dora_scale(layer.weight, layer.lora_A, layer.lora_B, layer.scaling, layer.lora_magnitude)
     """
+    scaling = _check_norm_args(weight, lora_A, lora_B, scaling)
+    check_vector_param("magnitude", magnitude, weight.shape[0], weight)
+    return _dora_scale(weight, lora_A, lora_B, scaling, magnitude)
+
+
+@torch.no_grad()
+def _dora_scale(weight, lora_A, lora_B, scaling, magnitude) -> tuple[torch.Tensor, torch.Tensor]:
+    """`dora_scale` on checked arguments (dora_linear's forward checks them once, with x)."""
     with torch.autocast(weight.device.type, enabled=False):
         return _stats_ops(weight).dora_norm(weight, lora_A, lora_B, scaling, magnitude.detach().contiguous())
 
@@ -57,7 +83,8 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling) -> torch.Tensor:
 
     >>> m0 = dora_weight_norm(W, A, B, 2.0)           # DoRA's initial magnitude: g = 1
     """
-    return dora_scale(weight, lora_A, lora_B, scaling, weight.new_ones(weight.shape[0]))[0]
+    scaling = _check_norm_args(weight, lora_A, lora_B, scaling)
+    return _dora_scale(weight, lora_A, lora_B, scaling, weight.new_ones(weight.shape[0]))[0]
 
 
 def _zero_magnitude_check(magnitude):
@@ -153,7 +180,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
     check_vector_param("magnitude", magnitude, weight.shape[0], x)
     # fp32 adapters on a half x (PEFT's habit) run in x's dtype; their gradients come back in fp32.
     lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    norm, g = dora_scale(weight, lora_A, lora_B, scaling, magnitude)
+    norm, g = _dora_scale(weight, lora_A, lora_B, scaling, magnitude)
     p = dropout_p if training else 0.0
     if p == 0.0:
         return DoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, g, norm, scaling)
@@ -243,6 +270,9 @@ def apply_dora(model: nn.Module, target_modules=("q_proj", "k_proj", "v_proj", "
 
     >>> model = apply_dora(model, ["q_proj", "v_proj"], rank=16, alpha=32)
     """
+    check_rank(rank)  # before any layer is swapped: a bad option leaves the model unchanged
+    check_scaling(alpha, "alpha")
+    check_dropout(dropout, "dropout")
     return replace_linears(model, target_modules,
                            lambda name, lin: DoRALinear.from_linear(lin, rank, alpha, dropout, use_rslora),
                            trainable=("lora_A", "lora_B", "lora_magnitude"))
