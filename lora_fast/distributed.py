@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import LoRALinear
-from .multi_lora import AdapterPool, BatchMetadata, make_batch_metadata, multi_lora_linear
+from .multi_lora import AdapterPool, BatchMetadata, adapter_pairs, make_batch_metadata, multi_lora_linear
 from .validation import check_rank
 
 COLUMN, ROW = "column", "row"
@@ -561,7 +561,7 @@ class ShardedAdapterPool(AdapterPool):
 
     def _shard_pairs(self, key: str, value) -> list:
         style, in_features, sizes = self._sharding[key]
-        pairs = list(value) if isinstance(value, list) else [value]
+        pairs = adapter_pairs(key, value)  # (A, B) tensors, 2-D float, named when not
         if len(pairs) != len(sizes):
             raise ValueError(f"weights[{key!r}]: {len(sizes)} (A, B) pairs expected, got {len(pairs)}")
         out = []
@@ -578,6 +578,8 @@ class ShardedAdapterPool(AdapterPool):
     def load(self, name: str, weights: Mapping[str, object], alpha: float, rank: int | None = None,
              use_rslora: bool = False) -> int:
         """Load the full adapter `weights` (layer key -> (A, B) or a list per slice); keeps this rank's shards."""
+        if not isinstance(weights, Mapping):
+            raise TypeError(f"weights must be a dict {{layer key: (A, B)}}, got {type(weights).__name__}")
         local = {k: (self._shard_pairs(k, v) if k in self._sharding else v) for k, v in weights.items()}
         return super().load(name, local, alpha, rank=rank, use_rslora=use_rslora)
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -41,6 +42,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import autocast_inputs, eager_only, is_compiling, use_triton
+from .validation import check_dtype, check_flag, check_rank, check_same, check_scaling, check_tensor
+
+
+def _is_int(v) -> bool:
+    return type(v) is int or (isinstance(v, numbers.Integral) and not isinstance(v, bool))
+
+
+_INT_DTYPES = frozenset((torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64))
+
+
+def _is_int_tensor(t: torch.Tensor) -> bool:
+    return t.dtype in _INT_DTYPES or not (t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex())
+
+
+def _check_host_or_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    """`t` is on `device`, or on the CPU (host values the call copies over); a meta tensor has no values to copy."""
+    if t.device != device and t.device.type != "cpu":
+        raise ValueError(f"{name} is on {t.device} but x is on {device}: pass it on x's device (or the CPU)")
+
+
+def _check_slot_vector(name: str, t: torch.Tensor, S: int, device: torch.device) -> None:
+    """A per-slot tensor (ranks, scalings): [S], on x's device or the CPU. O(1): its values are not read."""
+    if t.shape != (S,):
+        raise ValueError(f"{name}: must be [S={S}], got {tuple(t.shape)}")
+    _check_host_or_device(name, t, device)
 
 
 # ----------------------------------------------------------------------------------------------- batch metadata
@@ -86,8 +112,15 @@ class BatchMetadata:
 def validate_adapter_ids(adapter_ids: torch.Tensor, num_slots: int, ranks: torch.Tensor | None = None) -> None:
     """Raise ValueError naming `adapter_ids` if an id is outside [-1, num_slots) or points at an empty slot
     (`ranks[slot] == 0`). Syncs with the device once."""
-    if adapter_ids.dtype.is_floating_point or adapter_ids.dtype == torch.bool or adapter_ids.is_complex():
+    if not isinstance(adapter_ids, torch.Tensor):
+        raise ValueError(f"adapter_ids must be an integer tensor, got {type(adapter_ids).__name__}")
+    if not _is_int_tensor(adapter_ids):
         raise ValueError(f"adapter_ids must be an integer tensor, got {adapter_ids.dtype}")
+    if adapter_ids.device.type == "meta":
+        raise ValueError("adapter_ids is on the meta device: the ids need values")
+    num_slots = check_rank(num_slots, "num_slots")
+    if ranks is not None:
+        _check_ranks_tensor(ranks, num_slots)
     ids = adapter_ids.reshape(-1).to(torch.int64)
     out_of_range = (ids < -1) | (ids >= num_slots)
     if ranks is not None:
@@ -115,14 +148,24 @@ def make_batch_metadata(adapter_ids, pool_or_slots, *, ranks: torch.Tensor | Non
     """
     if isinstance(pool_or_slots, AdapterPool):
         num_slots, ranks = pool_or_slots.max_adapters, pool_or_slots.ranks
+    elif _is_int(pool_or_slots):
+        num_slots = check_rank(pool_or_slots, "pool_or_slots")
     else:
-        num_slots = int(pool_or_slots)
+        raise TypeError(f"pool_or_slots must be an AdapterPool or the number of slots (an int >= 1), "
+                        f"got {type(pool_or_slots).__name__}")
     if not isinstance(adapter_ids, torch.Tensor):
         raise ValueError(f"adapter_ids must be an integer tensor, got {type(adapter_ids).__name__}")
+    if not _is_int_tensor(adapter_ids):
+        raise ValueError(f"adapter_ids must be an integer tensor, got {adapter_ids.dtype}")
+    check_flag(validate, "validate")
+    if ranks is not None:
+        _check_ranks_tensor(ranks, num_slots)
     if validate:
         validate_adapter_ids(adapter_ids, num_slots, ranks)
-    ids = adapter_ids.reshape(-1).to(torch.int32)
-    ids = torch.where((ids >= -1) & (ids < num_slots), ids, -1)  # no-op once validated; base-only otherwise
+    ids = adapter_ids.reshape(-1)
+    # Invalid ids become -1 (no-op once validated; base only otherwise), in the ids' own integer type: an int64 id
+    # such as 2**32 would wrap to a valid slot if it were cast to int32 first.
+    ids = torch.where((ids >= -1) & (ids < num_slots), ids, -1).to(torch.int32)
     T = ids.shape[0]
     max_segs = max(1, min(T, num_slots + 1))
     device = ids.device
@@ -140,12 +183,89 @@ def make_batch_metadata(adapter_ids, pool_or_slots, *, ranks: torch.Tensor | Non
                          seg_adapter[:max_segs].clone(), num_slots, ranks)
 
 
+def _check_ranks_tensor(ranks, num_slots: int) -> None:
+    """Per-slot true ranks: an integer tensor [num_slots] (its values are checked where they are used)."""
+    if not isinstance(ranks, torch.Tensor) or not _is_int_tensor(ranks):
+        got = ranks.dtype if isinstance(ranks, torch.Tensor) else type(ranks).__name__
+        raise TypeError(f"ranks must be an integer tensor [{num_slots}] of per-slot ranks, got {got}")
+    if tuple(ranks.shape) != (num_slots,):
+        raise ValueError(f"ranks must be [{num_slots}] (one rank per slot), got {tuple(ranks.shape)}")
+    if ranks.device.type == "meta":
+        raise ValueError("ranks is on the meta device: the ranks need values")
+
+
+# Set on a ranks tensor whose values are known to lie in [0, max_rank]: (its version counter, max_rank) once
+# checked (an in-place write bumps the version, so a changed tensor is checked again), or (_POOL, max_rank) on an
+# AdapterPool's own `ranks`, which only load / unload write (always within [0, max_rank]).
+_RANKS_CHECKED = "_lora_fast_ranks_checked"
+_POOL = "pool"
+
+
+def _check_rank_values(ranks: torch.Tensor, R: int) -> None:
+    """Every slot's true rank lies in [0, R]: a larger one would make the kernels read A and B rows past R (out of
+    bounds), a negative one is no rank. One host read the first time a tensor (at its current version) meets a
+    given R, none afterwards; none for an AdapterPool's ranks, and none while torch.compile traces or a CUDA graph
+    is being captured (no sync is allowed there: the eager warm-up call before a capture checks). A tensor made
+    under torch.inference_mode has no version counter: it is checked on every call (pass the pool's ranks)."""
+    if is_compiling():
+        return
+    mark = getattr(ranks, _RANKS_CHECKED, None)
+    if mark is not None and mark[0] == _POOL and mark[1] <= R:
+        return
+    version = None if ranks.is_inference() else ranks._version
+    if version is not None and mark == (version, R):
+        return
+    if ranks.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    bad = (ranks < 0) | (ranks > R)
+    if bool(bad.any()):
+        slot = int(bad.nonzero()[0, 0])
+        raise ValueError(f"ranks[{slot}] = {int(ranks[slot])} is outside [0, R={R}]: a slot's rank cannot exceed the "
+                         f"R rank rows the stacks hold (0 = empty slot)")
+    if version is not None:
+        setattr(ranks, _RANKS_CHECKED, (version, R))
+
+
+def _checked_ranks(ranks, S: int, R: int, device: torch.device) -> torch.Tensor:
+    """multi_lora_linear's `ranks` as an int32 [S] tensor on `device`, its values in [0, R]."""
+    if ranks is None:
+        return torch.full((S,), R, dtype=torch.int32, device=device)
+    if isinstance(ranks, (list, tuple)):
+        if len(ranks) != S or not all(_is_int(r) and 0 <= r <= R for r in ranks):
+            raise ValueError(f"ranks: must be {S} ints in [0, R={R}] (0 = empty slot), got {list(ranks)}")
+        return torch.tensor(ranks, dtype=torch.int32, device=device)
+    if not isinstance(ranks, torch.Tensor) or not _is_int_tensor(ranks):
+        got = ranks.dtype if isinstance(ranks, torch.Tensor) else type(ranks).__name__
+        raise TypeError(f"ranks must be None, an integer tensor [S={S}] or a list of S ints, got {got}")
+    _check_slot_vector("ranks", ranks, S, device)
+    _check_rank_values(ranks, R)
+    return ranks.to(device=device, dtype=torch.int32)
+
+
+def _checked_scalings(scalings, S: int, device: torch.device) -> torch.Tensor:
+    """multi_lora_linear's `scalings` as an fp32 [S] tensor on `device`. A Python number or list is checked to be
+    finite; a tensor's values are not read (that would sync on every call): AdapterPool.load checks each alpha."""
+    if isinstance(scalings, torch.Tensor):
+        if scalings.dtype == torch.bool or scalings.is_complex():
+            raise TypeError(f"scalings must be a real tensor [S={S}], got {scalings.dtype}")
+        _check_slot_vector("scalings", scalings, S, device)
+        return scalings.to(device=device, dtype=torch.float32)
+    if isinstance(scalings, (list, tuple)):
+        values = [check_scaling(v, f"scalings[{i}]") for i, v in enumerate(scalings)]
+        if len(values) != S:
+            raise ValueError(f"scalings: must be [S={S}], got {len(values)} values")
+    else:
+        values = [check_scaling(scalings, "scalings")] * S
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
 # ----------------------------------------------------------------------------------------------- functional
 
 
-def _check(cond: bool, name: str, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"{name}: {msg}")
+def _bad(name: str, msg: str) -> ValueError:
+    """The ValueError of a failed check (the checks build their message only when they fail: formatting shapes
+    and devices on every call would cost more host time than the checks themselves)."""
+    return ValueError(f"{name}: {msg}")
 
 
 def multi_lora_linear(x, weight, bias, lora_A_stack, lora_B_stack, scalings, adapter_ids, *, ranks=None,
@@ -163,48 +283,60 @@ def multi_lora_linear(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ada
         y = multi_lora_linear(x, W, None, A, B, torch.full((4,), 2.0), torch.tensor([0, 3, -1]))
     """
     x, weight, bias, lora_A_stack, lora_B_stack = autocast_inputs(x, weight, bias, lora_A_stack, lora_B_stack)
-    _check(isinstance(x, torch.Tensor) and x.dim() >= 1, "x", "must be a tensor [..., K]")
+    check_tensor("x", x, min_ndim=1)
     K = x.shape[-1]
-    _check(weight.dim() == 2 and weight.shape[1] == K, "weight", f"must be [N, K={K}], got {tuple(weight.shape)}")
+    check_tensor("weight", weight, ndim=2)
+    if weight.shape[1] != K:
+        raise _bad("weight", f"must be [N, K={K}], got {tuple(weight.shape)}")
+    check_same("weight", weight, x, "x")
     N = weight.shape[0]
-    _check(weight.dtype == x.dtype and weight.device == x.device, "weight", "must match x's dtype and device")
-    _check(bias is None or (tuple(bias.shape) == (N,) and bias.device == x.device), "bias", f"must be [N={N}] or None")
-    _check(lora_A_stack.dim() in (3, 4), "lora_A_stack", f"must be [S, R, K] or [S, slices, R, K], "
-           f"got {tuple(lora_A_stack.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        if bias.shape[0] != N:
+            raise _bad("bias", f"must be [N={N}] or None, got {tuple(bias.shape)}")
+        check_same("bias", bias, x, "x")
+    check_tensor("lora_A_stack", lora_A_stack)
+    check_tensor("lora_B_stack", lora_B_stack)
+    if lora_A_stack.dim() not in (3, 4):
+        raise _bad("lora_A_stack", f"must be [S, R, K] or [S, slices, R, K], got {tuple(lora_A_stack.shape)}")
     A = lora_A_stack if lora_A_stack.dim() == 4 else lora_A_stack.unsqueeze(1)
     S, n_slices, R, Ka = A.shape
-    _check(S >= 1 and R >= 1 and Ka == K, "lora_A_stack", f"must have S >= 1, R >= 1 and K={K}, got {tuple(A.shape)}")
-    _check(tuple(lora_B_stack.shape) == (S, N, R), "lora_B_stack", f"must be [S={S}, N={N}, R={R}], "
-           f"got {tuple(lora_B_stack.shape)}")
-    for name, t in (("lora_A_stack", A), ("lora_B_stack", lora_B_stack)):
-        _check(t.dtype == x.dtype and t.device == x.device, name, "must match x's dtype and device")
-    slice_sizes = tuple(int(s) for s in (slice_sizes or (N,)))
-    _check(len(slice_sizes) == n_slices and sum(slice_sizes) == N and min(slice_sizes) > 0, "slice_sizes",
-           f"must be {n_slices} positive widths summing to N={N}, got {slice_sizes}")
-    if not isinstance(scalings, torch.Tensor):
-        scalings = torch.tensor([float(scalings)] * S if isinstance(scalings, (int, float)) else list(scalings),
-                                dtype=torch.float32)
-    scalings = scalings.to(device=x.device, dtype=torch.float32)
-    _check(tuple(scalings.shape) == (S,), "scalings", f"must be [S={S}], got {tuple(scalings.shape)}")
-    if ranks is None:
-        ranks = torch.full((S,), R, dtype=torch.int32, device=x.device)
-    ranks = ranks.to(device=x.device, dtype=torch.int32)
-    _check(tuple(ranks.shape) == (S,), "ranks", f"must be [S={S}], got {tuple(ranks.shape)}")
+    if not (S >= 1 and R >= 1 and Ka == K):
+        raise _bad("lora_A_stack", f"must have S >= 1, R >= 1 and K={K}, got {tuple(A.shape)}")
+    if lora_B_stack.shape != (S, N, R):
+        raise _bad("lora_B_stack", f"must be [S={S}, N={N}, R={R}], got {tuple(lora_B_stack.shape)}")
+    check_same("lora_A_stack", A, x, "x")
+    check_same("lora_B_stack", lora_B_stack, x, "x")
+    sizes = slice_sizes or (N,)
+    if not (isinstance(sizes, (list, tuple)) and all(_is_int(s) for s in sizes)):
+        raise _bad("slice_sizes", f"must be a list of ints, got {slice_sizes!r}")
+    slice_sizes = tuple(int(s) for s in sizes)
+    if not (len(slice_sizes) == n_slices and sum(slice_sizes) == N and min(slice_sizes) > 0):
+        raise _bad("slice_sizes", f"must be {n_slices} positive widths summing to N={N}, got {slice_sizes}")
+    scalings = _checked_scalings(scalings, S, x.device)
+    ranks = _checked_ranks(ranks, S, R, x.device)
 
     lead = x.shape[:-1]
     x2d = x.reshape(-1, K)
     T = x2d.shape[0]
     if isinstance(adapter_ids, BatchMetadata):
         meta = adapter_ids
-        _check(meta.num_tokens == T, "adapter_ids", f"metadata is for {meta.num_tokens} tokens, x has {T}")
-        _check(meta.num_slots == S, "adapter_ids", f"metadata is for {meta.num_slots} slots, the stacks have {S}")
+        if meta.num_tokens != T:
+            raise _bad("adapter_ids", f"metadata is for {meta.num_tokens} tokens, x has {T}")
+        if meta.num_slots != S:
+            raise _bad("adapter_ids", f"metadata is for {meta.num_slots} slots, the stacks have {S}")
+        if meta.perm.device != x.device:
+            raise _bad("adapter_ids", f"metadata is on {meta.perm.device} but x is on {x.device}: build it from "
+                                      f"ids on x's device")
     else:
-        _check(isinstance(adapter_ids, torch.Tensor) and adapter_ids.numel() == T, "adapter_ids",
-               f"must be an integer tensor of {T} ids (x's leading shape {tuple(lead)})")
+        if not (isinstance(adapter_ids, torch.Tensor) and adapter_ids.numel() == T):
+            raise _bad("adapter_ids", f"must be an integer tensor of {T} ids (x's leading shape {tuple(lead)})")
+        _check_host_or_device("adapter_ids", adapter_ids, x.device)
         meta = make_batch_metadata(adapter_ids.to(x.device), S, ranks=ranks, validate=True)
     if out is not None:
-        _check(tuple(out.shape) == (*lead, N) and out.dtype == x.dtype and out.is_contiguous(), "out",
-               f"must be a contiguous {(*lead, N)} tensor of {x.dtype}")
+        check_tensor("out", out)
+        if not (out.shape == (*lead, N) and out.dtype == x.dtype and out.is_contiguous() and out.device == x.device):
+            raise _bad("out", f"must be a contiguous {(*lead, N)} tensor of {x.dtype} on {x.device}")
 
     tensors = (x2d, weight, bias, A, lora_B_stack, scalings, ranks, meta.adapter_ids, meta.perm, meta.seg_of,
                meta.seg_start, meta.seg_adapter)
@@ -290,6 +422,29 @@ def _multi_lora_torch(x2d, weight, bias, A, B, scalings, ranks, ids, slice_sizes
 # ----------------------------------------------------------------------------------------------- adapter pool
 
 
+def adapter_pairs(key, value) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """An adapter weights entry as a list of (A [r, K], B [N, r]) pairs: one (A, B) pair (a tuple or list of two
+    tensors) or a list of pairs, one per slice. Each A and B is a 2-D float tensor with values (not meta); any
+    float dtype and device (the pool copies them into its own)."""
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(t, torch.Tensor) for t in value):
+        value = [value]
+    if not (isinstance(value, (tuple, list)) and value
+            and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in value)):
+        got = type(value).__name__
+        if isinstance(value, (tuple, list)):
+            got += " of (" + ", ".join(type(v).__name__ for v in value) + ")"
+        raise TypeError(f"weights[{key!r}] must be an (A, B) pair of tensors or a list of such pairs, one per "
+                        f"slice, got {got}")
+    pairs = []
+    for i, (a, b) in enumerate(value):
+        for part, t in (("A", a), ("B", b)):
+            check_tensor(f"weights[{key!r}][{i}] {part}", t, ndim=2)
+            if t.device.type == "meta":
+                raise ValueError(f"weights[{key!r}][{i}] {part} is on the meta device: it holds no values to load")
+        pairs.append((a, b))
+    return pairs
+
+
 class AdapterPool:
     """Fixed-size adapter storage shared by every layer of a model: name -> slot, load and unload in place.
 
@@ -301,19 +456,27 @@ class AdapterPool:
     """
 
     def __init__(self, max_adapters: int, max_rank: int, device=None, dtype=torch.bfloat16):
-        if max_adapters < 1 or max_rank < 1:
-            raise ValueError(f"max_adapters and max_rank must be >= 1, got {max_adapters}, {max_rank}")
+        check_rank(max_adapters, "max_adapters")
+        check_rank(max_rank, "max_rank")
+        check_dtype(dtype, "dtype", none_ok=False)  # an integer pool would truncate every adapter it loads
         self.max_adapters, self.max_rank = int(max_adapters), int(max_rank)
         self.device, self.dtype = torch.device(device or "cpu"), dtype
         self.ranks = torch.zeros(max_adapters, dtype=torch.int32, device=self.device)
+        setattr(self.ranks, _RANKS_CHECKED, (_POOL, self.max_rank))  # only load / unload write it, within range
         self.scalings = torch.zeros(max_adapters, dtype=torch.float32, device=self.device)
         self._slots: dict[str, int] = {}
         self._layers: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = {}
 
     # layers
     def add_layer(self, key: str, in_features: int, slice_sizes: Sequence[int]) -> None:
+        if not isinstance(key, str):
+            raise TypeError(f"key must be a str (the layer's name in adapter weight dicts), got {type(key).__name__}")
         if key in self._layers:
             raise ValueError(f"key: layer {key!r} is already registered with this pool")
+        check_rank(in_features, "in_features")
+        if not (isinstance(slice_sizes, (list, tuple)) and slice_sizes and all(_is_int(s) and s >= 1
+                                                                               for s in slice_sizes)):
+            raise ValueError(f"slice_sizes: must be a non-empty list of positive ints, got {slice_sizes!r}")
         slice_sizes = tuple(int(s) for s in slice_sizes)
         S, R = self.max_adapters, self.max_rank
         A = torch.zeros(S, len(slice_sizes), R, in_features, device=self.device, dtype=self.dtype)
@@ -342,15 +505,23 @@ class AdapterPool:
         weights: layer key -> (A [r, K], B [N, r]) for a one-slice layer, or a list of such pairs, one per slice.
         Layers not named get a zero update. rank: r (default: read from the first A).
         """
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__} (None in `ids` means base only)")
         if name in self._slots:
             raise ValueError(f"name: adapter {name!r} is already loaded in slot {self._slots[name]}")
+        if not isinstance(weights, Mapping):
+            raise TypeError(f"weights must be a dict {{layer key: (A, B)}}, got {type(weights).__name__}")
         unknown = set(weights) - set(self._layers)
         if unknown:
-            raise ValueError(f"weights: unknown layer keys {sorted(unknown)}")
+            raise ValueError(f"weights: unknown layer keys {sorted(unknown, key=repr)}")
+        alpha = check_scaling(alpha, "alpha")  # a NaN / inf alpha would make this adapter's every output NaN
+        check_flag(use_rslora, "use_rslora")
+        if rank is not None:
+            check_rank(rank)
+        pairs = {k: adapter_pairs(k, v) for k, v in weights.items()}
         free = sorted(set(range(self.max_adapters)) - set(self._slots.values()))
         if not free:
             raise RuntimeError(f"the pool is full ({self.max_adapters} adapters); unload one first")
-        pairs = {k: (list(v) if isinstance(v, list) else [v]) for k, v in weights.items()}
         if rank is None:
             rank = next(iter(pairs.values()))[0][0].shape[0] if pairs else 1
         if not 1 <= rank <= self.max_rank:
@@ -385,11 +556,18 @@ class AdapterPool:
 
     def ids(self, names: Sequence[str | None]) -> torch.Tensor:
         """int32 [len(names)] slot per entry on the pool's device; None -> -1 (base only)."""
+        # A lone string would be read as one name per character.
+        if isinstance(names, str) or not isinstance(names, (list, tuple)):
+            raise TypeError(f"names must be a list of adapter names (None = base only), one per token, "
+                            f"got {type(names).__name__}")
         return torch.tensor([-1 if n is None else self.slot(n) for n in names], dtype=torch.int32,
                             device=self.device)
 
     def batch_metadata(self, adapters, validate: bool = True) -> BatchMetadata:
         """Metadata for one batch, from a list of names (None = base) or an id tensor; one entry per token."""
+        if isinstance(adapters, str):
+            raise TypeError("adapters must be a list of adapter names (None = base only) or an id tensor, one per "
+                            "token, got a str")
         ids = adapters if isinstance(adapters, torch.Tensor) else self.ids(adapters)
         return make_batch_metadata(ids, self, validate=validate)
 
@@ -411,6 +589,13 @@ class MultiLoRALinear(nn.Module):
     def __init__(self, base_linear: nn.Linear, pool: AdapterPool, key: str | None = None,
                  slice_sizes: Sequence[int] | None = None):
         super().__init__()
+        if not isinstance(base_linear, nn.Linear):
+            raise TypeError(f"base_linear must be an nn.Linear, got {type(base_linear).__name__}")
+        if not isinstance(pool, AdapterPool):
+            raise TypeError(f"pool must be a lora_fast.AdapterPool, got {type(pool).__name__}")
+        if slice_sizes is not None and not (isinstance(slice_sizes, (list, tuple)) and slice_sizes
+                                            and all(_is_int(s) and s >= 1 for s in slice_sizes)):
+            raise ValueError(f"slice_sizes: must be a non-empty list of positive ints, got {slice_sizes!r}")
         self.weight = base_linear.weight
         self.bias = base_linear.bias
         self.in_features, self.out_features = base_linear.in_features, base_linear.out_features
@@ -424,6 +609,11 @@ class MultiLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor, batch) -> torch.Tensor:
         A, B, sizes = self.pool.layer_stacks(self.key)
         if not isinstance(batch, BatchMetadata):
+            check_tensor("x", x, min_ndim=1)
+            if not isinstance(batch, torch.Tensor):
+                raise TypeError(f"batch must be a BatchMetadata or an integer tensor of adapter ids (for names: "
+                                f"pool.batch_metadata(names) or pool.ids(names)), got {type(batch).__name__}")
+            _check_host_or_device("batch", batch, x.device)
             batch = make_batch_metadata(batch.to(x.device), self.pool)
         return multi_lora_linear(x, self.weight, self.bias, A, B, self.pool.scalings, batch,
                                  ranks=self.pool.ranks, slice_sizes=sizes)
