@@ -61,6 +61,7 @@ from torch import nn
 from .functional import autocast_dtype, lora_linear
 from .embedding import LoRAEmbedding
 from .layers import LoRALinear
+from .validation import check_flag, check_target_modules
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,16 @@ _PREFIX = "base_model.model."
 # ----------------------------------------------------------------------------------------------------------------
 # patch / unpatch
 # ----------------------------------------------------------------------------------------------------------------
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+
+
+def _check_path(path) -> None:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a directory path (str or os.PathLike), got {type(path).__name__}")
+
 
 def _conv1d_type():
     try:
@@ -216,6 +227,7 @@ def patch(model: nn.Module) -> nn.Module:
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore PEFT's forward on every module `patch` changed; return `model`."""
+    _check_model(model)
     restored = 0
     for _, module in model.named_modules():
         if not is_patched(module):
@@ -250,6 +262,7 @@ def read_peft_adapter(path: str) -> tuple[dict, dict[str, tuple[torch.Tensor, to
     (`lora_embedding_A` [r, vocab] / `lora_embedding_B` [dim, r]) come as (A, B) too. Raises for what a plain LoRA
     file cannot hold here: DoRA magnitudes, lora_bias, modules_to_save weights, non-LoRA types.
     """
+    _check_path(path)
     with open(os.path.join(path, "adapter_config.json")) as f:
         config = json.load(f)
     if config.get("peft_type", "LORA") != "LORA":
@@ -273,6 +286,10 @@ def read_peft_adapter(path: str) -> tuple[dict, dict[str, tuple[torch.Tensor, to
     for name, d in pairs.items():
         if set(d) != {"A", "B"}:
             raise ValueError(f"{path}: module {name!r} has only lora_{''.join(d)}")
+        for part, t in d.items():
+            if t.dim() != 2 or not t.dtype.is_floating_point:
+                raise ValueError(f"{path}: {name}.lora_{part} must be a 2-D float tensor, got {t.dtype} "
+                                 f"{list(t.shape)}")
         out[name] = (d["A"], d["B"])
     return config, out
 
@@ -288,6 +305,9 @@ def load_peft_adapter(model: nn.Module, path: str, adapter_name: str = "default"
     `adapter_name` only labels messages: a LoRALinear holds one adapter.
     Returns `model`.
     """
+    _check_model(model)
+    _check_path(path)
+    check_flag(strict, "strict")
     config, pairs = read_peft_adapter(path)
     if config.get("use_dora"):
         raise ValueError(f"{path}: DoRA adapters are not supported by LoRALinear")
@@ -370,6 +390,11 @@ def save_peft_adapter(model: nn.Module, path: str, target_modules: Iterable[str]
     target_modules: written as given; by default the shortest module-name suffixes that select exactly the
     adapted layers (e.g. ["q_proj", "v_proj"]), else the full names.
     """
+    _check_model(model)
+    _check_path(path)
+    if target_modules is not None:
+        check_target_modules(model, target_modules)
+    check_flag(safe_serialization, "safe_serialization")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding))]
     if not layers:
         raise ValueError("model has no LoRALinear or LoRAEmbedding module")
@@ -428,6 +453,26 @@ def load_peft_adapter_into_pool(pool, layer_map: Mapping[str, str | list[str]], 
     per-module scaling that differs from the slot's (alpha_pattern) is folded into that module's B. The folding
     is exact in fp32, one rounding in the pool's dtype.
     """
+    from .multi_lora import AdapterPool
+
+    if not isinstance(pool, AdapterPool):
+        raise TypeError(f"pool must be a lora_fast.AdapterPool, got {type(pool).__name__}")
+    if not isinstance(layer_map, Mapping):
+        raise TypeError(f"layer_map must be a dict {{pool layer key: PEFT module name or list of names}}, "
+                        f"got {type(layer_map).__name__}")
+    for key, mods in layer_map.items():
+        if key not in pool._layers:
+            raise ValueError(f"layer_map: {key!r} is not a layer of the pool (its layers: {sorted(pool._layers)})")
+        names = mods if isinstance(mods, list) else [mods]
+        if not names or not all(isinstance(m, str) for m in names):
+            raise TypeError(f"layer_map[{key!r}] must be a PEFT module name or a list of names, one per slice, "
+                            f"got {mods!r}")
+        if len(names) != len(pool._layers[key][2]):
+            raise ValueError(f"layer_map[{key!r}] names {len(names)} module(s) but the pool layer has "
+                             f"{len(pool._layers[key][2])} slice(s)")
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    _check_path(path)
     config, pairs = read_peft_adapter(path)
     if config.get("use_dora") or config.get("lora_bias") or config.get("bias", "none") != "none":
         raise ValueError(f"{path}: DoRA / bias adapters cannot go in an AdapterPool")
