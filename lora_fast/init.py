@@ -87,8 +87,9 @@ def _check_niter(niter) -> int | None:
 
 
 def _check_values(name: str, t: torch.Tensor) -> None:
-    """`t` holds real, finite values: not a meta tensor (no data), no NaN or inf (the exact SVD fails to converge
-    on them, the randomized one returns NaN factors). One reduction and host read, in an init that runs an SVD."""
+    """`t` holds real, finite values: not a meta tensor (no data), no NaN or inf (torch's exact and randomized SVDs
+    raise a LinAlgError on them that names no argument; "nonzero" would carry them into W). One reduction and host
+    read, in an init that runs an SVD or rewrites W."""
     if t.device.type == "meta":
         raise ValueError(f"{name} is on the meta device: this init needs its values (materialize it first)")
     if not bool(torch.isfinite(t).all()):
