@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .init import _lora_scaling, check_init, init_lora, load_init
+from .init import LoRAFactors, check_init, init_lora, load_init
 from .validation import check_dtype, check_flag, check_rank, check_scaling
 
 
@@ -41,7 +41,7 @@ def _check_ids(ids, num_embeddings: int, device: torch.device) -> torch.Tensor:
     return ids
 
 
-class LoRAEmbedding(nn.Module):
+class LoRAEmbedding(LoRAFactors, nn.Module):
     """nn.Embedding with a LoRA adapter: y = E[ids] + s * A[:, ids]^T @ B^T; ids [...] -> y [..., dim].
 
     Args: num_embeddings (vocab), embedding_dim (dim); rank r >= 1; alpha (s = alpha / r, or alpha / sqrt(r) with
@@ -100,15 +100,7 @@ class LoRAEmbedding(nn.Module):
         self.embed_scale = getattr(base, "embed_scale", None)
         base.weight.requires_grad_(False)
         self.weight = base.weight
-        kw = {"device": self.weight.device, "dtype": self.weight.dtype}
-        self.lora_A = nn.Parameter(torch.zeros(self.rank, self.num_embeddings, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(self.embedding_dim, self.rank, **kw))
-        self.merged = False
-        self.reset_lora_parameters(init, delta, pissa_niter)
-
-    @property
-    def scaling(self) -> float:
-        return _lora_scaling(self.alpha, self.rank, self.use_rslora)
+        self._make_factors(self.num_embeddings, self.embedding_dim, self.weight, init, delta, pissa_niter)
 
     @torch.no_grad()
     def reset_lora_parameters(self, init: str = "default", delta: torch.Tensor | None = None,

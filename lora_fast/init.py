@@ -67,6 +67,22 @@ def _lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+class LoRAFactors:
+    """Mixin of the LoRA modules (LoRALinear, LoRAEmbedding): the factors A [r, a_cols] and B [b_rows, r] as
+    parameters, filled by the module's `reset_lora_parameters`, and `scaling` from alpha, rank and use_rslora."""
+
+    def _make_factors(self, a_cols: int, b_rows: int, like: torch.Tensor, init, delta, pissa_niter) -> None:
+        kw = {"device": like.device, "dtype": like.dtype}
+        self.lora_A = nn.Parameter(torch.zeros(self.rank, a_cols, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(b_rows, self.rank, **kw))
+        self.merged = False
+        self.reset_lora_parameters(init, delta, pissa_niter)
+
+    @property
+    def scaling(self) -> float:
+        return _lora_scaling(self.alpha, self.rank, self.use_rslora)
+
+
 def check_init(init) -> str:
     """`init` is one of INIT_SCHEMES; "zeros" gets an explanation."""
     if not isinstance(init, str):

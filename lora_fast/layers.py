@@ -18,7 +18,7 @@ from torch import nn
 
 from .embedding import LoRAEmbedding
 from .functional import lora_linear
-from .init import _lora_scaling, check_init, init_lora, load_init
+from .init import LoRAFactors, check_init, init_lora, load_init
 from .validation import check_dropout, check_dtype, check_flag, check_rank, check_scaling, check_target_modules
 
 
@@ -33,7 +33,7 @@ def adopt_frozen_base(module: nn.Module, weight: nn.Parameter, bias: nn.Paramete
     module.bias = bias
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(LoRAFactors, nn.Module):
     """y = x @ W^T + b + scaling * (dropout(x) @ A^T) @ B^T, with W and b frozen and A, B trained.
 
     Args: in_features, out_features; rank r >= 1; alpha (scaling = alpha / r, or alpha / sqrt(r) with
@@ -67,15 +67,7 @@ class LoRALinear(nn.Module):
         self.dropout = check_dropout(dropout, "dropout")
         self.use_rslora = check_flag(use_rslora, "use_rslora")  # a truthy string would switch the scaling
         adopt_frozen_base(self, weight, bias)
-        kw = {"device": weight.device, "dtype": weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.rank, **kw))
-        self.merged = False
-        self.reset_lora_parameters(init, delta, pissa_niter)
-
-    @property
-    def scaling(self) -> float:
-        return _lora_scaling(self.alpha, self.rank, self.use_rslora)
+        self._make_factors(self.in_features, self.out_features, weight, init, delta, pissa_niter)
 
     @torch.no_grad()
     def reset_lora_parameters(self, init: str = "default", delta: torch.Tensor | None = None,
