@@ -32,33 +32,27 @@ def _noop_kernel(p0, p1, p2, p3, p4, p5, p6, i0, i1, i2, i3, i4, i5, i6, i7, i8,
         tl.store(p0, tl.load(p1))
 
 
-def bare_launch_us(calls: int) -> float:
-    t = torch.empty(16, device="cuda")
-    ints = list(range(1, 20))
-
-    def launch():
-        _noop_kernel[(1,)](t, t, t, t, t, t, t, *ints, 1.0, 2.0, 3.0, C0=1, C1=2, C2=3)
-
+def host_us(fn, calls: int) -> float:
+    """Host µs per call of `fn` (10 warm-up calls, no sync inside the timed loop)."""
     for _ in range(10):
-        launch()
+        fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(calls):
-        launch()
+        fn()
     us = (time.perf_counter() - t0) / calls * 1e6
     torch.cuda.synchronize()
     return us
 
 
+def bare_launch_us(calls: int) -> float:
+    t = torch.empty(16, device="cuda")
+    ints = list(range(1, 20))
+    return host_us(lambda: _noop_kernel[(1,)](t, t, t, t, t, t, t, *ints, 1.0, 2.0, 3.0, C0=1, C1=2, C2=3), calls)
+
+
 def case(name, fn, calls):
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    us = (time.perf_counter() - t0) / calls * 1e6
-    torch.cuda.synchronize()
+    us = host_us(fn, calls)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(calls):
