@@ -423,8 +423,9 @@ def multi_lora_forward(x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm,
     if base not in ("triton", "cublas", "overlap"):
         raise ValueError(f"config BASE must be 'triton', 'cublas' or 'overlap', got {base!r}")
     # "overlap": cuBLAS computes X·Wᵀ + b on the caller's stream while a side stream runs the shrink and the expand
-    # into an fp32 delta [T, N]; one add joins them. At decode sizes the W stream leaves bandwidth and SMs idle, so
-    # the adapter reads hide under it (bench/NOTES.md, multi-LoRA step 4). Fork and join are capturable in a graph.
+    # into an fp32 delta [T, N]; one add joins them. The aim was to hide the adapter reads under the W stream; on
+    # the H100/H200 they hide only partly, since cuBLAS fills the SMs (bench/NOTES.md, multi-LoRA step 4), but this
+    # is still the fastest path measured at 32-256 tokens. Fork and join are capturable in a graph.
     delta = side = main = None
     if base == "overlap":
         delta = torch.empty((T, N), device=x2d.device, dtype=acc)
