@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import naive
-from .functional import _ops, autocast_inputs, draw_seed, use_triton
+from .functional import _ops, autocast_inputs, draw_seed, eager_only, is_compiling, use_triton
 from .layers import LoRALinear
 from .philox import dropout_mask_torch
 from .targeting import replace_linears
@@ -175,6 +175,13 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
     >>> y = dora_linear(x, W, b, A, B, m, scaling=2.0, dropout_p=0.05, training=True)
     >>> y.sum().backward()                                          # grads in x, A, B, m
     """
+    if is_compiling():  # not a torch op yet: run eagerly at a graph break rather than trace the launchers
+        return _dora_linear_eager(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training)
+    return _dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training)
+
+
+def _dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, training=False):
+    """`dora_linear` itself (see its docstring)."""
     x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
     scaling, dropout_p = check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
     check_vector_param("magnitude", magnitude, weight.shape[0], x)
@@ -196,6 +203,9 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
     y2d = F.linear(x2d - xd, weight, bias) + DoRALinearFunction.apply(xd, weight, None, lora_A, lora_B, magnitude,
                                                                        g, norm, scaling)
     return y2d.reshape(*x.shape[:-1], weight.shape[0])
+
+
+_dora_linear_eager = eager_only(_dora_linear)
 
 
 class DoRALinear(LoRALinear):

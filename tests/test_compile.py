@@ -235,3 +235,37 @@ def test_peft_patched_model_compiles_fullgraph_with_dropout():
     assert len(results[0]) == 6
     for i, (c, e) in enumerate(zip(*results)):
         assert_close(f"output/gradient {i}", c, e, torch.float32)
+
+
+def test_variants_compile_at_a_graph_break_and_equal_eager():
+    """DoRA, VeRA and QLoRA layers are not torch ops yet: under torch.compile their entry points run eagerly at a
+    graph break instead of letting dynamo trace the Triton launchers (which crashed it). Outputs and every
+    gradient equal eager's; dropout off so both see the same function."""
+    from lora_fast.dora import DoRALinear
+    from lora_fast.qlora import LoRALinear4bit
+    from lora_fast.vera import apply_vera
+
+    class One(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(64, 24)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    torch.manual_seed(3)
+    layers = {"dora": DoRALinear.from_linear(nn.Linear(64, 24), rank=4, alpha=8),
+              "vera": apply_vera(One(), ["lin"], rank=4),
+              "qlora": LoRALinear4bit.from_linear(nn.Linear(64, 24), rank=4, alpha=8, compute_dtype=torch.float32)}
+    for name, layer in layers.items():
+        params = [p for p in layer.parameters() if p.requires_grad]
+        with torch.no_grad():
+            for p in params:
+                if p.dim() == 2 and float(p.abs().sum()) == 0:  # a zero B: make its A's gradient nonzero too
+                    p.normal_()
+        x = torch.randn(5, 64, requires_grad=True)
+        compiled = torch.compile(layer, backend="aot_eager")
+        want = [t.detach().clone() for t in seeded_grads(layer, x, params, 0)]
+        got = seeded_grads(compiled, x, params, 0)
+        for w, g, what in zip(want, got, ["y", "dx"] + [f"grad {i}" for i in range(len(params))]):
+            assert_close(f"{name} {what}", g, w, torch.float32)
