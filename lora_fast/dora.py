@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import naive
-from .functional import _ops, autocast_inputs, draw_seed, eager_only, is_compiling, use_triton
+from .functional import _ops, autocast_inputs, draw_seed, eager_under_compile, use_triton
 from .layers import LoRALinear
 from .philox import dropout_mask_torch
 from .targeting import replace_linears
@@ -162,6 +162,7 @@ def _magnitude_grad(dy2d, y2d, bias, x2d, weight, lora_A, lora_B, magnitude, wei
     return dm.to(magnitude.dtype)
 
 
+@eager_under_compile
 def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, training=False):
     """Fused DoRA linear with PEFT's semantics (module docstring): differentiable in x, A, B, magnitude, bias.
 
@@ -175,13 +176,6 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
     >>> y = dora_linear(x, W, b, A, B, m, scaling=2.0, dropout_p=0.05, training=True)
     >>> y.sum().backward()                                          # grads in x, A, B, m
     """
-    if is_compiling():  # not a torch op yet: run eagerly at a graph break rather than trace the launchers
-        return _dora_linear_eager(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training)
-    return _dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training)
-
-
-def _dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, training=False):
-    """`dora_linear` itself (see its docstring)."""
     x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
     scaling, dropout_p = check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
     check_vector_param("magnitude", magnitude, weight.shape[0], x)
@@ -204,8 +198,6 @@ def _dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=
                                                                        g, norm, scaling)
     return y2d.reshape(*x.shape[:-1], weight.shape[0])
 
-
-_dora_linear_eager = eager_only(_dora_linear)
 
 
 class DoRALinear(LoRALinear):

@@ -9,6 +9,8 @@ Eager calls go straight to `LoRALinearFunction`; while torch.compile traces, `lo
 Under torch.autocast the operands are cast as nn.Linear's are (`autocast_inputs`); fp32 adapters on an fp16/bf16 x
 are cast down to x's dtype (docs/compile_graphs.md).
 """
+import functools
+
 import torch
 
 from . import naive
@@ -130,6 +132,20 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
             return ops.lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, p)
         return eager_only(_lora_linear_eager)(x, weight, bias, lora_A, lora_B, scaling, p)
     return _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, p)
+
+
+def eager_under_compile(fn):
+    """Decorator for entry points that are not torch ops (DoRA, VeRA, QLoRA): while torch.compile traces, `fn` runs
+    eagerly at a graph break instead of dynamo tracing into its Triton launchers; otherwise it is called as is."""
+    eager = eager_only(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if is_compiling():
+            return eager(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def eager_only(fn):

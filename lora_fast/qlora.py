@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import naive
-from .functional import autocast_inputs, draw_seed, eager_only, is_compiling, lora_backward, use_triton
+from .functional import autocast_inputs, draw_seed, eager_under_compile, lora_backward, use_triton
 from .nf4 import (ABSMAX_GROUP, NF4_BLOCK, NF4Tensor, check_nf4_shape, check_nf4_tensor, from_bnb, quantize_nf4,
                   roundtrip_error)
 from .validation import check_adapter_dtype, check_dropout, check_flag, check_rank, check_scaling, check_tensor
@@ -121,6 +121,7 @@ def check_qlora_args(x, w4, bias, lora_A, lora_B, scaling, dropout_p, training):
     return check_scaling(scaling), check_dropout(dropout_p)
 
 
+@eager_under_compile
 def qlora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=False):
     """QLoRA linear: `x @ deq(weight)^T + bias + scaling * (dropout(x) @ lora_A^T) @ lora_B^T`.
 
@@ -131,13 +132,6 @@ def qlora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, traini
     >>> w4 = quantize_nf4(linear.weight)
     >>> y = qlora_linear(x, w4, linear.bias, A, B, scaling=2.0, dropout_p=0.05, training=True)
     """
-    if is_compiling():  # not a torch op yet: run eagerly at a graph break rather than trace the launchers
-        return _qlora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
-    return _qlora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
-
-
-def _qlora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=False):
-    """`qlora_linear` itself (see its docstring)."""
     x, bias, lora_A, lora_B = autocast_inputs(x, bias, lora_A, lora_B)
     scaling, dropout_p = check_qlora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
     lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
@@ -149,8 +143,6 @@ def _qlora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, train
                                           seed)
     return y2d.reshape(*x.shape[:-1], weight.shape[0])
 
-
-_qlora_linear_eager = eager_only(_qlora_linear)
 
 
 def _check_options(rank, alpha, dropout, compute_dtype, use_rslora, double_quant) -> None:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import _ops, autocast_inputs, draw_seed, eager_only, is_compiling
+from .functional import _ops, autocast_inputs, draw_seed, eager_under_compile
 from .layers import adopt_frozen_base
 from .targeting import matching_linears, replace_linears
 from .validation import (check_dropout, check_dtype, check_lora_linear_args, check_rank, check_scaling, check_tensor,
@@ -155,6 +155,7 @@ class VeRALinearFunction(torch.autograd.Function):
         return dx, dw, dbias, None, None, dd, dlb, None, None
 
 
+@eager_under_compile
 def vera_linear(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p=0.0, training=False):
     """Fused VeRA linear: `x @ W^T + b + lambda_b * ((lambda_d * (drop(x) @ A^T)) @ B^T)`.
 
@@ -167,13 +168,6 @@ def vera_linear(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p=0
     >>> y = vera_linear(x, W, b, A, B, lambda_d, lambda_b, dropout_p=0.1, training=True)
     >>> y.sum().backward()                                       # grads in x, lambda_d, lambda_b
     """
-    if is_compiling():  # not a torch op yet: run eagerly at a graph break rather than trace the launchers
-        return _vera_linear_eager(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p, training)
-    return _vera_linear(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p, training)
-
-
-def _vera_linear(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p=0.0, training=False):
-    """`vera_linear` itself (see its docstring)."""
     x, weight, bias, vera_A, vera_B = autocast_inputs(x, weight, bias, vera_A, vera_B)
     try:  # the LoRA checks, with the errors naming VeRA's arguments
         _, dropout_p = check_lora_linear_args(x, weight, bias, vera_A, vera_B, 1.0, dropout_p, training)
@@ -186,8 +180,6 @@ def _vera_linear(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p=
     return VeRALinearFunction.apply(x, weight, bias, vera_A.detach().to(x.dtype), vera_B.detach().to(x.dtype),
                                     lambda_d, lambda_b, p, seed)
 
-
-_vera_linear_eager = eager_only(_vera_linear)
 
 
 class VeRALinear(nn.Module):
