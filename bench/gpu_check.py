@@ -51,21 +51,34 @@ def poison(nbytes: int) -> None:
 
 
 def check_case(M, K, N, r, dtype, p, bias=True, xa_mode="auto", scaling=1.7):
+    """One shape through the launchers, checked against the fp32 reference. The launchers run twice, on fresh
+    inputs each time: the first call builds their plans and compiles, the second (the one checked) takes the
+    cached launch (kernels/launch.py), as every call of a training loop after its first does."""
     dev = "cuda"
-    x = torch.randn(M, K, device=dev, dtype=dtype)
-    W = torch.randn(N, K, device=dev, dtype=dtype) / K**0.5
-    b = torch.randn(N, device=dev, dtype=dtype) if bias else None
-    A = torch.randn(r, K, device=dev, dtype=dtype) / K**0.5
-    B = torch.randn(N, r, device=dev, dtype=dtype) / r**0.5
-    dy = torch.randn(M, N, device=dev, dtype=dtype)
-    seed = int(torch.randint(0, 2**62, (1,)).item())
-    y = torch.full((M, N), float("nan"), device=dev, dtype=dtype)
-    dx = torch.full((M, K), float("nan"), device=dev, dtype=dtype)
-    poison(4 * M * max(K, N) * x.element_size())
-    kernels.lora_forward(x, W, b, A, B, scaling, p, seed, store_xa=True, xa_mode=xa_mode, out=y)
-    _, xa = kernels.lora_forward(x, W, b, A, B, scaling, p, seed, store_xa=True, xa_mode=xa_mode)
-    _, dyb = kernels.lora_backward_dx(dy, W, A, B, scaling, p, seed, dyb_mode=xa_mode, out=dx)
-    dA, dB = kernels.lora_grad_ab(x, dy, xa, dyb, scaling, dtype, dtype, p, seed)
+
+    def draw():
+        x = torch.randn(M, K, device=dev, dtype=dtype)
+        W = torch.randn(N, K, device=dev, dtype=dtype) / K**0.5
+        b = torch.randn(N, device=dev, dtype=dtype) if bias else None
+        A = torch.randn(r, K, device=dev, dtype=dtype) / K**0.5
+        B = torch.randn(N, r, device=dev, dtype=dtype) / r**0.5
+        dy = torch.randn(M, N, device=dev, dtype=dtype)
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        return x, W, b, A, B, dy, seed
+
+    def run(x, W, b, A, B, dy, seed):
+        y = torch.full((M, N), float("nan"), device=dev, dtype=dtype)
+        dx = torch.full((M, K), float("nan"), device=dev, dtype=dtype)
+        poison(4 * M * max(K, N) * x.element_size())
+        kernels.lora_forward(x, W, b, A, B, scaling, p, seed, store_xa=True, xa_mode=xa_mode, out=y)
+        _, xa = kernels.lora_forward(x, W, b, A, B, scaling, p, seed, store_xa=True, xa_mode=xa_mode)
+        _, dyb = kernels.lora_backward_dx(dy, W, A, B, scaling, p, seed, dyb_mode=xa_mode, out=dx)
+        dA, dB = kernels.lora_grad_ab(x, dy, xa, dyb, scaling, dtype, dtype, p, seed)
+        return y, dx, dA, dB
+
+    run(*draw())
+    x, W, b, A, B, dy, seed = inputs = draw()
+    y, dx, dA, dB = run(*inputs)
     mask = kernels.dropout_mask(seed, M, K, p, dev) if p > 0 else None
     f32 = torch.float64 if dtype == torch.float64 else torch.float32
     xr = x.to(f32).requires_grad_()
@@ -104,10 +117,12 @@ def check_autograd(dtype=torch.bfloat16):
     """The module path end to end: LoRALinear on a 3-D input, grads of x, A, B vs the reference module."""
     layer = lora_fast.LoRALinear(1000, 777, rank=12, alpha=24, dropout=0.0, device="cuda", dtype=dtype)
     torch.nn.init.normal_(layer.lora_B, std=0.02)
-    x = torch.randn(3, 129, 1000, device="cuda", dtype=dtype, requires_grad=True)
-    y = layer(x)
-    dy = torch.randn_like(y)
-    y.backward(dy)
+    for _ in range(2):  # the second step, on fresh inputs, takes the cached launches
+        layer.lora_A.grad = layer.lora_B.grad = None
+        x = torch.randn(3, 129, 1000, device="cuda", dtype=dtype, requires_grad=True)
+        y = layer(x)
+        dy = torch.randn_like(y)
+        y.backward(dy)
     xr = x.detach().float().requires_grad_()
     Ar = layer.lora_A.detach().float().requires_grad_()
     Br = layer.lora_B.detach().float().requires_grad_()
@@ -169,7 +184,23 @@ def correctness() -> list[dict]:
             rows.append(check_case(M, K, N, r, dtype, 0.1, bias=False))
     rows.append(check_fp64())
     rows.append(check_autograd())
+    rows.append(check_launch_cache())
     return rows
+
+
+def check_launch_cache():
+    """Every cached plan that launches a kernel has taken the direct launch of the compiled kernel (its first
+    call compiled it), so the checks above ran the fast path of kernels/launch.py."""
+    from lora_fast.kernels import lora_bwd, lora_fwd, lora_shrink
+
+    launches = []
+    for plans in (lora_fwd._PLANS, lora_bwd._DX_PLANS, lora_bwd._AB_PLANS, lora_shrink._PLANS):
+        for plan in plans.values():
+            if plan.launch is not None:
+                launches.append(plan.launch)
+    direct = sum(launch.compiled is not None for launch in launches)
+    return {"case": "launch cache", "plans": len(launches), "direct": direct,
+            "ok": bool(launches) and direct == len(launches)}
 
 
 # ---------------------------------------------------------------------------------------------- tuning

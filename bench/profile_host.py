@@ -51,6 +51,43 @@ def bare_launch_us(calls: int) -> float:
     return host_us(lambda: _noop_kernel[(1,)](t, t, t, t, t, t, t, *ints, 1.0, 2.0, 3.0, C0=1, C1=2, C2=3), calls)
 
 
+def launch_breakdown(calls: int) -> list:
+    """Where one launch of the forward kernel (M=16, fused) spends host time: the whole launcher (a cached plan),
+    Triton's full `kernel[grid](...)` path with the same arguments, its binder alone, the direct launch of the
+    compiled kernel (what the plan pays, kernels/launch.py), and the torch ops around it."""
+    from triton.runtime import driver
+
+    from lora_fast.kernels import lora_fwd as F_
+
+    x = torch.randn(16, 1024, device="cuda", dtype=torch.bfloat16)
+    W = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
+    A = torch.randn(16, 1024, device="cuda", dtype=torch.bfloat16)
+    B = torch.randn(1024, 16, device="cuda", dtype=torch.bfloat16)
+    for _ in range(2):
+        F_.lora_forward(x, W, None, A, B, 2.0)
+    launch = next(p for p in reversed(F_._PLANS.values()) if p.launch is not None).launch
+    args = list(launch.args)
+    for i, v in zip(launch.slots, (x, W, A, B, x, x, x, 2.0, 0, x)):
+        args[i] = v
+    dev = driver.active.get_current_device()
+    binder = launch.fn.device_caches[dev][4]
+    names = launch.fn.arg_names
+    shapes = [x, W, A, B, x]
+
+    def key():
+        return tuple((t.shape, t.stride(), t.dtype, t.data_ptr() % 16) for t in shapes)
+
+    cases = {"launcher lora_forward (M=16, fused, cached plan)": lambda: F_.lora_forward(x, W, None, A, B, 2.0),
+             "kernel[grid](*args) (Triton's full path)": lambda: launch.fn[launch.grid](*args, **launch.options),
+             "binder alone": lambda: binder(**dict(zip(names, args)), **launch.options),
+             "Launch direct (compiled.run)": lambda: launch(x, W, A, B, x, x, x, 2.0, 0, x),
+             "get_current_stream": lambda: driver.active.get_current_stream(dev),
+             "torch.empty 16x1024": lambda: torch.empty((16, 1024), device=x.device, dtype=x.dtype),
+             "plan key over 5 tensors": key,
+             "x.stride(0)": lambda: x.stride(0)}
+    return [dict(case="breakdown: " + n, us_per_call=host_us(fn, calls)) for n, fn in cases.items()]
+
+
 def case(name, fn, calls):
     us = host_us(fn, calls)
     prof = cProfile.Profile()
@@ -70,6 +107,10 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=300)
     args = ap.parse_args(argv)
     rows = [dict(case="bare triton launch, 32 args", us_per_call=bare_launch_us(args.calls))]
+    try:
+        rows += launch_breakdown(args.calls)
+    except Exception as e:  # diagnostics only: never lose the rest of the run
+        rows.append(dict(case=f"breakdown failed: {e!r}"[:200], us_per_call=float("nan")))
     for p in (0.0, 0.1):
         layer = LoRALinear(1024, 1024, rank=16, alpha=32, dropout=p, device="cuda", dtype=torch.bfloat16)
         layer.train()

@@ -27,6 +27,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def dot_precision_key(t) -> bool:
+    """What `dot_precision(t.dtype)` depends on besides the dtype, for a launch plan's key (kernels/launch.py):
+    torch's TF32 switch, which may change between calls, matters for fp32 only."""
+    return getattr(t, "dtype", None) is torch.float32 and torch.backends.cuda.matmul.allow_tf32
+
+
 try:  # host-side tensor descriptors (Triton >= 3.3): TMA loads on Hopper, zero-filled out of range
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older Triton

@@ -11,7 +11,6 @@ regenerated dropout mask, and writes dX once.
 `lora_grad_ab` computes dA and dB in one launch of a reduce-over-M kernel, split over M so that the [r, K] and
 [N, r] outputs still fill the GPU; the fp32 partial sums are added in a fixed order (deterministic, no atomics).
 """
-import functools
 
 import torch
 import triton
@@ -19,9 +18,10 @@ import triton.language as tl
 
 from .config import gemm_config, num_sms, reduce_m_config
 from .helpers import (
-    acc_dtype, apply_dropout, cdiv, check_shapes, check_vector, dot, dot_precision, dropout_keep, dropout_threshold,
-    next_pow2_rank, output_tile, tensor_descriptor, tma_enabled, upcast,
+    acc_dtype, apply_dropout, cdiv, check_shapes, check_vector, dot, dot_precision, dot_precision_key, dropout_keep,
+    dropout_threshold, next_pow2_rank, output_tile, tensor_descriptor, tma_enabled, upcast,
 )
+from .launch import Launch, PlanCache, int_width, plan_key
 from .lora_fwd import EPILOGUE_RANK_BLOCK, _output, choose_xa_mode
 from .lora_shrink import lora_shrink
 
@@ -186,68 +186,92 @@ def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
     out: optional preallocated dx [M, K] of dy's dtype and device. tma: as in lora_forward.
     dy_scale: optional [N] vector g: the gradient of y = g * (x @ W^T + s * xa @ B^T): dy is replaced by g * dy
         (per column) inside the kernel, and the returned dyb is (g * dy) @ B (DoRA).
+    Host work is done once per call signature (kernels/launch.py).
 
     >>> dx, dyb = lora_backward_dx(dy, W, A, B, 2.0)
     """
-    M, N = dy.shape
-    K, rank = weight.shape[1], lora_A.shape[0]
-    check_shapes(dy=(dy, (M, N)), weight=(weight, (N, K)), lora_A=(lora_A, (rank, K)), lora_B=(lora_B, (N, rank)))
-    check_vector("dy_scale", dy_scale, N, dy)
-    dx = _output(out, (M, K), dy, "out")
-    if dyb_mode == "auto":
-        dyb_mode = choose_xa_mode(M, rank, dropout=False)
-    if M == 0 or K == 0:
-        return dx, (torch.zeros((M, rank), device=dy.device, dtype=dy.dtype) if store_dyb else None)
-    if dyb_mode == "shrink":
-        # (g * dy) @ B = dy @ (g * B): fold the column scale into the [N, r] factor rather than into dy.
-        b_shrink = lora_B if dy_scale is None else (lora_B * dy_scale[:, None]).to(lora_B.dtype)
-        dyb = lora_shrink(dy, b_shrink.t())
-    elif dyb_mode == "fused":
-        dyb = torch.empty((M, rank), device=dy.device, dtype=dy.dtype) if store_dyb else None
-    else:
-        raise ValueError(f"dyb_mode must be 'auto', 'fused' or 'shrink', got {dyb_mode!r}")
-    compute = dyb_mode == "fused"
-    block_r = next_pow2_rank(rank) if compute else min(EPILOGUE_RANK_BLOCK, next_pow2_rank(rank))
-    cfg = gemm_config("dx_dropout" if dropout_p > 0.0 else "dx", M, dy.dtype, block_r if compute else 0)
-    dyb_arg = dyb if dyb is not None else dx
-    b_arg = lora_B
-    if compute and (lora_B.stride(1) != 1 or rank != block_r):
-        # The in-loop B tile is read unmasked along the rank from a [N, BLOCK_R] zero-padded copy (N * BLOCK_R
-        # elements, tiny): on the H100 with Triton 3.6, a pipelined load of B's rows masked to an odd rank
-        # (r = 3, 12) gave wrong results at the large tile config, while unit-stride padded rows were right.
-        b_arg = lora_B.new_zeros((N, block_r))
-        b_arg[:, :rank] = lora_B
-    use_tma = tma_enabled(tma if tma != "auto" else ("auto" if cfg.tma else False), dy, weight)
-    dy_arg = tensor_descriptor(dy, [cfg.block_m, cfg.block_k]) if use_tma else dy
-    w_arg = tensor_descriptor(weight, [cfg.block_k, cfg.block_n]) if use_tma else weight
-    grid = (cdiv(M, cfg.block_m) * cdiv(K, cfg.block_n),)
-    _lora_bwd_dx_kernel[grid](
-        dy_arg, w_arg, b_arg, lora_A, dyb_arg, dx,
-        M, N, K, rank,
-        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), b_arg.stride(0), b_arg.stride(1),
-        lora_A.stride(0), lora_A.stride(1), dyb_arg.stride(0), dyb_arg.stride(1), dx.stride(0), dx.stride(1),
-        float(scaling), int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 4),
-        DROPOUT=dropout_p > 0.0, COMPUTE_DYB=compute, STORE_DYB=compute and dyb is not None, USE_TMA=use_tma,
-        BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_N=cfg.block_k, BLOCK_R=block_r,
-        NUM_R_CHUNKS=1 if compute else cdiv(rank, block_r), GROUP_M=cfg.group_m,
-        PRECISION=dot_precision(dy.dtype), ACC=acc_dtype(dy.dtype),
-        DY_SCALE=dy_scale if dy_scale is not None else dx, HAS_DY_SCALE=dy_scale is not None, **cfg.launch(),
-    )
-    return dx, dyb
+    key = plan_key((dy, weight, lora_A, lora_B, out, dy_scale), dropout_p, store_dyb, dyb_mode, tma,
+                   dot_precision_key(dy), int_width(seed))
+    plan = _DX_PLANS.find(key)
+    if plan is None:
+        plan = _DX_PLANS.put(key, _DxPlan(dy, weight, lora_A, lora_B, dropout_p, store_dyb, dyb_mode, out, tma,
+                                          dy_scale))
+    return plan(dy, weight, lora_A, lora_B, scaling, seed, out, dy_scale)
 
 
-@functools.lru_cache(maxsize=4096)
-def _grad_ab_plan(M, K, N, rank, dtype, device, need_a, need_b):
-    """(cfg_a, cfg_b, tiles_a, tiles_b, splits, rows_per_split) of `lora_grad_ab` for one shape: the same for every
-    step of a training run, so computed once (host time, bench/NOTES.md)."""
-    cfg_a = reduce_m_config(rank, K, dtype)
-    cfg_b = reduce_m_config(N, rank, dtype)
-    tiles_a = cdiv(rank, cfg_a.block_m) * cdiv(K, cfg_a.block_n) if need_a else 0
-    tiles_b = cdiv(N, cfg_b.block_m) * cdiv(rank, cfg_b.block_n) if need_b else 0
-    m_blocks = cdiv(M, cfg_a.block_k)
-    splits = max(1, min(m_blocks, cdiv(2 * num_sms(device), tiles_a + tiles_b)))
-    rows_per_split = cdiv(m_blocks, splits) * cfg_a.block_k
-    return cfg_a, cfg_b, tiles_a, tiles_b, cdiv(M, rows_per_split), rows_per_split
+_DX_PLANS = PlanCache()
+
+
+class _DxPlan:
+    """`lora_backward_dx` for one call signature: every check and choice made once (kernels/launch.py)."""
+
+    def __init__(self, dy, weight, lora_A, lora_B, dropout_p, store_dyb, dyb_mode, out, tma, dy_scale):
+        M, N = dy.shape
+        K, rank = weight.shape[1], lora_A.shape[0]
+        check_shapes(dy=(dy, (M, N)), weight=(weight, (N, K)), lora_A=(lora_A, (rank, K)),
+                     lora_B=(lora_B, (N, rank)))
+        check_vector("dy_scale", dy_scale, N, dy)
+        dx_strides = _output(out, (M, K), dy, "out").stride() if out is not None else (K, 1)  # a new dx: contiguous
+        if dyb_mode == "auto":
+            dyb_mode = choose_xa_mode(M, rank, dropout=False)
+        if dyb_mode not in ("fused", "shrink"):
+            raise ValueError(f"dyb_mode must be 'auto', 'fused' or 'shrink', got {dyb_mode!r}")
+        self.dx_shape, self.dyb_shape, self.launch = (M, K), (M, rank), None
+        self.shrink = dyb_mode == "shrink"
+        self.new_dyb = store_dyb and not self.shrink
+        self.pad_b, self.zero_dyb = None, store_dyb
+        if M == 0 or K == 0:
+            self.shrink, self.new_dyb = False, False
+            return
+        compute = not self.shrink
+        block_r = next_pow2_rank(rank) if compute else min(EPILOGUE_RANK_BLOCK, next_pow2_rank(rank))
+        cfg = gemm_config("dx_dropout" if dropout_p > 0.0 else "dx", M, dy.dtype, block_r if compute else 0)
+        b_strides = lora_B.stride()
+        if compute and (lora_B.stride(1) != 1 or rank != block_r):
+            # The in-loop B tile is read unmasked along the rank from a [N, BLOCK_R] zero-padded copy (N * BLOCK_R
+            # elements, tiny): on the H100 with Triton 3.6, a pipelined load of B's rows masked to an odd rank
+            # (r = 3, 12) gave wrong results at the large tile config, while unit-stride padded rows were right.
+            self.pad_b, b_strides = (N, block_r), (block_r, 1)
+        has_dyb = self.shrink or self.new_dyb
+        dyb_strides = (rank, 1) if has_dyb else dx_strides  # a new contiguous [M, r], or dx standing in
+        self.use_tma = tma_enabled(tma if tma != "auto" else ("auto" if cfg.tma else False), dy, weight)
+        self.dy_block, self.w_block = [cfg.block_m, cfg.block_k], [cfg.block_k, cfg.block_n]
+        self.launch = Launch(
+            _lora_bwd_dx_kernel, (cdiv(M, cfg.block_m) * cdiv(K, cfg.block_n),),
+            ("DY", "W", "B", "A", "DYB", "DX", "scaling", "seed", "DY_SCALE"),
+            None, None, None, None, None, None,
+            M, N, K, rank,
+            dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), *b_strides,
+            lora_A.stride(0), lora_A.stride(1), *dyb_strides, *dx_strides,
+            None, None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 4),
+            DROPOUT=dropout_p > 0.0, COMPUTE_DYB=compute, STORE_DYB=compute and store_dyb, USE_TMA=self.use_tma,
+            BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_N=cfg.block_k, BLOCK_R=block_r,
+            NUM_R_CHUNKS=1 if compute else cdiv(rank, block_r), GROUP_M=cfg.group_m,
+            PRECISION=dot_precision(dy.dtype), ACC=acc_dtype(dy.dtype),
+            DY_SCALE=None, HAS_DY_SCALE=dy_scale is not None, **cfg.launch(),
+        )
+
+    def __call__(self, dy, weight, lora_A, lora_B, scaling, seed, out, dy_scale):
+        dx = out if out is not None else torch.empty(self.dx_shape, device=dy.device, dtype=dy.dtype)
+        if self.launch is None:
+            return dx, (torch.zeros(self.dyb_shape, device=dy.device, dtype=dy.dtype) if self.zero_dyb else None)
+        if self.shrink:
+            # (g * dy) @ B = dy @ (g * B): fold the column scale into the [N, r] factor rather than into dy.
+            b_shrink = lora_B if dy_scale is None else (lora_B * dy_scale[:, None]).to(lora_B.dtype)
+            dyb = lora_shrink(dy, b_shrink.t())
+        elif self.new_dyb:
+            dyb = torch.empty(self.dyb_shape, device=dy.device, dtype=dy.dtype)
+        else:
+            dyb = None
+        b_arg = lora_B
+        if self.pad_b is not None:
+            b_arg = lora_B.new_zeros(self.pad_b)
+            b_arg[:, :lora_B.shape[1]] = lora_B
+        if self.use_tma:
+            dy, weight = tensor_descriptor(dy, self.dy_block), tensor_descriptor(weight, self.w_block)
+        self.launch(dy, weight, b_arg, lora_A, dyb if dyb is not None else dx, dx, float(scaling), int(seed),
+                    dy_scale if dy_scale is not None else dx)
+        return dx, dyb
 
 
 def _grad_out(splits, rows, cols, dtype, device):
@@ -262,44 +286,82 @@ def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p=0.0, seed=
     x: [M, K], dy: [M, N], xa: [M, r] (= drop(x) @ A^T from the forward), dyb: [M, r] (= dy @ B).
     Returns (dA [r, K] in a_dtype or None, dB [N, r] in b_dtype or None). Both reduce over M, split so that the
     small outputs still fill the GPU; with several splits each output has an fp32 partial-sum buffer, summed in a
-    fixed order.
+    fixed order. Host work is done once per call signature (kernels/launch.py).
 
     >>> dA, dB = lora_grad_ab(x, dy, xa, dyb, 2.0, A.dtype, B.dtype)
     """
-    (M, K), N, rank = x.shape, dy.shape[1], (xa if xa is not None else dyb).shape[1]
-    check_shapes(x=(x, (M, K)), dy=(dy, (M, N)), xa=(xa if need_b else None, (M, rank)),
-                 dyb=(dyb if need_a else None, (M, rank)))
-    if not (need_a or need_b):
-        return None, None
-    if M == 0:
-        return (torch.zeros((rank, K), device=x.device, dtype=a_dtype) if need_a else None,
-                torch.zeros((N, rank), device=x.device, dtype=b_dtype) if need_b else None)
-    cfg_a, cfg_b, tiles_a, tiles_b, splits, rows_per_split = _grad_ab_plan(
-        M, K, N, rank, x.dtype, x.device, need_a, need_b)
-    # Two outputs, each [splits, P, Q] of fp32 partials, or (one split) the final [P, Q] tensor in its own dtype
-    # with a zero split stride: no slicing, views or casts afterwards (each torch op costs host time, NOTES.md).
-    part = torch.promote_types(x.dtype, torch.float32)
-    out_a = _grad_out(splits, rank, K, a_dtype if splits == 1 else part, x.device) if need_a else None
-    out_b = _grad_out(splits, N, rank, b_dtype if splits == 1 else part, x.device) if need_b else None
-    oa = out_a if need_a else out_b  # placeholders are never written: their tile count is zero
-    ob = out_b if need_b else out_a
-    sa = (0, *oa.stride()) if oa.dim() == 2 else oa.stride()
-    sb = (0, *ob.stride()) if ob.dim() == 2 else ob.stride()
-    u_a = dyb if need_a else x  # placeholders are never read: their tile count is zero
-    v_b = xa if need_b else x
-    _lora_grad_ab_kernel[(tiles_a + tiles_b, splits)](
-        u_a, x, dy, v_b, oa, ob,
-        M, K, N, rank, rows_per_split, tiles_a,
-        u_a.stride(0), u_a.stride(1), x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), v_b.stride(0), v_b.stride(1),
-        *sa, *sb,
-        float(scaling), int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 4),
-        DROPOUT=dropout_p > 0.0, BLOCK_RA=cfg_a.block_m, BLOCK_KA=cfg_a.block_n, BLOCK_NB=cfg_b.block_m,
-        BLOCK_RB=cfg_b.block_n, BLOCK_M=cfg_a.block_k, PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype),
-        **cfg_a.launch(),
-    )
-    if splits == 1:
-        return out_a, out_b
-    # fp32 partials, summed in fp32 by torch (a fixed order: deterministic)
-    dA = out_a.sum(0, dtype=a_dtype) if need_a else None
-    dB = out_b.sum(0, dtype=b_dtype) if need_b else None
-    return dA, dB
+    key = plan_key((x, dy, xa, dyb), a_dtype, b_dtype, dropout_p, need_a, need_b, dot_precision_key(x),
+                   int_width(seed))
+    plan = _AB_PLANS.find(key)
+    if plan is None:
+        plan = _AB_PLANS.put(key, _GradABPlan(x, dy, xa, dyb, a_dtype, b_dtype, dropout_p, need_a, need_b))
+    return plan(x, dy, xa, dyb, scaling, seed)
+
+
+_AB_PLANS = PlanCache()
+
+
+class _GradABPlan:
+    """`lora_grad_ab` for one call signature: checks, configs, split count and grid chosen once."""
+
+    def __init__(self, x, dy, xa, dyb, a_dtype, b_dtype, dropout_p, need_a, need_b):
+        (M, K), N, rank = x.shape, dy.shape[1], (xa if xa is not None else dyb).shape[1]
+        check_shapes(x=(x, (M, K)), dy=(dy, (M, N)), xa=(xa if need_b else None, (M, rank)),
+                     dyb=(dyb if need_a else None, (M, rank)))
+        self.need_a, self.need_b, self.a_dtype, self.b_dtype = need_a, need_b, a_dtype, b_dtype
+        self.shape_a, self.shape_b, self.launch = (rank, K), (N, rank), None
+        if M == 0 or not (need_a or need_b):
+            return
+        cfg_a = reduce_m_config(rank, K, x.dtype)
+        cfg_b = reduce_m_config(N, rank, x.dtype)
+        tiles_a = cdiv(rank, cfg_a.block_m) * cdiv(K, cfg_a.block_n) if need_a else 0
+        tiles_b = cdiv(N, cfg_b.block_m) * cdiv(rank, cfg_b.block_n) if need_b else 0
+        m_blocks = cdiv(M, cfg_a.block_k)
+        splits = max(1, min(m_blocks, cdiv(2 * num_sms(x.device), tiles_a + tiles_b)))
+        rows_per_split = cdiv(m_blocks, splits) * cfg_a.block_k
+        self.splits = splits = cdiv(M, rows_per_split)
+        # Two outputs, each [splits, P, Q] of fp32 partials, or (one split) the final [P, Q] tensor in its own
+        # dtype with a zero split stride: no slicing, views or casts afterwards (each torch op costs host time).
+        part = torch.promote_types(x.dtype, torch.float32)
+        self.out_a = (self._shape(self.shape_a), a_dtype if splits == 1 else part) if need_a else None
+        self.out_b = (self._shape(self.shape_b), b_dtype if splits == 1 else part) if need_b else None
+        # a missing output's placeholder is the other one (never written: its tile count is zero)
+        sa = self._strides(self.shape_a if need_a else self.shape_b)
+        sb = self._strides(self.shape_b if need_b else self.shape_a)
+        u_a = dyb if need_a else x  # placeholders are never read: their tile count is zero
+        v_b = xa if need_b else x
+        self.launch = Launch(
+            _lora_grad_ab_kernel, (tiles_a + tiles_b, splits), ("DYB", "X", "DY", "XA", "OUT_A", "OUT_B", "scaling",
+                                                                "seed"),
+            None, None, None, None, None, None,
+            M, K, N, rank, rows_per_split, tiles_a,
+            u_a.stride(0), u_a.stride(1), x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), v_b.stride(0),
+            v_b.stride(1), *sa, *sb,
+            None, None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 4),
+            DROPOUT=dropout_p > 0.0, BLOCK_RA=cfg_a.block_m, BLOCK_KA=cfg_a.block_n, BLOCK_NB=cfg_b.block_m,
+            BLOCK_RB=cfg_b.block_n, BLOCK_M=cfg_a.block_k, PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype),
+            **cfg_a.launch(),
+        )
+
+    def _shape(self, pq):
+        return pq if self.splits == 1 else (self.splits, *pq)
+
+    def _strides(self, pq):
+        """(split, row, col) strides of a new contiguous output buffer of `pq` (split stride 0 with one split)."""
+        p, q = pq
+        return (0 if self.splits == 1 else p * q, q, 1)
+
+    def __call__(self, x, dy, xa, dyb, scaling, seed):
+        if self.launch is None:
+            return (torch.zeros(self.shape_a, device=x.device, dtype=self.a_dtype) if self.need_a else None,
+                    torch.zeros(self.shape_b, device=x.device, dtype=self.b_dtype) if self.need_b else None)
+        out_a = torch.empty(self.out_a[0], device=x.device, dtype=self.out_a[1]) if self.need_a else None
+        out_b = torch.empty(self.out_b[0], device=x.device, dtype=self.out_b[1]) if self.need_b else None
+        oa = out_a if out_a is not None else out_b
+        ob = out_b if out_b is not None else out_a
+        self.launch(dyb if self.need_a else x, x, dy, xa if self.need_b else x, oa, ob, float(scaling), int(seed))
+        if self.splits == 1:
+            return out_a, out_b
+        # fp32 partials, summed in fp32 by torch (a fixed order: deterministic)
+        return (out_a.sum(0, dtype=self.a_dtype) if self.need_a else None,
+                out_b.sum(0, dtype=self.b_dtype) if self.need_b else None)

@@ -17,9 +17,10 @@ import triton.language as tl
 
 from .config import gemm_config
 from .helpers import (
-    acc_dtype, apply_dropout, cdiv, check_shapes, check_vector, dot, dot_precision, dropout_keep, dropout_threshold,
-    next_pow2_rank, output_tile, tensor_descriptor, tma_enabled,
+    acc_dtype, apply_dropout, cdiv, check_shapes, check_vector, dot, dot_precision, dot_precision_key, dropout_keep,
+    dropout_threshold, next_pow2_rank, output_tile, tensor_descriptor, tma_enabled,
 )
+from .launch import Launch, PlanCache, int_width, plan_key
 from .lora_shrink import lora_shrink
 
 # Widest padded rank whose xa accumulator is kept next to a large GEMM tile ("fused" mode).
@@ -153,50 +154,85 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
     tma: "auto" (the config's choice, where the GPU and strides allow), True or False (tests force both).
     out_scale: optional [N] vector g (any float dtype, x's device): y = g * (x @ W^T + s * xa @ B^T) + b (DoRA).
 
+    Host work (checks, config, grid, Triton's argument binding) is done once per call signature
+    (kernels/launch.py).
+
     >>> y, _ = lora_forward(x, W, b, A, B, 2.0)
     >>> y, xa = lora_forward(x, W, None, A, B, 2.0, dropout_p=0.1, seed=7, store_xa=True)
     """
-    M, K = x.shape
-    N, rank = weight.shape[0], lora_A.shape[0]
-    check_shapes(x=(x, (M, K)), weight=(weight, (N, K)), bias=(bias, (N,)), lora_A=(lora_A, (rank, K)),
-                 lora_B=(lora_B, (N, rank)))
-    check_vector("out_scale", out_scale, N, x)
-    y = _output(out, (M, N), x, "out")
-    dropout = dropout_p > 0.0
-    if xa_mode == "auto":
-        xa_mode = choose_xa_mode(M, rank, dropout)
-    if M == 0 or N == 0:
-        xa = torch.empty((M, rank), device=x.device, dtype=x.dtype) if store_xa else None
-        return y, xa
-    if xa_mode == "shrink":
-        xa = lora_shrink(x, lora_A, dropout_p, seed)
-    elif xa_mode == "fused":
-        xa = torch.empty((M, rank), device=x.device, dtype=x.dtype) if store_xa else None
-    else:
-        raise ValueError(f"xa_mode must be 'auto', 'fused' or 'shrink', got {xa_mode!r}")
-    compute_xa = xa_mode == "fused"
-    block_r = next_pow2_rank(rank) if compute_xa else min(EPILOGUE_RANK_BLOCK, next_pow2_rank(rank))
-    if compute_xa and M <= DECODE_ROWS:
-        block_r = max(block_r, DECODE_RANK_BLOCK)
-    cfg = gemm_config("fwd", M, x.dtype, block_r if compute_xa else 0)
-    xa_arg = xa if xa is not None else y  # never dereferenced when neither stored nor loaded
-    use_tma = tma_enabled(tma if tma != "auto" else ("auto" if cfg.tma else False), x, weight)
-    x_arg = tensor_descriptor(x, [cfg.block_m, cfg.block_k]) if use_tma else x
-    w_arg = tensor_descriptor(weight, [cfg.block_n, cfg.block_k]) if use_tma else weight
-    grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)
-    _lora_fwd_kernel[grid](
-        x_arg, w_arg, lora_A, lora_B, bias if bias is not None else y, xa_arg, y,
-        M, N, K, rank,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
-        lora_B.stride(0), lora_B.stride(1), xa_arg.stride(0), xa_arg.stride(1), y.stride(0), y.stride(1),
-        float(scaling), int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 4),
-        HAS_BIAS=bias is not None, DROPOUT=dropout and compute_xa, COMPUTE_XA=compute_xa,
-        STORE_XA=compute_xa and xa is not None, USE_TMA=use_tma,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
-        NUM_R_CHUNKS=1 if compute_xa else cdiv(rank, block_r), GROUP_M=cfg.group_m,
-        PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype),
-        # A placeholder pointer when absent (never read), as for BIAS: no None pointer arguments.
-        OUT_SCALE=out_scale if out_scale is not None else y, HAS_OUT_SCALE=out_scale is not None, **cfg.launch(),
-    )
-    return y, xa
+    key = plan_key((x, weight, bias, lora_A, lora_B, out, out_scale), dropout_p, store_xa, xa_mode, tma,
+                   dot_precision_key(x), int_width(seed))
+    plan = _PLANS.find(key)
+    if plan is None:
+        plan = _PLANS.put(key, _ForwardPlan(x, weight, bias, lora_A, lora_B, dropout_p, seed, store_xa, xa_mode,
+                                            out, tma, out_scale))
+    return plan(x, weight, bias, lora_A, lora_B, scaling, seed, out, out_scale)
 
+
+_PLANS = PlanCache()
+
+
+class _ForwardPlan:
+    """`lora_forward` for one call signature: every check and choice made once (kernels/launch.py)."""
+
+    def __init__(self, x, weight, bias, lora_A, lora_B, dropout_p, seed, store_xa, xa_mode, out, tma, out_scale):
+        M, K = x.shape
+        N, rank = weight.shape[0], lora_A.shape[0]
+        check_shapes(x=(x, (M, K)), weight=(weight, (N, K)), bias=(bias, (N,)), lora_A=(lora_A, (rank, K)),
+                     lora_B=(lora_B, (N, rank)))
+        check_vector("out_scale", out_scale, N, x)
+        y_strides = _output(out, (M, N), x, "out").stride() if out is not None else (N, 1)  # a new y: contiguous
+        dropout = dropout_p > 0.0
+        if xa_mode == "auto":
+            xa_mode = choose_xa_mode(M, rank, dropout)
+        if xa_mode not in ("fused", "shrink"):
+            raise ValueError(f"xa_mode must be 'auto', 'fused' or 'shrink', got {xa_mode!r}")
+        self.y_shape, self.xa_shape, self.dropout_p = (M, N), (M, rank), dropout_p
+        self.launch = None
+        # xa: computed by a shrink launch first, or by the fused GEMM (stored only when asked), or not at all
+        self.shrink = xa_mode == "shrink"
+        self.new_xa = store_xa and not self.shrink
+        if M == 0 or N == 0:
+            self.shrink, self.new_xa = False, store_xa
+            return
+        compute_xa = not self.shrink
+        block_r = next_pow2_rank(rank) if compute_xa else min(EPILOGUE_RANK_BLOCK, next_pow2_rank(rank))
+        if compute_xa and M <= DECODE_ROWS:
+            block_r = max(block_r, DECODE_RANK_BLOCK)
+        cfg = gemm_config("fwd", M, x.dtype, block_r if compute_xa else 0)
+        has_xa = self.shrink or self.new_xa
+        # xa is a new contiguous [M, r] tensor; without one, y stands in (never dereferenced)
+        xa_strides = (rank, 1) if has_xa else y_strides
+        self.use_tma = tma_enabled(tma if tma != "auto" else ("auto" if cfg.tma else False), x, weight)
+        self.x_block, self.w_block = [cfg.block_m, cfg.block_k], [cfg.block_n, cfg.block_k]
+        self.launch = Launch(
+            _lora_fwd_kernel, (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),),
+            ("X", "W", "A", "B", "BIAS", "XA", "Y", "scaling", "seed", "OUT_SCALE"),
+            None, None, None, None, None, None, None,
+            M, N, K, rank,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+            lora_B.stride(0), lora_B.stride(1), *xa_strides, *y_strides,
+            None, None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 4),
+            HAS_BIAS=bias is not None, DROPOUT=dropout and compute_xa, COMPUTE_XA=compute_xa,
+            STORE_XA=compute_xa and store_xa, USE_TMA=self.use_tma,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
+            NUM_R_CHUNKS=1 if compute_xa else cdiv(rank, block_r), GROUP_M=cfg.group_m,
+            PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype),
+            # A placeholder pointer when absent (never read), as for BIAS: no None pointer arguments.
+            OUT_SCALE=None, HAS_OUT_SCALE=out_scale is not None, **cfg.launch(),
+        )
+
+    def __call__(self, x, weight, bias, lora_A, lora_B, scaling, seed, out, out_scale):
+        y = out if out is not None else torch.empty(self.y_shape, device=x.device, dtype=x.dtype)
+        if self.shrink:
+            xa = lora_shrink(x, lora_A, self.dropout_p, seed)
+        elif self.new_xa:
+            xa = torch.empty(self.xa_shape, device=x.device, dtype=x.dtype)
+        else:
+            xa = None
+        if self.launch is not None:
+            if self.use_tma:
+                x, weight = tensor_descriptor(x, self.x_block), tensor_descriptor(weight, self.w_block)
+            self.launch(x, weight, lora_A, lora_B, bias if bias is not None else y, xa if xa is not None else y, y,
+                        float(scaling), int(seed), out_scale if out_scale is not None else y)
+        return y, xa

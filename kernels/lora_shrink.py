@@ -10,8 +10,10 @@ import triton.language as tl
 
 from .config import shrink_config
 from .helpers import (
-    acc_dtype, apply_dropout, cdiv, check_shapes, dot, dot_precision, dropout_keep, dropout_threshold, next_pow2,
+    acc_dtype, apply_dropout, cdiv, check_shapes, dot, dot_precision, dot_precision_key, dropout_keep,
+    dropout_threshold, next_pow2,
 )
+from .launch import Launch, PlanCache, int_width, plan_key
 
 # Widest rank slice per program: [BLOCK_M, 128] fp32 accumulators still fit the registers of 4 warps.
 MAX_SHRINK_RANK_BLOCK = 128
@@ -54,6 +56,37 @@ def _lora_shrink_kernel(
     tl.store(out_ptrs, acc.to(XA.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
 
 
+_PLANS = PlanCache()
+
+
+class _ShrinkPlan:
+    """`lora_shrink` for one call signature (see kernels/launch.py): checks, config and grid done once."""
+
+    def __init__(self, x, lora_A, dropout_p, seed):
+        M, K = x.shape
+        rank = lora_A.shape[0]
+        check_shapes(x=(x, (M, K)), lora_A=(lora_A, (rank, K)))
+        self.shape, self.launch = (M, rank), None
+        if M == 0:
+            return
+        cfg = shrink_config(M, x.dtype)
+        block_r = min(MAX_SHRINK_RANK_BLOCK, max(16, next_pow2(rank)))
+        self.launch = Launch(
+            _lora_shrink_kernel, (cdiv(M, cfg.block_m), cdiv(rank, block_r)), ("X", "A", "XA", "seed"),
+            None, None, None, M, K, rank,
+            x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), rank, 1,  # xa: a new contiguous [M, r]
+            None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 4),
+            DROPOUT=dropout_p > 0.0, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
+            PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype), **cfg.launch(),
+        )
+
+    def __call__(self, x, lora_A, seed):
+        xa = torch.empty(self.shape, device=x.device, dtype=x.dtype)
+        if self.launch is not None:
+            self.launch(x, lora_A, xa, int(seed))
+        return xa
+
+
 def lora_shrink(x, lora_A, dropout_p=0.0, seed=0):
     """xa = drop(x) @ lora_A^T.
 
@@ -63,20 +96,8 @@ def lora_shrink(x, lora_A, dropout_p=0.0, seed=0):
     >>> xa = lora_shrink(x, A)                  # x @ A^T
     >>> dyb = lora_shrink(dy, B.t())            # dY @ B
     """
-    M, K = x.shape
-    rank = lora_A.shape[0]
-    check_shapes(x=(x, (M, K)), lora_A=(lora_A, (rank, K)))
-    xa = torch.empty((M, rank), device=x.device, dtype=x.dtype)
-    if M == 0:
-        return xa
-    cfg = shrink_config(M, x.dtype)
-    block_r = min(MAX_SHRINK_RANK_BLOCK, max(16, next_pow2(rank)))
-    grid = (cdiv(M, cfg.block_m), cdiv(rank, block_r))
-    _lora_shrink_kernel[grid](
-        x, lora_A, xa, M, K, rank,
-        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), xa.stride(0), xa.stride(1),
-        int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 4),
-        DROPOUT=dropout_p > 0.0, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
-        PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype), **cfg.launch(),
-    )
-    return xa
+    key = plan_key((x, lora_A), dropout_p, dot_precision_key(x), int_width(seed))
+    plan = _PLANS.find(key)
+    if plan is None:
+        plan = _PLANS.put(key, _ShrinkPlan(x, lora_A, dropout_p, seed))
+    return plan(x, lora_A, seed)

@@ -53,13 +53,13 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
         ops = _ops(x)
-        x2d = x.reshape(-1, x.shape[-1])
-        y2d, xa = ops.lora_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
-                                   store_xa=ctx.needs_input_grad[4])
+        flat = x.dim() != 2  # reshapes only where needed: each torch call costs host time (bench/NOTES.md)
+        y2d, xa = ops.lora_forward(x.reshape(-1, x.shape[-1]) if flat else x, weight, bias, lora_A, lora_B, scaling,
+                                   dropout_p, seed, store_xa=ctx.needs_input_grad[4])
         ctx.save_for_backward(x, weight, lora_A, lora_B, xa)
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
         ctx.has_bias = bias is not None
-        return y2d.reshape(*x.shape[:-1], weight.shape[0])
+        return y2d.reshape(*x.shape[:-1], weight.shape[0]) if flat else y2d
 
     @staticmethod
     def backward(ctx, dy):
@@ -78,15 +78,16 @@ def lora_backward(ops, dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, se
     Shared by the autograd Function (eager) and the custom op's registered autograd (torch.compile).
     """
     need_x, need_w, need_bias, need_a, need_b = needs
-    x2d = x.reshape(-1, x.shape[-1])
-    dy2d = dy.reshape(-1, weight.shape[0])
+    flat = x.dim() != 2
+    x2d = x.reshape(-1, x.shape[-1]) if flat else x
+    dy2d = dy.reshape(-1, weight.shape[0]) if dy.dim() != 2 else dy
     if dy2d.dtype != x.dtype:
         dy2d = dy2d.to(x.dtype)
     dx = dw = dbias = dA = dB = None
     dyb = None
     if need_x:
         dx2d, dyb = ops.lora_backward_dx(dy2d, weight, lora_A, lora_B, scaling, dropout_p, seed, store_dyb=need_a)
-        dx = dx2d.reshape(x.shape)
+        dx = dx2d.reshape(x.shape) if flat else dx2d
     elif need_a:
         dyb = ops.lora_shrink(dy2d, lora_B.t())
     if need_a or need_b:
@@ -161,6 +162,8 @@ def _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, p):
     tensors = (x, weight, bias, lora_A, lora_B)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed)
+    if x.dim() == 2:
+        return _ops(x).lora_forward(x, weight, bias, lora_A, lora_B, scaling, p, seed)[0]
     y2d, _ = _ops(x).lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, p, seed)
     return y2d.reshape(*x.shape[:-1], weight.shape[0])
 

@@ -1,0 +1,170 @@
+"""The launch cache (kernels/launch.py): plans keyed on everything the launch depends on, and the direct launch.
+
+The direct launch of a compiled kernel only exists on a GPU; here a fake jit function stands in to check the
+protocol (first call through `kernel[grid]`, later calls through the compiled kernel's `run`), and the real
+launchers run twice on fresh inputs to check that nothing of a call leaks into the next one's results.
+"""
+import importlib
+
+import pytest
+import torch
+
+from lora_fast import kernels
+from lora_fast.philox import dropout_mask_torch
+from lora_fast.reference import lora_linear_reference
+
+from .utils import assert_close, lora_problem
+
+launch = importlib.import_module("lora_fast.kernels.launch")
+lora_fwd = importlib.import_module("lora_fast.kernels.lora_fwd")
+
+
+class FakeCompiled:
+    function, packed_metadata = "fn-handle", "meta"
+
+    def __init__(self):
+        self.runs = []
+
+    def run(self, *args):
+        self.runs.append(args)
+
+
+class FakeJit:
+    """A jit function's launch interface: arg_names and fn[grid](*args, **kwargs), returning a compiled kernel."""
+    arg_names = ["X", "Y", "n", "seed", "BLOCK", "Z", "FLAG"]
+    __name__ = "fake"
+
+    def __init__(self):
+        self.calls, self.compiled = [], FakeCompiled()
+
+    def __getitem__(self, grid):
+        def go(*args, **kwargs):
+            self.calls.append((grid, args, kwargs))
+            return self.compiled
+        return go
+
+
+@pytest.fixture
+def on_gpu(monkeypatch):
+    """Launch as it runs on a GPU: not interpreting, device 0, stream 77."""
+    device = {"index": 0}
+    monkeypatch.setattr(launch, "is_interpret", lambda: False)
+    monkeypatch.setattr(launch, "_current_device", lambda: device["index"])
+    monkeypatch.setattr(launch, "_current_stream", lambda d: 77)
+    return device
+
+
+def test_launch_orders_arguments_and_takes_the_direct_path(on_gpu):
+    fn = FakeJit()
+    run = launch.Launch(fn, (5,), ("X", "seed", "Z"), None, None, 40, None, BLOCK=64, Z=None, FLAG=True,
+                        num_warps=4, num_stages=3)
+    run("x0", 11, "z0")
+    assert fn.calls == [((5, 1, 1), ("x0", None, 40, 11, 64, "z0", True), {"num_warps": 4, "num_stages": 3})]
+    assert fn.compiled.runs == []
+    run("x1", 12, "z1")  # compiled now: no second trip through fn[grid]
+    assert len(fn.calls) == 1
+    assert fn.compiled.runs == [(5, 1, 1, 77, "fn-handle", "meta", None, None, None,
+                                 "x1", None, 40, 12, 64, "z1", True)]
+    assert run.args == [None, None, 40, None, 64, None, True]  # the template is not written by a call
+
+
+def test_launch_takes_the_full_path_with_hooks_or_on_another_device(on_gpu):
+    from triton import knobs
+
+    fn = FakeJit()
+    run = launch.Launch(fn, (2, 3), ("X",), None, "y", 1, 0, 16, "z", False)
+    run("a")
+    on_gpu["index"] = 1  # another current device: its own module, so Triton's full path
+    run("b")
+    assert len(fn.calls) == 2 and fn.compiled.runs == []
+    on_gpu["index"] = 0
+    hook = lambda *a: None  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        run("c")  # a profiler's hook must see the launch
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert len(fn.calls) == 3 and fn.compiled.runs == []
+    run("d")
+    assert len(fn.compiled.runs) == 1 and fn.compiled.runs[0][:3] == (2, 3, 1)
+
+
+def test_launch_refuses_an_incomplete_argument_list():
+    with pytest.raises(TypeError, match="no value for"):
+        launch.Launch(FakeJit(), (1,), (), None, None, 1)
+    with pytest.raises(TypeError, match="takes 7 arguments"):
+        launch.Launch(FakeJit(), (1,), (), *range(8))
+
+
+def test_plan_key_sees_what_the_launch_depends_on():
+    x = torch.randn(8, 16)
+    key = launch.plan_key((x, None), 0.1)
+    assert key == launch.plan_key((torch.randn(8, 16), None), 0.1)  # fresh data, same plan
+    others = [launch.plan_key((x.t(), None), 0.1), launch.plan_key((x.double(), None), 0.1),
+              launch.plan_key((x[:, 1:], None), 0.1), launch.plan_key((x[1:], None), 0.1),
+              launch.plan_key((x, x), 0.1), launch.plan_key((x, None), 0.2)]
+    assert all(k != key for k in others)
+    assert launch.plan_key((x, 3.0)) is None  # not a tensor: no plan, the launcher's checks speak
+    assert launch.plan_key((x,), torch.tensor(0.1)) is None  # a tensor flag may change in place: never cached
+    assert launch.plan_key((x,), 0.1, True, "auto", torch.bfloat16, None, 3) is not None
+    assert (launch.int_width(5), launch.int_width(2**40), launch.int_width(-2**31), launch.int_width("7")) == \
+        (32, 64, 32, 0)
+
+
+def test_plan_cache_is_bounded_and_ignores_unhashable_keys(monkeypatch):
+    monkeypatch.setattr(launch, "MAX_PLANS", 3)
+    cache = launch.PlanCache()
+    for i in range(3):
+        assert cache.put((i,), i) == i
+    cache.put((3,), 3)
+    assert len(cache) == 1 and cache.find((3,)) == 3
+    assert cache.put(([1],), "p") == "p" and len(cache) == 1  # unhashable: not stored
+    assert cache.find(([1],)) is None and cache.find(None) is None
+    assert cache.put(None, "q") == "q" and len(cache) == 1
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("mode", ["fused", "shrink"])
+def test_repeated_calls_use_each_calls_own_inputs(mode, p, device):
+    """Three calls of the launchers on one shape: fresh data, seed and scaling each time, and the third on views
+    offset by one element (other alignment: a plan of its own). Each result matches its own reference."""
+    M, K, N, r = 19, 24, 20, 3
+    for i, offset in enumerate((0, 0, 1)):
+        s, seed = 0.5 + i, 1000 + 7 * i
+        x, W, b, A, B = lora_problem(M, K + offset, N, r, torch.float32, device)
+        x, W, A = x[:, offset:], W[:, offset:], A[:, offset:]
+        dy = torch.randn(M, N, device=device)
+        y, xa = kernels.lora_forward(x, W, b, A, B, s, p, seed, store_xa=True, xa_mode=mode)
+        dx, dyb = kernels.lora_backward_dx(dy, W, A, B, s, p, seed, dyb_mode=mode)
+        dA, dB = kernels.lora_grad_ab(x, dy, xa, dyb, s, A.dtype, B.dtype, p, seed)
+        keep = dropout_mask_torch(seed, M, K, p, device) if p > 0 else None
+        xr, Ar, Br = (t.detach().double().requires_grad_() for t in (x, A, B))
+        yr = lora_linear_reference(xr, W.double(), b.double(), Ar, Br, s, p, p > 0, keep)
+        yr.backward(dy.double())
+        for name, out, ref in (("y", y, yr), ("dx", dx, xr.grad), ("dA", dA, Ar.grad), ("dB", dB, Br.grad)):
+            assert_close(f"call {i} {name}", out, ref, torch.float32)
+
+
+def test_a_cached_plan_does_not_hide_bad_input(device):
+    x, W, b, A, B = lora_problem(9, 16, 12, 4, torch.float32, device)
+    kernels.lora_forward(x, W, b, A, B, 1.0)
+    with pytest.raises(ValueError, match="lora_B"):
+        kernels.lora_forward(x, W, b, A, B[:, :3], 1.0)
+    with pytest.raises(ValueError, match="out"):
+        kernels.lora_forward(x, W, b, A, B, 1.0, out=torch.empty(9, 11, device=device))
+    with pytest.raises(ValueError, match="xa_mode"):
+        kernels.lora_forward(x, W, b, A, B, 1.0, xa_mode="fast")
+
+
+def test_tf32_switch_is_part_of_the_key(device):
+    x, W, b, A, B = lora_problem(5, 16, 8, 2, torch.float32, device)
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        keys = []
+        for flag in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = flag
+            kernels.lora_forward(x, W, b, A, B, 1.0)
+            keys.append(next(reversed(lora_fwd._PLANS)))
+        assert keys[0] != keys[1]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
