@@ -191,13 +191,14 @@ def correctness() -> list[dict]:
 def check_launch_cache():
     """Every cached plan that launches a kernel has taken the direct launch of the compiled kernel (its first
     call compiled it), so the checks above ran the fast path of kernels/launch.py."""
-    from lora_fast.kernels import lora_bwd, lora_fwd, lora_shrink
+    import importlib
 
+    mods = {m: importlib.import_module(f"lora_fast.kernels.{m}") for m in ("lora_bwd", "lora_fwd", "lora_shrink")}
     launches = []
-    for plans in (lora_fwd._PLANS, lora_bwd._DX_PLANS, lora_bwd._AB_PLANS, lora_shrink._PLANS):
+    for plans in (mods["lora_fwd"]._PLANS, mods["lora_bwd"]._DX_PLANS, mods["lora_bwd"]._AB_PLANS,
+                  mods["lora_shrink"]._PLANS):
         for plan in plans.values():
-            if plan.launch is not None:
-                launches.append(plan.launch)
+            launches += [x for x in (plan.launch, getattr(plan, "term", None)) if x is not None]
     direct = sum(launch.compiled is not None for launch in launches)
     return {"case": "launch cache", "plans": len(launches), "direct": direct,
             "ok": bool(launches) and direct == len(launches)}

@@ -80,6 +80,16 @@ _FULL = {  # fp32 / fp64: twice the bytes per element, so half the K step
 _DX_DROPOUT_LARGE = GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3, tma=True)
 
 
+# dX's dropout term as its own pass over dX (read, add, write), used with a precomputed dY @ B: memory-bound,
+# 64 x 128 tiles of dX per program (see lora_bwd._DxPlan).
+_DX_DROPOUT_TERM = GemmConfig(64, 128, 0, group_m=1, num_warps=4, num_stages=1)
+
+
+def dx_dropout_term_config() -> GemmConfig:
+    """Tile of the kernel adding s * drop'(dY B A) into dX: block_m rows x block_n columns of dX."""
+    return _INTERPRET_CONFIG if is_interpret() else _DX_DROPOUT_TERM
+
+
 @lru_cache(maxsize=None)
 def gemm_config(kernel: str, m: int, dtype: torch.dtype, rank_block: int) -> GemmConfig:
     """Config of the GEMM-shaped kernels `kernel` in {"fwd", "dx", "dx_dropout"} for M = m rows.

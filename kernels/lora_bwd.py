@@ -7,7 +7,8 @@
 `lora_backward_dx` is one GEMM over N. Up to 256 rows its K loop also accumulates dyb = dY @ B for its rows
 ("fused": no second pass over dY; the programs of the first K tile store dyb for dA); above, `lora_shrink`
 computes dyb first ("shrink", measured faster there). Its epilogue adds the rank-r term, masked by the
-regenerated dropout mask, and writes dX once.
+regenerated dropout mask, and writes dX once; except with dropout in "shrink" mode, where the GEMM writes dY @ W
+with its dropout-free tile and `_lora_dx_dropout_term_kernel` adds the masked term in a second, memory-bound pass.
 `lora_grad_ab` computes dA and dB in one launch of a reduce-over-M kernel, split over M so that the [r, K] and
 [N, r] outputs still fill the GPU; the fp32 partial sums are added in a fixed order (deterministic, no atomics).
 """
@@ -16,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import gemm_config, num_sms, reduce_m_config
+from .config import dx_dropout_term_config, gemm_config, num_sms, reduce_m_config
 from .helpers import (
     acc_dtype, apply_dropout, cdiv, check_shapes, check_vector, dot, dot_precision, dot_precision_key, dropout_keep,
     dropout_threshold, next_pow2_rank, output_tile, tensor_descriptor, tma_enabled, upcast,
@@ -105,6 +106,43 @@ def _lora_bwd_dx_kernel(
     acc += low
     dx_ptrs = DX + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
     tl.store(dx_ptrs, acc.to(DX.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "seed", "thr_shifted"])
+def _lora_dx_dropout_term_kernel(
+    DYB, A, DX,
+    M, K, RANK,
+    stride_dybm, stride_dybr, stride_ar, stride_ak, stride_dxm, stride_dxk,
+    scaling, seed, thr_shifted, inv_keep, K4,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, NUM_R_CHUNKS: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    """DX += s * drop'(DYB @ A) on one BLOCK_M x BLOCK_K tile: the dropout term of dX as its own pass.
+
+    DYB: [M, RANK] = dY @ B (unscaled), A: [RANK, K], DX: [M, K] holding dY @ W, all strided;
+    grid = (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)). drop' keeps element (m, k) where the forward's mask
+    (helpers.dropout_keep of seed, thr_shifted, K4) kept x[m, k], scaled by inv_keep.
+    """
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    low = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
+    for c in tl.static_range(NUM_R_CHUNKS):
+        rr = c * BLOCK_R + offs_r
+        dyb = tl.load(DYB + offs_m[:, None] * stride_dybm + rr[None, :] * stride_dybr,
+                      mask=mask_m[:, None] & (rr[None, :] < RANK), other=0.0)
+        a = tl.load(A + rr[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=(rr[:, None] < RANK) & mask_k[None, :], other=0.0)
+        low = dot((dyb.to(ACC) * scaling).to(a.dtype), a, low, PRECISION)
+    keep = dropout_keep(seed, offs_m, pid_k * BLOCK_K, K4, thr_shifted, BLOCK_M, BLOCK_K)
+    dx_ptrs = DX + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+    mask = mask_m[:, None] & mask_k[None, :]
+    dx = upcast(tl.load(dx_ptrs, mask=mask, other=0.0)) + tl.where(keep, low * inv_keep, 0.0)
+    tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -219,13 +257,27 @@ class _DxPlan:
         self.dx_shape, self.dyb_shape, self.launch = (M, K), (M, rank), None
         self.shrink = dyb_mode == "shrink"
         self.new_dyb = store_dyb and not self.shrink
-        self.pad_b, self.zero_dyb = None, store_dyb
+        self.pad_b, self.zero_dyb, self.term = None, store_dyb, None
         if M == 0 or K == 0:
             self.shrink, self.new_dyb = False, False
             return
         compute = not self.shrink
         block_r = next_pow2_rank(rank) if compute else min(EPILOGUE_RANK_BLOCK, next_pow2_rank(rank))
-        cfg = gemm_config("dx_dropout" if dropout_p > 0.0 else "dx", M, dy.dtype, block_r if compute else 0)
+        # With dropout and dY @ B precomputed, the dropout term is a second pass over dX (read, add, write: ~30 µs
+        # at M=8192, K=4096 on the H200), so that the GEMM keeps the large tile of the dropout-free dX; inside the
+        # GEMM's epilogue the mask and a second accumulator forced half the tile (bench/NOTES.md).
+        if dropout_p > 0.0 and self.shrink:
+            tcfg = dx_dropout_term_config()
+            self.term = Launch(
+                _lora_dx_dropout_term_kernel, (cdiv(M, tcfg.block_m), cdiv(K, tcfg.block_n)),
+                ("DYB", "A", "DX", "scaling", "seed"), None, None, None, M, K, rank,
+                rank, 1, lora_A.stride(0), lora_A.stride(1), *dx_strides,  # dyb: a new contiguous [M, r]
+                None, None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 4),
+                BLOCK_M=tcfg.block_m, BLOCK_K=tcfg.block_n, BLOCK_R=block_r, NUM_R_CHUNKS=cdiv(rank, block_r),
+                PRECISION=dot_precision(dy.dtype), ACC=acc_dtype(dy.dtype), **tcfg.launch(),
+            )
+        cfg = gemm_config("dx_dropout" if dropout_p > 0.0 and self.term is None else "dx", M, dy.dtype,
+                          block_r if compute else 0)
         b_strides = lora_B.stride()
         if compute and (lora_B.stride(1) != 1 or rank != block_r):
             # The in-loop B tile is read unmasked along the rank from a [N, BLOCK_R] zero-padded copy (N * BLOCK_R
@@ -244,9 +296,10 @@ class _DxPlan:
             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), *b_strides,
             lora_A.stride(0), lora_A.stride(1), *dyb_strides, *dx_strides,
             None, None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 4),
-            DROPOUT=dropout_p > 0.0, COMPUTE_DYB=compute, STORE_DYB=compute and store_dyb, USE_TMA=self.use_tma,
-            BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_N=cfg.block_k, BLOCK_R=block_r,
-            NUM_R_CHUNKS=1 if compute else cdiv(rank, block_r), GROUP_M=cfg.group_m,
+            DROPOUT=dropout_p > 0.0 and self.term is None, COMPUTE_DYB=compute, STORE_DYB=compute and store_dyb,
+            USE_TMA=self.use_tma, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_N=cfg.block_k, BLOCK_R=block_r,
+            # no rank chunks when the dropout term has its own pass: the GEMM computes dY @ W alone
+            NUM_R_CHUNKS=1 if compute else 0 if self.term is not None else cdiv(rank, block_r), GROUP_M=cfg.group_m,
             PRECISION=dot_precision(dy.dtype), ACC=acc_dtype(dy.dtype),
             DY_SCALE=None, HAS_DY_SCALE=dy_scale is not None, **cfg.launch(),
         )
@@ -271,6 +324,8 @@ class _DxPlan:
             dy, weight = tensor_descriptor(dy, self.dy_block), tensor_descriptor(weight, self.w_block)
         self.launch(dy, weight, b_arg, lora_A, dyb if dyb is not None else dx, dx, float(scaling), int(seed),
                     dy_scale if dy_scale is not None else dx)
+        if self.term is not None:
+            self.term(dyb, lora_A, dx, float(scaling), int(seed))
         return dx, dyb
 
 
