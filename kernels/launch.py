@@ -22,6 +22,8 @@ and any tensor (plans outlive calls: holding a tensor would keep its memory aliv
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from triton.runtime import driver as _driver
 
@@ -29,6 +31,9 @@ from .helpers import is_interpret
 
 # A plan cache holds at most this many plans (one per distinct call signature); past it, it starts afresh.
 MAX_PLANS = 4096
+# LORA_FAST_DIRECT_LAUNCH=0 sends every launch through Triton's `kernel[grid](...)` (plans are still used): a
+# switch for debugging, or for a Triton whose compiled-kernel interface differs from 3.6-3.9's.
+DIRECT_LAUNCH = os.environ.get("LORA_FAST_DIRECT_LAUNCH", "1") != "0"
 
 
 def tensor_key(t):
@@ -153,7 +158,7 @@ class Launch:
                            None, None, *args)
                 return
         kernel = self.fn[self.grid](*args, **self.options)
-        if kernel is not None and not is_interpret() and hasattr(kernel, "packed_metadata"):
+        if DIRECT_LAUNCH and kernel is not None and not is_interpret() and hasattr(kernel, "packed_metadata"):
             self.compiled, self.device = kernel, _current_device()
 
 

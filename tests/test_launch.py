@@ -89,6 +89,15 @@ def test_launch_takes_the_full_path_with_hooks_or_on_another_device(on_gpu):
     assert len(fn.compiled.runs) == 1 and fn.compiled.runs[0][:3] == (2, 3, 1)
 
 
+def test_direct_launch_can_be_switched_off(on_gpu, monkeypatch):
+    monkeypatch.setattr(launch, "DIRECT_LAUNCH", False)  # LORA_FAST_DIRECT_LAUNCH=0
+    fn = FakeJit()
+    run = launch.Launch(fn, (1,), ("X",), None, "y", 1, 0, 16, "z", False)
+    run("a")
+    run("b")
+    assert len(fn.calls) == 2 and fn.compiled.runs == []
+
+
 def test_launch_refuses_an_incomplete_argument_list():
     with pytest.raises(TypeError, match="no value for"):
         launch.Launch(FakeJit(), (1,), (), None, None, 1)
