@@ -27,6 +27,22 @@ from .lora_fwd import EPILOGUE_RANK_BLOCK, _output, choose_xa_mode
 from .lora_shrink import lora_shrink
 
 
+@triton.jit
+def _rank_term(DYB, A, offs_m, offs_k, mask_m, mask_k, RANK, stride_dybm, stride_dybr, stride_ar, stride_ak, scaling,
+               low, BLOCK_R: tl.constexpr, NUM_R_CHUNKS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """low + s * DYB[offs_m, :] @ A[:, offs_k], over the rank in NUM_R_CHUNKS chunks of BLOCK_R (masked to RANK):
+    dX's rank-r term from a precomputed DYB [M, RANK] (s * DYB rounded to A's dtype, as the fused path does)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    for c in tl.static_range(NUM_R_CHUNKS):
+        rr = c * BLOCK_R + offs_r
+        dyb = tl.load(DYB + offs_m[:, None] * stride_dybm + rr[None, :] * stride_dybr,
+                      mask=mask_m[:, None] & (rr[None, :] < RANK), other=0.0)
+        a = tl.load(A + rr[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=(rr[:, None] < RANK) & mask_k[None, :], other=0.0)
+        low = dot((dyb.to(ACC) * scaling).to(a.dtype), a, low, PRECISION)
+    return low
+
+
 @triton.jit(do_not_specialize=["M", "seed", "thr_shifted"])
 def _lora_bwd_dx_kernel(
     DY, W, B, A, DYB, DX,
@@ -93,13 +109,8 @@ def _lora_bwd_dx_kernel(
         dyb_s = (dyb.to(a.dtype).to(ACC) * scaling).to(a.dtype)
         low = dot(dyb_s, a, low, PRECISION)
     else:
-        for c in tl.static_range(NUM_R_CHUNKS):
-            rr = c * BLOCK_R + offs_r
-            dyb_c = tl.load(DYB + offs_m[:, None] * stride_dybm + rr[None, :] * stride_dybr,
-                            mask=mask_m[:, None] & (rr[None, :] < RANK), other=0.0)
-            a = tl.load(A + rr[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                        mask=(rr[:, None] < RANK) & mask_k[None, :], other=0.0)
-            low = dot((dyb_c.to(ACC) * scaling).to(a.dtype), a, low, PRECISION)
+        low = _rank_term(DYB, A, offs_m, offs_k, mask_m, mask_k, RANK, stride_dybm, stride_dybr, stride_ar, stride_ak,
+                         scaling, low, BLOCK_R, NUM_R_CHUNKS, PRECISION, ACC)
     if DROPOUT:
         k0 = pid_k * BLOCK_K
         low = tl.where(dropout_keep(seed, offs_m, k0, K4, thr_shifted, BLOCK_M, BLOCK_K), low * inv_keep, 0.0)
@@ -127,17 +138,10 @@ def _lora_dx_dropout_term_kernel(
     pid_k = tl.program_id(1)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
     mask_k = offs_k < K
-    low = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
-    for c in tl.static_range(NUM_R_CHUNKS):
-        rr = c * BLOCK_R + offs_r
-        dyb = tl.load(DYB + offs_m[:, None] * stride_dybm + rr[None, :] * stride_dybr,
-                      mask=mask_m[:, None] & (rr[None, :] < RANK), other=0.0)
-        a = tl.load(A + rr[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                    mask=(rr[:, None] < RANK) & mask_k[None, :], other=0.0)
-        low = dot((dyb.to(ACC) * scaling).to(a.dtype), a, low, PRECISION)
+    low = _rank_term(DYB, A, offs_m, offs_k, mask_m, mask_k, RANK, stride_dybm, stride_dybr, stride_ar, stride_ak,
+                     scaling, tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC), BLOCK_R, NUM_R_CHUNKS, PRECISION, ACC)
     keep = dropout_keep(seed, offs_m, pid_k * BLOCK_K, K4, thr_shifted, BLOCK_M, BLOCK_K)
     dx_ptrs = DX + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
     mask = mask_m[:, None] & mask_k[None, :]
