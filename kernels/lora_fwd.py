@@ -164,8 +164,8 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
                    dot_precision_key(x), int_width(seed))
     plan = _PLANS.find(key)
     if plan is None:
-        plan = _PLANS.put(key, _ForwardPlan(x, weight, bias, lora_A, lora_B, dropout_p, seed, store_xa, xa_mode,
-                                            out, tma, out_scale))
+        plan = _PLANS.put(key, _ForwardPlan(x, weight, bias, lora_A, lora_B, dropout_p, store_xa, xa_mode, out,
+                                            tma, out_scale))
     return plan(x, weight, bias, lora_A, lora_B, scaling, seed, out, out_scale)
 
 
@@ -175,7 +175,7 @@ _PLANS = PlanCache()
 class _ForwardPlan:
     """`lora_forward` for one call signature: every check and choice made once (kernels/launch.py)."""
 
-    def __init__(self, x, weight, bias, lora_A, lora_B, dropout_p, seed, store_xa, xa_mode, out, tma, out_scale):
+    def __init__(self, x, weight, bias, lora_A, lora_B, dropout_p, store_xa, xa_mode, out, tma, out_scale):
         M, K = x.shape
         N, rank = weight.shape[0], lora_A.shape[0]
         check_shapes(x=(x, (M, K)), weight=(weight, (N, K)), bias=(bias, (N,)), lora_A=(lora_A, (rank, K)),

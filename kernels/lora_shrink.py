@@ -62,7 +62,7 @@ _PLANS = PlanCache()
 class _ShrinkPlan:
     """`lora_shrink` for one call signature (see kernels/launch.py): checks, config and grid done once."""
 
-    def __init__(self, x, lora_A, dropout_p, seed):
+    def __init__(self, x, lora_A, dropout_p):
         M, K = x.shape
         rank = lora_A.shape[0]
         check_shapes(x=(x, (M, K)), lora_A=(lora_A, (rank, K)))
@@ -99,5 +99,5 @@ def lora_shrink(x, lora_A, dropout_p=0.0, seed=0):
     key = plan_key((x, lora_A), dropout_p, dot_precision_key(x), int_width(seed))
     plan = _PLANS.find(key)
     if plan is None:
-        plan = _PLANS.put(key, _ShrinkPlan(x, lora_A, dropout_p, seed))
+        plan = _PLANS.put(key, _ShrinkPlan(x, lora_A, dropout_p))
     return plan(x, lora_A, seed)
