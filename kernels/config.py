@@ -26,6 +26,9 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     tma: bool = False  # load the GEMM operands through tensor descriptors where the GPU and strides allow
+    # a grid of at most one program per SM, each walking output tiles (helpers.tile_range); fwd and dx only
+    persistent: bool = False
+    tma_store: bool = False  # with tma: store the output tile through a tensor descriptor too (fwd only)
 
     def launch(self) -> dict:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
@@ -36,12 +39,18 @@ _OVERRIDES: dict = {}
 
 
 def set_override(kernel: str, shape_class: str, config: GemmConfig | None) -> None:
-    """Force `config` for (kernel, shape_class); None removes the override. For tuning sweeps."""
+    """Force `config` for (kernel, shape_class); None removes the override. For tuning sweeps and tests.
+    Cached configs and launch plans are dropped, so the next call of any launcher uses it."""
+    from .launch import clear_plans
+
     if config is None:
         _OVERRIDES.pop((kernel, shape_class), None)
     else:
         _OVERRIDES[(kernel, shape_class)] = config
     gemm_config.cache_clear()
+    shrink_config.cache_clear()
+    nf4_config.cache_clear()
+    clear_plans()
 
 
 def shape_class(m: int) -> str:
@@ -61,12 +70,18 @@ _INTERPRET_CONFIG = GemmConfig(16, 16, 16, group_m=2, num_warps=1, num_stages=1)
 # H100 sweeps (bench/NOTES.md): at M=8192, K=N=4096 tensor descriptors took the forward from 1.17x to 1.11x the
 # base linear and dX from 1.05x to 1.07x (1.16x to 1.07x at N=14336); at decode sizes the host-side
 # descriptors cost more than they save, so only the large class uses them.
+# At M=8192 the persistent forward with a descriptor store ran at 1.01x cuBLAS (plain GEMM) on the H200 against
+# 1.12x for the one-tile-per-program kernel with its shrink (bench/exp_persistent.py, bench/NOTES.md).
 _HALF = {
     "m16": GemmConfig(16, 32, 256, group_m=1, num_warps=4, num_stages=4),
     "m64": GemmConfig(32, 64, 128, group_m=1, num_warps=4, num_stages=4),
     "m256": GemmConfig(64, 32, 128, group_m=8, num_warps=4, num_stages=4),
-    "large": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, tma=True),
+    "large": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, tma=True, persistent=True,
+                        tma_store=True),
 }
+# dX: persistent too (1.04-1.06x cuBLAS's dY @ W against 1.07-1.08x one tile per program at M=8192); with its
+# rank-r epilogue 3 stages beat 4 (1.04-1.06x against 1.05-1.08x), though a plain GEMM of dX's layout preferred 4.
+_HALF_DX_LARGE = replace(_HALF["large"], tma_store=False)
 _FULL = {  # fp32 / fp64: twice the bytes per element, so half the K step
     "m16": GemmConfig(16, 32, 64, group_m=1, num_warps=4, num_stages=3),
     "m64": GemmConfig(64, 64, 32, group_m=1, num_warps=4, num_stages=3),
@@ -87,6 +102,8 @@ _DX_DROPOUT_TERM = GemmConfig(64, 128, 0, group_m=1, num_warps=4, num_stages=1)
 
 def dx_dropout_term_config() -> GemmConfig:
     """Tile of the kernel adding s * drop'(dY B A) into dX: block_m rows x block_n columns of dX."""
+    if ("dx_term", "large") in _OVERRIDES:
+        return _OVERRIDES[("dx_term", "large")]
     return _INTERPRET_CONFIG if is_interpret() else _DX_DROPOUT_TERM
 
 
@@ -97,12 +114,15 @@ def gemm_config(kernel: str, m: int, dtype: torch.dtype, rank_block: int) -> Gem
     rank_block is the padded rank carried in registers alongside the tile (0 when the rank-r product is loaded
     precomputed); a wide one shrinks BLOCK_N so that the two accumulators fit the register file.
     """
+    cls = shape_class(m)
+    if (kernel, cls) in _OVERRIDES:  # before the interpreter's config, so that tests can force a config
+        return _OVERRIDES[(kernel, cls)]
     if is_interpret():
         return _INTERPRET_CONFIG
-    cls = shape_class(m)
-    if (kernel, cls) in _OVERRIDES:
-        return _OVERRIDES[(kernel, cls)]
-    cfg = (_HALF if dtype in (torch.float16, torch.bfloat16) else _FULL)[cls]
+    half = dtype in (torch.float16, torch.bfloat16)
+    if kernel == "dx" and half and cls == "large":
+        return _HALF_DX_LARGE if rank_block <= 64 else replace(_HALF_DX_LARGE, block_n=128)
+    cfg = (_HALF if half else _FULL)[cls]
     if kernel == "dx_dropout" and cfg.block_m * cfg.block_n > 128 * 128:
         cfg = _DX_DROPOUT_LARGE
     if rank_block > 64 and cfg.block_m * cfg.block_n > 128 * 128:
@@ -113,14 +133,16 @@ def gemm_config(kernel: str, m: int, dtype: torch.dtype, rank_block: int) -> Gem
 @lru_cache(maxsize=None)
 def shrink_config(m: int, dtype: torch.dtype) -> GemmConfig:
     """Config of the shrink kernel `xa = drop(x) @ A^T`: block_n is unused (the rank block is the tile)."""
-    if is_interpret():
-        return _INTERPRET_CONFIG
     if ("shrink", shape_class(m)) in _OVERRIDES:
         return _OVERRIDES[("shrink", shape_class(m))]
+    if is_interpret():
+        return _INTERPRET_CONFIG
     half = dtype in (torch.float16, torch.bfloat16)
     if m <= 64:
         return GemmConfig(16, 0, 256 if half else 128, num_warps=4, num_stages=3)
-    return GemmConfig(64, 0, 128 if half else 64, num_warps=4, num_stages=3)
+    if half:  # H200 sweep at M=8192, K=4096, r=16: 27.7 µs (61.7 with dropout) against 31.4 (87.6) for 64x128x3
+        return GemmConfig(32, 0, 128, num_warps=4, num_stages=5)
+    return GemmConfig(64, 0, 64, num_warps=4, num_stages=3)
 
 
 @lru_cache(maxsize=None)

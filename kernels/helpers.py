@@ -146,10 +146,10 @@ def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def output_tile(ROWS, COLS, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's tile of a [ROWS, COLS] output in grouped order: (pid_row, pid_col, row offsets
+def output_tile(ROWS, COLS, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, GROUP_M: tl.constexpr, tile):
+    """Tile number `tile` of a [ROWS, COLS] output in grouped order: (pid_row, pid_col, row offsets
     [BLOCK_ROWS], column offsets [BLOCK_COLS]), the offsets in int64 so that addresses never overflow."""
-    pid_row, pid_col = grouped_tile(tl.program_id(0), tl.cdiv(ROWS, BLOCK_ROWS), tl.cdiv(COLS, BLOCK_COLS), GROUP_M)
+    pid_row, pid_col = grouped_tile(tile, tl.cdiv(ROWS, BLOCK_ROWS), tl.cdiv(COLS, BLOCK_COLS), GROUP_M)
     offs_row = pid_row.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     offs_col = pid_col.to(tl.int64) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     return pid_row, pid_col, offs_row, offs_col

@@ -69,9 +69,22 @@ def int_width(value) -> int:
         return 0
 
 
+_ALL_CACHES = []
+
+
+def clear_plans() -> None:
+    """Forget every cached plan (config.set_override calls it: a plan holds the config it was built with)."""
+    for cache in _ALL_CACHES:
+        cache.clear()
+
+
 class PlanCache(dict):
     """key -> plan, bounded by MAX_PLANS. A key that is None or unhashable is never found nor stored: that call
     builds its plan afresh."""
+
+    def __init__(self):
+        super().__init__()
+        _ALL_CACHES.append(self)
 
     def find(self, key):
         try:
@@ -162,4 +175,4 @@ class Launch:
             self.compiled, self.device = kernel, _current_device()
 
 
-__all__ = ["Launch", "PlanCache", "int_width", "plan_key", "tensor_key"]
+__all__ = ["Launch", "PlanCache", "clear_plans", "int_width", "plan_key", "tensor_key"]

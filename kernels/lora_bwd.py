@@ -43,9 +43,9 @@ def _rank_term(DYB, A, offs_m, offs_k, mask_m, mask_k, RANK, stride_dybm, stride
     return low
 
 
-@triton.jit(do_not_specialize=["M", "seed", "thr_shifted"])
-def _lora_bwd_dx_kernel(
-    DY, W, B, A, DYB, DX,
+@triton.jit
+def _dx_tile(
+    tile, DY, W, B, A, DYB, DX,
     M, N, K, RANK,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br, stride_ar, stride_ak,
     stride_dybm, stride_dybr, stride_dxm, stride_dxk,
@@ -55,19 +55,8 @@ def _lora_bwd_dx_kernel(
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     DY_SCALE, HAS_DY_SCALE: tl.constexpr,
 ):
-    """One BLOCK_M x BLOCK_K tile of dX, reducing over N in BLOCK_N steps.
-
-    DY: [M, N], W: [N, K], B: [N, RANK], A: [RANK, K], DX: [M, K], all strided. With COMPUTE_DYB, B is
-        zero-padded to [N, BLOCK_R] with unit rank stride (see lora_backward_dx).
-    USE_TMA: DY and W are host tensor descriptors with blocks [BLOCK_M, BLOCK_N] and [BLOCK_N, BLOCK_K].
-    DYB: [M, RANK], unscaled dY @ B in DY's dtype: read when not COMPUTE_DYB, written by the pid_k == 0
-        programs when STORE_DYB.
-    scaling: s; seed, thr_shifted, inv_keep, K4: the forward's dropout mask (helpers.dropout_keep) if DROPOUT.
-    BLOCK_R: padded rank (COMPUTE_DYB) or the epilogue's rank chunk; NUM_R_CHUNKS: chunks in the epilogue.
-    DY_SCALE: [N], any float dtype, read if HAS_DY_SCALE: every dY tile is scaled by it per column (in fp32,
-        rounded back to dY's dtype) before both products, i.e. the kernel differentiates DY_SCALE * Y (DoRA).
-    """
-    pid_m, pid_k, offs_m, offs_k = output_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    """dX tile number `tile` (grouped order) of `_lora_bwd_dx_kernel`, whose docstring gives the arguments."""
+    pid_m, pid_k, offs_m, offs_k = output_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M, tile)
     offs_n = tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
@@ -109,14 +98,54 @@ def _lora_bwd_dx_kernel(
         dyb_s = (dyb.to(a.dtype).to(ACC) * scaling).to(a.dtype)
         low = dot(dyb_s, a, low, PRECISION)
     else:
-        low = _rank_term(DYB, A, offs_m, offs_k, mask_m, mask_k, RANK, stride_dybm, stride_dybr, stride_ar, stride_ak,
-                         scaling, low, BLOCK_R, NUM_R_CHUNKS, PRECISION, ACC)
+        low = _rank_term(DYB, A, offs_m, offs_k, mask_m, mask_k, RANK, stride_dybm, stride_dybr, stride_ar,
+                         stride_ak, scaling, low, BLOCK_R, NUM_R_CHUNKS, PRECISION, ACC)
     if DROPOUT:
         k0 = pid_k * BLOCK_K
         low = tl.where(dropout_keep(seed, offs_m, k0, K4, thr_shifted, BLOCK_M, BLOCK_K), low * inv_keep, 0.0)
     acc += low
     dx_ptrs = DX + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
     tl.store(dx_ptrs, acc.to(DX.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "seed", "thr_shifted"])
+def _lora_bwd_dx_kernel(
+    DY, W, B, A, DYB, DX,
+    M, N, K, RANK,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br, stride_ar, stride_ak,
+    stride_dybm, stride_dybr, stride_dxm, stride_dxk,
+    scaling, seed, thr_shifted, inv_keep, K4,
+    DROPOUT: tl.constexpr, COMPUTE_DYB: tl.constexpr, STORE_DYB: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    DY_SCALE, HAS_DY_SCALE: tl.constexpr, PERSISTENT: tl.constexpr,
+):
+    """BLOCK_M x BLOCK_K tiles of dX, reducing over N in BLOCK_N steps: one tile per program, or (PERSISTENT) a
+    grid of at most one program per SM walking them all (as in lora_fwd._lora_fwd_kernel).
+
+    DY: [M, N], W: [N, K], B: [N, RANK], A: [RANK, K], DX: [M, K], all strided. With COMPUTE_DYB, B is
+        zero-padded to [N, BLOCK_R] with unit rank stride (see lora_backward_dx).
+    USE_TMA: DY and W are host tensor descriptors with blocks [BLOCK_M, BLOCK_N] and [BLOCK_N, BLOCK_K].
+    DYB: [M, RANK], unscaled dY @ B in DY's dtype: read when not COMPUTE_DYB, written by the pid_k == 0
+        programs when STORE_DYB.
+    scaling: s; seed, thr_shifted, inv_keep, K4: the forward's dropout mask (helpers.dropout_keep) if DROPOUT.
+    BLOCK_R: padded rank (COMPUTE_DYB) or the epilogue's rank chunk; NUM_R_CHUNKS: chunks in the epilogue.
+    DY_SCALE: [N], any float dtype, read if HAS_DY_SCALE: every dY tile is scaled by it per column (in fp32,
+        rounded back to dY's dtype) before both products, i.e. the kernel differentiates DY_SCALE * Y (DoRA).
+    """
+    if PERSISTENT:
+        for tile in range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_K), tl.num_programs(0)):
+            _dx_tile(tile, DY, W, B, A, DYB, DX, M, N, K, RANK,
+                     stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br, stride_ar, stride_ak,
+                     stride_dybm, stride_dybr, stride_dxm, stride_dxk, scaling, seed, thr_shifted, inv_keep, K4,
+                     DROPOUT, COMPUTE_DYB, STORE_DYB, USE_TMA, BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R, NUM_R_CHUNKS,
+                     GROUP_M, PRECISION, ACC, DY_SCALE, HAS_DY_SCALE)
+    else:
+        _dx_tile(tl.program_id(0), DY, W, B, A, DYB, DX, M, N, K, RANK,
+                 stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br, stride_ar, stride_ak,
+                 stride_dybm, stride_dybr, stride_dxm, stride_dxk, scaling, seed, thr_shifted, inv_keep, K4,
+                 DROPOUT, COMPUTE_DYB, STORE_DYB, USE_TMA, BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R, NUM_R_CHUNKS,
+                 GROUP_M, PRECISION, ACC, DY_SCALE, HAS_DY_SCALE)
 
 
 @triton.jit(do_not_specialize=["M", "seed", "thr_shifted"])
@@ -188,33 +217,35 @@ def _reduce_m_tile(
 @triton.jit(do_not_specialize=["M", "seed", "thr_shifted"])
 def _lora_grad_ab_kernel(
     DYB, X, DY, XA, OUT_A, OUT_B,
-    M, K, N, RANK, ROWS_PER_SPLIT, TILES_A,
+    M, K, N, RANK, ROWS_PER_SPLIT_A, ROWS_PER_SPLIT_B, TILES_A, SPLITS_A, TILES_B,
     stride_dybm, stride_dybr, stride_xm, stride_xk, stride_dym, stride_dyn, stride_xam, stride_xar,
     stride_oas, stride_oap, stride_oaq, stride_obs, stride_obp, stride_obq,
     scaling, seed, thr_shifted, inv_keep, K4,
     DROPOUT: tl.constexpr, BLOCK_RA: tl.constexpr, BLOCK_KA: tl.constexpr, BLOCK_NB: tl.constexpr,
     BLOCK_RB: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
-    """dA and dB in one launch: program ids below TILES_A take tiles of dA = s * DYB^T @ drop(X), the others tiles
-    of dB = s * DY^T @ XA; axis 1 is the split of M.
+    """dA and dB in one launch: the first TILES_A * SPLITS_A programs take (tile, split of M) pairs of
+    dA = s * DYB^T @ drop(X), the others those of dB = s * DY^T @ XA; neighbouring programs share a split (rows).
 
-    DYB: [M, RANK], X: [M, K], DY: [M, N], XA: [M, RANK]; OUT_A: [splits, RANK, K], OUT_B: [splits, N, RANK].
-    Tiles: dA BLOCK_RA x BLOCK_KA, dB BLOCK_NB x BLOCK_RB; BLOCK_M rows of M per step.
+    DYB: [M, RANK], X: [M, K], DY: [M, N], XA: [M, RANK]; OUT_A: [SPLITS_A, RANK, K], OUT_B: [splits, N, RANK].
+    Tiles: dA BLOCK_RA x BLOCK_KA (TILES_A of them), dB BLOCK_NB x BLOCK_RB (TILES_B); BLOCK_M rows per step;
+    split s of dA (dB) owns rows [s * ROWS_PER_SPLIT_A (B), ...).
     """
     pid = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    if pid < TILES_A:
+    if pid < TILES_A * SPLITS_A:
+        tile = pid % TILES_A
         num_q = tl.cdiv(K, BLOCK_KA)
-        _reduce_m_tile(DYB, X, OUT_A, M, RANK, K, ROWS_PER_SPLIT,
+        _reduce_m_tile(DYB, X, OUT_A, M, RANK, K, ROWS_PER_SPLIT_A,
                        stride_dybm, stride_dybr, stride_xm, stride_xk, stride_oas, stride_oap, stride_oaq,
-                       pid // num_q, pid % num_q, pid_s, scaling, seed, thr_shifted, inv_keep, K4,
+                       tile // num_q, tile % num_q, pid // TILES_A, scaling, seed, thr_shifted, inv_keep, K4,
                        DROPOUT, BLOCK_RA, BLOCK_KA, BLOCK_M, PRECISION, ACC)
     else:
+        t = pid - TILES_A * SPLITS_A
+        tile = t % TILES_B
         num_q = tl.cdiv(RANK, BLOCK_RB)
-        t = pid - TILES_A
-        _reduce_m_tile(DY, XA, OUT_B, M, N, RANK, ROWS_PER_SPLIT,
+        _reduce_m_tile(DY, XA, OUT_B, M, N, RANK, ROWS_PER_SPLIT_B,
                        stride_dym, stride_dyn, stride_xam, stride_xar, stride_obs, stride_obp, stride_obq,
-                       t // num_q, t % num_q, pid_s, scaling, seed, thr_shifted, inv_keep, K4,
+                       tile // num_q, tile % num_q, t // TILES_B, scaling, seed, thr_shifted, inv_keep, K4,
                        False, BLOCK_NB, BLOCK_RB, BLOCK_M, PRECISION, ACC)
 
 
@@ -292,8 +323,9 @@ class _DxPlan:
         dyb_strides = (rank, 1) if has_dyb else dx_strides  # a new contiguous [M, r], or dx standing in
         self.use_tma = tma_enabled(tma if tma != "auto" else ("auto" if cfg.tma else False), dy, weight)
         self.dy_block, self.w_block = [cfg.block_m, cfg.block_k], [cfg.block_k, cfg.block_n]
+        tiles = cdiv(M, cfg.block_m) * cdiv(K, cfg.block_n)
         self.launch = Launch(
-            _lora_bwd_dx_kernel, (cdiv(M, cfg.block_m) * cdiv(K, cfg.block_n),),
+            _lora_bwd_dx_kernel, (min(tiles, num_sms(dy.device)) if cfg.persistent else tiles,),
             ("DY", "W", "B", "A", "DYB", "DX", "scaling", "seed", "DY_SCALE"),
             None, None, None, None, None, None,
             M, N, K, rank,
@@ -305,7 +337,7 @@ class _DxPlan:
             # no rank chunks when the dropout term has its own pass: the GEMM computes dY @ W alone
             NUM_R_CHUNKS=1 if compute else 0 if self.term is not None else cdiv(rank, block_r), GROUP_M=cfg.group_m,
             PRECISION=dot_precision(dy.dtype), ACC=acc_dtype(dy.dtype),
-            DY_SCALE=None, HAS_DY_SCALE=dy_scale is not None, **cfg.launch(),
+            DY_SCALE=None, HAS_DY_SCALE=dy_scale is not None, PERSISTENT=cfg.persistent, **cfg.launch(),
         )
 
     def __call__(self, dy, weight, lora_A, lora_B, scaling, seed, out, dy_scale):
@@ -358,6 +390,8 @@ def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p=0.0, seed=
 
 
 _AB_PLANS = PlanCache()
+# With dropout, dA's programs per SM (see _GradABPlan).
+DROPOUT_DA_PROGRAMS_PER_SM = 8
 
 
 class _GradABPlan:
@@ -375,25 +409,29 @@ class _GradABPlan:
         cfg_b = reduce_m_config(N, rank, x.dtype)
         tiles_a = cdiv(rank, cfg_a.block_m) * cdiv(K, cfg_a.block_n) if need_a else 0
         tiles_b = cdiv(N, cfg_b.block_m) * cdiv(rank, cfg_b.block_n) if need_b else 0
-        m_blocks = cdiv(M, cfg_a.block_k)
-        splits = max(1, min(m_blocks, cdiv(2 * num_sms(x.device), tiles_a + tiles_b)))
-        rows_per_split = cdiv(m_blocks, splits) * cfg_a.block_k
-        self.splits = splits = cdiv(M, rows_per_split)
+        # Splits of M: enough programs to fill the GPU twice over. With dropout, dA's programs also draw the
+        # Philox mask over all of x, integer work that needs many warps per SM to hide its latency: dA alone gets
+        # DROPOUT_DA_PROGRAMS_PER_SM programs per SM (at M=8192, K=4096 the mask took dA from 36 to 131 µs on the
+        # H200 with the shared split count, 5 splits: bench/NOTES.md).
+        both = cdiv(2 * num_sms(x.device), max(1, tiles_a + tiles_b))
+        want_a = cdiv(DROPOUT_DA_PROGRAMS_PER_SM * num_sms(x.device), max(1, tiles_a)) if dropout_p > 0 else both
+        self.splits_a, rows_a = self._split(M, cfg_a.block_k, want_a)
+        self.splits_b, rows_b = self._split(M, cfg_a.block_k, both)
         # Two outputs, each [splits, P, Q] of fp32 partials, or (one split) the final [P, Q] tensor in its own
         # dtype with a zero split stride: no slicing, views or casts afterwards (each torch op costs host time).
         part = torch.promote_types(x.dtype, torch.float32)
-        self.out_a = (self._shape(self.shape_a), a_dtype if splits == 1 else part) if need_a else None
-        self.out_b = (self._shape(self.shape_b), b_dtype if splits == 1 else part) if need_b else None
+        self.out_a = self._buffer(self.shape_a, self.splits_a, a_dtype, part) if need_a else None
+        self.out_b = self._buffer(self.shape_b, self.splits_b, b_dtype, part) if need_b else None
         # a missing output's placeholder is the other one (never written: its tile count is zero)
-        sa = self._strides(self.shape_a if need_a else self.shape_b)
-        sb = self._strides(self.shape_b if need_b else self.shape_a)
+        sa = self._strides(*(self.out_a if need_a else self.out_b))
+        sb = self._strides(*(self.out_b if need_b else self.out_a))
         u_a = dyb if need_a else x  # placeholders are never read: their tile count is zero
         v_b = xa if need_b else x
         self.launch = Launch(
-            _lora_grad_ab_kernel, (tiles_a + tiles_b, splits), ("DYB", "X", "DY", "XA", "OUT_A", "OUT_B", "scaling",
-                                                                "seed"),
+            _lora_grad_ab_kernel, (tiles_a * self.splits_a + tiles_b * self.splits_b,),
+            ("DYB", "X", "DY", "XA", "OUT_A", "OUT_B", "scaling", "seed"),
             None, None, None, None, None, None,
-            M, K, N, rank, rows_per_split, tiles_a,
+            M, K, N, rank, rows_a, rows_b, tiles_a, self.splits_a, tiles_b,
             u_a.stride(0), u_a.stride(1), x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), v_b.stride(0),
             v_b.stride(1), *sa, *sb,
             None, None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 4),
@@ -402,13 +440,24 @@ class _GradABPlan:
             **cfg_a.launch(),
         )
 
-    def _shape(self, pq):
-        return pq if self.splits == 1 else (self.splits, *pq)
+    @staticmethod
+    def _split(M, block_rows, want):
+        """(splits, rows per split) of M for about `want` splits: whole BLOCK_M steps per split, none empty."""
+        m_blocks = cdiv(M, block_rows)
+        rows = cdiv(m_blocks, max(1, min(m_blocks, want))) * block_rows
+        return cdiv(M, rows), rows
 
-    def _strides(self, pq):
-        """(split, row, col) strides of a new contiguous output buffer of `pq` (split stride 0 with one split)."""
-        p, q = pq
-        return (0 if self.splits == 1 else p * q, q, 1)
+    @staticmethod
+    def _buffer(pq, splits, dtype, part):
+        """(shape, dtype) of an output buffer: [splits, P, Q] fp32 partials, or [P, Q] itself for one split."""
+        return (pq, dtype) if splits == 1 else ((splits, *pq), part)
+
+    @staticmethod
+    def _strides(shape, dtype):
+        """(split, row, col) strides of a new contiguous buffer of `shape` (split stride 0 when it is [P, Q])."""
+        if len(shape) == 2:
+            return (0, shape[1], 1)
+        return (shape[1] * shape[2], shape[2], 1)
 
     def __call__(self, x, dy, xa, dyb, scaling, seed):
         if self.launch is None:
@@ -419,8 +468,9 @@ class _GradABPlan:
         oa = out_a if out_a is not None else out_b
         ob = out_b if out_b is not None else out_a
         self.launch(dyb if self.need_a else x, x, dy, xa if self.need_b else x, oa, ob, float(scaling), int(seed))
-        if self.splits == 1:
-            return out_a, out_b
-        # fp32 partials, summed in fp32 by torch (a fixed order: deterministic)
-        return (out_a.sum(0, dtype=self.a_dtype) if self.need_a else None,
-                out_b.sum(0, dtype=self.b_dtype) if self.need_b else None)
+        # fp32 partials are summed in fp32 by torch (a fixed order: deterministic)
+        if out_a is not None and self.splits_a > 1:
+            out_a = out_a.sum(0, dtype=self.a_dtype)
+        if out_b is not None and self.splits_b > 1:
+            out_b = out_b.sum(0, dtype=self.b_dtype)
+        return out_a, out_b

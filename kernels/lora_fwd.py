@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import gemm_config
+from .config import gemm_config, num_sms
 from .helpers import (
     acc_dtype, apply_dropout, cdiv, check_shapes, check_vector, dot, dot_precision, dot_precision_key, dropout_keep,
     dropout_threshold, next_pow2_rank, output_tile, tensor_descriptor, tma_enabled,
@@ -35,9 +35,9 @@ MAX_FUSED_ROWS = 256
 EPILOGUE_RANK_BLOCK = 64
 
 
-@triton.jit(do_not_specialize=["M", "seed", "thr_shifted"])
-def _lora_fwd_kernel(
-    X, W, A, B, BIAS, XA, Y,
+@triton.jit
+def _fwd_tile(
+    tile, X, W, A, B, BIAS, XA, Y,
     M, N, K, RANK,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_xam, stride_xar, stride_ym, stride_yn,
@@ -46,22 +46,10 @@ def _lora_fwd_kernel(
     USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    OUT_SCALE, HAS_OUT_SCALE: tl.constexpr,
+    OUT_SCALE, HAS_OUT_SCALE: tl.constexpr, Y_TMA: tl.constexpr,
 ):
-    """One BLOCK_M x BLOCK_N tile of Y.
-
-    X: [M, K], W: [N, K], A: [RANK, K], B: [N, RANK], BIAS: [N] (if HAS_BIAS), Y: [M, N], all strided.
-    USE_TMA: X and W are host tensor descriptors with blocks [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K] (the
-        bulk tensor copy engine on Hopper; out-of-range elements read as zero), else plain pointers.
-    XA: [M, RANK] in X's dtype, unscaled drop(X) @ A^T; read when not COMPUTE_XA, written by the pid_n == 0
-        programs when STORE_XA.
-    scaling: s; seed, thr_shifted, inv_keep, K4: the dropout mask (helpers.dropout_keep), used if DROPOUT.
-    BLOCK_R: padded rank (COMPUTE_XA: the whole rank, a power of two >= 16; else the epilogue's rank chunk),
-    NUM_R_CHUNKS: rank chunks in the epilogue (1 when COMPUTE_XA). PRECISION: tl.dot precision for fp32; ACC: accumulator dtype.
-    OUT_SCALE: [N], any float dtype, read if HAS_OUT_SCALE: Y = OUT_SCALE * (X @ W^T + LoRA term) + BIAS (DoRA's
-        per-output magnitude factor, applied in fp32 before the bias).
-    """
-    pid_m, pid_n, offs_m, offs_n = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    """Output tile number `tile` (grouped order) of `_lora_fwd_kernel`, whose docstring gives the arguments."""
+    pid_m, pid_n, offs_m, offs_n = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M, tile)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
@@ -87,7 +75,8 @@ def _lora_fwd_kernel(
         if COMPUTE_XA:
             a = tl.load(a_ptrs, mask=mask_k[:, None] & (offs_r[None, :] < RANK), other=0.0)
             if DROPOUT:
-                x = apply_dropout(x, dropout_keep(seed, offs_m, k0, K4, thr_shifted, BLOCK_M, BLOCK_K), inv_keep)
+                keep = dropout_keep(seed, offs_m, k0, K4, thr_shifted, BLOCK_M, BLOCK_K)
+                x = apply_dropout(x, keep, inv_keep)
             xa = dot(x, a, xa, PRECISION)
             a_ptrs += BLOCK_K * stride_ak
 
@@ -95,7 +84,8 @@ def _lora_fwd_kernel(
         if STORE_XA:
             if pid_n == 0:
                 xa_ptrs = XA + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar
-                tl.store(xa_ptrs, xa.to(XA.dtype.element_ty), mask=mask_m[:, None] & (offs_r[None, :] < RANK))
+                tl.store(xa_ptrs, xa.to(XA.dtype.element_ty),
+                         mask=mask_m[:, None] & (offs_r[None, :] < RANK))
         b = tl.load(B + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
                     mask=(offs_r[:, None] < RANK) & mask_n[None, :], other=0.0)
         # Round xa to the input dtype (as the unfused reference does), scale in fp32, then one small MMA.
@@ -115,8 +105,55 @@ def _lora_fwd_kernel(
     if HAS_BIAS:
         bias = tl.load(BIAS + offs_n, mask=mask_n, other=0.0)
         acc += bias.to(ACC)[None, :]
-    y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if Y_TMA:
+        Y.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(Y.dtype))
+    else:
+        y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "seed", "thr_shifted"])
+def _lora_fwd_kernel(
+    X, W, A, B, BIAS, XA, Y,
+    M, N, K, RANK,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_xam, stride_xar, stride_ym, stride_yn,
+    scaling, seed, thr_shifted, inv_keep, K4,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_XA: tl.constexpr, STORE_XA: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    OUT_SCALE, HAS_OUT_SCALE: tl.constexpr, PERSISTENT: tl.constexpr, Y_TMA: tl.constexpr,
+):
+    """BLOCK_M x BLOCK_N tiles of Y: one per program, or (PERSISTENT) a grid of at most one program per SM, program
+    p walking tiles p, p + programs, ... (one tile's epilogue overlaps the next one's first loads, and no tail wave
+    of programs is launched).
+
+    X: [M, K], W: [N, K], A: [RANK, K], B: [N, RANK], BIAS: [N] (if HAS_BIAS), Y: [M, N], all strided.
+    USE_TMA: X and W are host tensor descriptors with blocks [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K] (the
+        bulk tensor copy engine on Hopper; out-of-range elements read as zero), else plain pointers.
+    Y_TMA: Y is a tensor descriptor with block [BLOCK_M, BLOCK_N] (out-of-range elements are not written).
+    XA: [M, RANK] in X's dtype, unscaled drop(X) @ A^T; read when not COMPUTE_XA, written by the pid_n == 0
+        programs when STORE_XA.
+    scaling: s; seed, thr_shifted, inv_keep, K4: the dropout mask (helpers.dropout_keep), used if DROPOUT.
+    BLOCK_R: padded rank (COMPUTE_XA: the whole rank, a power of two >= 16; else the epilogue's rank chunk),
+    NUM_R_CHUNKS: rank chunks in the epilogue (1 when COMPUTE_XA). PRECISION: tl.dot precision for fp32; ACC: accumulator dtype.
+    OUT_SCALE: [N], any float dtype, read if HAS_OUT_SCALE: Y = OUT_SCALE * (X @ W^T + LoRA term) + BIAS (DoRA's
+        per-output magnitude factor, applied in fp32 before the bias).
+    """
+    if PERSISTENT:
+        for tile in range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
+            _fwd_tile(tile, X, W, A, B, BIAS, XA, Y, M, N, K, RANK,
+                      stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+                      stride_xam, stride_xar, stride_ym, stride_yn, scaling, seed, thr_shifted, inv_keep, K4,
+                      HAS_BIAS, DROPOUT, COMPUTE_XA, STORE_XA, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
+                      NUM_R_CHUNKS, GROUP_M, PRECISION, ACC, OUT_SCALE, HAS_OUT_SCALE, Y_TMA)
+    else:
+        _fwd_tile(tl.program_id(0), X, W, A, B, BIAS, XA, Y, M, N, K, RANK,
+                  stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+                  stride_xam, stride_xar, stride_ym, stride_yn, scaling, seed, thr_shifted, inv_keep, K4,
+                  HAS_BIAS, DROPOUT, COMPUTE_XA, STORE_XA, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
+                  NUM_R_CHUNKS, GROUP_M, PRECISION, ACC, OUT_SCALE, HAS_OUT_SCALE, Y_TMA)
 
 
 def _output(out, shape, like, name):
@@ -205,8 +242,13 @@ class _ForwardPlan:
         xa_strides = (rank, 1) if has_xa else y_strides
         self.use_tma = tma_enabled(tma if tma != "auto" else ("auto" if cfg.tma else False), x, weight)
         self.x_block, self.w_block = [cfg.block_m, cfg.block_k], [cfg.block_n, cfg.block_k]
+        # y through a descriptor too: a new y needs 16-byte rows, a given one TMA's stride and alignment rules
+        self.y_tma = self.use_tma and cfg.tma_store and (
+            tma_enabled(True, out) if out is not None else (N * x.element_size()) % 16 == 0)
+        self.y_block = [cfg.block_m, cfg.block_n]
+        tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
         self.launch = Launch(
-            _lora_fwd_kernel, (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),),
+            _lora_fwd_kernel, (min(tiles, num_sms(x.device)) if cfg.persistent else tiles,),
             ("X", "W", "A", "B", "BIAS", "XA", "Y", "scaling", "seed", "OUT_SCALE"),
             None, None, None, None, None, None, None,
             M, N, K, rank,
@@ -219,7 +261,8 @@ class _ForwardPlan:
             NUM_R_CHUNKS=1 if compute_xa else cdiv(rank, block_r), GROUP_M=cfg.group_m,
             PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype),
             # A placeholder pointer when absent (never read), as for BIAS: no None pointer arguments.
-            OUT_SCALE=None, HAS_OUT_SCALE=out_scale is not None, **cfg.launch(),
+            OUT_SCALE=None, HAS_OUT_SCALE=out_scale is not None, PERSISTENT=cfg.persistent, Y_TMA=self.y_tma,
+            **cfg.launch(),
         )
 
     def __call__(self, x, weight, bias, lora_A, lora_B, scaling, seed, out, out_scale):
@@ -233,6 +276,8 @@ class _ForwardPlan:
         if self.launch is not None:
             if self.use_tma:
                 x, weight = tensor_descriptor(x, self.x_block), tensor_descriptor(weight, self.w_block)
-            self.launch(x, weight, lora_A, lora_B, bias if bias is not None else y, xa if xa is not None else y, y,
-                        float(scaling), int(seed), out_scale if out_scale is not None else y)
+            # y itself stands in for the absent optional pointers (never dereferenced)
+            self.launch(x, weight, lora_A, lora_B, bias if bias is not None else y, xa if xa is not None else y,
+                        tensor_descriptor(y, self.y_block) if self.y_tma else y, float(scaling), int(seed),
+                        out_scale if out_scale is not None else y)
         return y, xa

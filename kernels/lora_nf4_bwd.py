@@ -37,7 +37,7 @@ def _lora_nf4_dx_kernel(
     BLOCK_K: a multiple of 64 or a divisor of 64 (the decode's block alignment). BLOCK_R, NUM_R_CHUNKS: the
     epilogue's rank chunks. seed, thr_shifted, inv_keep, K4: the forward's dropout mask, applied if DROPOUT.
     """
-    pid_m, pid_k, offs_m, offs_k = output_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    pid_m, pid_k, offs_m, offs_k = output_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M, tl.program_id(0))
     offs_n = tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_k = offs_k < K

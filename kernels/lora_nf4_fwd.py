@@ -60,7 +60,7 @@ def _lora_nf4_fwd_kernel(
     B: [N, RANK]; BIAS: [N] (if HAS_BIAS); XA: [M, RANK] = drop(X) @ A^T in X's dtype; Y: [M, N]; all strided.
     BLOCK_R: the epilogue's rank chunk, NUM_R_CHUNKS of them. BLOCK_K: a multiple of 64 or a divisor of 64.
     """
-    pid_m, pid_n, offs_m, offs_n = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n, offs_m, offs_n = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M, tl.program_id(0))
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N

@@ -75,6 +75,37 @@ def test_launchers_write_every_element(mode, p, tma, device):
         assert_close(name, out, ref, torch.float32)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_persistent_tile_walk_and_descriptor_store(p, device):
+    """The large-M launch shape on small tiles: a grid of at most num_sms programs (4 under the interpreter)
+    walking 3 x 3 tiles of y and of dX in grouped order, y stored through a tensor descriptor (into `out` and into
+    a new tensor). NaN-filled outputs show any tile the walk skips."""
+    cfg = kernels.config.GemmConfig(16, 16, 16, group_m=2, num_warps=1, num_stages=1, tma=True, persistent=True,
+                                    tma_store=True)
+    M, K, N, r, s, seed = 40, 48, 40, 3, 0.7, 99
+    x, W, b, A, B = lora_problem(M, K, N, r, torch.float32, device)
+    dy = torch.randn(M, N, device=device)
+    y = torch.full((M, N), float("nan"), device=device)
+    dx = torch.full((M, K), float("nan"), device=device)
+    cls = kernels.config.shape_class(M)
+    try:
+        for kernel in ("fwd", "dx"):
+            kernels.config.set_override(kernel, cls, cfg)
+        _, xa = kernels.lora_forward(x, W, b, A, B, s, p, seed, store_xa=True, xa_mode="shrink", out=y, tma=True)
+        y_new, _ = kernels.lora_forward(x, W, b, A, B, s, p, seed, xa_mode="shrink", tma=True)
+        _, dyb = kernels.lora_backward_dx(dy, W, A, B, s, p, seed, dyb_mode="shrink", out=dx, tma=True)
+        plans = list(kernels.lora_fwd._PLANS.values()) + list(kernels.lora_bwd._DX_PLANS.values())
+        assert plans and all(plan.launch.grid[0] <= kernels.config.num_sms(x.device) for plan in plans)
+        assert any(plan.y_tma for plan in kernels.lora_fwd._PLANS.values())
+    finally:
+        for kernel in ("fwd", "dx"):
+            kernels.config.set_override(kernel, cls, None)
+    keep = dropout_mask_torch(seed, M, K, p, device) if p > 0 else None
+    yr, dxr, _, _ = _reference_grads(x, W, b, A, B, s, p, keep, dy)
+    for name, out, ref in (("y", y, yr), ("y (new)", y_new, yr), ("dx", dx, dxr)):
+        assert_close(name, out, ref, torch.float32)
+
+
 def test_strided_and_batched_inputs(device):
     """Non-contiguous x (a transposed view, 3-D), W, A and B views: strides are passed, nothing assumed."""
     dtype, s = torch.float32, 2.0
