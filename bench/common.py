@@ -87,6 +87,22 @@ def bench_graph_us(fns: Sequence[Callable[[], object]], replays: int = 50) -> fl
     return times[len(times) // 2]
 
 
+def host_and_wall_us(fn: Callable[[], object], calls: int, warmup: int = 10) -> tuple[float, float]:
+    """(host µs per call of `fn` with no sync inside the timed loop, wall µs per call up to a final sync): when the
+    first reaches the second, the calls are bound by host time, not by the GPU."""
+    import time
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize()
+    return host, (time.perf_counter() - t0) / calls * 1e6
+
+
 def measure_peaks(copy_bytes: int = 1 << 30, matmul_n: int = 8192) -> dict:
     """Measured memory bandwidth (a device-to-device copy, bytes read + written) and bf16 matmul rate.
 

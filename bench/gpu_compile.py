@@ -37,7 +37,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bench.common import bench_us, format_table, peak_forward_bytes, rel_err, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    bench_us, format_table, host_and_wall_us, peak_forward_bytes, rel_err, write_json,
+)
 from lora_fast import LoRALinear, ops  # noqa: E402
 from lora_fast.multi_lora import AdapterPool, MultiLoRALinear, make_batch_metadata  # noqa: E402
 
@@ -466,14 +468,7 @@ def host_overhead(K=4096, N=4096, r=16, M=16, calls=300):
                  x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling, 0.0)}
     us = {}
     for name, fn in paths.items():
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        us[name] = (time.perf_counter() - t) / calls * 1e6
-        torch.cuda.synchronize()
+        us[name] = host_and_wall_us(fn, calls, warmup=20)[0]
     # A measurement, not a check: it says whether eager could go through the op (< 5 us more) or, as it does,
     # must keep the direct Function (the CPU here measured ~35 us more through the op).
     base = us["eager (autograd.Function)"]

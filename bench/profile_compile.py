@@ -6,26 +6,12 @@ time per step, and the host-side and kernel tables of torch.profiler. The MLP bl
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench.common import host_and_wall_us  # noqa: E402
 from bench.gpu_compile import MLPBlock, _train_step  # noqa: E402
-
-
-def host_and_gpu_us(step, n=20):
-    """(host µs per step with no sync inside the loop, wall µs per step with a sync at the end)."""
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    host = (time.perf_counter() - t0) / n
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - t0) / n
-    return host * 1e6, wall * 1e6
 
 
 def main():
@@ -41,7 +27,7 @@ def main():
     compiled = torch.compile(model, fullgraph=True)
     steps = {"eager": _train_step(model, x, g), "compiled": _train_step(compiled, x, g)}
     for name, step in steps.items():
-        host, wall = host_and_gpu_us(step)
+        host, wall = host_and_wall_us(step, 20, warmup=3)
         print(f"p={args.p} {name}: host {host:.0f} us/step (no sync), wall {wall:.0f} us/step")
     for name, step in steps.items():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,

@@ -14,7 +14,6 @@ import json
 import os
 import pstats
 import sys
-import time
 
 import torch
 import triton
@@ -22,6 +21,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import host_and_wall_us  # noqa: E402
 from lora_fast import LoRALinear  # noqa: E402
 
 
@@ -34,15 +34,7 @@ def _noop_kernel(p0, p1, p2, p3, p4, p5, p6, i0, i1, i2, i3, i4, i5, i6, i7, i8,
 
 def host_us(fn, calls: int) -> float:
     """Host µs per call of `fn` (10 warm-up calls, no sync inside the timed loop)."""
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    us = (time.perf_counter() - t0) / calls * 1e6
-    torch.cuda.synchronize()
-    return us
+    return host_and_wall_us(fn, calls)[0]
 
 
 def bare_launch_us(calls: int) -> float:
