@@ -26,7 +26,7 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     tma: bool = False  # load the GEMM operands through tensor descriptors where the GPU and strides allow
-    # a grid of at most one program per SM, each walking output tiles (helpers.tile_range); fwd and dx only
+    # a grid of at most one program per SM, each walking output tiles in grouped order; fwd and dx only
     persistent: bool = False
     tma_store: bool = False  # with tma: store the output tile through a tensor descriptor too (fwd only)
 

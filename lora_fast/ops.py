@@ -13,7 +13,10 @@ Ops (each with a fake implementation for tracing; shapes as in the launchers of 
   ranks [S], adapter_ids, perm, seg_of, seg_start, seg_adapter, slice_sizes)` -> `y [T, N]`, with autograd for x
   only (serving: the pool and the base weight are frozen, their gradients are not computed).
 
-Why opaque `torch.library.custom_op` and not `triton_op` + `wrap_triton`: the launchers do host work that a
+The ops are opaque: defined on a plain `torch.library.Library` (`_Op`: the schema inferred from the annotations, one
+implementation for every device, `register_fake` and `register_autograd` as for `torch.library.custom_op`, whose
+Python wrapper costs more host time per call: 37 against 32 µs on the CPU for a 17 µs launcher call).
+Why opaque ops and not `triton_op` + `wrap_triton`: the launchers do host work that a
 traced triton_op would have to see through with fake tensors: they read `data_ptr()` to decide whether TMA may be
 used and build host `TensorDescriptor`s from it on Hopper at large M, pick configs from lru_cached device facts,
 cache device-side slice tables, and on the CPU CI path run the kernels through Triton's interpreter, which inductor
@@ -28,7 +31,8 @@ regenerates the forward's mask. None = no dropout.
 
 Eager calls do not come here: `lora_fast.lora_linear` calls `LoRALinearFunction` directly unless torch.compile is
 tracing (no dispatcher cost on the host-bound small-size eager step). `HAS_CUSTOM_OPS` is False on a torch without
-`torch.library.custom_op` / `register_fake` / `register_autograd` (< 2.4); then nothing is registered and compile
+`torch.library.custom_op` / `register_fake` / `register_autograd` / `infer_schema` (< 2.5); then nothing is
+registered and compile
 runs each layer outside the graph (`functional.eager_only`: a graph break per layer). `lora_fast` imports this
 module, so the ops exist once the package is imported.
 
@@ -80,9 +84,8 @@ if HAS_CUSTOM_OPS:
     class _Op:
         """`lora_fast::<fn's name>`, defined on a plain `torch.library.Library` with the schema of fn's annotations
         and fn as its implementation for every device; `register_fake` and `register_autograd` as on a
-        `torch.library.custom_op`. Plain definitions dispatch faster: 5 µs of host time per call over the bare
-        function, against 18 µs through custom_op's Python wrapper (CPU, bench/NOTES.md), and a compiled training
-        step calls three or four of these ops per layer and is host-bound at moderate sizes."""
+        `torch.library.custom_op`, whose extra Python wrapper cost ~5 µs more host time per call on the CPU (a
+        compiled training step calls three or four of these ops per layer and is host-bound at moderate sizes)."""
 
         def __init__(self, fn, tags=()):
             self.name = "lora_fast::" + fn.__name__
