@@ -25,7 +25,9 @@ CONFIGS = [(32, 256, 4, 4, 64), (32, 256, 4, 4, 16), (64, 256, 4, 4, 64), (16, 2
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/exp")
+    ap.add_argument("--configs", default=None, help="JSON list of [BLOCK_N, BLOCK_K, warps, stages, rank block]")
     args = ap.parse_args()
+    configs = [tuple(c) for c in json.loads(args.configs)] if args.configs else CONFIGS
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
     dev, dt, K, N, r = "cuda", torch.bfloat16, 4096, 4096, 16
@@ -37,7 +39,7 @@ def main():
         x = torch.randn(M, K, device=dev, dtype=dt)
         base = bench_graph_us([lambda W=W: F.linear(x, W) for W, _, _ in sets])
         rows.append({"M": M, "config": "base F.linear", "us": base, "ratio": 1.0, "rel_err": 0.0})
-        for bn, bk, warps, stages, rank_block in CONFIGS:
+        for bn, bk, warps, stages, rank_block in configs:
             kconfig.set_override("fwd", kconfig.shape_class(M), kconfig.GemmConfig(
                 16, bn, bk, group_m=1, num_warps=warps, num_stages=stages))
             lora_fwd.DECODE_RANK_BLOCK = rank_block
