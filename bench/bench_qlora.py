@@ -5,7 +5,7 @@ Providers (every ratio is to `base`, the bf16 F.linear timed in the same run on 
   ours          lora_fast.qlora_linear, the path config.nf4_path picks (gemv / fused / dequant)
   ours-fused    the fused dequant-in-registers GEMMs forced (config.NF4_FUSED_ROWS raised)
   ours-dequant  dequantize kernel, then the bf16 fused LoRA kernels, forced (config.NF4_FUSED_ROWS = 0)
-  ours-table    ours with the code-book lookup NF4 decode instead of the select tree (decode rows only)
+  ours-select   ours with the select-tree NF4 decode instead of the byte-permute one (decode rows only)
   deq+cublas    our dequantize kernel, then F.linear and the rank-r product in PyTorch (autograd keeps deq(W))
   bnb+peft      bitsandbytes Linear4bit under PEFT's LoRA (when bitsandbytes imports), same quantized bytes
 Modes: fwd (no grad) and fwd+bwd (x, A, B require grad). Decode rows (M <= 16) are also timed in a CUDA graph
@@ -120,17 +120,17 @@ def provider_fns(prob: Problem, name: str, train: bool):
     ctx = torch.enable_grad if train else torch.no_grad
     if name == "base":
         return run(lambda: F.linear(x, prob.W)) if train else (lambda: (F.linear(x, prob.W), None)), ctx
-    if name in ("ours", "ours-fused", "ours-dequant", "ours-table"):
+    if name in ("ours", "ours-fused", "ours-dequant", "ours-select"):
         rows = {"ours-fused": 1 << 40, "ours-dequant": 0}.get(name)
 
         def fwd():
             with (nf4_fused_rows(rows) if rows is not None else contextlib.nullcontext()):
                 return lora_fast.qlora_linear(x, prob.w4, None, A, B, s)
 
-        if name == "ours-table":
+        if name == "ours-select":
             from lora_fast.kernels import lora_nf4_forward
 
-            return (lambda: (lora_nf4_forward(x, prob.w4, None, A, B, s, table=True)[0], None)), ctx
+            return (lambda: (lora_nf4_forward(x, prob.w4, None, A, B, s, decode="select")[0], None)), ctx
         return run(fwd), ctx
     if name == "deq+cublas":
         return run(lambda: F.linear(x, nf4_dequantize(prob.w4, DTYPE)) + s * (x @ A.t()) @ B.t()), ctx
@@ -221,8 +221,8 @@ def time_case(prob, case, providers, modes, graph, rows):
 
 
 def graph_time(prob, name):
-    """CUDA-graph time per call over 8 weight sets (so that W is not in L2): ours, base, ours-table and deq+cublas."""
-    if name not in ("base", "ours", "ours-table", "deq+cublas"):
+    """CUDA-graph time per call over 8 weight sets (so that W is not in L2): ours, base, ours-select and deq+cublas."""
+    if name not in ("base", "ours", "ours-select", "deq+cublas"):
         return None
     M, K = prob.x.shape
     N = prob.W.shape[0]
@@ -238,7 +238,7 @@ def graph_time(prob, name):
             fns.append(lambda w4=w4: F.linear(prob.x, nf4_dequantize(w4, DTYPE)) + prob.s * (prob.x @ prob.A.t()) @ prob.B.t())
         else:
             fns.append(lambda w4=w4: lora_fast.kernels.lora_nf4_forward(prob.x, w4, None, prob.A, prob.B, prob.s,
-                                                                         table=True if name == "ours-table" else None))
+                                                                         decode="select" if name == "ours-select" else "auto"))
     with torch.no_grad():
         return common.bench_graph_us(fns)
 
@@ -306,7 +306,7 @@ def run(quick=False, memory=True):
             cases += [(f"cross-{M}x4096x4096-r{RANK}", (M, 4096, 4096), ("fwd",),
                        ("base", "ours-fused", "ours-dequant", "deq+cublas"), False) for M in CROSSOVER_M]
         cases += [(f"decode-{M}x4096x4096-r{RANK}", (M, 4096, 4096), ("fwd",),
-                   ("base", "ours", "ours-table", "deq+cublas", "bnb+peft"), True)
+                   ("base", "ours", "ours-select", "deq+cublas", "bnb+peft"), True)
                   for M in (DECODE_M[:1] if quick else DECODE_M)]
     else:  # interpreter: tiny shapes, checks only
         cases = [("cpu-4x128x24-r3", (4, 128, 24), ("fwd", "fwd+bwd"), ("base", "ours", "ours-dequant"), False),

@@ -226,14 +226,15 @@ def nf4_path(m: int) -> str:
 @lru_cache(maxsize=None)
 def nf4_config(kernel: str, m: int, dtype: torch.dtype = torch.bfloat16) -> GemmConfig:
     """Config of the NF4 kernels: "gemm" (fused forward and dX, tile BLOCK_M x BLOCK_N, K step BLOCK_K),
-    "gemv" (rows padded to block_m = 16, block_n outputs per program, block_k per step, split over K), and
+    "gemv" (rows padded to block_m = 16, block_n outputs per program, split over K; it steps one 64-weight
+    quantization block along K whatever block_k says), and
     "dequant" (block_n x block_k tiles of W; m is unused)."""
     if is_interpret():
         return _NF4_INTERPRET[kernel]
     if ("nf4_" + kernel, shape_class(m)) in _OVERRIDES:
         return _OVERRIDES[("nf4_" + kernel, shape_class(m))]
     if kernel == "gemv":
-        return GemmConfig(16, 64, 128, num_warps=4, num_stages=4)
+        return GemmConfig(16, 64, 64, num_warps=4, num_stages=4)
     if kernel == "dequant":
         return GemmConfig(0, 32, 256, num_warps=4, num_stages=2)
     cls = "m64" if shape_class(m) in ("m16", "m64") else shape_class(m)

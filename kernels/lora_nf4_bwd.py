@@ -17,7 +17,7 @@ from .lora_bwd import lora_backward_dx
 from .lora_fwd import EPILOGUE_RANK_BLOCK
 from .lora_nf4_fwd import rank_r_term
 from .lora_shrink import lora_shrink
-from .nf4_dequant import check_nf4_operands, nf4_dequantize, nf4_kernel_args, nf4_tile
+from .nf4_dequant import check_nf4_operands, nf4_decode, nf4_dequantize, nf4_kernel_args, nf4_tile
 
 
 @triton.jit(do_not_specialize=["M", "seed", "thr_shifted"])
@@ -26,7 +26,7 @@ def _lora_nf4_dx_kernel(
     M, N, K, RANK,
     stride_dym, stride_dyn, stride_qn, stride_ar, stride_ak, stride_dybm, stride_dybr, stride_dxm, stride_dxk,
     abs_offset, scaling, seed, thr_shifted, inv_keep, K4,
-    DROPOUT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ABS_GROUP: tl.constexpr, TABLE: tl.constexpr,
+    DROPOUT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ABS_GROUP: tl.constexpr, DECODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -47,7 +47,7 @@ def _lora_nf4_dx_kernel(
     for n0 in range(0, N, BLOCK_N):
         dy = tl.load(dy_ptrs, mask=mask_m[:, None] & (offs_n[None, :] < N - n0), other=0.0)
         w = nf4_tile(QW, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, CODE, n0 + offs_n.to(tl.int64), k0, N, K,
-                     stride_qn, BLOCK_N, BLOCK_K, DOUBLE_QUANT, ABS_GROUP, TABLE)
+                     stride_qn, BLOCK_N, BLOCK_K, DOUBLE_QUANT, ABS_GROUP, DECODE)
         acc = dot(dy, w.to(dy.dtype), acc, PRECISION)
         dy_ptrs += BLOCK_N * stride_dyn
     # A^T [K, RANK] through A's strides: the rank-r term's V operand.
@@ -61,12 +61,12 @@ def _lora_nf4_dx_kernel(
 
 
 def lora_nf4_backward_dx(dy, w4, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_dyb=True, path="auto",
-                         table=True):
+                         decode="auto"):
     """dX = dY @ deq(Wq) + s * drop'((dY @ B) @ A) with an NF4 base weight.
 
     dy: [M, N] (fp16, bf16 or fp32), w4: NF4 weight of shape (N, K), lora_A: [r, K], lora_B: [N, r] in dy's
     dtype; scaling, dropout_p and seed as in the forward. path: "auto" (`config.nf4_path`; "gemv" rows take
-    the fused kernel), "fused" or "dequant". Returns (dx [M, K], dyb [M, r] = dY @ B, or None unless store_dyb).
+    the fused kernel), "fused" or "dequant". decode: as in `lora_nf4_forward`. Returns (dx [M, K], dyb [M, r] = dY @ B, or None unless store_dyb).
 
     >>> dx, dyb = lora_nf4_backward_dx(dy, w4, A, B, 2.0)
     """
@@ -74,7 +74,7 @@ def lora_nf4_backward_dx(dy, w4, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
     if path == "auto":
         path = "fused" if nf4_path(M) == "gemv" else nf4_path(M)
     if path == "dequant":
-        return lora_backward_dx(dy, nf4_dequantize(w4, dy.dtype, table=table), lora_A, lora_B, scaling, dropout_p,
+        return lora_backward_dx(dy, nf4_dequantize(w4, dy.dtype, decode=decode), lora_A, lora_B, scaling, dropout_p,
                                 seed, store_dyb=store_dyb, dyb_mode="shrink")
     if path != "fused":
         raise ValueError(f"path must be 'auto', 'fused' or 'dequant', got {path!r}")
@@ -98,7 +98,7 @@ def lora_nf4_backward_dx(dy, w4, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
         dyb.stride(1), dx.stride(0), dx.stride(1),
         abs_offset, float(scaling), int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
         cdiv(K, 4),
-        DROPOUT=dropout_p > 0.0, TABLE=table, BLOCK_M=cfg.block_m, BLOCK_K=block_k, BLOCK_N=block_n,
+        DROPOUT=dropout_p > 0.0, DECODE=nf4_decode(decode, dy.device), BLOCK_M=cfg.block_m, BLOCK_K=block_k, BLOCK_N=block_n,
         BLOCK_R=block_r, NUM_R_CHUNKS=cdiv(rank, block_r), GROUP_M=cfg.group_m,
         PRECISION=dot_precision(dy.dtype), ACC=acc_dtype(dy.dtype), **meta, **cfg.launch(),
     )

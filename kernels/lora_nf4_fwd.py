@@ -19,7 +19,7 @@ from .config import nf4_config, nf4_path
 from .helpers import acc_dtype, cdiv, dot, dot_precision, next_pow2_rank, output_tile
 from .lora_fwd import EPILOGUE_RANK_BLOCK, lora_forward
 from .lora_shrink import lora_shrink
-from .nf4_dequant import check_nf4_operands, nf4_dequantize, nf4_kernel_args, nf4_tile
+from .nf4_dequant import check_nf4_operands, nf4_decode, nf4_dequantize, nf4_kernel_args, nf4_tile
 from .nf4_gemv import nf4_gemv
 
 
@@ -50,7 +50,7 @@ def _lora_nf4_fwd_kernel(
     M, N, K, RANK,
     stride_xm, stride_xk, stride_qn, stride_bn, stride_br, stride_xam, stride_xar, stride_ym, stride_yn,
     abs_offset, scaling,
-    HAS_BIAS: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ABS_GROUP: tl.constexpr, TABLE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ABS_GROUP: tl.constexpr, DECODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -69,7 +69,7 @@ def _lora_nf4_fwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < K - k0), other=0.0)
         w = nf4_tile(QW, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, CODE, offs_n, k0, N, K, stride_qn,
-                     BLOCK_N, BLOCK_K, DOUBLE_QUANT, ABS_GROUP, TABLE)
+                     BLOCK_N, BLOCK_K, DOUBLE_QUANT, ABS_GROUP, DECODE)
         acc = dot(x, tl.trans(w.to(x.dtype)), acc, PRECISION)
         x_ptrs += BLOCK_K * stride_xk
     acc += rank_r_term(XA, B, offs_m, offs_n, mask_m, mask_n, RANK, stride_xam, stride_xar, stride_bn, stride_br,
@@ -81,14 +81,14 @@ def _lora_nf4_fwd_kernel(
 
 
 def lora_nf4_forward(x, w4, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_xa=False, path="auto",
-                     table=None):
+                     decode="auto"):
     """QLoRA forward with an NF4 base weight.
 
     x: [M, K] (fp16, bf16 or fp32), w4: NF4 weight of shape (N, K) (`lora_fast.nf4.NF4Tensor`), bias: [N] or
     None, lora_A: [r, K], lora_B: [N, r] in x's dtype; scaling, dropout_p, seed as in `lora_forward`.
-    path: "auto" (`config.nf4_path`), "gemv" (M <= 16), "fused" or "dequant". table: code-book lookup (True)
-    or select-tree decode (False); None picks the select tree for the GEMV (H200 under CUDA graphs, M=1:
-    2.4x against 10.7x the bf16 base with the lookup, bench/NOTES.md) and the lookup for the GEMM paths.
+    path: "auto" (`config.nf4_path`), "gemv" (M <= 16), "fused" or "dequant". decode: how 4-bit codes become
+    values (`nf4_dequant.NF4_DECODES`); "auto" runs the byte-permute decode ("prmt") on a GPU and the select
+    tree elsewhere (bench/NOTES.md has the measurements).
     Returns (y [M, N], xa [M, r] = drop(x) @ A^T or None unless store_xa).
 
     >>> y, _ = lora_nf4_forward(x, w4, None, A, B, 2.0)
@@ -97,12 +97,10 @@ def lora_nf4_forward(x, w4, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
     M, K, N, rank = check_nf4_operands(w4, lora_A, lora_B, x=x, bias=bias)
     if path == "auto":
         path = nf4_path(M)
-    if table is None:
-        table = path != "gemv"
     if path == "gemv":
-        return nf4_gemv(x, w4, bias, lora_A, lora_B, scaling, dropout_p, seed, store_xa, table=table)
+        return nf4_gemv(x, w4, bias, lora_A, lora_B, scaling, dropout_p, seed, store_xa, decode=decode)
     if path == "dequant":
-        return lora_forward(x, nf4_dequantize(w4, x.dtype, table=table), bias, lora_A, lora_B, scaling, dropout_p,
+        return lora_forward(x, nf4_dequantize(w4, x.dtype, decode=decode), bias, lora_A, lora_B, scaling, dropout_p,
                             seed, store_xa=store_xa, xa_mode="shrink")
     if path != "fused":
         raise ValueError(f"path must be 'auto', 'gemv', 'fused' or 'dequant', got {path!r}")
@@ -119,7 +117,7 @@ def lora_nf4_forward(x, w4, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
         M, N, K, rank,
         x.stride(0), x.stride(1), qw.stride(0), lora_B.stride(0), lora_B.stride(1), xa.stride(0), xa.stride(1),
         y.stride(0), y.stride(1), abs_offset, float(scaling),
-        HAS_BIAS=bias is not None, TABLE=table, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        HAS_BIAS=bias is not None, DECODE=nf4_decode(decode, x.device), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         BLOCK_R=block_r, NUM_R_CHUNKS=cdiv(rank, block_r), GROUP_M=cfg.group_m,
         PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype), **meta, **cfg.launch(),
     )

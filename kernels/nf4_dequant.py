@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 from .config import nf4_config
-from .helpers import cdiv, check_shapes
+from .helpers import cdiv, check_shapes, is_interpret
+from .launch import Launch, PlanCache, plan_key
 
 # The NF4 code book of the QLoRA paper (Dettmers et al. 2023, appendix E): the 2^4 quantiles of N(0, 1) with an
 # exact zero, normalised to [-1, 1] (fp32 values, as bitsandbytes stores them).
@@ -29,6 +30,109 @@ NF4_BLOCK = 64
 # The code book as constexprs for the select-tree decode (no memory access at all).
 _C = [tl.constexpr(v) for v in NF4_CODE]
 C0, C1, C2, C3, C4, C5, C6, C7, C8, C9, C10, C11, C12, C13, C14, C15 = _C
+
+# How a kernel turns 4-bit codes into values (the `decode` argument of the launchers):
+#   "prmt"   byte permutes (PTX inline assembly, NVIDIA GPUs only): the code book's bytes sit in immediates and
+#            one `prmt` looks up 4 codes at once, about 3 instructions per weight for 16-bit values and 6 for fp32;
+#   "select" a 4-level select tree with the values as immediates, about 20 instructions per weight;
+#   "table"  a gather from the 64-byte code book in global memory (L1).
+NF4_DECODES = ("prmt", "select", "table")
+
+
+def _code_bits(dtype: torch.dtype) -> list:
+    """The 16 code values rounded to `dtype` (fp16, bf16 or fp32), as unsigned bit patterns."""
+    vals = torch.tensor(NF4_CODE, dtype=torch.float32).to(dtype)
+    bits = vals.view(torch.int32 if dtype == torch.float32 else torch.int16).tolist()
+    return [b & ((1 << (8 * vals.element_size())) - 1) for b in bits]
+
+
+def _prmt_words(dtype: torch.dtype) -> list:
+    """The code book as `prmt` tables: for each byte b of a `dtype` value (b = 0 lowest), 4 words holding byte b
+    of the values of codes 4w .. 4w + 3 (code 4w in the word's lowest byte). 8 words for fp16/bf16, 16 for fp32."""
+    bits = _code_bits(dtype)
+    nbytes = 4 if dtype == torch.float32 else 2
+    return [sum(((bits[4 * w + j] >> (8 * b)) & 0xFF) << (8 * j) for j in range(4))
+            for b in range(nbytes) for w in range(4)]
+
+
+# Where each dtype's words sit in the code table (`nf4_code_table`), after the 16 fp32 code values.
+PRMT_WORD_OFFSET = {torch.bfloat16: 16, torch.float16: 24, torch.float32: 32}
+CODE_TABLE_SIZE = 48
+
+
+def _plane_ptx(dst: str, words: list, half: int) -> str:
+    """PTX: byte i of `dst` = the plane's byte of the value of the code in nibble i of selector half `half`.
+
+    words: the operands holding the plane's 4 table words. Two `prmt`s look the 4 codes up among codes 0-7 and
+    among codes 8-15 (s<half>: the low 3 bits of every code), and a third picks, byte by byte, the half that bit 3
+    of the code names (x<half>: selector i, or 4 + i where bit 3 is set).
+    """
+    return (f"prmt.b32 pl, {words[0]}, {words[1]}, s{half};\n"
+            f"prmt.b32 ph, {words[2]}, {words[3]}, s{half};\n"
+            f"prmt.b32 {dst}, pl, ph, x{half};")
+
+
+# Both decodes take 4 packed bytes and give the codes of their high nibbles (even elements, in byte order) and of
+# their low nibbles (odd elements); nibble i of a 16-bit half of the bytes is, in order: odd, even, odd, even.
+# The table words come in as operands (loaded once per program) so that they stay in registers.
+_PRMT_PROLOGUE = """and.b32 s0, {q}, 0x77777777;
+shr.b32 s1, s0, 16;
+shr.b32 x0, {q}, 1;
+and.b32 x0, x0, 0x44444444;
+or.b32 x0, x0, 0x32103210;
+shr.b32 x1, x0, 16;"""
+
+
+def _word_operands(first: int, count: int) -> list:
+    """Operand names of `count` 32-bit scalar inputs starting at operand `first`: with pack=4 each scalar
+    takes 4 operands (one per packed element, all the same value), and the first of them is used."""
+    return [f"${first + 4 * i}" for i in range(count)]
+
+
+def _pairs16_ptx() -> str:
+    """16-bit decode: $0, $1 = even values (2 per register), $2, $3 = odd; $4 = 4 bytes; then 8 table words."""
+    words = _word_operands(5, 8)
+    body = ["{", ".reg .b32 s0, s1, x0, x1, pl, ph, lo, hi;", _PRMT_PROLOGUE.format(q="$4")]
+    for half in (0, 1):
+        body += [_plane_ptx("lo", words[:4], half), _plane_ptx("hi", words[4:], half),
+                 f"prmt.b32 ${half}, lo, hi, 0x7351;", f"prmt.b32 ${2 + half}, lo, hi, 0x6240;"]
+    return "\n".join(body + ["}"])
+
+
+def _pairs32_ptx() -> str:
+    """fp32 decode (exact code values): $0-$3 = even values, $4-$7 = odd; $8 = 4 bytes; then 16 table words."""
+    words = _word_operands(9, 16)
+    body = ["{", ".reg .b32 s0, s1, x0, x1, pl, ph, p0, p1, p2, p3, l01, l23;", _PRMT_PROLOGUE.format(q="$8")]
+    for half in (0, 1):
+        body += [_plane_ptx(f"p{b}", words[4 * b:4 * b + 4], half) for b in range(4)]
+        for j, sel in ((0, "0x5140"), (1, "0x7362")):  # codes (odd, even) of byte 2 * half + j
+            body += [f"prmt.b32 l01, p0, p1, {sel};", f"prmt.b32 l23, p2, p3, {sel};",
+                     f"prmt.b32 ${4 + 2 * half + j}, l01, l23, 0x5410;",
+                     f"prmt.b32 ${2 * half + j}, l01, l23, 0x7632;"]
+    return "\n".join(body + ["}"])
+
+
+_PAIRS16 = tl.constexpr(_pairs16_ptx())
+_PAIRS16_CONSTRAINTS = tl.constexpr("=r," * 4 + "r," + ",".join(["r"] * 32))
+_PAIRS32 = tl.constexpr(_pairs32_ptx())
+_PAIRS32_CONSTRAINTS = tl.constexpr("=r," * 8 + "r," + ",".join(["r"] * 64))
+
+
+def prmt_available(device) -> bool:
+    """Whether the "prmt" decode can run on `device`: a CUDA (not ROCm) GPU, outside the interpreter."""
+    return torch.device(device).type == "cuda" and torch.version.hip is None and not is_interpret()
+
+
+def nf4_decode(decode, device) -> str:
+    """The decode a kernel runs for `decode` ("auto" or None: "prmt" where it can run, else "select")."""
+    if decode in ("auto", None):
+        return "prmt" if prmt_available(device) else "select"
+    if decode not in NF4_DECODES:
+        raise ValueError(f"decode must be 'auto' or one of {NF4_DECODES}, got {decode!r}")
+    if decode == "prmt" and not prmt_available(device):
+        raise ValueError("decode='prmt' runs PTX inline assembly and needs an NVIDIA GPU; on "
+                         f"{torch.device(device)} (or under TRITON_INTERPRET=1) use 'select' or 'table'")
+    return decode
 
 
 @triton.jit
@@ -53,6 +157,51 @@ def nf4_value(codes, CODE, TABLE: tl.constexpr):
 
 
 @triton.jit
+def nf4_prmt_words(CODE, DTYPE: tl.constexpr):
+    """The `prmt` table words of DTYPE from the code table (int32 scalars: 8 for fp16/bf16, 16 for fp32)."""
+    T = CODE.to(tl.pointer_type(tl.int32), bitcast=True)
+    if DTYPE == tl.float32:
+        words = (tl.load(T + 32), tl.load(T + 33), tl.load(T + 34), tl.load(T + 35),
+                 tl.load(T + 36), tl.load(T + 37), tl.load(T + 38), tl.load(T + 39),
+                 tl.load(T + 40), tl.load(T + 41), tl.load(T + 42), tl.load(T + 43),
+                 tl.load(T + 44), tl.load(T + 45), tl.load(T + 46), tl.load(T + 47))
+    else:
+        o: tl.constexpr = 16 if DTYPE == tl.bfloat16 else 24
+        words = (tl.load(T + o), tl.load(T + o + 1), tl.load(T + o + 2), tl.load(T + o + 3),
+                 tl.load(T + o + 4), tl.load(T + o + 5), tl.load(T + o + 6), tl.load(T + o + 7))
+    return words
+
+
+@triton.jit
+def nf4_pairs(byte, CODE, words, DTYPE: tl.constexpr, DECODE: tl.constexpr):
+    """(even, odd): the code book values of the high and of the low nibbles of the uint8 tensor `byte` (any
+    shape), in DTYPE (fp16 or bf16: the code book rounded to it; fp32: exact). DECODE: see NF4_DECODES;
+    "prmt" reads `words` (nf4_prmt_words(CODE, DTYPE)), the others CODE or nothing."""
+    if DECODE == "prmt":
+        if DTYPE == tl.float32:
+            even, odd = tl.inline_asm_elementwise(
+                _PAIRS32, _PAIRS32_CONSTRAINTS,
+                [byte, words[0], words[1], words[2], words[3], words[4], words[5], words[6], words[7],
+                 words[8], words[9], words[10], words[11], words[12], words[13], words[14], words[15]],
+                dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+        elif DTYPE == tl.bfloat16:
+            even, odd = tl.inline_asm_elementwise(
+                _PAIRS16, _PAIRS16_CONSTRAINTS,
+                [byte, words[0], words[1], words[2], words[3], words[4], words[5], words[6], words[7]],
+                dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        else:
+            even, odd = tl.inline_asm_elementwise(
+                _PAIRS16, _PAIRS16_CONSTRAINTS,
+                [byte, words[0], words[1], words[2], words[3], words[4], words[5], words[6], words[7]],
+                dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        codes = byte.to(tl.int32)
+        even = nf4_value(codes >> 4, CODE, DECODE == "table").to(DTYPE)
+        odd = nf4_value(codes & 15, CODE, DECODE == "table").to(DTYPE)
+    return even, odd
+
+
+@triton.jit
 def nf4_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, flat, mask, DOUBLE_QUANT: tl.constexpr,
                ABS_GROUP: tl.constexpr):
     """fp32 absmax of the blocks at flat indices `flat` (any shape, int64), 0 where not `mask`."""
@@ -68,22 +217,22 @@ def nf4_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, flat, mask, DOUBLE_QUANT
 @triton.jit
 def nf4_tile(QW, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, CODE, offs_n, k0, N, K, stride_qn,
              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ABS_GROUP: tl.constexpr,
-             TABLE: tl.constexpr):
+             DECODE: tl.constexpr):
     """deq(W)[offs_n, k0 : k0 + BLOCK_K] as an fp32 [BLOCK_N, BLOCK_K] tile, zero outside W.
 
     QW: [N, K // 2] uint8 (row stride stride_qn, unit byte stride); ABSMAX [N * K // 64] (fp32, or uint8 codes
     with DOUBLE_QUANT: ABS_CODE [256] fp32, ABS_SCALE [ceil(N * K // 64 / ABS_GROUP)] fp32, abs_offset);
-    CODE: the NF4 code book [16] fp32 (read when TABLE). offs_n: [BLOCK_N] int64 rows; k0: a multiple of
+    CODE: the NF4 code book [16] fp32 (read by DECODE == "table"). offs_n: [BLOCK_N] int64 rows; k0: a multiple of
     BLOCK_K, below K. BLOCK_K is a multiple of 64 or divides 64: each row of the tile spans whole blocks or lies in one.
     """
     tl.static_assert(BLOCK_K % 64 == 0 or 64 % BLOCK_K == 0)
     offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
     mask_n = offs_n < N
     byte = tl.load(QW + offs_n[:, None] * stride_qn + offs_b[None, :],
-                   mask=mask_n[:, None] & (offs_b[None, :] < K // 2), other=0).to(tl.int32)
+                   mask=mask_n[:, None] & (offs_b[None, :] < K // 2), other=0)
+    even, odd = nf4_pairs(byte, CODE, nf4_prmt_words(CODE, tl.float32), tl.float32, DECODE)
     # join(...)[n, j, 0] is the high nibble: flattening puts element 2j before 2j + 1, as packed.
-    codes = tl.reshape(tl.join(byte >> 4, byte & 15), (BLOCK_N, BLOCK_K))
-    vals = nf4_value(codes, CODE, TABLE)
+    vals = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
     blocks_per_row = K // 64
     if BLOCK_K <= 64:
         flat = offs_n * blocks_per_row + k0 // 64
@@ -103,7 +252,7 @@ def nf4_tile(QW, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, CODE, offs_n, k0, N, K
 def _nf4_dequant_kernel(
     QW, ABSMAX, ABS_CODE, ABS_SCALE, CODE, OUT,
     N, K, stride_qn, stride_on, stride_ok, abs_offset,
-    DOUBLE_QUANT: tl.constexpr, ABS_GROUP: tl.constexpr, TABLE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr, ABS_GROUP: tl.constexpr, DECODE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """OUT[n, k] = deq(W)[n, k] for one BLOCK_N x BLOCK_K tile; grid (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K)).
@@ -114,7 +263,7 @@ def _nf4_dequant_kernel(
     k0 = tl.program_id(1).to(tl.int64) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     w = nf4_tile(QW, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, CODE, offs_n, k0, N, K, stride_qn,
-                 BLOCK_N, BLOCK_K, DOUBLE_QUANT, ABS_GROUP, TABLE)
+                 BLOCK_N, BLOCK_K, DOUBLE_QUANT, ABS_GROUP, DECODE)
     tl.store(OUT + offs_n[:, None] * stride_on + offs_k[None, :] * stride_ok, w.to(OUT.dtype.element_ty),
              mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
 
@@ -123,11 +272,17 @@ _CODE_CACHE: dict = {}
 
 
 def nf4_code_table(device) -> torch.Tensor:
-    """The NF4 code book as an fp32 [16] tensor on `device` (cached: one per device)."""
+    """The code table every NF4 kernel takes as CODE, fp32 [CODE_TABLE_SIZE] on `device` (cached per device):
+    the 16 code values, then the `prmt` words of bf16, fp16 and fp32 (int32 bit patterns, PRMT_WORD_OFFSET)."""
     device = torch.device(device)
     t = _CODE_CACHE.get(device)
     if t is None:
-        t = _CODE_CACHE[device] = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+        words = [w - (1 << 32) if w >= 1 << 31 else w
+                 for dtype in PRMT_WORD_OFFSET for w in _prmt_words(dtype)]
+        table = torch.cat([torch.tensor(NF4_CODE, dtype=torch.float32),
+                           torch.tensor(words, dtype=torch.int32).view(torch.float32)])
+        assert table.numel() == CODE_TABLE_SIZE
+        t = _CODE_CACHE[device] = table.to(device)
     return t
 
 
@@ -150,19 +305,27 @@ def nf4_kernel_args(w4):
         raise ValueError(f"absmax must be contiguous with {N * K // NF4_BLOCK} elements, got {list(absmax.shape)}")
     if absmax.dtype != (torch.uint8 if dq else torch.float32):
         raise ValueError(f"absmax must be {'uint8 (double quantized)' if dq else 'float32'}, got {absmax.dtype}")
-    code = nf4_code_table(qweight.device)
     if dq:
         group = int(w4.absmax_group)
         if w4.absmax_scale.numel() < cdiv(absmax.numel(), group) or w4.absmax_code.numel() != 256:
             raise ValueError("absmax_scale / absmax_code do not match the double-quantized absmax")
-        args = (qweight, absmax, w4.absmax_code, w4.absmax_scale, float(w4.absmax_offset), code)
     else:
         group = 1
-        args = (qweight, absmax, absmax, absmax, 0.0, code)  # unused pointers: DOUBLE_QUANT is off
+    args = nf4_call_args(w4)
     for t in args:
         if isinstance(t, torch.Tensor) and t.device != qweight.device:
             raise ValueError(f"every NF4 tensor must be on {qweight.device}, found one on {t.device}")
     return args, {"DOUBLE_QUANT": dq, "ABS_GROUP": group}
+
+
+def nf4_call_args(w4) -> tuple:
+    """(qweight, absmax, abs_code, abs_scale, abs_offset, code): the NF4 weight's kernel arguments, unchecked
+    (`nf4_kernel_args` checks them; cached launch plans call this per call). Without double quantization absmax
+    stands in for the unused code and scale pointers."""
+    code = nf4_code_table(w4.qweight.device)
+    if w4.absmax_code is not None:
+        return w4.qweight, w4.absmax, w4.absmax_code, w4.absmax_scale, float(w4.absmax_offset), code
+    return w4.qweight, w4.absmax, w4.absmax, w4.absmax, 0.0, code
 
 
 def check_nf4_operands(w4, lora_A, lora_B, x=None, dy=None, bias=None):
@@ -181,28 +344,57 @@ def check_nf4_operands(w4, lora_A, lora_B, x=None, dy=None, bias=None):
     return M, K, N, rank
 
 
-def nf4_dequantize(w4, dtype=torch.bfloat16, out=None, table=True):
+def nf4_dequantize(w4, dtype=torch.bfloat16, out=None, decode="auto"):
     """deq(W) [N, K] in `dtype`: the NF4 weight written out (the "dequantize then GEMM" path).
 
     w4: NF4 weight (see nf4_kernel_args); out: optional [N, K] tensor of `dtype` on w4's device.
-    table: decode by code-book lookup (True) or select tree (False).
+    decode: "auto", "prmt", "select" or "table" (NF4_DECODES); every decode gives the same values.
+    Checks and launch set-up are done once per call signature (kernels/launch.py).
 
     >>> W = nf4_dequantize(w4, torch.bfloat16)         # [N, K]
     >>> y = torch.nn.functional.linear(x, W)
     """
-    N, K = w4.shape
-    (qw, absmax, abs_code, abs_scale, abs_offset, code), meta = nf4_kernel_args(w4)
-    if out is None:
-        out = torch.empty((N, K), device=qw.device, dtype=dtype)
-    check_shapes(out=(out, (N, K)))
-    if out.dtype != dtype or out.device != qw.device:
-        raise ValueError(f"out must be {dtype} on {qw.device}, got {out.dtype} on {out.device}")
-    if N == 0:
+    dq = getattr(w4, "absmax_code", None) is not None
+    key = plan_key((w4.qweight, w4.absmax, out) + ((w4.absmax_code, w4.absmax_scale) if dq else ()),
+                   *w4.shape, getattr(w4, "absmax_group", None) if dq else None, dtype, decode)
+    plan = _PLANS.find(key)
+    if plan is None:
+        plan = _PLANS.put(key, _DequantPlan(w4, dtype, out, decode))
+    return plan(w4, out)
+
+
+_PLANS = PlanCache()
+
+
+class _DequantPlan:
+    """`nf4_dequantize` for one call signature: checks, config and launch set up once."""
+
+    def __init__(self, w4, dtype, out, decode):
+        N, K = w4.shape
+        (qw, *_), meta = nf4_kernel_args(w4)
+        if out is not None:
+            check_shapes(out=(out, (N, K)))
+            if out.dtype != dtype or out.device != qw.device:
+                raise ValueError(f"out must be {dtype} on {qw.device}, got {out.dtype} on {out.device}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        self.shape, self.dtype = (N, K), dtype
+        self.launch = None
+        if N == 0:
+            return
+        cfg = nf4_config("dequant", N)
+        out_strides = out.stride() if out is not None else (K, 1)
+        self.launch = Launch(
+            _nf4_dequant_kernel, (cdiv(N, cfg.block_n), cdiv(K, cfg.block_k)),
+            ("QW", "ABSMAX", "ABS_CODE", "ABS_SCALE", "CODE", "OUT", "abs_offset"),
+            None, None, None, None, None, None, N, K, qw.stride(0), *out_strides, None,
+            DECODE=nf4_decode(decode, qw.device), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **meta, **cfg.launch(),
+        )
+
+    def __call__(self, w4, out):
+        qw, absmax, abs_code, abs_scale, abs_offset, code = nf4_call_args(w4)
+        if out is None:
+            out = torch.empty(self.shape, device=qw.device, dtype=self.dtype)
+        if self.launch is not None:
+            self.launch(qw, absmax, abs_code, abs_scale, code, out, abs_offset)
         return out
-    cfg = nf4_config("dequant", N)
-    grid = (cdiv(N, cfg.block_n), cdiv(K, cfg.block_k))
-    _nf4_dequant_kernel[grid](
-        qw, absmax, abs_code, abs_scale, code, out, N, K, qw.stride(0), out.stride(0), out.stride(1), abs_offset,
-        TABLE=table, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **meta, **cfg.launch(),
-    )
-    return out

@@ -8,6 +8,10 @@ full bandwidth needs several CTAs per SM, far more than N / BLOCK_N output tiles
 programs of the first N tile also accumulate the partial rank-r product drop(X) @ A^T of their K slab, which
 costs nothing extra in reads of X. A second small kernel sums the partials in a fixed order (deterministic),
 adds the bias and s * xa @ B^T, and writes Y (and xa for the backward).
+
+Rows are padded to BLOCK_M = 16 for the tensor cores, except for a single row (BLOCK_M = 1), where the products
+and row sums run on the FMA units: no padded MMA work, no X tile through shared memory, fewer registers and so
+more programs per SM.
 """
 import torch
 import triton
@@ -15,12 +19,49 @@ import triton.language as tl
 
 from .config import nf4_config, num_sms
 from .helpers import (
-    acc_dtype, apply_dropout, cdiv, dot, dot_precision, dropout_keep, dropout_threshold, next_pow2_rank,
+    acc_dtype, apply_dropout, cdiv, dot, dot_precision, dot_precision_key, dropout_keep, dropout_threshold,
+    next_pow2_rank,
 )
-from .nf4_dequant import check_nf4_operands, nf4_kernel_args, nf4_tile
+from .launch import Launch, PlanCache, int_width, plan_key
+from .nf4_dequant import (
+    NF4_BLOCK, check_nf4_operands, nf4_absmax, nf4_call_args, nf4_decode, nf4_kernel_args, nf4_pairs,
+    nf4_prmt_words,
+)
 
 # Programs per SM the split over K aims for: enough loads in flight to reach the memory bandwidth.
 TARGET_CTAS_PER_SM = 4
+# Rows up to FMA_ROWS (1, or 0 to force the tensor cores) take the FMA path (BLOCK_M = 1).
+FMA_ROWS = 1
+# At most this many K splits (the finishing kernel sums them FINISH_CHUNK at a time).
+MAX_SPLITS = 64
+FINISH_CHUNK = 8
+FINISH_BLOCK_N = 64
+
+
+@triton.jit
+def _block_scale(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, offs_n, mask_n, k0, K, DOUBLE_QUANT: tl.constexpr,
+                 ABS_GROUP: tl.constexpr):
+    """absmax [BLOCK_N] of the 64-weight block at column k0 of rows offs_n (0 where not mask_n)."""
+    return nf4_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, offs_n * (K // 64) + k0 // 64, mask_n, DOUBLE_QUANT,
+                      ABS_GROUP)
+
+
+@triton.jit
+def _xa_step(X, A, offs_m, mask_m, offs_k, offs_r, k0, RANK, stride_xm, stride_xk, stride_ar, stride_ak, seed,
+             thr_shifted, inv_keep, K4, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+             BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """drop(X)[:, k0 : k0 + BLOCK_K] @ A[:, k0 : k0 + BLOCK_K]^T: one step's [BLOCK_M, BLOCK_R] share of xa."""
+    x = tl.load(X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk, mask=mask_m[:, None],
+                other=0.0)
+    a = tl.load(A + offs_r[None, :] * stride_ar + (k0 + offs_k)[:, None] * stride_ak, mask=offs_r[None, :] < RANK,
+                other=0.0)
+    if DROPOUT:
+        x = apply_dropout(x, dropout_keep(seed, offs_m, k0, K4, thr_shifted, BLOCK_M, BLOCK_K), inv_keep)
+    if BLOCK_M == 1:
+        step = tl.sum(x.to(ACC)[:, :, None] * a.to(ACC)[None, :, :], axis=1)
+    else:
+        step = dot(x, a, tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC), PRECISION)
+    return step
 
 
 @triton.jit(do_not_specialize=["M", "seed", "thr_shifted"])
@@ -29,74 +70,116 @@ def _nf4_gemv_kernel(
     M, N, K, RANK, K_PER_SPLIT,
     stride_xm, stride_xk, stride_qn, stride_ar, stride_ak, abs_offset,
     seed, thr_shifted, inv_keep, K4,
-    DROPOUT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ABS_GROUP: tl.constexpr, TABLE: tl.constexpr,
+    DROPOUT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ABS_GROUP: tl.constexpr, DECODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """Partial sums of split pid_s over K for output columns pid_n * BLOCK_N + [0, BLOCK_N).
 
     X: [M, K] (M <= BLOCK_M), A: [RANK, K], strided; QW, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, CODE: the NF4
-    weight (nf4_dequant.nf4_tile). PART: [splits, BLOCK_M, N] fp32 contiguous; XA_PART: [splits, BLOCK_M,
-    BLOCK_R] fp32 contiguous, written by the pid_n == 0 programs. K_PER_SPLIT: a multiple of BLOCK_K.
-    seed, thr_shifted, inv_keep, K4: the dropout mask (helpers.dropout_keep) on X's LoRA branch if DROPOUT.
+    weight (nf4_dequant.nf4_tile). PART: [splits, BLOCK_M, N] fp32 contiguous, rows below M written;
+    XA_PART: [splits, BLOCK_M, BLOCK_R] fp32 contiguous, rows below M written by the pid_n == 0 programs.
+    K_PER_SPLIT: a multiple of BLOCK_K. seed, thr_shifted, inv_keep, K4: the dropout mask (helpers.dropout_keep)
+    on X's LoRA branch if DROPOUT. BLOCK_M: 1 (FMA products) or 16 (tensor cores).
+
+    Each step covers one 64-weight quantization block: the code values of its high nibbles (even k) and low
+    nibbles (odd k) meet the even and odd columns of X, and the block's absmax scales the [BLOCK_M, BLOCK_N]
+    partial product once, not every weight.
     """
+    tl.static_assert(BLOCK_K == 64)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, BLOCK_K // 2)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
+    mask_n = offs_n < N
     k_start = pid_s.to(tl.int64) * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)  # K is a multiple of 64: every step is a whole block
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        mask_k = offs_k < k_end - k0
-        x = tl.load(X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = nf4_tile(QW, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, CODE, offs_n, k0, N, K, stride_qn,
-                     BLOCK_N, BLOCK_K, DOUBLE_QUANT, ABS_GROUP, TABLE)
-        acc = dot(x, tl.trans(w.to(x.dtype)), acc, PRECISION)
-        if pid_n == 0:
-            a = tl.load(A + offs_r[None, :] * stride_ar + (k0 + offs_k)[:, None] * stride_ak,
-                        mask=mask_k[:, None] & (offs_r[None, :] < RANK), other=0.0)
-            if DROPOUT:
-                x = apply_dropout(x, dropout_keep(seed, offs_m, k0, K4, thr_shifted, BLOCK_M, BLOCK_K), inv_keep)
-            xa = dot(x, a, xa, PRECISION)
+    words = nf4_prmt_words(CODE, X.dtype.element_ty)  # loaded once: the decode keeps them in registers
+    q_ptrs = QW + offs_n[:, None] * stride_qn + (k_start // 2 + offs_h)[None, :]
+    if BLOCK_M == 1:
+        # Triton pipelines only loads that feed a dot: prefetch the next step's bytes by hand, so that their
+        # load is in flight while this step decodes. The products accumulate per (row, column pair) in the
+        # decode's own layout; the row sums are taken once, after the loop.
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=ACC)
+        byte = tl.load(q_ptrs, mask=mask_n[:, None], other=0)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            q_ptrs += BLOCK_K // 2
+            # past the split's end this re-reads the split's last block (in bounds, never used): no mask on K
+            byte_next = tl.load(q_ptrs - (k0 + BLOCK_K >= k_end) * (BLOCK_K // 2), mask=mask_n[:, None], other=0)
+            even, odd = nf4_pairs(byte, CODE, words, X.dtype.element_ty, DECODE)
+            xe = tl.load(X + (k0 + 2 * offs_h) * stride_xk).to(ACC)
+            xo = tl.load(X + (k0 + 2 * offs_h + 1) * stride_xk).to(ACC)
+            scale = _block_scale(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, offs_n, mask_n, k0, K, DOUBLE_QUANT,
+                                 ABS_GROUP)
+            acc2 += (even.to(ACC) * xe[None, :] + odd.to(ACC) * xo[None, :]) * scale[:, None]
+            if pid_n == 0:
+                xa += _xa_step(X, A, offs_m, mask_m, offs_k, offs_r, k0, RANK, stride_xm, stride_xk, stride_ar,
+                               stride_ak, seed, thr_shifted, inv_keep, K4, DROPOUT, BLOCK_M, BLOCK_K, BLOCK_R,
+                               PRECISION, ACC)
+            byte = byte_next
+        acc += tl.sum(acc2, axis=1)[None, :]
+    else:
+        for k0 in range(k_start, k_end, BLOCK_K):
+            byte = tl.load(q_ptrs, mask=mask_n[:, None], other=0)
+            q_ptrs += BLOCK_K // 2
+            even, odd = nf4_pairs(byte, CODE, words, X.dtype.element_ty, DECODE)
+            x_even = X + offs_m[:, None] * stride_xm + (k0 + 2 * offs_h)[None, :] * stride_xk
+            part = dot(tl.load(x_even, mask=mask_m[:, None], other=0.0), tl.trans(even),
+                       tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), PRECISION)
+            part = dot(tl.load(x_even + stride_xk, mask=mask_m[:, None], other=0.0), tl.trans(odd), part,
+                       PRECISION)
+            acc += part * _block_scale(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, offs_n, mask_n, k0, K,
+                                       DOUBLE_QUANT, ABS_GROUP)[None, :]
+            if pid_n == 0:
+                xa += _xa_step(X, A, offs_m, mask_m, offs_k, offs_r, k0, RANK, stride_xm, stride_xk, stride_ar,
+                               stride_ak, seed, thr_shifted, inv_keep, K4, DROPOUT, BLOCK_M, BLOCK_K, BLOCK_R,
+                               PRECISION, ACC)
     part = PART + pid_s.to(tl.int64) * BLOCK_M * N
-    tl.store(part + offs_m[:, None] * N + offs_n[None, :], acc, mask=offs_n[None, :] < N)
+    tl.store(part + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
     if pid_n == 0:
         xa_part = XA_PART + pid_s.to(tl.int64) * BLOCK_M * BLOCK_R
-        tl.store(xa_part + offs_m[:, None] * BLOCK_R + offs_r[None, :], xa)
+        tl.store(xa_part + offs_m[:, None] * BLOCK_R + offs_r[None, :], xa, mask=mask_m[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _nf4_gemv_finish_kernel(
     PART, XA_PART, B, BIAS, Y, XA,
     M, N, RANK, SPLITS,
     stride_bn, stride_br, stride_ym, stride_yn, stride_xam, stride_xar, scaling,
     HAS_BIAS: tl.constexpr, STORE_XA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """Y[:, tile] = sum_s PART[s] + BIAS + s * xa @ B^T with xa = sum_s XA_PART[s] rounded to Y's dtype.
 
-    PART: [SPLITS, BLOCK_M, N] fp32; XA_PART: [SPLITS, BLOCK_M, BLOCK_R] fp32; B: [N, RANK]; BIAS: [N];
-    Y: [M, N]; XA: [M, RANK], written by program 0 when STORE_XA.
+    PART: [SPLITS, BLOCK_M, N] fp32; XA_PART: [SPLITS, BLOCK_M, BLOCK_R] fp32 (rows below M read); B: [N, RANK];
+    BIAS: [N]; Y: [M, N]; XA: [M, RANK], written by program 0 when STORE_XA. The splits are summed CHUNK at a
+    time (one load of [CHUNK, BLOCK_M, BLOCK_N] in flight), always in the same order: deterministic.
     """
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
+    offs_c = tl.arange(0, CHUNK)
     mask_m = offs_m < M
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
-    for s in range(0, SPLITS):
-        acc += tl.load(PART + s * BLOCK_M * N + offs_m[:, None] * N + offs_n[None, :], mask=mask_n[None, :],
-                       other=0.0)
-        xa += tl.load(XA_PART + s * BLOCK_M * BLOCK_R + offs_m[:, None] * BLOCK_R + offs_r[None, :])
+    for s0 in range(0, SPLITS, CHUNK):
+        mask_s = (s0 + offs_c) < SPLITS
+        p = tl.load(PART + (s0 + offs_c)[:, None, None] * BLOCK_M * N + offs_m[None, :, None] * N
+                    + offs_n[None, None, :],
+                    mask=mask_s[:, None, None] & mask_m[None, :, None] & mask_n[None, None, :], other=0.0)
+        acc += tl.sum(p, axis=0)
+        q = tl.load(XA_PART + (s0 + offs_c)[:, None, None] * BLOCK_M * BLOCK_R + offs_m[None, :, None] * BLOCK_R
+                    + offs_r[None, None, :], mask=mask_s[:, None, None] & mask_m[None, :, None], other=0.0)
+        xa += tl.sum(q, axis=0)
     xa_in = xa.to(Y.dtype.element_ty)  # rounded to the input dtype before it meets B, as PEFT does
     if STORE_XA:
         if pid == 0:
@@ -104,7 +187,10 @@ def _nf4_gemv_finish_kernel(
                      mask=mask_m[:, None] & (offs_r[None, :] < RANK))
     b = tl.load(B + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
                 mask=(offs_r[:, None] < RANK) & mask_n[None, :], other=0.0)
-    acc = dot((xa_in.to(ACC) * scaling).to(b.dtype), b, acc, PRECISION)
+    if BLOCK_M == 1:
+        acc += tl.sum((xa_in.to(ACC) * scaling)[:, :, None] * b.to(ACC)[None, :, :], axis=1)
+    else:
+        acc = dot((xa_in.to(ACC) * scaling).to(b.dtype), b, acc, PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
     tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
@@ -112,53 +198,92 @@ def _nf4_gemv_finish_kernel(
 
 
 def nf4_gemv_splits(n_tiles: int, k_steps: int, device) -> int:
-    """K splits: about TARGET_CTAS_PER_SM programs per SM in all, at most one BLOCK_K step per split."""
-    return max(1, min(k_steps, cdiv(TARGET_CTAS_PER_SM * num_sms(device), n_tiles)))
+    """K splits: about TARGET_CTAS_PER_SM programs per SM in all, at most one BLOCK_K step per split and at most
+    MAX_SPLITS."""
+    return max(1, min(k_steps, MAX_SPLITS, cdiv(TARGET_CTAS_PER_SM * num_sms(device), n_tiles)))
 
 
-def nf4_gemv(x, w4, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_xa=False, table=False,
+def nf4_gemv(x, w4, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_xa=False, decode="auto",
              splits=None):
     """NF4 LoRA forward for M <= 16 rows, reading the 4-bit weight directly.
 
     x: [M, K] (M <= 16), w4: NF4 weight of shape (N, K) (kernels.nf4_dequant.nf4_kernel_args), bias: [N] or
     None, lora_A: [r, K], lora_B: [N, r] (x's dtype and device); scaling, dropout_p, seed as in lora_forward.
-    Returns (y [M, N], xa [M, r] or None). splits: override the K split (tests).
+    decode: the NF4 decode (nf4_dequant.NF4_DECODES, "auto": "prmt" on a GPU); the code values are rounded to
+    x's dtype, and each block's absmax multiplies the fp32 partial sums. splits: override the K split (tests).
+    Returns (y [M, N], xa [M, r] or None). Checks and launch set-up are done once per call signature
+    (kernels/launch.py).
 
     >>> y, _ = nf4_gemv(x, w4, None, A, B, 2.0)
     """
-    M, K, N, rank = check_nf4_operands(w4, lora_A, lora_B, x=x, bias=bias)
-    cfg = nf4_config("gemv", M, x.dtype)
-    if M > cfg.block_m:
-        raise ValueError(f"nf4_gemv takes at most {cfg.block_m} rows, got M={M}")
-    (qw, absmax, abs_code, abs_scale, abs_offset, code), meta = nf4_kernel_args(w4)
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    xa = torch.empty((M, rank), device=x.device, dtype=x.dtype) if store_xa else None
-    if M == 0 or N == 0:
+    dq = getattr(w4, "absmax_code", None) is not None
+    key = plan_key((x, w4.qweight, w4.absmax, bias, lora_A, lora_B) + ((w4.absmax_code, w4.absmax_scale) if dq
+                                                                        else ()),
+                   *w4.shape, getattr(w4, "absmax_group", None) if dq else None, dropout_p, store_xa,
+                   decode, splits, dot_precision_key(x), int_width(seed))
+    plan = _PLANS.find(key)
+    if plan is None:
+        plan = _PLANS.put(key, _GemvPlan(x, w4, bias, lora_A, lora_B, dropout_p, store_xa, decode, splits))
+    return plan(x, w4, bias, lora_A, lora_B, scaling, seed)
+
+
+_PLANS = PlanCache()
+
+
+class _GemvPlan:
+    """`nf4_gemv` for one call signature: checks, config, splits and both launches set up once."""
+
+    def __init__(self, x, w4, bias, lora_A, lora_B, dropout_p, store_xa, decode, splits):
+        M, K, N, rank = check_nf4_operands(w4, lora_A, lora_B, x=x, bias=bias)
+        cfg = nf4_config("gemv", M, x.dtype)
+        if M > cfg.block_m:
+            raise ValueError(f"nf4_gemv takes at most {cfg.block_m} rows, got M={M}")
+        _, meta = nf4_kernel_args(w4)  # checks the weight's layout
+        decode = nf4_decode(decode, x.device)
+        self.M, self.N, self.rank, self.store_xa = M, N, rank, store_xa
+        self.gemv = None
+        if M == 0 or N == 0:
+            return
+        block_m = 1 if M <= FMA_ROWS else cfg.block_m
+        block_r = next_pow2_rank(rank)
+        n_tiles = cdiv(N, cfg.block_n)
+        k_steps = K // NF4_BLOCK  # one quantization block per step, whatever cfg.block_k says
+        splits = min(splits or nf4_gemv_splits(n_tiles, k_steps, x.device), k_steps)
+        k_per_split = cdiv(k_steps, splits) * NF4_BLOCK
+        splits = cdiv(K, k_per_split)
+        self.part_shape, self.xa_part_shape = (splits, block_m, N), (splits, block_m, block_r)
+        precision, acc = dot_precision(x.dtype), acc_dtype(x.dtype)
+        self.gemv = Launch(
+            _nf4_gemv_kernel, (n_tiles, splits),
+            ("X", "QW", "ABSMAX", "ABS_CODE", "ABS_SCALE", "CODE", "A", "PART", "XA_PART", "abs_offset", "seed"),
+            None, None, None, None, None, None, None, None, None,
+            M, N, K, rank, k_per_split,
+            x.stride(0), x.stride(1), w4.qweight.stride(0), lora_A.stride(0), lora_A.stride(1), None,
+            None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 4),
+            DROPOUT=dropout_p > 0.0, DECODE=decode, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=NF4_BLOCK,
+            BLOCK_R=block_r, PRECISION=precision, ACC=acc, **meta, **cfg.launch(),
+        )
+        # xa (when stored) is a new contiguous [M, r]; without it y stands in (never written)
+        xa_strides = (rank, 1) if store_xa else (N, 1)
+        self.finish = Launch(
+            _nf4_gemv_finish_kernel, (cdiv(N, FINISH_BLOCK_N),), ("PART", "XA_PART", "B", "BIAS", "Y", "XA",
+                                                                  "scaling"),
+            None, None, None, None, None, None,
+            M, N, rank, splits,
+            lora_B.stride(0), lora_B.stride(1), N, 1, *xa_strides, None,
+            HAS_BIAS=bias is not None, STORE_XA=store_xa, BLOCK_M=block_m, BLOCK_N=FINISH_BLOCK_N,
+            BLOCK_R=block_r, CHUNK=FINISH_CHUNK, PRECISION=precision, ACC=acc, num_warps=4,
+        )
+
+    def __call__(self, x, w4, bias, lora_A, lora_B, scaling, seed):
+        y = torch.empty((self.M, self.N), device=x.device, dtype=x.dtype)
+        xa = torch.empty((self.M, self.rank), device=x.device, dtype=x.dtype) if self.store_xa else None
+        if self.gemv is None:
+            return y, xa
+        qw, absmax, abs_code, abs_scale, abs_offset, code = nf4_call_args(w4)
+        part = torch.empty(self.part_shape, device=x.device, dtype=torch.float32)
+        xa_part = torch.empty(self.xa_part_shape, device=x.device, dtype=torch.float32)
+        self.gemv(x, qw, absmax, abs_code, abs_scale, code, lora_A, part, xa_part, abs_offset, int(seed))
+        self.finish(part, xa_part, lora_B, bias if bias is not None else y, y, xa if xa is not None else y,
+                    float(scaling))
         return y, xa
-    block_r = next_pow2_rank(rank)
-    n_tiles = cdiv(N, cfg.block_n)
-    k_steps = cdiv(K, cfg.block_k)
-    splits = splits or nf4_gemv_splits(n_tiles, k_steps, x.device)
-    k_per_split = cdiv(k_steps, splits) * cfg.block_k
-    splits = cdiv(K, k_per_split)
-    part = torch.empty((splits, cfg.block_m, N), device=x.device, dtype=torch.float32)
-    xa_part = torch.empty((splits, cfg.block_m, block_r), device=x.device, dtype=torch.float32)
-    dropout = dropout_p > 0.0
-    _nf4_gemv_kernel[(n_tiles, splits)](
-        x, qw, absmax, abs_code, abs_scale, code, lora_A, part, xa_part,
-        M, N, K, rank, k_per_split,
-        x.stride(0), x.stride(1), qw.stride(0), lora_A.stride(0), lora_A.stride(1), abs_offset,
-        int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 4),
-        DROPOUT=dropout, TABLE=table, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        BLOCK_R=block_r, PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype), **meta, **cfg.launch(),
-    )
-    xa_arg = xa if xa is not None else y
-    _nf4_gemv_finish_kernel[(n_tiles,)](
-        part, xa_part, lora_B, bias if bias is not None else y, y, xa_arg,
-        M, N, rank, splits,
-        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), xa_arg.stride(0), xa_arg.stride(1),
-        float(scaling), HAS_BIAS=bias is not None, STORE_XA=xa is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r, PRECISION=dot_precision(x.dtype),
-        ACC=acc_dtype(x.dtype), num_warps=4,
-    )
-    return y, xa

@@ -199,30 +199,44 @@ def test_fused_outputs_and_gradients(M, K, N, r, dq, p, dtype, monkeypatch):
         assert_close(name, out, want, dtype)
 
 
-@pytest.mark.parametrize("path,table", [("dequant", True), ("fused", False), ("gemv", False)])
-def test_every_path_and_decode(path, table):
+@pytest.mark.parametrize("path,decode", [("dequant", "table"), ("fused", "select"), ("gemv", "select"),
+                                         ("gemv", "table"), ("fused", "auto")])
+def test_every_path_and_decode(path, decode):
     torch.manual_seed(3)
     M, K, N, r = (4 if path == "gemv" else 9), 128, 21, 3
     q = quantize_nf4(weight(N, K), double_quant=True)
     W = q.dequantize(torch.float32).double()
     x, dy = torch.randn(M, K), torch.randn(M, N)
     A, B = torch.randn(r, K) / 8, torch.randn(N, r)
-    y, xa = kernels.lora_nf4_forward(x, q, None, A, B, 2.0, store_xa=True, path=path, table=table)
+    y, xa = kernels.lora_nf4_forward(x, q, None, A, B, 2.0, store_xa=True, path=path, decode=decode)
     assert_close("y", y, x.double() @ W.t() + 2.0 * (x.double() @ A.double().t()) @ B.double().t(), torch.float32)
     assert_close("xa", xa, x.double() @ A.double().t(), torch.float32)
     if path != "gemv":
-        dx, dyb = kernels.lora_nf4_backward_dx(dy, q, A, B, 2.0, path=path, table=table)
+        dx, dyb = kernels.lora_nf4_backward_dx(dy, q, A, B, 2.0, path=path, decode=decode)
         assert_close("dx", dx, dy.double() @ W + 2.0 * (dy.double() @ B.double()) @ A.double(), torch.float32)
         assert_close("dyb", dyb, dy.double() @ B.double(), torch.float32)
 
 
-def test_dequantize_kernel_writes_every_element():
+@pytest.mark.parametrize("decode", ["select", "table"])
+def test_dequantize_kernel_writes_every_element(decode):
     torch.manual_seed(4)
     for dq in (False, True):
         q = quantize_nf4(weight(19, 192), double_quant=dq)
         out = torch.full((19, 192), float("nan"))
-        kernels.nf4_dequantize(q, torch.float32, out=out)
+        kernels.nf4_dequantize(q, torch.float32, out=out, decode=decode)
         assert torch.equal(out, q.dequantize(torch.float32))
+
+
+def test_decode_argument_is_checked():
+    q = quantize_nf4(weight(8, 64))
+    x, A, B = torch.randn(2, 64), torch.randn(2, 64), torch.randn(8, 2)
+    with pytest.raises(ValueError, match="decode must be"):
+        kernels.nf4_dequantize(q, torch.float32, decode="lut")
+    # the byte-permute decode is PTX: on the CPU (and under the interpreter) it is refused, never emulated
+    with pytest.raises(ValueError, match="NVIDIA GPU"):
+        kernels.nf4_dequantize(q, torch.float32, decode="prmt")
+    with pytest.raises(ValueError, match="NVIDIA GPU"):
+        kernels.lora_nf4_forward(x, q, None, A, B, 1.0, decode="prmt")
 
 
 def test_gemv_split_k_and_empty_rows():
@@ -238,6 +252,26 @@ def test_gemv_split_k_and_empty_rows():
         assert y.shape == (0, 20) and xa.shape == (0, 2)
     dx, _ = kernels.lora_nf4_backward_dx(torch.randn(0, 20), q, A, B, 1.0)
     assert dx.shape == (0, 256)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 2])
+def test_gemv_one_row_and_many_splits(M, dtype):
+    """M = 1 takes the FMA path (BLOCK_M = 1), M = 2 the tensor-core one; 18 splits make the finishing kernel sum
+    more than one chunk of partials. Dropout, bias, double quantization and the stored xa are all checked."""
+    torch.manual_seed(11)
+    N, K, r, p, seed = 37, 1152, 3, 0.25, 99
+    q = quantize_nf4(weight(N, K), double_quant=True)
+    x = torch.randn(M, K).to(dtype)
+    A, B, b = (torch.randn(r, K) / 16).to(dtype), torch.randn(N, r).to(dtype), torch.randn(N).to(dtype)
+    keep = dropout_mask_torch(seed, M, K, p, "cpu")
+    xd = torch.where(keep, x.double() / (1 - p), 0.0)
+    xa_want = xd @ A.double().t()
+    want = x.double() @ q.dequantize(torch.float32).double().t() + b.double() + 2.0 * xa_want @ B.double().t()
+    for splits in (18, 5):
+        y, xa = kernels.nf4_gemv(x, q, b, A, B, 2.0, dropout_p=p, seed=seed, store_xa=True, splits=splits)
+        assert_close(f"y (M={M}, splits={splits})", y, want, dtype)
+        assert_close(f"xa (M={M}, splits={splits})", xa, xa_want, dtype)
 
 
 def make_layer(dq=False, dtype=torch.float32):
@@ -343,11 +377,12 @@ def test_bitsandbytes_layout():
 
 def test_decode_tiles_spanning_several_blocks(monkeypatch):
     """The GPU configs decode BLOCK_K = 128 or 256 (several 64-weight blocks per row, a masked tail when K = 192);
-    the interpreter's default tiles hold one block: force the wide ones here."""
+    the interpreter's default tiles hold one block: force the wide ones here. (The GEMV always steps one
+    64-weight block along K, whatever the config's block_k; a wider BLOCK_N is forced for it instead.)"""
     from lora_fast.kernels import config as kcfg
 
     wide = {"gemm": kcfg.GemmConfig(16, 128, 128, group_m=2, num_warps=1, num_stages=1),
-            "gemv": kcfg.GemmConfig(16, 16, 128, num_warps=1, num_stages=1),
+            "gemv": kcfg.GemmConfig(16, 32, 128, num_warps=1, num_stages=1),
             "dequant": kcfg.GemmConfig(0, 16, 128, num_warps=1, num_stages=1)}
     monkeypatch.setattr(kcfg, "_NF4_INTERPRET", wide)
     kcfg.nf4_config.cache_clear()
