@@ -57,11 +57,8 @@ def bench_us(fn: Callable[[], object], quantiles: Sequence[float] = (0.5, 0.2, 0
     return [t * 1e3 for t in ms]
 
 
-def bench_graph_us(fns: Sequence[Callable[[], object]], replays: int = 50) -> float:
-    """Per-call time in microseconds of a CUDA graph that calls each of `fns` once, in turn.
-
-    Each function should use a different weight set (8 is usual) so that the weights do not sit in L2.
-    """
+def capture_graph(fns: Sequence[Callable[[], object]]) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph that calls each of `fns` once, in turn; warmed up (compile, allocate) and replayed once."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -75,6 +72,15 @@ def bench_graph_us(fns: Sequence[Callable[[], object]], replays: int = 50) -> fl
             fn()
     graph.replay()
     torch.cuda.synchronize()
+    return graph
+
+
+def bench_graph_us(fns: Sequence[Callable[[], object]], replays: int = 50) -> float:
+    """Per-call time in microseconds of a CUDA graph that calls each of `fns` once, in turn.
+
+    Each function should use a different weight set (8 is usual) so that the weights do not sit in L2.
+    """
+    graph = capture_graph(fns)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(replays):

@@ -19,12 +19,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench.common import bench_graph_us, bench_us, rel_err  # noqa: E402
+from bench.common import bench_graph_us, bench_us, capture_graph, rel_err  # noqa: E402
 from lora_fast.kernels import config as kconfig  # noqa: E402
 from lora_fast.kernels import nf4_dequantize, nf4_gemv  # noqa: E402
 from lora_fast.kernels.nf4_gemv import nf4_gemv_splits  # noqa: E402
-
-gemv_mod = sys.modules["lora_fast.kernels.nf4_gemv"]
 from lora_fast.nf4 import quantize_nf4  # noqa: E402
 
 DECODES = ("prmt", "select", "table")
@@ -68,39 +66,41 @@ def checks(dev):
     return rows
 
 
+def weight_sets(dev, N, K, r, dt, count=8):
+    """`count` rotated weight sets (W [N, K], its NF4 form, A [r, K], B [N, r]) for CUDA-graph timing."""
+    sets = []
+    for _ in range(count):
+        W = torch.randn(N, K, device=dev, dtype=dt) / K ** 0.5
+        sets.append((W, quantize_nf4(W, report_error=False), torch.randn(r, K, device=dev, dtype=dt) / K ** 0.5,
+                     torch.randn(N, r, device=dev, dtype=dt) * 0.1))
+    return sets
+
+
 def decode_times(dev, sweep):
     rows = []
     torch.manual_seed(0)
     dt, r = torch.bfloat16, 16
     for N, K in ((4096, 4096), (14336, 4096), (4096, 14336)):
-        sets = []
-        for _ in range(8):
-            W = torch.randn(N, K, device=dev, dtype=dt) / K ** 0.5
-            sets.append((W, quantize_nf4(W, report_error=False), torch.randn(r, K, device=dev, dtype=dt) / K ** 0.5,
-                         torch.randn(N, r, device=dev, dtype=dt) * 0.1))
+        sets = weight_sets(dev, N, K, r, dt)
         for M in (1, 16):
             x = torch.randn(M, K, device=dev, dtype=dt)
             base = bench_graph_us([lambda W=W: F.linear(x, W) for W, _, _, _ in sets])
             rows.append({"shape": f"{M}x{K}x{N}", "variant": "base bf16 F.linear", "us": base, "ratio": 1.0})
             default = kconfig.nf4_config("gemv", M)
-            # (decode, BLOCK_N, warps, stages, target programs per SM or None, rows that take the FMA path)
-            configs = [(d, default.block_n, default.num_warps, default.num_stages, None, gemv_mod.FMA_ROWS)
-                       for d in ("select", "prmt")]
-            if sweep and N == 4096 and K == 4096 and M == 1:
-                configs += [("prmt", bn, w, 1, c, 1) for bn, w, c in itertools.product((64, 128, 256), (4, 8), (4, 8))]
-                configs += [("prmt", bn, 4, 4, c, 0) for bn, c in itertools.product((64, 128), (4, 8))]
-            if sweep and N == 4096 and K == 4096 and M == 16:
-                configs += [("prmt", bn, 4, s, c, 1) for bn, s, c in itertools.product((64, 128), (3, 4), (2, 4))]
-            for decode, bn, warps, stages, ctas, fma_rows in configs:
+            # (decode, BLOCK_N, warps, stages, target programs per SM or None)
+            configs = [(d, default.block_n, default.num_warps, default.num_stages, None) for d in ("select", "prmt")]
+            if sweep and N == 4096 and K == 4096:
+                configs += [("prmt", bn, w, s, c) for bn, w, s, c in itertools.product((64, 128), (4,), (3, 4), (4, 8))]
+                configs += [("prmt", 256, 8, 3, c) for c in (2, 4)] + [("prmt", 128, 8, 4, 4)]
+            for decode, bn, warps, stages, ctas in configs:
                 kconfig.set_override("nf4_gemv", "m16", kconfig.GemmConfig(16, bn, 64, num_warps=warps,
                                                                             num_stages=stages))
-                gemv_mod.FMA_ROWS = fma_rows
                 splits = None
                 if ctas is not None:
                     n_tiles = -(-N // bn)
                     splits = max(1, min(K // 64, -(-ctas * torch.cuda.get_device_properties(0).multi_processor_count
                                                     // n_tiles)))
-                name = f"{decode} {'fma' if M <= fma_rows else 'mma'} BN{bn} w{warps} s{stages}"
+                name = f"{decode} BN{bn} w{warps} s{stages}"
                 try:
                     us = bench_graph_us([lambda q=q, A=A, B=B: nf4_gemv(x, q, None, A, B, 2.0, decode=decode,
                                                                          splits=splits)
@@ -111,7 +111,6 @@ def decode_times(dev, sweep):
                 used = splits or nf4_gemv_splits(-(-N // bn), K // 64, x.device)
                 rows.append({"shape": f"{M}x{K}x{N}", "variant": f"{name} splits{used}", "us": us,
                              "ratio": us / base})
-            gemv_mod.FMA_ROWS = 1
             kconfig.set_override("nf4_gemv", "m16", None)
     return rows
 
@@ -123,24 +122,12 @@ def kernel_profile(dev):
 
     rows = []
     dt, r, N, K = torch.bfloat16, 16, 4096, 4096
-    sets = []
-    for _ in range(8):
-        W = torch.randn(N, K, device=dev, dtype=dt) / K ** 0.5
-        sets.append((W, quantize_nf4(W, report_error=False), torch.randn(r, K, device=dev, dtype=dt) / K ** 0.5,
-                     torch.randn(N, r, device=dev, dtype=dt) * 0.1))
+    sets = weight_sets(dev, N, K, r, dt)
     for M in (1, 16):
         x = torch.randn(M, K, device=dev, dtype=dt)
         for name, fns in (("base", [lambda W=W: F.linear(x, W) for W, _, _, _ in sets]),
                           ("prmt", [lambda q=q, A=A, B=B: nf4_gemv(x, q, None, A, B, 2.0) for _, q, A, B in sets])):
-            for fn in fns:
-                fn()
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for fn in fns:
-                    fn()
-            graph.replay()
-            torch.cuda.synchronize()
+            graph = capture_graph(fns)
             replays = 20
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(replays):
@@ -151,6 +138,57 @@ def kernel_profile(dev):
                 if total and ev.count:
                     rows.append({"M": M, "provider": name, "kernel": ev.key[:80], "calls_per_op": ev.count /
                                  (replays * len(fns)), "us_per_call": total / ev.count})
+    return rows
+
+
+def train_profile(dev):
+    """Per-kernel device time of one QLoRA training step (forward + backward, x, A and B needing gradients) at
+    M = 8192, K = N = 4096, r = 16, bf16, against dequantize + cuBLAS under autograd, over 5 steps."""
+    import lora_fast
+    from torch.profiler import ProfilerActivity, profile
+
+    M, K, N, r, dt = 8192, 4096, 4096, 16, torch.bfloat16
+    q = quantize_nf4(torch.randn(N, K, device=dev, dtype=dt) / K ** 0.5, report_error=False)
+    x = torch.randn(M, K, device=dev, dtype=dt, requires_grad=True)
+    A = (torch.randn(r, K, device=dev, dtype=dt) / K ** 0.5).requires_grad_()
+    B = (torch.randn(N, r, device=dev, dtype=dt) * 0.1).requires_grad_()
+    dy = torch.randn(M, N, device=dev, dtype=dt)
+    steps = {"ours": lambda: lora_fast.qlora_linear(x, q, None, A, B, 2.0),
+             "deq+cublas": lambda: F.linear(x, nf4_dequantize(q, dt)) + 2.0 * (x @ A.t()) @ B.t()}
+    rows = []
+    for name, fwd in steps.items():
+        for _ in range(3):
+            fwd().backward(dy)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fwd().backward(dy)
+            torch.cuda.synchronize()
+        for ev in prof.key_averages():
+            total = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+            if total:
+                rows.append({"provider": name, "kernel": ev.key[:70], "calls_per_step": ev.count / 5,
+                             "us_per_step": total / 5})
+        # host time to submit one step (no synchronisation inside), wall time per step, and any synchronising op
+        import time
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            fwd().backward(dy)
+        host = (time.perf_counter() - t0) / 20 * 1e6
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / 20 * 1e6
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fwd().backward(dy)
+            sync = "none"
+        except RuntimeError as e:
+            sync = str(e)[:200]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        rows.append({"provider": name, "kernel": "HOST submit per step", "calls_per_step": 1, "us_per_step": host})
+        rows.append({"provider": name, "kernel": "WALL per step", "calls_per_step": 1, "us_per_step": wall})
+        rows.append({"provider": name, "kernel": f"SYNC: {sync}", "calls_per_step": 0, "us_per_step": 0.0})
     return rows
 
 
@@ -171,22 +209,30 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/exp")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--train-only", action="store_true", help="only the training-step profile")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     dev = "cuda"
+    if args.train_only:
+        for r in train_profile(dev):
+            print(f"train {r['provider']:<10} {r['kernel']:<70} x{r['calls_per_step']:.1f} {r['us_per_step']:8.1f} us")
+        return
     check_rows = checks(dev)
     bad = [r for r in check_rows if not r["passed"]]
     dq_rows = dequant_times(dev)
     prof_rows = kernel_profile(dev)
+    train_rows = train_profile(dev)
     dec_rows = decode_times(dev, not args.no_sweep)
     with open(os.path.join(args.out, "exp_nf4_decode.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "checks": check_rows, "dequant": dq_rows,
-                   "decode": dec_rows, "profile": prof_rows}, f, indent=1)
+                   "decode": dec_rows, "profile": prof_rows, "train_profile": train_rows}, f, indent=1)
     print(f"checks: {len(check_rows) - len(bad)}/{len(check_rows)} passed")
     for r in bad:
         print("FAILED", r)
     for r in prof_rows:
         print(f"M={r['M']:>2} {r['provider']:<5} {r['kernel']:<60} x{r['calls_per_op']:.1f} {r['us_per_call']:7.2f} us")
+    for r in sorted(train_rows, key=lambda r: (r["provider"], -r["us_per_step"])):
+        print(f"train {r['provider']:<10} {r['kernel']:<70} x{r['calls_per_step']:.1f} {r['us_per_step']:8.1f} us")
     for r in dq_rows:
         print(f"{r['shape']:>12} {r['variant']:<18} {r['us']:8.2f} us (bytes floor {r['bytes_floor_us_at_3TBps']:.1f})")
     for r in dec_rows:

@@ -94,6 +94,9 @@ def lora_nf4_forward(x, w4, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
     >>> y, _ = lora_nf4_forward(x, w4, None, A, B, 2.0)
     >>> y, xa = lora_nf4_forward(x, w4, b, A, B, 2.0, dropout_p=0.1, seed=3, store_xa=True)
     """
+    if path in ("auto", "gemv") and isinstance(x, torch.Tensor) and x.dim() == 2 and nf4_path(x.shape[0]) == "gemv":
+        # the GEMV's launch plan runs every check of check_nf4_operands, once per call signature
+        return nf4_gemv(x, w4, bias, lora_A, lora_B, scaling, dropout_p, seed, store_xa, decode=decode)
     M, K, N, rank = check_nf4_operands(w4, lora_A, lora_B, x=x, bias=bias)
     if path == "auto":
         path = nf4_path(M)

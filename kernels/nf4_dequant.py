@@ -156,19 +156,38 @@ def nf4_value(codes, CODE, TABLE: tl.constexpr):
     return tl.where((codes & 8) != 0, hi, lo)
 
 
+# Keeps a table word in ordinary registers: t = laneid >> 5 is always 0, but ptxas cannot tell, so the sum is
+# not uniform across the warp. Uniform words live in uniform registers, and every `prmt` use then costs a move
+# into an ordinary register (about one extra instruction per weight, measured in the sm_90 SASS).
+_PER_LANE = tl.constexpr("{.reg .b32 t; mov.u32 t, %laneid; shr.u32 t, t, 5; add.u32 $0, $1, t;}")
+
+
 @triton.jit
-def nf4_prmt_words(CODE, DTYPE: tl.constexpr):
-    """The `prmt` table words of DTYPE from the code table (int32 scalars: 8 for fp16/bf16, 16 for fp32)."""
+def _word(T, i, like):
+    """Table word i (int32) as a tensor shaped like `like`, held per lane (see _PER_LANE)."""
+    return tl.inline_asm_elementwise(_PER_LANE, "=r,r", [tl.load(T + i) + tl.zeros_like(like).to(tl.int32)],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def nf4_prmt_words(CODE, DTYPE: tl.constexpr, like, DECODE: tl.constexpr):
+    """The `prmt` table words of DTYPE from the code table: 8 (fp16/bf16) or 16 (fp32) int32 tensors shaped like
+    `like` (the byte tile), loaded once per program so that the decode keeps them in registers. Other decodes
+    get plain scalar loads (they never read them)."""
     T = CODE.to(tl.pointer_type(tl.int32), bitcast=True)
-    if DTYPE == tl.float32:
-        words = (tl.load(T + 32), tl.load(T + 33), tl.load(T + 34), tl.load(T + 35),
-                 tl.load(T + 36), tl.load(T + 37), tl.load(T + 38), tl.load(T + 39),
-                 tl.load(T + 40), tl.load(T + 41), tl.load(T + 42), tl.load(T + 43),
-                 tl.load(T + 44), tl.load(T + 45), tl.load(T + 46), tl.load(T + 47))
+    if DECODE == "prmt":
+        if DTYPE == tl.float32:
+            words = (_word(T, 32, like), _word(T, 33, like), _word(T, 34, like), _word(T, 35, like),
+                     _word(T, 36, like), _word(T, 37, like), _word(T, 38, like), _word(T, 39, like),
+                     _word(T, 40, like), _word(T, 41, like), _word(T, 42, like), _word(T, 43, like),
+                     _word(T, 44, like), _word(T, 45, like), _word(T, 46, like), _word(T, 47, like))
+        else:
+            o: tl.constexpr = 16 if DTYPE == tl.bfloat16 else 24
+            words = (_word(T, o, like), _word(T, o + 1, like), _word(T, o + 2, like), _word(T, o + 3, like),
+                     _word(T, o + 4, like), _word(T, o + 5, like), _word(T, o + 6, like), _word(T, o + 7, like))
     else:
-        o: tl.constexpr = 16 if DTYPE == tl.bfloat16 else 24
-        words = (tl.load(T + o), tl.load(T + o + 1), tl.load(T + o + 2), tl.load(T + o + 3),
-                 tl.load(T + o + 4), tl.load(T + o + 5), tl.load(T + o + 6), tl.load(T + o + 7))
+        w = tl.load(T + 16)
+        words = (w, w, w, w, w, w, w, w, w, w, w, w, w, w, w, w)
     return words
 
 
@@ -176,7 +195,7 @@ def nf4_prmt_words(CODE, DTYPE: tl.constexpr):
 def nf4_pairs(byte, CODE, words, DTYPE: tl.constexpr, DECODE: tl.constexpr):
     """(even, odd): the code book values of the high and of the low nibbles of the uint8 tensor `byte` (any
     shape), in DTYPE (fp16 or bf16: the code book rounded to it; fp32: exact). DECODE: see NF4_DECODES;
-    "prmt" reads `words` (nf4_prmt_words(CODE, DTYPE)), the others CODE or nothing."""
+    "prmt" reads `words` (nf4_prmt_words(CODE, DTYPE, byte, DECODE)), the others CODE or nothing."""
     if DECODE == "prmt":
         if DTYPE == tl.float32:
             even, odd = tl.inline_asm_elementwise(
@@ -230,7 +249,7 @@ def nf4_tile(QW, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, CODE, offs_n, k0, N, K
     mask_n = offs_n < N
     byte = tl.load(QW + offs_n[:, None] * stride_qn + offs_b[None, :],
                    mask=mask_n[:, None] & (offs_b[None, :] < K // 2), other=0)
-    even, odd = nf4_pairs(byte, CODE, nf4_prmt_words(CODE, tl.float32), tl.float32, DECODE)
+    even, odd = nf4_pairs(byte, CODE, nf4_prmt_words(CODE, tl.float32, byte, DECODE), tl.float32, DECODE)
     # join(...)[n, j, 0] is the high nibble: flattening puts element 2j before 2j + 1, as packed.
     vals = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
     blocks_per_row = K // 64

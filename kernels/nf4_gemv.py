@@ -9,9 +9,8 @@ programs of the first N tile also accumulate the partial rank-r product drop(X) 
 costs nothing extra in reads of X. A second small kernel sums the partials in a fixed order (deterministic),
 adds the bias and s * xa @ B^T, and writes Y (and xa for the backward).
 
-Rows are padded to BLOCK_M = 16 for the tensor cores, except for a single row (BLOCK_M = 1), where the products
-and row sums run on the FMA units: no padded MMA work, no X tile through shared memory, fewer registers and so
-more programs per SM.
+The tensor cores take W's tile as the A operand and the rows of X, padded to BLOCK_M = 16, as B: decoding is the
+work here, and it stays in registers (bench/NOTES.md compares this with X as A and with FMA products at M = 1).
 """
 import torch
 import triton
@@ -30,38 +29,11 @@ from .nf4_dequant import (
 
 # Programs per SM the split over K aims for: enough loads in flight to reach the memory bandwidth.
 TARGET_CTAS_PER_SM = 4
-# Rows up to FMA_ROWS (1, or 0 to force the tensor cores) take the FMA path (BLOCK_M = 1).
-FMA_ROWS = 1
-# At most this many K splits (the finishing kernel sums them FINISH_CHUNK at a time).
+# At most this many K splits. The finishing kernel sums them a chunk at a time, FINISH_CHUNK_ROWS split rows in
+# flight: 8 splits of one row, 2 of sixteen (a [8, 16, 64] chunk cost 9.4 us against 3.0 for one row on the H200).
 MAX_SPLITS = 64
-FINISH_CHUNK = 8
+FINISH_CHUNK_ROWS = 8
 FINISH_BLOCK_N = 64
-
-
-@triton.jit
-def _block_scale(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, offs_n, mask_n, k0, K, DOUBLE_QUANT: tl.constexpr,
-                 ABS_GROUP: tl.constexpr):
-    """absmax [BLOCK_N] of the 64-weight block at column k0 of rows offs_n (0 where not mask_n)."""
-    return nf4_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, offs_n * (K // 64) + k0 // 64, mask_n, DOUBLE_QUANT,
-                      ABS_GROUP)
-
-
-@triton.jit
-def _xa_step(X, A, offs_m, mask_m, offs_k, offs_r, k0, RANK, stride_xm, stride_xk, stride_ar, stride_ak, seed,
-             thr_shifted, inv_keep, K4, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-             BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """drop(X)[:, k0 : k0 + BLOCK_K] @ A[:, k0 : k0 + BLOCK_K]^T: one step's [BLOCK_M, BLOCK_R] share of xa."""
-    x = tl.load(X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk, mask=mask_m[:, None],
-                other=0.0)
-    a = tl.load(A + offs_r[None, :] * stride_ar + (k0 + offs_k)[:, None] * stride_ak, mask=offs_r[None, :] < RANK,
-                other=0.0)
-    if DROPOUT:
-        x = apply_dropout(x, dropout_keep(seed, offs_m, k0, K4, thr_shifted, BLOCK_M, BLOCK_K), inv_keep)
-    if BLOCK_M == 1:
-        step = tl.sum(x.to(ACC)[:, :, None] * a.to(ACC)[None, :, :], axis=1)
-    else:
-        step = dot(x, a, tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC), PRECISION)
-    return step
 
 
 @triton.jit(do_not_specialize=["M", "seed", "thr_shifted"])
@@ -80,11 +52,12 @@ def _nf4_gemv_kernel(
     weight (nf4_dequant.nf4_tile). PART: [splits, BLOCK_M, N] fp32 contiguous, rows below M written;
     XA_PART: [splits, BLOCK_M, BLOCK_R] fp32 contiguous, rows below M written by the pid_n == 0 programs.
     K_PER_SPLIT: a multiple of BLOCK_K. seed, thr_shifted, inv_keep, K4: the dropout mask (helpers.dropout_keep)
-    on X's LoRA branch if DROPOUT. BLOCK_M: 1 (FMA products) or 16 (tensor cores).
+    on X's LoRA branch if DROPOUT.
 
-    Each step covers one 64-weight quantization block: the code values of its high nibbles (even k) and low
-    nibbles (odd k) meet the even and odd columns of X, and the block's absmax scales the [BLOCK_M, BLOCK_N]
-    partial product once, not every weight.
+    Each step covers one 64-weight quantization block. The code values of its high nibbles (even k) and low
+    nibbles (odd k) are the tensor cores' A operand, [BLOCK_N, 32] each, against the even and odd columns of X
+    as B ([32, BLOCK_M]): the decoded weights stay in the registers they are decoded in, and the few rows of X
+    are the small side. The block's absmax scales the [BLOCK_N, BLOCK_M] partial product once, not every weight.
     """
     tl.static_assert(BLOCK_K == 64)
     pid_n = tl.program_id(0)
@@ -98,50 +71,32 @@ def _nf4_gemv_kernel(
     mask_n = offs_n < N
     k_start = pid_s.to(tl.int64) * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)  # K is a multiple of 64: every step is a whole block
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC)
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
-    words = nf4_prmt_words(CODE, X.dtype.element_ty)  # loaded once: the decode keeps them in registers
     q_ptrs = QW + offs_n[:, None] * stride_qn + (k_start // 2 + offs_h)[None, :]
-    if BLOCK_M == 1:
-        # Triton pipelines only loads that feed a dot: prefetch the next step's bytes by hand, so that their
-        # load is in flight while this step decodes. The products accumulate per (row, column pair) in the
-        # decode's own layout; the row sums are taken once, after the loop.
-        acc2 = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=ACC)
+    # loaded once: the decode keeps them in registers
+    words = nf4_prmt_words(CODE, X.dtype.element_ty, tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.uint8), DECODE)
+    for k0 in range(k_start, k_end, BLOCK_K):
         byte = tl.load(q_ptrs, mask=mask_n[:, None], other=0)
-        for k0 in range(k_start, k_end, BLOCK_K):
-            q_ptrs += BLOCK_K // 2
-            # past the split's end this re-reads the split's last block (in bounds, never used): no mask on K
-            byte_next = tl.load(q_ptrs - (k0 + BLOCK_K >= k_end) * (BLOCK_K // 2), mask=mask_n[:, None], other=0)
-            even, odd = nf4_pairs(byte, CODE, words, X.dtype.element_ty, DECODE)
-            xe = tl.load(X + (k0 + 2 * offs_h) * stride_xk).to(ACC)
-            xo = tl.load(X + (k0 + 2 * offs_h + 1) * stride_xk).to(ACC)
-            scale = _block_scale(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, offs_n, mask_n, k0, K, DOUBLE_QUANT,
-                                 ABS_GROUP)
-            acc2 += (even.to(ACC) * xe[None, :] + odd.to(ACC) * xo[None, :]) * scale[:, None]
-            if pid_n == 0:
-                xa += _xa_step(X, A, offs_m, mask_m, offs_k, offs_r, k0, RANK, stride_xm, stride_xk, stride_ar,
-                               stride_ak, seed, thr_shifted, inv_keep, K4, DROPOUT, BLOCK_M, BLOCK_K, BLOCK_R,
-                               PRECISION, ACC)
-            byte = byte_next
-        acc += tl.sum(acc2, axis=1)[None, :]
-    else:
-        for k0 in range(k_start, k_end, BLOCK_K):
-            byte = tl.load(q_ptrs, mask=mask_n[:, None], other=0)
-            q_ptrs += BLOCK_K // 2
-            even, odd = nf4_pairs(byte, CODE, words, X.dtype.element_ty, DECODE)
-            x_even = X + offs_m[:, None] * stride_xm + (k0 + 2 * offs_h)[None, :] * stride_xk
-            part = dot(tl.load(x_even, mask=mask_m[:, None], other=0.0), tl.trans(even),
-                       tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), PRECISION)
-            part = dot(tl.load(x_even + stride_xk, mask=mask_m[:, None], other=0.0), tl.trans(odd), part,
-                       PRECISION)
-            acc += part * _block_scale(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, offs_n, mask_n, k0, K,
-                                       DOUBLE_QUANT, ABS_GROUP)[None, :]
-            if pid_n == 0:
-                xa += _xa_step(X, A, offs_m, mask_m, offs_k, offs_r, k0, RANK, stride_xm, stride_xk, stride_ar,
-                               stride_ak, seed, thr_shifted, inv_keep, K4, DROPOUT, BLOCK_M, BLOCK_K, BLOCK_R,
-                               PRECISION, ACC)
+        q_ptrs += BLOCK_K // 2
+        even, odd = nf4_pairs(byte, CODE, words, X.dtype.element_ty, DECODE)
+        x_even_t = X + offs_m[None, :] * stride_xm + (k0 + 2 * offs_h)[:, None] * stride_xk  # [32, BLOCK_M]
+        part = dot(even, tl.load(x_even_t, mask=mask_m[None, :], other=0.0),
+                   tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC), PRECISION)
+        part = dot(odd, tl.load(x_even_t + stride_xk, mask=mask_m[None, :], other=0.0), part, PRECISION)
+        scale = nf4_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, offs_n * (K // 64) + k0 // 64, mask_n,
+                           DOUBLE_QUANT, ABS_GROUP)
+        acc_t += part * scale[:, None]
+        if pid_n == 0:
+            x = tl.load(X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
+                        mask=mask_m[:, None], other=0.0)
+            a = tl.load(A + offs_r[None, :] * stride_ar + (k0 + offs_k)[:, None] * stride_ak,
+                        mask=offs_r[None, :] < RANK, other=0.0)
+            if DROPOUT:
+                x = apply_dropout(x, dropout_keep(seed, offs_m, k0, K4, thr_shifted, BLOCK_M, BLOCK_K), inv_keep)
+            xa = dot(x, a, xa, PRECISION)
     part = PART + pid_s.to(tl.int64) * BLOCK_M * N
-    tl.store(part + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(part + offs_m[None, :] * N + offs_n[:, None], acc_t, mask=mask_m[None, :] & mask_n[:, None])
     if pid_n == 0:
         xa_part = XA_PART + pid_s.to(tl.int64) * BLOCK_M * BLOCK_R
         tl.store(xa_part + offs_m[:, None] * BLOCK_R + offs_r[None, :], xa, mask=mask_m[:, None])
@@ -152,15 +107,16 @@ def _nf4_gemv_finish_kernel(
     PART, XA_PART, B, BIAS, Y, XA,
     M, N, RANK, SPLITS,
     stride_bn, stride_br, stride_ym, stride_yn, stride_xam, stride_xar, scaling,
-    HAS_BIAS: tl.constexpr, STORE_XA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, STORE_XA: tl.constexpr, PART_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """Y[:, tile] = sum_s PART[s] + BIAS + s * xa @ B^T with xa = sum_s XA_PART[s] rounded to Y's dtype.
 
-    PART: [SPLITS, BLOCK_M, N] fp32; XA_PART: [SPLITS, BLOCK_M, BLOCK_R] fp32 (rows below M read); B: [N, RANK];
-    BIAS: [N]; Y: [M, N]; XA: [M, RANK], written by program 0 when STORE_XA. The splits are summed CHUNK at a
-    time (one load of [CHUNK, BLOCK_M, BLOCK_N] in flight), always in the same order: deterministic.
+    PART: [SPLITS, PART_ROWS, N] fp32; XA_PART: [SPLITS, PART_ROWS, BLOCK_R] fp32 (rows below M read); B: [N, RANK];
+    BIAS: [N]; Y: [M, N]; XA: [M, RANK], written by program 0 when STORE_XA. BLOCK_M: M rounded up to a power of
+    two (at most PART_ROWS): the rows this kernel touches. The splits are summed CHUNK at a time (one load of
+    [CHUNK, BLOCK_M, BLOCK_N] in flight), always in the same order: deterministic.
     """
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
@@ -173,11 +129,11 @@ def _nf4_gemv_finish_kernel(
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
     for s0 in range(0, SPLITS, CHUNK):
         mask_s = (s0 + offs_c) < SPLITS
-        p = tl.load(PART + (s0 + offs_c)[:, None, None] * BLOCK_M * N + offs_m[None, :, None] * N
+        p = tl.load(PART + (s0 + offs_c)[:, None, None] * PART_ROWS * N + offs_m[None, :, None] * N
                     + offs_n[None, None, :],
                     mask=mask_s[:, None, None] & mask_m[None, :, None] & mask_n[None, None, :], other=0.0)
         acc += tl.sum(p, axis=0)
-        q = tl.load(XA_PART + (s0 + offs_c)[:, None, None] * BLOCK_M * BLOCK_R + offs_m[None, :, None] * BLOCK_R
+        q = tl.load(XA_PART + (s0 + offs_c)[:, None, None] * PART_ROWS * BLOCK_R + offs_m[None, :, None] * BLOCK_R
                     + offs_r[None, None, :], mask=mask_s[:, None, None] & mask_m[None, :, None], other=0.0)
         xa += tl.sum(q, axis=0)
     xa_in = xa.to(Y.dtype.element_ty)  # rounded to the input dtype before it meets B, as PEFT does
@@ -187,10 +143,10 @@ def _nf4_gemv_finish_kernel(
                      mask=mask_m[:, None] & (offs_r[None, :] < RANK))
     b = tl.load(B + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
                 mask=(offs_r[:, None] < RANK) & mask_n[None, :], other=0.0)
-    if BLOCK_M == 1:
-        acc += tl.sum((xa_in.to(ACC) * scaling)[:, :, None] * b.to(ACC)[None, :, :], axis=1)
-    else:
+    if BLOCK_M >= 16:
         acc = dot((xa_in.to(ACC) * scaling).to(b.dtype), b, acc, PRECISION)
+    else:  # too few rows for the tensor cores: products and sums over the rank
+        acc += tl.sum((xa_in.to(ACC) * scaling)[:, :, None] * b.to(ACC)[None, :, :], axis=1)
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
     tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(Y.dtype.element_ty),
@@ -244,7 +200,7 @@ class _GemvPlan:
         self.gemv = None
         if M == 0 or N == 0:
             return
-        block_m = 1 if M <= FMA_ROWS else cfg.block_m
+        block_m = cfg.block_m
         block_r = next_pow2_rank(rank)
         n_tiles = cdiv(N, cfg.block_n)
         k_steps = K // NF4_BLOCK  # one quantization block per step, whatever cfg.block_k says
@@ -263,6 +219,7 @@ class _GemvPlan:
             DROPOUT=dropout_p > 0.0, DECODE=decode, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=NF4_BLOCK,
             BLOCK_R=block_r, PRECISION=precision, ACC=acc, **meta, **cfg.launch(),
         )
+        finish_m = min(block_m, triton.next_power_of_2(M))
         # xa (when stored) is a new contiguous [M, r]; without it y stands in (never written)
         xa_strides = (rank, 1) if store_xa else (N, 1)
         self.finish = Launch(
@@ -271,8 +228,8 @@ class _GemvPlan:
             None, None, None, None, None, None,
             M, N, rank, splits,
             lora_B.stride(0), lora_B.stride(1), N, 1, *xa_strides, None,
-            HAS_BIAS=bias is not None, STORE_XA=store_xa, BLOCK_M=block_m, BLOCK_N=FINISH_BLOCK_N,
-            BLOCK_R=block_r, CHUNK=FINISH_CHUNK, PRECISION=precision, ACC=acc, num_warps=4,
+            HAS_BIAS=bias is not None, STORE_XA=store_xa, PART_ROWS=block_m, BLOCK_M=finish_m, BLOCK_N=FINISH_BLOCK_N,
+            BLOCK_R=block_r, CHUNK=max(1, FINISH_CHUNK_ROWS // finish_m), PRECISION=precision, ACC=acc, num_warps=4,
         )
 
     def __call__(self, x, w4, bias, lora_A, lora_B, scaling, seed):

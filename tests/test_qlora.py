@@ -255,10 +255,10 @@ def test_gemv_split_k_and_empty_rows():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("M", [1, 2])
+@pytest.mark.parametrize("M", [1, 2, 16])
 def test_gemv_one_row_and_many_splits(M, dtype):
-    """M = 1 takes the FMA path (BLOCK_M = 1), M = 2 the tensor-core one; 18 splits make the finishing kernel sum
-    more than one chunk of partials. Dropout, bias, double quantization and the stored xa are all checked."""
+    """One, two and sixteen rows (the finishing kernel's rank term by sums below 16 rows, by a dot at 16); 18 splits make the finishing kernel sum more than one
+    chunk of partials. Dropout, bias, double quantization and the stored xa are all checked."""
     torch.manual_seed(11)
     N, K, r, p, seed = 37, 1152, 3, 0.25, 99
     q = quantize_nf4(weight(N, K), double_quant=True)
