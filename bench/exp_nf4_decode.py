@@ -92,6 +92,8 @@ def decode_times(dev, sweep):
             if sweep and N == 4096 and K == 4096:
                 configs += [("prmt", bn, w, s, c) for bn, w, s, c in itertools.product((64, 128), (4,), (3, 4), (4, 8))]
                 configs += [("prmt", 256, 8, 3, c) for c in (2, 4)] + [("prmt", 128, 8, 4, 4)]
+            elif sweep:
+                configs += [("prmt", bn, 4, 3, c) for bn, c in itertools.product((64, 128), (4, 6, 8))]
             for decode, bn, warps, stages, ctas in configs:
                 kconfig.set_override("nf4_gemv", "m16", kconfig.GemmConfig(16, bn, 64, num_warps=warps,
                                                                             num_stages=stages))

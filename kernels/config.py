@@ -234,7 +234,7 @@ def nf4_config(kernel: str, m: int, dtype: torch.dtype = torch.bfloat16) -> Gemm
     if ("nf4_" + kernel, shape_class(m)) in _OVERRIDES:
         return _OVERRIDES[("nf4_" + kernel, shape_class(m))]
     if kernel == "gemv":
-        return GemmConfig(16, 128, 64, num_warps=4, num_stages=4)
+        return GemmConfig(16, 128, 64, num_warps=4, num_stages=3)
     if kernel == "dequant":
         return GemmConfig(0, 32, 256, num_warps=4, num_stages=2)
     cls = "m64" if shape_class(m) in ("m16", "m64") else shape_class(m)

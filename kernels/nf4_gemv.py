@@ -4,9 +4,9 @@
 
 At one to sixteen rows the time is the read of W: 4.5 bits per weight here against 16 for bf16. Reading it at
 full bandwidth needs several CTAs per SM, far more than N / BLOCK_N output tiles, so K is split too: program
-(n, s) decodes its [BLOCK_N, K / splits] slab of W in registers and writes an fp32 partial [M, BLOCK_N]; the
-programs of the first N tile also accumulate the partial rank-r product drop(X) @ A^T of their K slab, which
-costs nothing extra in reads of X. A second small kernel sums the partials in a fixed order (deterministic),
+(n, s) decodes its [BLOCK_N, K / splits] slab of W in registers and writes an fp32 partial [M, BLOCK_N]; one
+more program per split accumulates the partial rank-r product drop(X) @ A^T of its K slab (kept out of the W
+programs, whose registers bound how many fit on an SM). A second small kernel sums the partials in a fixed order (deterministic),
 adds the bias and s * xa @ B^T, and writes Y (and xa for the backward).
 
 The tensor cores take W's tile as the A operand and the rows of X, padded to BLOCK_M = 16, as B: decoding is the
@@ -27,12 +27,15 @@ from .nf4_dequant import (
     nf4_prmt_words,
 )
 
-# Programs per SM the split over K aims for: enough loads in flight to reach the memory bandwidth.
-TARGET_CTAS_PER_SM = 4
+# Programs per SM the split over K aims for: enough loads in flight to reach the memory bandwidth. On the H200 at
+# M = 1: N = 14336 ran 1.37x the base with 5 splits (4 per SM) and 1.18x with 8 (6.8 per SM); N = 4096 ran best
+# with 17 splits and worse with 33, where the finishing kernel sums twice as many partials: hence the cap.
+TARGET_CTAS_PER_SM = 6
 # At most this many K splits. The finishing kernel sums them a chunk at a time, FINISH_CHUNK_ROWS split rows in
-# flight: 8 splits of one row, 2 of sixteen (a [8, 16, 64] chunk cost 9.4 us against 3.0 for one row on the H200).
-MAX_SPLITS = 64
-FINISH_CHUNK_ROWS = 8
+# flight: 16 splits of one row, one split of sixteen rows (H200: one row, 8 splits per chunk 3.0 us, 16 per chunk
+# 2.5 us; sixteen rows, 1 split per chunk 6.2 us, 2 splits 10.8 us, 8 splits 9.4 us).
+MAX_SPLITS = 16
+FINISH_CHUNK_ROWS = 16
 FINISH_BLOCK_N = 64
 
 
@@ -46,11 +49,12 @@ def _nf4_gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Partial sums of split pid_s over K for output columns pid_n * BLOCK_N + [0, BLOCK_N).
+    """Partial sums of split pid_s over K: output columns pid_n * BLOCK_N + [0, BLOCK_N), or, for the last pid_n
+    (the grid has one more than the N tiles), the split's share of xa = drop(X) @ A^T.
 
     X: [M, K] (M <= BLOCK_M), A: [RANK, K], strided; QW, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, CODE: the NF4
     weight (nf4_dequant.nf4_tile). PART: [splits, BLOCK_M, N] fp32 contiguous, rows below M written;
-    XA_PART: [splits, BLOCK_M, BLOCK_R] fp32 contiguous, rows below M written by the pid_n == 0 programs.
+    XA_PART: [splits, BLOCK_M, BLOCK_R] fp32 contiguous, rows below M written by the last pid_n.
     K_PER_SPLIT: a multiple of BLOCK_K. seed, thr_shifted, inv_keep, K4: the dropout mask (helpers.dropout_keep)
     on X's LoRA branch if DROPOUT.
 
@@ -71,23 +75,11 @@ def _nf4_gemv_kernel(
     mask_n = offs_n < N
     k_start = pid_s.to(tl.int64) * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)  # K is a multiple of 64: every step is a whole block
-    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC)
-    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
-    q_ptrs = QW + offs_n[:, None] * stride_qn + (k_start // 2 + offs_h)[None, :]
-    # loaded once: the decode keeps them in registers
-    words = nf4_prmt_words(CODE, X.dtype.element_ty, tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.uint8), DECODE)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        byte = tl.load(q_ptrs, mask=mask_n[:, None], other=0)
-        q_ptrs += BLOCK_K // 2
-        even, odd = nf4_pairs(byte, CODE, words, X.dtype.element_ty, DECODE)
-        x_even_t = X + offs_m[None, :] * stride_xm + (k0 + 2 * offs_h)[:, None] * stride_xk  # [32, BLOCK_M]
-        part = dot(even, tl.load(x_even_t, mask=mask_m[None, :], other=0.0),
-                   tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC), PRECISION)
-        part = dot(odd, tl.load(x_even_t + stride_xk, mask=mask_m[None, :], other=0.0), part, PRECISION)
-        scale = nf4_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, offs_n * (K // 64) + k0 // 64, mask_n,
-                           DOUBLE_QUANT, ABS_GROUP)
-        acc_t += part * scale[:, None]
-        if pid_n == 0:
+    if pid_n == tl.num_programs(0) - 1:
+        # the split's rank-r program: drop(X) @ A^T over its K slab. Apart from the W loop, so that the W programs
+        # carry none of its registers.
+        xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+        for k0 in range(k_start, k_end, BLOCK_K):
             x = tl.load(X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
                         mask=mask_m[:, None], other=0.0)
             a = tl.load(A + offs_r[None, :] * stride_ar + (k0 + offs_k)[:, None] * stride_ak,
@@ -95,11 +87,27 @@ def _nf4_gemv_kernel(
             if DROPOUT:
                 x = apply_dropout(x, dropout_keep(seed, offs_m, k0, K4, thr_shifted, BLOCK_M, BLOCK_K), inv_keep)
             xa = dot(x, a, xa, PRECISION)
-    part = PART + pid_s.to(tl.int64) * BLOCK_M * N
-    tl.store(part + offs_m[None, :] * N + offs_n[:, None], acc_t, mask=mask_m[None, :] & mask_n[:, None])
-    if pid_n == 0:
         xa_part = XA_PART + pid_s.to(tl.int64) * BLOCK_M * BLOCK_R
         tl.store(xa_part + offs_m[:, None] * BLOCK_R + offs_r[None, :], xa, mask=mask_m[:, None])
+    else:
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC)
+        q_ptrs = QW + offs_n[:, None] * stride_qn + (k_start // 2 + offs_h)[None, :]
+        # loaded once: the decode keeps them in registers
+        words = nf4_prmt_words(CODE, X.dtype.element_ty, tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.uint8),
+                               DECODE)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            byte = tl.load(q_ptrs, mask=mask_n[:, None], other=0)
+            q_ptrs += BLOCK_K // 2
+            even, odd = nf4_pairs(byte, CODE, words, X.dtype.element_ty, DECODE)
+            x_even_t = X + offs_m[None, :] * stride_xm + (k0 + 2 * offs_h)[:, None] * stride_xk  # [32, BLOCK_M]
+            part = dot(even, tl.load(x_even_t, mask=mask_m[None, :], other=0.0),
+                       tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC), PRECISION)
+            part = dot(odd, tl.load(x_even_t + stride_xk, mask=mask_m[None, :], other=0.0), part, PRECISION)
+            scale = nf4_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, offs_n * (K // 64) + k0 // 64, mask_n,
+                               DOUBLE_QUANT, ABS_GROUP)
+            acc_t += part * scale[:, None]
+        part = PART + pid_s.to(tl.int64) * BLOCK_M * N
+        tl.store(part + offs_m[None, :] * N + offs_n[:, None], acc_t, mask=mask_m[None, :] & mask_n[:, None])
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -210,7 +218,7 @@ class _GemvPlan:
         self.part_shape, self.xa_part_shape = (splits, block_m, N), (splits, block_m, block_r)
         precision, acc = dot_precision(x.dtype), acc_dtype(x.dtype)
         self.gemv = Launch(
-            _nf4_gemv_kernel, (n_tiles, splits),
+            _nf4_gemv_kernel, (n_tiles + 1, splits),
             ("X", "QW", "ABSMAX", "ABS_CODE", "ABS_SCALE", "CODE", "A", "PART", "XA_PART", "abs_offset", "seed"),
             None, None, None, None, None, None, None, None, None,
             M, N, K, rank, k_per_split,
@@ -229,7 +237,7 @@ class _GemvPlan:
             M, N, rank, splits,
             lora_B.stride(0), lora_B.stride(1), N, 1, *xa_strides, None,
             HAS_BIAS=bias is not None, STORE_XA=store_xa, PART_ROWS=block_m, BLOCK_M=finish_m, BLOCK_N=FINISH_BLOCK_N,
-            BLOCK_R=block_r, CHUNK=max(1, FINISH_CHUNK_ROWS // finish_m), PRECISION=precision, ACC=acc, num_warps=4,
+            BLOCK_R=block_r, CHUNK=max(1, min(16, FINISH_CHUNK_ROWS // finish_m)), PRECISION=precision, ACC=acc, num_warps=4,
         )
 
     def __call__(self, x, w4, bias, lora_A, lora_B, scaling, seed):
