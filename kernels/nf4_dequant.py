@@ -337,6 +337,18 @@ def nf4_kernel_args(w4):
     return args, {"DOUBLE_QUANT": dq, "ABS_GROUP": group}
 
 
+def nf4_key_parts(w4) -> tuple:
+    """(tensors, flags) that key a launch plan on the NF4 weight `w4`: its packed tensors and its shape and
+    double-quantization group. A TypeError naming w4 when it is not an NF4 weight (before any plan or check)."""
+    try:
+        if w4.absmax_code is not None:
+            return (w4.qweight, w4.absmax, w4.absmax_code, w4.absmax_scale), (*w4.shape, w4.absmax_group)
+        return (w4.qweight, w4.absmax), (*w4.shape, None)
+    except (AttributeError, TypeError):
+        raise TypeError("w4 must be an NF4 weight (lora_fast.nf4.NF4Tensor: qweight, absmax, shape, absmax_code, "
+                        f"...), got {type(w4).__name__}") from None
+
+
 def nf4_call_args(w4) -> tuple:
     """(qweight, absmax, abs_code, abs_scale, abs_offset, code): the NF4 weight's kernel arguments, unchecked
     (`nf4_kernel_args` checks them; cached launch plans call this per call). Without double quantization absmax
@@ -373,9 +385,8 @@ def nf4_dequantize(w4, dtype=torch.bfloat16, out=None, decode="auto"):
     >>> W = nf4_dequantize(w4, torch.bfloat16)         # [N, K]
     >>> y = torch.nn.functional.linear(x, W)
     """
-    dq = getattr(w4, "absmax_code", None) is not None
-    key = plan_key((w4.qweight, w4.absmax, out) + ((w4.absmax_code, w4.absmax_scale) if dq else ()),
-                   *w4.shape, getattr(w4, "absmax_group", None) if dq else None, dtype, decode)
+    tensors, flags = nf4_key_parts(w4)
+    key = plan_key((out,) + tensors, *flags, dtype, decode)
     plan = _PLANS.find(key)
     if plan is None:
         plan = _PLANS.put(key, _DequantPlan(w4, dtype, out, decode))

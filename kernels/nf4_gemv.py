@@ -23,8 +23,8 @@ from .helpers import (
 )
 from .launch import Launch, PlanCache, int_width, plan_key
 from .nf4_dequant import (
-    NF4_BLOCK, check_nf4_operands, nf4_absmax, nf4_call_args, nf4_decode, nf4_kernel_args, nf4_pairs,
-    nf4_prmt_words,
+    NF4_BLOCK, check_nf4_operands, nf4_absmax, nf4_call_args, nf4_decode, nf4_kernel_args, nf4_key_parts,
+    nf4_pairs, nf4_prmt_words,
 )
 
 # Programs per SM the split over K aims for: enough loads in flight to reach the memory bandwidth. On the H200 at
@@ -180,11 +180,9 @@ def nf4_gemv(x, w4, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_
 
     >>> y, _ = nf4_gemv(x, w4, None, A, B, 2.0)
     """
-    dq = getattr(w4, "absmax_code", None) is not None
-    key = plan_key((x, w4.qweight, w4.absmax, bias, lora_A, lora_B) + ((w4.absmax_code, w4.absmax_scale) if dq
-                                                                        else ()),
-                   *w4.shape, getattr(w4, "absmax_group", None) if dq else None, dropout_p, store_xa,
-                   decode, splits, dot_precision_key(x), int_width(seed))
+    tensors, flags = nf4_key_parts(w4)
+    key = plan_key((x, bias, lora_A, lora_B) + tensors, *flags, dropout_p, store_xa, decode, splits,
+                   dot_precision_key(x), int_width(seed))
     plan = _PLANS.find(key)
     if plan is None:
         plan = _PLANS.put(key, _GemvPlan(x, w4, bias, lora_A, lora_B, dropout_p, store_xa, decode, splits))

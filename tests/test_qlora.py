@@ -237,6 +237,12 @@ def test_decode_argument_is_checked():
         kernels.nf4_dequantize(q, torch.float32, decode="prmt")
     with pytest.raises(ValueError, match="NVIDIA GPU"):
         kernels.lora_nf4_forward(x, q, None, A, B, 1.0, decode="prmt")
+    # a weight that is not NF4 is named before any plan or kernel
+    for bad in (torch.randn(8, 64), None):
+        with pytest.raises(TypeError, match="w4 must be an NF4 weight"):
+            kernels.nf4_gemv(x, bad, None, A, B, 1.0)
+        with pytest.raises(TypeError, match="w4 must be an NF4 weight"):
+            kernels.nf4_dequantize(bad, torch.float32)
 
 
 def test_gemv_split_k_and_empty_rows():
