@@ -173,7 +173,7 @@ def _word(T, i, like):
 def nf4_prmt_words(CODE, DTYPE: tl.constexpr, like, DECODE: tl.constexpr):
     """The `prmt` table words of DTYPE from the code table: 8 (fp16/bf16) or 16 (fp32) int32 tensors shaped like
     `like` (the byte tile), loaded once per program so that the decode keeps them in registers. Other decodes
-    get plain scalar loads (they never read them)."""
+    never read them: zeros, and no load."""
     T = CODE.to(tl.pointer_type(tl.int32), bitcast=True)
     if DECODE == "prmt":
         if DTYPE == tl.float32:
@@ -186,8 +186,7 @@ def nf4_prmt_words(CODE, DTYPE: tl.constexpr, like, DECODE: tl.constexpr):
             words = (_word(T, o, like), _word(T, o + 1, like), _word(T, o + 2, like), _word(T, o + 3, like),
                      _word(T, o + 4, like), _word(T, o + 5, like), _word(T, o + 6, like), _word(T, o + 7, like))
     else:
-        w = tl.load(T + 16)
-        words = (w, w, w, w, w, w, w, w, w, w, w, w, w, w, w, w)
+        words = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
     return words
 
 
