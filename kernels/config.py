@@ -79,6 +79,10 @@ _HALF = {
     "large": GemmConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3, tma=True, persistent=True,
                         tma_store=True),
 }
+# The "split" forward (xa from a PDL-overlapped shrink, no rank block in the loop) at 17-64 rows: one row block of
+# 64 and 128 programs at N=4096. H200, graphs, K=N=4096, r=16 (bench/results/exp_pdl_m64.json): M=32 1.18x and
+# M=64 1.38x the base, against 1.44x / 1.68x with the "m64" tile below (64 programs at M=32).
+_HALF_FWD_SPLIT_M64 = GemmConfig(64, 32, 256, group_m=1, num_warps=4, num_stages=3)
 # dX: persistent too (1.04-1.06x cuBLAS's dY @ W against 1.07-1.08x one tile per program at M=8192); with its
 # rank-r epilogue 3 stages beat 4 (1.04-1.06x against 1.05-1.08x), though a plain GEMM of dX's layout preferred 4.
 _HALF_DX_LARGE = replace(_HALF["large"], tma_store=False)
@@ -109,17 +113,23 @@ def dx_dropout_term_config() -> GemmConfig:
 
 @lru_cache(maxsize=None)
 def gemm_config(kernel: str, m: int, dtype: torch.dtype, rank_block: int) -> GemmConfig:
-    """Config of the GEMM-shaped kernels `kernel` in {"fwd", "dx", "dx_dropout"} for M = m rows.
+    """Config of the GEMM-shaped kernels `kernel` in {"fwd", "fwd_split", "dx", "dx_dropout"} for M = m rows
+    ("fwd_split": the forward in "split" mode; overrides of "fwd" apply to it).
 
     rank_block is the padded rank carried in registers alongside the tile (0 when the rank-r product is loaded
     precomputed); a wide one shrinks BLOCK_N so that the two accumulators fit the register file.
     """
+    split = kernel == "fwd_split"  # the forward with xa precomputed as partial sums ("split" mode)
+    if split:
+        kernel = "fwd"
     cls = shape_class(m)
     if (kernel, cls) in _OVERRIDES:  # before the interpreter's config, so that tests can force a config
         return _OVERRIDES[(kernel, cls)]
     if is_interpret():
         return _INTERPRET_CONFIG
     half = dtype in (torch.float16, torch.bfloat16)
+    if split and half and cls == "m64":
+        return _HALF_FWD_SPLIT_M64
     if kernel == "dx" and half and cls == "large":
         return _HALF_DX_LARGE if rank_block <= 64 else replace(_HALF_DX_LARGE, block_n=128)
     cfg = (_HALF if half else _FULL)[cls]

@@ -59,6 +59,53 @@ def tma_enabled(mode, *tensors) -> bool:
     return capability_major(t.device) >= 9
 
 
+# Programmatic dependent launch (PDL, Hopper and newer): a kernel launched with `launch_pdl=True` may start while
+# the kernel before it in the stream is still running, once every program of that one has called
+# `gdc_launch_dependents` (or exited); it must call `gdc_wait` before it reads what that kernel writes. lora-fast
+# pairs a small producer (the rank-r shrink) with the GEMM that consumes its output in the epilogue: the GEMM
+# streams W while the shrink runs. LORA_FAST_PDL=0 turns it off (both kernels then run one after the other).
+PDL_ENV = os.environ.get("LORA_FAST_PDL", "1") != "0"
+
+
+def _triton_has_pdl() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        import triton.language.extra.cuda as _cuda_extra
+    except ImportError:  # pragma: no cover - a Triton without the NVIDIA backend
+        return False
+    fields = getattr(CUDAOptions, "__dataclass_fields__", {})
+    return "launch_pdl" in fields and hasattr(_cuda_extra, "gdc_wait")
+
+
+TRITON_HAS_PDL = _triton_has_pdl()
+
+
+def pdl_enabled(device) -> bool:
+    """Whether a producer/consumer kernel pair on `device` launches the consumer with PDL: a CUDA device of compute
+    capability 9 or more, a Triton that knows `launch_pdl` and `gdc_wait`, not the interpreter, and LORA_FAST_PDL
+    not 0. Off, the same kernels run in stream order, with the same results."""
+    if not (PDL_ENV and TRITON_HAS_PDL) or is_interpret() or torch.device(device).type != "cuda":
+        return False
+    from .config import capability_major  # config imports this module
+
+    return capability_major(torch.device(device)) >= 9
+
+
+@triton.jit
+def gdc_launch_dependents_if(ENABLED: tl.constexpr):
+    """A PDL producer's signal that the next kernel may start (no-op unless ENABLED)."""
+    if ENABLED:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def gdc_wait_if(ENABLED: tl.constexpr):
+    """A PDL consumer's wait until the kernel before it has finished and its writes are visible (no-op unless
+    ENABLED)."""
+    if ENABLED:
+        tl.extra.cuda.gdc_wait()
+
+
 def tensor_descriptor(t, block_shape):
     """Host tensor descriptor of 2-D `t` with the given block shape."""
     return TensorDescriptor.from_tensor(t, list(block_shape))

@@ -22,7 +22,7 @@ import triton.language as tl
 from .config import dx_dropout_term_config, gemm_config, num_sms, reduce_m_config
 from .helpers import (
     acc_dtype, apply_dropout, cdiv, check_shapes, check_vector, dot, dot_precision, dot_precision_key, dropout_keep,
-    dropout_threshold, next_pow2_rank, output_tile, tensor_descriptor, tma_enabled, upcast,
+    dropout_threshold, gdc_wait_if, next_pow2_rank, output_tile, pdl_enabled, tensor_descriptor, tma_enabled, upcast,
 )
 from .launch import Launch, PlanCache, int_width, plan_key
 from .lora_fwd import EPILOGUE_RANK_BLOCK, _output, choose_xa_mode
@@ -55,7 +55,7 @@ def _dx_tile(
     DROPOUT: tl.constexpr, COMPUTE_DYB: tl.constexpr, STORE_DYB: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    DY_SCALE, HAS_DY_SCALE: tl.constexpr,
+    DY_SCALE, HAS_DY_SCALE: tl.constexpr, GDC_WAIT: tl.constexpr,
 ):
     """dX tile number `tile` (grouped order) of `_lora_bwd_dx_kernel`, whose docstring gives the arguments."""
     pid_m, pid_k, offs_m, offs_k = output_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M, tile)
@@ -100,6 +100,7 @@ def _dx_tile(
         dyb_s = (dyb.to(a.dtype).to(ACC) * scaling).to(a.dtype)
         low = dot(dyb_s, a, low, PRECISION)
     else:
+        gdc_wait_if(GDC_WAIT)  # DYB comes from the shrink before this kernel (a PDL launch)
         low = _rank_term(DYB, A, offs_m, offs_k, mask_m, mask_k, RANK, stride_dybm, stride_dybr, stride_ar,
                          stride_ak, scaling, low, BLOCK_R, NUM_R_CHUNKS, PRECISION, ACC)
     if DROPOUT:
@@ -120,7 +121,7 @@ def _lora_bwd_dx_kernel(
     DROPOUT: tl.constexpr, COMPUTE_DYB: tl.constexpr, STORE_DYB: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    DY_SCALE, HAS_DY_SCALE: tl.constexpr, PERSISTENT: tl.constexpr,
+    DY_SCALE, HAS_DY_SCALE: tl.constexpr, PERSISTENT: tl.constexpr, GDC_WAIT: tl.constexpr,
 ):
     """BLOCK_M x BLOCK_K tiles of dX, reducing over N in BLOCK_N steps: one tile per program, or (PERSISTENT) a
     grid of at most one program per SM walking them all (as in lora_fwd._lora_fwd_kernel).
@@ -134,6 +135,7 @@ def _lora_bwd_dx_kernel(
     BLOCK_R: padded rank (COMPUTE_DYB) or the epilogue's rank chunk; NUM_R_CHUNKS: chunks in the epilogue.
     DY_SCALE: [N], any float dtype, read if HAS_DY_SCALE: every dY tile is scaled by it per column (in fp32,
         rounded back to dY's dtype) before both products, i.e. the kernel differentiates DY_SCALE * Y (DoRA).
+    GDC_WAIT: launched with PDL right after the shrink that writes DYB: wait for it before reading DYB.
     """
     if PERSISTENT:
         for tile in range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_K), tl.num_programs(0)):
@@ -141,13 +143,13 @@ def _lora_bwd_dx_kernel(
                      stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br, stride_ar, stride_ak,
                      stride_dybm, stride_dybr, stride_dxm, stride_dxk, scaling, seed, thr_shifted, inv_keep, K4,
                      DROPOUT, COMPUTE_DYB, STORE_DYB, USE_TMA, BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R, NUM_R_CHUNKS,
-                     GROUP_M, PRECISION, ACC, DY_SCALE, HAS_DY_SCALE)
+                     GROUP_M, PRECISION, ACC, DY_SCALE, HAS_DY_SCALE, GDC_WAIT)
     else:
         _dx_tile(tl.program_id(0), DY, W, B, A, DYB, DX, M, N, K, RANK,
                  stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br, stride_ar, stride_ak,
                  stride_dybm, stride_dybr, stride_dxm, stride_dxk, scaling, seed, thr_shifted, inv_keep, K4,
                  DROPOUT, COMPUTE_DYB, STORE_DYB, USE_TMA, BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R, NUM_R_CHUNKS,
-                 GROUP_M, PRECISION, ACC, DY_SCALE, HAS_DY_SCALE)
+                 GROUP_M, PRECISION, ACC, DY_SCALE, HAS_DY_SCALE, GDC_WAIT)
 
 
 @triton.jit(do_not_specialize=["M", "seed", "thr_shifted"])
@@ -299,6 +301,8 @@ class _DxPlan:
             self.shrink, self.new_dyb = False, False
             return
         compute = not self.shrink
+        # the GEMM starts while the shrink of dY @ B runs (programmatic dependent launch, helpers.pdl_enabled)
+        self.pdl = self.shrink and pdl_enabled(dy.device)
         block_r = next_pow2_rank(rank) if compute else min(EPILOGUE_RANK_BLOCK, next_pow2_rank(rank))
         # With dropout and dY @ B precomputed, the dropout term is a second pass over dX (read, add, write: measured
         # 87 µs at M=8192, K=4096 on the H200, mostly the Philox mask), so that the GEMM keeps the large tile of the dropout-free dX; inside the
@@ -343,7 +347,8 @@ class _DxPlan:
             # no rank chunks when the dropout term has its own pass: the GEMM computes dY @ W alone
             NUM_R_CHUNKS=1 if compute else 0 if self.term is not None else cdiv(rank, block_r), GROUP_M=cfg.group_m,
             PRECISION=dot_precision(dy.dtype), ACC=acc_dtype(dy.dtype),
-            DY_SCALE=None, HAS_DY_SCALE=dy_scale is not None, PERSISTENT=cfg.persistent, **cfg.launch(),
+            DY_SCALE=None, HAS_DY_SCALE=dy_scale is not None, PERSISTENT=cfg.persistent, GDC_WAIT=self.pdl,
+            **cfg.launch(), **({"launch_pdl": True} if self.pdl else {}),
         )
 
     def __call__(self, dy, weight, lora_A, lora_B, scaling, seed, out, dy_scale):
@@ -353,7 +358,7 @@ class _DxPlan:
         if self.shrink:
             # (g * dy) @ B = dy @ (g * B): fold the column scale into the [N, r] factor rather than into dy.
             b_shrink = lora_B if dy_scale is None else (lora_B * dy_scale[:, None]).to(lora_B.dtype)
-            dyb = lora_shrink(dy, b_shrink.t())
+            dyb = lora_shrink(dy, b_shrink.t(), trigger=self.pdl)
         elif self.new_dyb:
             dyb = torch.empty(self.dyb_shape, device=dy.device, dtype=dy.dtype)
         else:

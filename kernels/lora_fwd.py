@@ -8,6 +8,13 @@ product xa = drop(X) @ A^T [M, r] comes one of two ways (`xa_mode`):
   * "shrink": `lora_shrink` computes xa once (one extra read of X, the dropout mask drawn once per element) and
     the kernel loads it. Used with dropout (the mask would otherwise be redrawn for every N tile) and at large
     rank (the xa accumulator would crowd out the GEMM's registers).
+  * "split" (decode, M <= DECODE_ROWS): `lora_shrink_partials` computes xa as fp32 partial sums over K ranges,
+    which the epilogue adds up. On Hopper the GEMM is launched with PDL while the shrink runs: its programs stream
+    W at once and wait for xa only before the epilogue, so neither a second pass nor a redundant xa per N tile
+    (each of N / BLOCK_N programs reading all of A) is on the critical path. The shrink draws the dropout mask;
+    the first N tile's programs store the rounded xa for the backward. "auto" picks it up to MAX_SPLIT_ROWS rows
+    where PDL is available (helpers.pdl_enabled); without PDL it would be two launches in a row.
+With "shrink" the GEMM is likewise launched with PDL after the shrink where available.
 Either way the epilogue adds (s * xa) @ B^T as one more small MMA, then the bias, and writes Y once: there is
 no [M, N] temporary and no dropout copy of X.
 """
@@ -18,10 +25,10 @@ import triton.language as tl
 from .config import gemm_config, num_sms
 from .helpers import (
     acc_dtype, apply_dropout, cdiv, check_shapes, check_vector, dot, dot_precision, dot_precision_key, dropout_keep,
-    dropout_threshold, next_pow2_rank, output_tile, tensor_descriptor, tma_enabled,
+    dropout_threshold, gdc_wait_if, next_pow2_rank, output_tile, pdl_enabled, tensor_descriptor, tma_enabled,
 )
 from .launch import Launch, PlanCache, int_width, plan_key
-from .lora_shrink import lora_shrink
+from .lora_shrink import lora_shrink, lora_shrink_partials, shrink_splits
 
 # Widest padded rank whose xa accumulator is kept next to a large GEMM tile ("fused" mode).
 MAX_FUSED_RANK_BLOCK = 64
@@ -33,6 +40,10 @@ DECODE_RANK_BLOCK = 64
 MAX_FUSED_ROWS = 256
 # Rank chunk loaded per step in the epilogue when xa is precomputed: bounds the registers at any rank.
 EPILOGUE_RANK_BLOCK = 64
+# "split" mode: K ranges of the decode shrink (each program then reads 1 / XA_SPLITS of A), and the most rows
+# for which "auto" picks it where PDL is available (H200, K = N = 4096, r = 16, graphs: bench/NOTES.md).
+XA_SPLITS = 8
+MAX_SPLIT_ROWS = 64
 
 
 @triton.jit
@@ -47,6 +58,7 @@ def _fwd_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     OUT_SCALE, HAS_OUT_SCALE: tl.constexpr, Y_TMA: tl.constexpr,
+    XA_OUT, stride_xas, XA_SPLITS: tl.constexpr, GDC_WAIT: tl.constexpr,
 ):
     """Output tile number `tile` (grouped order) of `_lora_fwd_kernel`, whose docstring gives the arguments."""
     pid_m, pid_n, offs_m, offs_n = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M, tile)
@@ -92,12 +104,24 @@ def _fwd_tile(
         xa_s = (xa.to(b.dtype).to(ACC) * scaling).to(b.dtype)
         acc = dot(xa_s, b, acc, PRECISION)
     else:
+        gdc_wait_if(GDC_WAIT)  # xa comes from the kernel before this one (a PDL launch)
         for c in tl.static_range(NUM_R_CHUNKS):
             rr = c * BLOCK_R + offs_r
-            xa_c = tl.load(XA + offs_m[:, None] * stride_xam + rr[None, :] * stride_xar,
-                           mask=mask_m[:, None] & (rr[None, :] < RANK), other=0.0)
             b = tl.load(B + offs_n[None, :] * stride_bn + rr[:, None] * stride_br,
                         mask=(rr[:, None] < RANK) & mask_n[None, :], other=0.0)
+            xa_ptrs = XA + offs_m[:, None] * stride_xam + rr[None, :] * stride_xar
+            xa_mask = mask_m[:, None] & (rr[None, :] < RANK)
+            if XA_SPLITS == 0:
+                xa_c = tl.load(xa_ptrs, mask=xa_mask, other=0.0)
+            else:  # fp32 partial sums over K ranges, added in a fixed order, then rounded as the reference does
+                xa_c = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+                for sp in tl.static_range(XA_SPLITS):
+                    xa_c += tl.load(xa_ptrs + sp * stride_xas, mask=xa_mask, other=0.0).to(ACC)
+                xa_c = xa_c.to(b.dtype)
+                if STORE_XA:
+                    if pid_n == 0:  # the rounded xa the backward needs, the very values used here
+                        tl.store(XA_OUT + offs_m[:, None] * stride_xam + rr[None, :] * stride_xar, xa_c,
+                                 mask=xa_mask)
             acc = dot((xa_c.to(ACC) * scaling).to(b.dtype), b, acc, PRECISION)
 
     if HAS_OUT_SCALE:
@@ -124,6 +148,7 @@ def _lora_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     OUT_SCALE, HAS_OUT_SCALE: tl.constexpr, PERSISTENT: tl.constexpr, Y_TMA: tl.constexpr,
+    XA_OUT, stride_xas, XA_SPLITS: tl.constexpr, GDC_WAIT: tl.constexpr,
 ):
     """BLOCK_M x BLOCK_N tiles of Y: one per program, or (PERSISTENT) a grid of at most one program per SM, program
     p walking tiles p, p + programs, ... (one tile's epilogue overlaps the next one's first loads, and no tail wave
@@ -134,7 +159,11 @@ def _lora_fwd_kernel(
         bulk tensor copy engine on Hopper; out-of-range elements read as zero), else plain pointers.
     Y_TMA: Y is a tensor descriptor with block [BLOCK_M, BLOCK_N] (out-of-range elements are not written).
     XA: [M, RANK] in X's dtype, unscaled drop(X) @ A^T; read when not COMPUTE_XA, written by the pid_n == 0
-        programs when STORE_XA.
+        programs when STORE_XA. With XA_SPLITS > 0 it is instead [XA_SPLITS, M, RANK] fp32 partial sums over K
+        (split stride stride_xas; lora_shrink.lora_shrink_partials), summed and rounded to X's dtype here, and
+        with STORE_XA the pid_n == 0 programs store that rounded xa into XA_OUT [M, RANK] (XA's row and rank
+        strides); XA_OUT is unused otherwise.
+    GDC_WAIT: launched with PDL after the kernel that writes XA: wait for it before reading XA.
     scaling: s; seed, thr_shifted, inv_keep, K4: the dropout mask (helpers.dropout_keep), used if DROPOUT.
     BLOCK_R: padded rank (COMPUTE_XA: the whole rank, a power of two >= 16; else the epilogue's rank chunk),
     NUM_R_CHUNKS: rank chunks in the epilogue (1 when COMPUTE_XA). PRECISION: tl.dot precision for fp32; ACC: accumulator dtype.
@@ -147,13 +176,15 @@ def _lora_fwd_kernel(
                       stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
                       stride_xam, stride_xar, stride_ym, stride_yn, scaling, seed, thr_shifted, inv_keep, K4,
                       HAS_BIAS, DROPOUT, COMPUTE_XA, STORE_XA, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
-                      NUM_R_CHUNKS, GROUP_M, PRECISION, ACC, OUT_SCALE, HAS_OUT_SCALE, Y_TMA)
+                      NUM_R_CHUNKS, GROUP_M, PRECISION, ACC, OUT_SCALE, HAS_OUT_SCALE, Y_TMA,
+                      XA_OUT, stride_xas, XA_SPLITS, GDC_WAIT)
     else:
         _fwd_tile(tl.program_id(0), X, W, A, B, BIAS, XA, Y, M, N, K, RANK,
                   stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
                   stride_xam, stride_xar, stride_ym, stride_yn, scaling, seed, thr_shifted, inv_keep, K4,
                   HAS_BIAS, DROPOUT, COMPUTE_XA, STORE_XA, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
-                  NUM_R_CHUNKS, GROUP_M, PRECISION, ACC, OUT_SCALE, HAS_OUT_SCALE, Y_TMA)
+                  NUM_R_CHUNKS, GROUP_M, PRECISION, ACC, OUT_SCALE, HAS_OUT_SCALE, Y_TMA,
+                  XA_OUT, stride_xas, XA_SPLITS, GDC_WAIT)
 
 
 def _output(out, shape, like, name):
@@ -220,26 +251,35 @@ class _ForwardPlan:
         check_vector("out_scale", out_scale, N, x)
         y_strides = _output(out, (M, N), x, "out").stride() if out is not None else (N, 1)  # a new y: contiguous
         dropout = dropout_p > 0.0
+        pdl = pdl_enabled(x.device)
         if xa_mode == "auto":
             xa_mode = choose_xa_mode(M, rank, dropout)
-        if xa_mode not in ("fused", "shrink"):
-            raise ValueError(f"xa_mode must be 'auto', 'fused' or 'shrink', got {xa_mode!r}")
+            if M <= MAX_SPLIT_ROWS and pdl:
+                xa_mode = "split"
+        if xa_mode not in ("fused", "shrink", "split"):
+            raise ValueError(f"xa_mode must be 'auto', 'fused', 'shrink' or 'split', got {xa_mode!r}")
         self.y_shape, self.xa_shape, self.dropout_p = (M, N), (M, rank), dropout_p
         self.launch = None
-        # xa: computed by a shrink launch first, or by the fused GEMM (stored only when asked), or not at all
+        # xa: computed by a shrink launch first (whole, or as partial sums), or by the fused GEMM (stored only when
+        # asked), or not at all
         self.shrink = xa_mode == "shrink"
+        self.splits = shrink_splits(M, K, x.dtype, XA_SPLITS)[0] if xa_mode == "split" else 0
         self.new_xa = store_xa and not self.shrink
+        self.pdl = False
         if M == 0 or N == 0:
-            self.shrink, self.new_xa = False, store_xa
+            self.shrink, self.splits, self.new_xa = False, 0, store_xa
             return
-        compute_xa = not self.shrink
+        compute_xa = xa_mode == "fused"
+        # the GEMM starts while the shrink runs (programmatic dependent launch)
+        self.pdl = pdl and not compute_xa
         block_r = next_pow2_rank(rank) if compute_xa else min(EPILOGUE_RANK_BLOCK, next_pow2_rank(rank))
         if compute_xa and M <= DECODE_ROWS:
             block_r = max(block_r, DECODE_RANK_BLOCK)
-        cfg = gemm_config("fwd", M, x.dtype, block_r if compute_xa else 0)
-        has_xa = self.shrink or self.new_xa
-        # xa is a new contiguous [M, r] tensor; without one, y stands in (never dereferenced)
+        cfg = gemm_config("fwd_split" if self.splits else "fwd", M, x.dtype, block_r if compute_xa else 0)
+        has_xa = self.shrink or self.new_xa or self.splits
+        # xa is a new contiguous [M, r] tensor (or [splits, M, r]); without one, y stands in (never dereferenced)
         xa_strides = (rank, 1) if has_xa else y_strides
+        pdl_options = {"launch_pdl": True} if self.pdl else {}
         self.use_tma = tma_enabled(tma if tma != "auto" else ("auto" if cfg.tma else False), x, weight)
         self.x_block, self.w_block = [cfg.block_m, cfg.block_k], [cfg.block_n, cfg.block_k]
         # y through a descriptor too: a new y needs 16-byte rows, a given one TMA's stride and alignment rules
@@ -249,35 +289,39 @@ class _ForwardPlan:
         tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
         self.launch = Launch(
             _lora_fwd_kernel, (min(tiles, num_sms(x.device)) if cfg.persistent else tiles,),
-            ("X", "W", "A", "B", "BIAS", "XA", "Y", "scaling", "seed", "OUT_SCALE"),
+            ("X", "W", "A", "B", "BIAS", "XA", "Y", "scaling", "seed", "OUT_SCALE", "XA_OUT"),
             None, None, None, None, None, None, None,
             M, N, K, rank,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
             lora_B.stride(0), lora_B.stride(1), *xa_strides, *y_strides,
             None, None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 4),
             HAS_BIAS=bias is not None, DROPOUT=dropout and compute_xa, COMPUTE_XA=compute_xa,
-            STORE_XA=compute_xa and store_xa, USE_TMA=self.use_tma,
+            STORE_XA=store_xa and (compute_xa or self.splits > 0), USE_TMA=self.use_tma,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
             NUM_R_CHUNKS=1 if compute_xa else cdiv(rank, block_r), GROUP_M=cfg.group_m,
             PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype),
             # A placeholder pointer when absent (never read), as for BIAS: no None pointer arguments.
             OUT_SCALE=None, HAS_OUT_SCALE=out_scale is not None, PERSISTENT=cfg.persistent, Y_TMA=self.y_tma,
-            **cfg.launch(),
+            XA_OUT=None, stride_xas=M * rank, XA_SPLITS=self.splits, GDC_WAIT=self.pdl, **cfg.launch(),
+            **pdl_options,
         )
 
     def __call__(self, x, weight, bias, lora_A, lora_B, scaling, seed, out, out_scale):
         y = out if out is not None else torch.empty(self.y_shape, device=x.device, dtype=x.dtype)
         if self.shrink:
-            xa = lora_shrink(x, lora_A, self.dropout_p, seed)
+            xa = lora_shrink(x, lora_A, self.dropout_p, seed, trigger=self.pdl)
+        elif self.splits:
+            xa = lora_shrink_partials(x, lora_A, XA_SPLITS, self.dropout_p, seed, trigger=self.pdl)
         elif self.new_xa:
             xa = torch.empty(self.xa_shape, device=x.device, dtype=x.dtype)
         else:
             xa = None
+        xa_out = torch.empty(self.xa_shape, device=x.device, dtype=x.dtype) if self.splits and self.new_xa else None
         if self.launch is not None:
             if self.use_tma:
                 x, weight = tensor_descriptor(x, self.x_block), tensor_descriptor(weight, self.w_block)
             # y itself stands in for the absent optional pointers (never dereferenced)
             self.launch(x, weight, lora_A, lora_B, bias if bias is not None else y, xa if xa is not None else y,
                         tensor_descriptor(y, self.y_block) if self.y_tma else y, float(scaling), int(seed),
-                        out_scale if out_scale is not None else y)
-        return y, xa
+                        out_scale if out_scale is not None else y, xa_out if xa_out is not None else y)
+        return y, (xa_out if self.splits else xa)

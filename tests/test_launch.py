@@ -177,3 +177,31 @@ def test_tf32_switch_is_part_of_the_key(device):
         assert keys[0] != keys[1]
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def test_pdl_pairs_are_planned_where_pdl_is_enabled(device, monkeypatch):
+    """Which launches pair up by programmatic dependent launch (kernels/helpers.pdl_enabled; the GPU script
+    bench/exp_pdl.py runs them): off the GPU never; with PDL on, "auto" takes the split decode mode up to
+    MAX_SPLIT_ROWS rows (with or without dropout and stored xa), the GEMM is launched with `launch_pdl` and waits,
+    and the shrink before dX is its producer. LORA_FAST_PDL=0 (PDL_ENV) turns it off."""
+    from lora_fast.kernels import helpers, lora_bwd, lora_fwd
+
+    assert not helpers.pdl_enabled(torch.device("cpu"))
+    monkeypatch.setattr(helpers, "PDL_ENV", False)
+    assert not helpers.pdl_enabled(torch.device("cuda"))
+    for module in (lora_fwd, lora_bwd):
+        monkeypatch.setattr(module, "pdl_enabled", lambda dev: True)
+    K, N, r = 48, 40, 3
+    for M, p, store, mode in ((1, 0.0, False, "split"), (16, 0.1, True, "split"),
+                              (lora_fwd.MAX_SPLIT_ROWS, 0.0, True, "split"), (lora_fwd.MAX_SPLIT_ROWS + 1, 0.0, False,
+                                                                               "fused"), (300, 0.0, True, "shrink")):
+        x, W, b, A, B = lora_problem(M, K, N, r, torch.float32, device)
+        plan = lora_fwd._ForwardPlan(x, W, b, A, B, p, store, "auto", None, "auto", None)
+        assert (plan.splits > 0, plan.shrink) == (mode == "split", mode == "shrink"), (M, p, store, mode)
+        paired = mode != "fused"
+        assert plan.pdl == paired and plan.launch.options.get("launch_pdl", False) == paired
+        gdc_wait = plan.launch.args[plan.launch.fn.arg_names.index("GDC_WAIT")]
+        assert gdc_wait == paired
+    dy = torch.randn(300, N, device=device)
+    dx_plan = lora_bwd._DxPlan(dy, W, A, B, 0.0, True, "auto", None, "auto", None)
+    assert dx_plan.shrink and dx_plan.pdl and dx_plan.launch.options.get("launch_pdl") is True

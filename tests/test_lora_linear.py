@@ -8,6 +8,7 @@ import torch
 import lora_fast
 from lora_fast import kernels, naive
 from lora_fast.functional import LoRALinearFunction, draw_seed, use_triton
+from lora_fast.kernels.lora_shrink import lora_shrink_partials, shrink_splits
 from lora_fast.philox import dropout_mask_torch
 from lora_fast.reference import lora_linear_reference
 
@@ -73,6 +74,37 @@ def test_launchers_write_every_element(mode, p, tma, device):
     for name, out, ref in (("y", y, yr), ("dx", dx, dxr), ("xa", xa, xa_ref), ("dyb", dyb, dy.double() @ B.double()),
                            ("dA", dA, dAr), ("dB", dB, dBr)):
         assert_close(name, out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 200, 70, 3), (16, 96, 33, 1), (5, 40, 19, 17), (3, 0, 9, 2)],
+                         ids=lambda s: "M%d_K%d_N%d_r%d" % s)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_split_shrink_decode_mode(shape, p, dtype, device):
+    """xa_mode="split" (decode: xa as fp32 partial sums over K ranges, summed in the GEMM's epilogue; a PDL pair on
+    Hopper): NaN-filled y and xa against the reference, with dropout drawn in the shrink, and the partials add up
+    to xa. K = 0 gives the empty sum."""
+    M, K, N, r = shape
+    seed = 77
+    x, W, b, A, B = lora_problem(M, K, N, r, dtype, device)
+    y = torch.full((M, N), float("nan"), device=device, dtype=dtype)
+    _, xa = kernels.lora_forward(x, W, b, A, B, 0.7, p, seed, store_xa=True, xa_mode="split", out=y)
+    _, no_xa = kernels.lora_forward(x, W, b, A, B, 0.7, p, seed, xa_mode="split")
+    assert no_xa is None
+    keep = dropout_mask_torch(seed, M, K, p, device).double() / (1 - p) if p > 0 else 1.0
+    x_drop = (x.double() * keep).to(dtype).double()  # the kernels scale x in its own dtype
+    xa_ref = (x_drop @ A.double().t()).to(dtype).double()  # rounded before it meets B
+    ref = x.double() @ W.double().t() + b.double() + 0.7 * xa_ref @ B.double().t()
+    assert_close("y", y, ref, dtype)
+    assert xa.shape == (M, r) and xa.dtype == dtype
+    assert_close("xa", xa, xa_ref if K else torch.zeros(M, r), dtype)
+    ws = lora_shrink_partials(x, A, 4, p, seed)
+    splits = shrink_splits(M, K, dtype, 4)[0]
+    assert ws.shape == (splits, M, r) and ws.dtype == torch.float32 and 1 <= splits <= 4
+    # fp32 sums of x's dtype products (the interpreter may round drop(x) to bf16 differently from torch)
+    assert_close("xa partials", ws.sum(0), x_drop @ A.double().t() if K else torch.zeros(M, r), dtype)
+    with pytest.raises(ValueError, match="splits"):
+        lora_shrink_partials(x, A, 0)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25])
