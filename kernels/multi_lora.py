@@ -15,6 +15,9 @@ Two launches, no host sync:
    input dtype (as PEFT does), and adds `xa @ B[a]ᵀ` with a tensor-core dot per rank chunk of 16 up to the true rank.
    W is read once whatever the adapter mix; B is read once per (segment, N tile).
 
+On Hopper the second launch is a programmatic dependent launch when our own GEMM reads W (decode): it starts
+while the shrink runs and waits for the workspace only before its epilogue (kernels/helpers.pdl_enabled).
+
 Why not one launch: the shrink needs a full K reduction before the expand, and recomputing it in every N-tile program
 would read A[ids] N / BLOCK_N times (128× at N=4096), which costs more than the second launch.
 
@@ -28,7 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .helpers import acc_dtype, cdiv, dot, grouped_tile, next_pow2
+from .helpers import (
+    acc_dtype, cdiv, dot, gdc_launch_dependents_if, gdc_wait_if, grouped_tile, next_pow2, pdl_enabled,
+)
 
 # Rank chunk: the granularity at which an adapter's true rank is honoured, and tl.dot's minimum inner size.
 RANK_CHUNK = 16
@@ -71,7 +76,7 @@ def _shrink_kernel(
     stride_wsk, stride_wsi, stride_wst,
     SEGS_P2: tl.constexpr, NUM_RCHUNKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    ACC: tl.constexpr,
+    ACC: tl.constexpr, TRIGGER: tl.constexpr,
 ):
     """xa_part[split, slice, p, r] = sum_{k in split} X[perm[p], k] * A[a, slice, r, k] for the rows p of one segment.
 
@@ -82,7 +87,9 @@ def _shrink_kernel(
     T: tokens (not specialised); K_PER_SPLIT: multiple of BLOCK_K; MAX_SEGS: length of seg_adapter.
     SEGS_P2: next_pow2(MAX_SEGS); NUM_RCHUNKS: R_PAD // BLOCK_R; BLOCK_M: rows per tile; BLOCK_R: rank chunk (16);
     BLOCK_K: K step; PRECISION: tl.dot input precision for fp32; ACC: accumulator dtype (fp32, fp64 for fp64).
+    TRIGGER: let the PDL-launched `_fused_kernel` start now (it waits for ws before its epilogue).
     """
+    gdc_launch_dependents_if(TRIGGER)
     pid_tile = tl.program_id(0)
     pid_sr = tl.program_id(1)
     pid_k = tl.program_id(2).to(tl.int64)
@@ -135,7 +142,7 @@ def _fused_kernel(
     HAS_BIAS: tl.constexpr, NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    GATHER: tl.constexpr, GATHER_R: tl.constexpr, BASE_MODE: tl.constexpr,
+    GATHER: tl.constexpr, GATHER_R: tl.constexpr, BASE_MODE: tl.constexpr, GDC_WAIT: tl.constexpr,
 ):
     """Y[perm[p], n] = X[perm[p]] · W[n] + b[n] + s[a] · round(sum_split xa_part[., slice(n), p]) · B[a, n] (a = adapter of p).
 
@@ -151,6 +158,8 @@ def _fused_kernel(
     flight together) instead of per segment (one tensor-core dot per segment; its loads form a dependent chain, so
     it suits tiles that meet few segments). BASE_MODE: 0 computes X·Wᵀ + b here; 1: y already holds X·Wᵀ + b
     (cuBLAS), add the LoRA term to it; 2: write the LoRA term alone into y (an fp32 [T, N] buffer; no W read).
+    GDC_WAIT: launched with PDL right after `_shrink_kernel`: the base GEMM runs while the shrink does, and the
+    epilogue waits for ws.
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
@@ -167,6 +176,14 @@ def _fused_kernel(
 
     y = y_ptr + tokens[:, None] * stride_yt + cols[None, :] * stride_yn
     out_mask = row_mask[:, None] & col_mask[None, :]
+    if GATHER:
+        # adapter, rank and scale of every row, before the K loop: a chain of dependent loads (segment, adapter,
+        # rank) that would otherwise sit between the GEMM and the epilogue
+        adapter = tl.load(seg_adapter_ptr + tl.load(seg_of_ptr + rows, mask=row_mask, other=0), mask=row_mask,
+                          other=-1)
+        safe = tl.maximum(adapter, 0)
+        rank = tl.where(adapter >= 0, tl.load(ranks_ptr + safe), 0)
+        scale = tl.load(scalings_ptr + safe).to(ACC)
     if BASE_MODE == 1:
         acc = tl.load(y, mask=out_mask, other=0.0).to(ACC)
     elif BASE_MODE == 2:
@@ -184,25 +201,23 @@ def _fused_kernel(
 
     ws_rows = ws_ptr + slice_id.to(tl.int64) * stride_wsi + rows.to(tl.int64)[:, None] * stride_wst
     if GATHER:
-        # LoRA epilogue per row: adapter, rank and scale of every row at once, then GATHER_R rank rows per step.
-        adapter = tl.load(seg_adapter_ptr + tl.load(seg_of_ptr + rows, mask=row_mask, other=0), mask=row_mask,
-                          other=-1)
-        safe = tl.maximum(adapter, 0)
-        rank = tl.where(adapter >= 0, tl.load(ranks_ptr + safe), 0)
-        scale = tl.load(scalings_ptr + safe).to(ACC)
+        # LoRA epilogue per row, GATHER_R rank rows per step; B (not the shrink's output) is loaded before the wait.
+        # (B's first step loaded before the K loop instead measured no faster, and slowed the GEMM alone.)
         offs_g = tl.arange(0, GATHER_R)
         b_rows = b_ptr + safe.to(tl.int64)[:, None, None] * stride_bs + cols[None, None, :] * stride_bn
         for r0 in range(0, tl.max(rank, 0), GATHER_R):
             rs = r0 + offs_g
             r_mask = rs[None, :] < rank[:, None]
+            b = tl.load(b_rows + rs.to(tl.int64)[None, :, None] * stride_br,
+                        mask=r_mask[:, :, None] & col_mask[None, None, :], other=0.0)
+            gdc_wait_if(GDC_WAIT)
             xa = tl.zeros((BLOCK_M, GATHER_R), dtype=ACC)
             for split in tl.static_range(SPLIT_K):
                 xa += tl.load(ws_rows + split * stride_wsk + rs[None, :], mask=r_mask, other=0.0)
             xa = (xa * scale[:, None]).to(x_ptr.dtype.element_ty).to(ACC)
-            b = tl.load(b_rows + rs.to(tl.int64)[None, :, None] * stride_br,
-                        mask=r_mask[:, :, None] & col_mask[None, None, :], other=0.0)
             acc += tl.sum(xa[:, :, None] * b.to(ACC), 1)
     else:
+        gdc_wait_if(GDC_WAIT)
         acc = _segment_epilogue(acc, ws_rows, b_ptr, x_ptr, rows, row_mask, cols, col_mask, pid_m, T,
                                 seg_of_ptr, seg_start_ptr, seg_adapter_ptr, ranks_ptr, scalings_ptr,
                                 stride_bs, stride_bn, stride_br, stride_wsk,
@@ -335,6 +350,8 @@ def _config(t_bucket: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, is_cu
     split_k = 1
     while tiles * (R_PAD // RANK_CHUNK) * split_k < 256 and split_k < 16 and K // (split_k * 2) >= 256:
         split_k *= 2
+    if t_bucket == 1:  # H200, 1 token, PDL: 4 splits 15.7 µs against 20.5 with 16 (16 tokens: 16 splits best)
+        split_k = min(split_k, 4)
     cfg.update(S_BLOCK_M=s_block_m, S_BLOCK_K=128 if big else 256, SPLIT_K=split_k, s_num_warps=4, s_num_stages=3)
     cfg.update(EXPAND="fused", E_BLOCK_M=16 if t_bucket <= 256 else 64, E_BLOCK_N=128, e_num_warps=4)
     # Measured on H100 under graphs (bench/NOTES.md, multi-LoRA step 5): from 32 to 256 tokens, cuBLAS's W stream
@@ -433,8 +450,11 @@ def multi_lora_forward(x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm,
             main = torch.cuda.current_stream(x2d.device)
             side = _side_stream(x2d.device)
             side.wait_stream(main)
+    # Our own base GEMM right after the shrink on one stream: launched with PDL where available, it streams W
+    # while the shrink runs and waits for ws only in its epilogue.
+    pdl = base == "triton" and pdl_enabled(x2d.device)
     with (torch.cuda.stream(side) if side is not None else contextlib.nullcontext()):
-        _launch_shrink(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks, cfg, precision)
+        _launch_shrink(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks, cfg, precision, trigger=pdl)
     if base in ("cublas", "overlap"):  # y = X·Wᵀ + b by cuBLAS (no_grad: a frozen base may still require grad)
         with torch.no_grad():
             _base_gemm(x2d, weight, bias, out)
@@ -446,7 +466,7 @@ def multi_lora_forward(x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm,
                            precision, accumulate=delta is None)
         else:
             _launch_fused(x2d, weight, bias, lora_B, ws, target, perm, seg_of, seg_start, seg_adapter, ranks,
-                          scalings, slice_sizes, cfg, precision, base_mode)
+                          scalings, slice_sizes, cfg, precision, base_mode, pdl=pdl)
     if delta is not None:
         if side is not None:
             main.wait_stream(side)
@@ -463,8 +483,9 @@ def _base_gemm(x2d, weight, bias, out):
 
 
 def _launch_fused(x2d, weight, bias, lora_B, ws, target, perm, seg_of, seg_start, seg_adapter, ranks, scalings,
-                  slice_sizes, cfg, precision, base_mode):
-    """target [T, N] = base GEMM and/or LoRA epilogue over (row tile, N tile) programs (see `_fused_kernel`)."""
+                  slice_sizes, cfg, precision, base_mode, pdl=False):
+    """target [T, N] = base GEMM and/or LoRA epilogue over (row tile, N tile) programs (see `_fused_kernel`);
+    pdl: launched with PDL right after the shrink."""
     T, K = x2d.shape
     slices, n_tiles = _slice_table(tuple(int(s) for s in slice_sizes), cfg["BLOCK_N"], x2d.device)
     grid = (cdiv(T, cfg["BLOCK_M"]) * n_tiles,)
@@ -480,8 +501,8 @@ def _launch_fused(x2d, weight, bias, lora_B, ws, target, perm, seg_of, seg_start
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=RANK_CHUNK,
         GROUP_M=cfg["GROUP_M"], PRECISION=precision, ACC=acc_dtype(x2d.dtype),
         GATHER=bool(cfg["GATHER"]), GATHER_R=_gather_r(cfg["BLOCK_M"], cfg["BLOCK_N"]),
-        BASE_MODE=base_mode,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BASE_MODE=base_mode, GDC_WAIT=pdl,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **({"launch_pdl": True} if pdl else {}),
     )
 
 
@@ -505,8 +526,9 @@ def _launch_expand(lora_B, ws, target, perm, seg_start, seg_adapter, ranks, scal
     )
 
 
-def _launch_shrink(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks, cfg, precision):
-    """ws[split, slice, p, :rank] = X[perm[p]] @ A[a, slice, :rank]ᵀ over one K split (see `_shrink_kernel`)."""
+def _launch_shrink(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks, cfg, precision, trigger=False):
+    """ws[split, slice, p, :rank] = X[perm[p]] @ A[a, slice, :rank]ᵀ over one K split (see `_shrink_kernel`);
+    trigger: the next launch is a PDL consumer."""
     T, K = x2d.shape
     split_k, n_slices, _, R_PAD = ws.shape
     max_segs = seg_adapter.shape[0]
@@ -521,7 +543,7 @@ def _launch_shrink(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks, cfg, pr
         ws.stride(0), ws.stride(1), ws.stride(2),
         SEGS_P2=next_pow2(max_segs), NUM_RCHUNKS=num_rchunks,
         BLOCK_M=cfg["S_BLOCK_M"], BLOCK_R=RANK_CHUNK, BLOCK_K=cfg["S_BLOCK_K"], PRECISION=precision,
-        ACC=acc_dtype(x2d.dtype),
+        ACC=acc_dtype(x2d.dtype), TRIGGER=trigger,
         num_warps=cfg["s_num_warps"], num_stages=cfg["s_num_stages"],
     )
 
