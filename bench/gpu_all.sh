@@ -7,7 +7,8 @@
 # (profile_host), linear (bench_lora_linear --quick), prof (profile_lora at
 # p=0.1 and 0), persistent (exp_persistent: GEMM variants, shrink/dA/dB/dX-term timings at M=8192), profc (profile_compile:
 # the compiled training step against eager, p=0 and 0.1), nf4dec (exp_nf4_decode: NF4 decode checks, GEMV tile sweep,
-# dequantize timings; NF4DEC_ARGS=--no-sweep skips the sweep), dist (gpu_distributed on 2 GPUs, kind nvidia-h200-x2), qlora, variants, init, train (bench_train_step). bitsandbytes wheels in .whl/ are installed
+# dequantize timings; NF4DEC_ARGS=--no-sweep skips the sweep), pdl (exp_pdl: PDL producer/consumer pairs, checks and
+# timings on and off), dist (gpu_distributed on 2 GPUs, kind nvidia-h200-x2), qlora, variants, init, train (bench_train_step). bitsandbytes wheels in .whl/ are installed
 # first when present (the device image lacks it). A summary line per script is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +40,7 @@ for name in "$@"; do
     linear) step linear 240 python3 bench/bench_lora_linear.py --quick --out "$OUT/logs" ;;
     prof) step prof 120 bash -c "python3 bench/profile_lora.py --p 0.1 && python3 bench/profile_lora.py --p 0" ;;
     profc) step profc 240 bash -c "python3 bench/profile_compile.py --p 0 && python3 bench/profile_compile.py --p 0.1" ;;
+    pdl) step pdl 330 python3 bench/exp_pdl.py --out "$OUT/logs" ${PDL_ARGS:-} ;;
     nf4dec) step nf4dec 300 python3 bench/exp_nf4_decode.py --out "$OUT/logs" ${NF4DEC_ARGS:-} ;;
     persistent) step persistent 200 python3 bench/exp_persistent.py --out "$OUT/logs" --shapes 1 ;;
     dist) step dist 200 torchrun --standalone --nproc_per_node 2 bench/gpu_distributed.py --out "$OUT/logs" ;;
