@@ -231,34 +231,44 @@ def multi_timings(dt, K, N):
     return rows
 
 
-def m64_timings(sets, dt, K):
-    """Tiles of the "split" forward for 17 to 64 rows (the "m64" class), PDL on."""
+def tile_timings(sets, dt, K, cls):
+    """Tiles of the "split" forward (PDL on) for the "m64" class (17 to 64 rows) or the "m16" class (1 to 16 rows,
+    with a bias on both sides, as bench_lora_linear times it)."""
     from lora_fast.kernels import config as kconfig
     rows = []
-    cfgs = [None, kconfig.GemmConfig(64, 32, 128, group_m=1, num_warps=4, num_stages=4),
-            kconfig.GemmConfig(64, 32, 256, group_m=1, num_warps=4, num_stages=3),
-            kconfig.GemmConfig(32, 32, 256, group_m=1, num_warps=4, num_stages=4),
-            kconfig.GemmConfig(64, 64, 128, group_m=1, num_warps=4, num_stages=4),
-            kconfig.GemmConfig(16, 32, 256, group_m=1, num_warps=4, num_stages=4)]
+    G = kconfig.GemmConfig
+    if cls == "m64":
+        ms, bias = (32, 64), None
+        cfgs = [None, G(64, 32, 128, group_m=1, num_warps=4, num_stages=4), G(64, 32, 256, group_m=1, num_warps=4,
+                                                                              num_stages=3),
+                G(32, 32, 256, group_m=1, num_warps=4, num_stages=4), G(64, 64, 128, group_m=1, num_warps=4,
+                                                                        num_stages=4),
+                G(16, 32, 256, group_m=1, num_warps=4, num_stages=4)]
+    else:
+        ms, bias = (1, 16), torch.randn(sets[0][0].shape[0], device=DEV, dtype=dt)
+        cfgs = [None] + [G(16, bn, bk, group_m=1, num_warps=w, num_stages=st) for bn, bk, w, st in (
+            (32, 128, 4, 6), (32, 256, 4, 5))]
     set_pdl(True)
-    for M in (32, 64):
+    for M in ms:
         x = torch.randn(M, K, device=DEV, dtype=dt)
-        base = bench_graph_us([lambda W=W: F.linear(x, W) for W, _, _ in sets])
-        rows.append({"case": f"lora fwd M={M}", "variant": "base F.linear", "us": base, "ratio": 1.0})
+        base = bench_graph_us([lambda W=W: F.linear(x, W, bias) for W, _, _ in sets])
+        rows.append({"case": f"lora fwd M={M}" + (" bias" if bias is not None else ""), "variant": "base F.linear",
+                     "us": base, "ratio": 1.0})
         for cfg in cfgs:
-            kconfig.set_override("fwd", "m64", cfg)
+            kconfig.set_override("fwd", cls, cfg)
             label = "split, default tile" if cfg is None else \
-                f"split {cfg.block_m}x{cfg.block_n}x{cfg.block_k} s{cfg.num_stages}"
+                f"split {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
+            case = f"lora fwd M={M}" + (" bias" if bias is not None else "")
             try:
-                y = lora_forward(x, sets[0][0], None, sets[0][1], sets[0][2], 2.0, xa_mode="split")[0]
-                err = rel_err(y, fwd_reference(x, sets[0][0], None, sets[0][1], sets[0][2], 2.0))
-                us = bench_graph_us([lambda W=W, A=A, B=B: lora_forward(x, W, None, A, B, 2.0, xa_mode="split")
+                y = lora_forward(x, sets[0][0], bias, sets[0][1], sets[0][2], 2.0, xa_mode="split")[0]
+                err = rel_err(y, fwd_reference(x, sets[0][0], bias, sets[0][1], sets[0][2], 2.0))
+                us = bench_graph_us([lambda W=W, A=A, B=B: lora_forward(x, W, bias, A, B, 2.0, xa_mode="split")
                                      for W, A, B in sets])
-                rows.append({"case": f"lora fwd M={M}", "variant": label, "us": us, "ratio": us / base,
-                             "rel_err": err})
+                rows.append({"case": case, "variant": label, "us": us, "ratio": us / base, "rel_err": err})
             except Exception as e:  # noqa: BLE001 - a tile that does not fit is reported
-                rows.append({"case": f"lora fwd M={M}", "variant": label, "error": repr(e)[:150]})
-        kconfig.set_override("fwd", "m64", None)
+                rows.append({"case": case, "variant": label, "error": repr(e)[:150]})
+            print(rows[-1], flush=True)
+        kconfig.set_override("fwd", cls, None)
     return rows
 
 
@@ -296,8 +306,9 @@ def timings(parts=("lora", "train", "multi")):
         rows += train_timings(sets, dt, K, N)
     if "multi" in parts:
         rows += multi_timings(dt, K, N)
-    if "m64" in parts:
-        rows += m64_timings(sets, dt, K)
+    for cls in ("m16", "m64"):
+        if cls in parts:
+            rows += tile_timings(sets, dt, K, cls)
     return rows
 
 
@@ -305,14 +316,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/exp")
     ap.add_argument("--no-timings", action="store_true")
-    ap.add_argument("--timings", default="lora,train,multi", help="comma-separated: lora, train, multi, m64")
+    ap.add_argument("--no-checks", action="store_true", help="timings only (a tile sweep)")
+    ap.add_argument("--timings", default="lora,train,multi", help="comma-separated: lora, train, multi, m16, m64")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     import triton
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "triton_has_pdl": helpers.TRITON_HAS_PDL, "pdl_enabled": helpers.pdl_enabled(torch.device(DEV))}
     print(info, flush=True)
-    for step in (check_forward, check_split_dropout, check_training, check_multi, check_graph_replays):
+    steps = () if args.no_checks else (check_forward, check_split_dropout, check_training, check_multi,
+                                       check_graph_replays)
+    for step in steps:
         try:
             step()
         except Exception as e:  # noqa: BLE001 - reported as a failed check, the other steps still run

@@ -82,7 +82,10 @@ _HALF = {
 # The "split" forward (xa from a PDL-overlapped shrink, no rank block in the loop) at 17-64 rows: one row block of
 # 64 and 128 programs at N=4096. H200, graphs, K=N=4096, r=16 (bench/results/exp_pdl_m64.json): M=32 1.18x and
 # M=64 1.38x the base, against 1.44x / 1.68x with the "m64" tile below (64 programs at M=32).
-_HALF_FWD_SPLIT_M64 = GemmConfig(64, 32, 256, group_m=1, num_warps=4, num_stages=3)
+# At 1-16 rows (with the bias and B's first chunk loaded before the K loop), with a bias on both sides:
+# 16x32x128, 6 stages 1.07x / 1.01x at M = 1 / 16 against 1.14x / 1.07x for the "m16" tile (exp_pdl_m16_hoist.json).
+_HALF_FWD_SPLIT = {"m16": GemmConfig(16, 32, 128, group_m=1, num_warps=4, num_stages=6),
+                   "m64": GemmConfig(64, 32, 256, group_m=1, num_warps=4, num_stages=3)}
 # dX: persistent too (1.04-1.06x cuBLAS's dY @ W against 1.07-1.08x one tile per program at M=8192); with its
 # rank-r epilogue 3 stages beat 4 (1.04-1.06x against 1.05-1.08x), though a plain GEMM of dX's layout preferred 4.
 _HALF_DX_LARGE = replace(_HALF["large"], tma_store=False)
@@ -128,8 +131,8 @@ def gemm_config(kernel: str, m: int, dtype: torch.dtype, rank_block: int) -> Gem
     if is_interpret():
         return _INTERPRET_CONFIG
     half = dtype in (torch.float16, torch.bfloat16)
-    if split and half and cls == "m64":
-        return _HALF_FWD_SPLIT_M64
+    if split and half and cls in _HALF_FWD_SPLIT:
+        return _HALF_FWD_SPLIT[cls]
     if kernel == "dx" and half and cls == "large":
         return _HALF_DX_LARGE if rank_block <= 64 else replace(_HALF_DX_LARGE, block_n=128)
     cfg = (_HALF if half else _FULL)[cls]

@@ -71,6 +71,13 @@ def _fwd_tile(
         x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
         w_ptrs = W + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
     a_ptrs = A + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
+    if XA_SPLITS > 0:
+        # decode: the bias and B's first rank chunk (neither is the shrink's output) are loaded before the K loop,
+        # so that no dependent load is left between the W stream and the store (they are a few registers here)
+        b_first = tl.load(B + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                          mask=(offs_r[:, None] < RANK) & mask_n[None, :], other=0.0)
+        if HAS_BIAS:
+            bias_early = tl.load(BIAS + offs_n, mask=mask_n, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
@@ -107,8 +114,11 @@ def _fwd_tile(
         gdc_wait_if(GDC_WAIT)  # xa comes from the kernel before this one (a PDL launch)
         for c in tl.static_range(NUM_R_CHUNKS):
             rr = c * BLOCK_R + offs_r
-            b = tl.load(B + offs_n[None, :] * stride_bn + rr[:, None] * stride_br,
-                        mask=(rr[:, None] < RANK) & mask_n[None, :], other=0.0)
+            if XA_SPLITS > 0 and c == 0:
+                b = b_first
+            else:
+                b = tl.load(B + offs_n[None, :] * stride_bn + rr[:, None] * stride_br,
+                            mask=(rr[:, None] < RANK) & mask_n[None, :], other=0.0)
             xa_ptrs = XA + offs_m[:, None] * stride_xam + rr[None, :] * stride_xar
             xa_mask = mask_m[:, None] & (rr[None, :] < RANK)
             if XA_SPLITS == 0:
@@ -127,7 +137,10 @@ def _fwd_tile(
     if HAS_OUT_SCALE:
         acc = acc * tl.load(OUT_SCALE + offs_n, mask=mask_n, other=0.0).to(ACC)[None, :]
     if HAS_BIAS:
-        bias = tl.load(BIAS + offs_n, mask=mask_n, other=0.0)
+        if XA_SPLITS > 0:
+            bias = bias_early
+        else:
+            bias = tl.load(BIAS + offs_n, mask=mask_n, other=0.0)
         acc += bias.to(ACC)[None, :]
     if Y_TMA:
         Y.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(Y.dtype))
