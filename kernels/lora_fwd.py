@@ -1,14 +1,14 @@
 """Fused LoRA forward: Y = X @ W^T + b + s * (drop(X) @ A^T) @ B^T in one launch.
 
 Each program owns a BLOCK_M x BLOCK_N tile of Y and walks K once, accumulating X @ W^T in fp32. The rank-r
-product xa = drop(X) @ A^T [M, r] comes one of two ways (`xa_mode`):
+product xa = drop(X) @ A^T [M, r] comes one of three ways (`xa_mode`):
   * "fused": the same K loop also accumulates xa for its rows, reusing the X tile already loaded. This costs
     r / BLOCK_N more MMA work (6 % at r=16, BLOCK_N=256) and reads X once. Programs of the first N tile store
     xa for the backward. Used without dropout and at small padded rank.
   * "shrink": `lora_shrink` computes xa once (one extra read of X, the dropout mask drawn once per element) and
     the kernel loads it. Used with dropout (the mask would otherwise be redrawn for every N tile) and at large
     rank (the xa accumulator would crowd out the GEMM's registers).
-  * "split" (decode, M <= DECODE_ROWS): `lora_shrink_partials` computes xa as fp32 partial sums over K ranges,
+  * "split" (decode, M <= MAX_SPLIT_ROWS): `lora_shrink_partials` computes xa as fp32 partial sums over K ranges,
     which the epilogue adds up. On Hopper the GEMM is launched with PDL while the shrink runs: its programs stream
     W at once and wait for xa only before the epilogue, so neither a second pass nor a redundant xa per N tile
     (each of N / BLOCK_N programs reading all of A) is on the critical path. The shrink draws the dropout mask;
@@ -276,7 +276,9 @@ class _ForwardPlan:
         # xa: computed by a shrink launch first (whole, or as partial sums), or by the fused GEMM (stored only when
         # asked), or not at all
         self.shrink = xa_mode == "shrink"
-        self.splits = shrink_splits(M, K, x.dtype, XA_SPLITS)[0] if xa_mode == "split" else 0
+        # the K ranges asked of the shrink, and the number it gives (which the kernel is compiled for)
+        self.xa_splits = XA_SPLITS
+        self.splits = shrink_splits(M, K, x.dtype, self.xa_splits)[0] if xa_mode == "split" else 0
         self.new_xa = store_xa and not self.shrink
         self.pdl = False
         if M == 0 or N == 0:
@@ -324,7 +326,7 @@ class _ForwardPlan:
         if self.shrink:
             xa = lora_shrink(x, lora_A, self.dropout_p, seed, trigger=self.pdl)
         elif self.splits:
-            xa = lora_shrink_partials(x, lora_A, XA_SPLITS, self.dropout_p, seed, trigger=self.pdl)
+            xa = lora_shrink_partials(x, lora_A, self.xa_splits, self.dropout_p, seed, trigger=self.pdl)
         elif self.new_xa:
             xa = torch.empty(self.xa_shape, device=x.device, dtype=x.dtype)
         else:

@@ -143,6 +143,6 @@ def lora_shrink_partials(x, lora_A, splits, dropout_p=0.0, seed=0, trigger=False
 
     >>> ws = lora_shrink_partials(x, A, 8)      # ws.sum(0).to(x.dtype) == lora_shrink(x, A)
     """
-    if int(splits) < 1:
-        raise ValueError(f"splits must be >= 1, got {splits}")
-    return _shrink(x, lora_A, dropout_p, seed, int(splits), bool(trigger))
+    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"splits must be an int >= 1, got {splits!r}")
+    return _shrink(x, lora_A, dropout_p, seed, splits, bool(trigger))

@@ -103,8 +103,9 @@ def test_split_shrink_decode_mode(shape, p, dtype, device):
     assert ws.shape == (splits, M, r) and ws.dtype == torch.float32 and 1 <= splits <= 4
     # fp32 sums of x's dtype products (the interpreter may round drop(x) to bf16 differently from torch)
     assert_close("xa partials", ws.sum(0), x_drop @ A.double().t() if K else torch.zeros(M, r), dtype)
-    with pytest.raises(ValueError, match="splits"):
-        lora_shrink_partials(x, A, 0)
+    for bad in (0, 2.5, None):
+        with pytest.raises(ValueError, match="splits"):
+            lora_shrink_partials(x, A, bad)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25])
