@@ -9,13 +9,13 @@ import triton.language as tl
 from .helpers import cdiv, dropout_keep, dropout_threshold
 
 
-@triton.jit(do_not_specialize=["M", "seed", "thr_shifted"])
-def _dropout_mask_kernel(OUT, M, K, seed, thr_shifted, K4, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+@triton.jit(do_not_specialize=["M", "seed", "keep_thr"])
+def _dropout_mask_kernel(OUT, M, K, seed, keep_thr, K8, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """OUT: [M, K] int8, 1 where kept. grid = (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K))."""
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    keep = dropout_keep(seed, offs_m, k0, K4, thr_shifted, BLOCK_M, BLOCK_K)
+    keep = dropout_keep(seed, offs_m, k0, K8, keep_thr, BLOCK_M, BLOCK_K)
     tl.store(OUT + offs_m[:, None] * K + offs_k[None, :], keep.to(tl.int8),
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
@@ -28,6 +28,6 @@ def dropout_mask(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
     out = torch.empty((M, K), device=device, dtype=torch.int8)
     if M and K:
         grid = (cdiv(M, 16), cdiv(K, 64))
-        _dropout_mask_kernel[grid](out, M, K, int(seed), dropout_threshold(p), cdiv(K, 4),
+        _dropout_mask_kernel[grid](out, M, K, int(seed), dropout_threshold(p), cdiv(K, 8),
                                    BLOCK_M=16, BLOCK_K=64)
     return out.bool()

@@ -203,23 +203,25 @@ def output_tile(ROWS, COLS, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, 
 
 
 @triton.jit
-def dropout_keep(seed, offs_m, k0, K4, thr_shifted, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def dropout_keep(seed, offs_m, k0, K8, keep_thr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Boolean keep-mask of the tile rows `offs_m` [BLOCK_M] x columns `k0 + arange(BLOCK_K)`.
 
-    Element (m, k) takes word `k % 4` of Philox-4x32-10 keyed by `seed` at counter `m * K4 + k // 4`
-    (K4 = ceil(K / 4)) and is kept iff that word is >= ceil(p * 2**32). `thr_shifted` is that threshold minus
-    2**31, compared against the word minus 2**31 so that the test is a signed int32 compare.
-    One Philox call yields the four words of four neighbouring columns, so the mask costs a quarter of
-    `tl.rand` per element. `k0` must be a multiple of 4 (every BLOCK_K is).
+    Philox-4x32-10 keyed by `seed` at counter `m * K8 + k // 8` (K8 = ceil(K / 8)) gives four 32-bit words for
+    eight neighbouring columns: column k takes the low (k even) or high (k odd) 16 bits of word (k % 8) // 2 and
+    is kept iff that half is >= `keep_thr` = ceil(p * 2**16) (dropout_threshold). So the drop probability is p
+    rounded up to a multiple of 2**-16 (within 1.6e-5 of p; FlashAttention's dropout rounds to 2**-8), and one
+    Philox call serves eight elements: half the cost of a 32-bit word per element. `k0` must be a multiple of 8
+    (every BLOCK_K is). lora_fast.philox reproduces the mask in numpy.
     """
-    tl.static_assert(BLOCK_K % 4 == 0)
-    cols4 = k0 // 4 + tl.arange(0, BLOCK_K // 4)
-    counter = offs_m.to(tl.int64)[:, None] * K4 + cols4[None, :]
+    tl.static_assert(BLOCK_K % 8 == 0)
+    cols8 = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    counter = offs_m.to(tl.int64)[:, None] * K8 + cols8[None, :]
     r0, r1, r2, r3 = tl.randint4x(seed, counter)
-    # join(join(r0, r2), join(r1, r3))[c, t, u] = r_{2t+u}: flattening puts word (k % 4) at column k.
-    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_K))
-    signed = (words ^ 0x80000000).to(tl.int32, bitcast=True)
-    return signed >= thr_shifted
+    # join(join(r0, r2), join(r1, r3))[c, t, u] = r_{2t+u}; joining its low and high halves adds the last index h:
+    # flattening [c, t, u, h] puts half h of word 2t + u at column 8c + 4t + 2u + h, i.e. word (k % 8) // 2.
+    words = tl.join(tl.join(r0, r2), tl.join(r1, r3))
+    halves = tl.reshape(tl.join(words & 0xFFFF, words >> 16), (BLOCK_M, BLOCK_K))
+    return halves.to(tl.int32, bitcast=True) >= keep_thr
 
 
 @triton.jit
@@ -237,8 +239,7 @@ def apply_dropout(x, keep, inv_keep):
 
 
 def dropout_threshold(p: float) -> int:
-    """`thr_shifted` for `dropout_keep`: ceil(p * 2**32) - 2**31, clamped to the int32 range."""
+    """`keep_thr` for `dropout_keep`: ceil(p * 2**16), at most 2**16 (nothing kept)."""
     import math
 
-    thr = min(math.ceil(p * 2**32), 2**32 - 1)
-    return thr - 2**31
+    return min(math.ceil(p * 2**16), 2**16)

@@ -51,7 +51,7 @@ def _dx_tile(
     M, N, K, RANK,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br, stride_ar, stride_ak,
     stride_dybm, stride_dybr, stride_dxm, stride_dxk,
-    scaling, seed, thr_shifted, inv_keep, K4,
+    scaling, seed, keep_thr, inv_keep, K8,
     DROPOUT: tl.constexpr, COMPUTE_DYB: tl.constexpr, STORE_DYB: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
@@ -105,19 +105,19 @@ def _dx_tile(
                          stride_ak, scaling, low, BLOCK_R, NUM_R_CHUNKS, PRECISION, ACC)
     if DROPOUT:
         k0 = pid_k * BLOCK_K
-        low = tl.where(dropout_keep(seed, offs_m, k0, K4, thr_shifted, BLOCK_M, BLOCK_K), low * inv_keep, 0.0)
+        low = tl.where(dropout_keep(seed, offs_m, k0, K8, keep_thr, BLOCK_M, BLOCK_K), low * inv_keep, 0.0)
     acc += low
     dx_ptrs = DX + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
     tl.store(dx_ptrs, acc.to(DX.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "seed", "thr_shifted"])
+@triton.jit(do_not_specialize=["M", "seed", "keep_thr"])
 def _lora_bwd_dx_kernel(
     DY, W, B, A, DYB, DX,
     M, N, K, RANK,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br, stride_ar, stride_ak,
     stride_dybm, stride_dybr, stride_dxm, stride_dxk,
-    scaling, seed, thr_shifted, inv_keep, K4,
+    scaling, seed, keep_thr, inv_keep, K8,
     DROPOUT: tl.constexpr, COMPUTE_DYB: tl.constexpr, STORE_DYB: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
@@ -131,7 +131,7 @@ def _lora_bwd_dx_kernel(
     USE_TMA: DY and W are host tensor descriptors with blocks [BLOCK_M, BLOCK_N] and [BLOCK_N, BLOCK_K].
     DYB: [M, RANK], unscaled dY @ B in DY's dtype: read when not COMPUTE_DYB, written by the pid_k == 0
         programs when STORE_DYB.
-    scaling: s; seed, thr_shifted, inv_keep, K4: the forward's dropout mask (helpers.dropout_keep) if DROPOUT.
+    scaling: s; seed, keep_thr, inv_keep, K8: the forward's dropout mask (helpers.dropout_keep) if DROPOUT.
     BLOCK_R: padded rank (COMPUTE_DYB) or the epilogue's rank chunk; NUM_R_CHUNKS: chunks in the epilogue.
     DY_SCALE: [N], any float dtype, read if HAS_DY_SCALE: every dY tile is scaled by it per column (in fp32,
         rounded back to dY's dtype) before both products, i.e. the kernel differentiates DY_SCALE * Y (DoRA).
@@ -141,23 +141,23 @@ def _lora_bwd_dx_kernel(
         for tile in range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_K), tl.num_programs(0)):
             _dx_tile(tile, DY, W, B, A, DYB, DX, M, N, K, RANK,
                      stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br, stride_ar, stride_ak,
-                     stride_dybm, stride_dybr, stride_dxm, stride_dxk, scaling, seed, thr_shifted, inv_keep, K4,
+                     stride_dybm, stride_dybr, stride_dxm, stride_dxk, scaling, seed, keep_thr, inv_keep, K8,
                      DROPOUT, COMPUTE_DYB, STORE_DYB, USE_TMA, BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R, NUM_R_CHUNKS,
                      GROUP_M, PRECISION, ACC, DY_SCALE, HAS_DY_SCALE, GDC_WAIT)
     else:
         _dx_tile(tl.program_id(0), DY, W, B, A, DYB, DX, M, N, K, RANK,
                  stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br, stride_ar, stride_ak,
-                 stride_dybm, stride_dybr, stride_dxm, stride_dxk, scaling, seed, thr_shifted, inv_keep, K4,
+                 stride_dybm, stride_dybr, stride_dxm, stride_dxk, scaling, seed, keep_thr, inv_keep, K8,
                  DROPOUT, COMPUTE_DYB, STORE_DYB, USE_TMA, BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R, NUM_R_CHUNKS,
                  GROUP_M, PRECISION, ACC, DY_SCALE, HAS_DY_SCALE, GDC_WAIT)
 
 
-@triton.jit(do_not_specialize=["M", "seed", "thr_shifted"])
+@triton.jit(do_not_specialize=["M", "seed", "keep_thr"])
 def _lora_dx_dropout_term_kernel(
     DYB, A, DX,
     M, K, RANK,
     stride_dybm, stride_dybr, stride_ar, stride_ak, stride_dxm, stride_dxk,
-    scaling, seed, thr_shifted, inv_keep, K4,
+    scaling, seed, keep_thr, inv_keep, K8,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, NUM_R_CHUNKS: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -165,7 +165,7 @@ def _lora_dx_dropout_term_kernel(
 
     DYB: [M, RANK] = dY @ B (unscaled), A: [RANK, K], DX: [M, K] holding dY @ W, all strided;
     grid = (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K)). drop' keeps element (m, k) where the forward's mask
-    (helpers.dropout_keep of seed, thr_shifted, K4) kept x[m, k], scaled by inv_keep.
+    (helpers.dropout_keep of seed, keep_thr, K8) kept x[m, k], scaled by inv_keep.
     """
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -175,7 +175,7 @@ def _lora_dx_dropout_term_kernel(
     mask_k = offs_k < K
     low = _rank_term(DYB, A, offs_m, offs_k, mask_m, mask_k, RANK, stride_dybm, stride_dybr, stride_ar, stride_ak,
                      scaling, tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC), BLOCK_R, NUM_R_CHUNKS, PRECISION, ACC)
-    keep = dropout_keep(seed, offs_m, pid_k * BLOCK_K, K4, thr_shifted, BLOCK_M, BLOCK_K)
+    keep = dropout_keep(seed, offs_m, pid_k * BLOCK_K, K8, keep_thr, BLOCK_M, BLOCK_K)
     dx_ptrs = DX + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
     mask = mask_m[:, None] & mask_k[None, :]
     dx = upcast(tl.load(dx_ptrs, mask=mask, other=0.0)) + tl.where(keep, low * inv_keep, 0.0)
@@ -186,7 +186,7 @@ def _lora_dx_dropout_term_kernel(
 def _reduce_m_tile(
     U, V, OUT, M, P, Q, ROWS_PER_SPLIT,
     stride_um, stride_up, stride_vm, stride_vq, stride_os, stride_op, stride_oq,
-    pid_p, pid_q, pid_s, scaling, seed, thr_shifted, inv_keep, K4,
+    pid_p, pid_q, pid_s, scaling, seed, keep_thr, inv_keep, K8,
     DROPOUT_V: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -211,20 +211,20 @@ def _reduce_m_tile(
         v = tl.load(V + offs_m[:, None] * stride_vm + offs_q[None, :] * stride_vq,
                     mask=mask_m[:, None] & mask_q[None, :], other=0.0)
         if DROPOUT_V:
-            keep = dropout_keep(seed, offs_m, pid_q * BLOCK_Q, K4, thr_shifted, BLOCK_M, BLOCK_Q)
+            keep = dropout_keep(seed, offs_m, pid_q * BLOCK_Q, K8, keep_thr, BLOCK_M, BLOCK_Q)
             v = apply_dropout(v, keep, inv_keep)
         acc = dot(u_t, v, acc, PRECISION)
     out_ptrs = OUT + pid_s * stride_os + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq
     tl.store(out_ptrs, (acc * scaling).to(OUT.dtype.element_ty), mask=mask_p[:, None] & mask_q[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "seed", "thr_shifted"])
+@triton.jit(do_not_specialize=["M", "seed", "keep_thr"])
 def _lora_grad_ab_kernel(
     DYB, X, DY, XA, OUT_A, OUT_B,
     M, K, N, RANK, ROWS_PER_SPLIT_A, ROWS_PER_SPLIT_B, TILES_A, SPLITS_A, TILES_B,
     stride_dybm, stride_dybr, stride_xm, stride_xk, stride_dym, stride_dyn, stride_xam, stride_xar,
     stride_oas, stride_oap, stride_oaq, stride_obs, stride_obp, stride_obq,
-    scaling, seed, thr_shifted, inv_keep, K4,
+    scaling, seed, keep_thr, inv_keep, K8,
     DROPOUT: tl.constexpr, BLOCK_RA: tl.constexpr, BLOCK_KA: tl.constexpr, BLOCK_NB: tl.constexpr,
     BLOCK_RB: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -241,7 +241,7 @@ def _lora_grad_ab_kernel(
         num_q = tl.cdiv(K, BLOCK_KA)
         _reduce_m_tile(DYB, X, OUT_A, M, RANK, K, ROWS_PER_SPLIT_A,
                        stride_dybm, stride_dybr, stride_xm, stride_xk, stride_oas, stride_oap, stride_oaq,
-                       tile // num_q, tile % num_q, pid // TILES_A, scaling, seed, thr_shifted, inv_keep, K4,
+                       tile // num_q, tile % num_q, pid // TILES_A, scaling, seed, keep_thr, inv_keep, K8,
                        DROPOUT, BLOCK_RA, BLOCK_KA, BLOCK_M, PRECISION, ACC)
     else:
         t = pid - TILES_A * SPLITS_A
@@ -249,7 +249,7 @@ def _lora_grad_ab_kernel(
         num_q = tl.cdiv(RANK, BLOCK_RB)
         _reduce_m_tile(DY, XA, OUT_B, M, N, RANK, ROWS_PER_SPLIT_B,
                        stride_dym, stride_dyn, stride_xam, stride_xar, stride_obs, stride_obp, stride_obq,
-                       tile // num_q, tile % num_q, t // TILES_B, scaling, seed, thr_shifted, inv_keep, K4,
+                       tile // num_q, tile % num_q, t // TILES_B, scaling, seed, keep_thr, inv_keep, K8,
                        False, BLOCK_NB, BLOCK_RB, BLOCK_M, PRECISION, ACC)
 
 
@@ -313,7 +313,7 @@ class _DxPlan:
                 _lora_dx_dropout_term_kernel, (cdiv(M, tcfg.block_m), cdiv(K, tcfg.block_n)),
                 ("DYB", "A", "DX", "scaling", "seed"), None, None, None, M, K, rank,
                 rank, 1, lora_A.stride(0), lora_A.stride(1), *dx_strides,  # dyb: a new contiguous [M, r]
-                None, None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 4),
+                None, None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 8),
                 BLOCK_M=tcfg.block_m, BLOCK_K=tcfg.block_n, BLOCK_R=block_r, NUM_R_CHUNKS=cdiv(rank, block_r),
                 PRECISION=dot_precision(dy.dtype), ACC=acc_dtype(dy.dtype), **tcfg.launch(),
             )
@@ -341,7 +341,7 @@ class _DxPlan:
             M, N, K, rank,
             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), *b_strides,
             lora_A.stride(0), lora_A.stride(1), *dyb_strides, *dx_strides,
-            None, None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 4),
+            None, None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 8),
             DROPOUT=dropout_p > 0.0 and self.term is None, COMPUTE_DYB=compute, STORE_DYB=compute and store_dyb,
             USE_TMA=self.use_tma, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_N=cfg.block_k, BLOCK_R=block_r,
             # no rank chunks when the dropout term has its own pass: the GEMM computes dY @ W alone
@@ -445,7 +445,7 @@ class _GradABPlan:
             M, K, N, rank, rows_a, rows_b, tiles_a, self.splits_a, tiles_b,
             u_a.stride(0), u_a.stride(1), x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), v_b.stride(0),
             v_b.stride(1), *sa, *sb,
-            None, None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 4),
+            None, None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 8),
             DROPOUT=dropout_p > 0.0, BLOCK_RA=cfg_a.block_m, BLOCK_KA=cfg_a.block_n, BLOCK_NB=cfg_b.block_m,
             BLOCK_RB=cfg_b.block_n, BLOCK_M=cfg_a.block_k, PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype),
             **cfg_a.launch(),

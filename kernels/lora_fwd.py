@@ -52,7 +52,7 @@ def _fwd_tile(
     M, N, K, RANK,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_xam, stride_xar, stride_ym, stride_yn,
-    scaling, seed, thr_shifted, inv_keep, K4,
+    scaling, seed, keep_thr, inv_keep, K8,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_XA: tl.constexpr, STORE_XA: tl.constexpr,
     USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -94,7 +94,7 @@ def _fwd_tile(
         if COMPUTE_XA:
             a = tl.load(a_ptrs, mask=mask_k[:, None] & (offs_r[None, :] < RANK), other=0.0)
             if DROPOUT:
-                keep = dropout_keep(seed, offs_m, k0, K4, thr_shifted, BLOCK_M, BLOCK_K)
+                keep = dropout_keep(seed, offs_m, k0, K8, keep_thr, BLOCK_M, BLOCK_K)
                 x = apply_dropout(x, keep, inv_keep)
             xa = dot(x, a, xa, PRECISION)
             a_ptrs += BLOCK_K * stride_ak
@@ -149,13 +149,13 @@ def _fwd_tile(
         tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit(do_not_specialize=["M", "seed", "thr_shifted"])
+@triton.jit(do_not_specialize=["M", "seed", "keep_thr"])
 def _lora_fwd_kernel(
     X, W, A, B, BIAS, XA, Y,
     M, N, K, RANK,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_xam, stride_xar, stride_ym, stride_yn,
-    scaling, seed, thr_shifted, inv_keep, K4,
+    scaling, seed, keep_thr, inv_keep, K8,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE_XA: tl.constexpr, STORE_XA: tl.constexpr,
     USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -177,7 +177,7 @@ def _lora_fwd_kernel(
         with STORE_XA the pid_n == 0 programs store that rounded xa into XA_OUT [M, RANK] (XA's row and rank
         strides); XA_OUT is unused otherwise.
     GDC_WAIT: launched with PDL after the kernel that writes XA: wait for it before reading XA.
-    scaling: s; seed, thr_shifted, inv_keep, K4: the dropout mask (helpers.dropout_keep), used if DROPOUT.
+    scaling: s; seed, keep_thr, inv_keep, K8: the dropout mask (helpers.dropout_keep), used if DROPOUT.
     BLOCK_R: padded rank (COMPUTE_XA: the whole rank, a power of two >= 16; else the epilogue's rank chunk),
     NUM_R_CHUNKS: rank chunks in the epilogue (1 when COMPUTE_XA). PRECISION: tl.dot precision for fp32; ACC: accumulator dtype.
     OUT_SCALE: [N], any float dtype, read if HAS_OUT_SCALE: Y = OUT_SCALE * (X @ W^T + LoRA term) + BIAS (DoRA's
@@ -187,14 +187,14 @@ def _lora_fwd_kernel(
         for tile in range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
             _fwd_tile(tile, X, W, A, B, BIAS, XA, Y, M, N, K, RANK,
                       stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-                      stride_xam, stride_xar, stride_ym, stride_yn, scaling, seed, thr_shifted, inv_keep, K4,
+                      stride_xam, stride_xar, stride_ym, stride_yn, scaling, seed, keep_thr, inv_keep, K8,
                       HAS_BIAS, DROPOUT, COMPUTE_XA, STORE_XA, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
                       NUM_R_CHUNKS, GROUP_M, PRECISION, ACC, OUT_SCALE, HAS_OUT_SCALE, Y_TMA,
                       XA_OUT, stride_xas, XA_SPLITS, GDC_WAIT)
     else:
         _fwd_tile(tl.program_id(0), X, W, A, B, BIAS, XA, Y, M, N, K, RANK,
                   stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-                  stride_xam, stride_xar, stride_ym, stride_yn, scaling, seed, thr_shifted, inv_keep, K4,
+                  stride_xam, stride_xar, stride_ym, stride_yn, scaling, seed, keep_thr, inv_keep, K8,
                   HAS_BIAS, DROPOUT, COMPUTE_XA, STORE_XA, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
                   NUM_R_CHUNKS, GROUP_M, PRECISION, ACC, OUT_SCALE, HAS_OUT_SCALE, Y_TMA,
                   XA_OUT, stride_xas, XA_SPLITS, GDC_WAIT)
@@ -309,7 +309,7 @@ class _ForwardPlan:
             M, N, K, rank,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
             lora_B.stride(0), lora_B.stride(1), *xa_strides, *y_strides,
-            None, None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 4),
+            None, None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 8),
             HAS_BIAS=bias is not None, DROPOUT=dropout and compute_xa, COMPUTE_XA=compute_xa,
             STORE_XA=store_xa and (compute_xa or self.splits > 0), USE_TMA=self.use_tma,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,

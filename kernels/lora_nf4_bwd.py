@@ -20,12 +20,12 @@ from .lora_shrink import lora_shrink
 from .nf4_dequant import check_nf4_operands, nf4_decode, nf4_dequantize, nf4_kernel_args, nf4_tile
 
 
-@triton.jit(do_not_specialize=["M", "seed", "thr_shifted"])
+@triton.jit(do_not_specialize=["M", "seed", "keep_thr"])
 def _lora_nf4_dx_kernel(
     DY, QW, ABSMAX, ABS_CODE, ABS_SCALE, CODE, A, DYB, DX,
     M, N, K, RANK,
     stride_dym, stride_dyn, stride_qn, stride_ar, stride_ak, stride_dybm, stride_dybr, stride_dxm, stride_dxk,
-    abs_offset, scaling, seed, thr_shifted, inv_keep, K4,
+    abs_offset, scaling, seed, keep_thr, inv_keep, K8,
     DROPOUT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ABS_GROUP: tl.constexpr, DECODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
@@ -35,7 +35,7 @@ def _lora_nf4_dx_kernel(
     DY: [M, N]; QW, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, CODE: the NF4 weight [N, K] (nf4_dequant.nf4_tile);
     A: [RANK, K]; DYB: [M, RANK] = dY @ B in DY's dtype; DX: [M, K]; all strided.
     BLOCK_K: a multiple of 64 or a divisor of 64 (the decode's block alignment). BLOCK_R, NUM_R_CHUNKS: the
-    epilogue's rank chunks. seed, thr_shifted, inv_keep, K4: the forward's dropout mask, applied if DROPOUT.
+    epilogue's rank chunks. seed, keep_thr, inv_keep, K8: the forward's dropout mask, applied if DROPOUT.
     """
     pid_m, pid_k, offs_m, offs_k = output_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M, tl.program_id(0))
     offs_n = tl.arange(0, BLOCK_N)
@@ -54,7 +54,7 @@ def _lora_nf4_dx_kernel(
     low = rank_r_term(DYB, A, offs_m, offs_k, mask_m, mask_k, RANK, stride_dybm, stride_dybr, stride_ak,
                       stride_ar, scaling, BLOCK_M, BLOCK_K, BLOCK_R, NUM_R_CHUNKS, PRECISION, ACC)
     if DROPOUT:
-        low = tl.where(dropout_keep(seed, offs_m, k0, K4, thr_shifted, BLOCK_M, BLOCK_K), low * inv_keep, 0.0)
+        low = tl.where(dropout_keep(seed, offs_m, k0, K8, keep_thr, BLOCK_M, BLOCK_K), low * inv_keep, 0.0)
     acc += low
     tl.store(DX + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, acc.to(DX.dtype.element_ty),
              mask=mask_m[:, None] & mask_k[None, :])
@@ -97,7 +97,7 @@ def lora_nf4_backward_dx(dy, w4, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
         dy.stride(0), dy.stride(1), qw.stride(0), lora_A.stride(0), lora_A.stride(1), dyb.stride(0),
         dyb.stride(1), dx.stride(0), dx.stride(1),
         abs_offset, float(scaling), int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
-        cdiv(K, 4),
+        cdiv(K, 8),
         DROPOUT=dropout_p > 0.0, DECODE=nf4_decode(decode, dy.device), BLOCK_M=cfg.block_m, BLOCK_K=block_k, BLOCK_N=block_n,
         BLOCK_R=block_r, NUM_R_CHUNKS=cdiv(rank, block_r), GROUP_M=cfg.group_m,
         PRECISION=dot_precision(dy.dtype), ACC=acc_dtype(dy.dtype), **meta, **cfg.launch(),

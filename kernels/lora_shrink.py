@@ -23,12 +23,12 @@ from .launch import Launch, PlanCache, int_width, plan_key
 MAX_SHRINK_RANK_BLOCK = 128
 
 
-@triton.jit(do_not_specialize=["M", "seed", "thr_shifted"])
+@triton.jit(do_not_specialize=["M", "seed", "keep_thr"])
 def _lora_shrink_kernel(
     X, A, XA,
     M, K, RANK, K_PER_SPLIT,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_os, stride_om, stride_or,
-    seed, thr_shifted, inv_keep, K4,
+    seed, keep_thr, inv_keep, K8,
     DROPOUT: tl.constexpr, TRIGGER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -37,7 +37,7 @@ def _lora_shrink_kernel(
     X: [M, K], A: [RANK, K] (any strides); XA: [splits, M, RANK] (strides stride_os, stride_om, stride_or; with one
     split, stride_os is unused and XA is the [M, RANK] result, stored in its own dtype).
     grid = (cdiv(M, BLOCK_M), cdiv(RANK, BLOCK_R), splits); K_PER_SPLIT: a multiple of BLOCK_K.
-    seed, thr_shifted, inv_keep, K4: the dropout mask of helpers.dropout_keep, applied when DROPOUT.
+    seed, keep_thr, inv_keep, K8: the dropout mask of helpers.dropout_keep, applied when DROPOUT.
     TRIGGER: let a PDL-launched consumer start now (helpers.gdc_launch_dependents_if).
     """
     gdc_launch_dependents_if(TRIGGER)
@@ -59,7 +59,7 @@ def _lora_shrink_kernel(
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         if DROPOUT:
-            x = apply_dropout(x, dropout_keep(seed, offs_m, k0, K4, thr_shifted, BLOCK_M, BLOCK_K), inv_keep)
+            x = apply_dropout(x, dropout_keep(seed, offs_m, k0, K8, keep_thr, BLOCK_M, BLOCK_K), inv_keep)
         acc = dot(x, a, acc, PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
@@ -99,7 +99,7 @@ class _ShrinkPlan:
             _lora_shrink_kernel, (cdiv(M, cfg.block_m), cdiv(rank, block_r), splits), ("X", "A", "XA", "seed"),
             None, None, None, M, K, rank, k_per_split,
             x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), M * rank, rank, 1,  # a new contiguous xa
-            None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 4),
+            None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 8),
             DROPOUT=dropout_p > 0.0, TRIGGER=trigger, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
             PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype), **cfg.launch(),
         )

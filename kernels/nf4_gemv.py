@@ -31,20 +31,22 @@ from .nf4_dequant import (
 # M = 1: N = 14336 ran 1.37x the base with 5 splits (4 per SM) and 1.18x with 8 (6.8 per SM); N = 4096 ran best
 # with 17 splits and worse with 33, where the finishing kernel sums twice as many partials: hence the cap.
 TARGET_CTAS_PER_SM = 6
-# At most this many K splits. The finishing kernel sums them a chunk at a time, FINISH_CHUNK_ROWS split rows in
-# flight: 16 splits of one row, one split of sixteen rows (H200: one row, 8 splits per chunk 3.0 us, 16 per chunk
-# 2.5 us; sixteen rows, 1 split per chunk 6.2 us, 2 splits 10.8 us, 8 splits 9.4 us).
+# At most this many K splits. The finishing kernel sums them a chunk of up to FINISH_CHUNK splits at a time, one
+# load of [chunk, rows, block_n] with at most FINISH_ELEMS elements in flight per program: block_n shrinks as the
+# rows grow (64 columns for one row, 16 for sixteen), which keeps every split in one load and gives more programs.
+# (H200, 64 columns throughout: one row, 8 splits per chunk 3.0 us, 16 per chunk 2.5 us; sixteen rows, 1 split
+# per chunk 6.2 us, 2 splits 10.8 us, 8 splits 9.4 us.)
 MAX_SPLITS = 16
-FINISH_CHUNK_ROWS = 16
-FINISH_BLOCK_N = 64
+FINISH_CHUNK = 16
+FINISH_ELEMS = 4096
 
 
-@triton.jit(do_not_specialize=["M", "seed", "thr_shifted"])
+@triton.jit(do_not_specialize=["M", "seed", "keep_thr"])
 def _nf4_gemv_kernel(
     X, QW, ABSMAX, ABS_CODE, ABS_SCALE, CODE, A, PART, XA_PART,
     M, N, K, RANK, K_PER_SPLIT,
     stride_xm, stride_xk, stride_qn, stride_ar, stride_ak, abs_offset,
-    seed, thr_shifted, inv_keep, K4,
+    seed, keep_thr, inv_keep, K8,
     DROPOUT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ABS_GROUP: tl.constexpr, DECODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr,
@@ -55,7 +57,7 @@ def _nf4_gemv_kernel(
     X: [M, K] (M <= BLOCK_M), A: [RANK, K], strided; QW, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, CODE: the NF4
     weight (nf4_dequant.nf4_tile). PART: [splits, BLOCK_M, N] fp32 contiguous, rows below M written;
     XA_PART: [splits, BLOCK_M, BLOCK_R] fp32 contiguous, rows below M written by the last pid_n.
-    K_PER_SPLIT: a multiple of BLOCK_K. seed, thr_shifted, inv_keep, K4: the dropout mask (helpers.dropout_keep)
+    K_PER_SPLIT: a multiple of BLOCK_K. seed, keep_thr, inv_keep, K8: the dropout mask (helpers.dropout_keep)
     on X's LoRA branch if DROPOUT.
 
     Each step covers one 64-weight quantization block. The code values of its high nibbles (even k) and low
@@ -85,7 +87,7 @@ def _nf4_gemv_kernel(
             a = tl.load(A + offs_r[None, :] * stride_ar + (k0 + offs_k)[:, None] * stride_ak,
                         mask=offs_r[None, :] < RANK, other=0.0)
             if DROPOUT:
-                x = apply_dropout(x, dropout_keep(seed, offs_m, k0, K4, thr_shifted, BLOCK_M, BLOCK_K), inv_keep)
+                x = apply_dropout(x, dropout_keep(seed, offs_m, k0, K8, keep_thr, BLOCK_M, BLOCK_K), inv_keep)
             xa = dot(x, a, xa, PRECISION)
         xa_part = XA_PART + pid_s.to(tl.int64) * BLOCK_M * BLOCK_R
         tl.store(xa_part + offs_m[:, None] * BLOCK_R + offs_r[None, :], xa, mask=mask_m[:, None])
@@ -221,21 +223,23 @@ class _GemvPlan:
             None, None, None, None, None, None, None, None, None,
             M, N, K, rank, k_per_split,
             x.stride(0), x.stride(1), w4.qweight.stride(0), lora_A.stride(0), lora_A.stride(1), None,
-            None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 4),
+            None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 8),
             DROPOUT=dropout_p > 0.0, DECODE=decode, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=NF4_BLOCK,
             BLOCK_R=block_r, PRECISION=precision, ACC=acc, **meta, **cfg.launch(),
         )
         finish_m = min(block_m, triton.next_power_of_2(M))
+        chunk = min(FINISH_CHUNK, triton.next_power_of_2(splits))
+        finish_n = max(16, min(64, FINISH_ELEMS // (chunk * finish_m)))
         # xa (when stored) is a new contiguous [M, r]; without it y stands in (never written)
         xa_strides = (rank, 1) if store_xa else (N, 1)
         self.finish = Launch(
-            _nf4_gemv_finish_kernel, (cdiv(N, FINISH_BLOCK_N),), ("PART", "XA_PART", "B", "BIAS", "Y", "XA",
+            _nf4_gemv_finish_kernel, (cdiv(N, finish_n),), ("PART", "XA_PART", "B", "BIAS", "Y", "XA",
                                                                   "scaling"),
             None, None, None, None, None, None,
             M, N, rank, splits,
             lora_B.stride(0), lora_B.stride(1), N, 1, *xa_strides, None,
-            HAS_BIAS=bias is not None, STORE_XA=store_xa, PART_ROWS=block_m, BLOCK_M=finish_m, BLOCK_N=FINISH_BLOCK_N,
-            BLOCK_R=block_r, CHUNK=max(1, min(16, FINISH_CHUNK_ROWS // finish_m)), PRECISION=precision, ACC=acc, num_warps=4,
+            HAS_BIAS=bias is not None, STORE_XA=store_xa, PART_ROWS=block_m, BLOCK_M=finish_m, BLOCK_N=finish_n,
+            BLOCK_R=block_r, CHUNK=chunk, PRECISION=precision, ACC=acc, num_warps=4,
         )
 
     def __call__(self, x, w4, bias, lora_A, lora_B, scaling, seed):

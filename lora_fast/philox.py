@@ -1,4 +1,5 @@
-"""The kernels' dropout mask reproduced in numpy: Philox-4x32-10 exactly as Triton's `tl.randint4x`.
+"""The kernels' dropout mask reproduced in numpy: Philox-4x32-10 exactly as Triton's `tl.randint4x`, each 32-bit
+word split into two 16-bit halves compared with ceil(p * 2**16) (kernels.helpers.dropout_keep).
 
 Used by the plain-PyTorch path (CPU tensors without the interpreter) so that both paths drop the same
 elements for the same seed, and by the tests as an independent check of the in-kernel mask.
@@ -34,16 +35,18 @@ def philox4x32(counter: np.ndarray, seed: int, rounds: int = 10):
 
 
 def keep_threshold(p: float) -> int:
-    """A Philox word keeps its element iff it is >= this: ceil(p * 2**32), clamped to uint32."""
-    return min(math.ceil(p * 2**32), 2**32 - 1)
+    """A 16-bit half keeps its element iff it is >= this: ceil(p * 2**16), at most 2**16 (nothing kept)."""
+    return min(math.ceil(p * 2**16), 2**16)
 
 
 def dropout_mask_numpy(seed: int, M: int, K: int, p: float) -> np.ndarray:
-    """Bool keep-mask [M, K]: element (m, k) takes word k % 4 of Philox at counter m * ceil(K/4) + k // 4."""
-    k4 = -(-K // 4)
-    counter = np.arange(M, dtype=np.uint64)[:, None] * np.uint64(k4) + np.arange(k4, dtype=np.uint64)[None, :]
-    words = np.stack(philox4x32(counter, int(seed)), axis=-1).reshape(M, 4 * k4)[:, :K]
-    return words >= np.uint64(keep_threshold(p))
+    """Bool keep-mask [M, K]: element (m, k) takes the low (k even) or high (k odd) 16 bits of word (k % 8) // 2
+    of Philox at counter m * ceil(K/8) + k // 8."""
+    k8 = -(-K // 8)
+    counter = np.arange(M, dtype=np.uint64)[:, None] * np.uint64(k8) + np.arange(k8, dtype=np.uint64)[None, :]
+    words = np.stack(philox4x32(counter, int(seed)), axis=-1)  # [M, k8, 4]
+    halves = np.stack((words & np.uint64(0xFFFF), words >> np.uint64(16)), axis=-1).reshape(M, 8 * k8)[:, :K]
+    return halves >= np.uint64(keep_threshold(p))
 
 
 def dropout_mask_torch(seed: int, M: int, K: int, p: float, device="cpu") -> torch.Tensor:

@@ -210,6 +210,14 @@ def test_dropout_statistics_and_seeds(device):
     a, b = kernels.dropout_mask(1, M, K, 0.5, device), kernels.dropout_mask(2, M, K, 0.5, device)
     assert not torch.equal(a, b)
     assert kernels.dropout_mask(5, M, K, 0.0, device).all()
+    # Each column has its own 16 bits: neighbours (the two halves of one word, two words of one Philox call)
+    # and columns 8 apart (two calls) agree half the time at p = 0.5, not always.
+    a = a.float()
+    for shift in (1, 2, 4, 8):
+        agree = (a[:, shift:] == a[:, :-shift]).float().mean().item()
+        assert abs(agree - 0.5) < 0.03, (shift, agree)
+    # p is rounded up to a multiple of 2**-16: within 2**-16 of 1, nothing is kept
+    assert not kernels.dropout_mask(5, M, K, 1 - 2**-17, device).any()
 
 
 def test_dropout_same_mask_forward_and_backward(device):

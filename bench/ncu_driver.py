@@ -1,0 +1,47 @@
+"""A few plain calls of one decode path, for Nsight Compute to profile (no timing of its own).
+
+    ncu --clock-control none -k regex:_nf4_gemv -c 4 --section SpeedOfLight ... python3 bench/ncu_driver.py nf4
+    python3 bench/ncu_driver.py multi16
+
+nf4: the NF4 decode GEMV and its finishing kernel at M = 1 and 16, K = N = 4096, r = 16, over 4 weight sets.
+multi16: multi-LoRA decode with 16 tokens and 16 adapters (shrink and fused GEMM), K = N = 4096, r = 16.
+base: F.linear at M = 1 and 16 (cuBLAS), for the same counters on the bf16 base.
+"""
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench import bench_multi_lora as bml  # noqa: E402
+from lora_fast.kernels import nf4_gemv  # noqa: E402
+from lora_fast.nf4 import quantize_nf4  # noqa: E402
+
+DEV, DT, K, N, R = "cuda", torch.bfloat16, 4096, 4096, 16
+
+
+def main(what: str) -> None:
+    torch.manual_seed(0)
+    if what in ("nf4", "base"):
+        ws = [torch.randn(N, K, device=DEV, dtype=DT) / K ** 0.5 for _ in range(4)]
+        qs = [quantize_nf4(w, report_error=False) for w in ws]
+        A, B = torch.randn(R, K, device=DEV, dtype=DT) / K ** 0.5, torch.randn(N, R, device=DEV, dtype=DT)
+        for M in (1, 16):
+            x = torch.randn(M, K, device=DEV, dtype=DT)
+            for w, q in zip(ws, qs):
+                if what == "nf4":
+                    nf4_gemv(x, q, None, A, B, 2.0)
+                else:
+                    F.linear(x, w)
+    elif what == "multi16":
+        prob = bml.Problem(16, 16, R, K, N, DT, DEV, sets=4)
+        for s in range(4):
+            prob.provider("ours", s)()
+    else:
+        raise SystemExit(f"unknown driver {what!r}: nf4, base or multi16")
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "nf4")
