@@ -208,14 +208,17 @@ def train_timings(sets, dt, K, N):
 
 
 def multi_timings(dt, K, N):
-    """Multi-LoRA decode: PDL on / off three times over, K splits of the shrink, and our GEMM alone (ids -1)."""
+    """Multi-LoRA decode: PDL on / off twice over, K splits of the shrink, fused GEMM tiles, and our GEMM alone
+    (ids -1)."""
     rows = []
     for T, n_ad in ((1, 1), (16, 16)):
         prob = bml.Problem(T, n_ad, 16, K, N, dt, DEV, sets=bml.WEIGHT_SETS)
         base = bench_graph_us([prob.provider("base", s) for s in range(bml.WEIGHT_SETS)])
         rows.append({"case": f"multi {T}/{n_ad}", "variant": "base F.linear", "us": base, "ratio": 1.0})
-        trials = [("PDL", None, True), ("no PDL", None, False)] * 3
+        trials = [("PDL", None, True), ("no PDL", None, False)] * 2
         trials += [(f"SPLIT_K {k}, PDL", {"SPLIT_K": k}, True) for k in (2, 4, 8, 16)]
+        # fused GEMM tiles, alternated with the default
+        trials += [("BLOCK_K 128 stages 6, PDL", {"BLOCK_K": 128, "num_stages": 6}, True), ("PDL", None, True)] * 2
         for label, override, pdl in trials:
             set_pdl(pdl)
             kml.set_config_override(override)

@@ -189,6 +189,8 @@ def _fused_kernel(
     elif BASE_MODE == 2:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     else:
+        if HAS_BIAS:  # loaded before the K loop: after it, its DRAM latency would add to every program's tail
+            bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(ACC)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + offs_k
@@ -197,7 +199,7 @@ def _fused_kernel(
             w = tl.load(w_cols + ks[:, None] * stride_wk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
             acc = dot(x, w, acc, PRECISION)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+            acc += bias[None, :]
 
     ws_rows = ws_ptr + slice_id.to(tl.int64) * stride_wsi + rows.to(tl.int64)[:, None] * stride_wst
     if GATHER:
@@ -335,6 +337,9 @@ def _config(t_bucket: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, is_cu
     # behind cuBLAS (1.9x at 256), so cuBLAS writes X·Wᵀ + b and the epilogue kernel adds the LoRA term in place:
     # per row up to 256 tokens, per segment (tensor cores) beyond.
     if t_bucket <= 16:
+        # H200, graphs, PDL: BLOCK_K 128 with 6 stages measured 1.08-1.09x / 1.21-1.56x at 1/1 and 16/16
+        # tokens/adapters against 1.09-1.10x / 1.26x for this tile, in two runs (`results/exp_pdl_multi_tiles.json`,
+        # `exp_pdl_multi_prefetch_l2.json`): within the spread, not switched
         cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128 if big else 256, GROUP_M=1, num_warps=4, num_stages=4)
     elif t_bucket <= 64:
         cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128 if big else 256, GROUP_M=1, num_warps=4, num_stages=4)
