@@ -32,10 +32,11 @@ from .nf4_dequant import (
 # with 17 splits and worse with 33, where the finishing kernel sums twice as many partials: hence the cap.
 TARGET_CTAS_PER_SM = 6
 # At most this many K splits. The finishing kernel sums them a chunk of up to FINISH_CHUNK splits at a time, one
-# load of [chunk, rows, block_n] with at most FINISH_ELEMS elements in flight per program: block_n shrinks as the
-# rows grow (64 columns for one row, 16 for sixteen), which keeps every split in one load and gives more programs.
-# (H200, 64 columns throughout: one row, 8 splits per chunk 3.0 us, 16 per chunk 2.5 us; sixteen rows, 1 split
-# per chunk 6.2 us, 2 splits 10.8 us, 8 splits 9.4 us.)
+# load of [chunk, rows, block_n] (and [chunk, rows, padded rank] of xa partials) with at most FINISH_ELEMS
+# elements in flight per program: block_n shrinks as the rows grow (64 columns for one row, 16 for sixteen), which
+# keeps every split in one load and gives more programs (H200, sixteen rows: 6.2 -> 5.2 us). Before, with 64
+# columns throughout: one row, 8 splits per chunk 3.0 us, 16 per chunk 2.5 us; sixteen rows, 1 split per chunk
+# 6.2 us, 2 splits 10.8 us, 8 splits 9.4 us.
 MAX_SPLITS = 16
 FINISH_CHUNK = 16
 FINISH_ELEMS = 4096
@@ -228,7 +229,8 @@ class _GemvPlan:
             BLOCK_R=block_r, PRECISION=precision, ACC=acc, **meta, **cfg.launch(),
         )
         finish_m = min(block_m, triton.next_power_of_2(M))
-        chunk = min(FINISH_CHUNK, triton.next_power_of_2(splits))
+        # the xa partials' load, [chunk, rows, block_r], stays within FINISH_ELEMS too (ranks up to 256)
+        chunk = min(FINISH_CHUNK, triton.next_power_of_2(splits), max(1, FINISH_ELEMS // (finish_m * block_r)))
         finish_n = max(16, min(64, FINISH_ELEMS // (chunk * finish_m)))
         # xa (when stored) is a new contiguous [M, r]; without it y stands in (never written)
         xa_strides = (rank, 1) if store_xa else (N, 1)

@@ -260,13 +260,15 @@ def test_gemv_split_k_and_empty_rows():
     assert dx.shape == (0, 256)
 
 
+@pytest.mark.parametrize("r", [3, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M", [1, 2, 16])
-def test_gemv_one_row_and_many_splits(M, dtype):
+def test_gemv_one_row_and_many_splits(M, dtype, r):
     """One, two and sixteen rows (the finishing kernel's rank term by sums below 16 rows, by a dot at 16); 18 splits make the finishing kernel sum more than one
-    chunk of partials. Dropout, bias, double quantization and the stored xa are all checked."""
+    chunk of partials; rank 40 (padded to 64) at sixteen rows makes it sum the xa partials four splits at a time.
+    Dropout, bias, double quantization and the stored xa are all checked."""
     torch.manual_seed(11)
-    N, K, r, p, seed = 37, 1152, 3, 0.25, 99
+    N, K, p, seed = 37, 1152, 0.25, 99
     q = quantize_nf4(weight(N, K), double_quant=True)
     x = torch.randn(M, K).to(dtype)
     A, B, b = (torch.randn(r, K) / 16).to(dtype), torch.randn(N, r).to(dtype), torch.randn(N).to(dtype)
