@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .helpers import cdiv, dropout_keep, dropout_threshold
+from .helpers import cdiv, check_dropout, dropout_keep, dropout_threshold
 
 
 @triton.jit(do_not_specialize=["M", "seed", "keep_thr"])
@@ -25,6 +25,10 @@ def dropout_mask(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
 
     >>> keep = dropout_mask(1234, 8, 64, 0.1, "cuda")
     """
+    check_dropout(p, seed)
+    for name, n in (("M", M), ("K", K)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {n!r}")
     out = torch.empty((M, K), device=device, dtype=torch.int8)
     if M and K:
         grid = (cdiv(M, 16), cdiv(K, 64))

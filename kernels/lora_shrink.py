@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .config import shrink_config
 from .helpers import (
-    acc_dtype, apply_dropout, cdiv, check_shapes, dot, dot_precision, dot_precision_key, dropout_keep,
+    acc_dtype, apply_dropout, cdiv, check_dropout, check_shapes, dot, dot_precision, dot_precision_key, dropout_keep,
     dropout_threshold, gdc_launch_dependents_if, next_pow2,
 )
 from .launch import Launch, PlanCache, int_width, plan_key
@@ -114,6 +114,7 @@ class _ShrinkPlan:
 
 
 def _shrink(x, lora_A, dropout_p, seed, splits, trigger):
+    check_dropout(dropout_p, seed)
     key = plan_key((x, lora_A), dropout_p, splits, trigger, dot_precision_key(x), int_width(seed))
     plan = _PLANS.find(key)
     if plan is None:

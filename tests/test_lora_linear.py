@@ -2,6 +2,7 @@
 
 On a CPU-only machine the kernels run through Triton's interpreter (tests/conftest.py), so sizes are small.
 """
+import numpy as np
 import pytest
 import torch
 
@@ -9,6 +10,7 @@ import lora_fast
 from lora_fast import kernels, naive
 from lora_fast.functional import LoRALinearFunction, draw_seed, use_triton
 from lora_fast.kernels.lora_shrink import lora_shrink_partials, shrink_splits
+from lora_fast.nf4 import quantize_nf4
 from lora_fast.philox import dropout_mask_torch
 from lora_fast.reference import lora_linear_reference
 
@@ -274,6 +276,36 @@ def test_gpu_matches_cpu_path():
     y = lora_fast.lora_linear(x, W, b, A, B, 2.0)
     yc, _ = naive.lora_forward(x.cpu(), W.cpu(), b.cpu(), A.cpu(), B.cpu(), 2.0)
     assert rel_err(y.cpu(), yc) < 1e-5
+
+
+BAD_DROPOUT = [(1.5, 1, ValueError, "dropout_p"), (-0.1, 1, ValueError, "dropout_p"),
+               (float("nan"), 1, ValueError, "dropout_p"), (True, 1, TypeError, "dropout_p"),
+               ("0.1", 1, TypeError, "dropout_p"), (0.1, 1.5, TypeError, "seed"), (0.1, "7", TypeError, "seed"),
+               (0.1, None, TypeError, "seed"), (0.1, -3, ValueError, "seed"), (0.1, 2**64, ValueError, "seed")]
+
+
+@pytest.mark.parametrize("p,seed,err,name", BAD_DROPOUT)
+def test_launchers_reject_bad_dropout_arguments(p, seed, err, name, device):
+    """Every kernel launcher that draws the mask names a dropout_p outside [0, 1) or a seed that is not an int in
+    [0, 2**63), before any launch (p = 1.5 used to drop everything and scale by -2, silently)."""
+    x, W, b, A, B = lora_problem(4, 64, 8, 2, torch.float32, device)
+    dy, xa = torch.randn(4, 8, device=device), torch.randn(4, 2, device=device)
+    q = quantize_nf4(torch.randn(8, 64, device=device))
+    calls = [lambda: kernels.lora_forward(x, W, b, A, B, 1.0, dropout_p=p, seed=seed),
+             lambda: kernels.lora_shrink(x, A, p, seed),
+             lambda: lora_shrink_partials(x, A, 2, p, seed),
+             lambda: kernels.lora_backward_dx(dy, W, A, B, 1.0, p, seed),
+             lambda: kernels.lora_grad_ab(x, dy, xa, xa, 1.0, A.dtype, B.dtype, p, seed),
+             lambda: kernels.nf4_gemv(x, q, b, A, B, 1.0, dropout_p=p, seed=seed),
+             lambda: kernels.lora_nf4_forward(x, q, b, A, B, 1.0, dropout_p=p, seed=seed, path="fused"),
+             lambda: kernels.lora_nf4_backward_dx(dy, q, A, B, 1.0, dropout_p=p, seed=seed),
+             lambda: kernels.dropout_mask(seed, 4, 64, p, device)]
+    for call in calls:
+        with pytest.raises(err, match=name):
+            call()
+    # a numpy integer is an int, and without dropout any int seed in range is accepted
+    kernels.lora_shrink(x, A, 0.1, np.int64(5))
+    kernels.lora_shrink(x, A, 0.0, 2**63 - 1)
 
 
 def test_launchers_reject_mismatched_shapes(device):
