@@ -3,6 +3,7 @@
 Nothing here launches anything: these are `@triton.jit` building blocks (the dot wrapper, the Philox dropout
 mask, the grouped tile order) and a few host-side facts about the running Triton.
 """
+import math
 import numbers
 import os
 
@@ -130,16 +131,34 @@ def check_shapes(**named) -> None:
             raise ValueError(f"{name} is {t.dtype} on {t.device} but {ref[0]} is {ref[1].dtype} on {ref[1].device}")
 
 
-def check_dropout(dropout_p, seed) -> None:
-    """Launcher guard for the dropout arguments: `dropout_p` a real number in [0, 1) and `seed` an int in
-    [0, 2**63) (the Philox key of the mask; lora_fast draws them in [0, 2**62); unused without dropout).
-    Raises TypeError / ValueError naming the argument. Every launcher call runs it: a float and an int take the
-    fast path (the ABC checks cost ~1.5 µs)."""
+def check_scaling(scaling, name: str = "scaling") -> float:
+    """A finite real number (not a bool) as a float, else TypeError / ValueError naming `name`. Shared by the
+    launchers and the public API (lora_fast.validation)."""
+    if type(scaling) is not float:
+        if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+            raise TypeError(f"{name} must be a Python float or int, got {type(scaling).__name__}")
+    # Comparisons, not math.isfinite: torch 2.11's dynamo may lift a module's float into a SymFloat (seen under
+    # checkpoint of a compiled module), where math.isfinite is a graph break but a comparison traces. NaN fails both.
+    if not -math.inf < scaling < math.inf:
+        raise ValueError(f"{name} must be finite, got {scaling}")
+    return scaling if isinstance(scaling, float) else float(scaling)
+
+
+def check_dropout_p(dropout_p, name: str = "dropout_p") -> float:
+    """A real number in [0, 1) as a float, else TypeError / ValueError naming `name`."""
     if type(dropout_p) is not float:
         if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-            raise TypeError(f"dropout_p must be a real number in [0, 1), got {type(dropout_p).__name__}")
+            raise TypeError(f"{name} must be a float in [0, 1), got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:  # also refuses NaN
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+        raise ValueError(f"{name} must be in [0, 1), got {dropout_p}")
+    return dropout_p if isinstance(dropout_p, float) else float(dropout_p)
+
+
+def check_dropout(dropout_p, seed) -> None:
+    """Launcher guard for the dropout arguments: `dropout_p` in [0, 1) (check_dropout_p) and `seed` an int in
+    [0, 2**63) (the Philox key of the mask; lora_fast draws them in [0, 2**62); unused without dropout).
+    Every launcher call runs it: a float and an int take the fast path (the ABC checks cost ~1.5 µs)."""
+    check_dropout_p(dropout_p)
     if type(seed) is not int:
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an int (the dropout mask's Philox key), got {type(seed).__name__}")

@@ -21,9 +21,9 @@ import triton.language as tl
 
 from .config import dx_dropout_term_config, gemm_config, num_sms, reduce_m_config
 from .helpers import (
-    acc_dtype, apply_dropout, cdiv, check_dropout, check_shapes, check_vector, dot, dot_precision, dot_precision_key,
-    dropout_keep, dropout_threshold, gdc_wait_if, next_pow2_rank, output_tile, pdl_enabled, tensor_descriptor,
-    tma_enabled, upcast,
+    acc_dtype, apply_dropout, cdiv, check_dropout, check_scaling, check_shapes, check_vector, dot, dot_precision,
+    dot_precision_key, dropout_keep, dropout_threshold, gdc_wait_if, next_pow2_rank, output_tile, pdl_enabled,
+    tensor_descriptor, tma_enabled, upcast,
 )
 from .launch import Launch, PlanCache, int_width, plan_key
 from .lora_fwd import EPILOGUE_RANK_BLOCK, _output, choose_xa_mode
@@ -268,6 +268,7 @@ def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
 
     >>> dx, dyb = lora_backward_dx(dy, W, A, B, 2.0)
     """
+    scaling = check_scaling(scaling)
     check_dropout(dropout_p, seed)
     key = plan_key((dy, weight, lora_A, lora_B, out, dy_scale), dropout_p, store_dyb, dyb_mode, tma,
                    dot_precision_key(dy), int_width(seed))
@@ -394,6 +395,7 @@ def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p=0.0, seed=
 
     >>> dA, dB = lora_grad_ab(x, dy, xa, dyb, 2.0, A.dtype, B.dtype)
     """
+    scaling = check_scaling(scaling)
     check_dropout(dropout_p, seed)
     key = plan_key((x, dy, xa, dyb), a_dtype, b_dtype, dropout_p, need_a, need_b, dot_precision_key(x),
                    int_width(seed))

@@ -24,9 +24,9 @@ import triton.language as tl
 
 from .config import gemm_config, num_sms
 from .helpers import (
-    acc_dtype, apply_dropout, cdiv, check_dropout, check_shapes, check_vector, dot, dot_precision, dot_precision_key,
-    dropout_keep, dropout_threshold, gdc_wait_if, next_pow2_rank, output_tile, pdl_enabled, tensor_descriptor,
-    tma_enabled,
+    acc_dtype, apply_dropout, cdiv, check_dropout, check_scaling, check_shapes, check_vector, dot, dot_precision,
+    dot_precision_key, dropout_keep, dropout_threshold, gdc_wait_if, next_pow2_rank, output_tile, pdl_enabled,
+    tensor_descriptor, tma_enabled,
 )
 from .launch import Launch, PlanCache, int_width, plan_key
 from .lora_shrink import lora_shrink, lora_shrink_partials, shrink_splits
@@ -242,6 +242,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
     >>> y, _ = lora_forward(x, W, b, A, B, 2.0)
     >>> y, xa = lora_forward(x, W, None, A, B, 2.0, dropout_p=0.1, seed=7, store_xa=True)
     """
+    scaling = check_scaling(scaling)
     check_dropout(dropout_p, seed)
     key = plan_key((x, weight, bias, lora_A, lora_B, out, out_scale), dropout_p, store_xa, xa_mode, tma,
                    dot_precision_key(x), int_width(seed))

@@ -13,7 +13,8 @@ import triton.language as tl
 
 from .config import nf4_config, nf4_path
 from .helpers import (
-    acc_dtype, cdiv, check_dropout, dot, dot_precision, dropout_keep, dropout_threshold, next_pow2_rank, output_tile,
+    acc_dtype, cdiv, check_dropout, check_scaling, dot, dot_precision, dropout_keep, dropout_threshold,
+    next_pow2_rank, output_tile,
 )
 from .lora_bwd import lora_backward_dx
 from .lora_fwd import EPILOGUE_RANK_BLOCK
@@ -73,6 +74,7 @@ def lora_nf4_backward_dx(dy, w4, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
     >>> dx, dyb = lora_nf4_backward_dx(dy, w4, A, B, 2.0)
     """
     M, K, N, rank = check_nf4_operands(w4, lora_A, lora_B, dy=dy)
+    scaling = check_scaling(scaling)
     check_dropout(dropout_p, seed)
     if path == "auto":
         path = "fused" if nf4_path(M) == "gemv" else nf4_path(M)

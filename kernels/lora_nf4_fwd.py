@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .config import nf4_config, nf4_path
-from .helpers import acc_dtype, cdiv, check_dropout, dot, dot_precision, next_pow2_rank, output_tile
+from .helpers import acc_dtype, cdiv, check_dropout, check_scaling, dot, dot_precision, next_pow2_rank, output_tile
 from .lora_fwd import EPILOGUE_RANK_BLOCK, lora_forward
 from .lora_shrink import lora_shrink
 from .nf4_dequant import check_nf4_operands, nf4_decode, nf4_dequantize, nf4_kernel_args, nf4_tile
@@ -94,6 +94,7 @@ def lora_nf4_forward(x, w4, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
     >>> y, _ = lora_nf4_forward(x, w4, None, A, B, 2.0)
     >>> y, xa = lora_nf4_forward(x, w4, b, A, B, 2.0, dropout_p=0.1, seed=3, store_xa=True)
     """
+    scaling = check_scaling(scaling)
     check_dropout(dropout_p, seed)
     if path in ("auto", "gemv") and isinstance(x, torch.Tensor) and x.dim() == 2 and nf4_path(x.shape[0]) == "gemv":
         # the GEMV's launch plan runs every check of check_nf4_operands, once per call signature

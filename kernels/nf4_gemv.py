@@ -18,8 +18,8 @@ import triton.language as tl
 
 from .config import nf4_config, num_sms
 from .helpers import (
-    acc_dtype, apply_dropout, cdiv, check_dropout, dot, dot_precision, dot_precision_key, dropout_keep,
-    dropout_threshold, next_pow2_rank,
+    acc_dtype, apply_dropout, cdiv, check_dropout, check_scaling, dot, dot_precision, dot_precision_key,
+    dropout_keep, dropout_threshold, next_pow2_rank,
 )
 from .launch import Launch, PlanCache, int_width, plan_key
 from .nf4_dequant import (
@@ -183,6 +183,7 @@ def nf4_gemv(x, w4, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_
 
     >>> y, _ = nf4_gemv(x, w4, None, A, B, 2.0)
     """
+    scaling = check_scaling(scaling)
     check_dropout(dropout_p, seed)
     tensors, flags = nf4_key_parts(w4)
     key = plan_key((x, bias, lora_A, lora_B) + tensors, *flags, dropout_p, store_xa, decode, splits,

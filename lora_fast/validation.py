@@ -3,10 +3,12 @@
 Each failure names the argument and says what was expected: TypeError for a wrong type or dtype, ValueError
 for a wrong shape, device or value. Nothing reaches a kernel unchecked.
 """
-import math
 import numbers
 
 import torch
+
+# the scalar checks live with the launchers, which run them too
+from .kernels.helpers import check_dropout_p as check_dropout, check_scaling  # noqa: F401
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -39,24 +41,6 @@ def check_adapter_dtype(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
                         f"float32 on a float16/bfloat16 x")
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all operands must share one device")
-
-
-def check_scaling(scaling, name: str = "scaling") -> float:
-    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
-        raise TypeError(f"{name} must be a Python float or int, got {type(scaling).__name__}")
-    # Comparisons, not math.isfinite: torch 2.11's dynamo may lift a module's float into a SymFloat (seen under
-    # checkpoint of a compiled module), where math.isfinite is a graph break but a comparison traces. NaN fails both.
-    if not -math.inf < scaling < math.inf:
-        raise ValueError(f"{name} must be finite, got {scaling}")
-    return scaling if isinstance(scaling, float) else float(scaling)
-
-
-def check_dropout(dropout_p, name: str = "dropout_p") -> float:
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"{name} must be a float in [0, 1), got {type(dropout_p).__name__}")
-    if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {dropout_p}")
-    return float(dropout_p)
 
 
 def check_rank(rank, name: str = "rank") -> int:

@@ -308,6 +308,24 @@ def test_launchers_reject_bad_dropout_arguments(p, seed, err, name, device):
     kernels.lora_shrink(x, A, 0.0, 2**63 - 1)
 
 
+@pytest.mark.parametrize("scaling,err", [(float("nan"), ValueError), (float("inf"), ValueError), ("2", TypeError),
+                                         (None, TypeError), (True, TypeError)])
+def test_launchers_reject_bad_scaling(scaling, err, device):
+    """A NaN or infinite scaling made every output NaN, a string was parsed: each launcher now names it."""
+    x, W, b, A, B = lora_problem(4, 64, 8, 2, torch.float32, device)
+    dy, xa = torch.randn(4, 8, device=device), torch.randn(4, 2, device=device)
+    q = quantize_nf4(torch.randn(8, 64, device=device))
+    calls = [lambda: kernels.lora_forward(x, W, b, A, B, scaling),
+             lambda: kernels.lora_backward_dx(dy, W, A, B, scaling),
+             lambda: kernels.lora_grad_ab(x, dy, xa, xa, scaling, A.dtype, B.dtype),
+             lambda: kernels.nf4_gemv(x, q, b, A, B, scaling),
+             lambda: kernels.lora_nf4_forward(x, q, b, A, B, scaling, path="fused"),
+             lambda: kernels.lora_nf4_backward_dx(dy, q, A, B, scaling)]
+    for call in calls:
+        with pytest.raises(err, match="scaling"):
+            call()
+
+
 def test_launchers_reject_mismatched_shapes(device):
     x, W, b, A, B = lora_problem(4, 8, 6, 2, torch.float32, device)
     with pytest.raises(ValueError, match="lora_B"):
