@@ -131,6 +131,26 @@ def check_shapes(**named) -> None:
             raise ValueError(f"{name} is {t.dtype} on {t.device} but {ref[0]} is {ref[1].dtype} on {ref[1].device}")
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_dtype(dtype, name: str = "dtype", allowed=FLOAT_DTYPES, none_ok: bool = True):
+    """`dtype` is one of `allowed` (a torch.dtype; None too when `none_ok`): a string or an integer dtype is refused."""
+    if dtype is None and none_ok:
+        return None
+    if not isinstance(dtype, torch.dtype) or dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{name} must be a torch.dtype, one of {names}{' (or None)' if none_ok else ''}, got {dtype!r}")
+    return dtype
+
+
+def check_flag(value, name: str) -> bool:
+    """A True/False option: a string such as "false" would otherwise count as True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
 def check_scaling(scaling, name: str = "scaling") -> float:
     """A finite real number (not a bool) as a float, else TypeError / ValueError naming `name`. Shared by the
     launchers and the public API (lora_fast.validation)."""

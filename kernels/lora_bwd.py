@@ -21,9 +21,9 @@ import triton.language as tl
 
 from .config import dx_dropout_term_config, gemm_config, num_sms, reduce_m_config
 from .helpers import (
-    acc_dtype, apply_dropout, cdiv, check_dropout, check_scaling, check_shapes, check_vector, dot, dot_precision,
-    dot_precision_key, dropout_keep, dropout_threshold, gdc_wait_if, next_pow2_rank, output_tile, pdl_enabled,
-    tensor_descriptor, tma_enabled, upcast,
+    acc_dtype, apply_dropout, cdiv, check_dropout, check_dtype, check_flag, check_scaling, check_shapes,
+    check_vector, dot, dot_precision, dot_precision_key, dropout_keep, dropout_threshold, gdc_wait_if,
+    next_pow2_rank, output_tile, pdl_enabled, tensor_descriptor, tma_enabled, upcast,
 )
 from .launch import Launch, PlanCache, int_width, plan_key
 from .lora_fwd import EPILOGUE_RANK_BLOCK, _output, choose_xa_mode
@@ -286,6 +286,7 @@ class _DxPlan:
     """`lora_backward_dx` for one call signature: every check and choice made once (kernels/launch.py)."""
 
     def __init__(self, dy, weight, lora_A, lora_B, dropout_p, store_dyb, dyb_mode, out, tma, dy_scale):
+        check_flag(store_dyb, "store_dyb")
         M, N = dy.shape
         K, rank = weight.shape[1], lora_A.shape[0]
         check_shapes(dy=(dy, (M, N)), weight=(weight, (N, K)), lora_A=(lora_A, (rank, K)),
@@ -414,6 +415,16 @@ class _GradABPlan:
     """`lora_grad_ab` for one call signature: checks, configs, split count and grid chosen once."""
 
     def __init__(self, x, dy, xa, dyb, a_dtype, b_dtype, dropout_p, need_a, need_b):
+        check_flag(need_a, "need_a")
+        check_flag(need_b, "need_b")
+        check_dtype(a_dtype, "a_dtype", none_ok=False)
+        check_dtype(b_dtype, "b_dtype", none_ok=False)
+        if need_a and dyb is None:
+            raise ValueError("dyb (dy @ lora_B, [M, r]) is required for dA (need_a=True)")
+        if need_b and xa is None:
+            raise ValueError("xa (drop(x) @ lora_A^T, [M, r]) is required for dB (need_b=True)")
+        if xa is None and dyb is None:
+            raise ValueError("xa or dyb is required: they give the rank (need_a and need_b are both False)")
         (M, K), N, rank = x.shape, dy.shape[1], (xa if xa is not None else dyb).shape[1]
         check_shapes(x=(x, (M, K)), dy=(dy, (M, N)), xa=(xa if need_b else None, (M, rank)),
                      dyb=(dyb if need_a else None, (M, rank)))

@@ -24,9 +24,9 @@ import triton.language as tl
 
 from .config import gemm_config, num_sms
 from .helpers import (
-    acc_dtype, apply_dropout, cdiv, check_dropout, check_scaling, check_shapes, check_vector, dot, dot_precision,
-    dot_precision_key, dropout_keep, dropout_threshold, gdc_wait_if, next_pow2_rank, output_tile, pdl_enabled,
-    tensor_descriptor, tma_enabled,
+    acc_dtype, apply_dropout, cdiv, check_dropout, check_flag, check_scaling, check_shapes, check_vector, dot,
+    dot_precision, dot_precision_key, dropout_keep, dropout_threshold, gdc_wait_if, next_pow2_rank, output_tile,
+    pdl_enabled, tensor_descriptor, tma_enabled,
 )
 from .launch import Launch, PlanCache, int_width, plan_key
 from .lora_shrink import lora_shrink, lora_shrink_partials, shrink_splits
@@ -265,6 +265,7 @@ class _ForwardPlan:
         check_shapes(x=(x, (M, K)), weight=(weight, (N, K)), bias=(bias, (N,)), lora_A=(lora_A, (rank, K)),
                      lora_B=(lora_B, (N, rank)))
         check_vector("out_scale", out_scale, N, x)
+        check_flag(store_xa, "store_xa")
         y_strides = _output(out, (M, N), x, "out").stride() if out is not None else (N, 1)  # a new y: contiguous
         dropout = dropout_p > 0.0
         pdl = pdl_enabled(x.device)

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .config import nf4_config, num_sms
 from .helpers import (
-    acc_dtype, apply_dropout, cdiv, check_dropout, check_scaling, dot, dot_precision, dot_precision_key,
+    acc_dtype, apply_dropout, cdiv, check_dropout, check_flag, check_scaling, dot, dot_precision, dot_precision_key,
     dropout_keep, dropout_threshold, next_pow2_rank,
 )
 from .launch import Launch, PlanCache, int_width, plan_key
@@ -201,6 +201,9 @@ class _GemvPlan:
     """`nf4_gemv` for one call signature: checks, config, splits and both launches set up once."""
 
     def __init__(self, x, w4, bias, lora_A, lora_B, dropout_p, store_xa, decode, splits):
+        check_flag(store_xa, "store_xa")
+        if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
+            raise ValueError(f"splits must be None (automatic) or an int >= 1, got {splits!r}")
         M, K, N, rank = check_nf4_operands(w4, lora_A, lora_B, x=x, bias=bias)
         cfg = nf4_config("gemv", M, x.dtype)
         if M > cfg.block_m:

@@ -7,10 +7,9 @@ import numbers
 
 import torch
 
-# the scalar checks live with the launchers, which run them too
-from .kernels.helpers import check_dropout_p as check_dropout, check_scaling  # noqa: F401
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# the scalar, flag and dtype checks live with the launchers, which run them too
+from .kernels.helpers import FLOAT_DTYPES, check_dtype, check_flag, check_scaling  # noqa: F401
+from .kernels.helpers import check_dropout_p as check_dropout  # noqa: F401
 
 
 def check_tensor(name: str, t, ndim: int | None = None, min_ndim: int | None = None) -> torch.Tensor:
@@ -49,23 +48,6 @@ def check_rank(rank, name: str = "rank") -> int:
     if rank < 1:
         raise ValueError(f"{name} must be >= 1, got {rank}")
     return int(rank)
-
-
-def check_dtype(dtype, name: str = "dtype", allowed=FLOAT_DTYPES, none_ok: bool = True):
-    """`dtype` is one of `allowed` (a torch.dtype; None too when `none_ok`): a string or an integer dtype is refused."""
-    if dtype is None and none_ok:
-        return None
-    if not isinstance(dtype, torch.dtype) or dtype not in allowed:
-        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        raise TypeError(f"{name} must be a torch.dtype, one of {names}{' (or None)' if none_ok else ''}, got {dtype!r}")
-    return dtype
-
-
-def check_flag(value, name: str) -> bool:
-    """A True/False option: a string such as "false" would otherwise count as True."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return value
 
 
 def check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training):

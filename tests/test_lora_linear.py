@@ -326,6 +326,36 @@ def test_launchers_reject_bad_scaling(scaling, err, device):
             call()
 
 
+def test_launchers_check_flags_dtypes_and_splits(device):
+    """Options that used to be taken by truthiness ("no" stored xa), gradient dtypes that were not float, a
+    missing rank product (an AttributeError before) and NF4 split counts that were 0 (silently automatic), 1.5 or
+    negative (a ZeroDivisionError)."""
+    x, W, b, A, B = lora_problem(4, 64, 8, 2, torch.float32, device)
+    dy, xa = torch.randn(4, 8, device=device), torch.randn(4, 2, device=device)
+    q = quantize_nf4(torch.randn(8, 64, device=device))
+    with pytest.raises(TypeError, match="store_xa"):
+        kernels.lora_forward(x, W, b, A, B, 1.0, store_xa="no")
+    with pytest.raises(TypeError, match="store_dyb"):
+        kernels.lora_backward_dx(dy, W, A, B, 1.0, store_dyb=1)
+    with pytest.raises(TypeError, match="need_a"):
+        kernels.lora_grad_ab(x, dy, xa, xa, 1.0, A.dtype, B.dtype, need_a="yes")
+    with pytest.raises(TypeError, match="a_dtype"):
+        kernels.lora_grad_ab(x, dy, xa, xa, 1.0, torch.int32, B.dtype)
+    with pytest.raises(TypeError, match="b_dtype"):
+        kernels.lora_grad_ab(x, dy, xa, xa, 1.0, A.dtype, "float32")
+    with pytest.raises(ValueError, match="dyb"):
+        kernels.lora_grad_ab(x, dy, xa, None, 1.0, A.dtype, B.dtype)
+    with pytest.raises(ValueError, match="xa"):
+        kernels.lora_grad_ab(x, dy, None, xa, 1.0, A.dtype, B.dtype)
+    with pytest.raises(ValueError, match="xa or dyb"):
+        kernels.lora_grad_ab(x, dy, None, None, 1.0, A.dtype, B.dtype, need_a=False, need_b=False)
+    for splits in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="splits"):
+            kernels.nf4_gemv(x, q, b, A, B, 1.0, splits=splits)
+    with pytest.raises(TypeError, match="store_xa"):
+        kernels.nf4_gemv(x, q, b, A, B, 1.0, store_xa="yes")
+
+
 def test_launchers_reject_mismatched_shapes(device):
     x, W, b, A, B = lora_problem(4, 8, 6, 2, torch.float32, device)
     with pytest.raises(ValueError, match="lora_B"):
