@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .config import dora_config, num_sms
-from .helpers import cdiv, check_shapes, check_vector, dot, dot_precision, next_pow2_rank, upcast
+from .helpers import cdiv, check_scaling, check_shapes, check_vector, dot, dot_precision, next_pow2_rank, upcast
 
 
 @triton.jit
@@ -91,6 +91,7 @@ def dora_norm(weight, lora_A, lora_B, scaling, magnitude):
     rank = lora_A.shape[0]
     check_shapes(weight=(weight, (N, K)), lora_A=(lora_A, (rank, K)), lora_B=(lora_B, (N, rank)))
     check_vector("magnitude", magnitude, N, weight)
+    scaling = check_scaling(scaling)
     norm = torch.empty(N, device=weight.device, dtype=torch.float32)
     g = torch.empty_like(norm)
     if N == 0:

@@ -287,3 +287,10 @@ def test_dora_frozen_input_and_frozen_magnitude():
     dora_reference(xr, W, b, Ar, B, m, 1.5).sum().backward()
     assert_close("dx, m frozen", xg.grad, xr.grad, torch.float32)
     assert_close("dA, m frozen", Ag.grad, Ar.grad, torch.float32)
+
+
+@pytest.mark.parametrize("scaling,err", [(float("nan"), ValueError), (float("inf"), ValueError), ("1.3", TypeError)])
+def test_dora_norm_launcher_checks_scaling(scaling, err):
+    W, A, B, m = torch.randn(8, 64), torch.randn(2, 64), torch.randn(8, 2), torch.rand(8)
+    with pytest.raises(err, match="scaling"):
+        kernels.dora_norm(W, A, B, scaling, m)
