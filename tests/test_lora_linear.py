@@ -354,6 +354,9 @@ def test_launchers_check_flags_dtypes_and_splits(device):
             kernels.nf4_gemv(x, q, b, A, B, 1.0, splits=splits)
     with pytest.raises(TypeError, match="store_xa"):
         kernels.nf4_gemv(x, q, b, A, B, 1.0, store_xa="yes")
+    for M, K, name in ((2.0, 8, "M"), (2, -1, "K"), (True, 8, "M")):
+        with pytest.raises(ValueError, match=name):
+            kernels.dropout_mask(1, M, K, 0.1, device)
 
 
 def test_launchers_reject_mismatched_shapes(device):
