@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .helpers import cdiv, check_dropout, dropout_keep, dropout_threshold
+from .helpers import cdiv, check_dropout, dropout_keep, dropout_threshold, seed_arg
 
 
 @triton.jit(do_not_specialize=["M", "seed", "keep_thr"])
@@ -20,18 +20,19 @@ def _dropout_mask_kernel(OUT, M, K, seed, keep_thr, K8, BLOCK_M: tl.constexpr, B
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
-def dropout_mask(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
-    """Bool keep-mask [M, K] that the kernels use for `seed` and dropout probability `p`.
+def dropout_mask(seed, M: int, K: int, p: float, device) -> torch.Tensor:
+    """Bool keep-mask [M, K] that the kernels use for `seed` (an int, or a one-element int64 tensor on `device`)
+    and dropout probability `p`.
 
     >>> keep = dropout_mask(1234, 8, 64, 0.1, "cuda")
     """
-    check_dropout(p, seed)
+    check_dropout(p, seed, device)
     for name, n in (("M", M), ("K", K)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"{name} must be an int >= 0, got {n!r}")
     out = torch.empty((M, K), device=device, dtype=torch.int8)
     if M and K:
         grid = (cdiv(M, 16), cdiv(K, 64))
-        _dropout_mask_kernel[grid](out, M, K, int(seed), dropout_threshold(p), cdiv(K, 8),
+        _dropout_mask_kernel[grid](out, M, K, seed_arg(seed), dropout_threshold(p), cdiv(K, 8),
                                    BLOCK_M=16, BLOCK_K=64)
     return out.bool()

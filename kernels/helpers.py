@@ -174,16 +174,32 @@ def check_dropout_p(dropout_p, name: str = "dropout_p") -> float:
     return dropout_p if isinstance(dropout_p, float) else float(dropout_p)
 
 
-def check_dropout(dropout_p, seed) -> None:
-    """Launcher guard for the dropout arguments: `dropout_p` in [0, 1) (check_dropout_p) and `seed` an int in
-    [0, 2**63) (the Philox key of the mask; lora_fast draws them in [0, 2**62); unused without dropout).
+def check_dropout(dropout_p, seed, like=None) -> None:
+    """Launcher guard for the dropout arguments: `dropout_p` in [0, 1) (check_dropout_p) and `seed`, the Philox
+    key of the mask (unused without dropout): an int in [0, 2**63) (lora_fast draws them in [0, 2**62)), or a
+    one-element int64 tensor on the device of `like` (a tensor or a device), which the kernels read through a
+    pointer: a seed drawn on the GPU, which a CUDA graph replay draws afresh. Its value is not read here (that
+    would sync): any int64 is a valid key, a negative one taken as its two's complement.
     Every launcher call runs it: a float and an int take the fast path (the ABC checks cost ~1.5 µs)."""
     check_dropout_p(dropout_p)
     if type(seed) is not int:
+        if isinstance(seed, torch.Tensor):
+            if seed.dtype != torch.int64 or seed.numel() != 1:
+                raise TypeError(f"seed must be an int or a one-element int64 tensor, got a {seed.dtype} tensor of "
+                                f"shape {tuple(seed.shape)}")
+            device = torch.device(getattr(like, "device", like)) if like is not None else seed.device
+            if seed.device.type != device.type or device.index not in (None, seed.device.index):  # "cuda" ~ cuda:0
+                raise ValueError(f"seed tensor must be on {device} (the operands' device), got {seed.device}")
+            return
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an int (the dropout mask's Philox key), got {type(seed).__name__}")
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+
+
+def seed_arg(seed):
+    """What a kernel's `seed` parameter receives: the int, or the seed tensor itself (read by `load_seed`)."""
+    return seed if isinstance(seed, torch.Tensor) else int(seed)
 
 
 def check_vector(name, v, length, like) -> None:
@@ -260,17 +276,29 @@ def output_tile(ROWS, COLS, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, 
 
 
 @triton.jit
+def load_seed(seed):
+    """The dropout seed's value: `seed` itself (an int argument), or the int64 it points to (a seed tensor drawn on
+    the device, helpers.check_dropout). Decided when the kernel compiles: Triton specializes the argument's type."""
+    if seed.dtype.is_ptr():  # one branch is compiled; both assign (Triton 3.6 refuses two return types)
+        value = tl.load(seed)
+    else:
+        value = seed
+    return value
+
+
+@triton.jit
 def dropout_keep(seed, offs_m, k0, K8, keep_thr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Boolean keep-mask of the tile rows `offs_m` [BLOCK_M] x columns `k0 + arange(BLOCK_K)`.
 
-    Philox-4x32-10 keyed by `seed` at counter `m * K8 + k // 8` (K8 = ceil(K / 8)) gives four 32-bit words for
-    eight neighbouring columns: column k takes the low (k even) or high (k odd) 16 bits of word (k % 8) // 2 and
-    is kept iff that half is >= `keep_thr` = ceil(p * 2**16) (dropout_threshold). So the drop probability is p
-    rounded up to a multiple of 2**-16 (within 1.6e-5 of p; FlashAttention's dropout rounds to 2**-8), and one
-    Philox call serves eight elements: half the cost of a 32-bit word per element. `k0` must be a multiple of 8
-    (every BLOCK_K is). lora_fast.philox reproduces the mask in numpy.
+    Philox-4x32-10 keyed by `seed` (an int, or a pointer to one: `load_seed`) at counter `m * K8 + k // 8`
+    (K8 = ceil(K / 8)) gives four 32-bit words for eight neighbouring columns: column k takes the low (k even) or
+    high (k odd) 16 bits of word (k % 8) // 2 and is kept iff that half is >= `keep_thr` = ceil(p * 2**16)
+    (dropout_threshold). So the drop probability is p rounded up to a multiple of 2**-16 (within 1.6e-5 of p;
+    FlashAttention's dropout rounds to 2**-8), and one Philox call serves eight elements: half the cost of a 32-bit
+    word per element. `k0` must be a multiple of 8 (every BLOCK_K is). lora_fast.philox reproduces the mask in numpy.
     """
     tl.static_assert(BLOCK_K % 8 == 0)
+    seed = load_seed(seed)
     cols8 = k0 // 8 + tl.arange(0, BLOCK_K // 8)
     counter = offs_m.to(tl.int64)[:, None] * K8 + cols8[None, :]
     r0, r1, r2, r3 = tl.randint4x(seed, counter)

@@ -69,6 +69,12 @@ def int_width(value) -> int:
         return 0
 
 
+def seed_key(seed):
+    """A plan's key for a dropout seed: `int_width` of an int; "ptr" for a seed tensor (helpers.check_dropout),
+    for which Triton compiles the kernel once more, with a pointer argument."""
+    return "ptr" if isinstance(seed, torch.Tensor) else int_width(seed)
+
+
 _ALL_CACHES = []
 
 
@@ -175,4 +181,4 @@ class Launch:
             self.compiled, self.device = kernel, _current_device()
 
 
-__all__ = ["Launch", "PlanCache", "clear_plans", "int_width", "plan_key", "tensor_key"]
+__all__ = ["Launch", "PlanCache", "clear_plans", "int_width", "plan_key", "seed_key", "tensor_key"]

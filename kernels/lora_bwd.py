@@ -23,9 +23,9 @@ from .config import dx_dropout_term_config, gemm_config, num_sms, reduce_m_confi
 from .helpers import (
     acc_dtype, apply_dropout, cdiv, check_dropout, check_dtype, check_flag, check_scaling, check_shapes,
     check_vector, dot, dot_precision, dot_precision_key, dropout_keep, dropout_threshold, gdc_wait_if,
-    next_pow2_rank, output_tile, pdl_enabled, tensor_descriptor, tma_enabled, upcast,
+    next_pow2_rank, output_tile, pdl_enabled, seed_arg, tensor_descriptor, tma_enabled, upcast,
 )
-from .launch import Launch, PlanCache, int_width, plan_key
+from .launch import Launch, PlanCache, plan_key, seed_key
 from .lora_fwd import EPILOGUE_RANK_BLOCK, _output, choose_xa_mode
 from .lora_shrink import lora_shrink
 
@@ -269,9 +269,9 @@ def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
     >>> dx, dyb = lora_backward_dx(dy, W, A, B, 2.0)
     """
     scaling = check_scaling(scaling)
-    check_dropout(dropout_p, seed)
+    check_dropout(dropout_p, seed, dy)
     key = plan_key((dy, weight, lora_A, lora_B, out, dy_scale), dropout_p, store_dyb, dyb_mode, tma,
-                   dot_precision_key(dy), int_width(seed))
+                   dot_precision_key(dy), seed_key(seed))
     plan = _DX_PLANS.find(key)
     if plan is None:
         plan = _DX_PLANS.put(key, _DxPlan(dy, weight, lora_A, lora_B, dropout_p, store_dyb, dyb_mode, out, tma,
@@ -373,10 +373,10 @@ class _DxPlan:
             b_arg[:, :lora_B.shape[1]] = lora_B
         if self.use_tma:
             dy, weight = tensor_descriptor(dy, self.dy_block), tensor_descriptor(weight, self.w_block)
-        self.launch(dy, weight, b_arg, lora_A, dyb if dyb is not None else dx, dx, float(scaling), int(seed),
+        self.launch(dy, weight, b_arg, lora_A, dyb if dyb is not None else dx, dx, float(scaling), seed_arg(seed),
                     dy_scale if dy_scale is not None else dx)
         if self.term is not None:
-            self.term(dyb, lora_A, dx, float(scaling), int(seed))
+            self.term(dyb, lora_A, dx, float(scaling), seed_arg(seed))
         return dx, dyb
 
 
@@ -397,9 +397,9 @@ def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p=0.0, seed=
     >>> dA, dB = lora_grad_ab(x, dy, xa, dyb, 2.0, A.dtype, B.dtype)
     """
     scaling = check_scaling(scaling)
-    check_dropout(dropout_p, seed)
+    check_dropout(dropout_p, seed, x)
     key = plan_key((x, dy, xa, dyb), a_dtype, b_dtype, dropout_p, need_a, need_b, dot_precision_key(x),
-                   int_width(seed))
+                   seed_key(seed))
     plan = _AB_PLANS.find(key)
     if plan is None:
         plan = _AB_PLANS.put(key, _GradABPlan(x, dy, xa, dyb, a_dtype, b_dtype, dropout_p, need_a, need_b))
@@ -494,7 +494,7 @@ class _GradABPlan:
         out_b = torch.empty(self.out_b[0], device=x.device, dtype=self.out_b[1]) if self.need_b else None
         oa = out_a if out_a is not None else out_b
         ob = out_b if out_b is not None else out_a
-        self.launch(dyb if self.need_a else x, x, dy, xa if self.need_b else x, oa, ob, float(scaling), int(seed))
+        self.launch(dyb if self.need_a else x, x, dy, xa if self.need_b else x, oa, ob, float(scaling), seed_arg(seed))
         # fp32 partials are summed in fp32 by torch (a fixed order: deterministic)
         if out_a is not None and self.splits_a > 1:
             out_a = out_a.sum(0, dtype=self.a_dtype)

@@ -26,9 +26,9 @@ from .config import gemm_config, num_sms
 from .helpers import (
     acc_dtype, apply_dropout, cdiv, check_dropout, check_flag, check_scaling, check_shapes, check_vector, dot,
     dot_precision, dot_precision_key, dropout_keep, dropout_threshold, gdc_wait_if, next_pow2_rank, output_tile,
-    pdl_enabled, tensor_descriptor, tma_enabled,
+    pdl_enabled, seed_arg, tensor_descriptor, tma_enabled,
 )
-from .launch import Launch, PlanCache, int_width, plan_key
+from .launch import Launch, PlanCache, plan_key, seed_key
 from .lora_shrink import lora_shrink, lora_shrink_partials, shrink_splits
 
 # Widest padded rank whose xa accumulator is kept next to a large GEMM tile ("fused" mode).
@@ -243,9 +243,9 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
     >>> y, xa = lora_forward(x, W, None, A, B, 2.0, dropout_p=0.1, seed=7, store_xa=True)
     """
     scaling = check_scaling(scaling)
-    check_dropout(dropout_p, seed)
+    check_dropout(dropout_p, seed, x)
     key = plan_key((x, weight, bias, lora_A, lora_B, out, out_scale), dropout_p, store_xa, xa_mode, tma,
-                   dot_precision_key(x), int_width(seed))
+                   dot_precision_key(x), seed_key(seed))
     plan = _PLANS.find(key)
     if plan is None:
         plan = _PLANS.put(key, _ForwardPlan(x, weight, bias, lora_A, lora_B, dropout_p, store_xa, xa_mode, out,
@@ -341,6 +341,6 @@ class _ForwardPlan:
                 x, weight = tensor_descriptor(x, self.x_block), tensor_descriptor(weight, self.w_block)
             # y itself stands in for the absent optional pointers (never dereferenced)
             self.launch(x, weight, lora_A, lora_B, bias if bias is not None else y, xa if xa is not None else y,
-                        tensor_descriptor(y, self.y_block) if self.y_tma else y, float(scaling), int(seed),
+                        tensor_descriptor(y, self.y_block) if self.y_tma else y, float(scaling), seed_arg(seed),
                         out_scale if out_scale is not None else y, xa_out if xa_out is not None else y)
         return y, (xa_out if self.splits else xa)

@@ -14,7 +14,7 @@ import triton.language as tl
 from .config import nf4_config, nf4_path
 from .helpers import (
     acc_dtype, cdiv, check_dropout, check_scaling, dot, dot_precision, dropout_keep, dropout_threshold,
-    next_pow2_rank, output_tile,
+    next_pow2_rank, output_tile, seed_arg,
 )
 from .lora_bwd import lora_backward_dx
 from .lora_fwd import EPILOGUE_RANK_BLOCK
@@ -75,7 +75,7 @@ def lora_nf4_backward_dx(dy, w4, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
     """
     M, K, N, rank = check_nf4_operands(w4, lora_A, lora_B, dy=dy)
     scaling = check_scaling(scaling)
-    check_dropout(dropout_p, seed)
+    check_dropout(dropout_p, seed, dy)
     if path == "auto":
         path = "fused" if nf4_path(M) == "gemv" else nf4_path(M)
     if path == "dequant":
@@ -101,7 +101,7 @@ def lora_nf4_backward_dx(dy, w4, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
         M, N, K, rank,
         dy.stride(0), dy.stride(1), qw.stride(0), lora_A.stride(0), lora_A.stride(1), dyb.stride(0),
         dyb.stride(1), dx.stride(0), dx.stride(1),
-        abs_offset, float(scaling), int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+        abs_offset, float(scaling), seed_arg(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
         cdiv(K, 8),
         DROPOUT=dropout_p > 0.0, DECODE=nf4_decode(decode, dy.device), BLOCK_M=cfg.block_m, BLOCK_K=block_k, BLOCK_N=block_n,
         BLOCK_R=block_r, NUM_R_CHUNKS=cdiv(rank, block_r), GROUP_M=cfg.group_m,

@@ -95,7 +95,7 @@ def lora_nf4_forward(x, w4, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
     >>> y, xa = lora_nf4_forward(x, w4, b, A, B, 2.0, dropout_p=0.1, seed=3, store_xa=True)
     """
     scaling = check_scaling(scaling)
-    check_dropout(dropout_p, seed)
+    check_dropout(dropout_p, seed, x)
     if path in ("auto", "gemv") and isinstance(x, torch.Tensor) and x.dim() == 2 and nf4_path(x.shape[0]) == "gemv":
         # the GEMV's launch plan runs every check of check_nf4_operands, once per call signature
         return nf4_gemv(x, w4, bias, lora_A, lora_B, scaling, dropout_p, seed, store_xa, decode=decode)

@@ -15,9 +15,9 @@ import triton.language as tl
 from .config import shrink_config
 from .helpers import (
     acc_dtype, apply_dropout, cdiv, check_dropout, check_shapes, dot, dot_precision, dot_precision_key, dropout_keep,
-    dropout_threshold, gdc_launch_dependents_if, next_pow2,
+    dropout_threshold, gdc_launch_dependents_if, next_pow2, seed_arg,
 )
-from .launch import Launch, PlanCache, int_width, plan_key
+from .launch import Launch, PlanCache, plan_key, seed_key
 
 # Widest rank slice per program: [BLOCK_M, 128] fp32 accumulators still fit the registers of 4 warps.
 MAX_SHRINK_RANK_BLOCK = 128
@@ -107,15 +107,15 @@ class _ShrinkPlan:
     def __call__(self, x, lora_A, seed):
         xa = torch.empty(self.shape, device=x.device, dtype=self.dtype)
         if self.launch is not None:
-            self.launch(x, lora_A, xa, int(seed))
+            self.launch(x, lora_A, xa, seed_arg(seed))
         elif self.partial:
             xa.zero_()  # K == 0: the empty sum
         return xa
 
 
 def _shrink(x, lora_A, dropout_p, seed, splits, trigger):
-    check_dropout(dropout_p, seed)
-    key = plan_key((x, lora_A), dropout_p, splits, trigger, dot_precision_key(x), int_width(seed))
+    check_dropout(dropout_p, seed, x)
+    key = plan_key((x, lora_A), dropout_p, splits, trigger, dot_precision_key(x), seed_key(seed))
     plan = _PLANS.find(key)
     if plan is None:
         plan = _PLANS.put(key, _ShrinkPlan(x, lora_A, dropout_p, splits, trigger))

@@ -19,9 +19,9 @@ import triton.language as tl
 from .config import nf4_config, num_sms
 from .helpers import (
     acc_dtype, apply_dropout, cdiv, check_dropout, check_flag, check_scaling, dot, dot_precision, dot_precision_key,
-    dropout_keep, dropout_threshold, next_pow2_rank,
+    dropout_keep, dropout_threshold, next_pow2_rank, seed_arg,
 )
-from .launch import Launch, PlanCache, int_width, plan_key
+from .launch import Launch, PlanCache, plan_key, seed_key
 from .nf4_dequant import (
     NF4_BLOCK, check_nf4_operands, nf4_absmax, nf4_call_args, nf4_decode, nf4_kernel_args, nf4_key_parts,
     nf4_pairs, nf4_prmt_words,
@@ -184,10 +184,10 @@ def nf4_gemv(x, w4, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_
     >>> y, _ = nf4_gemv(x, w4, None, A, B, 2.0)
     """
     scaling = check_scaling(scaling)
-    check_dropout(dropout_p, seed)
+    check_dropout(dropout_p, seed, x)
     tensors, flags = nf4_key_parts(w4)
     key = plan_key((x, bias, lora_A, lora_B) + tensors, *flags, dropout_p, store_xa, decode, splits,
-                   dot_precision_key(x), int_width(seed))
+                   dot_precision_key(x), seed_key(seed))
     plan = _PLANS.find(key)
     if plan is None:
         plan = _PLANS.put(key, _GemvPlan(x, w4, bias, lora_A, lora_B, dropout_p, store_xa, decode, splits))
@@ -257,7 +257,7 @@ class _GemvPlan:
         qw, absmax, abs_code, abs_scale, abs_offset, code = nf4_call_args(w4)
         part = torch.empty(self.part_shape, device=x.device, dtype=torch.float32)
         xa_part = torch.empty(self.xa_part_shape, device=x.device, dtype=torch.float32)
-        self.gemv(x, qw, absmax, abs_code, abs_scale, code, lora_A, part, xa_part, abs_offset, int(seed))
+        self.gemv(x, qw, absmax, abs_code, abs_scale, code, lora_A, part, xa_part, abs_offset, seed_arg(seed))
         self.finish(part, xa_part, lora_B, bias if bias is not None else y, y, xa if xa is not None else y,
                     float(scaling))
         return y, xa

@@ -186,7 +186,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
     if p == 0.0:
         return DoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, g, norm, scaling)
     x2d = x.reshape(-1, x.shape[-1])
-    seed = draw_seed()
+    seed = draw_seed(x)
     if use_triton(x):
         from .kernels import dropout_mask
 

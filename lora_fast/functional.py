@@ -38,9 +38,16 @@ def _ops(t: torch.Tensor):
     return naive
 
 
-def draw_seed() -> int:
-    """A dropout seed from torch's CPU generator: no device sync, reproducible under torch.manual_seed, and
-    replayed by torch.utils.checkpoint, which restores the CPU RNG state before recomputing."""
+def draw_seed(like=None):
+    """A dropout seed. Eagerly, an int from torch's CPU generator: no device sync, no launch, reproducible under
+    torch.manual_seed, and replayed by torch.utils.checkpoint, which restores the CPU RNG state before recomputing.
+
+    While `like` (the layer's input) is a CUDA tensor and its stream is being captured into a CUDA graph, an int
+    would be baked into the graph and every replay would drop the same elements: the seed is then a one-element
+    int64 tensor drawn by the CUDA generator inside the capture (a replay draws a fresh one, as torch's own
+    dropout does) and the kernels read it through a pointer (kernels.helpers.check_dropout)."""
+    if like is not None and like.is_cuda and torch.cuda.is_current_stream_capturing():
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=like.device)
     return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
 
 
@@ -158,7 +165,7 @@ def eager_only(fn):
 
 def _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, p):
     """`lora_linear` after its checks and casts: the autograd Function when a gradient is needed, else the launch."""
-    seed = draw_seed() if p > 0.0 else 0
+    seed = draw_seed(x) if p > 0.0 else 0
     tensors = (x, weight, bias, lora_A, lora_B)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed)

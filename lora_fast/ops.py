@@ -8,7 +8,7 @@ Ops (each with a fake implementation for tracing; shapes as in the launchers of 
 - `lora_fast::lora_shrink(x [M, K], lora_A [r, K], dropout_p, seed?)` -> `xa [M, r]`;
 - `lora_fast::lora_grad_ab(x, dy, xa?, dyb?, scaling, a_dtype, b_dtype, dropout_p, seed?, need_a, need_b)`
   -> `(dA [r, K] or [0], dB [N, r] or [0])`;
-- `lora_fast::draw_seed(generator [0] on the CPU)` -> int64 [1] on the CPU: a dropout seed from torch's generator (see below);
+- `lora_fast::draw_seed(generator [0])` -> int64 [1] on the generator's device: a dropout seed (see below);
 - `lora_fast::multi_lora_forward(x [T, K], weight, bias?, A [S, slices, R, K], B [S, N, R], scalings [S],
   ranks [S], adapter_ids, perm, seg_of, seg_start, seg_adapter, slice_sizes)` -> `y [T, N]`, with autograd for x
   only (serving: the pool and the base weight are frozen, their gradients are not computed).
@@ -22,12 +22,14 @@ used and build host `TensorDescriptor`s from it on Hopper at large M, pick confi
 cache device-side slice tables, and on the CPU CI path run the kernels through Triton's interpreter, which inductor
 cannot compile. Inductor could not fuse anything into these GEMM kernels anyway, so an opaque op loses nothing that
 matters: the graph has no break, the kernels run exactly as in eager (TMA included), and the op is CUDA-graph safe
-(no host sync: the only `.item()` reads the CPU seed tensor).
+(no host sync, no host value per call).
 
-The dropout seed: `seed` is an int64 [1] CPU tensor drawn inside the traced graph by the `lora_fast::draw_seed` op
-(`draw_seed_tensor`: torch's CPU generator, the value eager's `draw_seed` would draw), so every compiled step draws a
-fresh mask (not a constant baked into the graph), and the autograd saves that same tensor so the backward
-regenerates the forward's mask. None = no dropout.
+The dropout seed: `seed` is an int64 [1] tensor on x's device, drawn inside the traced graph by the
+`lora_fast::draw_seed` op (`draw_seed_tensor`) and read by the kernels through a pointer, so every compiled step, and
+every replay of inductor's CUDA graphs (`mode="reduce-overhead"`), draws a fresh mask (not a constant baked into the
+graph); the autograd saves that same tensor so the backward regenerates the forward's mask. None = no dropout. On
+a GPU it comes from the CUDA generator, so compiled masks differ from eager's (an int from the CPU generator, no
+launch) though both follow `torch.manual_seed`; on the CPU both draw the same value from the CPU generator.
 
 Eager calls do not come here: `lora_fast.lora_linear` calls `LoRALinearFunction` directly unless torch.compile is
 tracing (no dispatcher cost on the host-bound small-size eager step). `HAS_CUSTOM_OPS` is False on a torch without
@@ -54,17 +56,18 @@ HAS_CUSTOM_OPS = all(hasattr(torch.library, f) for f in ("custom_op", "register_
 Tensor = torch.Tensor
 
 
-def seed_value(seed: Optional[Tensor]) -> int:
-    """The int the launchers take from a seed tensor (None: no dropout, 0): one `.item()` of the one-element CPU
-    tensor (indexing it first cost two more aten calls per launcher call)."""
-    return 0 if seed is None else int(seed.item())
+def seed_value(seed: Optional[Tensor]):
+    """What the launchers take for an op's seed: the seed tensor itself (read in the kernels through a pointer, no
+    host sync), or 0 when there is none (no dropout)."""
+    return 0 if seed is None else seed
 
 
-def draw_seed_tensor() -> Tensor:
-    """int64 [1] on the CPU: `functional.draw_seed`'s value (same generator, same draw) without the `.item()`, via
-    the `lora_fast::draw_seed` op, so a compiled graph draws it afresh on every call and eager and compiled runs
-    under one `torch.manual_seed` use the same masks; torch.utils.checkpoint restores the CPU RNG before recomputing."""
-    return torch.ops.lora_fast.draw_seed(torch.empty(0, dtype=torch.int64))
+def draw_seed_tensor(device) -> Tensor:
+    """int64 [1] on `device`, via the `lora_fast::draw_seed` op, so that a compiled graph draws it afresh on every
+    call: from the CUDA generator on a GPU (graph-safe: a CUDA graph replay draws anew), from the CPU generator on
+    the CPU (where it is the value eager's `functional.draw_seed` draws). torch.utils.checkpoint, and inductor's
+    recompute of a seeded op, restore that device's RNG state before recomputing."""
+    return torch.ops.lora_fast.draw_seed(torch.empty(0, dtype=torch.int64, device=device))
 
 
 def _empty(like: Tensor, *shape, dtype=None) -> Tensor:
@@ -102,7 +105,7 @@ if HAS_CUSTOM_OPS:
     # An opaque op rather than torch.randint in the graph: inductor would generate its own RNG code for randint
     # (C++ on the CPU, other numbers than torch's generator); this draws exactly what eager draws. Tagged as
     # seeded-random so the graph passes neither merge two draws nor recompute one (checkpointing saves it).
-    # `generator` is an empty CPU tensor that names the generator drawn from: inductor's checkpoint recompute
+    # `generator` is an empty tensor whose device names the generator drawn from: inductor's checkpoint recompute
     # (`run_and_save_rng_state`) saves and restores the RNG state of the device of the op's tensor arguments.
     def draw_seed(generator: Tensor) -> Tensor:
         return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=generator.device)
@@ -233,7 +236,7 @@ def lora_linear_op(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: f
     x: [..., K] -> [..., N]. The seed is drawn as a tensor inside the graph (see the module docstring); xa is
     stored only when lora_B needs a gradient.
     """
-    seed = draw_seed_tensor() if dropout_p > 0.0 else None
+    seed = draw_seed_tensor(x.device) if dropout_p > 0.0 else None
     store_xa = torch.is_grad_enabled() and lora_B.requires_grad
     y2d, _ = torch.ops.lora_fast.lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling,
                                               dropout_p, seed, store_xa)

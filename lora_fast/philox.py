@@ -49,6 +49,7 @@ def dropout_mask_numpy(seed: int, M: int, K: int, p: float) -> np.ndarray:
     return halves >= np.uint64(keep_threshold(p))
 
 
-def dropout_mask_torch(seed: int, M: int, K: int, p: float, device="cpu") -> torch.Tensor:
-    """`dropout_mask_numpy` as a bool tensor on `device`."""
+def dropout_mask_torch(seed, M: int, K: int, p: float, device="cpu") -> torch.Tensor:
+    """`dropout_mask_numpy` as a bool tensor on `device`; `seed` an int or a one-element int64 tensor (read with a
+    host sync: this is the reference and the plain-PyTorch path, not the kernels')."""
     return torch.from_numpy(dropout_mask_numpy(seed, M, K, p)).to(device)

@@ -136,7 +136,7 @@ def qlora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, traini
     scaling, dropout_p = check_qlora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
     lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     p = dropout_p if training else 0.0
-    seed = draw_seed() if p > 0.0 else 0
+    seed = draw_seed(x) if p > 0.0 else 0
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B)):
         return QLoRALinearFunction.apply(x, bias, lora_A, lora_B, weight, scaling, p, seed)
     y2d, _ = _nf4_ops(x).lora_nf4_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, p,

@@ -176,7 +176,7 @@ def vera_linear(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p=0
     check_vector_param("lambda_d", lambda_d, vera_A.shape[0], x)
     check_vector_param("lambda_b", lambda_b, weight.shape[0], x)
     p = dropout_p if training else 0.0
-    seed = draw_seed() if p > 0.0 else 0
+    seed = draw_seed(x) if p > 0.0 else 0
     return VeRALinearFunction.apply(x, weight, bias, vera_A.detach().to(x.dtype), vera_B.detach().to(x.dtype),
                                     lambda_d, lambda_b, p, seed)
 

@@ -278,16 +278,56 @@ def test_gpu_matches_cpu_path():
     assert rel_err(y.cpu(), yc) < 1e-5
 
 
+def test_seed_tensor_gives_the_int_seeds_results(device):
+    """A seed given as a one-element int64 tensor (drawn on the device inside a CUDA graph, read by the kernels
+    through a pointer) gives exactly the int seed's mask and results, in every launcher that draws the mask and
+    through the autograd Function; a key above 2**32 uses both Philox key words."""
+    M, K, N, r, p, s = 19, 64, 13, 3, 0.3, 0.8
+    seed = int(torch.randint(2**33, 2**62, (1,)))
+    t = torch.tensor([seed], device=device)
+    x, W, b, A, B = lora_problem(M, K, N, r, torch.float32, device)
+    dy, xa = torch.randn(M, N, device=device), torch.randn(M, r, device=device)
+    q = quantize_nf4(torch.randn(N, K, device=device))
+    calls = {"forward": lambda sd: kernels.lora_forward(x, W, b, A, B, s, p, sd, store_xa=True),
+             "forward fused": lambda sd: kernels.lora_forward(x, W, b, A, B, s, p, sd, store_xa=True, xa_mode="fused"),
+             "shrink": lambda sd: (kernels.lora_shrink(x, A, p, sd),),
+             "shrink partials": lambda sd: (lora_shrink_partials(x, A, 2, p, sd),),
+             "dx": lambda sd: kernels.lora_backward_dx(dy, W, A, B, s, p, sd),
+             "dA dB": lambda sd: kernels.lora_grad_ab(x, dy, xa, xa, s, A.dtype, B.dtype, p, sd),
+             "nf4 gemv": lambda sd: kernels.nf4_gemv(x[:4], q, b, A, B, s, p, sd, store_xa=True),
+             "nf4 forward": lambda sd: kernels.lora_nf4_forward(x, q, b, A, B, s, p, sd, store_xa=True, path="fused"),
+             "nf4 dx": lambda sd: kernels.lora_nf4_backward_dx(dy, q, A, B, s, p, sd),
+             "mask": lambda sd: (kernels.dropout_mask(sd, M, K, p, device),)}
+    for name, call in calls.items():
+        for a, b_ in zip(call(seed), call(t)):
+            assert torch.equal(a, b_), name
+    assert torch.equal(kernels.dropout_mask(t, M, K, p, device).cpu(), dropout_mask_torch(seed, M, K, p))
+    grads = []
+    for sd in (seed, t):
+        leaves = [v.detach().clone().requires_grad_() for v in (x, A, B)]
+        y = LoRALinearFunction.apply(leaves[0], W, b, leaves[1], leaves[2], s, p, sd)
+        y.backward(dy)
+        grads.append([y.detach()] + [v.grad for v in leaves])
+    for a, b_ in zip(*grads):
+        assert torch.equal(a, b_)
+    # outside a CUDA graph capture the eager seed is a host int (no launch)
+    assert type(draw_seed(x)) is int
+
+
 BAD_DROPOUT = [(1.5, 1, ValueError, "dropout_p"), (-0.1, 1, ValueError, "dropout_p"),
                (float("nan"), 1, ValueError, "dropout_p"), (True, 1, TypeError, "dropout_p"),
                ("0.1", 1, TypeError, "dropout_p"), (0.1, 1.5, TypeError, "seed"), (0.1, "7", TypeError, "seed"),
-               (0.1, None, TypeError, "seed"), (0.1, -3, ValueError, "seed"), (0.1, 2**64, ValueError, "seed")]
+               (0.1, None, TypeError, "seed"), (0.1, -3, ValueError, "seed"), (0.1, 2**64, ValueError, "seed"),
+               (0.1, torch.tensor([1.0]), TypeError, "seed"), (0.1, torch.tensor([1, 2]), TypeError, "seed"),
+               (0.1, torch.tensor([1], dtype=torch.int32), TypeError, "seed"),
+               (0.1, torch.empty(1, dtype=torch.int64, device="meta"), ValueError, "seed")]
 
 
 @pytest.mark.parametrize("p,seed,err,name", BAD_DROPOUT)
 def test_launchers_reject_bad_dropout_arguments(p, seed, err, name, device):
-    """Every kernel launcher that draws the mask names a dropout_p outside [0, 1) or a seed that is not an int in
-    [0, 2**63), before any launch (p = 1.5 used to drop everything and scale by -2, silently)."""
+    """Every kernel launcher that draws the mask names a dropout_p outside [0, 1) or a seed that is neither an int in
+    [0, 2**63) nor a one-element int64 tensor on the operands' device, before any launch (p = 1.5 used to drop
+    everything and scale by -2, silently)."""
     x, W, b, A, B = lora_problem(4, 64, 8, 2, torch.float32, device)
     dy, xa = torch.randn(4, 8, device=device), torch.randn(4, 2, device=device)
     q = quantize_nf4(torch.randn(8, 64, device=device))
