@@ -20,7 +20,9 @@ Checks (each case in its own try/except; failures are recorded in the JSON and t
 - torch.utils.checkpoint, re-entrant and not, dropout 0.1, under autocast too: gradients bit-equal to no checkpoint;
   and under torch.compile (checkpoint inside the compiled region and around a compiled module): the same mask;
 - the host time of an eager call through the op's dispatcher against the direct autograd.Function that eager uses;
-- torch.compile(mode="reduce-overhead"): a LoRALinear decode, and a training step with dropout, against eager.
+- torch.compile(mode="reduce-overhead"): a LoRALinear decode, and a training step without and with dropout,
+  against eager (the dropout seed drawn on the GPU inside the graph: fresh masks per replay, the backward's the
+  forward's); torch.cuda.graph around an eager training step with dropout, the same.
 Writes OUT/gpu_compile.json and prints a table last.
 """
 from __future__ import annotations
@@ -86,7 +88,7 @@ def opcheck_cuda():
     M, K, N, r = 70, 200, 136, 16
     x, W, b = torch.randn(M, K, **g), torch.randn(N, K, **g) / K**0.5, torch.randn(N, **g)
     A, B = torch.randn(r, K, **g) / K**0.5, torch.randn(N, r, **g)
-    seed = torch.tensor([99], dtype=torch.int64)
+    seed = torch.tensor([99], dtype=torch.int64, device=DEV)
     dy, xa, dyb = torch.randn(M, N, **g), torch.randn(M, r, **g), torch.randn(M, r, **g)
     xg, Ag, Bg = (t.clone().requires_grad_(True) for t in (x, A, B))
     lf = torch.ops.lora_fast
@@ -104,7 +106,7 @@ def opcheck_cuda():
                                    (xm, multi.weight, multi.bias, A_s, B_s, pool.scalings, pool.ranks,
                                     meta.adapter_ids, meta.perm, meta.seg_of, meta.seg_start, meta.seg_adapter,
                                     list(sizes)))
-    cases["draw_seed"] = (lf.draw_seed.default, (torch.empty(0, dtype=torch.int64),))
+    cases["draw_seed"] = (lf.draw_seed.default, (torch.empty(0, dtype=torch.int64, device=DEV),))
     for name, (op, args) in cases.items():
         try:
             torch.library.opcheck(op, args, atol=2e-2, rtol=2e-2)
@@ -132,18 +134,6 @@ class MLPBlock(nn.Module):
 
     def forward(self, x):
         return self.down(F.silu(self.gate(x)) * self.up(x)) + x
-
-
-def _partition(on: bool):
-    """Inductor's graph partitions (CPU ops outside the CUDA graphs) while compiling and running, if asked for
-    and this torch has them; otherwise nothing."""
-    import contextlib
-
-    from torch._inductor import config as inductor_config
-
-    if on and hasattr(inductor_config, "graph_partition"):
-        return inductor_config.patch(graph_partition=True)
-    return contextlib.nullcontext()
 
 
 def _train_step(model, x, g, mark_step=False):
@@ -191,19 +181,16 @@ def training_block(M=4096, dim=4096, hidden=4096, rank=16):
                    step_diff=rel_err(y1, y2))
         steps = {"base": _train_step(base, x, g), "base_compiled": _train_step(base_c, x, g),
                  "eager": _train_step(lora, x, g), "compiled": _train_step(compiled, x, g)}
-        # inductor's CUDA graphs (no host time per launch); with dropout only under graph partitions (the seed
-        # is a CPU tensor: reduce_overhead's checks)
+        # inductor's CUDA graphs (no host time per launch); with dropout the seed is drawn inside the graph
         try:
-            with _partition(p_drop > 0.0):
-                ro = torch.compile(lora, mode="reduce-overhead", fullgraph=True)
-                ro_step = _train_step(ro, x, g, mark_step=True)
-                ro_step()
-                ro_step()
+            ro = torch.compile(lora, mode="reduce-overhead", fullgraph=True)
+            ro_step = _train_step(ro, x, g, mark_step=True)
+            ro_step()
+            ro_step()
             steps["compiled_reduce_overhead"] = ro_step
         except Exception as e:  # noqa: BLE001 - the timing row is simply missing; the error is recorded
             record(f"train step reduce-overhead p={p_drop}", False, error=f"{type(e).__name__}: {str(e)[:300]}")
-        with _partition(p_drop > 0.0):
-            time_ratio(f"train step MLP M={M} d={dim} h={hidden} r={rank} p={p_drop}", steps, p=p_drop)
+        time_ratio(f"train step MLP M={M} d={dim} h={hidden} r={rank} p={p_drop}", steps, p=p_drop)
         if p_drop == 0.0 and time.perf_counter() - T0 > 45:  # leave the other cases their share of the 120 s
             record("training block dropout 0.1 (check and timing)", None, error="skipped: time budget")
             break
@@ -364,10 +351,52 @@ def lora_linear_decode_graph(K=4096, N=4096, r=16):
         record(f"CUDA graph LoRALinear decode M={M} replay == eager", max(errs) <= 1e-3, rel_errs=errs)
 
 
+def _identity_layer(K, p):
+    """LoRALinear with K = N = r, W = 0, A = B = I, scaling 1 (fp32): y = drop(x) shows the mask, and the backward
+    must give dx = g * keep / (1 - p) with that same mask."""
+    layer = LoRALinear(K, K, rank=K, alpha=K, dropout=p, bias=False, device=DEV, dtype=torch.float32)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.lora_A.copy_(torch.eye(K))
+        layer.lora_B.copy_(torch.eye(K))
+    return layer
+
+
+def _mask_step(fn, M, K, p, before=None):
+    """One training step of an identity layer (`_identity_layer`) on a fresh x: (keep mask [M, K] read off y, the
+    worst of rel_err(y, x * keep / (1 - p)) and rel_err(dx, g * keep / (1 - p)), kept fraction)."""
+    x = (torch.rand(M, K, device=DEV) + 0.5).requires_grad_(True)
+    g = torch.randn(M, K, device=DEV)
+    if before is not None:
+        before()
+    layer = getattr(fn, "_orig_mod", fn)
+    layer.lora_A.grad = layer.lora_B.grad = None  # no accumulation into the last step's CUDA-graph outputs
+    out = fn(x)
+    y = out.detach().clone()  # a CUDA-graph output is valid until the next replay: keep copies
+    out.backward(g)
+    dx = x.grad.clone()
+    keep = y != 0
+    err = max(rel_err(y, x.detach() * keep / (1 - p)), rel_err(dx, g * keep / (1 - p)))
+    return keep, err, keep.float().mean().item()
+
+
+def _record_masks(name, steps, p):
+    """One record: every step's backward used its forward's mask, the kept fraction is 1 - p, and no two steps
+    drew the same mask."""
+    masks, errs, rates = zip(*steps)
+    fresh = all(not torch.equal(masks[i], masks[j]) for i in range(len(masks)) for j in range(i))
+    record(name, max(errs) <= 1e-5 and all(abs(r - (1 - p)) < 0.02 for r in rates) and fresh,
+           rel_errs=list(errs), kept=list(rates), fresh_masks=fresh)
+
+
 def reduce_overhead(K=4096, N=4096, r=16, M=16):
     """torch.compile(mode="reduce-overhead") (inductor's own CUDA graphs): a LoRALinear decode replayed with new
-    inputs equals eager; and a training step with dropout (a CPU seed tensor in the graph) runs, draws fresh masks
-    and equals the eager step's gradients under the same torch.manual_seed."""
+    inputs equals eager; a training step without dropout equals eager; a training step with dropout (the seed drawn
+    on the GPU inside the graph, read by the kernels through a pointer) draws a fresh mask on every replay, its
+    backward uses the forward's mask, and it equals an eager step given the seed the CUDA generator draws there.
+    And a torch.cuda.graph capture of an eager training step with dropout: fresh masks per replay as well."""
+    from lora_fast.functional import LoRALinearFunction
+
     layer = LoRALinear(K, N, rank=r, alpha=32, dropout=0.1, device=DEV, dtype=BF16)
     nn.init.normal_(layer.lora_B, std=0.1)
     layer.eval()
@@ -380,37 +409,70 @@ def reduce_overhead(K=4096, N=4096, r=16, M=16):
     record(f"reduce-overhead LoRALinear decode M={M} == eager", max(errs) <= 1e-3, rel_errs=errs)
     from torch._dynamo.utils import counters  # inductor counts the graphs it would not CUDA-graph
 
-    # recorded apart: torch 2.11 fails the dropout step with default settings (a CPU seed tensor, docs); with
-    # inductor's graph partitions the CPU seed op runs outside the CUDA graphs
-    for p, partition in ((0.0, False), (0.1, False), (0.1, True)):
+    for p in (0.0, 0.1):
         torch._dynamo.reset()
+        counters.clear()
         layer.dropout = p
         layer.train()
-        tag = f"p={p}" + (" graph_partition" if partition else "")
         x = torch.randn(256, K, device=DEV, dtype=BF16, requires_grad=True)
-        grads, outs = [], []
         try:
-            with _partition(partition):
-                train = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
-                for fn in (train, train, layer):
-                    # x.grad too: accumulating into the last step's dx (a CUDA-graph output) is not allowed
-                    layer.lora_A.grad = layer.lora_B.grad = x.grad = None
-                    torch.manual_seed(11 if fn is layer else 11 + len(outs))
-                    torch.compiler.cudagraph_mark_step_begin()  # a training loop under reduce-overhead marks steps
-                    y = fn(x)
-                    y.float().square().mean().backward()
-                    outs.append(y.detach().clone())
-                    grads.append(layer.lora_A.grad.clone())
+            train = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+            outs, grads = [], []
+            for step in range(4):  # warm-up, recording, then replays
+                # x.grad too: accumulating into the last step's dx (a CUDA-graph output) is not allowed
+                layer.lora_A.grad = layer.lora_B.grad = x.grad = None
+                torch.manual_seed(11 + step)
+                torch.compiler.cudagraph_mark_step_begin()  # a training loop under reduce-overhead marks steps
+                y = train(x)
+                y.float().square().mean().backward()
+                outs.append(y.detach().clone())
+                grads.append(layer.lora_A.grad.clone())
         except Exception as e:  # noqa: BLE001 - one record per setting
-            record(f"reduce-overhead training step {tag}", False, error=f"{type(e).__name__}: {str(e)[:300]}")
+            record(f"reduce-overhead training step p={p}", False, error=f"{type(e).__name__}: {str(e)[:300]}")
             continue
-        # steps 0 and 2 used the same manual seed (11): same mask, so equal outputs and dA; with dropout step 1
-        # drew another mask.
-        same = rel_err(outs[0], outs[2]) <= 1e-3 and rel_err(grads[0], grads[2]) <= 2e-2
-        fresh = p == 0.0 or not torch.equal(outs[0], outs[1])
-        record(f"reduce-overhead training step {tag}: equals eager" + (", fresh masks" if p else ""),
-               same and fresh, rel_err_y=rel_err(outs[0], outs[2]), rel_err_dA=rel_err(grads[0], grads[2]),
-               inductor_counters=dict(counters["inductor"]))
+        # the eager step with the seed that the compiled step drew: the CUDA generator's first draw after
+        # torch.manual_seed(11 + step) (with p = 0 no seed)
+        ref_y, ref_g = [], []
+        for step in range(4):
+            A = layer.lora_A.detach().requires_grad_(True)
+            torch.manual_seed(11 + step)
+            seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=DEV) if p else 0
+            y = LoRALinearFunction.apply(x.detach(), layer.weight, layer.bias, A, layer.lora_B.detach(),
+                                         layer.scaling, p, seed)
+            y.float().square().mean().backward()
+            ref_y.append(y.detach())
+            ref_g.append(A.grad)
+        ey = max(rel_err(a, b) for a, b in zip(outs, ref_y))
+        eg = max(rel_err(a, b) for a, b in zip(grads, ref_g))
+        fresh = p == 0.0 or all(not torch.equal(outs[i], outs[i - 1]) for i in range(1, 4))
+        record(f"reduce-overhead training step p={p}: equals eager" + (", fresh masks" if p else ""),
+               ey <= 1e-3 and eg <= 2e-2 and fresh, rel_err_y=ey, rel_err_dA=eg,
+               cudagraph_skips=counters["inductor"].get("cudagraph_skips", 0))
+    # the identity layer: each replay's y shows its mask, and its dx must use the same one
+    K2, M2, p2 = 64, 512, 0.25
+    ident = _identity_layer(K2, p2)
+    train = torch.compile(ident, mode="reduce-overhead", fullgraph=True)
+    _record_masks(f"reduce-overhead identity layer p={p2}: backward uses each replay's fresh mask",
+                  [_mask_step(train, M2, K2, p2, torch.compiler.cudagraph_mark_step_begin) for _ in range(4)], p2)
+    # torch.cuda.graph around an eager step: the seed is drawn on the GPU while capturing (functional.draw_seed)
+    x = (torch.rand(M2, K2, device=DEV) + 0.5).requires_grad_(True)
+    g = torch.randn(M2, K2, device=DEV)
+
+    def step():
+        x.grad = None
+        y = ident(x)
+        y.backward(g)
+        return y
+
+    graph, y_static = _graph(step)
+    steps = []
+    for _ in range(3):
+        x.data.copy_(torch.rand(M2, K2, device=DEV) + 0.5)
+        graph.replay()
+        keep = y_static != 0
+        err = max(rel_err(y_static, x.detach() * keep / (1 - p2)), rel_err(x.grad, g * keep / (1 - p2)))
+        steps.append((keep.clone(), err, keep.float().mean().item()))
+    _record_masks(f"torch.cuda.graph eager training step p={p2}: fresh mask per replay, backward uses it", steps, p2)
 
 
 # ----------------------------------------------------------------------------------------------- autocast
@@ -509,16 +571,12 @@ def host_overhead(K=4096, N=4096, r=16, M=16, calls=300):
 
 
 def checkpoint_compiled(M=512, K=64, p=0.5):
-    """Checkpoint inside a compiled region (inductor saves and restores the CPU generator around the seed op) and
-    around a compiled module: K = N = r, W = 0, A = B = I, so y = drop(x) shows the mask and the backward must give
+    """Checkpoint inside a compiled region (inductor saves and restores the CUDA generator around the seed op) and
+    around a compiled module: `_identity_layer`, so y = drop(x) shows the mask and the backward must give
     dx = g * keep / (1 - p) with that same mask."""
     from torch.utils.checkpoint import checkpoint
 
-    layer = LoRALinear(K, K, rank=K, alpha=K, dropout=p, bias=False, device=DEV, dtype=torch.float32)
-    with torch.no_grad():
-        layer.weight.zero_()
-        layer.lora_A.copy_(torch.eye(K))
-        layer.lora_B.copy_(torch.eye(K))
+    layer = _identity_layer(K, p)
     compiled = torch.compile(layer, fullgraph=True)
     variants = {"compile(checkpoint)": torch.compile(lambda t: checkpoint(layer, t, use_reentrant=False),
                                                      fullgraph=True),

@@ -1,4 +1,4 @@
-"""A few plain calls of one decode path, for Nsight Compute to profile (no timing of its own).
+"""A few plain calls of one path, for Nsight Compute to profile (no timing of its own).
 
     ncu --clock-control none -k regex:_nf4_gemv -c 4 --section SpeedOfLight ... python3 bench/ncu_driver.py nf4
     python3 bench/ncu_driver.py multi16
@@ -6,6 +6,8 @@
 nf4: the NF4 decode GEMV and its finishing kernel at M = 1 and 16, K = N = 4096, r = 16, over 4 weight sets.
 multi16: multi-LoRA decode with 16 tokens and 16 adapters (shrink and fused GEMM), K = N = 4096, r = 16.
 base: F.linear at M = 1 and 16 (cuBLAS), for the same counters on the bf16 base.
+train: the memory-bound training kernels at M = 8192, K = N = 4096, r = 16: the shrink x @ A^T (dropout 0 and
+0.1), and dA/dB (dropout 0 and 0.1), twice each.
 """
 import os
 import sys
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench import bench_multi_lora as bml  # noqa: E402
-from lora_fast.kernels import nf4_gemv  # noqa: E402
+from lora_fast.kernels import lora_grad_ab, lora_shrink, nf4_gemv  # noqa: E402
 from lora_fast.nf4 import quantize_nf4  # noqa: E402
 
 DEV, DT, K, N, R = "cuda", torch.bfloat16, 4096, 4096, 16
@@ -38,8 +40,17 @@ def main(what: str) -> None:
         prob = bml.Problem(16, 16, R, K, N, DT, DEV, sets=4)
         for s in range(4):
             prob.provider("ours", s)()
+    elif what == "train":
+        M = 8192
+        x, dy = torch.randn(M, K, device=DEV, dtype=DT), torch.randn(M, N, device=DEV, dtype=DT)
+        A, B = torch.randn(R, K, device=DEV, dtype=DT) / K ** 0.5, torch.randn(N, R, device=DEV, dtype=DT)
+        for p in (0.0, 0.1):
+            for _ in range(2):
+                xa = lora_shrink(x, A, p, 1234)
+                dyb = lora_shrink(dy, B.t())
+                lora_grad_ab(x, dy, xa, dyb, 2.0, DT, DT, p, 1234)
     else:
-        raise SystemExit(f"unknown driver {what!r}: nf4, base or multi16")
+        raise SystemExit(f"unknown driver {what!r}: nf4, base, multi16 or train")
     torch.cuda.synchronize()
 
 
