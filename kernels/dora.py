@@ -3,7 +3,8 @@
 DoRA scales each output n by g[n] = m[n] / ||W[n] + s * (B @ A)[n]||. `dora_norm` reads W once and forms
 W + s * B @ A one [BLOCK_N, BLOCK_K] tile at a time in registers (a rank-deep MMA per tile), summing its squares
 in fp32: the merged [N, K] weight is never written. The magnitude gradient is dm[n] = sum_m dY[m, n] * z[m, n] / norm_n
-with z the unscaled output; `column_dot` reduces dY * (Y - bias) over M, tile by tile, without an [M, N] temporary.
+with z the unscaled output; `column_dot` reduces dY * (Y - bias) over M, tile by tile, without an [M, N] temporary,
+and `scale_columns` does it in the same pass that writes g * dY, the scaled gradient the backward's products take.
 """
 import torch
 import triton
@@ -50,33 +51,44 @@ def _dora_norm_kernel(
 
 
 @triton.jit(do_not_specialize=["M", "ROWS_PER_SPLIT"])
-def _column_dot_kernel(
-    U, V, BIAS, OUT,
+def _column_scale_dot_kernel(
+    U, G, U_OUT, V, BIAS, OUT,
     M, N, ROWS_PER_SPLIT,
-    stride_um, stride_un, stride_vm, stride_vn, stride_os,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_um, stride_un, stride_uom, stride_uon, stride_vm, stride_vn, stride_os,
+    SCALE: tl.constexpr, DOT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """OUT[s, n] = sum over split s's rows m of U[m, n] * (V[m, n] - BIAS[n]), in fp32.
+    """One pass over U [M, N]: U_OUT = U * G[None, :] (SCALE) and OUT[s, n] = sum over split s's rows m of
+    U[m, n] * (V[m, n] - BIAS[n]) in fp32 (DOT).
 
-    U, V: [M, N] (any strides); BIAS: [N] (if HAS_BIAS); OUT: [splits, N] fp32. Axis 0: column tiles, axis 1:
-    splits of M, ROWS_PER_SPLIT rows each (a multiple of BLOCK_M).
+    U, V, U_OUT: [M, N] (any strides; U_OUT in U's dtype, each element rounded once from fp32); G: [N] (any float
+    dtype); BIAS: [N] (if HAS_BIAS); OUT: [splits, N] fp32. Axis 0: column tiles, axis 1: splits of M,
+    ROWS_PER_SPLIT rows each (a multiple of BLOCK_M).
     """
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     row_start = tl.program_id(1).to(tl.int64) * ROWS_PER_SPLIT
     row_end = tl.minimum(row_start + ROWS_PER_SPLIT, M)
+    if SCALE:
+        g = upcast(tl.load(G + offs_n, mask=mask_n, other=0.0))
     if HAS_BIAS:
         bias = upcast(tl.load(BIAS + offs_n, mask=mask_n, other=0.0))
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for m0 in range(row_start, row_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask = (offs_m < row_end)[:, None] & mask_n[None, :]
-        u = upcast(tl.load(U + offs_m[:, None] * stride_um + offs_n[None, :] * stride_un, mask=mask, other=0.0))
-        v = upcast(tl.load(V + offs_m[:, None] * stride_vm + offs_n[None, :] * stride_vn, mask=mask, other=0.0))
-        if HAS_BIAS:
-            v = tl.where(mask, v - bias[None, :], 0.0)
-        acc += u * v
-    tl.store(OUT + tl.program_id(1) * stride_os + offs_n, tl.sum(acc, axis=0), mask=mask_n)
+        u_raw = tl.load(U + offs_m[:, None] * stride_um + offs_n[None, :] * stride_un, mask=mask, other=0.0)
+        u = upcast(u_raw)
+        if SCALE:
+            tl.store(U_OUT + offs_m[:, None] * stride_uom + offs_n[None, :] * stride_uon,
+                     (u * g[None, :]).to(u_raw.dtype), mask=mask)
+        if DOT:
+            v = upcast(tl.load(V + offs_m[:, None] * stride_vm + offs_n[None, :] * stride_vn, mask=mask, other=0.0))
+            if HAS_BIAS:
+                v = tl.where(mask, v - bias[None, :], 0.0)
+            acc += u * v
+    if DOT:
+        tl.store(OUT + tl.program_id(1) * stride_os + offs_n, tl.sum(acc, axis=0), mask=mask_n)
 
 
 def dora_norm(weight, lora_A, lora_B, scaling, magnitude):
@@ -116,8 +128,33 @@ def column_dot(u, v, bias=None):
     """
     M, N = u.shape
     check_shapes(u=(u, (M, N)), v=(v, (M, N)), bias=(bias, (N,)))
+    return _scale_dot(u, None, v, bias)[1]
+
+
+def scale_columns(u, g, v=None, bias=None):
+    """(u * g[None, :] in u's dtype [M, N], and column_dot(u, v, bias) [N] fp32 or None when v is None), in one
+    pass over u: DoRA's backward scales dY by g once for every product that follows (instead of inside the dX
+    GEMM's loop, which cost 1.6x cuBLAS's time at N=14336 on the H200: bench/NOTES.md) and reads it once more for
+    the magnitude gradient.
+
+    u: [M, N] (fp16, bf16, fp32 or fp64; any strides); g: [N] float, contiguous; v: [M, N] like u, or None;
+    bias: [N] or None. The scaled copy is contiguous, each element rounded once from fp32 (fp64 for fp64).
+
+    >>> dy_g, dot = scale_columns(dy, g, y, bias)     # dY' = g * dY for dX, dA, dB; dm = dot / magnitude
+    """
+    M, N = u.shape
+    check_shapes(u=(u, (M, N)), v=(v, (M, N)), bias=(bias, (N,)))
+    if g is None:
+        raise TypeError(f"g must be a [{N}] float tensor, got None")
+    check_vector("g", g, N, u)
+    return _scale_dot(u, g, v, bias)
+
+
+def _scale_dot(u, g, v, bias):
+    M, N = u.shape
+    out = torch.empty((M, N), device=u.device, dtype=u.dtype) if g is not None else None
     if M == 0 or N == 0:
-        return torch.zeros(N, device=u.device, dtype=torch.float32)
+        return out, (torch.zeros(N, device=u.device, dtype=torch.float32) if v is not None else None)
     cfg = dora_config("column_dot", u.dtype)
     col_tiles = cdiv(N, cfg.block_n)
     m_blocks = cdiv(M, cfg.block_m)
@@ -125,11 +162,16 @@ def column_dot(u, v, bias=None):
     splits = max(1, min(m_blocks, cdiv(2 * num_sms(u.device), col_tiles)))
     rows_per_split = cdiv(m_blocks, splits) * cfg.block_m
     splits = cdiv(M, rows_per_split)
-    partial = torch.empty((splits, N), device=u.device, dtype=torch.float32)
-    _column_dot_kernel[(col_tiles, splits)](
-        u, v, bias if bias is not None else u, partial,
+    partial = torch.empty((splits, N), device=u.device, dtype=torch.float32) if v is not None else None
+    _column_scale_dot_kernel[(col_tiles, splits)](
+        u, g if g is not None else u, out if out is not None else u, v if v is not None else u,
+        bias if bias is not None else u, partial if partial is not None else u,
         M, N, rows_per_split,
-        u.stride(0), u.stride(1), v.stride(0), v.stride(1), partial.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cfg.launch(),
+        u.stride(0), u.stride(1), *(out.stride() if out is not None else (0, 0)),
+        *(v.stride() if v is not None else (0, 0)), partial.stride(0) if partial is not None else 0,
+        SCALE=g is not None, DOT=v is not None, HAS_BIAS=bias is not None and v is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cfg.launch(),
     )
-    return partial[0] if splits == 1 else partial.sum(0)
+    if partial is None:
+        return out, None
+    return out, (partial[0] if splits == 1 else partial.sum(0))

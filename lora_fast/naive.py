@@ -67,3 +67,9 @@ def column_dot(u, v, bias=None):
     acc = torch.promote_types(u.dtype, torch.float32)
     v = v.to(acc) if bias is None else v.to(acc) - bias.to(acc)
     return (u.to(acc) * v).sum(0)
+
+
+def scale_columns(u, g, v=None, bias=None):
+    """(u * g rounded to u's dtype, column_dot(u, v, bias) or None); kernels.scale_columns."""
+    acc = torch.promote_types(u.dtype, torch.float32)
+    return (u.to(acc) * g.to(acc)).to(u.dtype), (column_dot(u, v, bias) if v is not None else None)

@@ -124,6 +124,36 @@ def test_launcher_scale_vectors_write_every_element():
                  torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M,N", [(1, 1), (37, 45), (70, 19), (0, 5)])
+def test_scale_columns_one_pass(M, N, dtype):
+    """g * u (rounded once to u's dtype) and the column dot of the same pass, against plain PyTorch: odd shapes,
+    several row splits, a strided u, with and without v and bias; every element of the scaled copy written."""
+    u = torch.randn(N, M, dtype=dtype).t()  # strided: [M, N] with unit row stride
+    v, bias = torch.randn(M, N, dtype=dtype), torch.randn(N, dtype=dtype)
+    g = torch.rand(N) + 0.5
+    want = (u.float() * g).to(dtype)
+    for args in ((), (v,), (v, bias)):
+        scaled, dot = kernels.scale_columns(u, g, *args)
+        assert scaled.shape == (M, N) and scaled.dtype == dtype and scaled.is_contiguous()
+        if dtype == torch.float32 or not kernels.is_interpret():
+            assert torch.equal(scaled, want), args
+        else:  # the interpreter rounds fp32 -> bf16 its own way: within one bf16 step of torch's rounding
+            torch.testing.assert_close(scaled.float(), want.float(), rtol=2**-7, atol=0)
+        if not args:
+            assert dot is None
+            continue
+        ref = naive.column_dot(u.double(), v.double(), bias.double() if len(args) == 2 else None)
+        assert dot.dtype == torch.float32 and torch.allclose(dot.double(), ref, rtol=1e-5, atol=1e-4), args
+        assert torch.equal(naive.scale_columns(u, g, *args)[0], want)
+    with pytest.raises(TypeError, match="g"):
+        kernels.scale_columns(u, None)
+    with pytest.raises(ValueError, match="g"):
+        kernels.scale_columns(u, torch.rand(N + 1))
+    with pytest.raises(ValueError, match="v"):
+        kernels.scale_columns(u, g, torch.randn(M + 1, N, dtype=dtype))
+
+
 def test_empty_batch():
     _, W, b, A, B = lora_problem(1, 16, 12, 2, torch.float32, DEV)
     x = torch.randn(0, 16, requires_grad=True)
