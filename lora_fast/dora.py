@@ -9,10 +9,11 @@ the undropped x while the DoRA correction uses the dropped one:
     y = x @ W^T + b + (g - 1) * (drop(x) @ W^T) + g * s * (drop(x) @ A^T) @ B^T
 
 Fused path (no dropout): the forward is one `lora_forward` launch with g applied in its epilogue (`out_scale`);
-the backward is one `lora_backward_dx` launch with g applied to every dY tile (`dy_scale`), one `lora_grad_ab`
-launch (dB's rows scaled by g afterwards, in fp32) and one `column_dot` pass for dm. The norm and g come from one
-kernel pass over W that forms W + s * B @ A tile by tile in registers (`kernels/dora.py`): the [N, K] merged
-weight is never written.
+the backward scales dY by g once (`scale_columns`, the pass that also sums dm's columns), then runs LoRA's own
+backward on g * dY: one `lora_backward_dx` and one `lora_grad_ab`. (Scaling every dY tile inside the dX GEMM's
+loop, `dy_scale`, took 1.55x cuBLAS's dX time at N = 14336 on the H200 against 1.19x with the pass: NOTES.md.)
+The norm and g come from one kernel pass over W that forms W + s * B @ A tile by tile in registers
+(`kernels/dora.py`): the [N, K] merged weight is never written.
 With dropout, the extra `(x - drop(x)) @ W^T` term is a second cuBLAS GEMM and drop(x) is materialised (what
 PEFT's own forward does too); the DoRA part still runs fused.
 
@@ -126,35 +127,40 @@ class DoRALinearFunction(torch.autograd.Function):
         dy2d = dy.reshape(-1, weight.shape[0])
         if dy2d.dtype != x.dtype:
             dy2d = dy2d.to(x.dtype)
-        dx = dw = dbias = dA = dB = dm = None
-        dyb = None  # (g * dY) @ B
+        dx = dw = dbias = dA = dB = dm = dot = None
+        dyb = None  # dY' @ B
+        stats = _stats_ops(dy2d)
+        dy_g = None  # dY' = g * dY, in dY's dtype: what the DoRA output's backward hands the LoRA linear
+        if need_x or need_a or need_b or need_w:
+            dy_g, dot = stats.scale_columns(dy2d, g, y2d if need_m else None, bias)
+        elif need_m:
+            dot = stats.column_dot(dy2d, y2d, bias)
         if need_x:
-            dx2d, dyb = ops.lora_backward_dx(dy2d, weight, lora_A, lora_B, s, store_dyb=need_a, dy_scale=g)
+            dx2d, dyb = ops.lora_backward_dx(dy_g, weight, lora_A, lora_B, s, store_dyb=need_a)
             dx = dx2d.reshape(x.shape)
         elif need_a:
-            dyb = ops.lora_shrink(dy2d, (lora_B * g[:, None]).to(lora_B.dtype).t())
+            dyb = ops.lora_shrink(dy_g, lora_B.t())
         if need_a or need_b:
-            # fp32 outputs: dB = s * (g * dY)^T @ xa gets its row scale g before the one rounding to B's dtype.
-            dA, dB = ops.lora_grad_ab(x2d, dy2d, xa, dyb, s, g.dtype, g.dtype, need_a=need_a, need_b=need_b)
-            dA = dA.to(lora_A.dtype) if need_a else None
-            dB = (dB * g[:, None]).to(lora_B.dtype) if need_b else None
+            dA, dB = ops.lora_grad_ab(x2d, dy_g, xa, dyb, s, lora_A.dtype, lora_B.dtype, need_a=need_a,
+                                      need_b=need_b)
         if need_m:
             flag, event = ctx.zero_check
             if event is not None:
                 event.synchronize()
-            dm = _magnitude_grad(dy2d, y2d, bias, x2d, weight, lora_A, lora_B, magnitude, weight_norm, s, bool(flag))
+            dm = _magnitude_grad(dot, dy2d, x2d, weight, lora_A, lora_B, magnitude, weight_norm, s, bool(flag))
         if need_w:
-            dw = ((dy2d * g).to(dy2d.dtype).t() @ x2d).to(weight.dtype)
+            dw = (dy_g.t() @ x2d).to(weight.dtype)
         if need_bias and bias is not None:
             dbias = dy2d.sum(0, dtype=torch.promote_types(dy2d.dtype, torch.float32)).to(bias.dtype)
         return dx, dw, dbias, dA, dB, dm, None, None, None
 
 
-def _magnitude_grad(dy2d, y2d, bias, x2d, weight, lora_A, lora_B, magnitude, weight_norm, scaling, has_zero):
-    """dm = sum_m dY * z / ||.|| with z = (y - b) / g, i.e. sum_m dY * (y - b) / m; where m == 0 (has_zero), y
-    holds no z, and those columns are recomputed exactly (plain PyTorch, rare)."""
+def _magnitude_grad(dot, dy2d, x2d, weight, lora_A, lora_B, magnitude, weight_norm, scaling, has_zero):
+    """dm = sum_m dY * z / ||.|| with z = (y - b) / g, i.e. dot / m with dot = sum_m dY * (y - b) (column_dot /
+    scale_columns); where m == 0 (has_zero), y holds no z, and those columns are recomputed exactly (plain
+    PyTorch, rare)."""
     m = magnitude.to(weight_norm.dtype)
-    dm = _stats_ops(dy2d).column_dot(dy2d, y2d, bias).to(m.dtype) / torch.where(m == 0, 1.0, m)
+    dm = dot.to(m.dtype) / torch.where(m == 0, 1.0, m)
     if has_zero:
         zero = (m == 0).nonzero().flatten()
         z = F.linear(x2d, weight[zero]).to(m.dtype) + scaling * (x2d @ lora_A.t()).to(m.dtype) @ lora_B[zero].t().to(m.dtype)
