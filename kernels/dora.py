@@ -134,7 +134,7 @@ def column_dot(u, v, bias=None):
 def scale_columns(u, g, v=None, bias=None):
     """(u * g[None, :] in u's dtype [M, N], and column_dot(u, v, bias) [N] fp32 or None when v is None), in one
     pass over u: DoRA's backward scales dY by g once for every product that follows (instead of inside the dX
-    GEMM's loop, which cost 1.6x cuBLAS's time at N=14336 on the H200: bench/NOTES.md) and reads it once more for
+    GEMM's loop, which cost 1.55x cuBLAS's time at N=14336 on the H200: bench/NOTES.md) and reads it once more for
     the magnitude gradient.
 
     u: [M, N] (fp16, bf16, fp32 or fp64; any strides); g: [N] float, contiguous; v: [M, N] like u, or None;

@@ -21,10 +21,12 @@ So LoRA adds no collective in the forward and one rank-sized all-reduce per laye
 
 Dropout: the kernels' Philox mask is indexed by (row, column) of the input they see. Column-parallel ranks see the
 same x and the same seed, so the mask (and the result) is exactly single-device's, provided every TP rank has the
-same torch CPU RNG state (call `torch.manual_seed` with one seed on every rank, as Megatron does): the seed is drawn
-from it. Row-parallel ranks see x's column shards; each shard uses the seed mixed with the TP rank, so the shards'
-masks are independent Bernoulli(1-p) draws with the right statistics, but not bit-identical to the single-device
-mask (the launcher indexes columns from 0 within its shard). With dropout 0 both layers equal single-device.
+same torch RNG state (call `torch.manual_seed` with one seed on every rank, as Megatron does; `check_rng_in_sync`
+checks it): the seed is drawn from the CPU generator eagerly, from the CUDA generator under torch.compile and in
+CUDA-graph captures. Row-parallel ranks see x's column shards; each shard adds a rank-dependent offset to the drawn
+seed, so the shards' masks are independent Bernoulli(1-p) draws with the right statistics, but not bit-identical to
+the single-device mask (the launcher indexes columns from 0 within its shard). With dropout 0 both layers equal
+single-device.
 
 Multi-adapter serving (inference): `ShardedAdapterPool` shards every adapter it loads the way each layer is split
 (column: B by output, per slice; row: A by input); `ColumnParallelMultiLoRALinear` / `RowParallelMultiLoRALinear`
@@ -108,24 +110,28 @@ def broadcast_from_first(tensors: Sequence[torch.Tensor], group=None) -> None:
 
 
 def check_rng_in_sync(group=None) -> None:
-    """Raise RuntimeError if the ranks of `group` have different torch CPU RNG states (one all-gather; call it
-    once after seeding). Column-parallel dropout needs the same state on every TP rank: the seed of each mask is
-    drawn from it, and different seeds would give each output slice a different mask.
+    """Raise RuntimeError if the ranks of `group` have different torch RNG states: the CPU generator's, and the
+    current CUDA device's when CUDA is initialised (one all-gather; call it once after seeding). Column-parallel
+    dropout needs the same state on every TP rank: the seed of each mask is drawn from it (CPU eagerly, CUDA under
+    torch.compile and in CUDA graphs), and different seeds would give each output slice a different mask.
 
     >>> torch.manual_seed(1234)                 # the same seed on every rank
     >>> lora_fast.distributed.check_rng_in_sync()
     """
     tp_rank_and_size(group)
-    state = torch.get_rng_state()
-    # 8 bytes of a hash of the state, as an int64 (a tensor on the backend's device: NCCL takes CUDA tensors)
-    digest = int.from_bytes(hashlib.sha256(state.numpy().tobytes()).digest()[:8], "little", signed=True)
+    state = torch.get_rng_state().numpy().tobytes()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state += torch.cuda.get_rng_state().numpy().tobytes()
+    # 8 bytes of a hash of the states, as an int64 (a tensor on the backend's device: NCCL takes CUDA tensors)
+    digest = int.from_bytes(hashlib.sha256(state).digest()[:8], "little", signed=True)
     device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
     mine = torch.tensor([digest], dtype=torch.int64, device=device)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(every, mine, group=group)
     if any(int(d) != digest for d in every):
-        raise RuntimeError("the ranks' torch CPU RNG states differ: call torch.manual_seed with the same seed on "
-                           "every rank of the tensor-parallel group (column-parallel dropout draws its seed there)")
+        raise RuntimeError("the ranks' torch RNG states differ (the CPU generator's, or the current CUDA device's): "
+                           "call torch.manual_seed with the same seed on every rank of the tensor-parallel group "
+                           "(column-parallel dropout draws its seed there)")
 
 
 def _all_reduce_(t: torch.Tensor, group) -> torch.Tensor:
@@ -454,7 +460,7 @@ class RowParallelLoRALinear(_RowForward, _ParallelLoRA):
 
     Forward: the fused kernel on the shard (bias on rank 0) and one all-reduce of [..., N] carrying base and LoRA
     partials together. Backward: dx_p, dA_p local; dB all-reduced as one [N, r] tensor (rank-sized).
-    Dropout: per-shard masks (seed mixed with the TP rank), statistically but not bitwise single-device's.
+    Dropout: per-shard masks (the seed plus a TP-rank offset), statistically but not bitwise single-device's.
 
     >>> o = RowParallelLoRALinear.from_lora_linear(full_o)       # input_is_parallel=True by default
     >>> y = o(h_local)                                           # h_local [M, K / P] -> [M, N], replicated
@@ -463,19 +469,13 @@ class RowParallelLoRALinear(_RowForward, _ParallelLoRA):
     style = ROW
 
     def _local(self, x):
-        from .functional import draw_seed, lora_linear
+        from .functional import lora_linear_shifted
 
         B = copy_to_parallel(self.lora_B, self.group)
-        args = (x, self.weight, self._local_bias(), self.lora_A, B, self.scaling, self.dropout, self.training)
-        if not (self.training and self.dropout > 0.0):
-            return lora_linear(*args)
-        # One draw on every rank (the same CPU RNG state; replayed by checkpointing), then a distinct Philox key
-        # per shard: lora_linear draws its seed from the CPU generator, re-seeded here inside a fork that
-        # restores the caller's RNG state afterwards.
-        shard_seed = (draw_seed() + self.tp_rank * _SHARD_SEED_STRIDE) % 2**62
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(shard_seed)
-            return lora_linear(*args)
+        # One draw on every rank (the same generator state; replayed by checkpointing), then a distinct Philox
+        # key per shard: the drawn seed plus a multiple of an odd constant, eagerly, compiled and in CUDA graphs.
+        return lora_linear_shifted(x, self.weight, self._local_bias(), self.lora_A, B, self.scaling, self.dropout,
+                                   self.training, (self.tp_rank * _SHARD_SEED_STRIDE) % 2**62)
 
 
 # ----------------------------------------------------------------------------------------------- model surgery

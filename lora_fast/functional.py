@@ -126,6 +126,13 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     >>> A = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     >>> y = lora_linear(x, layer.weight, layer.bias, A, B, scaling=2.0, dropout_p=0.1, training=True)
     """
+    return lora_linear_shifted(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, 0)
+
+
+def lora_linear_shifted(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, seed_offset: int):
+    """`lora_linear` whose dropout key is the drawn seed plus `seed_offset` (an int in [0, 2**62)): a
+    tensor-parallel shard's own mask stream (`distributed.RowParallelLoRALinear`), drawn from the same generator
+    state on every rank, eagerly, under torch.compile and inside a CUDA graph capture alike."""
     x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
     scaling, dropout_p = check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
     if lora_A.dtype != x.dtype:  # fp32 adapters on a half base: a differentiable cast of the small matrices
@@ -137,9 +144,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         from . import ops
 
         if ops.HAS_CUSTOM_OPS:
-            return ops.lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, p)
-        return eager_only(_lora_linear_eager)(x, weight, bias, lora_A, lora_B, scaling, p)
-    return _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, p)
+            return ops.lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, p, seed_offset)
+        return eager_only(_lora_linear_eager)(x, weight, bias, lora_A, lora_B, scaling, p, seed_offset)
+    return _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, p, seed_offset)
 
 
 def eager_under_compile(fn):
@@ -163,9 +170,15 @@ def eager_only(fn):
     return disable(fn)
 
 
-def _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, p):
+def shift_seed(seed, offset: int):
+    """(seed + offset) mod 2**62 for a dropout seed in [0, 2**62) (an int, or a seed tensor: the sum stays below
+    2**63, so int64 does not overflow) and an offset in [0, 2**62)."""
+    return (seed + offset) % 2**62 if offset else seed
+
+
+def _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, p, seed_offset=0):
     """`lora_linear` after its checks and casts: the autograd Function when a gradient is needed, else the launch."""
-    seed = draw_seed(x) if p > 0.0 else 0
+    seed = shift_seed(draw_seed(x), seed_offset) if p > 0.0 else 0
     tensors = (x, weight, bias, lora_A, lora_B)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed)

@@ -48,7 +48,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .functional import _ops, lora_backward
+from .functional import _ops, lora_backward, shift_seed
 
 HAS_CUSTOM_OPS = all(hasattr(torch.library, f) for f in ("custom_op", "register_fake", "register_autograd",
                                                          "infer_schema"))
@@ -230,13 +230,13 @@ if HAS_CUSTOM_OPS:
     multi_lora_forward.register_autograd(_multi_backward, setup_context=_multi_setup)
 
 
-def lora_linear_op(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float):
+def lora_linear_op(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed_offset: int = 0):
     """`lora_fast.lora_linear` after its checks and casts, through the `lora_fast::lora_forward` op.
 
-    x: [..., K] -> [..., N]. The seed is drawn as a tensor inside the graph (see the module docstring); xa is
-    stored only when lora_B needs a gradient.
+    x: [..., K] -> [..., N]. The seed is drawn as a tensor inside the graph (see the module docstring), plus
+    seed_offset (`functional.lora_linear_shifted`); xa is stored only when lora_B needs a gradient.
     """
-    seed = draw_seed_tensor(x.device) if dropout_p > 0.0 else None
+    seed = shift_seed(draw_seed_tensor(x.device), seed_offset) if dropout_p > 0.0 else None
     store_xa = torch.is_grad_enabled() and lora_B.requires_grad
     y2d, _ = torch.ops.lora_fast.lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling,
                                               dropout_p, seed, store_xa)

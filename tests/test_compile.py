@@ -174,6 +174,29 @@ def test_compiled_dropout_fresh_mask_each_step_and_backward_uses_the_forwards():
     assert torch.equal(y_compiled, layer(x))
 
 
+def test_shifted_seed_compiled_equals_eager_and_is_the_drawn_seed_plus_offset():
+    """lora_linear_shifted (a tensor-parallel shard's dropout stream): the mask key is the drawn seed plus the
+    offset mod 2**62, compiled (seed tensor) as eagerly (int); an offset past 2**61 wraps the same way in both."""
+    from lora_fast.functional import draw_seed, lora_linear_shifted
+    from lora_fast.philox import dropout_mask_torch
+
+    torch._dynamo.reset()
+    layer, p = _identity_lora(0.5), 0.5
+    x = torch.rand(6, 8) + 0.5
+    shifted = torch.compile(lambda t, off: lora_linear_shifted(t, layer.weight, None, layer.lora_A, layer.lora_B,
+                                                               1.0, p, True, off), fullgraph=True, backend="aot_eager")
+    for off in (12345, 2**62 - 3):
+        torch.manual_seed(11)
+        seed = draw_seed()
+        keep = dropout_mask_torch((seed + off) % 2**62, 6, 8, p)
+        torch.manual_seed(11)
+        y_compiled = shifted(x, off)
+        torch.manual_seed(11)
+        y_eager = lora_linear_shifted(x, layer.weight, None, layer.lora_A, layer.lora_B, 1.0, p, True, off)
+        assert_close("y = drop(x) with the shifted key", y_eager, x * keep / (1 - p), torch.float32)
+        assert torch.equal(y_compiled, y_eager), off
+
+
 def test_fallback_without_custom_ops_breaks_the_graph_but_matches_eager(monkeypatch):
     """A torch without torch.library.custom_op: the layers run outside the graph (torch.compiler.disable) instead of
     dynamo tracing into the Triton launchers; LoRALinear training (with dropout) and MultiLoRALinear inference
