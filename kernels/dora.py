@@ -11,7 +11,10 @@ import triton
 import triton.language as tl
 
 from .config import dora_config, num_sms
-from .helpers import cdiv, check_scaling, check_shapes, check_vector, dot, dot_precision, next_pow2_rank, upcast
+from .helpers import (
+    cdiv, check_scaling, check_shapes, check_vector, dot, dot_precision, dot_precision_key, next_pow2_rank, upcast,
+)
+from .launch import Launch, PlanCache, plan_key
 
 
 @triton.jit
@@ -95,28 +98,46 @@ def dora_norm(weight, lora_A, lora_B, scaling, magnitude):
     """(||W + s * B @ A||_row [N], g = magnitude / that norm [N]), both fp32, in one pass over W.
 
     weight: [N, K], lora_A: [r, K], lora_B: [N, r] (one dtype and device, any strides); scaling: float;
-    magnitude: [N] contiguous, any float dtype.
+    magnitude: [N] contiguous, any float dtype. Checks and launch set-up are done once per call signature
+    (kernels/launch.py).
 
     >>> norm, g = dora_norm(W, A, B, 2.0, m)
     """
-    N, K = weight.shape
-    rank = lora_A.shape[0]
-    check_shapes(weight=(weight, (N, K)), lora_A=(lora_A, (rank, K)), lora_B=(lora_B, (N, rank)))
-    check_vector("magnitude", magnitude, N, weight)
     scaling = check_scaling(scaling)
-    norm = torch.empty(N, device=weight.device, dtype=torch.float32)
-    g = torch.empty_like(norm)
-    if N == 0:
+    key = plan_key((weight, lora_A, lora_B, magnitude), dot_precision_key(weight))
+    plan = _NORM_PLANS.find(key)
+    if plan is None:
+        plan = _NORM_PLANS.put(key, _NormPlan(weight, lora_A, lora_B, magnitude))
+    return plan(weight, lora_A, lora_B, scaling, magnitude)
+
+
+class _NormPlan:
+    """`dora_norm` for one call signature: checks, config and grid done once."""
+
+    def __init__(self, weight, lora_A, lora_B, magnitude):
+        N, K = weight.shape
+        rank = lora_A.shape[0]
+        check_shapes(weight=(weight, (N, K)), lora_A=(lora_A, (rank, K)), lora_B=(lora_B, (N, rank)))
+        check_vector("magnitude", magnitude, N, weight)
+        self.n, self.launch = N, None
+        if N == 0:
+            return
+        cfg = dora_config("norm", weight.dtype)
+        self.launch = Launch(
+            _dora_norm_kernel, (cdiv(N, cfg.block_m),), ("W", "A", "B", "MAG", "NORM", "G", "scaling"),
+            None, None, None, None, None, None, N, K, rank,
+            weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0),
+            lora_B.stride(1), None,
+            BLOCK_N=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=next_pow2_rank(rank),
+            PRECISION=dot_precision(weight.dtype), **cfg.launch(),
+        )
+
+    def __call__(self, weight, lora_A, lora_B, scaling, magnitude):
+        norm = torch.empty(self.n, device=weight.device, dtype=torch.float32)
+        g = torch.empty_like(norm)
+        if self.launch is not None:
+            self.launch(weight, lora_A, lora_B, magnitude, norm, g, float(scaling))
         return norm, g
-    cfg = dora_config("norm", weight.dtype)
-    _dora_norm_kernel[(cdiv(N, cfg.block_m),)](
-        weight, lora_A, lora_B, magnitude, norm, g, N, K, rank,
-        weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
-        float(scaling),
-        BLOCK_N=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=next_pow2_rank(rank),
-        PRECISION=dot_precision(weight.dtype), **cfg.launch(),
-    )
-    return norm, g
 
 
 def column_dot(u, v, bias=None):
@@ -126,8 +147,6 @@ def column_dot(u, v, bias=None):
 
     >>> dm = column_dot(dy, y, bias) / magnitude     # DoRA's magnitude gradient
     """
-    M, N = u.shape
-    check_shapes(u=(u, (M, N)), v=(v, (M, N)), bias=(bias, (N,)))
     return _scale_dot(u, None, v, bias)[1]
 
 
@@ -139,39 +158,60 @@ def scale_columns(u, g, v=None, bias=None):
 
     u: [M, N] (fp16, bf16, fp32 or fp64; any strides); g: [N] float, contiguous; v: [M, N] like u, or None;
     bias: [N] or None. The scaled copy is contiguous, each element rounded once from fp32 (fp64 for fp64).
+    Checks and launch set-up are done once per call signature (kernels/launch.py).
 
     >>> dy_g, dot = scale_columns(dy, g, y, bias)     # dY' = g * dY for dX, dA, dB; dm = dot / magnitude
     """
-    M, N = u.shape
-    check_shapes(u=(u, (M, N)), v=(v, (M, N)), bias=(bias, (N,)))
     if g is None:
-        raise TypeError(f"g must be a [{N}] float tensor, got None")
-    check_vector("g", g, N, u)
+        raise TypeError(f"g must be a [{u.shape[-1]}] float tensor, got None")
     return _scale_dot(u, g, v, bias)
 
 
 def _scale_dot(u, g, v, bias):
-    M, N = u.shape
-    out = torch.empty((M, N), device=u.device, dtype=u.dtype) if g is not None else None
-    if M == 0 or N == 0:
-        return out, (torch.zeros(N, device=u.device, dtype=torch.float32) if v is not None else None)
-    cfg = dora_config("column_dot", u.dtype)
-    col_tiles = cdiv(N, cfg.block_n)
-    m_blocks = cdiv(M, cfg.block_m)
-    # Enough splits of M to fill the GPU twice over; the [splits, N] fp32 partials are summed by torch.
-    splits = max(1, min(m_blocks, cdiv(2 * num_sms(u.device), col_tiles)))
-    rows_per_split = cdiv(m_blocks, splits) * cfg.block_m
-    splits = cdiv(M, rows_per_split)
-    partial = torch.empty((splits, N), device=u.device, dtype=torch.float32) if v is not None else None
-    _column_scale_dot_kernel[(col_tiles, splits)](
-        u, g if g is not None else u, out if out is not None else u, v if v is not None else u,
-        bias if bias is not None else u, partial if partial is not None else u,
-        M, N, rows_per_split,
-        u.stride(0), u.stride(1), *(out.stride() if out is not None else (0, 0)),
-        *(v.stride() if v is not None else (0, 0)), partial.stride(0) if partial is not None else 0,
-        SCALE=g is not None, DOT=v is not None, HAS_BIAS=bias is not None and v is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cfg.launch(),
-    )
-    if partial is None:
-        return out, None
-    return out, (partial[0] if splits == 1 else partial.sum(0))
+    key = plan_key((u, g, v, bias))
+    plan = _SCALE_DOT_PLANS.find(key)
+    if plan is None:
+        plan = _SCALE_DOT_PLANS.put(key, _ScaleDotPlan(u, g, v, bias))
+    return plan(u, g, v, bias)
+
+
+class _ScaleDotPlan:
+    """`scale_columns` / `column_dot` for one call signature: checks, config, split count and grid done once."""
+
+    def __init__(self, u, g, v, bias):
+        M, N = u.shape
+        check_shapes(u=(u, (M, N)), v=(v, (M, N)), bias=(bias, (N,)))
+        check_vector("g", g, N, u)
+        self.shape, self.scale, self.dot, self.launch = (M, N), g is not None, v is not None, None
+        if M == 0 or N == 0:
+            return
+        cfg = dora_config("column_dot", u.dtype)
+        col_tiles = cdiv(N, cfg.block_n)
+        m_blocks = cdiv(M, cfg.block_m)
+        # Enough splits of M to fill the GPU twice over; the [splits, N] fp32 partials are summed by torch.
+        splits = max(1, min(m_blocks, cdiv(2 * num_sms(u.device), col_tiles)))
+        rows_per_split = cdiv(m_blocks, splits) * cfg.block_m
+        self.splits = cdiv(M, rows_per_split)
+        self.launch = Launch(
+            _column_scale_dot_kernel, (col_tiles, self.splits), ("U", "G", "U_OUT", "V", "BIAS", "OUT"),
+            None, None, None, None, None, None, M, N, rows_per_split,
+            u.stride(0), u.stride(1), *((N, 1) if self.scale else (0, 0)),  # a new contiguous scaled copy
+            *(v.stride() if self.dot else (0, 0)), N if self.dot else 0,  # [splits, N] contiguous partials
+            SCALE=self.scale, DOT=self.dot, HAS_BIAS=bias is not None and self.dot,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **cfg.launch(),
+        )
+
+    def __call__(self, u, g, v, bias):
+        out = torch.empty(self.shape, device=u.device, dtype=u.dtype) if self.scale else None
+        if self.launch is None:
+            return out, (torch.zeros(self.shape[1], device=u.device, dtype=torch.float32) if self.dot else None)
+        partial = torch.empty((self.splits, self.shape[1]), device=u.device, dtype=torch.float32) if self.dot else None
+        self.launch(u, g if g is not None else u, out if out is not None else u, v if v is not None else u,
+                    bias if bias is not None else u, partial if partial is not None else u)
+        if partial is None:
+            return out, None
+        return out, (partial[0] if self.splits == 1 else partial.sum(0))
+
+
+_NORM_PLANS = PlanCache()
+_SCALE_DOT_PLANS = PlanCache()

@@ -72,11 +72,14 @@ def dora_scale(weight, lora_A, lora_B, scaling, magnitude) -> tuple[torch.Tensor
     return _dora_scale(weight, lora_A, lora_B, scaling, magnitude)
 
 
-@torch.no_grad()
 def _dora_scale(weight, lora_A, lora_B, scaling, magnitude) -> tuple[torch.Tensor, torch.Tensor]:
-    """`dora_scale` on checked arguments (dora_linear's forward checks them once, with x)."""
-    with torch.autocast(weight.device.type, enabled=False):
-        return _stats_ops(weight).dora_norm(weight, lora_A, lora_B, scaling, magnitude.detach().contiguous())
+    """`dora_scale` on checked arguments (dora_linear's forward checks them once, with x). The kernel records no
+    autograd graph and ignores autocast; the plain-PyTorch path runs without both (fp32 math, detached)."""
+    ops = _stats_ops(weight)
+    if ops is naive:
+        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+            return ops.dora_norm(weight, lora_A, lora_B, scaling, magnitude)
+    return ops.dora_norm(weight, lora_A, lora_B, scaling, magnitude.detach().contiguous())
 
 
 def dora_weight_norm(weight, lora_A, lora_B, scaling) -> torch.Tensor:
