@@ -12,7 +12,8 @@ import triton.language as tl
 
 from .config import dora_config, num_sms
 from .helpers import (
-    cdiv, check_scaling, check_shapes, check_vector, dot, dot_precision, dot_precision_key, next_pow2_rank, upcast,
+    cdiv, check_scaling, check_shapes, check_vector, dot, dot_precision, dot_precision_key, matrix_shape,
+    next_pow2_rank, upcast,
 )
 from .launch import Launch, PlanCache, plan_key
 
@@ -115,7 +116,7 @@ class _NormPlan:
     """`dora_norm` for one call signature: checks, config and grid done once."""
 
     def __init__(self, weight, lora_A, lora_B, magnitude):
-        N, K = weight.shape
+        N, K = matrix_shape(weight, "weight")
         rank = lora_A.shape[0]
         check_shapes(weight=(weight, (N, K)), lora_A=(lora_A, (rank, K)), lora_B=(lora_B, (N, rank)))
         check_vector("magnitude", magnitude, N, weight)
@@ -179,7 +180,7 @@ class _ScaleDotPlan:
     """`scale_columns` / `column_dot` for one call signature: checks, config, split count and grid done once."""
 
     def __init__(self, u, g, v, bias):
-        M, N = u.shape
+        M, N = matrix_shape(u, "u")
         check_shapes(u=(u, (M, N)), v=(v, (M, N)), bias=(bias, (N,)))
         check_vector("g", g, N, u)
         self.shape, self.scale, self.dot, self.launch = (M, N), g is not None, v is not None, None

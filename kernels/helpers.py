@@ -113,6 +113,16 @@ def tensor_descriptor(t, block_shape):
     return TensorDescriptor.from_tensor(t, list(block_shape))
 
 
+def matrix_shape(t, name: str):
+    """(rows, cols) of a launcher's 2-D tensor argument `name`, else TypeError / ValueError naming it (unpacking a
+    1-D or 3-D tensor's shape would fail without saying which argument)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D tensor, got shape {list(t.shape)}")
+    return t.shape
+
+
 def check_shapes(**named) -> None:
     """Launcher guard: each keyword maps a tensor (or None) to its expected shape, with one dtype and device.
 

@@ -23,7 +23,7 @@ from .config import dx_dropout_term_config, gemm_config, num_sms, reduce_m_confi
 from .helpers import (
     acc_dtype, apply_dropout, cdiv, check_dropout, check_dtype, check_flag, check_scaling, check_shapes,
     check_vector, dot, dot_precision, dot_precision_key, dropout_keep, dropout_threshold, gdc_wait_if,
-    next_pow2_rank, output_tile, pdl_enabled, seed_arg, tensor_descriptor, tma_enabled, upcast,
+    matrix_shape, next_pow2_rank, output_tile, pdl_enabled, seed_arg, tensor_descriptor, tma_enabled, upcast,
 )
 from .launch import Launch, PlanCache, plan_key, seed_key
 from .lora_fwd import EPILOGUE_RANK_BLOCK, _output, choose_xa_mode
@@ -287,8 +287,8 @@ class _DxPlan:
 
     def __init__(self, dy, weight, lora_A, lora_B, dropout_p, store_dyb, dyb_mode, out, tma, dy_scale):
         check_flag(store_dyb, "store_dyb")
-        M, N = dy.shape
-        K, rank = weight.shape[1], lora_A.shape[0]
+        M, N = matrix_shape(dy, "dy")
+        K, rank = matrix_shape(weight, "weight")[1], lora_A.shape[0]
         check_shapes(dy=(dy, (M, N)), weight=(weight, (N, K)), lora_A=(lora_A, (rank, K)),
                      lora_B=(lora_B, (N, rank)))
         check_vector("dy_scale", dy_scale, N, dy)
@@ -425,7 +425,8 @@ class _GradABPlan:
             raise ValueError("xa (drop(x) @ lora_A^T, [M, r]) is required for dB (need_b=True)")
         if xa is None and dyb is None:
             raise ValueError("xa or dyb is required: they give the rank (need_a and need_b are both False)")
-        (M, K), N, rank = x.shape, dy.shape[1], (xa if xa is not None else dyb).shape[1]
+        (M, K), N = matrix_shape(x, "x"), matrix_shape(dy, "dy")[1]
+        rank = matrix_shape(xa, "xa")[1] if xa is not None else matrix_shape(dyb, "dyb")[1]
         check_shapes(x=(x, (M, K)), dy=(dy, (M, N)), xa=(xa if need_b else None, (M, rank)),
                      dyb=(dyb if need_a else None, (M, rank)))
         self.need_a, self.need_b, self.a_dtype, self.b_dtype = need_a, need_b, a_dtype, b_dtype

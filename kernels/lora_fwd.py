@@ -25,8 +25,8 @@ import triton.language as tl
 from .config import gemm_config, num_sms
 from .helpers import (
     acc_dtype, apply_dropout, cdiv, check_dropout, check_flag, check_scaling, check_shapes, check_vector, dot,
-    dot_precision, dot_precision_key, dropout_keep, dropout_threshold, gdc_wait_if, next_pow2_rank, output_tile,
-    pdl_enabled, seed_arg, tensor_descriptor, tma_enabled,
+    dot_precision, dot_precision_key, dropout_keep, dropout_threshold, gdc_wait_if, matrix_shape, next_pow2_rank,
+    output_tile, pdl_enabled, seed_arg, tensor_descriptor, tma_enabled,
 )
 from .launch import Launch, PlanCache, plan_key, seed_key
 from .lora_shrink import lora_shrink, lora_shrink_partials, shrink_splits
@@ -260,8 +260,8 @@ class _ForwardPlan:
     """`lora_forward` for one call signature: every check and choice made once (kernels/launch.py)."""
 
     def __init__(self, x, weight, bias, lora_A, lora_B, dropout_p, store_xa, xa_mode, out, tma, out_scale):
-        M, K = x.shape
-        N, rank = weight.shape[0], lora_A.shape[0]
+        M, K = matrix_shape(x, "x")
+        N, rank = matrix_shape(weight, "weight")[0], lora_A.shape[0]
         check_shapes(x=(x, (M, K)), weight=(weight, (N, K)), bias=(bias, (N,)), lora_A=(lora_A, (rank, K)),
                      lora_B=(lora_B, (N, rank)))
         check_vector("out_scale", out_scale, N, x)

@@ -15,7 +15,7 @@ import triton.language as tl
 from .config import shrink_config
 from .helpers import (
     acc_dtype, apply_dropout, cdiv, check_dropout, check_shapes, dot, dot_precision, dot_precision_key, dropout_keep,
-    dropout_threshold, gdc_launch_dependents_if, next_pow2, seed_arg,
+    dropout_threshold, gdc_launch_dependents_if, matrix_shape, next_pow2, seed_arg,
 )
 from .launch import Launch, PlanCache, plan_key, seed_key
 
@@ -83,7 +83,7 @@ class _ShrinkPlan:
     grid done once. splits == 0: the [M, r] result in x's dtype; else fp32 partials over `splits` K ranges."""
 
     def __init__(self, x, lora_A, dropout_p, splits, trigger):
-        M, K = x.shape
+        M, K = matrix_shape(x, "x")
         rank = lora_A.shape[0]
         check_shapes(x=(x, (M, K)), lora_A=(lora_A, (rank, K)))
         self.launch = None

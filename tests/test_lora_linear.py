@@ -414,3 +414,23 @@ def test_launchers_reject_mismatched_shapes(device):
     with pytest.raises(ValueError, match="xa"):
         kernels.lora_grad_ab(x, torch.randn(4, 6, device=device), torch.randn(3, 2, device=device),
                              torch.randn(4, 2, device=device), 1.0, A.dtype, B.dtype)
+
+
+def test_launchers_name_a_tensor_of_the_wrong_rank(device):
+    """A 1-D or 3-D operand (or a non-tensor) used to fail unpacking its shape ("not enough values to unpack"),
+    naming no argument: every launcher that reads M, K or N off an operand now names it."""
+    x, W, b, A, B = lora_problem(4, 8, 6, 2, torch.float32, device)
+    dy, r2 = torch.randn(4, 6, device=device), torch.randn(4, 2, device=device)
+    calls = [(ValueError, "x", lambda: kernels.lora_forward(x[None], W, b, A, B, 1.0)),
+             (ValueError, "weight", lambda: kernels.lora_forward(x, W[0], b, A, B, 1.0)),
+             (ValueError, "x", lambda: kernels.lora_shrink(x[0], A)),
+             (ValueError, "dy", lambda: kernels.lora_backward_dx(dy[0], W, A, B, 1.0)),
+             (TypeError, "weight", lambda: kernels.lora_backward_dx(dy, "W", A, B, 1.0)),
+             (ValueError, "x", lambda: kernels.lora_grad_ab(x[None], dy, r2, r2, 1.0, A.dtype, B.dtype)),
+             (ValueError, "xa", lambda: kernels.lora_grad_ab(x, dy, r2[0], r2, 1.0, A.dtype, B.dtype)),
+             (ValueError, "weight", lambda: kernels.dora_norm(W[0], A, B, 1.0, torch.rand(6, device=device))),
+             (ValueError, "u", lambda: kernels.column_dot(dy[0], dy[0])),
+             (ValueError, "u", lambda: kernels.scale_columns(dy[None], torch.rand(6, device=device)))]
+    for err, name, call in calls:
+        with pytest.raises(err, match=f"^{name} must"):
+            call()
