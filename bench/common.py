@@ -93,6 +93,25 @@ def bench_graph_us(fns: Sequence[Callable[[], object]], replays: int = 50) -> fl
     return times[len(times) // 2]
 
 
+def kernel_times_us(fns: Sequence[Callable[[], object]], rounds: int = 5) -> list[tuple[str, float]]:
+    """(kernel name, GPU µs per call) of each kernel `fns` launch, by torch.profiler over `rounds` rounds of every
+    function once (after one warm-up round), the time divided by the number of calls."""
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(rounds):
+            for fn in fns:
+                fn()
+        torch.cuda.synchronize()
+    out = []
+    for ev in prof.key_averages():
+        total = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if total:
+            out.append((ev.key, total / (rounds * len(fns))))
+    return out
+
+
 def host_and_wall_us(fn: Callable[[], object], calls: int, warmup: int = 10) -> tuple[float, float]:
     """(host µs per call of `fn` with no sync inside the timed loop, wall µs per call up to a final sync): when the
     first reaches the second, the calls are bound by host time, not by the GPU."""

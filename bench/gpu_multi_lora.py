@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench import bench_multi_lora as bml  # noqa: E402
-from bench.common import bench_graph_us, environment, format_table, write_json  # noqa: E402
+from bench.common import bench_graph_us, environment, format_table, kernel_times_us, write_json  # noqa: E402
 from lora_fast.kernels import multi_lora as kml  # noqa: E402
 from lora_fast.multi_lora import (AdapterPool, MultiLoRALinear, _multi_lora_torch,  # noqa: E402
                                   make_batch_metadata, multi_lora_linear)
@@ -225,23 +225,13 @@ def profile() -> list[dict]:
         fns = [prob.provider("ours", s) for s in range(bml.WEIGHT_SETS)]
         for cfg in cfgs:
             kml.set_config_override(cfg)
-            for fn in fns:
-                fn()
-            torch.cuda.synchronize()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    for fn in fns:
-                        fn()
-                torch.cuda.synchronize()
-            kml.set_config_override(None)
-            calls = 5 * len(fns)
-            for ev in prof.key_averages():
-                if ev.device_type == torch.autograd.DeviceType.CUDA or getattr(ev, "device_time_total", 0):
-                    total = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-                    if total:
-                        rows.append(dict(T=T, adapters=n_ad, override=cfg, kernel=ev.key[:60],
-                                         us_per_call=total / calls))
-                        print(rows[-1], flush=True)
+            try:
+                times = kernel_times_us(fns)
+            finally:
+                kml.set_config_override(None)
+            for name, us in times:
+                rows.append(dict(T=T, adapters=n_ad, override=cfg, kernel=name[:60], us_per_call=us))
+                print(rows[-1], flush=True)
     return rows
 
 

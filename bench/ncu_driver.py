@@ -5,6 +5,8 @@
 
 nf4: the NF4 decode GEMV and its finishing kernel at M = 1 and 16, K = N = 4096, r = 16, over 4 weight sets.
 multi16: multi-LoRA decode with 16 tokens and 16 adapters (shrink and fused GEMM), K = N = 4096, r = 16.
+multi4096: multi-LoRA prefill, 4096 tokens and 32 adapters: the default path (shrink, cuBLAS, the fused kernel's
+read-modify-write epilogue), then the segment expand adding into y (32 x 256 tiles), twice each.
 base: F.linear at M = 1 and 16 (cuBLAS), for the same counters on the bf16 base.
 train: the memory-bound training kernels at M = 8192, K = N = 4096, r = 16: the shrink x @ A^T (dropout 0 and
 0.1), and dA/dB (dropout 0 and 0.1), twice each.
@@ -40,6 +42,19 @@ def main(what: str) -> None:
         prob = bml.Problem(16, 16, R, K, N, DT, DEV, sets=4)
         for s in range(4):
             prob.provider("ours", s)()
+    elif what == "multi4096":
+        from lora_fast.kernels import multi_lora as kml
+
+        prob = bml.Problem(4096, 32, R, K, N, DT, DEV, sets=2)
+        m = prob.meta
+        for s in range(2):
+            prob.provider("ours", s)()
+        cfg = dict(kml.get_config(4096, K, N, R, DT, prob.x.device), E_BLOCK_M=32, E_BLOCK_N=256)
+        ws = torch.zeros((cfg["SPLIT_K"], 1, 4096, R), device=DEV, dtype=torch.float32)
+        y = torch.randn(4096, N, device=DEV, dtype=DT)
+        for s in range(2):
+            kml._launch_expand(prob.sets[s][3], ws, y, m.perm, m.seg_start, m.seg_adapter, prob.ranks,
+                               prob.scalings, (N,), cfg, "ieee", accumulate=True)
     elif what == "train":
         M = 8192
         x, dy = torch.randn(M, K, device=DEV, dtype=DT), torch.randn(M, N, device=DEV, dtype=DT)
@@ -50,7 +65,7 @@ def main(what: str) -> None:
                 dyb = lora_shrink(dy, B.t())
                 lora_grad_ab(x, dy, xa, dyb, 2.0, DT, DT, p, 1234)
     else:
-        raise SystemExit(f"unknown driver {what!r}: nf4, base, multi16 or train")
+        raise SystemExit(f"unknown driver {what!r}: nf4, base, multi16, multi4096 or train")
     torch.cuda.synchronize()
 
 

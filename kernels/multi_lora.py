@@ -5,18 +5,24 @@ Token t uses adapter slot `ids[t]`; -1 means base only. Tokens are visited in *s
 token `perm[p]` and the tokens of one adapter form one contiguous segment `[seg_start[s], seg_start[s+1])`.
 Kernels gather X rows and scatter Y rows through `perm`; nothing is copied.
 
-Two launches, no host sync:
-1. `_shrink_kernel`: per (segment tile, slice, rank chunk, K split), `xa_part = X[seg rows] @ A[a, slice, chunk]ᵀ`
-   in fp32 into a small workspace `[SPLIT_K, slices, T, R_PAD]`. A program whose rank chunk starts at or beyond the
-   adapter's true rank exits, so an adapter of rank 8 in a pool of rank 64 reads and computes only 8 rows of A.
-   Each adapter's A is read once per segment tile (not once per token), and split-K gives decode enough programs.
-2. `_fused_kernel`: the base GEMM `X @ Wᵀ (+ b)` over (sorted-row tile, N tile), walking K once, then an epilogue that
-   loops over the segments meeting the row tile, sums the split-K partials of xa, scales them in fp32, rounds to the
-   input dtype (as PEFT does), and adds `xa @ B[a]ᵀ` with a tensor-core dot per rank chunk of 16 up to the true rank.
-   W is read once whatever the adapter mix; B is read once per (segment, N tile).
-
-On Hopper the second launch is a programmatic dependent launch when our own GEMM reads W (decode): it starts
-while the shrink runs and waits for the workspace only before its epilogue (kernels/helpers.pdl_enabled).
+Paths (no host sync in any of them; `_config` picks one per token bucket, measured on the H200):
+* Up to 16 tokens, our GEMM reads W once ("triton"):
+  1. `_shrink_kernel`: per (segment tile, slice, rank chunk, K split), `xa_part = X[seg rows] @ A[a, slice, chunk]ᵀ`
+     in fp32 into a small workspace `[SPLIT_K, slices, T, R_PAD]`. A program whose rank chunk starts at or beyond
+     the adapter's true rank exits, so an adapter of rank 8 in a pool of rank 64 reads and computes only 8 rows of
+     A. Each adapter's A is read once per segment tile (not once per token), and split-K gives decode enough
+     programs.
+  2. `_fused_kernel`: the base GEMM `X @ Wᵀ (+ b)` over (sorted-row tile, N tile), walking K once, then an epilogue
+     that sums the split-K partials of xa, scales them in fp32, rounds them to the input dtype (as PEFT does), and
+     adds `xa @ B[a]ᵀ` (per row, or one tensor-core dot per segment and rank chunk up to the true rank).
+     On Hopper it is a programmatic dependent launch: it streams W while the shrink runs and waits for the
+     workspace only before its epilogue (kernels/helpers.pdl_enabled).
+* From 32 tokens ("addmm"): the shrink, then `_expand_kernel` writes bias + LoRA term into every row of y (one
+  adapter per segment tile, B read once per tile, a loop over N tiles), then cuBLAS adds X·Wᵀ with y as its C
+  operand (beta = 1). y is written once and read once, by the GEMM's epilogue; no fp32 delta, no second pass.
+  (`EXPAND="delta"` computes xa inside the expand kernel instead of the shrink: one launch, measured slower.)
+* Older paths kept as config options and tested: cuBLAS then the LoRA term added in place ("cublas"), and the
+  LoRA term on a side stream into an fp32 delta added after cuBLAS ("overlap").
 
 Why not one launch: the shrink needs a full K reduction before the expand, and recomputing it in every N-tile program
 would read A[ids] N / BLOCK_N times (128× at N=4096), which costs more than the second launch.
@@ -67,6 +73,22 @@ def _tile_columns(pid_n, slices_ptr, NUM_SLICES: tl.constexpr, BLOCK_N: tl.const
     return slice_id, (n_off + local_n).to(tl.int64), local_n < n_size
 
 
+@triton.jit
+def _rows_dot(acc, x_rows, op_cols, k_start, k_end, row_mask, col_mask, stride_xk, stride_ok,
+              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_P] + X[rows, k_start:k_end] · OP[k_start:k_end, cols]: x_rows [BLOCK_M, 1] pointers to
+    the (gathered) rows of X, op_cols [1, BLOCK_P] pointers to the operand's columns (W's rows, or A's ranks),
+    stepped along K by stride_xk / stride_ok; row_mask [BLOCK_M], col_mask [BLOCK_P]."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        ks = k0 + offs_k
+        k_mask = ks < k_end
+        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        o = tl.load(op_cols + ks[:, None] * stride_ok, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = dot(x, o, acc, PRECISION)
+    return acc
+
+
 @triton.jit(do_not_specialize=["T"])
 def _shrink_kernel(
     x_ptr, a_ptr, ws_ptr, perm_ptr, seg_start_ptr, seg_adapter_ptr, ranks_ptr,
@@ -110,20 +132,14 @@ def _shrink_kernel(
     tokens = tl.load(perm_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     offs_r = r0 + tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
-    offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + tokens[:, None] * stride_xt
     a_base = a_ptr + adapter.to(tl.int64) * stride_as + slice_id.to(tl.int64) * stride_ai \
         + offs_r.to(tl.int64)[None, :] * stride_ar
 
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        ks = k0 + offs_k
-        k_mask = ks < k_end
-        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        a = tl.load(a_base + ks[:, None] * stride_ak, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = dot(x, a, acc, PRECISION)
+    acc = _rows_dot(tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC), x_rows, a_base, k_start, k_end, row_mask, r_mask,
+                    stride_xk, stride_ak, BLOCK_K, PRECISION)
 
     ws = ws_ptr + pid_k * stride_wsk + slice_id.to(tl.int64) * stride_wsi \
         + rows.to(tl.int64)[:, None] * stride_wst + offs_r[None, :]
@@ -170,7 +186,6 @@ def _fused_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < T
     tokens = tl.load(perm_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + tokens[:, None] * stride_xt
     w_cols = w_ptr + cols[None, :] * stride_wn
 
@@ -191,13 +206,8 @@ def _fused_kernel(
     else:
         if HAS_BIAS:  # loaded before the K loop: after it, its DRAM latency would add to every program's tail
             bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + offs_k
-            k_mask = ks < K
-            x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_cols + ks[:, None] * stride_wk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-            acc = dot(x, w, acc, PRECISION)
+        acc = _rows_dot(tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), x_rows, w_cols, 0, K, row_mask, col_mask,
+                        stride_xk, stride_wk, BLOCK_K, PRECISION)
         if HAS_BIAS:
             acc += bias[None, :]
 
@@ -262,60 +272,90 @@ def _segment_epilogue(acc, ws_rows, b_ptr, x_ptr, rows, row_mask, cols, col_mask
 
 @triton.jit(do_not_specialize=["T"])
 def _expand_kernel(
-    b_ptr, ws_ptr, y_ptr, perm_ptr, seg_start_ptr, seg_adapter_ptr, ranks_ptr, scalings_ptr, slices_ptr,
-    T, MAX_SEGS,
+    x_ptr, a_ptr, b_ptr, bias_ptr, ws_ptr, y_ptr, perm_ptr, seg_start_ptr, seg_adapter_ptr, ranks_ptr, scalings_ptr,
+    slices_ptr, T, K, MAX_SEGS,
+    stride_xt, stride_xk,
+    stride_as, stride_ai, stride_ar, stride_ak,
     stride_bs, stride_bn, stride_br,
     stride_wsk, stride_wsi, stride_wst,
     stride_yt, stride_yn,
-    SEGS_P2: tl.constexpr, NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
-    ACC: tl.constexpr, ACCUMULATE: tl.constexpr,
+    SHRINK: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, SEGS_P2: tl.constexpr,
+    CHUNKS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Y[perm[p], n] (+)= s[a] · round(sum_split xa_part[., slice(n), p]) · B[a, n] over one segment tile (adapter a).
+    """Y[perm[p], n] (+)= s[a] · round(xa[p, :rank]) · B[a, n, :rank] over one segment tile (one adapter a).
 
-    Pointers: b [S, N, R] (any strides); ws fp32 (fp64 for fp64) [SPLIT_K, slices, T, R_PAD] from `_shrink_kernel`;
-    y [T, N] (rows indexed by token); perm int32 [T]; seg_start int32 [MAX_SEGS + 1]; seg_adapter int32 [MAX_SEGS];
-    ranks int32 [S]; scalings fp32 [S]; slices int32 [NUM_SLICES, 3] as in `_fused_kernel`.
-    Grid: (segment tiles = cdiv(T, BLOCK_M) + MAX_SEGS, N tiles). Every tile holds one adapter, so B[a]'s
-    [rank, BLOCK_N] block is read once per tile and meets the rows in a tensor-core dot; no per-row gather.
-    ACCUMULATE: add to y (it holds X·Wᵀ + b); else write the LoRA term alone (zeros for base-only rows).
+    xa comes from the shrink's split-K partials in ws, or, with SHRINK, from X · A[a, slice]ᵀ computed here over
+    all of K (shrink and expand in one launch, no workspace: A read once per segment tile and chunk, up to the
+    true rank; masked rows and ranks cost no bytes).
+    ACCUMULATE: add to y (it holds X·Wᵀ + b; base-only tiles exit). Else write the term alone, plus the bias where
+    HAS_BIAS, for every row (base-only rows get the bias or zeros), so that a cuBLAS `addmm_` can add X·Wᵀ after.
+
+    Pointers: x [T, K] and a [S, slices, R, K] (read with SHRINK); b [S, N, R] (any strides); bias [N];
+    ws fp32 (fp64 for fp64) [SPLIT_K, slices, T, R_PAD] (read without SHRINK); y [T, N] (token rows);
+    perm int32 [T]; seg_start int32 [MAX_SEGS + 1]; seg_adapter int32 [MAX_SEGS]; ranks int32 [S];
+    scalings fp32 [S]; slices int32 [slices, 3] as in `_fused_kernel` (its first-tile column is unused here).
+    Grid: (segment tiles = cdiv(T, BLOCK_M) + MAX_SEGS, slices * CHUNKS). Program (tile, slice, chunk) gets xa
+    [BLOCK_M, BLOCK_R] once, then walks the N tiles chunk, chunk + CHUNKS, ... of its slice, BLOCK_N columns at a
+    time: a small tile per step keeps the 64-bit row pointers and the accumulator in registers (a whole
+    [64, 256] tile per program spilled), and the loop keeps several tiles' loads in flight.
+    BLOCK_R: the padded rank (a power of two >= 16); BLOCK_K: K step of the SHRINK loop.
     """
     pid_tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_sc = tl.program_id(1)
     seg, row0, row_end = _segment_tile(pid_tile, seg_start_ptr, MAX_SEGS, SEGS_P2, BLOCK_M)
     if seg >= MAX_SEGS:
         return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    tokens = tl.load(perm_ptr + rows, mask=row_mask, other=0).to(tl.int64)  # in flight with the adapter's loads
     adapter = tl.load(seg_adapter_ptr + seg)
     if ACCUMULATE:
         if adapter < 0:
             return
-    slice_id, cols, col_mask = _tile_columns(pid_n, slices_ptr, NUM_SLICES, BLOCK_N)
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
+    slice_id = pid_sc // CHUNKS
+    chunk = pid_sc % CHUNKS
     safe = tl.maximum(adapter, 0)
     rank = tl.where(adapter >= 0, tl.load(ranks_ptr + safe), 0)
     scale = tl.load(scalings_ptr + safe).to(ACC)
-    ws_rows = ws_ptr + slice_id.to(tl.int64) * stride_wsi + rows.to(tl.int64)[:, None] * stride_wst
-    b_base = b_ptr + safe.to(tl.int64) * stride_bs + cols[None, :] * stride_bn
     offs_r = tl.arange(0, BLOCK_R)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for r0 in range(0, rank, BLOCK_R):
-        rs = r0 + offs_r
-        r_mask = rs < rank
-        xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+    r_mask = offs_r < rank
+
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+    if SHRINK:
+        if rank > 0:
+            a_base = a_ptr + safe.to(tl.int64) * stride_as + slice_id.to(tl.int64) * stride_ai \
+                + offs_r.to(tl.int64)[None, :] * stride_ar
+            xa = _rows_dot(xa, x_ptr + tokens[:, None] * stride_xt, a_base, 0, K, row_mask, r_mask, stride_xk,
+                           stride_ak, BLOCK_K, PRECISION)
+    else:
+        ws_rows = ws_ptr + slice_id.to(tl.int64) * stride_wsi + rows.to(tl.int64)[:, None] * stride_wst \
+            + offs_r[None, :]
         for split in tl.static_range(SPLIT_K):
-            xa += tl.load(ws_rows + split * stride_wsk + rs[None, :], mask=row_mask[:, None] & r_mask[None, :],
-                          other=0.0)
-        xa = (xa * scale).to(b_ptr.dtype.element_ty)
-        b = tl.load(b_base + rs.to(tl.int64)[:, None] * stride_br, mask=r_mask[:, None] & col_mask[None, :],
-                    other=0.0)
-        acc = dot(xa, b, acc, PRECISION)
-    tokens = tl.load(perm_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    y = y_ptr + tokens[:, None] * stride_yt + cols[None, :] * stride_yn
-    out_mask = row_mask[:, None] & col_mask[None, :]
-    if ACCUMULATE:
-        acc += tl.load(y, mask=out_mask, other=0.0).to(ACC)
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+            xa += tl.load(ws_rows + split * stride_wsk, mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+    xa = (xa * scale).to(b_ptr.dtype.element_ty)  # scaled in fp32, rounded to the operands' dtype (as PEFT)
+
+    n_off = tl.load(slices_ptr + 3 * slice_id)
+    n_size = tl.load(slices_ptr + 3 * slice_id + 1)
+    b_rows = b_ptr + safe.to(tl.int64) * stride_bs + offs_r.to(tl.int64)[:, None] * stride_br
+    y_rows = y_ptr + tokens[:, None] * stride_yt
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in range(chunk * BLOCK_N, n_size, CHUNKS * BLOCK_N):
+        local = n0 + offs_n
+        col_mask = local < n_size
+        cols = (n_off + local).to(tl.int64)
+        out_mask = row_mask[:, None] & col_mask[None, :]
+        y = y_rows + cols[None, :] * stride_yn
+        if ACCUMULATE:
+            y_old = tl.load(y, mask=out_mask, other=0.0)
+        b = tl.load(b_rows + cols[None, :] * stride_bn, mask=r_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = dot(xa, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), PRECISION)
+        if ACCUMULATE:
+            acc += y_old.to(ACC)
+        elif HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -330,7 +370,9 @@ def _config(t_bucket: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, is_cu
     if not is_cuda:  # interpreter: small blocks keep numpy fast; SPLIT_K 2 still exercises the split path
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1, GATHER=False,
                     BASE="triton", S_BLOCK_M=16, S_BLOCK_K=32, SPLIT_K=2 if K > 32 else 1, s_num_warps=4,
-                    s_num_stages=1, EXPAND="fused", E_BLOCK_M=16, E_BLOCK_N=16, e_num_warps=4)
+                    s_num_stages=1, EXPAND="fused", E_BLOCK_M=16, E_BLOCK_N=16, E_CHUNKS=2, e_num_warps=4,
+                    e_num_stages=1,
+                    D_BLOCK_M=16, D_BLOCK_N=16, D_BLOCK_K=32, D_CHUNKS=2, d_num_warps=4, d_num_stages=1)
     big = dtype.itemsize >= 4  # 4- and 8-byte operands: halve the K step to keep shared memory in budget
     # Measured on H100 (bench/NOTES.md, "multi-LoRA"): up to 64 tokens our GEMM reads W once (1.04x cuBLAS at
     # T <= 16) and the LoRA term is gathered per row in its epilogue. From 128 tokens our gathered-row GEMM falls
@@ -360,15 +402,31 @@ def _config(t_bucket: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, is_cu
     if t_bucket == 1:
         split_k = min(split_k, 4)
     cfg.update(S_BLOCK_M=s_block_m, S_BLOCK_K=128 if big else 256, SPLIT_K=split_k, s_num_warps=4, s_num_stages=3)
-    cfg.update(EXPAND="fused", E_BLOCK_M=16 if t_bucket <= 256 else 64, E_BLOCK_N=128, e_num_warps=4)
-    # Measured on H100 under graphs (bench/NOTES.md, multi-LoRA step 5): from 32 to 256 tokens, cuBLAS's W stream
-    # with the shrink and a segment-tile expand on a side stream (joined by one add) beats the fused GEMM
-    # (64 tok/64 adapters 2.86x -> 2.23x the base, 256/32 2.30x -> 1.98x); at 512-1024 tokens the segment expand
-    # in place after cuBLAS wins (1024/32 1.80x -> 1.71x); from 2048 the fused epilogue after cuBLAS stays best.
-    if 32 <= t_bucket <= 256:
-        cfg.update(BASE="overlap", EXPAND="segment", E_BLOCK_M=16, E_BLOCK_N=256)
-    elif 512 <= t_bucket <= 1024:
-        cfg.update(BASE="cublas", EXPAND="segment", E_BLOCK_M=32, E_BLOCK_N=128)
+    cfg.update(EXPAND="fused", E_BLOCK_M=16 if t_bucket <= 256 else 64, E_BLOCK_N=64, E_CHUNKS=4, e_num_warps=4,
+               e_num_stages=2)
+    # "delta" (BASE="addmm"): one program per (segment tile, slice, chunk of N tiles) does shrink and expand
+    cfg.update(D_BLOCK_M=16 if t_bucket <= 256 else 64, D_BLOCK_N=128, D_BLOCK_K=128 if big else 256,
+               D_CHUNKS=4 if t_bucket <= 256 else 1, d_num_warps=4, d_num_stages=3)
+    # From 32 tokens: the LoRA term (+ bias) first, written once into y by the shrink and the segment expand, then
+    # cuBLAS adds X·Wᵀ as its C operand ("addmm"). H200, graphs, 8 weight sets, K = N = 4096, r = 16
+    # (`results/exp_multi_kernels.json`, bench/NOTES.md 2026-12-01): 64/64 2.75x -> 2.44x the base, 256/32
+    # 2.29x -> 1.84x, 1024/32 1.69x -> 1.56x, 4096/32 1.32x -> 1.18x against the previous defaults in the same run
+    # (side-stream overlap; cuBLAS + in-place expand; cuBLAS + the fused kernel's read-modify-write epilogue, which
+    # spilled at 255 registers). Tiles below are the sweep's best for each kernel alone; split K is for one rank
+    # chunk and shrinks as the pool's rank adds programs.
+    if t_bucket >= 32:
+        chunks = R_PAD // RANK_CHUNK
+        if t_bucket <= 64:
+            shrink, expand = (16, 2, 256 if not big else 128, 4), (16, 128, 8, 3)
+        elif t_bucket <= 256:
+            shrink, expand = (16, 8, 128, 3), (16, 64, 16, 2)
+        elif t_bucket <= 1024:
+            shrink, expand = (64, 8, 128, 3), (32, 128, 4, 2)
+        else:
+            shrink, expand = (64, 4, 128, 3), (32, 64, 4, 3)
+        cfg.update(BASE="addmm", EXPAND="segment", S_BLOCK_M=shrink[0], SPLIT_K=max(1, min(shrink[1] // chunks, K // 256)),
+                   S_BLOCK_K=shrink[2], s_num_stages=shrink[3], E_BLOCK_M=expand[0], E_BLOCK_N=expand[1],
+                   E_CHUNKS=expand[2], e_num_stages=expand[3])
     return cfg
 
 
@@ -436,16 +494,24 @@ def multi_lora_forward(x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm,
 
     R_PAD = rank_pad(R)
     cfg = get_config(T, K, N, R_PAD, x2d.dtype, x2d.device)
-    split_k = cfg["SPLIT_K"]
-    fill = float("nan") if DEBUG_FILL_WORKSPACE else None
-    acc = torch.float64 if x2d.dtype == torch.float64 else torch.float32
-    ws = torch.empty((split_k, n_slices, T, R_PAD), device=x2d.device, dtype=acc)
-    if fill is not None:
-        ws.fill_(fill)
-
     base = cfg["BASE"]
-    if base not in ("triton", "cublas", "overlap"):
-        raise ValueError(f"config BASE must be 'triton', 'cublas' or 'overlap', got {base!r}")
+    if base not in ("triton", "cublas", "overlap", "addmm"):
+        raise ValueError(f"config BASE must be 'triton', 'cublas', 'overlap' or 'addmm', got {base!r}")
+    if base == "addmm":
+        # The LoRA term and the bias first, written once into `out` (every row: base-only rows get the bias), then
+        # cuBLAS adds X·Wᵀ to it as its C operand (beta = 1), which a GEMM reads almost for free: no second pass
+        # over y, no fp32 delta, nothing left after the W stream.
+        ws = None
+        if cfg["EXPAND"] != "delta":
+            ws = _shrink_workspace(cfg["SPLIT_K"], n_slices, T, R_PAD, x2d)
+            _launch_shrink(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks, cfg, precision)
+        _launch_expand(x2d, lora_A, lora_B, bias, ws, out, perm, seg_start, seg_adapter, ranks, scalings,
+                       slice_sizes, cfg, precision, accumulate=False)
+        with torch.no_grad():  # a frozen base may still require grad
+            out.addmm_(x2d, weight.t())
+        return out
+    ws = _shrink_workspace(cfg["SPLIT_K"], n_slices, T, R_PAD, x2d)
+    acc = ws.dtype
     # "overlap": cuBLAS computes X·Wᵀ + b on the caller's stream while a side stream runs the shrink and the expand
     # into an fp32 delta [T, N]; one add joins them. The aim was to hide the adapter reads under the W stream; on
     # the H100/H200 they hide only partly, since cuBLAS fills the SMs (bench/NOTES.md, multi-LoRA step 4), but this
@@ -469,8 +535,8 @@ def multi_lora_forward(x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm,
     target = out if delta is None else delta
     with (torch.cuda.stream(side) if side is not None else contextlib.nullcontext()):
         if base != "triton" and cfg.get("EXPAND") == "segment":
-            _launch_expand(lora_B, ws, target, perm, seg_start, seg_adapter, ranks, scalings, slice_sizes, cfg,
-                           precision, accumulate=delta is None)
+            _launch_expand(x2d, lora_A, lora_B, None, ws, target, perm, seg_start, seg_adapter, ranks, scalings,
+                           slice_sizes, cfg, precision, accumulate=delta is None)
         else:
             _launch_fused(x2d, weight, bias, lora_B, ws, target, perm, seg_of, seg_start, seg_adapter, ranks,
                           scalings, slice_sizes, cfg, precision, base_mode, pdl=pdl)
@@ -479,6 +545,16 @@ def multi_lora_forward(x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm,
             main.wait_stream(side)
         out.add_(delta)
     return out
+
+
+def _shrink_workspace(split_k, n_slices, T, R_PAD, x2d):
+    """The shrink's fp32 (fp64 for fp64) partial sums [SPLIT_K, slices, T, R_PAD]; NaN-filled under
+    DEBUG_FILL_WORKSPACE, so that a test sees any element read unwritten."""
+    acc = torch.float64 if x2d.dtype == torch.float64 else torch.float32
+    ws = torch.empty((split_k, n_slices, T, R_PAD), device=x2d.device, dtype=acc)
+    if DEBUG_FILL_WORKSPACE:
+        ws.fill_(float("nan"))
+    return ws
 
 
 def _base_gemm(x2d, weight, bias, out):
@@ -513,23 +589,35 @@ def _launch_fused(x2d, weight, bias, lora_B, ws, target, perm, seg_of, seg_start
     )
 
 
-def _launch_expand(lora_B, ws, target, perm, seg_start, seg_adapter, ranks, scalings, slice_sizes, cfg, precision,
-                   accumulate):
-    """target (+)= the LoRA term over (segment tile, N tile) programs (see `_expand_kernel`)."""
-    T = target.shape[0]
+def _launch_expand(x2d, lora_A, lora_B, bias, ws, target, perm, seg_start, seg_adapter, ranks, scalings, slice_sizes,
+                   cfg, precision, accumulate):
+    """target (+)= the LoRA term over (segment tile, slice, N chunk) programs (see `_expand_kernel`); bias: [N] or
+    None, written with the term when not accumulating. ws: the shrink's partials, or None to compute xa in the
+    same launch (SHRINK; config keys D_*, else E_*)."""
+    T, K = x2d.shape
     max_segs = seg_adapter.shape[0]
-    slices, n_tiles = _slice_table(tuple(int(s) for s in slice_sizes), cfg["E_BLOCK_N"], target.device)
-    grid = (cdiv(T, cfg["E_BLOCK_M"]) + max_segs, n_tiles)
+    shrink = ws is None
+    key = "D" if shrink else "E"
+    slices, _ = _slice_table(tuple(int(s) for s in slice_sizes), cfg[f"{key}_BLOCK_N"], x2d.device)
+    block_r = max(RANK_CHUNK, next_pow2(lora_A.shape[2]))
+    block_m = min(cfg[f"{key}_BLOCK_M"], max(16, 4096 // block_r))  # xa [BLOCK_M, BLOCK_R] stays in registers
+    chunks = cfg[f"{key}_CHUNKS"]
+    grid = (cdiv(T, block_m) + max_segs, len(slice_sizes) * chunks)
+    ws_arg = lora_B if shrink else ws
+    ws_strides = (0, 0, 0) if shrink else ws.stride()[:3]
     _expand_kernel[grid](
-        lora_B, ws, target, perm, seg_start, seg_adapter, ranks, scalings, slices,
-        T, max_segs,
+        x2d, lora_A, lora_B, bias if bias is not None else lora_B, ws_arg, target, perm, seg_start, seg_adapter,
+        ranks, scalings, slices, T, K, max_segs,
+        x2d.stride(0), x2d.stride(1),
+        *lora_A.stride(),
         *lora_B.stride(),
-        ws.stride(0), ws.stride(1), ws.stride(2),
+        *ws_strides,
         target.stride(0), target.stride(1),
-        SEGS_P2=next_pow2(max_segs), NUM_SLICES=len(slice_sizes), SPLIT_K=ws.shape[0],
-        BLOCK_M=cfg["E_BLOCK_M"], BLOCK_N=cfg["E_BLOCK_N"], BLOCK_R=RANK_CHUNK, PRECISION=precision,
-        ACC=acc_dtype(lora_B.dtype), ACCUMULATE=accumulate,
-        num_warps=cfg["e_num_warps"], num_stages=1,
+        SHRINK=shrink, ACCUMULATE=accumulate, HAS_BIAS=bias is not None and not accumulate,
+        SEGS_P2=next_pow2(max_segs), CHUNKS=chunks, SPLIT_K=1 if shrink else ws.shape[0],
+        BLOCK_M=block_m, BLOCK_N=cfg[f"{key}_BLOCK_N"], BLOCK_K=cfg.get("D_BLOCK_K", 64), BLOCK_R=block_r,
+        PRECISION=precision, ACC=acc_dtype(x2d.dtype),
+        num_warps=cfg[f"{key.lower()}_num_warps"], num_stages=cfg[f"{key.lower()}_num_stages"],
     )
 
 

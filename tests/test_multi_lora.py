@@ -24,6 +24,20 @@ def _nan_workspace(monkeypatch):
     monkeypatch.setattr(kml, "DEBUG_FILL_WORKSPACE", True)
 
 
+# The kernel paths a call can take: the interpreter's default (our GEMM with the LoRA epilogue, the GPU's path up
+# to 16 tokens) and the GPU's path from 32 tokens (LoRA term + bias written first, cuBLAS adds X·Wᵀ: "addmm"), with
+# the expand reading the shrink's partials or computing xa itself ("delta").
+PATHS = {"triton": None, "addmm": dict(BASE="addmm", EXPAND="segment"),
+         "addmm_delta": dict(BASE="addmm", EXPAND="delta", D_CHUNKS=3)}
+
+
+@pytest.fixture(params=list(PATHS))
+def path(request):
+    kml.set_config_override(PATHS[request.param])
+    yield request.param
+    kml.set_config_override(None)
+
+
 def rel_err(out, ref):
     out, ref = out.detach().double(), ref.detach().double()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
@@ -71,7 +85,7 @@ def test_cpu_runs_the_triton_kernels():
     (40, 64, 16, 64, 70, torch.float32, False),          # 64 adapters (more than tokens)
     (23, 8, 32, 40, 24, torch.float64, True),
 ])
-def test_matches_per_token_reference(T, S, R, K, N, dtype, mixed):
+def test_matches_per_token_reference(T, S, R, K, N, dtype, mixed, path):
     x, W, b, A, B, scal, ranks, ids = make_case(T, S, R, K, N, dtype, seed=T * 7 + S, mixed_ranks=mixed)
     y = run(x, W, b, A, B, scal, ranks, ids)
     assert y.shape == (T, N) and y.dtype == dtype
@@ -82,7 +96,7 @@ def test_matches_per_token_reference(T, S, R, K, N, dtype, mixed):
 
 
 @pytest.mark.parametrize("case", ["all_base", "all_one_adapter", "no_bias"])
-def test_degenerate_mixes(case):
+def test_degenerate_mixes(case, path):
     T, S, R, K, N = 19, 6, 16, 48, 40
     x, W, b, A, B, scal, ranks, ids = make_case(T, S, R, K, N, torch.float32, seed=3)
     if case == "all_base":
@@ -95,7 +109,7 @@ def test_degenerate_mixes(case):
                  multi_lora_linear_reference(x, W, b, A, B, scal, ids, ranks), torch.float32, case)
 
 
-def test_true_rank_ignores_padded_rows():
+def test_true_rank_ignores_padded_rows(path):
     """Rows of A and columns of B beyond a slot's rank hold garbage: the result must not see them."""
     T, S, R, K, N = 21, 4, 64, 40, 36
     x, W, b, A, B, scal, _, ids = make_case(T, S, R, K, N, torch.float32, seed=11)
@@ -107,7 +121,7 @@ def test_true_rank_ignores_padded_rows():
     assert_close(run(x, W, b, A, B, scal, ranks, ids), ref, torch.float32, "mixed ranks")
 
 
-def test_multi_slice_qkv():
+def test_multi_slice_qkv(path):
     T, S, R, K = 17, 5, 16, 48
     sizes = (40, 16, 24)
     x, W, b, A, B, scal, ranks, ids = make_case(T, S, R, K, sum(sizes), torch.bfloat16, seed=5, n_slices=3,
@@ -248,7 +262,9 @@ def test_pool_and_module_mixed_ranks_and_slices():
 @pytest.mark.parametrize("variant", [dict(GATHER=True), dict(BASE="cublas"), dict(GATHER=True, BASE="cublas"),
                                      dict(BLOCK_M=32, BLOCK_N=16, SPLIT_K=1), dict(GATHER=True, BASE="overlap"),
                                      dict(GATHER=False, BASE="overlap"), dict(BASE="cublas", EXPAND="segment"),
-                                     dict(BASE="overlap", EXPAND="segment", E_BLOCK_M=32, E_BLOCK_N=32)])
+                                     dict(BASE="overlap", EXPAND="segment", E_BLOCK_M=32, E_BLOCK_N=32),
+                                     dict(BASE="addmm", EXPAND="segment", E_CHUNKS=1, E_BLOCK_N=16, SPLIT_K=3),
+                                     dict(BASE="addmm", EXPAND="delta", D_BLOCK_M=32, D_CHUNKS=5)])
 def test_epilogue_and_base_variants(variant):
     """The per-row gather epilogue (decode), the cuBLAS-base + LoRA-epilogue path (prefill) and the overlapped
     path (LoRA term into an fp32 buffer on a side stream, added after the base GEMM) agree too."""
@@ -263,7 +279,8 @@ def test_epilogue_and_base_variants(variant):
     assert_close(y, multi_lora_linear_reference(x, W, b, A, B, scal, ids, ranks, sizes), torch.bfloat16, str(variant))
 
 
-@pytest.mark.parametrize("variant", [dict(BASE="cublas"), dict(BASE="overlap", EXPAND="segment")])
+@pytest.mark.parametrize("variant", [dict(BASE="cublas"), dict(BASE="overlap", EXPAND="segment"),
+                                     dict(BASE="addmm", EXPAND="segment"), dict(BASE="addmm", EXPAND="delta")])
 def test_module_with_trainable_base_on_cublas_paths(variant):
     """A MultiLoRALinear built from a plain nn.Linear (weight and bias still require grad) runs the cuBLAS base
     paths outside no_grad: the base GEMM writing into the output buffer must not meet autograd (H100 regression)."""

@@ -1,0 +1,123 @@
+"""Multi-LoRA experiment: where the time goes per shape (kernel profile of the default path), and whether our own
+gathered-row GEMM with the LoRA epilogue (BASE="triton", one launch after the shrink, no read-modify-write of y)
+can replace cuBLAS + epilogue kernel in prefill.
+
+    python bench/exp_multi_prefill.py --out OUT_DIR [--shapes 4096x32,1024x32]
+
+For each shape: base F.linear, the default path, then each override in CONFIGS (graph time over 8 weight sets,
+ratio to base, relative error against the fp64 reference), and the same override with every id -1 (our GEMM
+alone). Writes OUT_DIR/exp_multi_prefill.json and prints a table last.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from bench import bench_multi_lora as bml  # noqa: E402
+from bench.common import bench_graph_us, environment, format_table, kernel_times_us, write_json  # noqa: E402
+from lora_fast.kernels import multi_lora as kml  # noqa: E402
+from lora_fast.multi_lora import _multi_lora_torch, make_batch_metadata  # noqa: E402
+
+DEV = "cuda"
+TRITON = dict(BASE="triton", GATHER=False, EXPAND="fused")
+DELTA = dict(BASE="addmm", EXPAND="delta")
+SEG = dict(BASE="addmm", EXPAND="segment")
+CONFIGS = {
+    "t128x128x64w8s4": dict(TRITON, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+    "delta_m16c4n128": dict(DELTA, D_BLOCK_M=16, D_CHUNKS=4, D_BLOCK_N=128),
+    "delta_m16c8n128": dict(DELTA, D_BLOCK_M=16, D_CHUNKS=8, D_BLOCK_N=128),
+    "delta_m16c2n256": dict(DELTA, D_BLOCK_M=16, D_CHUNKS=2, D_BLOCK_N=256),
+    "delta_m16c16n64": dict(DELTA, D_BLOCK_M=16, D_CHUNKS=16, D_BLOCK_N=64),
+    "delta_m32c4n128": dict(DELTA, D_BLOCK_M=32, D_CHUNKS=4, D_BLOCK_N=128),
+    "delta_m64c1n128": dict(DELTA, D_BLOCK_M=64, D_CHUNKS=1, D_BLOCK_N=128),
+    "delta_m64c4n128": dict(DELTA, D_BLOCK_M=64, D_CHUNKS=4, D_BLOCK_N=128),
+    "delta_m128c2n128w8": dict(DELTA, D_BLOCK_M=128, D_CHUNKS=2, D_BLOCK_N=128, d_num_warps=8),
+    "seg_s64k2_e64x128": dict(SEG, S_BLOCK_M=64, SPLIT_K=2, E_BLOCK_M=64, E_BLOCK_N=128),
+    "seg_s32k4_e64x128": dict(SEG, S_BLOCK_M=32, SPLIT_K=4, E_BLOCK_M=64, E_BLOCK_N=128),
+    "seg_s64k8_e128x128w8": dict(SEG, S_BLOCK_M=64, SPLIT_K=8, E_BLOCK_M=128, E_BLOCK_N=128, e_num_warps=8),
+    "seg_s16k8_e16x256": dict(SEG, S_BLOCK_M=16, SPLIT_K=8, E_BLOCK_M=16, E_BLOCK_N=256),
+}
+DECODE = ["delta_m16c4n128", "delta_m16c8n128", "delta_m16c2n256", "delta_m16c16n64", "delta_m32c4n128",
+          "seg_s16k8_e16x256"]
+PREFILL = ["delta_m64c1n128", "delta_m64c4n128", "delta_m32c4n128", "delta_m128c2n128w8", "seg_s64k2_e64x128",
+           "seg_s32k4_e64x128", "seg_s64k8_e128x128w8"]
+
+
+def rel(y, ref) -> float:
+    return float((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+def error_of(prob) -> float:
+    W, b, A, B = prob.sets[0]
+    y = prob.provider("ours", 0)()
+    ref = _multi_lora_torch(prob.x.double(), W.double(), b.double(), A[:, None].double(), B.double(),
+                            prob.scalings.double(), prob.ranks, prob.ids, (prob.N,))
+    return rel(y, ref)
+
+
+def kernel_profile(prob, label) -> list[dict]:
+    fns = [prob.provider("ours", s) for s in range(bml.WEIGHT_SETS)]
+    return [dict(T=prob.T, adapters=prob.S, config=label, kernel=name[:50], us_per_call=us)
+            for name, us in kernel_times_us(fns)]
+
+
+def run_shape(T, n_ad, names, r=16, K=4096, N=4096):
+    prob = bml.Problem(T, n_ad, r, K, N, torch.bfloat16, DEV, sets=bml.WEIGHT_SETS)
+    base = bench_graph_us([prob.provider("base", s) for s in range(bml.WEIGHT_SETS)])
+    base_only = bml.Problem(T, n_ad, r, K, N, torch.bfloat16, DEV, sets=bml.WEIGHT_SETS)
+    base_only.meta = make_batch_metadata(torch.full((T,), -1, device=DEV, dtype=torch.int32), n_ad)
+    rows, prof = [], []
+    outs = [torch.empty(T, N, device=DEV, dtype=torch.bfloat16) for _ in range(bml.WEIGHT_SETS)]
+    for label, fn in (("cublas mm", lambda o, W: torch.mm(prob.x, W.t(), out=o)),
+                      ("cublas addmm_ (beta 1)", lambda o, W: o.addmm_(prob.x, W.t()))):
+        us = bench_graph_us([(lambda o=o, W=st[0]: fn(o, W)) for o, st in zip(outs, prob.sets)])
+        rows.append(dict(T=T, adapters=n_ad, config=label, base_us=base, graph_us=us, ratio=us / base))
+    for name in ["default"] + names:
+        kml.set_config_override(None if name == "default" else CONFIGS[name])
+        row = dict(T=T, adapters=n_ad, config=name, base_us=base)
+        try:
+            us = bench_graph_us([prob.provider("ours", s) for s in range(bml.WEIGHT_SETS)])
+            row.update(graph_us=us, ratio=us / base, rel_err=error_of(prob))
+            if CONFIGS.get(name, {}).get("BASE") == "triton":
+                g = bench_graph_us([base_only.provider("ours", s) for s in range(bml.WEIGHT_SETS)])
+                row.update(gemm_alone_us=g, gemm_alone_ratio=g / base)
+            if name == "default" or name == names[0] or name == "delta_m16c4n128" or name == "delta_m64c1n128":
+                prof += kernel_profile(prob, name)
+        except Exception:  # noqa: BLE001 - a config that fails is reported, the others still run
+            row["error"] = traceback.format_exc()[-300:]
+        kml.set_config_override(None)
+        rows.append(row)
+        print(row, flush=True)
+    return rows, prof
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--shapes", default="16x16,64x64,256x32,1024x32,4096x32")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    args = ap.parse_args()
+    names = [c for c in args.configs.split(",") if c]
+    rows, prof = [], []
+    for shape in args.shapes.split(","):
+        T, n_ad = (int(v) for v in shape.split("x"))
+        cfgs = [c for c in names if c in (PREFILL if T >= 512 else DECODE + PREFILL[:2] if T >= 256 else DECODE)]
+        r, p = run_shape(T, n_ad, cfgs)
+        rows += r
+        prof += p
+        write_json("exp_multi_prefill", rows, {"env": environment(), "profile": prof}, out_dir=args.out)
+    print("== kernels per call (default and first config)")
+    print(format_table(prof, ["T", "adapters", "config", "kernel", "us_per_call"]))
+    print("== graph ratios to F.linear")
+    print(format_table(rows, ["T", "adapters", "config", "base_us", "graph_us", "ratio", "gemm_alone_ratio",
+                              "rel_err", "error"]))
+
+
+if __name__ == "__main__":
+    main()
