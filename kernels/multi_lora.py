@@ -514,8 +514,9 @@ def multi_lora_forward(x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm,
     acc = ws.dtype
     # "overlap": cuBLAS computes X·Wᵀ + b on the caller's stream while a side stream runs the shrink and the expand
     # into an fp32 delta [T, N]; one add joins them. The aim was to hide the adapter reads under the W stream; on
-    # the H100/H200 they hide only partly, since cuBLAS fills the SMs (bench/NOTES.md, multi-LoRA step 4), but this
-    # is still the fastest path measured at 32-256 tokens. Fork and join are capturable in a graph.
+    # the H100/H200 they hide only partly, since cuBLAS fills the SMs (bench/NOTES.md, multi-LoRA step 4). It was
+    # the fastest path at 32-256 tokens until "addmm" (2026-12-01); kept as an option. Fork and join are capturable
+    # in a graph.
     delta = side = main = None
     if base == "overlap":
         delta = torch.empty((T, N), device=x2d.device, dtype=acc)
