@@ -34,11 +34,14 @@ def variants(kind, T):
                 continue
             yield dict(S_BLOCK_M=m, SPLIT_K=sk, S_BLOCK_K=bk, s_num_stages=st, s_num_warps=4)
     elif kind == "expand":
-        ms, cs = ((16,), (2, 4, 8, 16)) if decode else ((32, 64), (1, 2, 4))
+        ms, cs = ((16,), (2, 4, 8, 16, 32)) if decode else ((32, 64), (2, 4, 8, 16))
         for m, n, c, st in itertools.product(ms, (64, 128), cs, (2, 3)):
             yield dict(E_BLOCK_M=m, E_BLOCK_N=n, E_CHUNKS=c, e_num_stages=st, e_num_warps=4)
+        if not decode:
+            for c in (4, 8, 16):
+                yield dict(E_BLOCK_M=64, E_BLOCK_N=128, E_CHUNKS=c, e_num_stages=2, e_num_warps=8)
     elif kind == "delta":
-        if decode:
+        if decode and os.environ.get("EXP_DELTA"):
             for n, c, bk in itertools.product((64, 128), (4, 8, 16), (128, 256)):
                 yield dict(D_BLOCK_M=16, D_BLOCK_N=n, D_CHUNKS=c, D_BLOCK_K=bk, d_num_stages=3, d_num_warps=4)
     elif kind == "rmw":
@@ -59,7 +62,7 @@ def run_shape(T, n_ad, r=16, K=4096, N=4096):
     rows = []
     itemsize = x.element_size()
     a_bytes = n_ad * r * K * itemsize
-    bytes_of = {"shrink": T * K * itemsize + a_bytes, "expand": 2 * T * N * itemsize + a_bytes,
+    bytes_of = {"shrink": T * K * itemsize + a_bytes, "expand": T * N * itemsize + a_bytes,
                 "rmw": 2 * T * N * itemsize + a_bytes, "delta": T * (K + N) * itemsize + 2 * a_bytes}
     for kind in ("shrink", "expand", "delta", "rmw"):
         for v in variants(kind, T):
@@ -75,8 +78,8 @@ def run_shape(T, n_ad, r=16, K=4096, N=4096):
                     fns = shrink
                 elif kind in ("expand", "delta"):
                     fns = [lambda ws=ws, y=y, st=st: kml._launch_expand(
-                        x, st[2][:, None], st[3], None, None if kind == "delta" else ws, y, m.perm, m.seg_start,
-                        m.seg_adapter, ranks, sc, (N,), cfg, "ieee", accumulate=kind == "expand")
+                        x, st[2][:, None], st[3], st[1], None if kind == "delta" else ws, y, m.perm, m.seg_start,
+                        m.seg_adapter, ranks, sc, (N,), cfg, "ieee", accumulate=False)
                            for ws, y, st in zip(wss, ys, sets)]
                 else:
                     fns = [lambda ws=ws, y=y, st=st: kml._launch_fused(x, st[0], st[1], st[3], ws, y, m.perm,

@@ -43,6 +43,17 @@ CONFIGS = {
     "seg_s64k8_e128x128w8": dict(SEG, S_BLOCK_M=64, SPLIT_K=8, E_BLOCK_M=128, E_BLOCK_N=128, e_num_warps=8),
     "seg_s16k8_e16x256": dict(SEG, S_BLOCK_M=16, SPLIT_K=8, E_BLOCK_M=16, E_BLOCK_N=256),
 }
+GATHER = dict(BASE="triton", GATHER=True, EXPAND="fused", GROUP_M=1)
+CONFIGS.update({
+    "g64x32x128s4": dict(GATHER, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4),
+    "g64x32x128s5": dict(GATHER, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=5),
+    "g64x64x128s4": dict(GATHER, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4),
+    "g32x32x256s4": dict(GATHER, BLOCK_M=32, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4),
+    "g32x32x128s6": dict(GATHER, BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6),
+    "g64x32x64s8": dict(GATHER, BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=8),
+})
+CONFIGS["nopdl"] = dict(E_PDL=False)  # the default path with the expand launched in stream order
+DECODE_GEMM = ["g64x32x128s4", "g64x32x128s5", "g64x64x128s4", "g32x32x256s4", "g32x32x128s6", "g64x32x64s8"]
 DECODE = ["delta_m16c4n128", "delta_m16c8n128", "delta_m16c2n256", "delta_m16c16n64", "delta_m32c4n128",
           "seg_s16k8_e16x256"]
 PREFILL = ["delta_m64c1n128", "delta_m64c4n128", "delta_m32c4n128", "delta_m128c2n128w8", "seg_s64k2_e64x128",
@@ -84,7 +95,7 @@ def run_shape(T, n_ad, names, r=16, K=4096, N=4096):
         try:
             us = bench_graph_us([prob.provider("ours", s) for s in range(bml.WEIGHT_SETS)])
             row.update(graph_us=us, ratio=us / base, rel_err=error_of(prob))
-            if CONFIGS.get(name, {}).get("BASE") == "triton":
+            if CONFIGS.get(name, {}).get("BASE") == "triton" and T <= 1024:
                 g = bench_graph_us([base_only.provider("ours", s) for s in range(bml.WEIGHT_SETS)])
                 row.update(gemm_alone_us=g, gemm_alone_ratio=g / base)
             if name == "default" or name == names[0] or name == "delta_m16c4n128" or name == "delta_m64c1n128":
@@ -107,7 +118,8 @@ def main():
     rows, prof = [], []
     for shape in args.shapes.split(","):
         T, n_ad = (int(v) for v in shape.split("x"))
-        cfgs = [c for c in names if c in (PREFILL if T >= 512 else DECODE + PREFILL[:2] if T >= 256 else DECODE)]
+        pool = (PREFILL if T >= 512 else DECODE + PREFILL[:2] if T >= 256 else DECODE + DECODE_GEMM) + ["nopdl"]
+        cfgs = [c for c in names if c in pool]
         r, p = run_shape(T, n_ad, cfgs)
         rows += r
         prof += p

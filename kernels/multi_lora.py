@@ -282,7 +282,7 @@ def _expand_kernel(
     SHRINK: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, SEGS_P2: tl.constexpr,
     CHUNKS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, GDC_WAIT: tl.constexpr,
 ):
     """Y[perm[p], n] (+)= s[a] · round(xa[p, :rank]) · B[a, n, :rank] over one segment tile (one adapter a).
 
@@ -301,6 +301,8 @@ def _expand_kernel(
     time: a small tile per step keeps the 64-bit row pointers and the accumulator in registers (a whole
     [64, 256] tile per program spilled), and the loop keeps several tiles' loads in flight.
     BLOCK_R: the padded rank (a power of two >= 16); BLOCK_K: K step of the SHRINK loop.
+    GDC_WAIT (not with SHRINK): launched with PDL right after `_shrink_kernel`; the metadata and the first N tile's
+    B (neither is the shrink's output) load while the shrink runs, ws only after the wait.
     """
     pid_tile = tl.program_id(0)
     pid_sc = tl.program_id(1)
@@ -322,6 +324,17 @@ def _expand_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
 
+    n_off = tl.load(slices_ptr + 3 * slice_id)
+    n_size = tl.load(slices_ptr + 3 * slice_id + 1)
+    b_rows = b_ptr + safe.to(tl.int64) * stride_bs + offs_r.to(tl.int64)[:, None] * stride_br
+    y_rows = y_ptr + tokens[:, None] * stride_yt
+    offs_n = tl.arange(0, BLOCK_N)
+    first = chunk * BLOCK_N
+    if GDC_WAIT:
+        b_first = tl.load(b_rows + (n_off + first + offs_n).to(tl.int64)[None, :] * stride_bn,
+                          mask=r_mask[:, None] & (first + offs_n < n_size)[None, :], other=0.0)
+    gdc_wait_if(GDC_WAIT)
+
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
     if SHRINK:
         if rank > 0:
@@ -336,12 +349,7 @@ def _expand_kernel(
             xa += tl.load(ws_rows + split * stride_wsk, mask=row_mask[:, None] & r_mask[None, :], other=0.0)
     xa = (xa * scale).to(b_ptr.dtype.element_ty)  # scaled in fp32, rounded to the operands' dtype (as PEFT)
 
-    n_off = tl.load(slices_ptr + 3 * slice_id)
-    n_size = tl.load(slices_ptr + 3 * slice_id + 1)
-    b_rows = b_ptr + safe.to(tl.int64) * stride_bs + offs_r.to(tl.int64)[:, None] * stride_br
-    y_rows = y_ptr + tokens[:, None] * stride_yt
-    offs_n = tl.arange(0, BLOCK_N)
-    for n0 in range(chunk * BLOCK_N, n_size, CHUNKS * BLOCK_N):
+    for n0 in range(first, n_size, CHUNKS * BLOCK_N):
         local = n0 + offs_n
         col_mask = local < n_size
         cols = (n_off + local).to(tl.int64)
@@ -349,7 +357,12 @@ def _expand_kernel(
         y = y_rows + cols[None, :] * stride_yn
         if ACCUMULATE:
             y_old = tl.load(y, mask=out_mask, other=0.0)
-        b = tl.load(b_rows + cols[None, :] * stride_bn, mask=r_mask[:, None] & col_mask[None, :], other=0.0)
+        b_mask = r_mask[:, None] & col_mask[None, :]
+        if GDC_WAIT:  # the first tile's B is already in registers: its load here is masked off (no traffic)
+            b = tl.load(b_rows + cols[None, :] * stride_bn, mask=b_mask & (n0 != first), other=0.0)
+            b = tl.where(n0 == first, b_first, b)
+        else:
+            b = tl.load(b_rows + cols[None, :] * stride_bn, mask=b_mask, other=0.0)
         acc = dot(xa, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), PRECISION)
         if ACCUMULATE:
             acc += y_old.to(ACC)
@@ -409,7 +422,7 @@ def _config(t_bucket: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, is_cu
                D_CHUNKS=4 if t_bucket <= 256 else 1, d_num_warps=4, d_num_stages=3)
     # From 32 tokens: the LoRA term (+ bias) first, written once into y by the shrink and the segment expand, then
     # cuBLAS adds X·Wᵀ as its C operand ("addmm"). H200, graphs, 8 weight sets, K = N = 4096, r = 16
-    # (`results/exp_multi_kernels.json`, bench/NOTES.md 2026-12-01): 64/64 2.75x -> 2.44x the base, 256/32
+    # (`results/exp_multi_kernels*.json`, bench/NOTES.md 2026-12-01): 64/64 2.75x -> 2.44x the base, 256/32
     # 2.29x -> 1.84x, 1024/32 1.69x -> 1.56x, 4096/32 1.32x -> 1.18x against the previous defaults in the same run
     # (side-stream overlap; cuBLAS + in-place expand; cuBLAS + the fused kernel's read-modify-write epilogue, which
     # spilled at 255 registers). Tiles below are the sweep's best for each kernel alone; split K is for one rank
@@ -421,12 +434,17 @@ def _config(t_bucket: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, is_cu
         elif t_bucket <= 256:
             shrink, expand = (16, 8, 128, 3), (16, 64, 16, 2)
         elif t_bucket <= 1024:
-            shrink, expand = (64, 8, 128, 3), (32, 128, 4, 2)
+            shrink, expand = (64, 8, 128, 3), (32, 64, 16, 3)
         else:
-            shrink, expand = (64, 4, 128, 3), (32, 64, 4, 3)
-        cfg.update(BASE="addmm", EXPAND="segment", S_BLOCK_M=shrink[0], SPLIT_K=max(1, min(shrink[1] // chunks, K // 256)),
-                   S_BLOCK_K=shrink[2], s_num_stages=shrink[3], E_BLOCK_M=expand[0], E_BLOCK_N=expand[1],
-                   E_CHUNKS=expand[2], e_num_stages=expand[3])
+            shrink, expand = (64, 4, 128, 3), (32, 128, 4, 2)
+        # The expand is a PDL consumer of the shrink up to 1024 tokens (graphs, two runs: 32/32 2.44-2.49x ->
+        # 2.17-2.22x, 64/64 2.38-2.47x -> 2.25-2.30x, 256/32 1.72-1.81x -> 1.62-1.71x; 1024/32 equal), not at
+        # 4096/32, where its waiting programs slowed the shrink (1.23-1.24x -> 1.28-1.35x).
+        cfg.update(E_PDL=t_bucket <= 1024)
+        split_k = max(1, min(shrink[1] // chunks, K // 256))
+        cfg.update(BASE="addmm", EXPAND="segment", S_BLOCK_M=shrink[0], SPLIT_K=split_k, S_BLOCK_K=shrink[2],
+                   s_num_stages=shrink[3], E_BLOCK_M=expand[0], E_BLOCK_N=expand[1], E_CHUNKS=expand[2],
+                   e_num_stages=expand[3])
     return cfg
 
 
@@ -502,11 +520,13 @@ def multi_lora_forward(x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm,
         # cuBLAS adds X·Wᵀ to it as its C operand (beta = 1), which a GEMM reads almost for free: no second pass
         # over y, no fp32 delta, nothing left after the W stream.
         ws = None
+        # the expand a PDL consumer of the shrink where available: its metadata and first B tile load meanwhile
+        pdl = cfg["EXPAND"] != "delta" and cfg.get("E_PDL", True) and pdl_enabled(x2d.device)
         if cfg["EXPAND"] != "delta":
             ws = _shrink_workspace(cfg["SPLIT_K"], n_slices, T, R_PAD, x2d)
-            _launch_shrink(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks, cfg, precision)
+            _launch_shrink(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks, cfg, precision, trigger=pdl)
         _launch_expand(x2d, lora_A, lora_B, bias, ws, out, perm, seg_start, seg_adapter, ranks, scalings,
-                       slice_sizes, cfg, precision, accumulate=False)
+                       slice_sizes, cfg, precision, accumulate=False, pdl=pdl)
         with torch.no_grad():  # a frozen base may still require grad
             out.addmm_(x2d, weight.t())
         return out
@@ -591,10 +611,10 @@ def _launch_fused(x2d, weight, bias, lora_B, ws, target, perm, seg_of, seg_start
 
 
 def _launch_expand(x2d, lora_A, lora_B, bias, ws, target, perm, seg_start, seg_adapter, ranks, scalings, slice_sizes,
-                   cfg, precision, accumulate):
+                   cfg, precision, accumulate, pdl=False):
     """target (+)= the LoRA term over (segment tile, slice, N chunk) programs (see `_expand_kernel`); bias: [N] or
     None, written with the term when not accumulating. ws: the shrink's partials, or None to compute xa in the
-    same launch (SHRINK; config keys D_*, else E_*)."""
+    same launch (SHRINK; config keys D_*, else E_*). pdl: launched with PDL right after the shrink."""
     T, K = x2d.shape
     max_segs = seg_adapter.shape[0]
     shrink = ws is None
@@ -617,8 +637,9 @@ def _launch_expand(x2d, lora_A, lora_B, bias, ws, target, perm, seg_start, seg_a
         SHRINK=shrink, ACCUMULATE=accumulate, HAS_BIAS=bias is not None and not accumulate,
         SEGS_P2=next_pow2(max_segs), CHUNKS=chunks, SPLIT_K=1 if shrink else ws.shape[0],
         BLOCK_M=block_m, BLOCK_N=cfg[f"{key}_BLOCK_N"], BLOCK_K=cfg.get("D_BLOCK_K", 64), BLOCK_R=block_r,
-        PRECISION=precision, ACC=acc_dtype(x2d.dtype),
+        PRECISION=precision, ACC=acc_dtype(x2d.dtype), GDC_WAIT=pdl,
         num_warps=cfg[f"{key.lower()}_num_warps"], num_stages=cfg[f"{key.lower()}_num_stages"],
+        **({"launch_pdl": True} if pdl else {}),
     )
 
 
