@@ -40,6 +40,7 @@ import triton.language as tl
 from .helpers import (
     acc_dtype, cdiv, dot, gdc_launch_dependents_if, gdc_wait_if, grouped_tile, next_pow2, pdl_enabled,
 )
+from .launch import Launch, PlanCache, plan_key
 
 # Rank chunk: the granularity at which an adapter's true rank is honoured, and tl.dot's minimum inner size.
 RANK_CHUNK = 16
@@ -464,6 +465,7 @@ def set_config_override(cfg: dict | None) -> None:
     """Force some config entries for every later call (None clears). For tuning experiments only."""
     _OVERRIDE.clear()
     _OVERRIDE.update(cfg or {})
+    _PLANS.clear()  # a plan holds the config it was built with
 
 
 # When True, the xa workspace is filled with NaN before the shrink, so a test sees any element read unwritten.
@@ -480,92 +482,130 @@ def rank_pad(R: int) -> int:
 
 def multi_lora_forward(x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm, seg_of, seg_start, seg_adapter,
                        slice_sizes, out=None, precision="ieee"):
-    """Launch the shrink and the fused base + expand kernels.
+    """Launch the LoRA kernels and the base GEMM (see the module docstring for the paths).
 
     x2d: [T, K]; weight: [N, K] with N = sum(slice_sizes); bias: [N] or None;
     lora_A: [S, slices, R, K]; lora_B: [S, N, R] (any strides); scalings: fp32 [S]; ranks: int32 [S];
     perm, seg_of: int32 [T]; seg_start: int32 [MAX_SEGS + 1]; seg_adapter: int32 [MAX_SEGS];
     slice_sizes: tuple of ints; out: optional [T, N] to write into. Returns y [T, N] in x2d's dtype.
-    No host sync: every per-batch quantity is read by the kernels from device memory.
+    No host sync: every per-batch quantity is read by the kernels from device memory. The checks, the config and
+    each kernel's argument list are worked out once per call signature (a `_Plan`, kernels/launch.py).
     """
-    T, K = x2d.shape
-    N = weight.shape[0]
-    S, n_slices, R, Ka = lora_A.shape
-    if weight.shape[1] != K or Ka != K:
-        raise ValueError(f"weight {tuple(weight.shape)} / lora_A {tuple(lora_A.shape)} do not match x's K={K}")
-    if tuple(lora_B.shape) != (S, N, R):
-        raise ValueError(f"lora_B must be [S={S}, N={N}, R={R}], got {tuple(lora_B.shape)}")
-    if n_slices != len(slice_sizes) or sum(slice_sizes) != N:
-        raise ValueError(f"slice_sizes {tuple(slice_sizes)} must have {n_slices} entries summing to N={N}")
-    if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"bias must be [N={N}], got {tuple(bias.shape)}")
-    if tuple(scalings.shape) != (S,) or tuple(ranks.shape) != (S,):
-        raise ValueError(f"scalings and ranks must be [S={S}], got {tuple(scalings.shape)}, {tuple(ranks.shape)}")
-    if perm.shape[0] != T or seg_of.shape[0] != T or seg_start.shape[0] != seg_adapter.shape[0] + 1:
-        raise ValueError("batch metadata does not match x: build it for these tokens")
-    if out is None:
-        out = torch.empty((T, N), device=x2d.device, dtype=x2d.dtype)
-    elif tuple(out.shape) != (T, N) or out.dtype != x2d.dtype:
-        raise ValueError(f"out must be [T={T}, N={N}] of {x2d.dtype}, got {tuple(out.shape)} {out.dtype}")
-    if T == 0:
+    slice_sizes = tuple(int(s) for s in slice_sizes)
+    tensors = (x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm, seg_of, seg_start, seg_adapter, out)
+    key = plan_key(tensors, precision, *slice_sizes)
+    plan = _PLANS.find(key)
+    if plan is None:
+        plan = _PLANS.put(key, _Plan(x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm, seg_of, seg_start,
+                                     seg_adapter, slice_sizes, out, precision))
+    return plan.run(*tensors)
+
+
+_PLANS = PlanCache()
+
+
+class _Plan:
+    """One call signature of `multi_lora_forward`: its checks (run once, at construction), config and path, and
+    the kernels' `Launch`es, built at the first `run` from that call's tensors and reused by every later call."""
+
+    def __init__(self, x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm, seg_of, seg_start, seg_adapter,
+                 slice_sizes, out, precision):
+        T, K = x2d.shape
+        N = weight.shape[0]
+        S, n_slices, R, Ka = lora_A.shape
+        if weight.shape[1] != K or Ka != K:
+            raise ValueError(f"weight {tuple(weight.shape)} / lora_A {tuple(lora_A.shape)} do not match x's K={K}")
+        if tuple(lora_B.shape) != (S, N, R):
+            raise ValueError(f"lora_B must be [S={S}, N={N}, R={R}], got {tuple(lora_B.shape)}")
+        if n_slices != len(slice_sizes) or sum(slice_sizes) != N:
+            raise ValueError(f"slice_sizes {slice_sizes} must have {n_slices} entries summing to N={N}")
+        if bias is not None and tuple(bias.shape) != (N,):
+            raise ValueError(f"bias must be [N={N}], got {tuple(bias.shape)}")
+        if tuple(scalings.shape) != (S,) or tuple(ranks.shape) != (S,):
+            raise ValueError(f"scalings and ranks must be [S={S}], got {tuple(scalings.shape)}, "
+                             f"{tuple(ranks.shape)}")
+        if perm.shape[0] != T or seg_of.shape[0] != T or seg_start.shape[0] != seg_adapter.shape[0] + 1:
+            raise ValueError("batch metadata does not match x: build it for these tokens")
+        if out is not None and (tuple(out.shape) != (T, N) or out.dtype != x2d.dtype):
+            raise ValueError(f"out must be [T={T}, N={N}] of {x2d.dtype}, got {tuple(out.shape)} {out.dtype}")
+        self.T, self.N, self.n_slices, self.R_PAD = T, N, n_slices, rank_pad(R)
+        self.slice_sizes, self.precision = slice_sizes, precision
+        self.cfg = cfg = dict(get_config(T, K, N, self.R_PAD, x2d.dtype, x2d.device), _max_segs=seg_adapter.shape[0])
+        self.base = base = cfg["BASE"]
+        if base not in ("triton", "cublas", "overlap", "addmm"):
+            raise ValueError(f"config BASE must be 'triton', 'cublas', 'overlap' or 'addmm', got {base!r}")
+        if base == "addmm":
+            self.expand = "delta" if cfg.get("EXPAND") == "delta" else "segment"
+        else:
+            self.expand = "segment" if base != "triton" and cfg.get("EXPAND") == "segment" else "fused"
+        # PDL pairs: our GEMM after the shrink (it streams W while the shrink runs and waits for ws only in its
+        # epilogue); the addmm path's expand after the shrink (its metadata and first B tile load meanwhile)
+        if base == "addmm":
+            self.pdl = self.expand != "delta" and cfg.get("E_PDL", True) and pdl_enabled(x2d.device)
+        else:
+            self.pdl = base == "triton" and pdl_enabled(x2d.device)
+        self.launches = None
+
+    def run(self, x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm, seg_of, seg_start, seg_adapter, out):
+        T, N, base = self.T, self.N, self.base
+        if out is None:
+            out = torch.empty((T, N), device=x2d.device, dtype=x2d.dtype)
+        if T == 0:
+            return out
+        ws = None if self.expand == "delta" else _shrink_workspace(self.cfg["SPLIT_K"], self.n_slices, T,
+                                                                   self.R_PAD, x2d)
+        # "overlap": cuBLAS computes X·Wᵀ + b on the caller's stream while a side stream runs the shrink and the
+        # expand into an fp32 delta [T, N]; one add joins them. The aim was to hide the adapter reads under the W
+        # stream; on the H100/H200 they hide only partly, since cuBLAS fills the SMs (bench/NOTES.md, multi-LoRA
+        # step 4). It was the fastest path at 32-256 tokens until "addmm" (2026-12-01); kept as an option. Fork
+        # and join are capturable in a graph.
+        delta = side = main = None
+        if base == "overlap":
+            delta = torch.empty((T, N), device=x2d.device, dtype=ws.dtype)
+            if x2d.is_cuda:
+                main = torch.cuda.current_stream(x2d.device)
+                side = _side_stream(x2d.device)
+                side.wait_stream(main)
+        # "addmm": the LoRA term and the bias are written into every row of `out` first, then cuBLAS adds X·Wᵀ to
+        # it as its C operand (beta = 1), which a GEMM reads almost for free.
+        target = out if delta is None else delta
+        if self.launches is None:
+            self.launches = self._build(x2d, weight, lora_A, lora_B, bias, ws, target)
+        shrink, second = self.launches
+        with (torch.cuda.stream(side) if side is not None else contextlib.nullcontext()):
+            if shrink is not None:
+                shrink(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks)
+        if base in ("cublas", "overlap"):  # y = X·Wᵀ + b by cuBLAS (no_grad: a frozen base may still require grad)
+            with torch.no_grad():
+                _base_gemm(x2d, weight, bias, out)
+        with (torch.cuda.stream(side) if side is not None else contextlib.nullcontext()):
+            if self.expand == "fused":
+                second(x2d, weight, bias if bias is not None else weight, lora_B, ws, target, perm, seg_of,
+                       seg_start, seg_adapter, ranks, scalings)
+            else:
+                expand_bias = bias if base == "addmm" and bias is not None else lora_B
+                second(x2d, lora_A, lora_B, expand_bias, lora_B if ws is None else ws, target, perm, seg_start,
+                       seg_adapter, ranks, scalings)
+        if base == "addmm":
+            with torch.no_grad():
+                out.addmm_(x2d, weight.t())
+        if delta is not None:
+            if side is not None:
+                main.wait_stream(side)
+            out.add_(delta)
         return out
 
-    R_PAD = rank_pad(R)
-    cfg = get_config(T, K, N, R_PAD, x2d.dtype, x2d.device)
-    base = cfg["BASE"]
-    if base not in ("triton", "cublas", "overlap", "addmm"):
-        raise ValueError(f"config BASE must be 'triton', 'cublas', 'overlap' or 'addmm', got {base!r}")
-    if base == "addmm":
-        # The LoRA term and the bias first, written once into `out` (every row: base-only rows get the bias), then
-        # cuBLAS adds X·Wᵀ to it as its C operand (beta = 1), which a GEMM reads almost for free: no second pass
-        # over y, no fp32 delta, nothing left after the W stream.
-        ws = None
-        # the expand a PDL consumer of the shrink where available: its metadata and first B tile load meanwhile
-        pdl = cfg["EXPAND"] != "delta" and cfg.get("E_PDL", True) and pdl_enabled(x2d.device)
-        if cfg["EXPAND"] != "delta":
-            ws = _shrink_workspace(cfg["SPLIT_K"], n_slices, T, R_PAD, x2d)
-            _launch_shrink(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks, cfg, precision, trigger=pdl)
-        _launch_expand(x2d, lora_A, lora_B, bias, ws, out, perm, seg_start, seg_adapter, ranks, scalings,
-                       slice_sizes, cfg, precision, accumulate=False, pdl=pdl)
-        with torch.no_grad():  # a frozen base may still require grad
-            out.addmm_(x2d, weight.t())
-        return out
-    ws = _shrink_workspace(cfg["SPLIT_K"], n_slices, T, R_PAD, x2d)
-    acc = ws.dtype
-    # "overlap": cuBLAS computes X·Wᵀ + b on the caller's stream while a side stream runs the shrink and the expand
-    # into an fp32 delta [T, N]; one add joins them. The aim was to hide the adapter reads under the W stream; on
-    # the H100/H200 they hide only partly, since cuBLAS fills the SMs (bench/NOTES.md, multi-LoRA step 4). It was
-    # the fastest path at 32-256 tokens until "addmm" (2026-12-01); kept as an option. Fork and join are capturable
-    # in a graph.
-    delta = side = main = None
-    if base == "overlap":
-        delta = torch.empty((T, N), device=x2d.device, dtype=acc)
-        if x2d.is_cuda:
-            main = torch.cuda.current_stream(x2d.device)
-            side = _side_stream(x2d.device)
-            side.wait_stream(main)
-    # Our own base GEMM right after the shrink on one stream: launched with PDL where available, it streams W
-    # while the shrink runs and waits for ws only in its epilogue.
-    pdl = base == "triton" and pdl_enabled(x2d.device)
-    with (torch.cuda.stream(side) if side is not None else contextlib.nullcontext()):
-        _launch_shrink(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks, cfg, precision, trigger=pdl)
-    if base in ("cublas", "overlap"):  # y = X·Wᵀ + b by cuBLAS (no_grad: a frozen base may still require grad)
-        with torch.no_grad():
-            _base_gemm(x2d, weight, bias, out)
-    base_mode = {"triton": 0, "cublas": 1, "overlap": 2}[base]
-    target = out if delta is None else delta
-    with (torch.cuda.stream(side) if side is not None else contextlib.nullcontext()):
-        if base != "triton" and cfg.get("EXPAND") == "segment":
-            _launch_expand(x2d, lora_A, lora_B, None, ws, target, perm, seg_start, seg_adapter, ranks, scalings,
-                           slice_sizes, cfg, precision, accumulate=delta is None)
+    def _build(self, x2d, weight, lora_A, lora_B, bias, ws, target):
+        """(shrink Launch or None, expand or fused Launch) for this signature, from one call's tensors."""
+        cfg, precision, base = self.cfg, self.precision, self.base
+        shrink = None if ws is None else _shrink_launch(x2d, lora_A, ws, cfg, precision, trigger=self.pdl)
+        if self.expand == "fused":
+            second = _fused_launch(x2d, weight, bias, lora_B, ws, target, self.slice_sizes, cfg, precision,
+                                   {"triton": 0, "cublas": 1, "overlap": 2}[base], pdl=self.pdl)
         else:
-            _launch_fused(x2d, weight, bias, lora_B, ws, target, perm, seg_of, seg_start, seg_adapter, ranks,
-                          scalings, slice_sizes, cfg, precision, base_mode, pdl=pdl)
-    if delta is not None:
-        if side is not None:
-            main.wait_stream(side)
-        out.add_(delta)
-    return out
+            second = _expand_launch(x2d, lora_A, lora_B, bias if base == "addmm" else None, ws, target,
+                                    self.slice_sizes, cfg, precision, accumulate=base == "cublas", pdl=self.pdl)
+        return shrink, second
 
 
 def _shrink_workspace(split_k, n_slices, T, R_PAD, x2d):
@@ -586,16 +626,23 @@ def _base_gemm(x2d, weight, bias, out):
         torch.mm(x2d, weight.t(), out=out)
 
 
-def _launch_fused(x2d, weight, bias, lora_B, ws, target, perm, seg_of, seg_start, seg_adapter, ranks, scalings,
-                  slice_sizes, cfg, precision, base_mode, pdl=False):
-    """target [T, N] = base GEMM and/or LoRA epilogue over (row tile, N tile) programs (see `_fused_kernel`);
-    pdl: launched with PDL right after the shrink."""
+_FUSED_SLOTS = ("x_ptr", "w_ptr", "bias_ptr", "b_ptr", "ws_ptr", "y_ptr", "perm_ptr", "seg_of_ptr", "seg_start_ptr",
+                "seg_adapter_ptr", "ranks_ptr", "scalings_ptr")
+_EXPAND_SLOTS = ("x_ptr", "a_ptr", "b_ptr", "bias_ptr", "ws_ptr", "y_ptr", "perm_ptr", "seg_start_ptr",
+                 "seg_adapter_ptr", "ranks_ptr", "scalings_ptr")
+_SHRINK_SLOTS = ("x_ptr", "a_ptr", "ws_ptr", "perm_ptr", "seg_start_ptr", "seg_adapter_ptr", "ranks_ptr")
+
+
+def _fused_launch(x2d, weight, bias, lora_B, ws, target, slice_sizes, cfg, precision, base_mode, pdl=False):
+    """The `_fused_kernel` Launch: target [T, N] = base GEMM and/or LoRA epilogue over (row tile, N tile)
+    programs; called with the `_FUSED_SLOTS` tensors (bias: any tensor when None). pdl: a PDL consumer of the
+    shrink. The tensors give shapes and strides only."""
     T, K = x2d.shape
-    slices, n_tiles = _slice_table(tuple(int(s) for s in slice_sizes), cfg["BLOCK_N"], x2d.device)
+    slices, n_tiles = _slice_table(slice_sizes, cfg["BLOCK_N"], x2d.device)
     grid = (cdiv(T, cfg["BLOCK_M"]) * n_tiles,)
-    _fused_kernel[grid](
-        x2d, weight, bias if bias is not None else weight, lora_B, ws, target,
-        perm, seg_of, seg_start, seg_adapter, ranks, scalings, slices,
+    return Launch(
+        _fused_kernel, grid, _FUSED_SLOTS,
+        *(None,) * 12, slices,
         T, K, n_tiles,
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
         *lora_B.stride(),
@@ -608,31 +655,27 @@ def _launch_fused(x2d, weight, bias, lora_B, ws, target, perm, seg_of, seg_start
         BASE_MODE=base_mode, GDC_WAIT=pdl,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **({"launch_pdl": True} if pdl else {}),
     )
-
-
-def _launch_expand(x2d, lora_A, lora_B, bias, ws, target, perm, seg_start, seg_adapter, ranks, scalings, slice_sizes,
-                   cfg, precision, accumulate, pdl=False):
-    """target (+)= the LoRA term over (segment tile, slice, N chunk) programs (see `_expand_kernel`); bias: [N] or
-    None, written with the term when not accumulating. ws: the shrink's partials, or None to compute xa in the
-    same launch (SHRINK; config keys D_*, else E_*). pdl: launched with PDL right after the shrink."""
+def _expand_launch(x2d, lora_A, lora_B, bias, ws, target, slice_sizes, cfg, precision, accumulate, pdl=False):
+    """The `_expand_kernel` Launch: target (+)= the LoRA term over (segment tile, slice, N chunk) programs; called
+    with the `_EXPAND_SLOTS` tensors (bias and ws: any tensor when None). bias: written with the term when not
+    accumulating; ws None: xa computed in the same launch (SHRINK; config keys D_*, else E_*). pdl: a PDL consumer
+    of the shrink. The tensors give shapes and strides only."""
     T, K = x2d.shape
-    max_segs = seg_adapter.shape[0]
     shrink = ws is None
     key = "D" if shrink else "E"
-    slices, _ = _slice_table(tuple(int(s) for s in slice_sizes), cfg[f"{key}_BLOCK_N"], x2d.device)
+    max_segs = cfg["_max_segs"]
+    slices, _ = _slice_table(slice_sizes, cfg[f"{key}_BLOCK_N"], x2d.device)
     block_r = max(RANK_CHUNK, next_pow2(lora_A.shape[2]))
     block_m = min(cfg[f"{key}_BLOCK_M"], max(16, 4096 // block_r))  # xa [BLOCK_M, BLOCK_R] stays in registers
     chunks = cfg[f"{key}_CHUNKS"]
     grid = (cdiv(T, block_m) + max_segs, len(slice_sizes) * chunks)
-    ws_arg = lora_B if shrink else ws
-    ws_strides = (0, 0, 0) if shrink else ws.stride()[:3]
-    _expand_kernel[grid](
-        x2d, lora_A, lora_B, bias if bias is not None else lora_B, ws_arg, target, perm, seg_start, seg_adapter,
-        ranks, scalings, slices, T, K, max_segs,
+    return Launch(
+        _expand_kernel, grid, _EXPAND_SLOTS,
+        *(None,) * 11, slices, T, K, max_segs,
         x2d.stride(0), x2d.stride(1),
         *lora_A.stride(),
         *lora_B.stride(),
-        *ws_strides,
+        *((0, 0, 0) if shrink else ws.stride()[:3]),
         target.stride(0), target.stride(1),
         SHRINK=shrink, ACCUMULATE=accumulate, HAS_BIAS=bias is not None and not accumulate,
         SEGS_P2=next_pow2(max_segs), CHUNKS=chunks, SPLIT_K=1 if shrink else ws.shape[0],
@@ -643,17 +686,19 @@ def _launch_expand(x2d, lora_A, lora_B, bias, ws, target, perm, seg_start, seg_a
     )
 
 
-def _launch_shrink(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks, cfg, precision, trigger=False):
-    """ws[split, slice, p, :rank] = X[perm[p]] @ A[a, slice, :rank]ᵀ over one K split (see `_shrink_kernel`);
-    trigger: the next launch is a PDL consumer."""
+def _shrink_launch(x2d, lora_A, ws, cfg, precision, trigger=False):
+    """The `_shrink_kernel` Launch: ws[split, slice, p, :rank] = X[perm[p]] @ A[a, slice, :rank]ᵀ over one K split;
+    called with the `_SHRINK_SLOTS` tensors. trigger: the next launch is a PDL consumer. The tensors give shapes and
+    strides only."""
     T, K = x2d.shape
     split_k, n_slices, _, R_PAD = ws.shape
-    max_segs = seg_adapter.shape[0]
+    max_segs = cfg["_max_segs"]
     k_per_split = cdiv(cdiv(K, split_k), cfg["S_BLOCK_K"]) * cfg["S_BLOCK_K"]
     num_rchunks = R_PAD // RANK_CHUNK
-    grid_s = (cdiv(T, cfg["S_BLOCK_M"]) + max_segs, n_slices * num_rchunks, split_k)
-    _shrink_kernel[grid_s](
-        x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks,
+    grid = (cdiv(T, cfg["S_BLOCK_M"]) + max_segs, n_slices * num_rchunks, split_k)
+    return Launch(
+        _shrink_kernel, grid, _SHRINK_SLOTS,
+        *(None,) * 7,
         T, K, k_per_split, max_segs,
         x2d.stride(0), x2d.stride(1),
         *lora_A.stride(),
@@ -663,6 +708,28 @@ def _launch_shrink(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks, cfg, pr
         ACC=acc_dtype(x2d.dtype), TRIGGER=trigger,
         num_warps=cfg["s_num_warps"], num_stages=cfg["s_num_stages"],
     )
+
+
+# One uncached launch of each kernel (tuning scripts time the kernels alone with these).
+def _launch_shrink(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks, cfg, precision, trigger=False):
+    cfg = dict(cfg, _max_segs=seg_adapter.shape[0])
+    _shrink_launch(x2d, lora_A, ws, cfg, precision, trigger)(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks)
+
+
+def _launch_expand(x2d, lora_A, lora_B, bias, ws, target, perm, seg_start, seg_adapter, ranks, scalings, slice_sizes,
+                   cfg, precision, accumulate, pdl=False):
+    cfg = dict(cfg, _max_segs=seg_adapter.shape[0])
+    launch = _expand_launch(x2d, lora_A, lora_B, bias, ws, target, tuple(slice_sizes), cfg, precision, accumulate,
+                            pdl)
+    launch(x2d, lora_A, lora_B, lora_B if bias is None else bias, lora_B if ws is None else ws, target, perm,
+           seg_start, seg_adapter, ranks, scalings)
+
+
+def _launch_fused(x2d, weight, bias, lora_B, ws, target, perm, seg_of, seg_start, seg_adapter, ranks, scalings,
+                  slice_sizes, cfg, precision, base_mode, pdl=False):
+    launch = _fused_launch(x2d, weight, bias, lora_B, ws, target, tuple(slice_sizes), cfg, precision, base_mode, pdl)
+    launch(x2d, weight, weight if bias is None else bias, lora_B, ws, target, perm, seg_of, seg_start, seg_adapter,
+           ranks, scalings)
 
 
 _SIDE_STREAMS: dict = {}

@@ -302,3 +302,20 @@ def test_module_with_trainable_base_on_cublas_paths(variant):
     A, B, sl = pool.layer_stacks("proj")
     ref = multi_lora_linear_reference(x, lin.weight, lin.bias, A, B, pool.scalings, ids, pool.ranks, sl)
     assert_close(y, ref, torch.float32, str(variant))
+
+
+def test_cached_plan_serves_new_tensors_and_configs(path):
+    """A second call with the same signature reuses the first call's plan (checks, config, argument lists) with its
+    own tensors: new x, weights, adapters and adapter mix give their own results; an override rebuilds plans."""
+    T, S, R, K, N = 13, 5, 16, 40, 24
+    first = make_case(T, S, R, K, N, torch.float32, seed=41, mixed_ranks=True)
+    second = make_case(T, S, R, K, N, torch.float32, seed=42, mixed_ranks=True)
+    for x, W, b, A, B, scal, ranks, ids in (first, second, first):
+        assert_close(run(x, W, b, A, B, scal, ranks, ids), multi_lora_linear_reference(x, W, b, A, B, scal, ids, ranks),
+                     torch.float32, "plan reuse")
+    assert len(kml._PLANS) >= 1
+    kml.set_config_override(dict(kml._OVERRIDE, E_CHUNKS=1, SPLIT_K=1))
+    assert len(kml._PLANS) == 0
+    x, W, b, A, B, scal, ranks, ids = second
+    assert_close(run(x, W, b, A, B, scal, ranks, ids), multi_lora_linear_reference(x, W, b, A, B, scal, ids, ranks),
+                 torch.float32, "after an override")
