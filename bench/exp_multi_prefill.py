@@ -1,12 +1,13 @@
-"""Multi-LoRA experiment: where the time goes per shape (kernel profile of the default path), and whether our own
-gathered-row GEMM with the LoRA epilogue (BASE="triton", one launch after the shrink, no read-modify-write of y)
-can replace cuBLAS + epilogue kernel in prefill.
+"""Multi-LoRA experiment: where the time goes per shape (kernel profile of the default path), cuBLAS with and
+without beta = 1 (the "addmm" path's GEMM), and end-to-end configs against the default: our gathered-row GEMM
+with the LoRA epilogue (BASE="triton": prefill tiles, and 64-row decode tiles with the gather epilogue), the
+one-launch expand ("delta"), the shrink + segment expand, and the default with the expand's PDL off ("nopdl").
 
-    python bench/exp_multi_prefill.py --out OUT_DIR [--shapes 4096x32,1024x32]
+    python bench/exp_multi_prefill.py --out OUT_DIR [--shapes 4096x32,1024x32] [--configs nopdl,...]
 
-For each shape: base F.linear, the default path, then each override in CONFIGS (graph time over 8 weight sets,
-ratio to base, relative error against the fp64 reference), and the same override with every id -1 (our GEMM
-alone). Writes OUT_DIR/exp_multi_prefill.json and prints a table last.
+For each shape: base F.linear, the default path, then each override in CONFIGS that suits the shape (graph time
+over 8 weight sets, ratio to base, relative error against the fp64 reference), and for our own GEMM the same
+override with every id -1 (the GEMM alone). Writes OUT_DIR/exp_multi_prefill.json and prints a table last.
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@
 # p=0.1 and 0), persistent (exp_persistent: GEMM variants, shrink/dA/dB/dX-term timings at M=8192), profc (profile_compile:
 # the compiled training step against eager, p=0 and 0.1), nf4dec (exp_nf4_decode: NF4 decode checks, GEMV tile sweep,
 # dequantize timings; NF4DEC_ARGS=--no-sweep skips the sweep), pdl (exp_pdl: PDL producer/consumer pairs, checks and
-# timings on and off), dist (gpu_distributed on 2 GPUs, kind nvidia-h200-x2), qlora, variants, init, train (bench_train_step),
+# timings on and off), multik (exp_multi_kernels: each multi-LoRA kernel alone per tile, then end-to-end candidates),
+# multip (exp_multi_prefill: kernel profile per shape, end-to-end configs, cuBLAS with beta 1), dist (gpu_distributed on 2 GPUs, kind nvidia-h200-x2), qlora, variants, init, train (bench_train_step),
 # train_big (bf16 adapters at TRAIN_BATCH sequences, default 8: a GPU-bound step; TRAIN_ARGS adds options to both), pytest (the CPU suite's tests on the GPU,
 # PYTEST_ARGS picks them, PYTEST_LIMIT seconds). bitsandbytes wheels in .whl/ are installed
 # first when present (the device image lacks it). A summary line per script is printed last.
@@ -53,6 +54,8 @@ for name in "$@"; do
     train) step train 200 python3 bench/bench_train_step.py --out "$OUT/logs" --max-seconds 150 ${TRAIN_ARGS:-} ;;
     train_big) step train_big 260 python3 bench/bench_train_step.py --out "$OUT/logs/big" --batch "${TRAIN_BATCH:-8}" \
       --adapter-dtypes bf16 --max-seconds 200 ${TRAIN_ARGS:-} ;;
+    multik) step multik 300 python3 bench/exp_multi_kernels.py --out "$OUT/logs" ;;
+    multip) step multip 200 python3 bench/exp_multi_prefill.py --out "$OUT/logs" ;;
     pytest) step pytest ${PYTEST_LIMIT:-240} python3 -m pytest -q -x -p no:cacheprovider ${PYTEST_ARGS:-tests} ;;
     *) echo "unknown step $name" >&2 ;;
   esac
