@@ -104,7 +104,6 @@ def run_shape(T, n_ad, r=16, K=4096, N=4096):
              "addmm+seg": dict(sh, **ex, BASE="addmm", EXPAND="segment"),
              "cublas+fused_rmw": dict(sh, BASE="cublas", EXPAND="fused")}
     if T <= 256:
-        cands["overlap+seg"] = dict(sh, **ex, BASE="overlap", EXPAND="segment")
         cands["addmm+delta"] = dict(de, BASE="addmm", EXPAND="delta")
     fns = [prob.provider("ours", s) for s in range(len(sets))]
     W, b, A, B = sets[0]

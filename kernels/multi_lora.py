@@ -21,8 +21,9 @@ Paths (no host sync in any of them; `_config` picks one per token bucket, measur
   adapter per segment tile, B read once per tile, a loop over N tiles), then cuBLAS adds X·Wᵀ with y as its C
   operand (beta = 1). y is written once and read once, by the GEMM's epilogue; no fp32 delta, no second pass.
   (`EXPAND="delta"` computes xa inside the expand kernel instead of the shrink: one launch, measured slower.)
-* Older paths kept as config options and tested: cuBLAS then the LoRA term added in place ("cublas"), and the
-  LoRA term on a side stream into an fp32 delta added after cuBLAS ("overlap").
+* An older path kept as a config option and tested: cuBLAS, then the LoRA term added in place ("cublas"). (A
+  side-stream variant, the LoRA term into an fp32 delta under cuBLAS's W stream then one add, was removed on
+  2026-12-01: the streams did not overlap and "addmm" beat it at every measured size; bench/NOTES.md.)
 
 Why not one launch: the shrink needs a full K reduction before the expand, and recomputing it in every N-tile program
 would read A[ids] N / BLOCK_N times (128× at N=4096), which costs more than the second launch.
@@ -30,7 +31,6 @@ would read A[ids] N / BLOCK_N times (128× at N=4096), which costs more than the
 Multi-slice: several projections sharing X (q/k/v, gate/up) go in one launch: W and B are concatenated along N,
 A is stacked `[S, slices, R, K]`; a small int32 table gives each slice's column offset, width and first N tile.
 """
-import contextlib
 import functools
 
 import torch
@@ -174,7 +174,7 @@ def _fused_kernel(
     GATHER: epilogue per row (each row gathers its adapter's B, GATHER_R rank rows at a time, all rows' loads in
     flight together) instead of per segment (one tensor-core dot per segment; its loads form a dependent chain, so
     it suits tiles that meet few segments). BASE_MODE: 0 computes X·Wᵀ + b here; 1: y already holds X·Wᵀ + b
-    (cuBLAS), add the LoRA term to it; 2: write the LoRA term alone into y (an fp32 [T, N] buffer; no W read).
+    (cuBLAS), add the LoRA term to it.
     GDC_WAIT: launched with PDL right after `_shrink_kernel`: the base GEMM runs while the shrink does, and the
     epilogue waits for ws.
     """
@@ -202,8 +202,6 @@ def _fused_kernel(
         scale = tl.load(scalings_ptr + safe).to(ACC)
     if BASE_MODE == 1:
         acc = tl.load(y, mask=out_mask, other=0.0).to(ACC)
-    elif BASE_MODE == 2:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     else:
         if HAS_BIAS:  # loaded before the K loop: after it, its DRAM latency would add to every program's tail
             bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(ACC)
@@ -532,8 +530,8 @@ class _Plan:
         self.slice_sizes, self.precision = slice_sizes, precision
         self.cfg = cfg = dict(get_config(T, K, N, self.R_PAD, x2d.dtype, x2d.device), _max_segs=seg_adapter.shape[0])
         self.base = base = cfg["BASE"]
-        if base not in ("triton", "cublas", "overlap", "addmm"):
-            raise ValueError(f"config BASE must be 'triton', 'cublas', 'overlap' or 'addmm', got {base!r}")
+        if base not in ("triton", "cublas", "addmm"):
+            raise ValueError(f"config BASE must be 'triton', 'cublas' or 'addmm', got {base!r}")
         if base == "addmm":
             self.expand = "delta" if cfg.get("EXPAND") == "delta" else "segment"
         else:
@@ -554,45 +552,26 @@ class _Plan:
             return out
         ws = None if self.expand == "delta" else _shrink_workspace(self.cfg["SPLIT_K"], self.n_slices, T,
                                                                    self.R_PAD, x2d)
-        # "overlap": cuBLAS computes X·Wᵀ + b on the caller's stream while a side stream runs the shrink and the
-        # expand into an fp32 delta [T, N]; one add joins them. The aim was to hide the adapter reads under the W
-        # stream; on the H100/H200 they hide only partly, since cuBLAS fills the SMs (bench/NOTES.md, multi-LoRA
-        # step 4). It was the fastest path at 32-256 tokens until "addmm" (2026-12-01); kept as an option. Fork
-        # and join are capturable in a graph.
-        delta = side = main = None
-        if base == "overlap":
-            delta = torch.empty((T, N), device=x2d.device, dtype=ws.dtype)
-            if x2d.is_cuda:
-                main = torch.cuda.current_stream(x2d.device)
-                side = _side_stream(x2d.device)
-                side.wait_stream(main)
-        # "addmm": the LoRA term and the bias are written into every row of `out` first, then cuBLAS adds X·Wᵀ to
-        # it as its C operand (beta = 1), which a GEMM reads almost for free.
-        target = out if delta is None else delta
         if self.launches is None:
-            self.launches = self._build(x2d, weight, lora_A, lora_B, bias, ws, target)
+            self.launches = self._build(x2d, weight, lora_A, lora_B, bias, ws, out)
         shrink, second = self.launches
-        with (torch.cuda.stream(side) if side is not None else contextlib.nullcontext()):
-            if shrink is not None:
-                shrink(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks)
-        if base in ("cublas", "overlap"):  # y = X·Wᵀ + b by cuBLAS (no_grad: a frozen base may still require grad)
+        if shrink is not None:
+            shrink(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks)
+        if base == "cublas":  # y = X·Wᵀ + b by cuBLAS (no_grad: a frozen base may still require grad)
             with torch.no_grad():
                 _base_gemm(x2d, weight, bias, out)
-        with (torch.cuda.stream(side) if side is not None else contextlib.nullcontext()):
-            if self.expand == "fused":
-                second(x2d, weight, bias if bias is not None else weight, lora_B, ws, target, perm, seg_of,
-                       seg_start, seg_adapter, ranks, scalings)
-            else:
-                expand_bias = bias if base == "addmm" and bias is not None else lora_B
-                second(x2d, lora_A, lora_B, expand_bias, lora_B if ws is None else ws, target, perm, seg_start,
-                       seg_adapter, ranks, scalings)
+        if self.expand == "fused":
+            second(x2d, weight, bias if bias is not None else weight, lora_B, ws, out, perm, seg_of, seg_start,
+                   seg_adapter, ranks, scalings)
+        else:
+            expand_bias = bias if base == "addmm" and bias is not None else lora_B
+            second(x2d, lora_A, lora_B, expand_bias, lora_B if ws is None else ws, out, perm, seg_start,
+                   seg_adapter, ranks, scalings)
         if base == "addmm":
+            # the LoRA term and the bias are in every row of `out`: cuBLAS adds X·Wᵀ to it as its C operand
+            # (beta = 1), which a GEMM reads almost for free
             with torch.no_grad():
                 out.addmm_(x2d, weight.t())
-        if delta is not None:
-            if side is not None:
-                main.wait_stream(side)
-            out.add_(delta)
         return out
 
     def _build(self, x2d, weight, lora_A, lora_B, bias, ws, target):
@@ -601,7 +580,7 @@ class _Plan:
         shrink = None if ws is None else _shrink_launch(x2d, lora_A, ws, cfg, precision, trigger=self.pdl)
         if self.expand == "fused":
             second = _fused_launch(x2d, weight, bias, lora_B, ws, target, self.slice_sizes, cfg, precision,
-                                   {"triton": 0, "cublas": 1, "overlap": 2}[base], pdl=self.pdl)
+                                   int(base == "cublas"), pdl=self.pdl)
         else:
             second = _expand_launch(x2d, lora_A, lora_B, bias if base == "addmm" else None, ws, target,
                                     self.slice_sizes, cfg, precision, accumulate=base == "cublas", pdl=self.pdl)
@@ -730,18 +709,6 @@ def _launch_fused(x2d, weight, bias, lora_B, ws, target, perm, seg_of, seg_start
     launch = _fused_launch(x2d, weight, bias, lora_B, ws, target, tuple(slice_sizes), cfg, precision, base_mode, pdl)
     launch(x2d, weight, weight if bias is None else bias, lora_B, ws, target, perm, seg_of, seg_start, seg_adapter,
            ranks, scalings)
-
-
-_SIDE_STREAMS: dict = {}
-
-
-def _side_stream(device: torch.device) -> "torch.cuda.Stream":
-    """One extra stream per device for the overlapped LoRA work, created once (so graph captures reuse it)."""
-    index = torch.device(device).index
-    index = torch.cuda.current_device() if index is None else index
-    if index not in _SIDE_STREAMS:
-        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return _SIDE_STREAMS[index]
 
 
 def _gather_r(block_m: int, block_n: int) -> int:
