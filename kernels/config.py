@@ -88,7 +88,9 @@ _HALF_FWD_SPLIT = {"m16": GemmConfig(16, 32, 128, group_m=1, num_warps=4, num_st
                    "m64": GemmConfig(64, 32, 256, group_m=1, num_warps=4, num_stages=3)}
 # dX: persistent too (1.04-1.06x cuBLAS's dY @ W against 1.07-1.08x one tile per program at M=8192); with its
 # rank-r epilogue 3 stages beat 4 (1.04-1.06x against 1.05-1.08x), though a plain GEMM of dX's layout preferred 4.
-_HALF_DX_LARGE = replace(_HALF["large"], tma_store=False)
+# dX is stored through a descriptor too: with pointers, the int64 addresses of the 128 x 256 tile spilled ~1 KB
+# of registers per thread (ptxas for sm_90, Triton 3.6).
+_HALF_DX_LARGE = _HALF["large"]
 _FULL = {  # fp32 / fp64: twice the bytes per element, so half the K step
     "m16": GemmConfig(16, 32, 64, group_m=1, num_warps=4, num_stages=3),
     "m64": GemmConfig(64, 64, 32, group_m=1, num_warps=4, num_stages=3),

@@ -338,3 +338,89 @@ def dropout_threshold(p: float) -> int:
     import math
 
     return min(math.ceil(p * 2**16), 2**16)
+
+
+# Row blocks published inside one launch. A persistent GEMM (lora_fwd, lora_bwd's dX) can compute its rank-r
+# product itself: its first SHRINK_PROGS programs (those with one tile fewer to walk, when the tile count is not a
+# multiple of the grid) compute XA for whole BLOCK_M row blocks, store it and publish each block through a flag; the
+# tiles of a block wait for its flag before their epilogue reads XA. No second launch, and the shrink runs in the
+# last wave's idle time. Every program of the grid must be resident at once (the grid is at most one program per
+# SM), and the flags must be zero at launch. Under the interpreter, programs run one after the other in id order:
+# there one program (id 0) shrinks every block before any tile waits.
+@triton.jit
+def shrink_row_block(X, F, OUT, FLAGS, mb, M, K, RANK,
+                     stride_xm, stride_xk, stride_fr, stride_fk, stride_om, stride_or,
+                     USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                     PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """OUT[rows, :RANK] = X[rows, :] @ F[:RANK, :]^T for the rows of block `mb` (BLOCK_M of them), stored in OUT's
+    dtype; then FLAGS[mb] = 1 with release semantics, once every thread of the program has stored.
+
+    X: [M, K] (a tensor descriptor with block [BLOCK_M, BLOCK_K] when USE_TMA, else a pointer with its strides),
+    F: [RANK, K] with strides (stride_fr, stride_fk), OUT: [M, RANK]; BLOCK_R >= RANK (one rank block), FLAGS: int32.
+    """
+    offs_m = tl.arange(0, BLOCK_M).to(tl.int64) + mb * BLOCK_M
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_r = offs_r < RANK
+    f_ptrs = F + offs_r[None, :] * stride_fr + offs_k[:, None] * stride_fk
+    if not USE_TMA:
+        x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        if USE_TMA:
+            x = X.load([mb * BLOCK_M, k0])
+        else:
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            x_ptrs += BLOCK_K * stride_xk
+        f = tl.load(f_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        acc = dot(x, f, acc, PRECISION)
+        f_ptrs += BLOCK_K * stride_fk
+    tl.store(OUT + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or, acc.to(OUT.dtype.element_ty),
+             mask=mask_m[:, None] & mask_r[None, :])
+    tl.debug_barrier()  # every thread's stores come before the flag (bar.sync, then a gpu-scope release)
+    tl.atomic_xchg(FLAGS + mb, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def wait_row_block(FLAGS, mb):
+    """Spin until row block `mb` is published (shrink_row_block); its data must then be loaded with
+    cache_modifier=".cg" (from L2: this SM's L1 may hold a line shared with a block read before it was written)."""
+    while tl.atomic_add(FLAGS + mb, 0, sem="acquire", scope="gpu") == 0:
+        pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def persistent_start(INLINE: tl.constexpr, X, F, OUT, FLAGS, M, K, RANK,
+                     stride_xm, stride_xk, stride_fr, stride_fk, stride_om, stride_or, SHRINK_PROGS,
+                     USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """The persistent walk's first tile for this program: its id, or (INLINE) its position after its share of the
+    row blocks (shrink_row_block): programs 0 .. SHRINK_PROGS - 1 take blocks pid, pid + SHRINK_PROGS, ... and then
+    walk the tiles of the last SHRINK_PROGS positions (those with a tile fewer); the others walk positions
+    0 .. programs - SHRINK_PROGS - 1."""
+    pid = tl.program_id(0)
+    first = pid
+    if INLINE:  # (a static branch; no early return, which Triton 3.6 refuses there)
+        first = pid - SHRINK_PROGS
+        if pid < SHRINK_PROGS:
+            for mb in range(pid, tl.cdiv(M, BLOCK_M), SHRINK_PROGS):
+                shrink_row_block(X, F, OUT, FLAGS, mb, M, K, RANK, stride_xm, stride_xk, stride_fr, stride_fk,
+                                 stride_om, stride_or, USE_TMA, BLOCK_M, BLOCK_K, BLOCK_R, PRECISION, ACC)
+            first = pid + tl.num_programs(0) - SHRINK_PROGS
+    return first
+
+
+def inline_shrink_grid(tiles: int, row_blocks: int, programs: int) -> tuple[int, int]:
+    """(grid, SHRINK_PROGS) of a persistent GEMM with its shrink inside (shrink_row_block): at most `programs` (one
+    per SM); with fewer tiles than that, one more program per row block. The shrinking programs are the ones with a
+    tile fewer to walk (the last wave's idle positions), but at least half as many as row blocks, so that none
+    shrinks more than two blocks ahead of its own tiles. Under the interpreter one program shrinks everything (the
+    interpreter runs programs in id order, and no other program may wait on an unwritten block)."""
+    grid = min(programs, tiles + row_blocks)
+    if is_interpret():
+        return grid, 1
+    idle = (-tiles) % grid
+    return grid, max(1, min(row_blocks, grid, max(idle, cdiv(row_blocks, 2))))

@@ -6,7 +6,8 @@
 
 `lora_backward_dx` is one GEMM over N. Up to 256 rows its K loop also accumulates dyb = dY @ B for its rows
 ("fused": no second pass over dY; the programs of the first K tile store dyb for dA); above, `lora_shrink`
-computes dyb first ("shrink", measured faster there). Its epilogue adds the rank-r term, masked by the
+computes dyb first ("shrink", measured faster there), or, for the persistent large-M walk without DoRA's
+column scale, the GEMM's own first programs do ("inline", as in lora_fwd). Its epilogue adds the rank-r term, masked by the
 regenerated dropout mask, and writes dX once; except with dropout in "shrink" mode, where the GEMM writes dY @ W
 with its dropout-free tile and `_lora_dx_dropout_term_kernel` adds the masked term in a second, memory-bound pass.
 `lora_grad_ab` computes dA and dB in one launch of a reduce-over-M kernel, split over M so that the [r, K] and
@@ -23,10 +24,11 @@ from .config import dx_dropout_term_config, gemm_config, num_sms, reduce_m_confi
 from .helpers import (
     acc_dtype, apply_dropout, cdiv, check_dropout, check_dtype, check_flag, check_scaling, check_shapes,
     check_vector, dot, dot_precision, dot_precision_key, dropout_keep, dropout_threshold, gdc_wait_if,
-    matrix_shape, next_pow2_rank, output_tile, pdl_enabled, seed_arg, tensor_descriptor, tma_enabled, upcast,
+    inline_shrink_grid, matrix_shape, next_pow2_rank, output_tile, pdl_enabled, seed_arg,
+    persistent_start, tensor_descriptor, tma_enabled, upcast, wait_row_block,
 )
 from .launch import Launch, PlanCache, plan_key, seed_key
-from .lora_fwd import EPILOGUE_RANK_BLOCK, _output, choose_xa_mode
+from .lora_fwd import EPILOGUE_RANK_BLOCK, _output, choose_xa_mode, inline_pays
 from .lora_shrink import lora_shrink
 
 
@@ -38,8 +40,8 @@ def _rank_term(DYB, A, offs_m, offs_k, mask_m, mask_k, RANK, stride_dybm, stride
     offs_r = tl.arange(0, BLOCK_R)
     for c in tl.static_range(NUM_R_CHUNKS):
         rr = c * BLOCK_R + offs_r
-        dyb = tl.load(DYB + offs_m[:, None] * stride_dybm + rr[None, :] * stride_dybr,
-                      mask=mask_m[:, None] & (rr[None, :] < RANK), other=0.0)
+        dyb = tl.load(DYB + offs_m[:, None] * stride_dybm + rr[None, :] * stride_dybr,  # from L2: see wait_row_block
+                      mask=mask_m[:, None] & (rr[None, :] < RANK), other=0.0, cache_modifier=".cg")
         a = tl.load(A + rr[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=(rr[:, None] < RANK) & mask_k[None, :], other=0.0)
         low = dot((dyb.to(ACC) * scaling).to(a.dtype), a, low, PRECISION)
@@ -56,7 +58,8 @@ def _dx_tile(
     DROPOUT: tl.constexpr, COMPUTE_DYB: tl.constexpr, STORE_DYB: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    DY_SCALE, HAS_DY_SCALE: tl.constexpr, GDC_WAIT: tl.constexpr,
+    DY_SCALE, HAS_DY_SCALE: tl.constexpr, GDC_WAIT: tl.constexpr, FLAGS, INLINE_DYB: tl.constexpr,
+    DX_TMA: tl.constexpr,
 ):
     """dX tile number `tile` (grouped order) of `_lora_bwd_dx_kernel`, whose docstring gives the arguments."""
     pid_m, pid_k, offs_m, offs_k = output_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M, tile)
@@ -90,7 +93,12 @@ def _dx_tile(
             dyb = dot(dy, b, dyb, PRECISION)
             b_ptrs += BLOCK_N * stride_bn
 
-    low = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
+    # the rank-r term goes straight into acc, or (DROPOUT) into a second accumulator that the mask then filters:
+    # two [BLOCK_M, BLOCK_K] fp32 accumulators spilled registers at the 128 x 256 tile (ptxas, sm_90)
+    if DROPOUT:
+        low = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
+    else:
+        low = acc
     if COMPUTE_DYB:
         if STORE_DYB:
             if pid_k == 0:
@@ -102,14 +110,21 @@ def _dx_tile(
         low = dot(dyb_s, a, low, PRECISION)
     else:
         gdc_wait_if(GDC_WAIT)  # DYB comes from the shrink before this kernel (a PDL launch)
+        if INLINE_DYB and NUM_R_CHUNKS > 0:  # or from this launch's shrinking programs
+            wait_row_block(FLAGS, pid_m)
         low = _rank_term(DYB, A, offs_m, offs_k, mask_m, mask_k, RANK, stride_dybm, stride_dybr, stride_ar,
                          stride_ak, scaling, low, BLOCK_R, NUM_R_CHUNKS, PRECISION, ACC)
     if DROPOUT:
         k0 = pid_k * BLOCK_K
         low = tl.where(dropout_keep(seed, offs_m, k0, K8, keep_thr, BLOCK_M, BLOCK_K), low * inv_keep, 0.0)
-    acc += low
-    dx_ptrs = DX + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
-    tl.store(dx_ptrs, acc.to(DX.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+        acc += low
+    else:
+        acc = low
+    if DX_TMA:
+        DX.store([pid_m * BLOCK_M, pid_k * BLOCK_K], acc.to(DX.dtype))
+    else:
+        dx_ptrs = DX + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+        tl.store(dx_ptrs, acc.to(DX.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
 
 @triton.jit(do_not_specialize=["M", "seed", "keep_thr"])
@@ -123,6 +138,7 @@ def _lora_bwd_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     DY_SCALE, HAS_DY_SCALE: tl.constexpr, PERSISTENT: tl.constexpr, GDC_WAIT: tl.constexpr,
+    FLAGS, SHRINK_PROGS, INLINE_DYB: tl.constexpr, DX_TMA: tl.constexpr,
 ):
     """BLOCK_M x BLOCK_K tiles of dX, reducing over N in BLOCK_N steps: one tile per program, or (PERSISTENT) a
     grid of at most one program per SM walking them all (as in lora_fwd._lora_fwd_kernel).
@@ -137,20 +153,28 @@ def _lora_bwd_dx_kernel(
     DY_SCALE: [N], any float dtype, read if HAS_DY_SCALE: every dY tile is scaled by it per column (in fp32,
         rounded back to dY's dtype) before both products, i.e. the kernel differentiates DY_SCALE * Y (DoRA).
     GDC_WAIT: launched with PDL right after the shrink that writes DYB: wait for it before reading DYB.
+    INLINE_DYB (PERSISTENT, RANK <= BLOCK_R, no DY_SCALE): the launch computes DYB [M, RANK] itself: programs
+        0 .. SHRINK_PROGS - 1 first shrink whole BLOCK_M row blocks of DY with B and publish each in FLAGS
+        [cdiv(M, BLOCK_M)] int32, zero at launch (helpers.shrink_row_block); a tile's epilogue waits for its block.
+    DX_TMA: DX is a tensor descriptor with block [BLOCK_M, BLOCK_K] (out-of-range elements are not written): at the
+        128 x 256 tile the pointer store's int64 addresses spilled registers.
     """
     if PERSISTENT:
-        for tile in range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_K), tl.num_programs(0)):
+        first = persistent_start(INLINE_DYB, DY, B, DYB, FLAGS, M, N, RANK, stride_dym, stride_dyn, stride_br,
+                                 stride_bn, stride_dybm, stride_dybr, SHRINK_PROGS, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_R,
+                                 PRECISION, ACC)
+        for tile in range(first, tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_K), tl.num_programs(0)):
             _dx_tile(tile, DY, W, B, A, DYB, DX, M, N, K, RANK,
                      stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br, stride_ar, stride_ak,
                      stride_dybm, stride_dybr, stride_dxm, stride_dxk, scaling, seed, keep_thr, inv_keep, K8,
                      DROPOUT, COMPUTE_DYB, STORE_DYB, USE_TMA, BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R, NUM_R_CHUNKS,
-                     GROUP_M, PRECISION, ACC, DY_SCALE, HAS_DY_SCALE, GDC_WAIT)
+                     GROUP_M, PRECISION, ACC, DY_SCALE, HAS_DY_SCALE, GDC_WAIT, FLAGS, INLINE_DYB, DX_TMA)
     else:
         _dx_tile(tl.program_id(0), DY, W, B, A, DYB, DX, M, N, K, RANK,
                  stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br, stride_ar, stride_ak,
                  stride_dybm, stride_dybr, stride_dxm, stride_dxk, scaling, seed, keep_thr, inv_keep, K8,
                  DROPOUT, COMPUTE_DYB, STORE_DYB, USE_TMA, BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R, NUM_R_CHUNKS,
-                 GROUP_M, PRECISION, ACC, DY_SCALE, HAS_DY_SCALE, GDC_WAIT)
+                 GROUP_M, PRECISION, ACC, DY_SCALE, HAS_DY_SCALE, GDC_WAIT, FLAGS, False, DX_TMA)
 
 
 @triton.jit(do_not_specialize=["M", "seed", "keep_thr"])
@@ -260,7 +284,8 @@ def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
 
     dy: [M, N], weight: [N, K], lora_A: [r, K], lora_B: [N, r] (any strides, one dtype); scaling, dropout_p
     and seed as in the forward. Returns (dx [M, K], dyb [M, r] = dY @ B unscaled, or None unless store_dyb).
-    dyb_mode: "fused" (dyb accumulated inside the GEMM), "shrink" (one extra pass over dY), or "auto".
+    dyb_mode: "fused" (dyb accumulated inside the GEMM), "shrink" (one extra pass over dY first), "inline" (that
+        pass done by the persistent GEMM's own first programs; no dy_scale, r <= 64), or "auto".
     out: optional preallocated dx [M, K] of dy's dtype and device. tma: as in lora_forward.
     dy_scale: optional [N] vector g: the gradient of y = g * (x @ W^T + s * xa @ B^T): dy is replaced by g * dy
         (per column) inside the kernel, and the returned dyb is (g * dy) @ B (DoRA).
@@ -295,18 +320,27 @@ class _DxPlan:
         dx_strides = _output(out, (M, K), dy, "out").stride() if out is not None else (K, 1)  # a new dx: contiguous
         if dyb_mode == "auto":
             dyb_mode = choose_xa_mode(M, rank, dropout=False)
-        if dyb_mode not in ("fused", "shrink"):
-            raise ValueError(f"dyb_mode must be 'auto', 'fused' or 'shrink', got {dyb_mode!r}")
+            # dY @ B inside the persistent GEMM (as lora_forward's "inline" xa; its dropout term, if any, still
+            # gets its own pass), except with DoRA's column scale, which its shrinking programs do not apply
+            if dyb_mode == "shrink" and dy_scale is None and inline_pays(M, rank, False, dy.dtype, "dx"):
+                dyb_mode = "inline"
+        if dyb_mode not in ("fused", "shrink", "inline"):
+            raise ValueError(f"dyb_mode must be 'auto', 'fused', 'shrink' or 'inline', got {dyb_mode!r}")
+        if dyb_mode == "inline" and (dy_scale is not None or next_pow2_rank(rank) > EPILOGUE_RANK_BLOCK):
+            raise ValueError(f"dyb_mode='inline' needs no dy_scale and a rank <= {EPILOGUE_RANK_BLOCK}, got "
+                             f"rank {rank}{' and a dy_scale' if dy_scale is not None else ''}")
         self.dx_shape, self.dyb_shape, self.launch = (M, K), (M, rank), None
-        self.shrink = dyb_mode == "shrink"
+        # "inline" is "shrink" with dY @ B computed by the GEMM's own shrinking programs (helpers.shrink_row_block)
+        self.inline = dyb_mode == "inline"
+        self.shrink = dyb_mode in ("shrink", "inline")
         self.new_dyb = store_dyb and not self.shrink
         self.pad_b, self.zero_dyb, self.term = None, store_dyb, None
         if M == 0 or K == 0:
-            self.shrink, self.new_dyb = False, False
+            self.shrink, self.new_dyb, self.inline = False, False, False
             return
         compute = not self.shrink
         # the GEMM starts while the shrink of dY @ B runs (programmatic dependent launch, helpers.pdl_enabled)
-        self.pdl = self.shrink and pdl_enabled(dy.device)
+        self.pdl = self.shrink and not self.inline and pdl_enabled(dy.device)
         block_r = next_pow2_rank(rank) if compute else min(EPILOGUE_RANK_BLOCK, next_pow2_rank(rank))
         # With dropout and dY @ B precomputed, the dropout term is a second pass over dX (read, add, write: measured
         # 87 µs at M=8192, K=4096 on the H200, mostly the Philox mask), so that the GEMM keeps the large tile of the dropout-free dX; inside the
@@ -323,6 +357,8 @@ class _DxPlan:
             )
         cfg = gemm_config("dx_dropout" if dropout_p > 0.0 and self.term is None else "dx", M, dy.dtype,
                           block_r if compute else 0)
+        if self.inline:  # the shrinking programs need the persistent walk
+            cfg = replace(cfg, persistent=True)
         if dy_scale is not None and cfg.persistent:
             # On the H200 with Triton 3.6 the persistent walk with the per-column dY scale (DoRA) gave wrong dX at
             # M=8192 (relative error 0.3; right under the interpreter and one tile per program): not used there.
@@ -337,10 +373,18 @@ class _DxPlan:
         dyb_strides = (rank, 1) if has_dyb else dx_strides  # a new contiguous [M, r], or dx standing in
         self.use_tma = tma_enabled(tma if tma != "auto" else ("auto" if cfg.tma else False), dy, weight)
         self.dy_block, self.w_block = [cfg.block_m, cfg.block_k], [cfg.block_k, cfg.block_n]
+        # dX through a descriptor too (as lora_fwd's y): a new dx needs 16-byte rows, a given one TMA's rules
+        self.dx_tma = self.use_tma and cfg.tma_store and (
+            tma_enabled(True, out) if out is not None else (K * dy.element_size()) % 16 == 0)
+        self.dx_block = [cfg.block_m, cfg.block_n]
         tiles = cdiv(M, cfg.block_m) * cdiv(K, cfg.block_n)
+        grid, shrink_progs = min(tiles, num_sms(dy.device)) if cfg.persistent else tiles, 0
+        self.row_blocks = cdiv(M, cfg.block_m)
+        if self.inline:
+            grid, shrink_progs = inline_shrink_grid(tiles, self.row_blocks, num_sms(dy.device))
         self.launch = Launch(
-            _lora_bwd_dx_kernel, (min(tiles, num_sms(dy.device)) if cfg.persistent else tiles,),
-            ("DY", "W", "B", "A", "DYB", "DX", "scaling", "seed", "DY_SCALE"),
+            _lora_bwd_dx_kernel, (grid,),
+            ("DY", "W", "B", "A", "DYB", "DX", "scaling", "seed", "DY_SCALE", "FLAGS"),
             None, None, None, None, None, None,
             M, N, K, rank,
             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), *b_strides,
@@ -352,14 +396,19 @@ class _DxPlan:
             NUM_R_CHUNKS=1 if compute else 0 if self.term is not None else cdiv(rank, block_r), GROUP_M=cfg.group_m,
             PRECISION=dot_precision(dy.dtype), ACC=acc_dtype(dy.dtype),
             DY_SCALE=None, HAS_DY_SCALE=dy_scale is not None, PERSISTENT=cfg.persistent, GDC_WAIT=self.pdl,
-            **cfg.launch(), **({"launch_pdl": True} if self.pdl else {}),
+            FLAGS=None, SHRINK_PROGS=shrink_progs, INLINE_DYB=self.inline,
+            DX_TMA=self.dx_tma, **cfg.launch(), **({"launch_pdl": True} if self.pdl else {}),
         )
 
     def __call__(self, dy, weight, lora_A, lora_B, scaling, seed, out, dy_scale):
         dx = out if out is not None else torch.empty(self.dx_shape, device=dy.device, dtype=dy.dtype)
         if self.launch is None:
             return dx, (torch.zeros(self.dyb_shape, device=dy.device, dtype=dy.dtype) if self.zero_dyb else None)
-        if self.shrink:
+        flags = None
+        if self.inline:
+            dyb = torch.empty(self.dyb_shape, device=dy.device, dtype=dy.dtype)
+            flags = torch.zeros(self.row_blocks, device=dy.device, dtype=torch.int32)  # zero at launch
+        elif self.shrink:
             # (g * dy) @ B = dy @ (g * B): fold the column scale into the [N, r] factor rather than into dy.
             b_shrink = lora_B if dy_scale is None else (lora_B * dy_scale[:, None]).to(lora_B.dtype)
             dyb = lora_shrink(dy, b_shrink.t(), trigger=self.pdl)
@@ -373,8 +422,9 @@ class _DxPlan:
             b_arg[:, :lora_B.shape[1]] = lora_B
         if self.use_tma:
             dy, weight = tensor_descriptor(dy, self.dy_block), tensor_descriptor(weight, self.w_block)
-        self.launch(dy, weight, b_arg, lora_A, dyb if dyb is not None else dx, dx, float(scaling), seed_arg(seed),
-                    dy_scale if dy_scale is not None else dx)
+        self.launch(dy, weight, b_arg, lora_A, dyb if dyb is not None else dx,
+                    tensor_descriptor(dx, self.dx_block) if self.dx_tma else dx, float(scaling), seed_arg(seed),
+                    dy_scale if dy_scale is not None else dx, flags if flags is not None else dx)
         if self.term is not None:
             self.term(dyb, lora_A, dx, float(scaling), seed_arg(seed))
         return dx, dyb

@@ -1,7 +1,7 @@
 """Fused LoRA forward: Y = X @ W^T + b + s * (drop(X) @ A^T) @ B^T in one launch.
 
 Each program owns a BLOCK_M x BLOCK_N tile of Y and walks K once, accumulating X @ W^T in fp32. The rank-r
-product xa = drop(X) @ A^T [M, r] comes one of three ways (`xa_mode`):
+product xa = drop(X) @ A^T [M, r] comes one of four ways (`xa_mode`):
   * "fused": the same K loop also accumulates xa for its rows, reusing the X tile already loaded. This costs
     r / BLOCK_N more MMA work (6 % at r=16, BLOCK_N=256) and reads X once. Programs of the first N tile store
     xa for the backward. Used without dropout and at small padded rank.
@@ -14,10 +14,17 @@ product xa = drop(X) @ A^T [M, r] comes one of three ways (`xa_mode`):
     (each of N / BLOCK_N programs reading all of A) is on the critical path. The shrink draws the dropout mask;
     the first N tile's programs store the rounded xa for the backward. "auto" picks it up to MAX_SPLIT_ROWS rows
     where PDL is available (helpers.pdl_enabled); without PDL it would be two launches in a row.
+  * "inline" (large M, no dropout, r <= 64): the persistent GEMM computes xa itself. Its first programs, those
+    with a tile fewer to walk when the tile count is not a multiple of the grid, first shrink whole row blocks and
+    publish each through a flag; a tile's epilogue waits for its row block's flag (helpers.shrink_row_block).
+    One launch instead of two, and the extra read of X runs in the last wave's idle time.
 With "shrink" the GEMM is likewise launched with PDL after the shrink where available.
 Either way the epilogue adds (s * xa) @ B^T as one more small MMA, then the bias, and writes Y once: there is
 no [M, N] temporary and no dropout copy of X.
 """
+import os
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
@@ -25,8 +32,9 @@ import triton.language as tl
 from .config import gemm_config, num_sms
 from .helpers import (
     acc_dtype, apply_dropout, cdiv, check_dropout, check_flag, check_scaling, check_shapes, check_vector, dot,
-    dot_precision, dot_precision_key, dropout_keep, dropout_threshold, gdc_wait_if, matrix_shape, next_pow2_rank,
-    output_tile, pdl_enabled, seed_arg, tensor_descriptor, tma_enabled,
+    dot_precision, dot_precision_key, dropout_keep, dropout_threshold, gdc_wait_if, inline_shrink_grid,
+    matrix_shape, next_pow2_rank, output_tile, pdl_enabled, persistent_start, seed_arg,
+    tensor_descriptor, tma_enabled, wait_row_block,
 )
 from .launch import Launch, PlanCache, plan_key, seed_key
 from .lora_shrink import lora_shrink, lora_shrink_partials, shrink_splits
@@ -45,6 +53,9 @@ EPILOGUE_RANK_BLOCK = 64
 # for which "auto" picks it where PDL is available (H200, K = N = 4096, r = 16, graphs: bench/NOTES.md).
 XA_SPLITS = 8
 MAX_SPLIT_ROWS = 64
+# "auto" may pick the "inline" mode (the shrink inside the persistent GEMM, `inline_pays`); LORA_FAST_INLINE=0
+# turns that off (a shrink launch first, as before; the results agree to rounding).
+INLINE_SHRINK = os.environ.get("LORA_FAST_INLINE", "1") != "0"
 
 
 @triton.jit
@@ -59,7 +70,7 @@ def _fwd_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     OUT_SCALE, HAS_OUT_SCALE: tl.constexpr, Y_TMA: tl.constexpr,
-    XA_OUT, stride_xas, XA_SPLITS: tl.constexpr, GDC_WAIT: tl.constexpr,
+    XA_OUT, stride_xas, XA_SPLITS: tl.constexpr, GDC_WAIT: tl.constexpr, FLAGS, INLINE_XA: tl.constexpr,
 ):
     """Output tile number `tile` (grouped order) of `_lora_fwd_kernel`, whose docstring gives the arguments."""
     pid_m, pid_n, offs_m, offs_n = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M, tile)
@@ -113,6 +124,8 @@ def _fwd_tile(
         acc = dot(xa_s, b, acc, PRECISION)
     else:
         gdc_wait_if(GDC_WAIT)  # xa comes from the kernel before this one (a PDL launch)
+        if INLINE_XA:  # or from this launch's shrinking programs (helpers.shrink_row_block)
+            wait_row_block(FLAGS, pid_m)
         for c in tl.static_range(NUM_R_CHUNKS):
             rr = c * BLOCK_R + offs_r
             if XA_SPLITS > 0 and c == 0:
@@ -122,8 +135,8 @@ def _fwd_tile(
                             mask=(rr[:, None] < RANK) & mask_n[None, :], other=0.0)
             xa_ptrs = XA + offs_m[:, None] * stride_xam + rr[None, :] * stride_xar
             xa_mask = mask_m[:, None] & (rr[None, :] < RANK)
-            if XA_SPLITS == 0:
-                xa_c = tl.load(xa_ptrs, mask=xa_mask, other=0.0)
+            if XA_SPLITS == 0:  # from L2 (".cg"): written by another program in the inline mode
+                xa_c = tl.load(xa_ptrs, mask=xa_mask, other=0.0, cache_modifier=".cg")
             else:  # fp32 partial sums over K ranges, added in a fixed order, then rounded as the reference does
                 xa_c = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
                 for sp in tl.static_range(XA_SPLITS):
@@ -163,6 +176,7 @@ def _lora_fwd_kernel(
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     OUT_SCALE, HAS_OUT_SCALE: tl.constexpr, PERSISTENT: tl.constexpr, Y_TMA: tl.constexpr,
     XA_OUT, stride_xas, XA_SPLITS: tl.constexpr, GDC_WAIT: tl.constexpr,
+    FLAGS, SHRINK_PROGS, INLINE_XA: tl.constexpr,
 ):
     """BLOCK_M x BLOCK_N tiles of Y: one per program, or (PERSISTENT) a grid of at most one program per SM, program
     p walking tiles p, p + programs, ... (one tile's epilogue overlaps the next one's first loads, and no tail wave
@@ -178,6 +192,9 @@ def _lora_fwd_kernel(
         with STORE_XA the pid_n == 0 programs store that rounded xa into XA_OUT [M, RANK] (XA's row and rank
         strides); XA_OUT is unused otherwise.
     GDC_WAIT: launched with PDL after the kernel that writes XA: wait for it before reading XA.
+    INLINE_XA (PERSISTENT, no dropout, RANK <= BLOCK_R): the launch computes XA [M, RANK] itself: programs
+        0 .. SHRINK_PROGS - 1 first shrink whole BLOCK_M row blocks and publish each in FLAGS [cdiv(M, BLOCK_M)]
+        int32, zero at launch (helpers.shrink_row_block); a tile's epilogue waits for its row block.
     scaling: s; seed, keep_thr, inv_keep, K8: the dropout mask (helpers.dropout_keep), used if DROPOUT.
     BLOCK_R: padded rank (COMPUTE_XA: the whole rank, a power of two >= 16; else the epilogue's rank chunk),
     NUM_R_CHUNKS: rank chunks in the epilogue (1 when COMPUTE_XA). PRECISION: tl.dot precision for fp32; ACC: accumulator dtype.
@@ -185,20 +202,22 @@ def _lora_fwd_kernel(
         per-output magnitude factor, applied in fp32 before the bias).
     """
     if PERSISTENT:
-        for tile in range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
+        first = persistent_start(INLINE_XA, X, A, XA, FLAGS, M, K, RANK, stride_xm, stride_xk, stride_ar, stride_ak,
+                                 stride_xam, stride_xar, SHRINK_PROGS, USE_TMA, BLOCK_M, BLOCK_K, BLOCK_R, PRECISION, ACC)
+        for tile in range(first, tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
             _fwd_tile(tile, X, W, A, B, BIAS, XA, Y, M, N, K, RANK,
                       stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
                       stride_xam, stride_xar, stride_ym, stride_yn, scaling, seed, keep_thr, inv_keep, K8,
                       HAS_BIAS, DROPOUT, COMPUTE_XA, STORE_XA, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
                       NUM_R_CHUNKS, GROUP_M, PRECISION, ACC, OUT_SCALE, HAS_OUT_SCALE, Y_TMA,
-                      XA_OUT, stride_xas, XA_SPLITS, GDC_WAIT)
+                      XA_OUT, stride_xas, XA_SPLITS, GDC_WAIT, FLAGS, INLINE_XA)
     else:
         _fwd_tile(tl.program_id(0), X, W, A, B, BIAS, XA, Y, M, N, K, RANK,
                   stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
                   stride_xam, stride_xar, stride_ym, stride_yn, scaling, seed, keep_thr, inv_keep, K8,
                   HAS_BIAS, DROPOUT, COMPUTE_XA, STORE_XA, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
                   NUM_R_CHUNKS, GROUP_M, PRECISION, ACC, OUT_SCALE, HAS_OUT_SCALE, Y_TMA,
-                  XA_OUT, stride_xas, XA_SPLITS, GDC_WAIT)
+                  XA_OUT, stride_xas, XA_SPLITS, GDC_WAIT, FLAGS, False)
 
 
 def _output(out, shape, like, name):
@@ -225,6 +244,14 @@ def choose_xa_mode(m: int, rank: int, dropout: bool) -> str:
     return "fused" if next_pow2_rank(rank) <= MAX_FUSED_RANK_BLOCK else "shrink"
 
 
+def inline_pays(m: int, rank: int, dropout: bool, dtype, kernel: str) -> bool:
+    """Whether "auto" computes the rank-r product inside the persistent GEMM ("inline") rather than in a shrink
+    launch before it: above MAX_FUSED_ROWS rows, without dropout (the mask would be drawn by a few programs), at a
+    rank of one epilogue block, where the GEMM's config walks its tiles persistently (bench/NOTES.md)."""
+    return (INLINE_SHRINK and m > MAX_FUSED_ROWS and not dropout and next_pow2_rank(rank) <= EPILOGUE_RANK_BLOCK
+            and gemm_config(kernel, m, dtype, 0).persistent)
+
+
 def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_xa=False, xa_mode="auto",
                  out=None, tma="auto", out_scale=None):
     """Fused LoRA forward.
@@ -232,6 +259,8 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
     x: [M, K], weight: [N, K], bias: [N] or None, lora_A: [r, K], lora_B: [N, r] (any strides, one dtype);
     scaling: float; dropout_p in [0, 1) applied to x on the LoRA branch with the mask of `seed`.
     Returns (y [M, N], xa [M, r] or None): xa = drop(x) @ A^T, returned when store_xa (for the backward).
+    xa_mode: "auto", "fused", "shrink", "split" or "inline" (module docstring; "inline" needs dropout_p == 0 and
+        r <= 64).
     out: optional preallocated y [M, N] of x's dtype and device (any strides).
     tma: "auto" (the config's choice, where the GPU and strides allow), True or False (tests force both).
     out_scale: optional [N] vector g (any float dtype, x's device): y = g * (x @ W^T + s * xa @ B^T) + b (DoRA).
@@ -273,20 +302,27 @@ class _ForwardPlan:
             xa_mode = choose_xa_mode(M, rank, dropout)
             if M <= MAX_SPLIT_ROWS and pdl:
                 xa_mode = "split"
-        if xa_mode not in ("fused", "shrink", "split"):
-            raise ValueError(f"xa_mode must be 'auto', 'fused', 'shrink' or 'split', got {xa_mode!r}")
+            elif xa_mode == "shrink" and inline_pays(M, rank, dropout, x.dtype, "fwd"):
+                xa_mode = "inline"
+        if xa_mode not in ("fused", "shrink", "split", "inline"):
+            raise ValueError(f"xa_mode must be 'auto', 'fused', 'shrink', 'split' or 'inline', got {xa_mode!r}")
+        if xa_mode == "inline" and (dropout or next_pow2_rank(rank) > EPILOGUE_RANK_BLOCK):
+            raise ValueError(f"xa_mode='inline' needs dropout_p == 0 and a rank <= {EPILOGUE_RANK_BLOCK}, got "
+                             f"dropout_p={dropout_p}, rank {rank}")
         self.y_shape, self.xa_shape, self.dropout_p = (M, N), (M, rank), dropout_p
         self.launch = None
         # xa: computed by a shrink launch first (whole, or as partial sums), or by the fused GEMM (stored only when
-        # asked), or not at all
+        # asked), or by the GEMM's own shrinking programs ("inline", xa always new), or not at all
         self.shrink = xa_mode == "shrink"
         # the K ranges asked of the shrink, and the number it gives (which the kernel is compiled for)
         self.xa_splits = XA_SPLITS
         self.splits = shrink_splits(M, K, x.dtype, self.xa_splits)[0] if xa_mode == "split" else 0
-        self.new_xa = store_xa and not self.shrink
+        self.new_xa = (store_xa or xa_mode == "inline") and not self.shrink
+        self.store_xa = store_xa
         self.pdl = False
+        self.inline = xa_mode == "inline"
         if M == 0 or N == 0:
-            self.shrink, self.splits, self.new_xa = False, 0, store_xa
+            self.shrink, self.splits, self.new_xa, self.inline = False, 0, store_xa, False
             return
         compute_xa = xa_mode == "fused"
         # the GEMM starts while the shrink runs (programmatic dependent launch)
@@ -295,6 +331,8 @@ class _ForwardPlan:
         if compute_xa and M <= DECODE_ROWS:
             block_r = max(block_r, DECODE_RANK_BLOCK)
         cfg = gemm_config("fwd_split" if self.splits else "fwd", M, x.dtype, block_r if compute_xa else 0)
+        if self.inline:  # the shrinking programs need the persistent walk (a grid of at most one program per SM)
+            cfg = replace(cfg, persistent=True)
         has_xa = self.shrink or self.new_xa or self.splits
         # xa is a new contiguous [M, r] tensor (or [splits, M, r]); without one, y stands in (never dereferenced)
         xa_strides = (rank, 1) if has_xa else y_strides
@@ -306,9 +344,13 @@ class _ForwardPlan:
             tma_enabled(True, out) if out is not None else (N * x.element_size()) % 16 == 0)
         self.y_block = [cfg.block_m, cfg.block_n]
         tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
+        grid, shrink_progs = min(tiles, num_sms(x.device)) if cfg.persistent else tiles, 0
+        self.row_blocks = cdiv(M, cfg.block_m)
+        if self.inline:
+            grid, shrink_progs = inline_shrink_grid(tiles, self.row_blocks, num_sms(x.device))
         self.launch = Launch(
-            _lora_fwd_kernel, (min(tiles, num_sms(x.device)) if cfg.persistent else tiles,),
-            ("X", "W", "A", "B", "BIAS", "XA", "Y", "scaling", "seed", "OUT_SCALE", "XA_OUT"),
+            _lora_fwd_kernel, (grid,),
+            ("X", "W", "A", "B", "BIAS", "XA", "Y", "scaling", "seed", "OUT_SCALE", "XA_OUT", "FLAGS"),
             None, None, None, None, None, None, None,
             M, N, K, rank,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
@@ -321,8 +363,8 @@ class _ForwardPlan:
             PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype),
             # A placeholder pointer when absent (never read), as for BIAS: no None pointer arguments.
             OUT_SCALE=None, HAS_OUT_SCALE=out_scale is not None, PERSISTENT=cfg.persistent, Y_TMA=self.y_tma,
-            XA_OUT=None, stride_xas=M * rank, XA_SPLITS=self.splits, GDC_WAIT=self.pdl, **cfg.launch(),
-            **pdl_options,
+            XA_OUT=None, stride_xas=M * rank, XA_SPLITS=self.splits, GDC_WAIT=self.pdl,
+            FLAGS=None, SHRINK_PROGS=shrink_progs, INLINE_XA=self.inline, **cfg.launch(), **pdl_options,
         )
 
     def __call__(self, x, weight, bias, lora_A, lora_B, scaling, seed, out, out_scale):
@@ -336,11 +378,16 @@ class _ForwardPlan:
         else:
             xa = None
         xa_out = torch.empty(self.xa_shape, device=x.device, dtype=x.dtype) if self.splits and self.new_xa else None
+        # the inline shrink's row-block flags, zero at launch
+        flags = torch.zeros(self.row_blocks, device=x.device, dtype=torch.int32) if self.inline else None
         if self.launch is not None:
             if self.use_tma:
                 x, weight = tensor_descriptor(x, self.x_block), tensor_descriptor(weight, self.w_block)
             # y itself stands in for the absent optional pointers (never dereferenced)
             self.launch(x, weight, lora_A, lora_B, bias if bias is not None else y, xa if xa is not None else y,
                         tensor_descriptor(y, self.y_block) if self.y_tma else y, float(scaling), seed_arg(seed),
-                        out_scale if out_scale is not None else y, xa_out if xa_out is not None else y)
+                        out_scale if out_scale is not None else y, xa_out if xa_out is not None else y,
+                        flags if flags is not None else y)
+        if self.inline and not self.store_xa:
+            xa = None
         return y, (xa_out if self.splits else xa)

@@ -141,6 +141,89 @@ def test_persistent_tile_walk_and_descriptor_store(p, device):
         assert_close(name, out, ref, torch.float32)
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("shape", [(40, 48, 40, 3), (33, 17, 50, 16), (1, 20, 9, 1), (70, 40, 24, 64)],
+                         ids=lambda s: "M%d_K%d_N%d_r%d" % s)
+def test_inline_shrink_forward_and_dx(shape, tma, device):
+    """xa_mode / dyb_mode "inline": the persistent GEMM computes the rank-r product itself (its shrinking programs
+    publish row blocks through flags that the tiles wait for). NaN-filled y and dX show a tile or row the walk
+    skips; xa and dY @ B are checked too. dX with dropout still adds its masked term in a second pass."""
+    M, K, N, r = shape
+    s, seed = 0.7, int(torch.randint(0, 2**31, ()))
+    x, W, b, A, B = lora_problem(M, K, N, r, torch.float32, device)
+    dy = torch.randn(M, N, device=device)
+    y = torch.full((M, N), float("nan"), device=device)
+    y2, xa = kernels.lora_forward(x, W, b, A, B, s, store_xa=True, xa_mode="inline", out=y, tma=tma)
+    y_new, no_xa = kernels.lora_forward(x, W, None, A, B, s, xa_mode="inline", tma=tma)
+    assert y2 is y and no_xa is None
+    yr, dxr, _, _ = _reference_grads(x, W, b, A, B, s, 0.0, None, dy)
+    yr_nb, _, _, _ = _reference_grads(x, W, None, A, B, s, 0.0, None, dy)
+    assert_close("y", y, yr, torch.float32)
+    assert_close("y (no bias)", y_new, yr_nb, torch.float32)
+    assert_close("xa", xa, x.double() @ A.double().t(), torch.float32)
+    for p in (0.0, 0.25):
+        dx = torch.full((M, K), float("nan"), device=device)
+        _, dyb = kernels.lora_backward_dx(dy, W, A, B, s, p, seed, dyb_mode="inline", out=dx, tma=tma)
+        keep = dropout_mask_torch(seed, M, K, p, device) if p > 0 else None
+        dxr = _reference_grads(x, W, b, A, B, s, p, keep, dy)[1]
+        assert_close(f"dx (p={p})", dx, dxr, torch.float32)
+        assert_close(f"dyb (p={p})", dyb, dy.double() @ B.double(), torch.float32)
+    plans = [pl for pl in list(kernels.lora_fwd._PLANS.values()) + list(kernels.lora_bwd._DX_PLANS.values())
+             if getattr(pl, "inline", False)]
+    assert len(plans) >= 3 and all(pl.launch.grid[0] <= kernels.config.num_sms(x.device) for pl in plans)
+
+
+def test_inline_shrink_is_what_auto_picks_for_a_persistent_large_walk(device):
+    """With a persistent config for large M (as on Hopper), "auto" computes xa and dY @ B inside the GEMMs: a whole
+    lora_linear step (output and all three gradients) through them, against the reference."""
+    cfg = kernels.config.GemmConfig(16, 16, 16, group_m=2, num_warps=1, num_stages=1, tma=True, persistent=True)
+    M, K, N, r, s = 300, 24, 20, 5, 1.3
+    x, W, b, A, B = lora_problem(M, K, N, r, torch.float32, device)
+    for t in (x, A, B):
+        t.requires_grad_()
+    try:
+        for kernel in ("fwd", "dx"):
+            kernels.config.set_override(kernel, "large", cfg)
+        y = lora_fast.lora_linear(x, W, b, A, B, s)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        fwd = [pl for pl in kernels.lora_fwd._PLANS.values() if pl.y_shape == (M, N)]
+        dxp = [pl for pl in kernels.lora_bwd._DX_PLANS.values() if pl.dx_shape == (M, K)]
+        assert fwd and all(pl.inline for pl in fwd) and dxp and all(pl.inline for pl in dxp)
+    finally:
+        for kernel in ("fwd", "dx"):
+            kernels.config.set_override(kernel, "large", None)
+    yr, dxr, dAr, dBr = _reference_grads(x, W, b, A, B, s, 0.0, None, dy)
+    for name, out, ref in (("y", y, yr), ("dx", x.grad, dxr), ("dA", A.grad, dAr), ("dB", B.grad, dBr)):
+        assert_close(name, out, ref, torch.float32)
+
+
+def test_inline_shrink_refuses_what_it_cannot_do(device):
+    x, W, b, A, B = lora_problem(8, 16, 12, 3, torch.float32, device)
+    with pytest.raises(ValueError, match="inline.*dropout_p"):
+        kernels.lora_forward(x, W, b, A, B, 1.0, dropout_p=0.1, xa_mode="inline")
+    x2, W2, b2, A2, B2 = lora_problem(8, 16, 12, 65, torch.float32, device)
+    with pytest.raises(ValueError, match="inline.*rank"):
+        kernels.lora_forward(x2, W2, b2, A2, B2, 1.0, xa_mode="inline")
+    with pytest.raises(ValueError, match="inline.*dy_scale"):
+        kernels.lora_backward_dx(torch.randn(8, 12, device=device), W, A, B, 1.0, dyb_mode="inline",
+                                 dy_scale=torch.ones(12, device=device))
+
+
+def test_inline_shrink_grid(monkeypatch):
+    """The shrinking programs are those with a tile fewer to walk, at least half as many as row blocks; with fewer
+    tiles than SMs, one extra program per row block; under the interpreter one program shrinks everything."""
+    from lora_fast.kernels import helpers
+
+    assert helpers.inline_shrink_grid(1024, 64, 132) == ((132, 1) if helpers.is_interpret() else (132, 32))
+    monkeypatch.setattr(helpers, "is_interpret", lambda: False)
+    assert helpers.inline_shrink_grid(1024, 64, 132) == (132, 32)   # 8192 x 4096, 128 x 256 tiles: 32 idle
+    assert helpers.inline_shrink_grid(3584, 64, 132) == (132, 64)   # N = 14336: 112 idle, 64 blocks
+    assert helpers.inline_shrink_grid(1056, 64, 132) == (132, 32)   # no idle position: half the row blocks
+    assert helpers.inline_shrink_grid(64, 4, 132) == (68, 4)        # M = 512: a program per row block beside
+    assert helpers.inline_shrink_grid(3, 1, 4) == (4, 1)
+
+
 def test_strided_and_batched_inputs(device):
     """Non-contiguous x (a transposed view, 3-D), W, A and B views: strides are passed, nothing assumed."""
     dtype, s = torch.float32, 2.0
