@@ -173,6 +173,36 @@ def test_inline_shrink_forward_and_dx(shape, tma, device):
     assert len(plans) >= 3 and all(pl.launch.grid[0] <= kernels.config.num_sms(x.device) for pl in plans)
 
 
+def test_inline_shrink_flags_start_at_zero_and_every_row_block_is_published(device, monkeypatch):
+    """The launch contract of the inline mode, call after call of one cached plan: the row-block flags the kernel
+    receives are all zero (a fresh buffer per call, so no replay or later call sees an earlier call's flags), one per
+    BLOCK_M rows, and after the kernel every one is set (every row block was shrunk and published)."""
+    seen = []
+    original = kernels.launch.Launch.__call__
+
+    def recording(self, *values):
+        params = self.fn.arg_names
+        inline = any(n in params and self.args[params.index(n)] for n in ("INLINE_XA", "INLINE_DYB"))
+        if inline:
+            flags = values[[params[i] for i in self.slots].index("FLAGS")]
+            before = flags.clone()
+        original(self, *values)
+        if inline:
+            seen.append((before, self.args[params.index("BLOCK_M")], flags.clone()))
+
+    monkeypatch.setattr(kernels.launch.Launch, "__call__", recording)
+    M, K, N, r = 45, 24, 20, 3
+    x, W, b, A, B = lora_problem(M, K, N, r, torch.float32, device)
+    dy = torch.randn(M, N, device=device)
+    for _ in range(2):  # the second call reuses both plans
+        kernels.lora_forward(x, W, b, A, B, 1.0, xa_mode="inline")
+        kernels.lora_backward_dx(dy, W, A, B, 1.0, dyb_mode="inline")
+    assert len(seen) == 4
+    for before, block_m, after in seen:
+        assert before.dtype == torch.int32 and before.shape == (-(-M // block_m),)
+        assert torch.all(before == 0) and torch.all(after == 1)
+
+
 def test_inline_shrink_is_what_auto_picks_for_a_persistent_large_walk(device):
     """With a persistent config for large M (as on Hopper), "auto" computes xa and dY @ B inside the GEMMs: a whole
     lora_linear step (output and all three gradients) through them, against the reference."""
