@@ -7,9 +7,10 @@
 `lora_backward_dx` is one GEMM over N. Up to 256 rows its K loop also accumulates dyb = dY @ B for its rows
 ("fused": no second pass over dY; the programs of the first K tile store dyb for dA); above, `lora_shrink`
 computes dyb first ("shrink", measured faster there), or, for the persistent large-M walk without DoRA's
-column scale, the GEMM's own first programs do ("inline", as in lora_fwd). Its epilogue adds the rank-r term, masked by the
-regenerated dropout mask, and writes dX once; except with dropout in "shrink" mode, where the GEMM writes dY @ W
-with its dropout-free tile and `_lora_dx_dropout_term_kernel` adds the masked term in a second, memory-bound pass.
+column scale, the GEMM's own first programs do ("inline", as in lora_fwd). Its epilogue adds the rank-r term,
+masked by the regenerated dropout mask, and writes dX once; except with dropout in "shrink" or "inline" mode, where
+the GEMM writes dY @ W with its dropout-free tile and `_lora_dx_dropout_term_kernel` adds the masked term in a
+second, memory-bound pass.
 `lora_grad_ab` computes dA and dB in one launch of a reduce-over-M kernel, split over M so that the [r, K] and
 [N, r] outputs still fill the GPU; the fp32 partial sums are added in a fixed order (deterministic, no atomics).
 """

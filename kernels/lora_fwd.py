@@ -202,8 +202,9 @@ def _lora_fwd_kernel(
         per-output magnitude factor, applied in fp32 before the bias).
     """
     if PERSISTENT:
-        first = persistent_start(INLINE_XA, X, A, XA, FLAGS, M, K, RANK, stride_xm, stride_xk, stride_ar, stride_ak,
-                                 stride_xam, stride_xar, SHRINK_PROGS, USE_TMA, BLOCK_M, BLOCK_K, BLOCK_R, PRECISION, ACC)
+        first = persistent_start(INLINE_XA, X, A, XA, FLAGS, M, K, RANK, stride_xm, stride_xk, stride_ar,
+                                 stride_ak, stride_xam, stride_xar, SHRINK_PROGS, USE_TMA, BLOCK_M, BLOCK_K, BLOCK_R,
+                                 PRECISION, ACC)
         for tile in range(first, tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
             _fwd_tile(tile, X, W, A, B, BIAS, XA, Y, M, N, K, RANK,
                       stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
