@@ -179,6 +179,10 @@ def correctness() -> list[dict]:
         for M in (5, 60, 200, 1000):  # every shape class with odd ranks and odd K, N
             rows.append(check_case(M, 1000, 777, 3, torch.bfloat16, 0.0, xa_mode=mode))
             rows.append(check_case(M, 4095, 4097, 12, torch.bfloat16, 0.1, xa_mode=mode, bias=False))
+    # the shrink inside the persistent GEMM, forced at every shape class (auto picks it above 256 rows only), with
+    # odd K, N and ranks: 5 rows is one row block and two programs, 4097 rows a ragged last block
+    for (M, K, N, r) in [(5, 1000, 777, 3), (200, 1000, 777, 3), (1000, 4095, 4097, 12), (4097, 4096, 4096, 64)]:
+        rows.append(check_case(M, K, N, r, torch.bfloat16, 0.0, xa_mode="inline"))
     for dtype in (torch.float16, torch.float32):
         for (M, K, N, r) in [(2048, 4096, 4096, 16), (33, 1000, 517, 64)]:
             rows.append(check_case(M, K, N, r, dtype, 0.1, bias=False))
