@@ -6,8 +6,9 @@ peak temporary memory of a forward, fresh random inputs (never zeros).
 
 Results rows (what `write_json` stores and `plot.py` reads): one dict per (case, mode, provider) with at least
 `case`, `mode`, `provider`, `us` (median, None without a GPU), `us_p20`, `us_p80` and `ratio_to_base`; optional
-`graph_us` / `graph_ratio_to_base` (CUDA graph, launch-bound shapes), `mem_fwd_bytes` / `mem_fwd_x_out`, `rel_err_*`
-and `check_passed`. Scripts named `bench_<name>.py` write `<out_dir>/<name>.json`; `run_all.py` finds them.
+`graph_us` / `graph_ratio_to_base` (CUDA graph, launch-bound shapes), `paired_ratio_to_base` (`paired_ratios`: the
+ratio within interleaved rounds of a few calls each), `mem_fwd_bytes` / `mem_fwd_x_out`, `rel_err_*` and
+`check_passed`. Scripts named `bench_<name>.py` write `<out_dir>/<name>.json`; `run_all.py` finds them.
 """
 from __future__ import annotations
 
@@ -55,6 +56,39 @@ def bench_us(fn: Callable[[], object], quantiles: Sequence[float] = (0.5, 0.2, 0
     if isinstance(ms, (int, float)):  # do_bench returns a bare float for a single quantile
         ms = [ms]
     return [t * 1e3 for t in ms]
+
+
+def paired_ratios(fns: dict[str, Callable[[], object]], base: str, rounds: int = 15, calls: int = 3,
+                  flush_bytes: int = 256 << 20) -> dict[str, float]:
+    """Per entry of `fns`, the median over `rounds` of (its time / `fns[base]`'s time) within one round.
+
+    A round times `calls` calls of every function back to back (CUDA events; L2 flushed before each call, as
+    do_bench does), in an order reversed every other round, so that each ratio compares times a few milliseconds
+    apart: slow drifts of the clock (power and temperature on a shared GPU) cancel out, where the ratio of two
+    do_bench medians taken seconds apart carries them. One warm-up call each first.
+    """
+    flush = torch.empty(flush_bytes, dtype=torch.int8, device="cuda")
+    names = list(fns)
+    for fn in fns.values():
+        fn()
+    ratios: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(rounds):
+        events = {}
+        for name in (names if i % 2 == 0 else names[::-1]):
+            pairs = []
+            for _ in range(calls):
+                flush.zero_()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[name]()
+                end.record()
+                pairs.append((start, end))
+            events[name] = pairs
+        torch.cuda.synchronize()
+        ms = {n: sum(s.elapsed_time(e) for s, e in pairs) for n, pairs in events.items()}
+        for n in names:
+            ratios[n].append(ms[n] / ms[base])
+    return {n: sorted(v)[len(v) // 2] for n, v in ratios.items()}
 
 
 def capture_graph(fns: Sequence[Callable[[], object]]) -> "torch.cuda.CUDAGraph":

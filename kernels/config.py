@@ -29,6 +29,9 @@ class GemmConfig:
     # a grid of at most one program per SM, each walking output tiles in grouped order; fwd and dx only
     persistent: bool = False
     tma_store: bool = False  # with tma: store the output tile through a tensor descriptor too (fwd only)
+    # persistent walks with the shrink inside ("inline"): the pipeline depth of the shrink's K loop (0: num_stages);
+    # its tiles reuse the GEMM's shared memory, idle while the shrinking programs run it
+    shrink_stages: int = 0
 
     def launch(self) -> dict:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
@@ -90,7 +93,10 @@ _HALF_FWD_SPLIT = {"m16": GemmConfig(16, 32, 128, group_m=1, num_warps=4, num_st
 # rank-r epilogue 3 stages beat 4 (1.04-1.06x against 1.05-1.08x), though a plain GEMM of dX's layout preferred 4.
 # dX is stored through a descriptor too: with pointers, the int64 addresses of the 128 x 256 tile spilled ~1 KB
 # of registers per thread (ptxas for sm_90, Triton 3.6).
-_HALF_DX_LARGE = _HALF["large"]
+# Its inline shrink (dY @ B by the programs with a tile fewer, "inline") pipelines 4 deep: dX alone at 8192 rows,
+# N or K of 4096 / 14336, was 1.04-1.08x cuBLAS with 4 or 5 stages against 1.13-1.18x with the GEMM's 3 in two H200
+# runs (bench/exp_inline_stages.py, results/exp_inline_stages_run*.json); 6 and 8 measured in between.
+_HALF_DX_LARGE = replace(_HALF["large"], shrink_stages=4)
 _FULL = {  # fp32 / fp64: twice the bytes per element, so half the K step
     "m16": GemmConfig(16, 32, 64, group_m=1, num_warps=4, num_stages=3),
     "m64": GemmConfig(64, 64, 32, group_m=1, num_warps=4, num_stages=3),

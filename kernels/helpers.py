@@ -351,12 +351,13 @@ def dropout_threshold(p: float) -> int:
 def shrink_row_block(X, F, OUT, FLAGS, mb, M, K, RANK,
                      stride_xm, stride_xk, stride_fr, stride_fk, stride_om, stride_or,
                      USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                     PRECISION: tl.constexpr, ACC: tl.constexpr):
+                     PRECISION: tl.constexpr, ACC: tl.constexpr, STAGES: tl.constexpr):
     """OUT[rows, :RANK] = X[rows, :] @ F[:RANK, :]^T for the rows of block `mb` (BLOCK_M of them), stored in OUT's
     dtype; then FLAGS[mb] = 1 with release semantics, once every thread of the program has stored.
 
     X: [M, K] (a tensor descriptor with block [BLOCK_M, BLOCK_K] when USE_TMA, else a pointer with its strides),
     F: [RANK, K] with strides (stride_fr, stride_fk), OUT: [M, RANK]; BLOCK_R >= RANK (one rank block), FLAGS: int32.
+    STAGES: software-pipeline depth of the K loop (its X tiles share the GEMM's shared memory, unused meanwhile).
     """
     offs_m = tl.arange(0, BLOCK_M).to(tl.int64) + mb * BLOCK_M
     offs_k = tl.arange(0, BLOCK_K)
@@ -367,7 +368,7 @@ def shrink_row_block(X, F, OUT, FLAGS, mb, M, K, RANK,
     if not USE_TMA:
         x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         mask_k = offs_k < K - k0
         if USE_TMA:
             x = X.load([mb * BLOCK_M, k0])
@@ -396,7 +397,7 @@ def wait_row_block(FLAGS, mb):
 def persistent_start(INLINE: tl.constexpr, X, F, OUT, FLAGS, M, K, RANK,
                      stride_xm, stride_xk, stride_fr, stride_fk, stride_om, stride_or, SHRINK_PROGS,
                      USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+                     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, SHRINK_STAGES: tl.constexpr):
     """The persistent walk's first tile for this program: its id, or (INLINE) its position after its share of the
     row blocks (shrink_row_block): programs 0 .. SHRINK_PROGS - 1 take blocks pid, pid + SHRINK_PROGS, ... and then
     walk the tiles of the last SHRINK_PROGS positions (those with a tile fewer); the others walk positions
@@ -408,7 +409,8 @@ def persistent_start(INLINE: tl.constexpr, X, F, OUT, FLAGS, M, K, RANK,
         if pid < SHRINK_PROGS:
             for mb in range(pid, tl.cdiv(M, BLOCK_M), SHRINK_PROGS):
                 shrink_row_block(X, F, OUT, FLAGS, mb, M, K, RANK, stride_xm, stride_xk, stride_fr, stride_fk,
-                                 stride_om, stride_or, USE_TMA, BLOCK_M, BLOCK_K, BLOCK_R, PRECISION, ACC)
+                                 stride_om, stride_or, USE_TMA, BLOCK_M, BLOCK_K, BLOCK_R, PRECISION, ACC,
+                                 SHRINK_STAGES)
             first = pid + tl.num_programs(0) - SHRINK_PROGS
     return first
 

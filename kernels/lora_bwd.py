@@ -12,7 +12,8 @@ masked by the regenerated dropout mask, and writes dX once; except with dropout 
 the GEMM writes dY @ W with its dropout-free tile and `_lora_dx_dropout_term_kernel` adds the masked term in a
 second, memory-bound pass.
 `lora_grad_ab` computes dA and dB in one launch of a reduce-over-M kernel, split over M so that the [r, K] and
-[N, r] outputs still fill the GPU; the fp32 partial sums are added in a fixed order (deterministic, no atomics).
+[N, r] outputs still fill the GPU; the fp32 partial sums of both are added in a fixed order by one more launch
+(`_sum_splits_kernel`: deterministic, no atomics, rounded once).
 """
 
 from dataclasses import replace
@@ -139,7 +140,7 @@ def _lora_bwd_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     DY_SCALE, HAS_DY_SCALE: tl.constexpr, PERSISTENT: tl.constexpr, GDC_WAIT: tl.constexpr,
-    FLAGS, SHRINK_PROGS, INLINE_DYB: tl.constexpr, DX_TMA: tl.constexpr,
+    FLAGS, SHRINK_PROGS, INLINE_DYB: tl.constexpr, DX_TMA: tl.constexpr, SHRINK_STAGES: tl.constexpr,
 ):
     """BLOCK_M x BLOCK_K tiles of dX, reducing over N in BLOCK_N steps: one tile per program, or (PERSISTENT) a
     grid of at most one program per SM walking them all (as in lora_fwd._lora_fwd_kernel).
@@ -157,13 +158,14 @@ def _lora_bwd_dx_kernel(
     INLINE_DYB (PERSISTENT, RANK <= BLOCK_R, no DY_SCALE): the launch computes DYB [M, RANK] itself: programs
         0 .. SHRINK_PROGS - 1 first shrink whole BLOCK_M row blocks of DY with B and publish each in FLAGS
         [cdiv(M, BLOCK_M)] int32, zero at launch (helpers.shrink_row_block); a tile's epilogue waits for its block.
+        SHRINK_STAGES: the pipeline depth of that shrink's loop.
     DX_TMA: DX is a tensor descriptor with block [BLOCK_M, BLOCK_K] (out-of-range elements are not written): at the
         128 x 256 tile the pointer store's int64 addresses spilled registers.
     """
     if PERSISTENT:
         first = persistent_start(INLINE_DYB, DY, B, DYB, FLAGS, M, N, RANK, stride_dym, stride_dyn, stride_br,
                                  stride_bn, stride_dybm, stride_dybr, SHRINK_PROGS, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_R,
-                                 PRECISION, ACC)
+                                 PRECISION, ACC, SHRINK_STAGES)
         for tile in range(first, tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_K), tl.num_programs(0)):
             _dx_tile(tile, DY, W, B, A, DYB, DX, M, N, K, RANK,
                      stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br, stride_ar, stride_ak,
@@ -398,7 +400,7 @@ class _DxPlan:
             PRECISION=dot_precision(dy.dtype), ACC=acc_dtype(dy.dtype),
             DY_SCALE=None, HAS_DY_SCALE=dy_scale is not None, PERSISTENT=cfg.persistent, GDC_WAIT=self.pdl,
             FLAGS=None, SHRINK_PROGS=shrink_progs, INLINE_DYB=self.inline,
-            DX_TMA=self.dx_tma, **cfg.launch(), **({"launch_pdl": True} if self.pdl else {}),
+            DX_TMA=self.dx_tma, SHRINK_STAGES=cfg.shrink_stages or cfg.num_stages, **cfg.launch(), **({"launch_pdl": True} if self.pdl else {}),
         )
 
     def __call__(self, dy, weight, lora_A, lora_B, scaling, seed, out, dy_scale):
@@ -431,10 +433,35 @@ class _DxPlan:
         return dx, dyb
 
 
-def _grad_out(splits, rows, cols, dtype, device):
-    """The [splits, rows, cols] partial-sum buffer, or [rows, cols] itself when there is one split."""
-    shape = (rows, cols) if splits == 1 else (splits, rows, cols)
-    return torch.empty(shape, device=device, dtype=dtype)
+@triton.jit
+def _sum_block(P, OUT, NUM, SPLITS, block, BLOCK: tl.constexpr):
+    """OUT[i] = sum over s < SPLITS, in order, of P[s, i] (fp32), for the BLOCK elements i of `block` below NUM."""
+    offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < NUM
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLITS):
+        acc += tl.load(P + s * NUM + offs, mask=mask, other=0.0)
+    tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["NUM_A", "NUM_B", "SPLITS_A", "SPLITS_B"])
+def _sum_splits_kernel(PA, PB, OUT_A, OUT_B, NUM_A, NUM_B, SPLITS_A, SPLITS_B, BLOCK: tl.constexpr):
+    """The final dA and dB from `_lora_grad_ab_kernel`'s partial sums, in one launch.
+
+    PA: [SPLITS_A, NUM_A] and PB: [SPLITS_B, NUM_B] fp32 (contiguous, NUM = P * Q of each output), OUT_A: [NUM_A],
+    OUT_B: [NUM_B] in their own dtypes. Programs 0 .. cdiv(NUM_A, BLOCK) - 1 sum A's elements, the rest B's
+    (NUM_A or NUM_B is 0 when that output needs no sum). Summed in fp32 in split order, rounded once.
+    """
+    pid = tl.program_id(0)
+    blocks_a = tl.cdiv(NUM_A, BLOCK)
+    if pid < blocks_a:
+        _sum_block(PA, OUT_A, NUM_A, SPLITS_A, pid, BLOCK)
+    else:
+        _sum_block(PB, OUT_B, NUM_B, SPLITS_B, pid - blocks_a, BLOCK)
+
+
+# Elements per program of `_sum_splits_kernel`.
+SUM_BLOCK = 1024
 
 
 def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p=0.0, seed=0, need_a=True, need_b=True):
@@ -518,6 +545,14 @@ class _GradABPlan:
             BLOCK_RB=cfg_b.block_n, BLOCK_M=cfg_a.block_k, PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype),
             **cfg_a.launch(),
         )
+        # the partial sums' final add, both outputs in one launch (none when each has one split)
+        self.sum_a = rank * K if need_a and self.splits_a > 1 else 0
+        self.sum_b = N * rank if need_b and self.splits_b > 1 else 0
+        self.sums = None
+        if self.sum_a or self.sum_b:
+            self.sums = Launch(_sum_splits_kernel, (cdiv(self.sum_a, SUM_BLOCK) + cdiv(self.sum_b, SUM_BLOCK),),
+                               ("PA", "PB", "OUT_A", "OUT_B"), None, None, None, None, self.sum_a, self.sum_b,
+                               self.splits_a, self.splits_b, BLOCK=SUM_BLOCK, num_warps=4)
 
     @staticmethod
     def _split(M, block_rows, want):
@@ -547,9 +582,13 @@ class _GradABPlan:
         oa = out_a if out_a is not None else out_b
         ob = out_b if out_b is not None else out_a
         self.launch(dyb if self.need_a else x, x, dy, xa if self.need_b else x, oa, ob, float(scaling), seed_arg(seed))
-        # fp32 partials are summed in fp32 by torch (a fixed order: deterministic)
-        if out_a is not None and self.splits_a > 1:
-            out_a = out_a.sum(0, dtype=self.a_dtype)
-        if out_b is not None and self.splits_b > 1:
-            out_b = out_b.sum(0, dtype=self.b_dtype)
-        return out_a, out_b
+        if self.sums is None:
+            return out_a, out_b
+        # (torch's sum(0, dtype=bf16) would round every fp32 partial to bf16 first, in a copy kernel of its own)
+        da = torch.empty(self.shape_a, device=x.device, dtype=self.a_dtype) if self.sum_a else out_a
+        db = torch.empty(self.shape_b, device=x.device, dtype=self.b_dtype) if self.sum_b else out_b
+        pa = out_a if self.sum_a else None
+        pb = out_b if self.sum_b else None
+        self.sums(pa if pa is not None else pb, pb if pb is not None else pa,
+                  da if self.sum_a else db, db if self.sum_b else da)
+        return da, db

@@ -176,7 +176,7 @@ def _lora_fwd_kernel(
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     OUT_SCALE, HAS_OUT_SCALE: tl.constexpr, PERSISTENT: tl.constexpr, Y_TMA: tl.constexpr,
     XA_OUT, stride_xas, XA_SPLITS: tl.constexpr, GDC_WAIT: tl.constexpr,
-    FLAGS, SHRINK_PROGS, INLINE_XA: tl.constexpr,
+    FLAGS, SHRINK_PROGS, INLINE_XA: tl.constexpr, SHRINK_STAGES: tl.constexpr,
 ):
     """BLOCK_M x BLOCK_N tiles of Y: one per program, or (PERSISTENT) a grid of at most one program per SM, program
     p walking tiles p, p + programs, ... (one tile's epilogue overlaps the next one's first loads, and no tail wave
@@ -195,6 +195,7 @@ def _lora_fwd_kernel(
     INLINE_XA (PERSISTENT, no dropout, RANK <= BLOCK_R): the launch computes XA [M, RANK] itself: programs
         0 .. SHRINK_PROGS - 1 first shrink whole BLOCK_M row blocks and publish each in FLAGS [cdiv(M, BLOCK_M)]
         int32, zero at launch (helpers.shrink_row_block); a tile's epilogue waits for its row block.
+        SHRINK_STAGES: the pipeline depth of that shrink's loop.
     scaling: s; seed, keep_thr, inv_keep, K8: the dropout mask (helpers.dropout_keep), used if DROPOUT.
     BLOCK_R: padded rank (COMPUTE_XA: the whole rank, a power of two >= 16; else the epilogue's rank chunk),
     NUM_R_CHUNKS: rank chunks in the epilogue (1 when COMPUTE_XA). PRECISION: tl.dot precision for fp32; ACC: accumulator dtype.
@@ -204,7 +205,7 @@ def _lora_fwd_kernel(
     if PERSISTENT:
         first = persistent_start(INLINE_XA, X, A, XA, FLAGS, M, K, RANK, stride_xm, stride_xk, stride_ar,
                                  stride_ak, stride_xam, stride_xar, SHRINK_PROGS, USE_TMA, BLOCK_M, BLOCK_K, BLOCK_R,
-                                 PRECISION, ACC)
+                                 PRECISION, ACC, SHRINK_STAGES)
         for tile in range(first, tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
             _fwd_tile(tile, X, W, A, B, BIAS, XA, Y, M, N, K, RANK,
                       stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
@@ -365,7 +366,8 @@ class _ForwardPlan:
             # A placeholder pointer when absent (never read), as for BIAS: no None pointer arguments.
             OUT_SCALE=None, HAS_OUT_SCALE=out_scale is not None, PERSISTENT=cfg.persistent, Y_TMA=self.y_tma,
             XA_OUT=None, stride_xas=M * rank, XA_SPLITS=self.splits, GDC_WAIT=self.pdl,
-            FLAGS=None, SHRINK_PROGS=shrink_progs, INLINE_XA=self.inline, **cfg.launch(), **pdl_options,
+            FLAGS=None, SHRINK_PROGS=shrink_progs, INLINE_XA=self.inline,
+            SHRINK_STAGES=cfg.shrink_stages or cfg.num_stages, **cfg.launch(), **pdl_options,
         )
 
     def __call__(self, x, weight, bias, lora_A, lora_B, scaling, seed, out, out_scale):

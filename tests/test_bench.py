@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_DIR = os.path.join(ROOT, "bench")
 # One case with dropout and a power-of-two rank, one decode-like row with an odd rank.
@@ -54,3 +56,15 @@ def test_bench_cli_cpu_smoke(tmp_path):
     text = readme.read_text()
     assert text.count("<!-- bench:lora_linear start -->") == 1
     assert "cpu-33x40x24-r16-p0.1" in text and "`python bench/run_all.py`" in text
+
+
+@pytest.mark.gpu
+def test_paired_ratios_measure_a_known_ratio():
+    """`common.paired_ratios`: a function that runs the base's work twice measures about 2x, the base 1x."""
+    import torch
+    sys.path.insert(0, ROOT)
+    from bench.common import paired_ratios
+
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    ratios = paired_ratios({"base": lambda: a @ a, "twice": lambda: (a @ a, a @ a)}, "base", rounds=5)
+    assert ratios["base"] == 1.0 and 1.6 < ratios["twice"] < 2.4

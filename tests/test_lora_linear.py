@@ -359,6 +359,29 @@ def test_eval_mode_ignores_dropout(device):
                  torch.float32)
 
 
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)], ids=["dA_dB", "dA", "dB"])
+def test_grad_ab_adds_its_split_partials_in_fp32(need, device):
+    """dA and dB reduce over M in several splits (fp32 partial sums, then one launch that adds them in order): in
+    bf16 each element must be the fp32 sum rounded once, within one bf16 step of the float64 value."""
+    M, K, N, r, s = 200, 16, 24, 3, 0.7
+    x, dy = torch.randn(M, K, device=device), torch.randn(M, N, device=device)
+    xa, dyb = torch.randn(M, r, device=device), torch.randn(M, r, device=device)
+    x, dy, xa, dyb = (t.to(torch.bfloat16) for t in (x, dy, xa, dyb))
+    kernels.launch.clear_plans()  # the one plan left afterwards is this call's
+    dA, dB = kernels.lora_grad_ab(x, dy, xa, dyb, s, torch.bfloat16, torch.bfloat16, need_a=need[0],
+                                  need_b=need[1])
+    plan = next(iter(kernels.lora_bwd._AB_PLANS.values()))
+    assert max(plan.splits_a, plan.splits_b) > 2
+    refs = (s * dyb.double().t() @ x.double(), s * dy.double().t() @ xa.double())
+    for name, out, ref, wanted in (("dA", dA, refs[0], need[0]), ("dB", dB, refs[1], need[1])):
+        if not wanted:
+            assert out is None, name
+            continue
+        assert out.dtype == torch.bfloat16 and out.shape == ref.shape, name
+        step = ref.abs().clamp_min(1e-30).log2().floor().exp2() * 2.0 ** -7  # one bf16 step at each value
+        assert ((out.double() - ref).abs() <= step).all(), name
+
+
 def test_kernel_and_torch_paths_agree(device):
     """The CPU path (lora_fast.naive) and the kernels give the same results, dropout mask included."""
     x, W, b, A, B = lora_problem(21, 30, 14, 3, torch.float64, device)
