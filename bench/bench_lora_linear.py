@@ -49,8 +49,9 @@ TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 # Launch-bound shapes (M <= this) are also timed inside a CUDA graph over rotated weight sets.
 GRAPH_MAX_M = 256
 GRAPH_WEIGHT_SETS = 8
-# Rounds of `common.paired_ratios` (each provider's ratio to the base within interleaved rounds of 3 calls), a second
-# figure beside the ratio of do_bench medians, which the clock's drift between two timings seconds apart moves.
+# Rounds of `common.paired_ratios` (each provider's ratio to the base within interleaved rounds of 6 calls each, the
+# GPU kept busy), a second figure beside the ratio of do_bench medians, which the clock's drift between two timings
+# seconds apart moves; above GRAPH_MAX_M rows only.
 PAIRED_ROUNDS = 15
 # The H100's measured rates (shared/BENCH.md), used for the floors when nothing was measured on this machine.
 NOMINAL_PEAKS = {"bandwidth_Bps": 3.0e12, "matmul_flops": 730e12, "measured": False}
@@ -431,7 +432,7 @@ def time_case(case: Case, mode: str, providers: list[Provider], states: dict, x,
             row["note"] = "; ".join(notes)
         out[p.name] = row
     fns = {p.name: timing_fn(p, states[p.name][0], x, dy, mode) for p in providers if "us" in out[p.name]}
-    if "base" in fns and len(fns) > 1:
+    if "base" in fns and len(fns) > 1 and case.M > GRAPH_MAX_M:  # decode: host-bound, timed under graphs
         with torch.set_grad_enabled(mode != "fwd"):
             for name, ratio in common.paired_ratios(fns, "base", rounds=PAIRED_ROUNDS).items():
                 out[name]["paired_ratio_to_base"] = ratio
@@ -552,7 +553,7 @@ def summary_tables(rows: list[dict], providers: list[str]) -> str:
                   if any(v.get("paired_ratio_to_base") for v in p.values())]
         if paired:
             cols = ["case", "mode", *[n for n in providers if n != "base"]]
-            out.append(f"\n## paired ratio to base (median over {PAIRED_ROUNDS} interleaved rounds of 3 calls)\n"
+            out.append(f"\n## paired ratio to base (median over {PAIRED_ROUNDS} interleaved rounds of 6 calls)\n"
                        + common.format_table(paired, cols))
         graph = [{"case": c, **{f"{n} graph us (x)": _cell_time(p.get(n), "graph_us", "graph_ratio_to_base")
                                 for n in providers}}

@@ -58,21 +58,29 @@ def bench_us(fn: Callable[[], object], quantiles: Sequence[float] = (0.5, 0.2, 0
     return [t * 1e3 for t in ms]
 
 
-def paired_ratios(fns: dict[str, Callable[[], object]], base: str, rounds: int = 15, calls: int = 3,
-                  flush_bytes: int = 256 << 20) -> dict[str, float]:
+def paired_ratios(fns: dict[str, Callable[[], object]], base: str, rounds: int = 15, calls: int = 6,
+                  warm_calls: int = 6, flush_bytes: int = 256 << 20, head_start_ms: float = 5.0) -> dict[str, float]:
     """Per entry of `fns`, the median over `rounds` of (its time / `fns[base]`'s time) within one round.
 
-    A round times `calls` calls of every function back to back (CUDA events; L2 flushed before each call, as
-    do_bench does), in an order reversed every other round, so that each ratio compares times a few milliseconds
-    apart: slow drifts of the clock (power and temperature on a shared GPU) cancel out, where the ratio of two
-    do_bench medians taken seconds apart carries them. One warm-up call each first.
+    A round times `calls` calls of every function, one function after another (CUDA events around each call, L2
+    flushed before each, as do_bench does), in an order reversed every other round, so that each ratio compares
+    times a few milliseconds apart: slow drifts of the clock (power, temperature) cancel out, where the ratio of
+    two do_bench medians taken seconds apart carries them. The GPU is kept busy through the whole round, as in
+    do_bench's steady state: the round starts behind a GPU sleep of `head_start_ms` (the host queues ahead) and
+    `warm_calls` untimed calls of the base (the clock settles under load; timing right after an idle GPU favours
+    whatever runs first and shortest). Host-bound calls (decode shapes) leave gaps that count, as in do_bench.
     """
+    sleep_cycles = int(head_start_ms * 1e-3 * 2.0e9)  # ~2 GHz SM clock; the exact length does not matter
     flush = torch.empty(flush_bytes, dtype=torch.int8, device="cuda")
     names = list(fns)
     for fn in fns.values():
         fn()
     ratios: dict[str, list[float]] = {n: [] for n in names}
     for i in range(rounds):
+        torch.cuda._sleep(sleep_cycles)
+        for _ in range(warm_calls):
+            flush.zero_()
+            fns[base]()
         events = {}
         for name in (names if i % 2 == 0 else names[::-1]):
             pairs = []

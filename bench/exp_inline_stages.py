@@ -1,6 +1,9 @@
 """Experiment: the pipeline depth of the shrink inside the persistent forward and dX ("inline" mode,
 `GemmConfig.shrink_stages`), and dA / dB's partial sums added by one Triton launch instead of torch's sums.
 
+Variants (--variants): "d" the shipped configs, "sN" the shrink N stages deep in both kernels (0: the GEMM's
+num_stages). A variant that cannot run (say, out of shared memory) is reported and left out.
+
 The shrinking programs of the inline mode read whole 128-row blocks of X (or dY) alone, 64-wide steps with the
 GEMM's 3 stages: about 32 KiB in flight per SM, so a 1 MiB row block takes tens of µs, and the first wave's
 epilogues wait for it. Deeper pipelines (their tiles reuse the GEMM's shared memory, idle meanwhile) should
@@ -11,7 +14,7 @@ NaN-filled, repeated REPEATS times with fresh outputs, each bitwise equal to the
 Then interleaved timing rounds, ratios to cuBLAS in the same run, and each kernel's time in one autograd step.
 Prints a table last; JSON to --out.
 
-    python bench/exp_inline_stages.py --out /tmp/exp
+    python bench/exp_inline_stages.py --out /tmp/exp --variants d,s0,s4
 """
 import argparse
 import json
@@ -29,7 +32,7 @@ from bench.common import kernel_times_us, paired_ratios  # noqa: E402
 from lora_fast.kernels import config as kconfig, lora_bwd, lora_fwd  # noqa: E402
 
 REPEATS = 10
-STAGES = (0, 5, 8)  # 0: the GEMM's own num_stages (3)
+VARIANTS = ("s0", "s5", "s8")
 CHECKS = [(8192, 4096, 4096, 16), (8192, 4096, 14336, 16), (8192, 14336, 4096, 16), (4096, 4096, 4096, 64),
           (300, 4000, 3000, 3), (1000, 1000, 777, 1), (2500, 1032, 4100, 33), (513, 256, 64, 16)]
 TIMED = [(8192, 4096, 4096, 16), (8192, 4096, 14336, 16), (8192, 14336, 4096, 16), (4096, 4096, 4096, 16)]
@@ -39,25 +42,25 @@ def rel(out, ref):
     return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def set_stages(M, dt, stages):
-    """Force the inline shrink's depth for the persistent forward and dX at M rows (None: the shipped config)."""
+def set_variant(M, dt, spec):
+    """Force variant `spec` (module docstring) on the persistent forward and dX at M rows (None: shipped)."""
     cls = kconfig.shape_class(M)
     for kernel in ("fwd", "dx"):
         kconfig.set_override(kernel, cls, None)
-    if stages is not None:
+    if spec is not None:
         cfgs = {k: kconfig.gemm_config(k, M, dt, 0) for k in ("fwd", "dx")}
         for kernel, cfg in cfgs.items():
-            kconfig.set_override(kernel, cls, replace(cfg, shrink_stages=stages))
+            kconfig.set_override(kernel, cls, cfg if spec == "d" else replace(cfg, shrink_stages=int(spec[1:])))
 
 
-def plans(x, W, b, A, B, dy, stages):
-    """(forward plan, dX plan) in the inline mode with the shrink's depth forced."""
-    set_stages(x.shape[0], x.dtype, stages)
+def plans(x, W, b, A, B, dy, spec):
+    """(forward plan, dX plan) in the inline mode with variant `spec` forced."""
+    set_variant(x.shape[0], x.dtype, spec)
     try:
         fwd = lora_fwd._ForwardPlan(x, W, b, A, B, 0.0, True, "inline", None, "auto", None)
         dx = lora_bwd._DxPlan(dy, W, A, B, 0.0, True, "inline", None, "auto", None)
     finally:
-        set_stages(x.shape[0], x.dtype, None)
+        set_variant(x.shape[0], x.dtype, None)
     return fwd, dx
 
 
@@ -80,9 +83,18 @@ def check(M, K, N, r, dt=torch.bfloat16):
     dyb_ref = dy.double() @ B.double()
     dx_ref = dy.double() @ W.double() + s * dyb_ref.to(dt).double() @ A.double()
     row, ok = {"shape": [M, K, N, r]}, True
-    for stages in STAGES:
-        fwd, dxp = plans(x, W, b, A, B, dy, stages)
+    for spec in VARIANTS:
+        fwd, dxp = plans(x, W, b, A, B, dy, spec)
         first = None
+        try:
+            fwd(x, W, b, A, B, s, 0, None, None)
+            dxp(dy, W, A, B, s, 0, None, None)
+        except Exception as exc:  # noqa: BLE001 - reported, and the variant left out
+            row[f"v_{spec}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            ok = False
+            continue
+        row[f"v_{spec}_shared_bytes"] = [getattr(getattr(p.launch.compiled, "metadata", None), "shared", None)
+                                         for p in (fwd, dxp)]
         for i in range(REPEATS):
             y = torch.full((M, N), float("nan"), device="cuda", dtype=dt)
             _, xa = fwd(x, W, b, A, B, s, 0, y, None)
@@ -91,10 +103,10 @@ def check(M, K, N, r, dt=torch.bfloat16):
             if first is None:
                 first = (y, dx)
                 errs = {"y": rel(y, y_ref), "xa": rel(xa, xa_ref), "dx": rel(dx, dx_ref), "dyb": rel(dyb, dyb_ref)}
-                row[f"stages{stages}"] = errs
+                row[f"v_{spec}"] = errs
                 ok &= all(e < 2e-2 for e in errs.values())
             elif not (torch.equal(y, first[0]) and torch.equal(dx, first[1])):
-                row[f"stages{stages}_repeat_differs"] = i
+                row[f"v_{spec}_repeat_differs"] = i
                 ok = False
     # dA and dB (several splits, partial sums added by _sum_splits_kernel) against fp64
     dA, dB = lora_bwd.lora_grad_ab(x, dy, xa, dyb, s, dt, dt)
@@ -128,14 +140,21 @@ def timed(cands, rounds, base_of):
 
 
 def timings(M, K, N, r, rounds, dt=torch.bfloat16):
-    """do_bench and GPU-time ratios of the inline forward and dX at each depth in STAGES, dA / dB with either
-    final sum, and the autograd step at each depth."""
+    """do_bench and GPU-time ratios of the inline forward and dX in each of VARIANTS (those that run), dA / dB
+    with either final sum, and the autograd step in each variant."""
     x, W, _, A, B, dy = inputs(M, K, N, r, dt, 0)
     cands = {"base_fwd": lambda: F.linear(x, W), "base_dx": lambda: torch.mm(dy, W)}
-    for stages in STAGES:
-        fwd, dxp = plans(x, W, None, A, B, dy, stages)
-        cands[f"fwd_s{stages}"] = lambda p=fwd: p(x, W, None, A, B, 2.0, 0, None, None)
-        cands[f"dx_s{stages}"] = lambda p=dxp: p(dy, W, A, B, 2.0, 0, None, None)
+    variants = []
+    for spec in VARIANTS:
+        fwd, dxp = plans(x, W, None, A, B, dy, spec)
+        try:
+            fwd(x, W, None, A, B, 2.0, 0, None, None)
+            dxp(dy, W, A, B, 2.0, 0, None, None)
+        except Exception:  # noqa: BLE001 - the checks report it
+            continue
+        variants.append(spec)
+        cands[f"fwd_{spec}"] = lambda p=fwd: p(x, W, None, A, B, 2.0, 0, None, None)
+        cands[f"dx_{spec}"] = lambda p=dxp: p(dy, W, A, B, 2.0, 0, None, None)
     xa, dyb = x @ A.t(), dy @ B
     ab = lora_bwd._GradABPlan(x, dy, xa, dyb, dt, dt, 0.0, True, True)
 
@@ -157,36 +176,36 @@ def timings(M, K, N, r, rounds, dt=torch.bfloat16):
         torch.autograd.grad(lora_fast.lora_linear(xg, W, None, Ag, Bg, 2.0), (xg, Ag, Bg), dy)
 
     t, ratio, gpu_ratio = timed(cands, rounds, lambda n: "base_fwd" if n.startswith("fwd") else "base_dx")
-    steps = {"base_step": [], **{f"step_s{s}": [] for s in STAGES}}
+    steps = {"base_step": [], **{f"step_{v}": [] for v in variants}}
     for _ in range(rounds):
         steps["base_step"].append(do_bench(base_step, warmup=25, rep=200, return_mode="median") * 1e3)
-        for stages in STAGES:
-            set_stages(M, dt, stages)
-            steps[f"step_s{stages}"].append(do_bench(lora_step, warmup=25, rep=200, return_mode="median") * 1e3)
-    set_stages(M, dt, None)
+        for spec in variants:
+            set_variant(M, dt, spec)
+            steps[f"step_{spec}"].append(do_bench(lora_step, warmup=25, rep=200, return_mode="median") * 1e3)
+    set_variant(M, dt, None)
     paired = {}
     for base in ("base_fwd", "base_dx"):
         group = {n: f for n, f in cands.items() if n == base or n.startswith(base[5:] + "_")}
         paired.update({f"paired_{n}": v for n, v in paired_ratios(group, base).items() if n != base})
     step_plans = {}
-    for stages in STAGES:  # each step's plans built under its depth, then called with the override gone
-        set_stages(M, dt, stages)
+    for spec in variants:  # each step's plans built under its variant, then called with the override gone
+        set_variant(M, dt, spec)
         lora_step()
-        step_plans[stages] = (dict(lora_fwd._PLANS.items()), dict(lora_bwd._DX_PLANS.items()))
-    set_stages(M, dt, None)
+        step_plans[spec] = (dict(lora_fwd._PLANS.items()), dict(lora_bwd._DX_PLANS.items()))
+    set_variant(M, dt, None)
 
-    def step_with(stages):
+    def step_with(spec):
         def run():
             lora_fwd._PLANS.clear()
             lora_bwd._DX_PLANS.clear()
-            lora_fwd._PLANS.update(step_plans[stages][0])
-            lora_bwd._DX_PLANS.update(step_plans[stages][1])
+            lora_fwd._PLANS.update(step_plans[spec][0])
+            lora_bwd._DX_PLANS.update(step_plans[spec][1])
             lora_step()
         return run
 
-    paired.update({f"paired_step_s{s}": v for s, v in paired_ratios(
-        {"base_step": base_step, **{s: step_with(s) for s in STAGES}}, "base_step").items() if s != "base_step"})
-    set_stages(M, dt, None)
+    paired.update({f"paired_step_{s}": v for s, v in paired_ratios(
+        {"base_step": base_step, **{s: step_with(s) for s in variants}}, "base_step").items() if s != "base_step"})
+    set_variant(M, dt, None)
     kernels = kernel_times_us([lora_step, base_step], rounds=3)
     ratios = {k: v for k, v in ratio.items() if k.startswith(("fwd_", "dx_"))}
     ratios.update({f"gpu_{k}": v for k, v in gpu_ratio.items() if k.startswith(("fwd_", "dx_"))})
@@ -199,15 +218,15 @@ def timings(M, K, N, r, rounds, dt=torch.bfloat16):
 
 
 def main():
-    global STAGES
+    global VARIANTS
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="/tmp/exp")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--no-check", action="store_true")
-    p.add_argument("--stages", default=",".join(map(str, STAGES)), help="depths to compare (0: num_stages)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="d or sN (module docstring)")
     p.add_argument("--shapes", type=int, default=len(TIMED), help="time the first this many shapes")
     args = p.parse_args()
-    STAGES = tuple(int(s) for s in args.stages.split(","))
+    VARIANTS = tuple(args.variants.split(","))
     os.makedirs(args.out, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     checks = []
@@ -223,7 +242,7 @@ def main():
         print("kernels of one step", row["shape"], [(k[:30], round(v, 1)) for k, v in row["step_kernels_us"]])
     print(f"{'':>20} " + " ".join(f"{'x'.join(map(str, row['shape'][:3])):>17}" for row in rows))
     for key in rows[0]["ratios"]:
-        print(f"{key:>20} " + " ".join(f"{row['ratios'][key]:17.3f}" for row in rows))
+        print(f"{key:>20} " + " ".join(f"{row['ratios'].get(key, float('nan')):17.3f}" for row in rows))
     bad = sum(not c["ok"] for c in checks)
     print(f"checks: {len(checks) - bad}/{len(checks)} ok")
 

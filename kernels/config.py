@@ -93,9 +93,9 @@ _HALF_FWD_SPLIT = {"m16": GemmConfig(16, 32, 128, group_m=1, num_warps=4, num_st
 # rank-r epilogue 3 stages beat 4 (1.04-1.06x against 1.05-1.08x), though a plain GEMM of dX's layout preferred 4.
 # dX is stored through a descriptor too: with pointers, the int64 addresses of the 128 x 256 tile spilled ~1 KB
 # of registers per thread (ptxas for sm_90, Triton 3.6).
-# Its inline shrink (dY @ B by the programs with a tile fewer, "inline") pipelines 4 deep: dX alone at 8192 rows,
-# N or K of 4096 / 14336, was 1.04-1.08x cuBLAS with 4 or 5 stages against 1.13-1.18x with the GEMM's 3 in two H200
-# runs (bench/exp_inline_stages.py, results/exp_inline_stages_run*.json); 6 and 8 measured in between.
+# Its inline shrink (dY @ B by the programs with a tile fewer, "inline") pipelines 4 deep: dX alone at 8192 x 4096 x
+# 4096 was 1.07-1.08x cuBLAS with 4 or 5 stages against 1.17-1.20x with the GEMM's 3 in three H200 runs
+# (bench/exp_inline_stages.py, results/exp_inline_stages_run*.json; smaller gains at N or K = 14336).
 _HALF_DX_LARGE = replace(_HALF["large"], shrink_stages=4)
 _FULL = {  # fp32 / fp64: twice the bytes per element, so half the K step
     "m16": GemmConfig(16, 32, 64, group_m=1, num_warps=4, num_stages=3),
