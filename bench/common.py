@@ -99,6 +99,41 @@ def paired_ratios(fns: dict[str, Callable[[], object]], base: str, rounds: int =
     return {n: sorted(v)[len(v) // 2] for n, v in ratios.items()}
 
 
+def random_lora_inputs(M: int, K: int, N: int, r: int, dtype, seed: int):
+    """(x, W, b, A, B, dy) on the GPU from a seeded generator, W and A ~ N(0, 1/K)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(M, K, device="cuda", dtype=dtype, generator=g)
+    W = (torch.randn(N, K, device="cuda", dtype=dtype, generator=g) / K ** 0.5).to(dtype)
+    b = torch.randn(N, device="cuda", dtype=dtype, generator=g)
+    A = (torch.randn(r, K, device="cuda", dtype=dtype, generator=g) / K ** 0.5).to(dtype)
+    B = torch.randn(N, r, device="cuda", dtype=dtype, generator=g)
+    dy = torch.randn(M, N, device="cuda", dtype=dtype, generator=g)
+    return x, W, b, A, B, dy
+
+
+def lora_references(x, W, b, A, B, dy, scaling: float) -> tuple:
+    """float64 (y, xa, dx, dy @ B) of the fused forward and dX without dropout, the rank-r products rounded to x's
+    dtype before the second product, as the kernels round them."""
+    dt = x.dtype
+    xa_ref = x.double() @ A.double().t()
+    y_ref = x.double() @ W.double().t() + b.double() + scaling * xa_ref.to(dt).double() @ B.double().t()
+    dyb_ref = dy.double() @ B.double()
+    dx_ref = dy.double() @ W.double() + scaling * dyb_ref.to(dt).double() @ A.double()
+    return y_ref, xa_ref, dx_ref, dyb_ref
+
+
+def print_shape_report(rows: list[dict], checks: list[dict]) -> None:
+    """The last lines of an experiment over shapes: each row's kernel times of one step (`step_kernels_us`), a table
+    of every ratio (`ratios`) by shape, and how many `checks` passed (`ok`)."""
+    for row in rows:
+        print("kernels of one step", row["shape"], [(k[:30], round(v, 1)) for k, v in row["step_kernels_us"]])
+    print(f"{'':>20} " + " ".join(f"{'x'.join(map(str, row['shape'][:3])):>17}" for row in rows))
+    for key in (rows[0]["ratios"] if rows else ()):
+        print(f"{key:>20} " + " ".join(f"{row['ratios'].get(key, float('nan')):17.3f}" for row in rows))
+    bad = sum(not c["ok"] for c in checks)
+    print(f"checks: {len(checks) - bad}/{len(checks)} ok")
+
+
 def capture_graph(fns: Sequence[Callable[[], object]]) -> "torch.cuda.CUDAGraph":
     """A CUDA graph that calls each of `fns` once, in turn; warmed up (compile, allocate) and replayed once."""
     stream = torch.cuda.Stream()

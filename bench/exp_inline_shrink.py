@@ -21,7 +21,9 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import lora_fast  # noqa: E402
-from bench.common import kernel_times_us  # noqa: E402
+from bench.common import (  # noqa: E402
+    kernel_times_us, lora_references, print_shape_report, random_lora_inputs,
+)
 from lora_fast.kernels import config as kconfig, lora_bwd, lora_fwd  # noqa: E402
 from lora_fast.kernels.launch import clear_plans  # noqa: E402
 from lora_fast.kernels.lora_bwd import lora_backward_dx  # noqa: E402
@@ -40,18 +42,9 @@ def rel(out, ref):
 
 def check(M, K, N, r, dt=torch.bfloat16):
     """Max relative errors of y, xa, dX and dY @ B in both modes, and whether REPEATS inline runs were identical."""
-    g = torch.Generator(device="cuda").manual_seed(M * 7 + N + r)
-    x = torch.randn(M, K, device="cuda", dtype=dt, generator=g)
-    W = (torch.randn(N, K, device="cuda", dtype=dt, generator=g) / K ** 0.5).to(dt)
-    b = torch.randn(N, device="cuda", dtype=dt, generator=g)
-    A = (torch.randn(r, K, device="cuda", dtype=dt, generator=g) / K ** 0.5).to(dt)
-    B = torch.randn(N, r, device="cuda", dtype=dt, generator=g)
-    dy = torch.randn(M, N, device="cuda", dtype=dt, generator=g)
+    x, W, b, A, B, dy = random_lora_inputs(M, K, N, r, dt, M * 7 + N + r)
     s = 2.0
-    xa_ref = x.double() @ A.double().t()
-    y_ref = x.double() @ W.double().t() + b.double() + s * xa_ref.to(dt).double() @ B.double().t()
-    dyb_ref = dy.double() @ B.double()
-    dx_ref = dy.double() @ W.double() + s * dyb_ref.to(dt).double() @ A.double()
+    y_ref, xa_ref, dx_ref, dyb_ref = lora_references(x, W, b, A, B, dy, s)
     row = {"shape": [M, K, N, r]}
     for mode in ("shrink", "inline"):
         y = torch.full((M, N), float("nan"), device="cuda", dtype=dt)
@@ -149,13 +142,7 @@ def main():
     rows = [timings(*s, args.rounds) for s in TIMED]
     with open(os.path.join(args.out, "exp_inline_shrink.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "checks": checks, "timings": rows}, f, indent=1)
-    for row in rows:
-        print("kernels of one step", row["shape"], [(k[:40], round(v, 1)) for k, v in row["step_kernels_us"]])
-    print(f"{'':>20} " + " ".join(f"{'x'.join(map(str, row['shape'][:3])):>17}" for row in rows))
-    for key in rows[0]["ratios"]:
-        print(f"{key:>20} " + " ".join(f"{row['ratios'][key]:17.3f}" for row in rows))
-    bad = sum(not c["ok"] for c in checks)
-    print(f"checks: {len(checks) - bad}/{len(checks)} ok")
+    print_shape_report(rows, checks)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import lora_fast  # noqa: E402
-from bench.common import kernel_times_us, paired_ratios  # noqa: E402
+from bench.common import (  # noqa: E402
+    kernel_times_us, lora_references, paired_ratios, print_shape_report, random_lora_inputs,
+)
 from lora_fast.kernels import config as kconfig, lora_bwd, lora_fwd  # noqa: E402
 
 REPEATS = 10
@@ -64,24 +66,10 @@ def plans(x, W, b, A, B, dy, spec):
     return fwd, dx
 
 
-def inputs(M, K, N, r, dt, seed):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(M, K, device="cuda", dtype=dt, generator=g)
-    W = (torch.randn(N, K, device="cuda", dtype=dt, generator=g) / K ** 0.5).to(dt)
-    b = torch.randn(N, device="cuda", dtype=dt, generator=g)
-    A = (torch.randn(r, K, device="cuda", dtype=dt, generator=g) / K ** 0.5).to(dt)
-    B = torch.randn(N, r, device="cuda", dtype=dt, generator=g)
-    dy = torch.randn(M, N, device="cuda", dtype=dt, generator=g)
-    return x, W, b, A, B, dy
-
-
 def check(M, K, N, r, dt=torch.bfloat16):
-    x, W, b, A, B, dy = inputs(M, K, N, r, dt, M * 7 + N + r + 3)
+    x, W, b, A, B, dy = random_lora_inputs(M, K, N, r, dt, M * 7 + N + r + 3)
     s = 2.0
-    xa_ref = x.double() @ A.double().t()
-    y_ref = x.double() @ W.double().t() + b.double() + s * xa_ref.to(dt).double() @ B.double().t()
-    dyb_ref = dy.double() @ B.double()
-    dx_ref = dy.double() @ W.double() + s * dyb_ref.to(dt).double() @ A.double()
+    y_ref, xa_ref, dx_ref, dyb_ref = lora_references(x, W, b, A, B, dy, s)
     row, ok = {"shape": [M, K, N, r]}, True
     for spec in VARIANTS:
         fwd, dxp = plans(x, W, b, A, B, dy, spec)
@@ -142,7 +130,7 @@ def timed(cands, rounds, base_of):
 def timings(M, K, N, r, rounds, dt=torch.bfloat16):
     """do_bench and GPU-time ratios of the inline forward and dX in each of VARIANTS (those that run), dA / dB
     with either final sum, and the autograd step in each variant."""
-    x, W, _, A, B, dy = inputs(M, K, N, r, dt, 0)
+    x, W, _, A, B, dy = random_lora_inputs(M, K, N, r, dt, 0)
     cands = {"base_fwd": lambda: F.linear(x, W), "base_dx": lambda: torch.mm(dy, W)}
     variants = []
     for spec in VARIANTS:
@@ -238,13 +226,7 @@ def main():
         rows.append(timings(*s, args.rounds))
         with open(os.path.join(args.out, "exp_inline_stages.json"), "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "checks": checks, "timings": rows}, f, indent=1)
-    for row in rows:
-        print("kernels of one step", row["shape"], [(k[:30], round(v, 1)) for k, v in row["step_kernels_us"]])
-    print(f"{'':>20} " + " ".join(f"{'x'.join(map(str, row['shape'][:3])):>17}" for row in rows))
-    for key in rows[0]["ratios"]:
-        print(f"{key:>20} " + " ".join(f"{row['ratios'].get(key, float('nan')):17.3f}" for row in rows))
-    bad = sum(not c["ok"] for c in checks)
-    print(f"checks: {len(checks) - bad}/{len(checks)} ok")
+    print_shape_report(rows, checks)
 
 
 if __name__ == "__main__":
