@@ -11,9 +11,12 @@
       PEFT's own forward is called (base only / PEFT's mixed-batch path), so behaviour is PEFT's exactly.
     - Active adapters (`module.active_adapters`, set by `set_adapter`), those the module does not hold skipped.
       The FIRST active adapter is fused with the base GEMM: `lora_linear(x, W, b, A, B, scaling[name],
-      p, training)`. Each FURTHER active adapter adds PEFT's own plain-torch term
-      `lora_B(lora_A(dropout(x))) * scaling[name]` (same modules, same dropout module), so several active adapters
-      add up as in PEFT; only the first gets the fused kernel.
+      p, training)`, or for a DoRA adapter (`use_dora`) `lora_fast.dora.dora_linear(x, W, b, A, B,
+      lora_magnitude_vector[name].weight, scaling[name], p, training)`, which follows PEFT's DoRA term by term
+      (detached weight norm, bias after the scale, undropped x on the base path). Each FURTHER active adapter adds
+      PEFT's own plain-torch term `lora_B(lora_A(dropout(x))) * scaling[name]` (same modules, same dropout module),
+      or PEFT's own DoRA variant on the running result, so several active adapters add up as in PEFT; only the
+      first gets the fused kernel.
     - `scaling[name]` is read at every call (rsLoRA is already folded into it by PEFT; `set_scale` /
       `scale_layer` are honoured).
     - `lora_dropout[name]`: `nn.Dropout(p)` gives `dropout_p = p`, active when that Dropout module is in training
@@ -28,12 +31,13 @@
       the kernel, so the difference from PEFT is one rounding of A, B and of xa to x's dtype. With fp32
       everywhere the results equal PEFT's up to summation order.
     - Not fused, PEFT's forward kept (decided per call, so adapters added after `patch` are covered too):
-      LoRA variants (DoRA `use_dora`, aLoRA, ...), `lora_bias=True` (a bias on lora_B), an x whose dtype differs
-      from the base weight's, dropout modules other than nn.Dropout / nn.Identity, base layers carrying forward
-      hooks (accelerate offload hooks).
+      LoRA variants other than DoRA (aLoRA, ...), DoRA on a `Conv1D` base, `lora_bias=True` (a bias on lora_B), an
+      x whose dtype differs from the base weight's, dropout modules other than nn.Dropout / nn.Identity, base
+      layers carrying forward hooks (accelerate offload hooks).
     - Not patched at all (reported in one log line): every other PEFT layer type (Embedding, Conv1d/2d/3d,
       bitsandbytes / GPTQ / AWQ / torchao quantized layers, ...), base layers other than exactly `nn.Linear` or
-      `Conv1D`, and layers any of whose adapters uses a variant (DoRA) at patch time.
+      `Conv1D`, and layers any of whose adapters uses a variant other than DoRA, or DoRA on a `Conv1D`, at patch
+      time.
 
 `load_peft_adapter(model, path)` / `save_peft_adapter(model, path)`
     PEFT adapter directories (`adapter_config.json` + `adapter_model.safetensors` or `adapter_model.bin`) to and
@@ -58,6 +62,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from .dora import dora_linear
 from .functional import autocast_dtype, lora_linear
 from .embedding import LoRAEmbedding
 from .layers import LoRALinear
@@ -98,10 +103,13 @@ def _peft_linear_type():
     return Linear
 
 
-def _variant_adapters(module) -> set:
-    names = set(getattr(module, "lora_variant", {}) or {})
-    names |= {k for k, v in (getattr(module, "use_dora", {}) or {}).items() if v}
-    return names
+def _dora_adapters(module) -> set:
+    return {k for k, v in (getattr(module, "use_dora", {}) or {}).items() if v}
+
+
+def _other_variant_adapters(module) -> set:
+    """The adapters of `module` that use a LoRA variant other than DoRA (aLoRA, ...): PEFT's forward for them."""
+    return set(getattr(module, "lora_variant", {}) or {}) - _dora_adapters(module)
 
 
 def _skip_reason(module) -> str | None:
@@ -122,8 +130,10 @@ def _skip_reason(module) -> str | None:
     w = getattr(base, "weight", None)
     if not isinstance(w, torch.Tensor) or type(w.data) is not torch.Tensor or w.dtype not in _FLOAT_DTYPES:
         return "Linear(quantized weight)"
-    if _variant_adapters(module):
-        return "DoRA/variant"
+    if _other_variant_adapters(module):
+        return "variant"
+    if _dora_adapters(module) and type(base) is not nn.Linear:
+        return "DoRA(Conv1D)"
     return None
 
 
@@ -147,8 +157,10 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     active = [a for a in self.active_adapters if a in self.lora_A]
     if not active:
         return peft_forward(x)
-    variants = _variant_adapters(self)
-    if any(a in variants or self.lora_B[a].bias is not None or self.lora_A[a].bias is not None for a in active):
+    others, dora = _other_variant_adapters(self), _dora_adapters(self)
+    if any(a in others or self.lora_B[a].bias is not None or self.lora_A[a].bias is not None for a in active):
+        return peft_forward(x)
+    if self.fan_in_fan_out and dora.intersection(active):  # DoRA on a Conv1D base: PEFT's forward
         return peft_forward(x)
     base = self.get_base_layer()
     if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
@@ -175,13 +187,20 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     scaling = self.scaling[first]
     if isinstance(scaling, torch.Tensor):
         scaling = float(scaling)
-    result = lora_linear(x, weight, bias, A, B, float(scaling), p, training)
+    if first in dora:  # magnitude [N]: PEFT keeps it in the adapters' dtype; its gradient comes back in it
+        result = dora_linear(x, weight, bias, A, B, self.lora_magnitude_vector[first].weight, float(scaling), p,
+                             training)
+    else:
+        result = lora_linear(x, weight, bias, A, B, float(scaling), p, training)
     if len(active) > 1:
         out_dtype = result.dtype
         for name in active[1:]:  # PEFT's own term for every further adapter
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
             xc = self._cast_input_dtype(x, lora_A.weight.dtype)
-            result = result + lora_B(lora_A(self.lora_dropout[name](xc))) * self.scaling[name]
+            if name in dora:  # PEFT's DoRA variant, on the running result as PEFT's forward gives it
+                result = self.lora_variant[name].forward(self, active_adapter=name, x=xc, result=result)
+            else:
+                result = result + lora_B(lora_A(self.lora_dropout[name](xc))) * self.scaling[name]
         result = result.to(out_dtype)
     return result
 

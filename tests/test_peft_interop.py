@@ -175,16 +175,16 @@ def test_patch_keeps_parameters_unpatch_restores(caplog):
     with caplog.at_level(logging.INFO, logger="lora_fast.peft"):
         assert lfp.patch(model) is model
     msg = " ".join(r.getMessage() for r in caplog.records)
-    assert "patched 4 lora.Linear" in msg and "lora.Embedding x1" in msg and "DoRA/variant x2" in msg, msg
+    assert "patched 6 lora.Linear" in msg and "lora.Embedding x1" in msg and "variant" not in msg, msg
     patched = [m for m in model.modules() if lfp.is_patched(m)]
-    assert len(patched) == 4 and all("forward" in m.__dict__ for m in patched)
+    assert len(patched) == 6 and all("forward" in m.__dict__ for m in patched)  # k_proj with its DoRA adapter too
     sd1 = {k: v.data_ptr() for k, v in model.state_dict().items()}
     assert sd1 == sd0 and [(n, id(p)) for n, p in model.named_parameters()] == params0
     lfp.patch(model)  # idempotent
     with torch.no_grad():
         y1 = model(input_ids=x).logits
         clone = copy.deepcopy(model)  # the copy's patched forwards are bound to the copy's modules
-        assert sum(lfp.is_patched(m) for m in clone.modules()) == 4
+        assert sum(lfp.is_patched(m) for m in clone.modules()) == 6
         for name, m in clone.named_modules():
             if lfp.is_patched(m):
                 assert m.forward.__self__ is m and m._lora_fast_peft_forward.__self__ is m, name
@@ -195,6 +195,94 @@ def test_patch_keeps_parameters_unpatch_restores(caplog):
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == sd0
     with torch.no_grad():
         assert torch.equal(model(input_ids=x).logits, y0)
+
+
+@pytest.fixture
+def count_dora(monkeypatch):
+    """Counts the calls of the fused dora_linear made by the patched forwards."""
+    calls = {"n": 0}
+    real = lfp.dora_linear
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(lfp, "dora_linear", counting)
+    return calls
+
+
+def dora_model(dtype=torch.float32, **extra):
+    """A PEFT Llama with DoRA adapters whose magnitudes are moved off their init (g != 1 everywhere)."""
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True,
+                     init_lora_weights=False, **extra)
+    model = get_peft_model(llama(dtype=dtype), cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
+    return model
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_dora_adapters_are_fused(mode, count_dora, count_fused):
+    """PEFT's DoRA (`use_dora=True`) through lora_fast's fused DoRA: outputs and the gradients of A, B and the
+    magnitude equal PEFT's (fp32; in eval, and in training with lora_dropout 0)."""
+    model = dora_model()
+    model.train(mode == "train")
+    _, lora_names = assert_parity(model, ids())
+    assert any("lora_magnitude_vector" in n for n in lora_names)
+    assert count_dora["n"] == 2 * 3 and count_fused["n"] == 0  # 3 targets in each of 2 layers
+
+
+def test_dora_with_dropout_runs_fused(count_dora):
+    """With lora_dropout > 0 in training the kernel draws its own mask: the step runs fused, gradients finite, and
+    in eval the same model equals PEFT's."""
+    model = dora_model(lora_dropout=0.2).train()
+    lfp.patch(model)
+    _, grads = run(model, ids())
+    lfp.unpatch(model)
+    assert count_dora["n"] == 6 and grads and all(torch.isfinite(g).all() for g in grads.values())
+    assert any("lora_magnitude_vector" in n for n in grads)
+    assert_parity(model.eval(), ids())
+
+
+def test_dora_and_lora_adapters_active_together(count_dora, count_fused):
+    """Two active adapters on one module, DoRA and plain LoRA in either order: the first is fused, the second added
+    by PEFT's own code on the running result, as PEFT's forward adds it."""
+    model = dora_model()
+    model.add_adapter("plain", LoraConfig(r=2, lora_alpha=5, target_modules=["v_proj", "up_proj"],
+                                          init_lora_weights=False))
+    model.eval()
+    for order in (["default", "plain"], ["plain", "default"]):
+        model.base_model.set_adapter(order)
+        for n, p in model.named_parameters():
+            p.requires_grad_("lora_" in n)
+        assert_parity(model, ids())
+    assert count_dora["n"] > 0 and count_fused["n"] > 0
+
+
+def test_dora_on_conv1d_keeps_peft_forward(caplog):
+    model = get_peft_model(gpt2(), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
+                                              use_dora=True, init_lora_weights=False)).eval()
+    with caplog.at_level(logging.INFO, logger="lora_fast.peft"):
+        lfp.patch(model)
+    assert "DoRA(Conv1D) x2" in " ".join(r.getMessage() for r in caplog.records)
+    lfp.unpatch(model)
+    assert_parity(model, ids())
+
+
+def test_dora_bf16_base_fp32_adapters(count_dora):
+    """PEFT's default on a bf16 model: fp32 adapters and magnitudes. The fused path runs in bf16 (fp32 sums) where
+    PEFT casts x up for the DoRA branch; their gradients come back in fp32."""
+    model = dora_model(dtype=torch.bfloat16).eval()
+    y0, g0 = run(model, ids())
+    lfp.patch(model)
+    y1, g1 = run(model, ids())
+    lfp.unpatch(model)
+    assert count_dora["n"] == 6 and y1.dtype == y0.dtype == torch.bfloat16
+    assert rel(y1, y0) < 2e-2
+    for n in g0:
+        assert g1[n].dtype == g0[n].dtype and rel(g1[n], g0[n]) < 5e-2, (n, rel(g1[n], g0[n]))
 
 
 def test_bf16_base_fp32_adapters():
