@@ -45,18 +45,23 @@ def ids(seed=1, batch=2, seq=8):
     return torch.randint(0, 128, (batch, seq), generator=g)
 
 
-@pytest.fixture
-def count_fused(monkeypatch):
-    """Counts the calls of the fused lora_linear made by the patched forwards."""
+def _count_calls(monkeypatch, name):
+    """{"n": calls so far} of lora_fast.peft's `name` (what the patched forwards call), counted from now on."""
     calls = {"n": 0}
-    real = lfp.lora_linear
+    real = getattr(lfp, name)
 
     def counting(*a, **k):
         calls["n"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(lfp, "lora_linear", counting)
+    monkeypatch.setattr(lfp, name, counting)
     return calls
+
+
+@pytest.fixture
+def count_fused(monkeypatch):
+    """Counts the calls of the fused lora_linear made by the patched forwards."""
+    return _count_calls(monkeypatch, "lora_linear")
 
 
 def run(model, x):
@@ -200,15 +205,7 @@ def test_patch_keeps_parameters_unpatch_restores(caplog):
 @pytest.fixture
 def count_dora(monkeypatch):
     """Counts the calls of the fused dora_linear made by the patched forwards."""
-    calls = {"n": 0}
-    real = lfp.dora_linear
-
-    def counting(*a, **k):
-        calls["n"] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(lfp, "dora_linear", counting)
-    return calls
+    return _count_calls(monkeypatch, "dora_linear")
 
 
 def dora_model(dtype=torch.float32, **extra):
