@@ -400,7 +400,8 @@ class _DxPlan:
             PRECISION=dot_precision(dy.dtype), ACC=acc_dtype(dy.dtype),
             DY_SCALE=None, HAS_DY_SCALE=dy_scale is not None, PERSISTENT=cfg.persistent, GDC_WAIT=self.pdl,
             FLAGS=None, SHRINK_PROGS=shrink_progs, INLINE_DYB=self.inline,
-            DX_TMA=self.dx_tma, SHRINK_STAGES=cfg.shrink_stages or cfg.num_stages, **cfg.launch(), **({"launch_pdl": True} if self.pdl else {}),
+            DX_TMA=self.dx_tma, SHRINK_STAGES=cfg.shrink_stages or cfg.num_stages, **cfg.launch(),
+            **({"launch_pdl": True} if self.pdl else {}),
         )
 
     def __call__(self, dy, weight, lora_A, lora_B, scaling, seed, out, dy_scale):
@@ -435,10 +436,11 @@ class _DxPlan:
 
 @triton.jit
 def _sum_block(P, OUT, NUM, SPLITS, block, BLOCK: tl.constexpr):
-    """OUT[i] = sum over s < SPLITS, in order, of P[s, i] (fp32), for the BLOCK elements i of `block` below NUM."""
+    """OUT[i] = sum over s < SPLITS, in order, of P[s, i] (in P's dtype), for the BLOCK elements i of `block` below
+    NUM."""
     offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < NUM
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK,), dtype=P.dtype.element_ty)
     for s in range(0, SPLITS):
         acc += tl.load(P + s * NUM + offs, mask=mask, other=0.0)
     tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
@@ -448,9 +450,10 @@ def _sum_block(P, OUT, NUM, SPLITS, block, BLOCK: tl.constexpr):
 def _sum_splits_kernel(PA, PB, OUT_A, OUT_B, NUM_A, NUM_B, SPLITS_A, SPLITS_B, BLOCK: tl.constexpr):
     """The final dA and dB from `_lora_grad_ab_kernel`'s partial sums, in one launch.
 
-    PA: [SPLITS_A, NUM_A] and PB: [SPLITS_B, NUM_B] fp32 (contiguous, NUM = P * Q of each output), OUT_A: [NUM_A],
-    OUT_B: [NUM_B] in their own dtypes. Programs 0 .. cdiv(NUM_A, BLOCK) - 1 sum A's elements, the rest B's
-    (NUM_A or NUM_B is 0 when that output needs no sum). Summed in fp32 in split order, rounded once.
+    PA: [SPLITS_A, NUM_A] and PB: [SPLITS_B, NUM_B] (contiguous, NUM = P * Q of each output; fp32, fp64 for fp64),
+    OUT_A: [NUM_A], OUT_B: [NUM_B] in their own dtypes. Programs 0 .. cdiv(NUM_A, BLOCK) - 1 sum A's elements, the
+    rest B's (NUM_A or NUM_B is 0 when that output needs no sum). Summed in the partials' dtype in split order,
+    rounded once.
     """
     pid = tl.program_id(0)
     blocks_a = tl.cdiv(NUM_A, BLOCK)
