@@ -594,13 +594,46 @@ def checkpoint_compiled(M=512, K=64, p=0.5):
                rel_err_dx=err)
 
 
+def variants_compiled(M=4096, K=4096, N=4096):
+    """DoRA and VeRA layers (bf16) under torch.compile(fullgraph=True, inductor): one graph each, a training step's
+    output and gradients against eager's, and fwd+bwd times of both (the traced DoRA saves z for dm)."""
+    import torch._dynamo.testing
+
+    from lora_fast.dora import DoRALinear
+    from lora_fast.vera import VeRALinear
+
+    torch.manual_seed(0)
+    layers = {"dora": DoRALinear(K, N, rank=16, alpha=32, device=DEV, dtype=BF16),
+              "vera": VeRALinear.from_linear(nn.Linear(K, N, device=DEV, dtype=BF16), rank=256)}
+    with torch.no_grad():
+        nn.init.normal_(layers["dora"].lora_B, std=0.1)
+        layers["vera"].vera_lambda_b.normal_(std=0.1)
+    x = torch.randn(M, K, device=DEV, dtype=BF16, requires_grad=True)
+    g = torch.randn(M, N, device=DEV, dtype=BF16)
+    for name, layer in layers.items():
+        params = [p for p in layer.parameters() if p.requires_grad]
+        counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+        compiled = torch.compile(layer, backend=counter, fullgraph=True)
+        out = {}
+        for kind, fn in (("eager", layer), ("compiled", compiled)):
+            y = fn(x)
+            out[kind] = [y, *torch.autograd.grad(y, [x, *params], g)]
+        errs = [rel_err(c, e) for c, e in zip(out["compiled"], out["eager"])]
+        record(f"{name} compiled fullgraph (one graph; y and grads vs eager)",
+               counter.frame_count == 1 and max(errs) <= 2e-2, frames=counter.frame_count, rel_errs=errs)
+        time_ratio(f"{name} fwd+bwd {M}x{K}x{N}",
+                   {"base": lambda: torch.autograd.grad(F.linear(x, layer.weight), x, g),
+                    "eager": lambda: torch.autograd.grad(layer(x), [x, *params], g),
+                    "compiled": lambda: torch.autograd.grad(compiled(x), [x, *params], g)})
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 
 # In order of importance: the budget guard skips what comes last when compiles run long (run it with --only).
 CASES = {f.__name__: f for f in (training_block, opcheck_cuda, multi_inference, demo_decode_graph,
                                  lora_linear_decode_graph, autocast_fp32_params, mixed_adapters, checkpointing,
-                                 host_overhead, reduce_overhead, checkpoint_compiled)}
+                                 host_overhead, reduce_overhead, checkpoint_compiled, variants_compiled)}
 
 
 def main(argv=None) -> int:

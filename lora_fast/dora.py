@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import naive
-from .functional import _ops, autocast_inputs, draw_seed, eager_under_compile, use_triton
+from .functional import _ops, autocast_inputs, draw_seed, eager_only, is_compiling, lora_linear, use_triton
 from .layers import LoRALinear
 from .philox import dropout_mask_torch
 from .targeting import replace_linears
@@ -171,7 +171,6 @@ def _magnitude_grad(dot, dy2d, x2d, weight, lora_A, lora_B, magnitude, weight_no
     return dm.to(magnitude.dtype)
 
 
-@eager_under_compile
 def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, training=False):
     """Fused DoRA linear with PEFT's semantics (module docstring): differentiable in x, A, B, magnitude, bias.
 
@@ -181,17 +180,51 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
     Under torch.autocast, x, weight, bias, A and B are cast as lora_linear casts them (magnitude keeps its dtype).
     Returns y: [..., N].
 
+    Under torch.compile without dropout (or in eval) it is traced without a graph break: the norm is the
+    `lora_fast::dora_norm` op, g = m / norm and g * z + b are graph ops around `lora_linear`'s op for z =
+    x @ W^T + s * (x @ A^T) @ B^T. That saves z ([M, N], one tensor more than the eager path, which recovers it
+    from y) for the magnitude's gradient, rounds z to x's dtype before the scale, and needs no host read for zero
+    magnitudes. With dropout in training it runs eagerly at a graph break.
+
     >>> m = dora_weight_norm(W, A, B, 2.0).requires_grad_()          # DoRA's init: g = 1
     >>> y = dora_linear(x, W, b, A, B, m, scaling=2.0, dropout_p=0.05, training=True)
     >>> y.sum().backward()                                          # grads in x, A, B, m
     """
+    if is_compiling():
+        from . import ops
+
+        if ops.HAS_CUSTOM_OPS:
+            checked = _dora_checked(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training)
+            if checked[-1] == 0.0:
+                return _dora_linear_traced(*checked[:-1], magnitude)
+        return eager_only(_dora_linear_eager)(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p,
+                                              training)
+    return _dora_linear_eager(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training)
+
+
+def _dora_checked(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training):
+    """dora_linear's operands after autocast and its checks: (x, weight, bias, A, B in x's dtype, scaling, p)."""
     x, weight, bias, lora_A, lora_B = autocast_inputs(x, weight, bias, lora_A, lora_B)
     scaling, dropout_p = check_lora_linear_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
     check_vector_param("magnitude", magnitude, weight.shape[0], x)
     # fp32 adapters on a half x (PEFT's habit) run in x's dtype; their gradients come back in fp32.
-    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    return x, weight, bias, lora_A.to(x.dtype), lora_B.to(x.dtype), scaling, (dropout_p if training else 0.0)
+
+
+def _dora_linear_traced(x, weight, bias, lora_A, lora_B, scaling, magnitude):
+    """dora_linear under torch.compile without dropout (its docstring), on `_dora_checked` operands."""
+    norm = torch.ops.lora_fast.dora_norm(weight.detach(), lora_A.detach(), lora_B.detach(), scaling)
+    g = magnitude.to(norm.dtype) / norm
+    y = lora_linear(x, weight, None, lora_A, lora_B, scaling).to(norm.dtype) * g
+    if bias is not None:
+        y = y + bias.to(norm.dtype)
+    return y.to(x.dtype)
+
+
+def _dora_linear_eager(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training):
+    x, weight, bias, lora_A, lora_B, scaling, p = _dora_checked(x, weight, bias, lora_A, lora_B, magnitude,
+                                                                scaling, dropout_p, training)
     norm, g = _dora_scale(weight, lora_A, lora_B, scaling, magnitude)
-    p = dropout_p if training else 0.0
     if p == 0.0:
         return DoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, g, norm, scaling)
     x2d = x.reshape(-1, x.shape[-1])

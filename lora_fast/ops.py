@@ -9,6 +9,9 @@ Ops (each with a fake implementation for tracing; shapes as in the launchers of 
 - `lora_fast::lora_grad_ab(x, dy, xa?, dyb?, scaling, a_dtype, b_dtype, dropout_p, seed?, need_a, need_b)`
   -> `(dA [r, K] or [0], dB [N, r] or [0])`;
 - `lora_fast::draw_seed(generator [0])` -> int64 [1] on the generator's device: a dropout seed (see below);
+- `lora_fast::dora_norm(weight [N, K], lora_A [r, K], lora_B [N, r], scaling)` -> `||W + s * B @ A||_row` [N] fp32
+  (fp64 for fp64), no autograd (DoRA's norm is a constant; `dora.dora_linear` traces DoRA with it, with
+  `lora_forward` and graph ops; VeRA traces with `lora_forward` and graph ops alone);
 - `lora_fast::multi_lora_forward(x [T, K], weight, bias?, A [S, slices, R, K], B [S, N, R], scalings [S],
   ranks [S], adapter_ids, perm, seg_of, seg_start, seg_adapter, slice_sizes)` -> `y [T, N]`, with autograd for x
   only (serving: the pool and the base weight are frozen, their gradients are not computed).
@@ -164,6 +167,16 @@ if HAS_CUSTOM_OPS:
         rank = (xa if xa is not None else dyb).shape[1]
         return (_empty(x, rank, x.shape[1], dtype=a_dtype) if need_a else _empty(x, 0, dtype=a_dtype),
                 _empty(x, dy.shape[1], rank, dtype=b_dtype) if need_b else _empty(x, 0, dtype=b_dtype))
+
+    @_Op
+    def dora_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+        from .dora import dora_weight_norm
+
+        return dora_weight_norm(weight, lora_A, lora_B, scaling)
+
+    @dora_norm.register_fake
+    def _(weight, lora_A, lora_B, scaling):
+        return _empty(weight, weight.shape[0], dtype=torch.promote_types(weight.dtype, torch.float32))
 
     # The launchers' signatures over the ops, for the shared backward (`functional.lora_backward`).
     class _OpLaunchers:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import _ops, autocast_inputs, draw_seed, eager_under_compile
+from .functional import _ops, autocast_inputs, draw_seed, eager_only, is_compiling, lora_linear
 from .layers import adopt_frozen_base
 from .targeting import matching_linears, replace_linears
 from .validation import (check_dropout, check_dtype, check_lora_linear_args, check_rank, check_scaling, check_tensor,
@@ -69,7 +69,8 @@ class VeRAProjections(nn.Module):
 
     def sliced(self, in_features: int, out_features: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(A [rank, in_features], B [out_features, rank]) on `device` in `dtype`, contiguous; cached until the
-        buffers change (moved, loaded or edited in place)."""
+        buffers change (moved, loaded or edited in place). Under torch.compile the slices are graph ops instead
+        (the cache key reads storage addresses, which dynamo cannot trace)."""
         if type(in_features) is not int or type(out_features) is not int or in_features < 1 or out_features < 1:
             check_rank(in_features, "in_features")  # a 0 or negative width would slice the wrong columns
             check_rank(out_features, "out_features")
@@ -77,6 +78,9 @@ class VeRAProjections(nn.Module):
             raise ValueError(f"a layer of in_features={in_features}, out_features={out_features} does not fit "
                              f"the projections [{self.rank}, {self.vera_A.shape[1]}] and "
                              f"[{self.vera_B.shape[0]}, {self.rank}]")
+        if is_compiling():
+            return (self.vera_A[:, :in_features].to(device=device, dtype=dtype).contiguous(),
+                    self.vera_B[:out_features].to(device=device, dtype=dtype).contiguous())
         key = (in_features, out_features, torch.device(device), dtype, self.vera_A.data_ptr(),
                self.vera_A._version, self.vera_B.data_ptr(), self.vera_B._version)
         hit = self._cache.get(key)
@@ -155,7 +159,6 @@ class VeRALinearFunction(torch.autograd.Function):
         return dx, dw, dbias, None, None, dd, dlb, None, None
 
 
-@eager_under_compile
 def vera_linear(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p=0.0, training=False):
     """Fused VeRA linear: `x @ W^T + b + lambda_b * ((lambda_d * (drop(x) @ A^T)) @ B^T)`.
 
@@ -164,10 +167,26 @@ def vera_linear(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p=0
     dropout_p in [0, 1), on the VeRA branch's input, used when `training`. Under torch.autocast, x, weight, bias
     and the projections are cast as lora_linear casts them (the lambdas keep their dtype). Returns y: [..., N].
 
+    Under torch.compile it is traced without a graph break: the scaled factors d * A and lambda_b * B are graph
+    ops and the product goes through `lora_linear` (the `lora_fast::lora_forward` op), whose gradients of the
+    factors autograd carries to the lambdas (in x's dtype before that last reduction, where the eager path keeps
+    them in fp32; with dropout the mask comes from the in-graph seed, as for `lora_linear`).
+
     >>> A, B = shared_projections(4096, 4096, rank=256).sliced(4096, 4096, x.device, x.dtype)
     >>> y = vera_linear(x, W, b, A, B, lambda_d, lambda_b, dropout_p=0.1, training=True)
     >>> y.sum().backward()                                       # grads in x, lambda_d, lambda_b
     """
+    if is_compiling():
+        from . import ops
+
+        fn = _vera_linear_traced if ops.HAS_CUSTOM_OPS else eager_only(_vera_linear_eager)
+        return fn(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p, training)
+    return _vera_linear_eager(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p, training)
+
+
+def _vera_checked(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p, training):
+    """vera_linear's operands after autocast and its checks: (x, weight, bias, vera_A, vera_B, p) with vera_A and
+    vera_B detached in x's dtype and p the dropout probability in effect."""
     x, weight, bias, vera_A, vera_B = autocast_inputs(x, weight, bias, vera_A, vera_B)
     try:  # the LoRA checks, with the errors naming VeRA's arguments
         _, dropout_p = check_lora_linear_args(x, weight, bias, vera_A, vera_B, 1.0, dropout_p, training)
@@ -175,10 +194,24 @@ def vera_linear(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p=0
         raise type(e)(str(e).replace("lora_A", "vera_A").replace("lora_B", "vera_B")) from None
     check_vector_param("lambda_d", lambda_d, vera_A.shape[0], x)
     check_vector_param("lambda_b", lambda_b, weight.shape[0], x)
-    p = dropout_p if training else 0.0
+    return (x, weight, bias, vera_A.detach().to(x.dtype), vera_B.detach().to(x.dtype),
+            dropout_p if training else 0.0)
+
+
+def _vera_linear_eager(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p, training):
+    x, weight, bias, vera_A, vera_B, p = _vera_checked(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b,
+                                                       dropout_p, training)
     seed = draw_seed(x) if p > 0.0 else 0
-    return VeRALinearFunction.apply(x, weight, bias, vera_A.detach().to(x.dtype), vera_B.detach().to(x.dtype),
-                                    lambda_d, lambda_b, p, seed)
+    return VeRALinearFunction.apply(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, p, seed)
+
+
+def _vera_linear_traced(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p, training):
+    """vera_linear under torch.compile: the factors folded by graph ops, the product by the lora_forward op."""
+    x, weight, bias, vera_A, vera_B, p = _vera_checked(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b,
+                                                       dropout_p, training)
+    a_d = (vera_A * lambda_d[:, None]).to(x.dtype)  # rounded once to x's dtype, as VeRALinearFunction does
+    b_b = (vera_B * lambda_b[:, None]).to(x.dtype)
+    return lora_linear(x, weight, bias, a_d, b_b, 1.0, p, True)
 
 
 

@@ -260,10 +260,70 @@ def test_peft_patched_model_compiles_fullgraph_with_dropout():
         assert_close(f"output/gradient {i}", c, e, torch.float32)
 
 
+def test_opcheck_dora_norm():
+    x, W, _, A, B = _lora_args(M=3, K=11, N=9, r=3)
+    torch.library.opcheck(torch.ops.lora_fast.dora_norm.default, (W, A, B, 1.5))
+
+
+def _dora_vera_layers():
+    from lora_fast.dora import DoRALinear
+    from lora_fast.vera import VeRALinear
+
+    torch.manual_seed(5)
+    dora = DoRALinear.from_linear(nn.Linear(40, 24), rank=4, alpha=8)
+    vera = VeRALinear.from_linear(nn.Linear(40, 24), rank=8)
+    with torch.no_grad():
+        dora.lora_B.normal_()
+        dora.lora_magnitude.mul_(torch.rand(24) + 0.5)
+        dora.lora_magnitude[3] = 0.0  # a zero magnitude: its gradient comes from z, not from y
+        vera.vera_lambda_b.normal_()
+    return {"dora": dora, "vera": vera}
+
+
+@pytest.mark.parametrize("name", ["dora", "vera"])
+def test_dora_and_vera_compile_without_a_graph_break(name):
+    """DoRA (its norm op, g = m / norm, lora_forward's op, g * z + b) and VeRA (the scaled factors, lora_forward's
+    op) trace as one graph under fullgraph=True, in training (no dropout) and in inference; outputs and the
+    gradients of x and of every trained parameter (the magnitude, with a zero entry; the lambdas) equal eager's."""
+    torch._dynamo.reset()
+    layer = _dora_vera_layers()[name]
+    params = [p for p in layer.parameters() if p.requires_grad]
+    compiled, counter = _compile(layer, "aot_eager")
+    x = torch.randn(2, 5, 40, requires_grad=True)
+    want = [t.detach().clone() for t in seeded_grads(layer, x, params, 0)]
+    got = seeded_grads(compiled, x, params, 0)
+    assert counter.frame_count == 1 and len(got) == 2 + len(params)
+    for w, g, what in zip(want, got, ["y", "dx"] + [f"grad {i}" for i in range(len(params))]):
+        assert g is not None, what
+        assert_close(f"{name} {what}", g, w, torch.float32)
+    with torch.no_grad():
+        layer.eval()
+        assert_close(f"{name} inference", compiled(x), layer(x), torch.float32)
+
+
+def test_dora_with_dropout_compiles_at_a_graph_break_and_equals_eager():
+    """DoRA with dropout in training keeps its eager path under torch.compile (a graph break): the same seed gives
+    the same mask, so outputs and gradients equal eager's."""
+    torch._dynamo.reset()
+    layer = _dora_vera_layers()["dora"]
+    from lora_fast.dora import dora_linear
+
+    params = [layer.lora_A, layer.lora_B, layer.lora_magnitude]
+
+    def step(x):
+        return dora_linear(x, layer.weight, layer.bias, *params, layer.scaling, dropout_p=0.3, training=True)
+
+    x = torch.randn(6, 40, requires_grad=True)
+    want = [t.detach().clone() for t in seeded_grads(step, x, params, 7)]
+    got = seeded_grads(torch.compile(step, backend="aot_eager"), x, params, 7)
+    for w, g, what in zip(want, got, ["y", "dx", "dA", "dB", "dm"]):
+        assert_close(f"dora p=0.3 {what}", g, w, torch.float32)
+
+
 def test_variants_compile_at_a_graph_break_and_equal_eager():
-    """DoRA, VeRA and QLoRA layers are not torch ops yet: under torch.compile their entry points run eagerly at a
-    graph break instead of letting dynamo trace the Triton launchers (which crashed it). Outputs and every
-    gradient equal eager's; dropout off so both see the same function."""
+    """Every variant layer under torch.compile (without fullgraph) equals eager: QLoRA's entry point runs eagerly at
+    a graph break (it is not a torch op), DoRA and VeRA trace (see the test above). Outputs and every gradient equal
+    eager's; dropout off so both see the same function."""
     from lora_fast.dora import DoRALinear
     from lora_fast.qlora import LoRALinear4bit
     from lora_fast.vera import apply_vera
