@@ -1,9 +1,10 @@
 """PEFT interoperability: run PEFT LoRA models on the fused kernels, and read / write PEFT adapter files.
 
 `patch(model)` / `unpatch(model)`
-    Switch every PEFT `lora.Linear` (base `nn.Linear`, or a transformers `Conv1D` with `fan_in_fan_out=True`) of a
-    PeftModel, or of a model after `peft.inject_adapter_in_model`, to `lora_fast.lora_linear`, in place. Only the
-    instance's `forward` attribute changes: parameters, names, state_dict, optimizer state and checkpoints are
+    Switch every PEFT `lora.Linear` or `vera.Linear` (base `nn.Linear`, or a transformers `Conv1D` with
+    `fan_in_fan_out=True`) of a PeftModel, or of a model after `peft.inject_adapter_in_model`, to
+    `lora_fast.lora_linear` (or `dora_linear`, `vera_linear`), in place. Only the instance's `forward` attribute
+    changes: parameters, names, state_dict, optimizer state and checkpoints are
     untouched. `unpatch` restores PEFT's forward.
 
     Semantics of the patched forward (PEFT's `lora.Linear.forward`, term by term):
@@ -34,6 +35,12 @@
       LoRA variants other than DoRA (aLoRA, ...), DoRA on a `Conv1D` base, `lora_bias=True` (a bias on lora_B), an
       x whose dtype differs from the base weight's, dropout modules other than nn.Dropout / nn.Identity, base
       layers carrying forward hooks (accelerate offload hooks).
+    - PEFT's VeRA layers (`VeraConfig`, a `vera.Linear` on the same bases): the first active adapter through
+      `lora_fast.vera.vera_linear(x, W, b, vera_A[:, :in], vera_B[:out], vera_lambda_d, vera_lambda_b, p,
+      training)`, which is PEFT's VeRA term (`lambda_b * ((lambda_d * (drop(x) @ A^T)) @ B^T)`); further active
+      adapters add PEFT's own term. PEFT keeps the lambdas and projections in fp32 and casts x up; the fused path
+      casts the projections down to x's dtype (fp32 sums) and returns the lambdas' gradients in fp32. Quantized
+      bases keep PEFT's forward.
     - Not patched at all (reported in one log line): every other PEFT layer type (Embedding, Conv1d/2d/3d,
       bitsandbytes / GPTQ / AWQ / torchao quantized layers, ...), base layers other than exactly `nn.Linear` or
       `Conv1D`, and layers any of whose adapters uses a variant other than DoRA, or DoRA on a `Conv1D`, at patch
@@ -60,10 +67,12 @@ from collections import Counter
 from typing import Iterable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .dora import dora_linear
 from .functional import autocast_dtype, lora_linear
+from .vera import vera_linear
 from .embedding import LoRAEmbedding
 from .layers import LoRALinear
 from .validation import check_flag, check_target_modules
@@ -112,11 +121,38 @@ def _other_variant_adapters(module) -> set:
     return set(getattr(module, "lora_variant", {}) or {}) - _dora_adapters(module)
 
 
+def _peft_vera_linear_type():
+    try:
+        from peft.tuners.vera import Linear  # noqa: PLC0415
+    except ImportError:  # a PEFT without VeRA
+        return None
+    return Linear
+
+
 def _skip_reason(module) -> str | None:
-    """None when `module` (a PEFT lora layer) can be patched, else a short kind name for the log line."""
-    lin = _peft_linear_type()
-    if type(module) is not lin:
-        return f"lora.{type(module).__name__}"
+    """None when `module` (a PEFT lora or vera layer) can be patched, else a short kind name for the log line."""
+    vera = _peft_vera_linear_type()
+    if vera is not None and type(module) is vera:
+        reason = _base_skip_reason(module)
+        if reason is None and getattr(module, "quantization_backend", None) is not None:
+            reason = "Linear(quantized weight)"
+        return None if reason is None else f"vera.{reason}"
+    if type(module) is not _peft_linear_type():
+        family = "vera" if isinstance(module, _peft_vera_layer_type()) else "lora"
+        return f"{family}.{type(module).__name__}"
+    reason = _base_skip_reason(module)
+    if reason is not None:
+        return reason
+    if _other_variant_adapters(module):
+        return "variant"
+    if _dora_adapters(module) and type(module.get_base_layer()) is not nn.Linear:
+        return "DoRA(Conv1D)"
+    return None
+
+
+def _base_skip_reason(module) -> str | None:
+    """Why a PEFT layer's base cannot take the fused kernels (None: it can): exactly nn.Linear, or a transformers
+    Conv1D with fan_in_fan_out, holding a plain float weight."""
     base = module.get_base_layer()
     conv1d = _conv1d_type()
     if type(base) is nn.Linear:
@@ -130,10 +166,6 @@ def _skip_reason(module) -> str | None:
     w = getattr(base, "weight", None)
     if not isinstance(w, torch.Tensor) or type(w.data) is not torch.Tensor or w.dtype not in _FLOAT_DTYPES:
         return "Linear(quantized weight)"
-    if _other_variant_adapters(module):
-        return "variant"
-    if _dora_adapters(module) and type(base) is not nn.Linear:
-        return "DoRA(Conv1D)"
     return None
 
 
@@ -149,6 +181,49 @@ def _dropout_p(drop: nn.Module):
     return None
 
 
+def _base_operands(self, x: torch.Tensor):
+    """(W [N, K], b) of a PEFT layer's base for the fused kernels, or None when PEFT's forward must run: a base with
+    forward hooks (accelerate offload), a non-float x, or dtypes that differ outside autocast."""
+    base = self.get_base_layer()
+    if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+        return None
+    weight, bias = base.weight, base.bias
+    if x.dtype not in _FLOAT_DTYPES:
+        return None
+    # Under autocast lora_linear casts every operand to the autocast dtype, as PEFT's base layer and adapters get
+    # cast, so x, W and b may differ in dtype there (a bf16 activation meeting fp32 weights is the usual case).
+    autocast = autocast_dtype("cuda" if x.is_cuda else "cpu") is not None
+    if not autocast and (x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype)):
+        return None
+    # Conv1D stores [in, out]; the kernels take strides, no copy
+    return (weight.T if self.fan_in_fan_out else weight), bias
+
+
+def _fused_vera_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The patched `forward` of a PEFT vera.Linear: its first active adapter through `vera_linear` (the module
+    docstring); the others add PEFT's own term."""
+    peft_forward = self._lora_fast_peft_forward
+    if args or kwargs or self.disable_adapters or self.merged or not isinstance(x, torch.Tensor):
+        return peft_forward(x, *args, **kwargs)
+    active = [a for a in self.active_adapters if a in self.vera_lambda_d]
+    operands = _base_operands(self, x) if active else None
+    drop = _dropout_p(self.vera_dropout[active[0]]) if active else None
+    if operands is None or drop is None or getattr(self, "quantization_backend", None) is not None:
+        return peft_forward(x)
+    first = active[0]
+    A = self.vera_A[first][:, :self.in_features].to(x.device)
+    B = self.vera_B[first][:self.out_features].to(x.device)
+    result = vera_linear(x, *operands, A, B, self.vera_lambda_d[first], self.vera_lambda_b[first], *drop)
+    out_dtype = result.dtype
+    for name in active[1:]:  # PEFT's own term for every further adapter
+        lambda_d, lambda_b = self.vera_lambda_d[name], self.vera_lambda_b[name]
+        A = self.vera_A[name][:, :self.in_features].to(x.device)
+        B = self.vera_B[name][:self.out_features].to(x.device)
+        xc = self._cast_input_dtype(x, lambda_d.dtype)
+        result = result + lambda_b * F.linear(lambda_d * F.linear(self.vera_dropout[name](xc), A), B)
+    return result.to(out_dtype)
+
+
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """The patched `forward` of a PEFT lora.Linear (see the module docstring)."""
     peft_forward = self._lora_fast_peft_forward
@@ -162,25 +237,16 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return peft_forward(x)
     if self.fan_in_fan_out and dora.intersection(active):  # DoRA on a Conv1D base: PEFT's forward
         return peft_forward(x)
-    base = self.get_base_layer()
-    if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+    operands = _base_operands(self, x)
+    if operands is None:
         return peft_forward(x)
-    weight, bias = base.weight, base.bias
-    if x.dtype not in _FLOAT_DTYPES:
-        return peft_forward(x)
-    # Under autocast lora_linear casts every operand to the autocast dtype, as PEFT's base layer and adapters get
-    # cast, so x, W and b may differ in dtype there (a bf16 activation meeting fp32 weights is the usual case).
-    autocast = autocast_dtype("cuda" if x.is_cuda else "cpu") is not None
-    if not autocast and (x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype)):
-        return peft_forward(x)
+    weight, bias = operands
     first = active[0]
     drop = _dropout_p(self.lora_dropout[first])
     A, B = self.lora_A[first].weight, self.lora_B[first].weight
     cast = A.dtype != x.dtype or B.dtype != x.dtype
     if drop is None or (cast and not getattr(self, "cast_input_dtype_enabled", True)):
         return peft_forward(x)
-    if self.fan_in_fan_out:
-        weight = weight.T  # Conv1D stores [in, out]; the kernels take strides, no copy
     if cast:
         A, B = A.to(x.dtype), B.to(x.dtype)
     p, training = drop
@@ -205,12 +271,20 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return result
 
 
+def _peft_vera_layer_type():
+    try:
+        from peft.tuners.vera import VeraLayer  # noqa: PLC0415
+    except ImportError:  # a PEFT without VeRA
+        return ()
+    return VeraLayer
+
+
 def _peft_layers(model: nn.Module):
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError as e:  # pragma: no cover
         raise ImportError("lora_fast.peft.patch needs the `peft` package (pip install peft)") from e
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (LoraLayer, _peft_vera_layer_type()))]
 
 
 def is_patched(module: nn.Module) -> bool:
@@ -218,14 +292,16 @@ def is_patched(module: nn.Module) -> bool:
 
 
 def patch(model: nn.Module) -> nn.Module:
-    """Switch every fusable PEFT lora.Linear of `model` to the fused kernels, in place; return `model`.
+    """Switch every fusable PEFT lora.Linear and vera.Linear of `model` to the fused kernels, in place; return
+    `model`.
 
     Idempotent. Parameters and state_dict are unchanged (only the instances' `forward` attribute is set).
     Logs one INFO line: how many modules were patched, and which kinds kept PEFT's forward.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    patched, already, skipped = 0, 0, Counter()
+    patched, already, skipped = Counter(), 0, Counter()
+    vera = _peft_vera_linear_type()
     for _, module in _peft_layers(model):
         if is_patched(module):
             already += 1
@@ -236,11 +312,13 @@ def patch(model: nn.Module) -> nn.Module:
             continue
         module.__dict__[_SAVED] = module.__dict__.get("forward", _NONE)
         module._lora_fast_peft_forward = module.forward  # PEFT's (or the previously set) bound forward
-        module.forward = types.MethodType(_fused_forward, module)
-        patched += 1
+        is_vera = vera is not None and type(module) is vera
+        module.forward = types.MethodType(_fused_vera_forward if is_vera else _fused_forward, module)
+        patched["vera.Linear" if is_vera else "lora.Linear"] += 1
     kept = ", ".join(f"{k} x{v}" for k, v in sorted(skipped.items())) or "none"
-    logger.info("lora_fast.peft.patch: patched %d lora.Linear module(s)%s; kept PEFT's forward for: %s",
-                patched, f" ({already} already patched)" if already else "", kept)
+    done = " + ".join(f"{v} {k}" for k, v in sorted(patched.items())) or "0 lora.Linear"
+    logger.info("lora_fast.peft.patch: patched %s module(s)%s; kept PEFT's forward for: %s",
+                done, f" ({already} already patched)" if already else "", kept)
     return model
 
 

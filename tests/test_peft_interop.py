@@ -11,7 +11,7 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model  # noqa: E402
+from peft import LoraConfig, PeftModel, VeraConfig, get_peft_model, inject_adapter_in_model  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import lora_fast  # noqa: E402
@@ -87,6 +87,21 @@ def assert_parity(model, x, tol=TOL):
     for n in g0:
         assert rel(g1[n], g0[n]) < tol, (n, rel(g1[n], g0[n]))
     return y0, lora_names
+
+
+def assert_bf16_parity(model):
+    """A bf16 model with fp32 adapter parameters (PEFT's default), PEFT's step against the patched one: outputs in
+    bf16 within 2e-2, every gradient in its parameter's dtype within 5e-2 (PEFT computes the adapter branch in fp32,
+    the fused path in bf16 with fp32 sums); restores the unpatched state."""
+    y0, g0 = run(model, ids())
+    lfp.patch(model)
+    y1, g1 = run(model, ids())
+    lfp.unpatch(model)
+    assert y1.dtype == y0.dtype == torch.bfloat16
+    assert rel(y1, y0) < 2e-2
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        assert g1[n].dtype == g0[n].dtype and rel(g1[n], g0[n]) < 5e-2, (n, rel(g1[n], g0[n]))
 
 
 CASES = {
@@ -271,15 +286,61 @@ def test_dora_on_conv1d_keeps_peft_forward(caplog):
 def test_dora_bf16_base_fp32_adapters(count_dora):
     """PEFT's default on a bf16 model: fp32 adapters and magnitudes. The fused path runs in bf16 (fp32 sums) where
     PEFT casts x up for the DoRA branch; their gradients come back in fp32."""
-    model = dora_model(dtype=torch.bfloat16).eval()
-    y0, g0 = run(model, ids())
-    lfp.patch(model)
-    y1, g1 = run(model, ids())
+    assert_bf16_parity(dora_model(dtype=torch.bfloat16).eval())
+    assert count_dora["n"] == 6
+
+
+@pytest.fixture
+def count_vera(monkeypatch):
+    """Counts the calls of the fused vera_linear made by the patched forwards."""
+    return _count_calls(monkeypatch, "vera_linear")
+
+
+def vera_model(base, **cfg):
+    """A PEFT VeRA model whose lambdas are moved off their init (PEFT starts lambda_b at zero)."""
+    model = get_peft_model(base, VeraConfig(r=8, **cfg))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "vera_lambda" in n:
+                p.normal_()
+    return model
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_vera_adapters_are_fused(mode, count_vera, caplog):
+    """PEFT's VeRA layers (`VeraConfig`) through lora_fast's vera_linear: outputs and the gradients of both lambdas
+    equal PEFT's (fp32), and the log names them."""
+    model = vera_model(llama(), target_modules=["q_proj", "v_proj", "down_proj"])
+    model.train(mode == "train")
+    with caplog.at_level(logging.INFO, logger="lora_fast.peft"):
+        lfp.patch(model)
+    assert "patched 6 vera.Linear module(s)" in " ".join(r.getMessage() for r in caplog.records)
     lfp.unpatch(model)
-    assert count_dora["n"] == 6 and y1.dtype == y0.dtype == torch.bfloat16
-    assert rel(y1, y0) < 2e-2
-    for n in g0:
-        assert g1[n].dtype == g0[n].dtype and rel(g1[n], g0[n]) < 5e-2, (n, rel(g1[n], g0[n]))
+    assert_parity(model, ids())  # every trainable parameter's gradient: the lambdas (2 per layer, 6 layers)
+    assert count_vera["n"] == 2 * 3
+    assert sum("vera_lambda" in n for n in run(model, ids())[1]) == 2 * 2 * 3
+
+
+def test_vera_on_gpt2_conv1d(count_vera):
+    model = vera_model(gpt2(), target_modules=["c_attn", "c_fc"], fan_in_fan_out=True).eval()
+    assert_parity(model, ids())
+    assert count_vera["n"] == 4
+
+
+def test_vera_with_dropout_runs_fused(count_vera):
+    model = vera_model(llama(), target_modules=["q_proj", "v_proj"], vera_dropout=0.2).train()
+    lfp.patch(model)
+    _, grads = run(model, ids())
+    lfp.unpatch(model)
+    assert count_vera["n"] == 4 and grads and all(torch.isfinite(g).all() for g in grads.values())
+    assert_parity(model.eval(), ids())
+
+
+def test_vera_bf16_base_fp32_lambdas(count_vera):
+    """PEFT keeps VeRA's lambdas and projections in fp32 on a bf16 model and casts x up; the fused path runs in
+    bf16 (fp32 sums) and returns the lambdas' gradients in fp32."""
+    assert_bf16_parity(vera_model(llama(dtype=torch.bfloat16), target_modules=["q_proj", "v_proj"]).eval())
+    assert count_vera["n"] == 4
 
 
 def test_bf16_base_fp32_adapters():
@@ -287,14 +348,7 @@ def test_bf16_base_fp32_adapters():
     model = get_peft_model(llama(dtype=torch.bfloat16), cfg)
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     assert all(p.dtype == torch.float32 for p in lora)  # PEFT's autocast_adapter_dtype
-    model.eval()
-    y0, g0 = run(model, ids())
-    lfp.patch(model)
-    y1, g1 = run(model, ids())
-    assert y1.dtype == y0.dtype == torch.bfloat16
-    assert rel(y1, y0) < 2e-2
-    for n in g0:
-        assert g1[n].dtype == g0[n].dtype and rel(g1[n], g0[n]) < 5e-2, (n, rel(g1[n], g0[n]))
+    assert_bf16_parity(model.eval())
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
