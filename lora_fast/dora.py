@@ -180,11 +180,12 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
     Under torch.autocast, x, weight, bias, A and B are cast as lora_linear casts them (magnitude keeps its dtype).
     Returns y: [..., N].
 
-    Under torch.compile without dropout (or in eval) it is traced without a graph break: the norm is the
-    `lora_fast::dora_norm` op, g = m / norm and g * z + b are graph ops around `lora_linear`'s op for z =
-    x @ W^T + s * (x @ A^T) @ B^T. That saves z ([M, N], one tensor more than the eager path, which recovers it
-    from y) for the magnitude's gradient, rounds z to x's dtype before the scale, and needs no host read for zero
-    magnitudes. With dropout in training it runs eagerly at a graph break.
+    Under torch.compile it is traced without a graph break: the norm is the `lora_fast::dora_norm` op, g = m / norm
+    and g * z + b are graph ops around `lora_linear`'s op for z = x @ W^T + s * (x @ A^T) @ B^T. That saves z
+    ([M, N], one tensor more than the eager path, which recovers it from y) for the magnitude's gradient, rounds z
+    to x's dtype before the scale, and needs no host read for zero magnitudes. With dropout in training, as in the
+    eager path, y = (x - drop(x)) @ W^T + b + g * z(drop(x)), drop being torch's own dropout in the graph (its
+    mask comes from torch's generator, not from the kernels' Philox stream as eagerly).
 
     >>> m = dora_weight_norm(W, A, B, 2.0).requires_grad_()          # DoRA's init: g = 1
     >>> y = dora_linear(x, W, b, A, B, m, scaling=2.0, dropout_p=0.05, training=True)
@@ -194,9 +195,8 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
         from . import ops
 
         if ops.HAS_CUSTOM_OPS:
-            checked = _dora_checked(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training)
-            if checked[-1] == 0.0:
-                return _dora_linear_traced(*checked[:-1], magnitude)
+            return _dora_linear_traced(*_dora_checked(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p,
+                                                      training), magnitude)
         return eager_only(_dora_linear_eager)(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p,
                                               training)
     return _dora_linear_eager(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training)
@@ -211,11 +211,14 @@ def _dora_checked(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p
     return x, weight, bias, lora_A.to(x.dtype), lora_B.to(x.dtype), scaling, (dropout_p if training else 0.0)
 
 
-def _dora_linear_traced(x, weight, bias, lora_A, lora_B, scaling, magnitude):
-    """dora_linear under torch.compile without dropout (its docstring), on `_dora_checked` operands."""
+def _dora_linear_traced(x, weight, bias, lora_A, lora_B, scaling, p, magnitude):
+    """dora_linear under torch.compile (its docstring), on `_dora_checked` operands; p: the dropout in effect."""
     norm = torch.ops.lora_fast.dora_norm(weight.detach(), lora_A.detach(), lora_B.detach(), scaling)
     g = magnitude.to(norm.dtype) / norm
-    y = lora_linear(x, weight, None, lora_A, lora_B, scaling).to(norm.dtype) * g
+    xd = F.dropout(x, p, training=True) if p > 0.0 else x
+    y = lora_linear(xd, weight, None, lora_A, lora_B, scaling).to(norm.dtype) * g
+    if p > 0.0:  # the base path keeps the undropped x (PEFT's DoRA): add (x - drop(x)) @ W^T
+        y = y + F.linear(x - xd, weight).to(norm.dtype)
     if bias is not None:
         y = y + bias.to(norm.dtype)
     return y.to(x.dtype)

@@ -301,23 +301,44 @@ def test_dora_and_vera_compile_without_a_graph_break(name):
         assert_close(f"{name} inference", compiled(x), layer(x), torch.float32)
 
 
-def test_dora_with_dropout_compiles_at_a_graph_break_and_equals_eager():
-    """DoRA with dropout in training keeps its eager path under torch.compile (a graph break): the same seed gives
-    the same mask, so outputs and gradients equal eager's."""
+def test_dora_with_dropout_traces_its_formula(monkeypatch):
+    """DoRA with dropout in training traces as one graph: y = (x - drop(x)) @ W^T + b + g * z(drop(x)). torch's
+    dropout in the graph is replaced by a fixed mask here, so outputs and the gradients of x, A, B and the magnitude
+    can be checked against that formula in float64 with the same mask; then a smoke run with torch's own dropout."""
+    import types
+
+    import lora_fast.dora as dora_mod
+
     torch._dynamo.reset()
     layer = _dora_vera_layers()["dora"]
-    from lora_fast.dora import dora_linear
-
+    W, b, s, p = layer.weight, layer.bias, layer.scaling, 0.3
     params = [layer.lora_A, layer.lora_B, layer.lora_magnitude]
+    x = torch.randn(6, 40, requires_grad=True)
+    keep = torch.rand(6, 40, generator=torch.Generator().manual_seed(11)) > p
 
     def step(x):
-        return dora_linear(x, layer.weight, layer.bias, *params, layer.scaling, dropout_p=0.3, training=True)
+        return dora_mod.dora_linear(x, W, b, *params, s, dropout_p=p, training=True)
 
-    x = torch.randn(6, 40, requires_grad=True)
-    want = [t.detach().clone() for t in seeded_grads(step, x, params, 7)]
-    got = seeded_grads(torch.compile(step, backend="aot_eager"), x, params, 7)
+    monkeypatch.setattr(dora_mod, "F", types.SimpleNamespace(linear=F.linear,
+                                                             dropout=lambda t, q, training: t * keep / (1 - q)))
+    compiled, counter = _compile(step, "aot_eager")
+    got = seeded_grads(compiled, x, params, 0)
+    assert counter.frame_count == 1
+
+    def formula(x):
+        A, B, m = (t.double() for t in params)
+        xd = x.double() * keep / (1 - p)
+        g = m / (W.double() + s * B @ A).norm(dim=1).detach()  # DoRA's norm is a constant
+        return (x.double() - xd) @ W.double().t() + b.double() + g * (xd @ W.double().t() + s * (xd @ A.t()) @ B.t())
+
+    want = seeded_grads(formula, x, params, 0)
     for w, g, what in zip(want, got, ["y", "dx", "dA", "dB", "dm"]):
-        assert_close(f"dora p=0.3 {what}", g, w, torch.float32)
+        assert_close(f"dora p={p} {what}", g, w, torch.float32)
+    monkeypatch.undo()
+    torch._dynamo.reset()
+    compiled, counter = _compile(step, "aot_eager")
+    got = seeded_grads(compiled, x, params, 0)
+    assert counter.frame_count == 1 and all(torch.isfinite(t).all() for t in got)
 
 
 def test_variants_compile_at_a_graph_break_and_equal_eager():
