@@ -150,7 +150,7 @@ def lora_linear_shifted(x, weight, bias, lora_A, lora_B, scaling, dropout_p, tra
 
 
 def eager_under_compile(fn):
-    """Decorator for entry points that are not torch ops (DoRA, VeRA, QLoRA): while torch.compile traces, `fn` runs
+    """Decorator for entry points that are not torch ops (QLoRA): while torch.compile traces, `fn` runs
     eagerly at a graph break instead of dynamo tracing into its Triton launchers; otherwise it is called as is."""
     eager = eager_only(fn)
 
