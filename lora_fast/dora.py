@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import naive
-from .functional import _ops, autocast_inputs, draw_seed, eager_only, is_compiling, lora_linear, use_triton
+from .functional import _ops, autocast_inputs, compile_dispatch, draw_seed, lora_linear, use_triton
 from .layers import LoRALinear
 from .philox import dropout_mask_torch
 from .targeting import replace_linears
@@ -191,15 +191,8 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0
     >>> y = dora_linear(x, W, b, A, B, m, scaling=2.0, dropout_p=0.05, training=True)
     >>> y.sum().backward()                                          # grads in x, A, B, m
     """
-    if is_compiling():
-        from . import ops
-
-        if ops.HAS_CUSTOM_OPS:
-            return _dora_linear_traced(*_dora_checked(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p,
-                                                      training), magnitude)
-        return eager_only(_dora_linear_eager)(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p,
-                                              training)
-    return _dora_linear_eager(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training)
+    return compile_dispatch(_dora_linear_traced, _dora_linear_eager, x, weight, bias, lora_A, lora_B, magnitude,
+                            scaling, dropout_p, training)
 
 
 def _dora_checked(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training):
@@ -211,8 +204,10 @@ def _dora_checked(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p
     return x, weight, bias, lora_A.to(x.dtype), lora_B.to(x.dtype), scaling, (dropout_p if training else 0.0)
 
 
-def _dora_linear_traced(x, weight, bias, lora_A, lora_B, scaling, p, magnitude):
-    """dora_linear under torch.compile (its docstring), on `_dora_checked` operands; p: the dropout in effect."""
+def _dora_linear_traced(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training):
+    """dora_linear under torch.compile (its docstring)."""
+    x, weight, bias, lora_A, lora_B, scaling, p = _dora_checked(x, weight, bias, lora_A, lora_B, magnitude,
+                                                                scaling, dropout_p, training)
     norm = torch.ops.lora_fast.dora_norm(weight.detach(), lora_A.detach(), lora_B.detach(), scaling)
     g = magnitude.to(norm.dtype) / norm
     xd = F.dropout(x, p, training=True) if p > 0.0 else x

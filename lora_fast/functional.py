@@ -140,13 +140,24 @@ def lora_linear_shifted(x, weight, bias, lora_A, lora_B, scaling, dropout_p, tra
     if lora_B.dtype != x.dtype:
         lora_B = lora_B.to(x.dtype)
     p = dropout_p if training else 0.0
-    if is_compiling():
-        from . import ops
+    return compile_dispatch(_lora_linear_traced, _lora_linear_eager, x, weight, bias, lora_A, lora_B, scaling, p,
+                            seed_offset)
 
-        if ops.HAS_CUSTOM_OPS:
-            return ops.lora_linear_op(x, weight, bias, lora_A, lora_B, scaling, p, seed_offset)
-        return eager_only(_lora_linear_eager)(x, weight, bias, lora_A, lora_B, scaling, p, seed_offset)
-    return _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, p, seed_offset)
+
+def compile_dispatch(traced, eager, *args):
+    """`eager(*args)`; while torch.compile traces, `traced(*args)` (built on the `lora_fast::` ops, no graph break),
+    or `eager` at a graph break on a torch without custom ops (`eager_only`)."""
+    if not is_compiling():
+        return eager(*args)
+    from . import ops
+
+    return (traced if ops.HAS_CUSTOM_OPS else eager_only(eager))(*args)
+
+
+def _lora_linear_traced(*args):
+    from . import ops
+
+    return ops.lora_linear_op(*args)
 
 
 def eager_under_compile(fn):

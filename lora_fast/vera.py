@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import _ops, autocast_inputs, draw_seed, eager_only, is_compiling, lora_linear
+from .functional import _ops, autocast_inputs, compile_dispatch, draw_seed, is_compiling, lora_linear
 from .layers import adopt_frozen_base
 from .targeting import matching_linears, replace_linears
 from .validation import (check_dropout, check_dtype, check_lora_linear_args, check_rank, check_scaling, check_tensor,
@@ -176,12 +176,8 @@ def vera_linear(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p=0
     >>> y = vera_linear(x, W, b, A, B, lambda_d, lambda_b, dropout_p=0.1, training=True)
     >>> y.sum().backward()                                       # grads in x, lambda_d, lambda_b
     """
-    if is_compiling():
-        from . import ops
-
-        fn = _vera_linear_traced if ops.HAS_CUSTOM_OPS else eager_only(_vera_linear_eager)
-        return fn(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p, training)
-    return _vera_linear_eager(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p, training)
+    return compile_dispatch(_vera_linear_traced, _vera_linear_eager, x, weight, bias, vera_A, vera_B, lambda_d,
+                            lambda_b, dropout_p, training)
 
 
 def _vera_checked(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p, training):
