@@ -321,6 +321,23 @@ def test_vera_adapters_are_fused(mode, count_vera, caplog):
     assert sum("vera_lambda" in n for n in run(model, ids())[1]) == 2 * 2 * 3
 
 
+def test_two_vera_adapters_active_together(count_vera):
+    """Two active VeRA adapters on one module: the first through vera_linear, the second added by PEFT's own term,
+    outputs and every lambda's gradient equal to PEFT's."""
+    model = vera_model(llama(), target_modules=["q_proj", "v_proj"])
+    model.add_adapter("second", VeraConfig(r=8, target_modules=["v_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "vera_lambda" in n and "second" in n:
+                p.normal_()
+    model.base_model.set_adapter(["default", "second"])
+    for n, p in model.named_parameters():
+        p.requires_grad_("vera_lambda" in n)
+    assert_parity(model.eval(), ids())
+    assert count_vera["n"] == 4
+    assert sum("second" in n for n in run(model, ids())[1]) == 2 * 2  # v_proj's two lambdas, 2 layers
+
+
 def test_vera_on_gpt2_conv1d(count_vera):
     model = vera_model(gpt2(), target_modules=["c_attn", "c_fc"], fan_in_fan_out=True).eval()
     assert_parity(model, ids())
