@@ -10,6 +10,8 @@
    LoRA, VeRA fused, DoRA fused, PEFT's VeRA and DoRA, plus DoRA with dropout 0.1 (ours and PEFT's) and the weight
    norm alone (ours: one pass over W plus rank-sized products; PEFT: the merged [N, K] weight, every call).
    Target (issue 6): VeRA and DoRA fused <= 1.15x the base, forward+backward. Forward peak memory too.
+3. DoRA's magnitude gradient with exact zero magnitudes (recomputed on the device), and per provider the host time
+   of one eager fwd+bwd against its wall time, with any synchronising call the step makes (an error).
 Writes OUT/gpu_variants.json; prints a table last. Each case is wrapped: a failure is recorded, not fatal.
 """
 from __future__ import annotations
@@ -144,6 +146,70 @@ def reference_check(name, layer, x, dy, train_p):
     return {"case": name, "check": "vs fp32 reference", "rel_err": errs, "passed": ok}
 
 
+def zero_magnitude_check():
+    """DoRA's magnitude gradient where some magnitudes are exactly 0 (y = b there, so z is recomputed on the
+    device by the programs owning those columns), against fp32 math; and the backward's time with and without
+    zeros (the recompute is the rare, slow path)."""
+    from bench.common import bench_us
+
+    M, K, N = 2048, 4096, 4096
+    x, lin, dy = make_inputs(M, K, N, seed=5)
+    layer = ours_dora(lin)
+    zeros = [0, 1000, 4095]
+    params = trainable(layer)
+    step = fwd_bwd(layer, x.clone().requires_grad_(), dy, params)
+    t_plain = bench_us(step)[0]
+    with torch.no_grad():
+        layer.lora_magnitude[zeros] = 0.0
+    t_zero = bench_us(step)[0]
+    m = layer.lora_magnitude
+    m.grad = None
+    layer(x).backward(dy)
+    W, A, B = lin.weight.float(), layer.lora_A.float(), layer.lora_B.float()
+    s = layer.scaling
+    norm = (W + s * B @ A).norm(dim=1)
+    z = F.linear(x.float(), W) + s * (x.float() @ A.t()) @ B.t()
+    ref = (dy.float() * z).sum(0) / norm
+    errs = {"dm_zero_cols": rel(m.grad.float()[zeros], ref[zeros]), "dm_all": rel(m.grad.float(), ref)}
+    ok = all(e <= TOL for e in errs.values())
+    if not ok:
+        FAILURES.append(f"dora zero magnitudes: {errs}")
+    return {"case": f"dora zero magnitudes {M}x{K}x{N} r{R}", "check": "dm vs fp32 reference", "rel_err": errs,
+            "passed": ok, "fwd_bwd_us_no_zero": t_plain, "fwd_bwd_us_3_zero_columns": t_zero}
+
+
+def host_rows():
+    """Host time (no sync in the loop) against wall time of one eager fwd+bwd per provider at 8192x4096x4096, and
+    whether the step makes a synchronising call (torch.cuda.set_sync_debug_mode("error") around one step): when
+    host time reaches wall time, the step is bound by the host, and a sync makes host and GPU time add up."""
+    from bench.common import host_and_wall_us
+    import lora_fast
+
+    x, lin, dy = make_inputs(8192, 4096, 4096, seed=7)
+    xg = x.clone().requires_grad_()
+    lora = lora_fast.LoRALinear.from_linear(lin, rank=R, alpha=2 * R)
+    with torch.no_grad():
+        lora.lora_B.normal_(0, 0.02)
+    rows = []
+    for name, mod in (("base", Holder(lin)), ("lora", lora), ("dora", ours_dora(lin)), ("vera", ours_vera(lin))):
+        step = fwd_bwd(mod, xg, dy, trainable(mod))
+        step()
+        torch.cuda.synchronize()
+        sync = "none"
+        try:
+            torch.cuda.set_sync_debug_mode("error")
+            step()
+        except RuntimeError as e:
+            sync = str(e)[:200]
+            FAILURES.append(f"host: {name} fwd+bwd synchronises: {sync}")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        host, wall = host_and_wall_us(step, 30)
+        rows.append({"case": "8192x4096x4096", "provider": name, "mode": "host fwd+bwd", "us": wall,
+                     "host_us": host, "sync": sync})
+    return rows
+
+
 def fwd_bwd(module, x, dy, params):
     def fn():
         y = module(x)
@@ -255,6 +321,18 @@ def main():
             FAILURES.append(f"check {name}: {e!r}")
             traceback.print_exc()
         print(f"[{time.time() - t0:.0f}s] checked {name}", flush=True)
+    for fn in (zero_magnitude_check,):
+        try:
+            checks.append(fn())
+        except Exception as e:
+            FAILURES.append(f"check {fn.__name__}: {e!r}")
+            traceback.print_exc()
+    try:
+        rows += host_rows()
+    except Exception as e:
+        FAILURES.append(f"host rows: {e!r}")
+        traceback.print_exc()
+    print(f"[{time.time() - t0:.0f}s] zero magnitudes, host times", flush=True)
     # N = 14336 first: at K = N = 4096 even plain LoRA is host-bound (README), so the wide shape is where the
     # 1.15x target is meaningful.
     for M, K, N in ((8192, 4096, 14336), (8192, 4096, 4096)):
@@ -271,7 +349,7 @@ def main():
                                             "seconds": time.time() - t0}, args.out)
     for c in checks:
         print(c["case"], "PASS" if c["passed"] else "FAIL", {k: f"{v:.2e}" for k, v in c["rel_err"].items()})
-    print(format_table(rows, ["case", "provider", "mode", "us", "ratio_to_base", "mem_fwd_bytes"]))
+    print(format_table(rows, ["case", "provider", "mode", "us", "ratio_to_base", "host_us", "mem_fwd_bytes"]))
     print(f"wrote {path} in {time.time() - t0:.0f}s; failures: {len(FAILURES)}")
     for f in FAILURES:
         print("FAIL", f)

@@ -2,7 +2,7 @@
 
 No autograd and no modules here: see `lora_fast.functional` for those.
 """
-from .dora import column_dot, dora_norm, scale_columns
+from .dora import column_dot, dora_norm, magnitude_grad, scale_columns
 from .dropout import dropout_mask
 from .helpers import is_interpret
 from .lora_bwd import lora_backward_dx, lora_grad_ab
@@ -15,6 +15,6 @@ from .nf4_gemv import nf4_gemv
 
 __all__ = [
     "dropout_mask", "is_interpret", "lora_backward_dx", "lora_forward", "lora_grad_ab", "lora_shrink",
-    "choose_xa_mode", "column_dot", "dora_norm", "scale_columns",
+    "choose_xa_mode", "column_dot", "dora_norm", "magnitude_grad", "scale_columns",
     "lora_nf4_backward_dx", "lora_nf4_forward", "nf4_dequantize", "nf4_gemv",
 ]

@@ -183,12 +183,15 @@ def dora_config(kernel: str, dtype: torch.dtype) -> GemmConfig:
     """Configs of the DoRA helper kernels (kernels/dora.py), both bound by reading one operand once.
     "norm": block_m rows of W [N, K] per program (16: at N=4096 that is 256 programs for 132 SMs), block_k
     columns per step, block_n unused (the rank block is the MMA depth). "column_dot": block_n columns of [M, N],
-    block_m rows per step; block_k unused."""
+    block_m rows per step; block_k unused. "magnitude": block_n columns per program; block_m x block_k the tiles
+    of x in the (rare) recompute of z for zero magnitudes."""
     if is_interpret():
         return _INTERPRET_CONFIG
     half = dtype in (torch.float16, torch.bfloat16)
     if kernel == "norm":
         return GemmConfig(16, 0, 256 if half else 128, num_warps=4, num_stages=3)
+    if kernel == "magnitude":
+        return GemmConfig(64, 64, 64 if half else 32, num_warps=4, num_stages=2)
     return GemmConfig(64, 128, 0, num_warps=4, num_stages=1)
 
 

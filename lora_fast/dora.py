@@ -19,7 +19,8 @@ PEFT's own forward does too); the DoRA part still runs fused.
 
 The magnitude gradient dm[n] = sum_m dY[m, n] * (y[m, n] - b[n]) / m[n] reads the saved output y (one [M, N]
 tensor kept alive for the backward when m requires grad; PEFT keeps several). Columns with m[n] == 0 (where y
-holds no information) are recomputed exactly.
+holds no information) are recomputed exactly, on the device (`kernels.magnitude_grad`): the backward never waits
+for the GPU.
 """
 from __future__ import annotations
 
@@ -91,18 +92,6 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling) -> torch.Tensor:
     return _dora_scale(weight, lora_A, lora_B, scaling, weight.new_ones(weight.shape[0]))[0]
 
 
-def _zero_magnitude_check(magnitude):
-    """Whether magnitude has an exact zero, read in the backward without stalling the GPU: on CUDA the flag is
-    copied to pinned host memory in the forward and an event marks it; by the backward that event has long passed."""
-    if not magnitude.is_cuda:
-        return bool((magnitude == 0).any()), None
-    flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-    flag.copy_((magnitude == 0).any(), non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    return flag, event
-
-
 class DoRALinearFunction(torch.autograd.Function):
     """y = g * (x @ W^T + s * (x @ A^T) @ B^T) + b, g = magnitude / weight_norm (weight_norm constant).
 
@@ -118,7 +107,6 @@ class DoRALinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, g, xa,
                               y2d if need_m else None)
         ctx.scaling = scaling
-        ctx.zero_check = _zero_magnitude_check(magnitude) if need_m else None
         return y2d.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -135,9 +123,9 @@ class DoRALinearFunction(torch.autograd.Function):
         stats = _stats_ops(dy2d)
         dy_g = None  # dY' = g * dY, in dY's dtype: what the DoRA output's backward hands the LoRA linear
         if need_x or need_a or need_b or need_w:
-            dy_g, dot = stats.scale_columns(dy2d, g, y2d if need_m else None, bias)
+            dy_g, dot = stats.scale_columns(dy2d, g, y2d if need_m else None, bias, partials=True)
         elif need_m:
-            dot = stats.column_dot(dy2d, y2d, bias)
+            dot = stats.column_dot(dy2d, y2d, bias, partials=True)
         if need_x:
             dx2d, dyb = ops.lora_backward_dx(dy_g, weight, lora_A, lora_B, s, store_dyb=need_a)
             dx = dx2d.reshape(x.shape)
@@ -146,29 +134,13 @@ class DoRALinearFunction(torch.autograd.Function):
         if need_a or need_b:
             dA, dB = ops.lora_grad_ab(x2d, dy_g, xa, dyb, s, lora_A.dtype, lora_B.dtype, need_a=need_a,
                                       need_b=need_b)
-        if need_m:
-            flag, event = ctx.zero_check
-            if event is not None:
-                event.synchronize()
-            dm = _magnitude_grad(dot, dy2d, x2d, weight, lora_A, lora_B, magnitude, weight_norm, s, bool(flag))
+        if need_m:  # dot / m, with z recomputed where m == 0 (y holds none there), on the device
+            dm = stats.magnitude_grad(dot, magnitude, weight_norm, dy2d, x2d, weight, lora_A, lora_B, s)
         if need_w:
             dw = (dy_g.t() @ x2d).to(weight.dtype)
         if need_bias and bias is not None:
             dbias = dy2d.sum(0, dtype=torch.promote_types(dy2d.dtype, torch.float32)).to(bias.dtype)
         return dx, dw, dbias, dA, dB, dm, None, None, None
-
-
-def _magnitude_grad(dot, dy2d, x2d, weight, lora_A, lora_B, magnitude, weight_norm, scaling, has_zero):
-    """dm = sum_m dY * z / ||.|| with z = (y - b) / g, i.e. dot / m with dot = sum_m dY * (y - b) (column_dot /
-    scale_columns); where m == 0 (has_zero), y holds no z, and those columns are recomputed exactly (plain
-    PyTorch, rare)."""
-    m = magnitude.to(weight_norm.dtype)
-    dm = dot.to(m.dtype) / torch.where(m == 0, 1.0, m)
-    if has_zero:
-        zero = (m == 0).nonzero().flatten()
-        z = F.linear(x2d, weight[zero]).to(m.dtype) + scaling * (x2d @ lora_A.t()).to(m.dtype) @ lora_B[zero].t().to(m.dtype)
-        dm[zero] = (dy2d[:, zero].to(m.dtype) * z).sum(0) / weight_norm[zero]
-    return dm.to(magnitude.dtype)
 
 
 def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, training=False):

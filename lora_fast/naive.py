@@ -62,14 +62,29 @@ def dora_norm(weight, lora_A, lora_B, scaling, magnitude):
     return norm, magnitude.to(acc) / norm
 
 
-def column_dot(u, v, bias=None):
-    """sum_m u[m, n] * (v[m, n] - bias[n]) in fp32 (fp64 for fp64): [N]; kernels.column_dot."""
+def column_dot(u, v, bias=None, partials=False):
+    """sum_m u[m, n] * (v[m, n] - bias[n]) in fp32 (fp64 for fp64): [N], or [1, N] with partials; kernels.column_dot."""
     acc = torch.promote_types(u.dtype, torch.float32)
     v = v.to(acc) if bias is None else v.to(acc) - bias.to(acc)
-    return (u.to(acc) * v).sum(0)
+    out = (u.to(acc) * v).sum(0)
+    return out[None] if partials else out
 
 
-def scale_columns(u, g, v=None, bias=None):
-    """(u * g rounded to u's dtype, column_dot(u, v, bias) or None); kernels.scale_columns."""
+def scale_columns(u, g, v=None, bias=None, partials=False):
+    """(u * g rounded to u's dtype, column_dot(u, v, bias, partials) or None); kernels.scale_columns."""
     acc = torch.promote_types(u.dtype, torch.float32)
-    return (u.to(acc) * g.to(acc)).to(u.dtype), (column_dot(u, v, bias) if v is not None else None)
+    return (u.to(acc) * g.to(acc)).to(u.dtype), (column_dot(u, v, bias, partials) if v is not None else None)
+
+
+def magnitude_grad(partials, magnitude, norm, dy, x, weight, lora_A, lora_B, scaling):
+    """DoRA's dm in magnitude's dtype; kernels.magnitude_grad. The zero-magnitude columns' z is recomputed in
+    fp32 (fp64 for fp64) after a host read of which columns they are."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    m = magnitude.to(acc)
+    dm = partials.to(acc).sum(0) / torch.where(m == 0, 1.0, m)
+    zero = (m == 0).nonzero().flatten()
+    if zero.numel():
+        xc = x.to(acc)
+        z = xc @ weight[zero].to(acc).t() + scaling * (xc @ lora_A.to(acc).t()) @ lora_B[zero].to(acc).t()
+        dm[zero] = (dy[:, zero].to(acc) * z).sum(0) / norm[zero].to(acc)
+    return dm.to(magnitude.dtype)

@@ -154,6 +154,42 @@ def test_scale_columns_one_pass(M, N, dtype):
         kernels.scale_columns(u, g, torch.randn(M + 1, N, dtype=dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M,K,N,r,zeros", [
+    (21, 19, 37, 3, [0, 17, 36]),   # three column blocks, a zero in each; odd K, N, rank
+    (9, 24, 40, 1, [20]),            # one block with a zero, two without; rank 1
+    (7, 16, 30, 5, []),              # no zero: dot / m only
+    (0, 16, 12, 2, [3]),             # no rows: dm is zero, the zero column included
+])
+def test_magnitude_grad_on_device(M, K, N, r, zeros, dtype):
+    """kernels.magnitude_grad against the fp64 formula: dot / m, and z recomputed for the zero-magnitude columns
+    (only there), with several partial-sum splits and a strided x; magnitude in fp32 or x's dtype."""
+    x, W, _, A, B = lora_problem(M, K, N, r, dtype, DEV, bias=False)
+    x = torch.randn(K, M, dtype=dtype).t()  # strided [M, K]
+    dy = torch.randn(M, N, dtype=dtype)
+    parts = torch.randn(3, N)
+    s = 1.3
+    for mag_dtype in (torch.float32, dtype):
+        m = (torch.rand(N) + 0.5).to(mag_dtype)
+        m[zeros] = 0.0
+        norm = (W.double() + s * B.double() @ A.double()).norm(dim=1)
+        z = x.double() @ W.double().t() + s * (x.double() @ A.double().t()) @ B.double().t()
+        want = parts.double().sum(0) / torch.where(m == 0, 1.0, m.double())
+        want[zeros] = (dy.double()[:, zeros] * z[:, zeros]).sum(0) / norm[zeros]
+        for ops in (kernels, naive):
+            dm = ops.magnitude_grad(parts, m, norm.float(), dy, x, W, A, B, s)
+            assert dm.shape == (N,) and dm.dtype == mag_dtype
+            assert_close(f"{ops.__name__} dm", dm, want, dtype)
+            if dtype == torch.float32:
+                assert_close(f"{ops.__name__} dm zeros", dm[zeros], want[zeros], dtype)
+    with pytest.raises(ValueError, match="partials"):
+        kernels.magnitude_grad(parts.double(), m, norm.float(), dy, x, W, A, B, s)
+    with pytest.raises(ValueError, match="norm"):
+        kernels.magnitude_grad(parts, m, norm, dy, x, W, A, B, s)
+    with pytest.raises(ValueError, match="magnitude"):
+        kernels.magnitude_grad(parts, m[:-1], norm.float(), dy, x, W, A, B, s)
+
+
 def test_empty_batch():
     _, W, b, A, B = lora_problem(1, 16, 12, 2, torch.float32, DEV)
     x = torch.randn(0, 16, requires_grad=True)
