@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import naive
 from .functional import _ops, autocast_inputs, compile_dispatch, draw_seed, is_compiling, lora_linear
 from .layers import adopt_frozen_base
 from .targeting import matching_linears, replace_linears
@@ -121,9 +122,7 @@ class VeRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p, seed):
         ops = _ops(x)
-        # One rounding to x's dtype (torch multiplies half operands in fp32); 1-2 small launches per factor.
-        a_d = (vera_A * lambda_d[:, None]).to(x.dtype)
-        b_b = (vera_B * lambda_b[:, None]).to(x.dtype)
+        a_d, b_b = _fold(ops, vera_A, lambda_d, vera_B, lambda_b, x.dtype)
         x2d = x.reshape(-1, x.shape[-1])
         y2d, xa = ops.lora_forward(x2d, weight, bias, a_d, b_b, 1.0, dropout_p, seed, store_xa=ctx.needs_input_grad[6])
         ctx.save_for_backward(x, weight, vera_A, vera_B, a_d, b_b, xa)
@@ -150,13 +149,29 @@ class VeRALinearFunction(torch.autograd.Function):
             dyb = ops.lora_shrink(dy2d, b_b.t())
         if need_d or need_lb:
             d_ad, d_bb = ops.lora_grad_ab(x2d, dy2d, xa, dyb, 1.0, acc, acc, p, seed, need_a=need_d, need_b=need_lb)
-            dd = (d_ad * vera_A).sum(1).to(ctx.dtypes[0]) if need_d else None  # fp32 (d_ad is fp32)
-            dlb = (d_bb * vera_B).sum(1).to(ctx.dtypes[1]) if need_lb else None
+            dd, dlb = _lambda_grads(ops, d_ad, vera_A, d_bb, vera_B, *ctx.dtypes)
         if need_w:
             dw = (dy2d.t() @ x2d).to(weight.dtype)
         if need_bias and ctx.has_bias:
             dbias = dy2d.sum(0, dtype=acc).to(dy2d.dtype)
         return dx, dw, dbias, None, None, dd, dlb, None, None
+
+
+def _fold(ops, vera_A, lambda_d, vera_B, lambda_b, dtype):
+    """(lambda_d[:, None] * A, lambda_b[:, None] * B) in `dtype`, each element rounded once from the fp32 product
+    (fp64 for fp64): one launch on the kernel path (kernels/vera.py), 4 torch ops otherwise."""
+    if ops is not naive:
+        return ops.vera_fold(vera_A, lambda_d, vera_B, lambda_b, dtype)
+    return (vera_A * lambda_d[:, None]).to(dtype), (vera_B * lambda_b[:, None]).to(dtype)
+
+
+def _lambda_grads(ops, d_ad, vera_A, d_bb, vera_B, d_dtype, b_dtype):
+    """(dlambda_d = rowsum(dA_d * A), dlambda_b = rowsum(dB_b * B)), either None when its d_ad / d_bb is; summed
+    in fp32 (fp64 for fp64): one launch on the kernel path."""
+    if ops is not naive:
+        return ops.vera_lambda_grads(d_ad, vera_A, d_bb, vera_B, d_dtype, b_dtype)
+    return ((d_ad * vera_A).sum(1).to(d_dtype) if d_ad is not None else None,
+            (d_bb * vera_B).sum(1).to(b_dtype) if d_bb is not None else None)
 
 
 def vera_linear(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p=0.0, training=False):

@@ -1,0 +1,167 @@
+"""VeRA helper kernels: the lambda-scaled factors and the lambdas' gradients, each in one launch.
+
+VeRA runs the LoRA kernels on the folded factors A_d = lambda_d[:, None] * A [r, K] and B_b = lambda_b[:, None] * B
+[N, r]; its trained vectors' gradients are row dots with the frozen projections:
+dlambda_d[i] = sum_k dA_d[i, k] * A[i, k] and dlambda_b[n] = sum_j dB_b[n, j] * B[n, j].
+In plain torch each of those is 2 to 3 small ops per factor (a broadcast multiply, a cast, a sum): ~12 launches
+per training step, whose host time made VeRA's eager step host-bound on the H200's host at K = N = 4096
+(bench/NOTES.md). Here both factors take one launch, and both gradients another.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .helpers import cdiv, check_dtype, matrix_shape, next_pow2
+from .launch import Launch, PlanCache, plan_key
+
+_BLOCK_ROWS = 16
+
+
+@triton.jit
+def _row_block(U, V, OUT, ROWS, COLS, stride_ur, stride_uc, stride_vr, stride_vc, stride_or, stride_oc, block,
+               DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """BLOCK_R rows of U [ROWS, COLS], in ACC (fp32, fp64 when an operand is fp64).
+
+    DOT: OUT[i] = sum_c U[i, c] * V[i, c] (V [ROWS, COLS], OUT [ROWS]); else OUT[i, c] = U[i, c] * V[i]
+    (V a [ROWS] vector with stride stride_vr, OUT [ROWS, COLS]), each element rounded once to OUT's dtype.
+    """
+    rows = block.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = rows < ROWS
+    acc = tl.zeros((BLOCK_R,), dtype=ACC)
+    if not DOT:
+        v = tl.load(V + rows * stride_vr, mask=mask_r, other=0.0).to(ACC)
+    for c0 in range(0, COLS, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = mask_r[:, None] & (cols < COLS)[None, :]
+        u = tl.load(U + rows[:, None] * stride_ur + cols[None, :] * stride_uc, mask=mask, other=0.0).to(ACC)
+        if DOT:
+            w = tl.load(V + rows[:, None] * stride_vr + cols[None, :] * stride_vc, mask=mask, other=0.0)
+            acc += tl.sum(u * w.to(ACC), axis=1)
+        else:
+            tl.store(OUT + rows[:, None] * stride_or + cols[None, :] * stride_oc,
+                     (u * v[:, None]).to(OUT.dtype.element_ty), mask=mask)
+    if DOT:
+        tl.store(OUT + rows * stride_or, acc.to(OUT.dtype.element_ty), mask=mask_r)
+
+
+@triton.jit
+def _vera_rows_kernel(
+    UA, VA, OA, UB, VB, OB,
+    RA, CA, RB, CB, BLOCKS_A,
+    s_uar, s_uac, s_var, s_vac, s_oar, s_oac, s_ubr, s_ubc, s_vbr, s_vbc, s_obr, s_obc,
+    DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CA: tl.constexpr, BLOCK_CB: tl.constexpr, ACC: tl.constexpr,
+):
+    """`_row_block` on two matrices in one launch: programs [0, BLOCKS_A) take UA's row blocks, the rest UB's.
+
+    Fold (DOT False): OA = UA * VA[:, None] (A_d from A [r, K] and lambda_d [r]), OB = UB * VB[:, None] (B_b).
+    Gradients (DOT): OA = rowsum(UA * VA) (dlambda_d [r]), OB = rowsum(UB * VB) (dlambda_b [N]).
+    A side with no rows (RA or RB == 0) gets no programs.
+    """
+    pid = tl.program_id(0)
+    if pid < BLOCKS_A:
+        _row_block(UA, VA, OA, RA, CA, s_uar, s_uac, s_var, s_vac, s_oar, s_oac, pid, DOT, BLOCK_R, BLOCK_CA, ACC)
+    else:
+        _row_block(UB, VB, OB, RB, CB, s_ubr, s_ubc, s_vbr, s_vbc, s_obr, s_obc, pid - BLOCKS_A, DOT, BLOCK_R,
+                   BLOCK_CB, ACC)
+
+
+def _col_block(cols: int) -> int:
+    return max(16, min(256, next_pow2(max(1, cols))))
+
+
+def vera_fold(vera_A, lambda_d, vera_B, lambda_b, dtype):
+    """(A_d = lambda_d[:, None] * vera_A [r, K], B_b = lambda_b[:, None] * vera_B [N, r]) in `dtype`, new
+    contiguous tensors, each element rounded once from the fp32 product; one launch.
+
+    vera_A: [r, K], vera_B: [N, r] (one device, any float dtype and strides); lambda_d: [r], lambda_b: [N] (1-D,
+    any float dtype). Checks and launch set-up are done once per call signature (kernels/launch.py).
+
+    >>> a_d, b_b = vera_fold(A, lambda_d, B, lambda_b, torch.bfloat16)
+    """
+    key = plan_key((vera_A, lambda_d, vera_B, lambda_b), dtype)
+    plan = _FOLD_PLANS.find(key)
+    if plan is None:
+        plan = _FOLD_PLANS.put(key, _RowsPlan(vera_A, lambda_d, vera_B, lambda_b, dtype, dtype, dot=False))
+    return plan(vera_A, lambda_d, vera_B, lambda_b)
+
+
+def vera_lambda_grads(d_ad, vera_A, d_bb, vera_B, d_dtype, b_dtype):
+    """(dlambda_d [r] = sum_k d_ad * vera_A, dlambda_b [N] = sum_j d_bb * vera_B) in d_dtype / b_dtype, summed in
+    fp32; one launch. d_ad: [r, K] like vera_A, d_bb: [N, r] like vera_B (any float dtypes and strides); either
+    gradient may be skipped by passing None for its d_ad / d_bb (its result is then None).
+
+    >>> dd, dlb = vera_lambda_grads(dA_d, A, dB_b, B, torch.float32, torch.float32)
+    """
+    key = plan_key((d_ad, vera_A, d_bb, vera_B), d_dtype, b_dtype)
+    plan = _GRAD_PLANS.find(key)
+    if plan is None:
+        plan = _GRAD_PLANS.put(key, _RowsPlan(d_ad, vera_A, d_bb, vera_B, d_dtype, b_dtype, dot=True))
+    return plan(d_ad, vera_A, d_bb, vera_B)
+
+
+class _RowsPlan:
+    """One `_vera_rows_kernel` launch for one call signature: (ua, va) and (ub, vb) as in the kernel's docstring;
+    a side whose ua / ub is None is skipped."""
+
+    def __init__(self, ua, va, ub, vb, dtype_a, dtype_b, dot):
+        check_dtype(dtype_a, "dtype", none_ok=False)
+        check_dtype(dtype_b, "dtype", none_ok=False)
+        self.dot, self.outs = dot, []
+        args, blocks, device, wide = [], [], None, torch.float64 in (dtype_a, dtype_b)
+        for side, (u, v, dtype) in enumerate(((ua, va, dtype_a), (ub, vb, dtype_b))):
+            uname, vname = (("d_ad", "vera_A"), ("d_bb", "vera_B"))[side] if dot else \
+                (("vera_A", "lambda_d"), ("vera_B", "lambda_b"))[side]
+            if u is None:
+                self.outs.append(None)
+                args.append((0, 0, (0, 0), (0, 0), (0, 0)))
+                blocks.append(0)
+                continue
+            rows, cols = matrix_shape(u, uname)
+            if not u.is_floating_point():
+                raise ValueError(f"{uname} must be a float tensor, got {u.dtype}")
+            if dot:
+                if tuple(v.shape) != (rows, cols) or not v.is_floating_point():
+                    raise ValueError(f"{vname} must be a float [{rows}, {cols}] tensor, got {v.dtype} "
+                                     f"{list(v.shape)}")
+                vstr = tuple(v.stride())
+            else:
+                if v is None or v.dim() != 1 or v.shape[0] != rows or not v.is_floating_point():
+                    raise ValueError(f"{vname} must be a float [{rows}] vector, got "
+                                     f"{None if v is None else (v.dtype, list(v.shape))}")
+                vstr = (v.stride(0), 0)
+            wide = wide or torch.float64 in (u.dtype, v.dtype)
+            for name, t in ((uname, u), (vname, v)):
+                if device is None:
+                    device = t.device
+                elif t.device != device:
+                    raise ValueError(f"{name} is on {t.device} but the other operands are on {device}")
+            shape = (rows,) if dot else (rows, cols)
+            self.outs.append((shape, dtype))
+            ostr = (1, 0) if dot else (cols, 1)
+            args.append((rows, cols, tuple(u.stride()), vstr, ostr))
+            blocks.append(cdiv(rows, _BLOCK_ROWS))
+        self.device, self.launch = device, None
+        if sum(blocks) == 0:
+            return
+        (ra, ca, sua, sva, soa), (rb, cb, sub, svb, sob) = args
+        self.launch = Launch(
+            _vera_rows_kernel, (sum(blocks),), ("UA", "VA", "OA", "UB", "VB", "OB"),
+            None, None, None, None, None, None, ra, ca, rb, cb, blocks[0],
+            *sua, *sva, *soa, *sub, *svb, *sob,
+            DOT=dot, BLOCK_R=_BLOCK_ROWS, BLOCK_CA=_col_block(ca), BLOCK_CB=_col_block(cb),
+            ACC=tl.float64 if wide else tl.float32, num_warps=4,
+        )
+
+    def __call__(self, ua, va, ub, vb):
+        outs = [torch.empty(o[0], device=self.device, dtype=o[1]) if o is not None else None for o in self.outs]
+        if self.launch is not None:
+            oa = outs[0] if outs[0] is not None else outs[1]
+            ob = outs[1] if outs[1] is not None else outs[0]
+            ua_, va_ = (ua, va) if ua is not None else (ub, vb)
+            ub_, vb_ = (ub, vb) if ub is not None else (ua, va)
+            self.launch(ua_, va_, oa, ub_, vb_, ob)
+        return outs[0], outs[1]
+
+
+_FOLD_PLANS = PlanCache()
+_GRAD_PLANS = PlanCache()
