@@ -12,10 +12,10 @@ from .lora_nf4_fwd import lora_nf4_forward
 from .lora_shrink import lora_shrink
 from .nf4_dequant import nf4_dequantize
 from .nf4_gemv import nf4_gemv
-from .vera import vera_fold, vera_lambda_grads
+from .rows import row_dots, scale_rows
 
 __all__ = [
     "dropout_mask", "is_interpret", "lora_backward_dx", "lora_forward", "lora_grad_ab", "lora_shrink",
     "choose_xa_mode", "column_dot", "dora_norm", "magnitude_grad", "scale_columns",
-    "lora_nf4_backward_dx", "lora_nf4_forward", "nf4_dequantize", "nf4_gemv", "vera_fold", "vera_lambda_grads",
+    "lora_nf4_backward_dx", "lora_nf4_forward", "nf4_dequantize", "nf4_gemv", "row_dots", "scale_rows",
 ]

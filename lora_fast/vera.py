@@ -159,9 +159,9 @@ class VeRALinearFunction(torch.autograd.Function):
 
 def _fold(ops, vera_A, lambda_d, vera_B, lambda_b, dtype):
     """(lambda_d[:, None] * A, lambda_b[:, None] * B) in `dtype`, each element rounded once from the fp32 product
-    (fp64 for fp64): one launch on the kernel path (kernels/vera.py), 4 torch ops otherwise."""
+    (fp64 for fp64): one launch on the kernel path (kernels/rows.py), 4 torch ops otherwise."""
     if ops is not naive:
-        return ops.vera_fold(vera_A, lambda_d, vera_B, lambda_b, dtype)
+        return ops.scale_rows(vera_A, lambda_d, vera_B, lambda_b, dtype)
     return (vera_A * lambda_d[:, None]).to(dtype), (vera_B * lambda_b[:, None]).to(dtype)
 
 
@@ -169,7 +169,7 @@ def _lambda_grads(ops, d_ad, vera_A, d_bb, vera_B, d_dtype, b_dtype):
     """(dlambda_d = rowsum(dA_d * A), dlambda_b = rowsum(dB_b * B)), either None when its d_ad / d_bb is; summed
     in fp32 (fp64 for fp64): one launch on the kernel path."""
     if ops is not naive:
-        return ops.vera_lambda_grads(d_ad, vera_A, d_bb, vera_B, d_dtype, b_dtype)
+        return ops.row_dots(d_ad, vera_A, d_bb, vera_B, d_dtype, b_dtype)
     return ((d_ad * vera_A).sum(1).to(d_dtype) if d_ad is not None else None,
             (d_bb * vera_B).sum(1).to(b_dtype) if d_bb is not None else None)
 

@@ -48,7 +48,7 @@ def test_vera_matches_reference(M, K, N, r, bias, dtype, p):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("r,K,N", [(1, 19, 33), (3, 300, 17), (20, 16, 1)])
 def test_fold_and_lambda_grad_kernels(r, K, N, dtype):
-    """kernels.vera_fold / vera_lambda_grads against the torch expressions: odd sizes (K past one column block,
+    """kernels.scale_rows / row_dots (VeRA's fold and lambda gradients) against the torch expressions: odd sizes (K past one column block,
     more rows than one row block), strided operands and lambdas, fp32 lambdas on half factors, outputs NaN-free;
     each gradient alone."""
     from lora_fast import kernels
@@ -57,7 +57,7 @@ def test_fold_and_lambda_grad_kernels(r, K, N, dtype):
     B = torch.randn(N, r, dtype=dtype)
     d = torch.randn(2 * r)[::2]  # strided fp32 lambda
     lb = torch.randn(N, dtype=dtype)
-    a_d, b_b = kernels.vera_fold(A, d, B, lb, dtype)
+    a_d, b_b = kernels.scale_rows(A, d, B, lb, dtype)
     assert a_d.is_contiguous() and b_b.is_contiguous() and a_d.dtype == b_b.dtype == dtype
     want_a, want_b = (A * d[:, None]).to(dtype), (B * lb[:, None]).to(dtype)
     if dtype == torch.bfloat16:  # the interpreter rounds fp32 -> bf16 its own way: within one bf16 step
@@ -70,21 +70,21 @@ def test_fold_and_lambda_grad_kernels(r, K, N, dtype):
     d_ad, d_bb = torch.randn(r, K, dtype=acc), torch.randn(r, N, dtype=acc).t()
     want_d = (d_ad.double() * A.double()).sum(1)
     want_lb = (d_bb.double() * B.double()).sum(1)
-    dd, dlb = kernels.vera_lambda_grads(d_ad, A, d_bb, B, torch.float32, dtype)
+    dd, dlb = kernels.row_dots(d_ad, A, d_bb, B, torch.float32, dtype)
     assert dd.dtype == torch.float32 and dlb.dtype == dtype
     # fp32 sums of fp32 x half products (fp64 for fp64), then rounded to the output dtype
     tol_d = 1e-7 if dtype == torch.float64 else 1e-5 * K**0.5  # fp64 sums rounded to the fp32 output
     assert (dd.double() - want_d).norm() <= tol_d * want_d.norm(), (dd, want_d)
     tol_b = {torch.float64: 1e-12, torch.float32: 1e-5 * r**0.5, torch.bfloat16: 2**-7}[dtype]  # one bf16 step (the interpreter's rounding)
     assert (dlb.double() - want_lb).norm() <= tol_b * want_lb.norm(), (dlb, want_lb)
-    only_d = kernels.vera_lambda_grads(d_ad, A, None, B, torch.float32, dtype)
-    only_b = kernels.vera_lambda_grads(None, A, d_bb, B, torch.float32, dtype)
+    only_d = kernels.row_dots(d_ad, A, None, B, torch.float32, dtype)
+    only_b = kernels.row_dots(None, A, d_bb, B, torch.float32, dtype)
     assert only_d[1] is None and only_b[0] is None
     assert torch.equal(only_d[0], dd) and torch.equal(only_b[1], dlb)
-    with pytest.raises(ValueError, match="lambda_d"):
-        kernels.vera_fold(A, torch.randn(r + 1), B, lb, dtype)
-    with pytest.raises(ValueError, match="vera_B"):
-        kernels.vera_lambda_grads(d_ad, A, d_bb, B[:-1] if N > 1 else B[:, :0], torch.float32, dtype)
+    with pytest.raises(ValueError, match="va"):
+        kernels.scale_rows(A, torch.randn(r + 1), B, lb, dtype)
+    with pytest.raises(ValueError, match="vb"):
+        kernels.row_dots(d_ad, A, d_bb, B[:-1] if N > 1 else B[:, :0], torch.float32, dtype)
 
 
 def test_empty_batch():

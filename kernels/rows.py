@@ -1,11 +1,12 @@
-"""VeRA helper kernels: the lambda-scaled factors and the lambdas' gradients, each in one launch.
+"""Row-wise helpers on a pair of small matrices, each pair in one launch: rows scaled by a vector, and row dots.
 
 VeRA runs the LoRA kernels on the folded factors A_d = lambda_d[:, None] * A [r, K] and B_b = lambda_b[:, None] * B
-[N, r]; its trained vectors' gradients are row dots with the frozen projections:
-dlambda_d[i] = sum_k dA_d[i, k] * A[i, k] and dlambda_b[n] = sum_j dB_b[n, j] * B[n, j].
-In plain torch each of those is 2 to 3 small ops per factor (a broadcast multiply, a cast, a sum): ~12 launches
-per training step, whose host time made VeRA's eager step host-bound on the H200's host at K = N = 4096
-(bench/NOTES.md). Here both factors take one launch, and both gradients another.
+[N, r] (`scale_rows`), and its trained vectors' gradients are row dots with the frozen projections:
+dlambda_d[i] = sum_k dA_d[i, k] * A[i, k] and dlambda_b[n] = sum_j dB_b[n, j] * B[n, j] (`row_dots`).
+In plain torch each of those is 2 to 3 small ops per matrix (a broadcast multiply, a cast, a sum): ~12 launches
+per VeRA training step, whose host time made its eager step host-bound on the H200's host at K = N = 4096
+(bench/NOTES.md). DoRA's backward scales W and B by g = m / norm the same way (`scale_rows`), so that its dX is
+LoRA's on (g * W, g * B) with dY unscaled.
 """
 import torch
 import triton
@@ -45,7 +46,7 @@ def _row_block(U, V, OUT, ROWS, COLS, stride_ur, stride_uc, stride_vr, stride_vc
 
 
 @triton.jit
-def _vera_rows_kernel(
+def _rows_pair_kernel(
     UA, VA, OA, UB, VB, OB,
     RA, CA, RB, CB, BLOCKS_A,
     s_uar, s_uac, s_var, s_vac, s_oar, s_oac, s_ubr, s_ubc, s_vbr, s_vbc, s_obr, s_obc,
@@ -53,8 +54,8 @@ def _vera_rows_kernel(
 ):
     """`_row_block` on two matrices in one launch: programs [0, BLOCKS_A) take UA's row blocks, the rest UB's.
 
-    Fold (DOT False): OA = UA * VA[:, None] (A_d from A [r, K] and lambda_d [r]), OB = UB * VB[:, None] (B_b).
-    Gradients (DOT): OA = rowsum(UA * VA) (dlambda_d [r]), OB = rowsum(UB * VB) (dlambda_b [N]).
+    Scale (DOT False): OA = UA * VA[:, None], OB = UB * VB[:, None] (VA, VB vectors), each [rows, cols].
+    Dots (DOT): OA = rowsum(UA * VA), OB = rowsum(UB * VB), each [rows].
     A side with no rows (RA or RB == 0) gets no programs.
     """
     pid = tl.program_id(0)
@@ -69,38 +70,39 @@ def _col_block(cols: int) -> int:
     return max(16, min(256, next_pow2(max(1, cols))))
 
 
-def vera_fold(vera_A, lambda_d, vera_B, lambda_b, dtype):
-    """(A_d = lambda_d[:, None] * vera_A [r, K], B_b = lambda_b[:, None] * vera_B [N, r]) in `dtype`, new
-    contiguous tensors, each element rounded once from the fp32 product; one launch.
+def scale_rows(ua, va, ub, vb, dtype):
+    """(va[:, None] * ua, vb[:, None] * ub) in `dtype`, new contiguous tensors, each element rounded once from the
+    fp32 product (fp64 when an operand is fp64); one launch.
 
-    vera_A: [r, K], vera_B: [N, r] (one device, any float dtype and strides); lambda_d: [r], lambda_b: [N] (1-D,
-    any float dtype). Checks and launch set-up are done once per call signature (kernels/launch.py).
+    ua: [Ra, Ca], ub: [Rb, Cb] (one device, any float dtypes and strides); va: [Ra], vb: [Rb] (1-D, any float
+    dtype and stride). Checks and launch set-up are done once per call signature (kernels/launch.py).
 
-    >>> a_d, b_b = vera_fold(A, lambda_d, B, lambda_b, torch.bfloat16)
+    >>> a_d, b_b = scale_rows(A, lambda_d, B, lambda_b, torch.bfloat16)       # VeRA's folded factors
+    >>> w_g, b_g = scale_rows(W, g, B, g, W.dtype)                            # DoRA's backward
     """
-    key = plan_key((vera_A, lambda_d, vera_B, lambda_b), dtype)
-    plan = _FOLD_PLANS.find(key)
+    key = plan_key((ua, va, ub, vb), dtype)
+    plan = _SCALE_PLANS.find(key)
     if plan is None:
-        plan = _FOLD_PLANS.put(key, _RowsPlan(vera_A, lambda_d, vera_B, lambda_b, dtype, dtype, dot=False))
-    return plan(vera_A, lambda_d, vera_B, lambda_b)
+        plan = _SCALE_PLANS.put(key, _RowsPlan(ua, va, ub, vb, dtype, dtype, dot=False))
+    return plan(ua, va, ub, vb)
 
 
-def vera_lambda_grads(d_ad, vera_A, d_bb, vera_B, d_dtype, b_dtype):
-    """(dlambda_d [r] = sum_k d_ad * vera_A, dlambda_b [N] = sum_j d_bb * vera_B) in d_dtype / b_dtype, summed in
-    fp32; one launch. d_ad: [r, K] like vera_A, d_bb: [N, r] like vera_B (any float dtypes and strides); either
-    gradient may be skipped by passing None for its d_ad / d_bb (its result is then None).
+def row_dots(ua, va, ub, vb, dtype_a, dtype_b):
+    """(rowsum(ua * va) [Ra] in dtype_a, rowsum(ub * vb) [Rb] in dtype_b), summed in fp32 (fp64 when an operand
+    is fp64); one launch. ua, va: [Ra, Ca]; ub, vb: [Rb, Cb] (any float dtypes and strides, one device); a side
+    whose ua / ub is None is skipped (its result is None).
 
-    >>> dd, dlb = vera_lambda_grads(dA_d, A, dB_b, B, torch.float32, torch.float32)
+    >>> dd, dlb = row_dots(dA_d, A, dB_b, B, torch.float32, torch.float32)   # VeRA's lambda gradients
     """
-    key = plan_key((d_ad, vera_A, d_bb, vera_B), d_dtype, b_dtype)
-    plan = _GRAD_PLANS.find(key)
+    key = plan_key((ua, va, ub, vb), dtype_a, dtype_b)
+    plan = _DOT_PLANS.find(key)
     if plan is None:
-        plan = _GRAD_PLANS.put(key, _RowsPlan(d_ad, vera_A, d_bb, vera_B, d_dtype, b_dtype, dot=True))
-    return plan(d_ad, vera_A, d_bb, vera_B)
+        plan = _DOT_PLANS.put(key, _RowsPlan(ua, va, ub, vb, dtype_a, dtype_b, dot=True))
+    return plan(ua, va, ub, vb)
 
 
 class _RowsPlan:
-    """One `_vera_rows_kernel` launch for one call signature: (ua, va) and (ub, vb) as in the kernel's docstring;
+    """One `_rows_pair_kernel` launch for one call signature: (ua, va) and (ub, vb) as in the kernel's docstring;
     a side whose ua / ub is None is skipped."""
 
     def __init__(self, ua, va, ub, vb, dtype_a, dtype_b, dot):
@@ -109,8 +111,7 @@ class _RowsPlan:
         self.dot, self.outs = dot, []
         args, blocks, device, wide = [], [], None, torch.float64 in (dtype_a, dtype_b)
         for side, (u, v, dtype) in enumerate(((ua, va, dtype_a), (ub, vb, dtype_b))):
-            uname, vname = (("d_ad", "vera_A"), ("d_bb", "vera_B"))[side] if dot else \
-                (("vera_A", "lambda_d"), ("vera_B", "lambda_b"))[side]
+            uname, vname = ("ua", "va") if side == 0 else ("ub", "vb")
             if u is None:
                 self.outs.append(None)
                 args.append((0, 0, (0, 0), (0, 0), (0, 0)))
@@ -145,7 +146,7 @@ class _RowsPlan:
             return
         (ra, ca, sua, sva, soa), (rb, cb, sub, svb, sob) = args
         self.launch = Launch(
-            _vera_rows_kernel, (sum(blocks),), ("UA", "VA", "OA", "UB", "VB", "OB"),
+            _rows_pair_kernel, (sum(blocks),), ("UA", "VA", "OA", "UB", "VB", "OB"),
             None, None, None, None, None, None, ra, ca, rb, cb, blocks[0],
             *sua, *sva, *soa, *sub, *svb, *sob,
             DOT=dot, BLOCK_R=_BLOCK_ROWS, BLOCK_CA=_col_block(ca), BLOCK_CB=_col_block(cb),
@@ -163,5 +164,5 @@ class _RowsPlan:
         return outs[0], outs[1]
 
 
-_FOLD_PLANS = PlanCache()
-_GRAD_PLANS = PlanCache()
+_SCALE_PLANS = PlanCache()
+_DOT_PLANS = PlanCache()
