@@ -11,8 +11,7 @@
 # timings on and off), multik (exp_multi_kernels: each multi-LoRA kernel alone per tile, then end-to-end candidates),
 # multip (exp_multi_prefill: kernel profile per shape, end-to-end configs, cuBLAS with beta 1), inline
 # (exp_inline_shrink: the shrink inside the persistent GEMM against a shrink launch, checks and timings), stages
-# (exp_inline_stages: that shrink's pipeline depth, and dA / dB's partial sums in one launch), dorab (exp_dora_bwd:
-# DoRA's backward scaling W's rows against writing g * dY, A/B), dist (gpu_distributed on 2 GPUs, kind nvidia-h200-x2), qlora, variants, init, train (bench_train_step),
+# (exp_inline_stages: that shrink's pipeline depth, and dA / dB's partial sums in one launch), dist (gpu_distributed on 2 GPUs, kind nvidia-h200-x2), qlora, variants, init, train (bench_train_step),
 # train_big (bf16 adapters at TRAIN_BATCH sequences, default 8: a GPU-bound step; TRAIN_ARGS adds options to both), pytest (the CPU suite's tests on the GPU,
 # PYTEST_ARGS picks them, PYTEST_LIMIT seconds). bitsandbytes wheels in .whl/ are installed
 # first when present (the device image lacks it). A summary line per script is printed last.
@@ -60,7 +59,6 @@ for name in "$@"; do
     multik) step multik 300 python3 bench/exp_multi_kernels.py --out "$OUT/logs" ;;
     multip) step multip 200 python3 bench/exp_multi_prefill.py --out "$OUT/logs" ;;
     inline) step inline 300 python3 bench/exp_inline_shrink.py --out "$OUT/logs" ${INLINE_ARGS:-} ;;
-    dorab) step dorab 200 python3 bench/exp_dora_bwd.py --out "$OUT/logs" ;;
     stages) step stages 400 python3 bench/exp_inline_stages.py --out "$OUT/logs" ${STAGES_ARGS:-} ;;
     pytest) step pytest ${PYTEST_LIMIT:-240} python3 -m pytest -q -x -p no:cacheprovider ${PYTEST_ARGS:-tests} ;;
     *) echo "unknown step $name" >&2 ;;

@@ -212,21 +212,17 @@ def _lora_dx_dropout_term_kernel(
 
 @triton.jit
 def _reduce_m_tile(
-    U, V, OUT, ROW_SCALE, Y, BIAS, OUT_DOT, M, P, Q, ROWS_PER_SPLIT,
-    stride_um, stride_up, stride_vm, stride_vq, stride_os, stride_op, stride_oq, stride_ym, stride_yp, stride_ds,
+    U, V, OUT, M, P, Q, ROWS_PER_SPLIT,
+    stride_um, stride_up, stride_vm, stride_vq, stride_os, stride_op, stride_oq,
     pid_p, pid_q, pid_s, scaling, seed, keep_thr, inv_keep, K8,
     DROPOUT_V: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr, SCALE_ROWS: tl.constexpr = False, DOT_Y: tl.constexpr = False,
-    HAS_BIAS: tl.constexpr = False,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """OUT[pid_s, p, q] = s * sum over split pid_s's rows m of U[m, p] * drop(V)[m, q], one BLOCK_P x BLOCK_Q tile.
 
     U: [M, P], V: [M, Q], OUT: [splits, P, Q] (fp32 partials, or the final tensor when splits == 1).
     Split s owns rows [s * ROWS_PER_SPLIT, ...), ROWS_PER_SPLIT a multiple of BLOCK_M. DROPOUT_V applies the
     forward's mask at (m, q) (V = X for dA).
-    DoRA's dB (U = dY): SCALE_ROWS multiplies row p by ROW_SCALE[p] (g); DOT_Y also writes, from the programs of
-    the first Q tile, OUT_DOT[pid_s, p] = sum over the split's rows of U[m, p] * (Y[m, p] - BIAS[p]) in fp32
-    (the magnitude gradient's column sums, from the U tiles already loaded: one more read, of Y).
     """
     offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_q = pid_q.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -235,10 +231,6 @@ def _reduce_m_tile(
     row_start = pid_s.to(tl.int64) * ROWS_PER_SPLIT
     row_end = tl.minimum(row_start + ROWS_PER_SPLIT, M)
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=ACC)
-    col_dot = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    if DOT_Y:
-        if HAS_BIAS:
-            bias = upcast(tl.load(BIAS + offs_p, mask=mask_p, other=0.0))
     for m0 in range(row_start, row_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < row_end
@@ -250,33 +242,19 @@ def _reduce_m_tile(
             keep = dropout_keep(seed, offs_m, pid_q * BLOCK_Q, K8, keep_thr, BLOCK_M, BLOCK_Q)
             v = apply_dropout(v, keep, inv_keep)
         acc = dot(u_t, v, acc, PRECISION)
-        if DOT_Y:
-            if pid_q == 0:  # masked elements of u_t are 0: no mask needed on y - bias
-                y_t = upcast(tl.load(Y + offs_m[None, :] * stride_ym + offs_p[:, None] * stride_yp,
-                                     mask=mask_p[:, None] & mask_m[None, :], other=0.0))
-                if HAS_BIAS:
-                    y_t = y_t - bias[:, None]
-                col_dot += tl.sum(upcast(u_t) * y_t, axis=1)
-    acc = acc * scaling
-    if SCALE_ROWS:
-        acc = acc * upcast(tl.load(ROW_SCALE + offs_p, mask=mask_p, other=0.0))[:, None]
     out_ptrs = OUT + pid_s * stride_os + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq
-    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mask_p[:, None] & mask_q[None, :])
-    if DOT_Y:
-        if pid_q == 0:
-            tl.store(OUT_DOT + pid_s * stride_ds + offs_p, col_dot, mask=mask_p)
+    tl.store(out_ptrs, (acc * scaling).to(OUT.dtype.element_ty), mask=mask_p[:, None] & mask_q[None, :])
 
 
 @triton.jit(do_not_specialize=["M", "seed", "keep_thr"])
 def _lora_grad_ab_kernel(
-    DYB, X, DY, XA, OUT_A, OUT_B, ROW_SCALE, Y, BIAS, OUT_DOT,
+    DYB, X, DY, XA, OUT_A, OUT_B,
     M, K, N, RANK, ROWS_PER_SPLIT_A, ROWS_PER_SPLIT_B, TILES_A, SPLITS_A, TILES_B,
     stride_dybm, stride_dybr, stride_xm, stride_xk, stride_dym, stride_dyn, stride_xam, stride_xar,
-    stride_oas, stride_oap, stride_oaq, stride_obs, stride_obp, stride_obq, stride_ym, stride_yn, stride_ds,
+    stride_oas, stride_oap, stride_oaq, stride_obs, stride_obp, stride_obq,
     scaling, seed, keep_thr, inv_keep, K8,
     DROPOUT: tl.constexpr, BLOCK_RA: tl.constexpr, BLOCK_KA: tl.constexpr, BLOCK_NB: tl.constexpr,
     BLOCK_RB: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    SCALE_ROWS_B: tl.constexpr, DOT_Y: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """dA and dB in one launch: the first TILES_A * SPLITS_A programs take (tile, split of M) pairs of
     dA = s * DYB^T @ drop(X), the others those of dB = s * DY^T @ XA; neighbouring programs share a split (rows).
@@ -284,26 +262,23 @@ def _lora_grad_ab_kernel(
     DYB: [M, RANK], X: [M, K], DY: [M, N], XA: [M, RANK]; OUT_A: [SPLITS_A, RANK, K], OUT_B: [splits, N, RANK].
     Tiles: dA BLOCK_RA x BLOCK_KA (TILES_A of them), dB BLOCK_NB x BLOCK_RB (TILES_B); BLOCK_M rows per step;
     split s of dA (dB) owns rows [s * ROWS_PER_SPLIT_A (B), ...).
-    DoRA (`_reduce_m_tile`): SCALE_ROWS_B scales dB's rows by ROW_SCALE [N]; DOT_Y writes OUT_DOT [splits, N],
-    the column sums of DY * (Y - BIAS) over each split of dB, Y: [M, N].
     """
     pid = tl.program_id(0)
     if pid < TILES_A * SPLITS_A:
         tile = pid % TILES_A
         num_q = tl.cdiv(K, BLOCK_KA)
-        _reduce_m_tile(DYB, X, OUT_A, ROW_SCALE, Y, BIAS, OUT_DOT, M, RANK, K, ROWS_PER_SPLIT_A,
-                       stride_dybm, stride_dybr, stride_xm, stride_xk, stride_oas, stride_oap, stride_oaq, 0, 0, 0,
+        _reduce_m_tile(DYB, X, OUT_A, M, RANK, K, ROWS_PER_SPLIT_A,
+                       stride_dybm, stride_dybr, stride_xm, stride_xk, stride_oas, stride_oap, stride_oaq,
                        tile // num_q, tile % num_q, pid // TILES_A, scaling, seed, keep_thr, inv_keep, K8,
                        DROPOUT, BLOCK_RA, BLOCK_KA, BLOCK_M, PRECISION, ACC)
     else:
         t = pid - TILES_A * SPLITS_A
         tile = t % TILES_B
         num_q = tl.cdiv(RANK, BLOCK_RB)
-        _reduce_m_tile(DY, XA, OUT_B, ROW_SCALE, Y, BIAS, OUT_DOT, M, N, RANK, ROWS_PER_SPLIT_B,
+        _reduce_m_tile(DY, XA, OUT_B, M, N, RANK, ROWS_PER_SPLIT_B,
                        stride_dym, stride_dyn, stride_xam, stride_xar, stride_obs, stride_obp, stride_obq,
-                       stride_ym, stride_yn, stride_ds,
                        tile // num_q, tile % num_q, t // TILES_B, scaling, seed, keep_thr, inv_keep, K8,
-                       False, BLOCK_NB, BLOCK_RB, BLOCK_M, PRECISION, ACC, SCALE_ROWS_B, DOT_Y, HAS_BIAS)
+                       False, BLOCK_NB, BLOCK_RB, BLOCK_M, PRECISION, ACC)
 
 
 def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_dyb=True, dyb_mode="auto",
@@ -492,32 +467,24 @@ def _sum_splits_kernel(PA, PB, OUT_A, OUT_B, NUM_A, NUM_B, SPLITS_A, SPLITS_B, B
 SUM_BLOCK = 1024
 
 
-def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p=0.0, seed=0, need_a=True, need_b=True,
-                 row_scale_b=None, dot_y=None, dot_bias=None):
+def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p=0.0, seed=0, need_a=True, need_b=True):
     """dA = s * dyb^T @ drop(x) and dB = s * dy^T @ xa, in one launch.
 
     x: [M, K], dy: [M, N], xa: [M, r] (= drop(x) @ A^T from the forward), dyb: [M, r] (= dy @ B).
     Returns (dA [r, K] in a_dtype or None, dB [N, r] in b_dtype or None). Both reduce over M, split so that the
     small outputs still fill the GPU; with several splits each output has an fp32 partial-sum buffer, summed in a
     fixed order. Host work is done once per call signature (kernels/launch.py).
-    DoRA's extras, for dB (need_b): row_scale_b [N] (float, contiguous) gives dB = g[:, None] * (s * dy^T @ xa),
-    the gradient through y = g * z for an unscaled dy; dot_y [M, N] (like dy) with dot_bias [N] or None adds a third
-    result, the [splits, N] fp32 partial column sums of dy * (dot_y - dot_bias) (what `dora.magnitude_grad` takes),
-    read in the same pass over dy.
 
     >>> dA, dB = lora_grad_ab(x, dy, xa, dyb, 2.0, A.dtype, B.dtype)
-    >>> dA, dB, parts = lora_grad_ab(x, dy, xa, dyb, 2.0, A.dtype, B.dtype, row_scale_b=g, dot_y=y, dot_bias=b)
     """
     scaling = check_scaling(scaling)
     check_dropout(dropout_p, seed, x)
-    key = plan_key((x, dy, xa, dyb, row_scale_b, dot_y, dot_bias), a_dtype, b_dtype, dropout_p, need_a, need_b,
-                   dot_precision_key(x), seed_key(seed))
+    key = plan_key((x, dy, xa, dyb), a_dtype, b_dtype, dropout_p, need_a, need_b, dot_precision_key(x),
+                   seed_key(seed))
     plan = _AB_PLANS.find(key)
     if plan is None:
-        plan = _AB_PLANS.put(key, _GradABPlan(x, dy, xa, dyb, a_dtype, b_dtype, dropout_p, need_a, need_b,
-                                              row_scale_b, dot_y, dot_bias))
-    out = plan(x, dy, xa, dyb, scaling, seed, row_scale_b, dot_y, dot_bias)
-    return out if dot_y is not None else out[:2]
+        plan = _AB_PLANS.put(key, _GradABPlan(x, dy, xa, dyb, a_dtype, b_dtype, dropout_p, need_a, need_b))
+    return plan(x, dy, xa, dyb, scaling, seed)
 
 
 _AB_PLANS = PlanCache()
@@ -528,8 +495,7 @@ DROPOUT_DA_PROGRAMS_PER_SM = 8
 class _GradABPlan:
     """`lora_grad_ab` for one call signature: checks, configs, split count and grid chosen once."""
 
-    def __init__(self, x, dy, xa, dyb, a_dtype, b_dtype, dropout_p, need_a, need_b, row_scale_b=None, dot_y=None,
-                 dot_bias=None):
+    def __init__(self, x, dy, xa, dyb, a_dtype, b_dtype, dropout_p, need_a, need_b):
         check_flag(need_a, "need_a")
         check_flag(need_b, "need_b")
         check_dtype(a_dtype, "a_dtype", none_ok=False)
@@ -543,15 +509,9 @@ class _GradABPlan:
         (M, K), N = matrix_shape(x, "x"), matrix_shape(dy, "dy")[1]
         rank = matrix_shape(xa, "xa")[1] if xa is not None else matrix_shape(dyb, "dyb")[1]
         check_shapes(x=(x, (M, K)), dy=(dy, (M, N)), xa=(xa if need_b else None, (M, rank)),
-                     dyb=(dyb if need_a else None, (M, rank)), dot_y=(dot_y, (M, N)), dot_bias=(dot_bias, (N,)))
-        if (row_scale_b is not None or dot_y is not None) and not need_b:
-            raise ValueError("row_scale_b and dot_y apply to dB: they need need_b=True")
-        if dot_bias is not None and dot_y is None:
-            raise ValueError("dot_bias is only used with dot_y")
-        check_vector("row_scale_b", row_scale_b, N, x)
+                     dyb=(dyb if need_a else None, (M, rank)))
         self.need_a, self.need_b, self.a_dtype, self.b_dtype = need_a, need_b, a_dtype, b_dtype
         self.shape_a, self.shape_b, self.launch = (rank, K), (N, rank), None
-        self.dot, self.n, self.splits_b = dot_y is not None, N, 1
         if M == 0 or not (need_a or need_b):
             return
         cfg_a = reduce_m_config(rank, K, x.dtype)
@@ -578,15 +538,14 @@ class _GradABPlan:
         v_b = xa if need_b else x
         self.launch = Launch(
             _lora_grad_ab_kernel, (tiles_a * self.splits_a + tiles_b * self.splits_b,),
-            ("DYB", "X", "DY", "XA", "OUT_A", "OUT_B", "ROW_SCALE", "Y", "BIAS", "OUT_DOT", "scaling", "seed"),
-            None, None, None, None, None, None, None, None, None, None,
+            ("DYB", "X", "DY", "XA", "OUT_A", "OUT_B", "scaling", "seed"),
+            None, None, None, None, None, None,
             M, K, N, rank, rows_a, rows_b, tiles_a, self.splits_a, tiles_b,
             u_a.stride(0), u_a.stride(1), x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), v_b.stride(0),
-            v_b.stride(1), *sa, *sb, *(dot_y.stride() if self.dot else (0, 0)), N,
+            v_b.stride(1), *sa, *sb,
             None, None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 8),
             DROPOUT=dropout_p > 0.0, BLOCK_RA=cfg_a.block_m, BLOCK_KA=cfg_a.block_n, BLOCK_NB=cfg_b.block_m,
             BLOCK_RB=cfg_b.block_n, BLOCK_M=cfg_a.block_k, PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype),
-            SCALE_ROWS_B=row_scale_b is not None, DOT_Y=self.dot, HAS_BIAS=dot_bias is not None,
             **cfg_a.launch(),
         )
         # the partial sums' final add, both outputs in one launch (none when each has one split)
@@ -617,23 +576,17 @@ class _GradABPlan:
             return (0, shape[1], 1)
         return (shape[1] * shape[2], shape[2], 1)
 
-    def __call__(self, x, dy, xa, dyb, scaling, seed, row_scale_b=None, dot_y=None, dot_bias=None):
-        """(dA, dB, column-sum partials [splits, N] fp32 or None)."""
+    def __call__(self, x, dy, xa, dyb, scaling, seed):
         if self.launch is None:
             return (torch.zeros(self.shape_a, device=x.device, dtype=self.a_dtype) if self.need_a else None,
-                    torch.zeros(self.shape_b, device=x.device, dtype=self.b_dtype) if self.need_b else None,
-                    torch.zeros((1, self.n), device=x.device, dtype=torch.float32) if self.dot else None)
+                    torch.zeros(self.shape_b, device=x.device, dtype=self.b_dtype) if self.need_b else None)
         out_a = torch.empty(self.out_a[0], device=x.device, dtype=self.out_a[1]) if self.need_a else None
         out_b = torch.empty(self.out_b[0], device=x.device, dtype=self.out_b[1]) if self.need_b else None
-        parts = torch.empty((self.splits_b, self.n), device=x.device, dtype=torch.float32) if self.dot else None
         oa = out_a if out_a is not None else out_b
         ob = out_b if out_b is not None else out_a
-        self.launch(dyb if self.need_a else x, x, dy, xa if self.need_b else x, oa, ob,
-                    row_scale_b if row_scale_b is not None else x, dot_y if dot_y is not None else x,
-                    dot_bias if dot_bias is not None else x, parts if parts is not None else x,
-                    float(scaling), seed_arg(seed))
+        self.launch(dyb if self.need_a else x, x, dy, xa if self.need_b else x, oa, ob, float(scaling), seed_arg(seed))
         if self.sums is None:
-            return out_a, out_b, parts
+            return out_a, out_b
         # (torch's sum(0, dtype=bf16) would round every fp32 partial to bf16 first, in a copy kernel of its own)
         da = torch.empty(self.shape_a, device=x.device, dtype=self.a_dtype) if self.sum_a else out_a
         db = torch.empty(self.shape_b, device=x.device, dtype=self.b_dtype) if self.sum_b else out_b
@@ -641,4 +594,4 @@ class _GradABPlan:
         pb = out_b if self.sum_b else None
         self.sums(pa if pa is not None else pb, pb if pb is not None else pa,
                   da if self.sum_a else db, db if self.sum_b else da)
-        return da, db, parts
+        return da, db

@@ -5,8 +5,7 @@ VeRA runs the LoRA kernels on the folded factors A_d = lambda_d[:, None] * A [r,
 dlambda_d[i] = sum_k dA_d[i, k] * A[i, k] and dlambda_b[n] = sum_j dB_b[n, j] * B[n, j] (`row_dots`).
 In plain torch each of those is 2 to 3 small ops per matrix (a broadcast multiply, a cast, a sum): ~12 launches
 per VeRA training step, whose host time made its eager step host-bound on the H200's host at K = N = 4096
-(bench/NOTES.md). DoRA's backward scales W and B by g = m / norm the same way (`scale_rows`), so that its dX is
-LoRA's on (g * W, g * B) with dY unscaled.
+(bench/NOTES.md).
 """
 import torch
 import triton
@@ -78,7 +77,6 @@ def scale_rows(ua, va, ub, vb, dtype):
     dtype and stride). Checks and launch set-up are done once per call signature (kernels/launch.py).
 
     >>> a_d, b_b = scale_rows(A, lambda_d, B, lambda_b, torch.bfloat16)       # VeRA's folded factors
-    >>> w_g, b_g = scale_rows(W, g, B, g, W.dtype)                            # DoRA's backward
     """
     key = plan_key((ua, va, ub, vb), dtype)
     plan = _SCALE_PLANS.find(key)

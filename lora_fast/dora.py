@@ -9,10 +9,9 @@ the undropped x while the DoRA correction uses the dropped one:
     y = x @ W^T + b + (g - 1) * (drop(x) @ W^T) + g * s * (drop(x) @ A^T) @ B^T
 
 Fused path (no dropout): the forward is one `lora_forward` launch with g applied in its epilogue (`out_scale`);
-the backward scales W's and B's rows by g in one launch (`scale_rows`: one pass over W) and runs LoRA's own
-backward on (g * W, A, g * B) with dY unscaled: one `lora_backward_dx` and one `lora_grad_ab`, which also scales
-dB's rows by g and sums dm's columns in its pass over dY. (Scaling every dY tile inside the dX GEMM's loop,
-`dy_scale`, took 1.55x cuBLAS's dX time at N = 14336 on the H200; a pass writing g * dY, 1.19x: NOTES.md.)
+the backward scales dY by g once (`scale_columns`, the pass that also sums dm's columns), then runs LoRA's own
+backward on g * dY: one `lora_backward_dx` and one `lora_grad_ab`. (Scaling every dY tile inside the dX GEMM's
+loop, `dy_scale`, took 1.55x cuBLAS's dX time at N = 14336 on the H200 against 1.19x with the pass: NOTES.md.)
 The norm and g come from one kernel pass over W that forms W + s * B @ A tile by tile in registers
 (`kernels/dora.py`): the [N, K] merged weight is never written.
 With dropout, the extra `(x - drop(x)) @ W^T` term is a second cuBLAS GEMM and drop(x) is materialised (what
@@ -93,11 +92,6 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling) -> torch.Tensor:
     return _dora_scale(weight, lora_A, lora_B, scaling, weight.new_ones(weight.shape[0]))[0]
 
 
-# The backward's way of applying g to the gradient (module docstring): False scales W's and B's rows (one pass
-# over W); True writes g * dY in one pass over dY (the way before 2026-12-01), kept for bench/exp_dora_bwd.py's A/B.
-SCALE_DY_PASS = False
-
-
 class DoRALinearFunction(torch.autograd.Function):
     """y = g * (x @ W^T + s * (x @ A^T) @ B^T) + b, g = magnitude / weight_norm (weight_norm constant).
 
@@ -125,40 +119,25 @@ class DoRALinearFunction(torch.autograd.Function):
         if dy2d.dtype != x.dtype:
             dy2d = dy2d.to(x.dtype)
         dx = dw = dbias = dA = dB = dm = dot = None
-        dyb = None  # dY @ B_g
+        dyb = None  # dY' @ B
         stats = _stats_ops(dy2d)
-        # The gradient reaching z = x @ W^T + s * xa @ B^T is g * dY. Its products are LoRA's backward on the
-        # row-scaled W_g = g * W and B_g = g * B with dY as it is: dX = dY @ W_g + s * (dY @ B_g) @ A,
-        # dA = s * (dY @ B_g)^T @ x, dB = g * (s * dY^T @ xa). W_g costs one pass over W (N x K), where scaling dY
-        # costs one over dY (M x N, read and written); dm's column sums ride along dB's pass over dY.
-        # (SCALE_DY_PASS: the earlier way, for bench/exp_dora_bwd.py's A/B: one pass writing g * dY, with dm's
-        # column sums, then LoRA's backward on g * dY, W and B.)
-        w_g, b_g, dy_l, row_g = weight, lora_B, dy2d, g
-        if SCALE_DY_PASS and (need_x or need_a or need_b):
-            dy_l, dot = stats.scale_columns(dy2d, g, y2d if need_m else None, bias, partials=True)
-            row_g = None
-        elif need_x or need_a:
-            w_g, b_g = stats.scale_rows(weight if need_x else lora_B, g, lora_B, g, x.dtype)
-            w_g = w_g if need_x else weight
+        dy_g = None  # dY' = g * dY, in dY's dtype: what the DoRA output's backward hands the LoRA linear
+        if need_x or need_a or need_b or need_w:
+            dy_g, dot = stats.scale_columns(dy2d, g, y2d if need_m else None, bias, partials=True)
+        elif need_m:
+            dot = stats.column_dot(dy2d, y2d, bias, partials=True)
         if need_x:
-            dx2d, dyb = ops.lora_backward_dx(dy_l, w_g, lora_A, b_g, s, store_dyb=need_a)
+            dx2d, dyb = ops.lora_backward_dx(dy_g, weight, lora_A, lora_B, s, store_dyb=need_a)
             dx = dx2d.reshape(x.shape)
         elif need_a:
-            dyb = ops.lora_shrink(dy_l, b_g.t())
+            dyb = ops.lora_shrink(dy_g, lora_B.t())
         if need_a or need_b:
-            want_dot = need_m and need_b and dot is None
-            out = ops.lora_grad_ab(x2d, dy_l, xa, dyb, s, lora_A.dtype, lora_B.dtype, need_a=need_a, need_b=need_b,
-                                   row_scale_b=row_g if need_b else None, dot_y=y2d if want_dot else None,
-                                   dot_bias=bias if want_dot else None)
-            dA, dB = out[:2]
-            dot = out[2] if want_dot else dot
+            dA, dB = ops.lora_grad_ab(x2d, dy_g, xa, dyb, s, lora_A.dtype, lora_B.dtype, need_a=need_a,
+                                      need_b=need_b)
         if need_m:  # dot / m, with z recomputed where m == 0 (y holds none there), on the device
-            if dot is None:
-                dot = stats.column_dot(dy2d, y2d, bias, partials=True)
             dm = stats.magnitude_grad(dot, magnitude, weight_norm, dy2d, x2d, weight, lora_A, lora_B, s)
         if need_w:
-            acc = torch.promote_types(dy2d.dtype, torch.float32)
-            dw = ((dy2d.t() @ x2d).to(acc) * g.to(acc)[:, None]).to(weight.dtype)
+            dw = (dy_g.t() @ x2d).to(weight.dtype)
         if need_bias and bias is not None:
             dbias = dy2d.sum(0, dtype=torch.promote_types(dy2d.dtype, torch.float32)).to(bias.dtype)
         return dx, dw, dbias, dA, dB, dm, None, None, None

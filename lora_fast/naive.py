@@ -48,21 +48,11 @@ def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
     return dx, (dyb if store_dyb else None)
 
 
-def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p=0.0, seed=0, need_a=True, need_b=True,
-                 row_scale_b=None, dot_y=None, dot_bias=None):
-    """(dA [r, K], dB [N, r]) = (s * dyb^T @ drop(x), s * dy^T @ xa), dB's rows times row_scale_b if given; with
-    dot_y also column_dot(dy, dot_y, dot_bias) as [1, N] partials (kernels.lora_grad_ab)."""
+def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p=0.0, seed=0, need_a=True, need_b=True):
+    """(dA [r, K], dB [N, r]) = (s * dyb^T @ drop(x), s * dy^T @ xa)."""
     dA = ((dyb.t() @ _drop(x, dropout_p, seed)) * scaling).to(a_dtype) if need_a else None
-    dB = None
-    if need_b:
-        dB = (dy.t() @ xa) * scaling
-        if row_scale_b is not None:
-            acc = torch.promote_types(dB.dtype, torch.float32)
-            dB = dB.to(acc) * row_scale_b.to(acc)[:, None]
-        dB = dB.to(b_dtype)
-    if dot_y is None:
-        return dA, dB
-    return dA, dB, column_dot(dy, dot_y, dot_bias, partials=True)
+    dB = ((dy.t() @ xa) * scaling).to(b_dtype) if need_b else None
+    return dA, dB
 
 
 def dora_norm(weight, lora_A, lora_B, scaling, magnitude):
@@ -84,15 +74,6 @@ def scale_columns(u, g, v=None, bias=None, partials=False):
     """(u * g rounded to u's dtype, column_dot(u, v, bias, partials) or None); kernels.scale_columns."""
     acc = torch.promote_types(u.dtype, torch.float32)
     return (u.to(acc) * g.to(acc)).to(u.dtype), (column_dot(u, v, bias, partials) if v is not None else None)
-
-
-def scale_rows(ua, va, ub, vb, dtype):
-    """(va[:, None] * ua, vb[:, None] * ub) in `dtype`, products in fp32 (fp64 for fp64); kernels.scale_rows."""
-    out = []
-    for u, v in ((ua, va), (ub, vb)):
-        acc = torch.promote_types(torch.promote_types(u.dtype, v.dtype), torch.float32)
-        out.append((u.to(acc) * v.to(acc)[:, None]).to(dtype))
-    return tuple(out)
 
 
 def magnitude_grad(partials, magnitude, norm, dy, x, weight, lora_A, lora_B, scaling):
