@@ -106,7 +106,7 @@ class _RowsPlan:
     def __init__(self, ua, va, ub, vb, dtype_a, dtype_b, dot):
         check_dtype(dtype_a, "dtype", none_ok=False)
         check_dtype(dtype_b, "dtype", none_ok=False)
-        self.dot, self.outs = dot, []
+        self.outs = []
         args, blocks, device, wide = [], [], None, torch.float64 in (dtype_a, dtype_b)
         for side, (u, v, dtype) in enumerate(((ua, va, dtype_a), (ub, vb, dtype_b))):
             uname, vname = ("ua", "va") if side == 0 else ("ub", "vb")
@@ -118,16 +118,11 @@ class _RowsPlan:
             rows, cols = matrix_shape(u, uname)
             if not u.is_floating_point():
                 raise ValueError(f"{uname} must be a float tensor, got {u.dtype}")
-            if dot:
-                if tuple(v.shape) != (rows, cols) or not v.is_floating_point():
-                    raise ValueError(f"{vname} must be a float [{rows}, {cols}] tensor, got {v.dtype} "
-                                     f"{list(v.shape)}")
-                vstr = tuple(v.stride())
-            else:
-                if v is None or v.dim() != 1 or v.shape[0] != rows or not v.is_floating_point():
-                    raise ValueError(f"{vname} must be a float [{rows}] vector, got "
-                                     f"{None if v is None else (v.dtype, list(v.shape))}")
-                vstr = (v.stride(0), 0)
+            want = (rows, cols) if dot else (rows,)
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != want or not v.is_floating_point():
+                got = (v.dtype, list(v.shape)) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"{vname} must be a float tensor of shape {list(want)}, got {got}")
+            vstr = tuple(v.stride()) if dot else (v.stride(0), 0)
             wide = wide or torch.float64 in (u.dtype, v.dtype)
             for name, t in ((uname, u), (vname, v)):
                 if device is None:

@@ -85,6 +85,10 @@ def test_fold_and_lambda_grad_kernels(r, K, N, dtype):
         kernels.scale_rows(A, torch.randn(r + 1), B, lb, dtype)
     with pytest.raises(ValueError, match="vb"):
         kernels.row_dots(d_ad, A, d_bb, B[:-1] if N > 1 else B[:, :0], torch.float32, dtype)
+    with pytest.raises(ValueError, match="va"):
+        kernels.row_dots(d_ad, None, d_bb, B, torch.float32, dtype)
+    with pytest.raises(ValueError, match="vb"):
+        kernels.scale_rows(A, d, B, None, dtype)
 
 
 def test_empty_batch():
