@@ -121,24 +121,25 @@ def _other_variant_adapters(module) -> set:
     return set(getattr(module, "lora_variant", {}) or {}) - _dora_adapters(module)
 
 
-def _peft_vera_linear_type():
+def _peft_vera_types():
+    """(vera.Linear or None, VeraLayer or ()) of the installed PEFT: None / () for a PEFT without VeRA."""
     try:
-        from peft.tuners.vera import Linear  # noqa: PLC0415
-    except ImportError:  # a PEFT without VeRA
-        return None
-    return Linear
+        from peft.tuners.vera import Linear, VeraLayer  # noqa: PLC0415
+    except ImportError:
+        return None, ()
+    return Linear, VeraLayer
 
 
 def _skip_reason(module) -> str | None:
     """None when `module` (a PEFT lora or vera layer) can be patched, else a short kind name for the log line."""
-    vera = _peft_vera_linear_type()
+    vera = _peft_vera_types()[0]
     if vera is not None and type(module) is vera:
         reason = _base_skip_reason(module)
         if reason is None and getattr(module, "quantization_backend", None) is not None:
             reason = "Linear(quantized weight)"
         return None if reason is None else f"vera.{reason}"
     if type(module) is not _peft_linear_type():
-        family = "vera" if isinstance(module, _peft_vera_layer_type()) else "lora"
+        family = "vera" if isinstance(module, _peft_vera_types()[1]) else "lora"
         return f"{family}.{type(module).__name__}"
     reason = _base_skip_reason(module)
     if reason is not None:
@@ -210,15 +211,18 @@ def _fused_vera_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     drop = _dropout_p(self.vera_dropout[active[0]]) if active else None
     if operands is None or drop is None or getattr(self, "quantization_backend", None) is not None:
         return peft_forward(x)
+
+    def projections(name):  # this layer's slices of the shared projections, as PEFT's forward takes them
+        return (self.vera_A[name][:, :self.in_features].to(x.device),
+                self.vera_B[name][:self.out_features].to(x.device))
+
     first = active[0]
-    A = self.vera_A[first][:, :self.in_features].to(x.device)
-    B = self.vera_B[first][:self.out_features].to(x.device)
-    result = vera_linear(x, *operands, A, B, self.vera_lambda_d[first], self.vera_lambda_b[first], *drop)
+    result = vera_linear(x, *operands, *projections(first), self.vera_lambda_d[first], self.vera_lambda_b[first],
+                         *drop)
     out_dtype = result.dtype
     for name in active[1:]:  # PEFT's own term for every further adapter
         lambda_d, lambda_b = self.vera_lambda_d[name], self.vera_lambda_b[name]
-        A = self.vera_A[name][:, :self.in_features].to(x.device)
-        B = self.vera_B[name][:self.out_features].to(x.device)
+        A, B = projections(name)
         xc = self._cast_input_dtype(x, lambda_d.dtype)
         result = result + lambda_b * F.linear(lambda_d * F.linear(self.vera_dropout[name](xc), A), B)
     return result.to(out_dtype)
@@ -271,20 +275,13 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return result
 
 
-def _peft_vera_layer_type():
-    try:
-        from peft.tuners.vera import VeraLayer  # noqa: PLC0415
-    except ImportError:  # a PEFT without VeRA
-        return ()
-    return VeraLayer
-
-
 def _peft_layers(model: nn.Module):
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError as e:  # pragma: no cover
         raise ImportError("lora_fast.peft.patch needs the `peft` package (pip install peft)") from e
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (LoraLayer, _peft_vera_layer_type()))]
+    kinds = (LoraLayer, _peft_vera_types()[1])
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
 
 
 def is_patched(module: nn.Module) -> bool:
@@ -301,7 +298,7 @@ def patch(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     patched, already, skipped = Counter(), 0, Counter()
-    vera = _peft_vera_linear_type()
+    vera = _peft_vera_types()[0]
     for _, module in _peft_layers(model):
         if is_patched(module):
             already += 1
