@@ -5,6 +5,7 @@
 
 nf4: the NF4 decode GEMV and its finishing kernel at M = 1 and 16, K = N = 4096, r = 16, over 4 weight sets.
 multi16: multi-LoRA decode with 16 tokens and 16 adapters (shrink and fused GEMM), K = N = 4096, r = 16.
+multi64: multi-LoRA decode with 64 tokens and 64 adapters: the default path, then shrink and expand in one launch.
 multi4096: multi-LoRA prefill, 4096 tokens and 32 adapters: the default path (shrink, cuBLAS, the fused kernel's
 read-modify-write epilogue), then the segment expand adding into y (32 x 256 tiles), twice each.
 base: F.linear at M = 1 and 16 (cuBLAS), for the same counters on the bf16 base.
@@ -42,6 +43,16 @@ def main(what: str) -> None:
         prob = bml.Problem(16, 16, R, K, N, DT, DEV, sets=4)
         for s in range(4):
             prob.provider("ours", s)()
+    elif what == "multi64":  # the default decode path (shrink, PDL expand, cuBLAS), then the "joint" launch
+        from lora_fast.kernels import multi_lora as kml
+
+        prob = bml.Problem(64, 64, R, K, N, DT, DEV, sets=2)
+        for cfg in (None, dict(BASE="addmm", EXPAND="joint", S_BLOCK_M=16, SPLIT_K=4, S_BLOCK_K=256,
+                               J_BLOCK_N=512, j_num_stages=3)):
+            kml.set_config_override(cfg)
+            for s in range(2):
+                prob.provider("ours", s)()
+        kml.set_config_override(None)
     elif what == "multi4096":
         from lora_fast.kernels import multi_lora as kml
 
@@ -65,7 +76,7 @@ def main(what: str) -> None:
                 dyb = lora_shrink(dy, B.t())
                 lora_grad_ab(x, dy, xa, dyb, 2.0, DT, DT, p, 1234)
     else:
-        raise SystemExit(f"unknown driver {what!r}: nf4, base, multi16, multi4096 or train")
+        raise SystemExit(f"unknown driver {what!r}: nf4, base, multi16, multi64, multi4096 or train")
     torch.cuda.synchronize()
 
 
