@@ -9,7 +9,8 @@
 # the compiled training step against eager, p=0 and 0.1), nf4dec (exp_nf4_decode: NF4 decode checks, GEMV tile sweep,
 # dequantize timings; NF4DEC_ARGS=--no-sweep skips the sweep), pdl (exp_pdl: PDL producer/consumer pairs, checks and
 # timings on and off), multik (exp_multi_kernels: each multi-LoRA kernel alone per tile, then end-to-end candidates),
-# multip (exp_multi_prefill: kernel profile per shape, end-to-end configs, cuBLAS with beta 1), inline
+# multip (exp_multi_prefill: kernel profile per shape, end-to-end configs, cuBLAS with beta 1; MULTIP_ARGS picks
+# shapes and configs), inline
 # (exp_inline_shrink: the shrink inside the persistent GEMM against a shrink launch, checks and timings), stages
 # (exp_inline_stages: that shrink's pipeline depth, and dA / dB's partial sums in one launch), dist (gpu_distributed on 2 GPUs, kind nvidia-h200-x2), qlora, variants, init, train (bench_train_step),
 # train_big (bf16 adapters at TRAIN_BATCH sequences, default 8: a GPU-bound step; TRAIN_ARGS adds options to both), pytest (the CPU suite's tests on the GPU,
@@ -57,7 +58,7 @@ for name in "$@"; do
     train_big) step train_big 260 python3 bench/bench_train_step.py --out "$OUT/logs/big" --batch "${TRAIN_BATCH:-8}" \
       --adapter-dtypes bf16 --max-seconds 200 ${TRAIN_ARGS:-} ;;
     multik) step multik 300 python3 bench/exp_multi_kernels.py --out "$OUT/logs" ;;
-    multip) step multip 200 python3 bench/exp_multi_prefill.py --out "$OUT/logs" ;;
+    multip) step multip 200 python3 bench/exp_multi_prefill.py --out "$OUT/logs" ${MULTIP_ARGS:-} ;;
     inline) step inline 300 python3 bench/exp_inline_shrink.py --out "$OUT/logs" ${INLINE_ARGS:-} ;;
     stages) step stages 400 python3 bench/exp_inline_stages.py --out "$OUT/logs" ${STAGES_ARGS:-} ;;
     pytest) step pytest ${PYTEST_LIMIT:-240} python3 -m pytest -q -x -p no:cacheprovider ${PYTEST_ARGS:-tests} ;;

@@ -5,7 +5,7 @@
 
 nf4: the NF4 decode GEMV and its finishing kernel at M = 1 and 16, K = N = 4096, r = 16, over 4 weight sets.
 multi16: multi-LoRA decode with 16 tokens and 16 adapters (shrink and fused GEMM), K = N = 4096, r = 16.
-multi64: multi-LoRA decode with 64 tokens and 64 adapters: the default path, then shrink and expand in one launch.
+multi64: multi-LoRA decode with 64 tokens and 64 adapters (shrink, expand, cuBLAS addmm).
 multi4096: multi-LoRA prefill, 4096 tokens and 32 adapters: the default path (shrink, cuBLAS, the fused kernel's
 read-modify-write epilogue), then the segment expand adding into y (32 x 256 tiles), twice each.
 base: F.linear at M = 1 and 16 (cuBLAS), for the same counters on the bf16 base.
@@ -43,16 +43,10 @@ def main(what: str) -> None:
         prob = bml.Problem(16, 16, R, K, N, DT, DEV, sets=4)
         for s in range(4):
             prob.provider("ours", s)()
-    elif what == "multi64":  # the default decode path (shrink, PDL expand, cuBLAS), then the "joint" launch
-        from lora_fast.kernels import multi_lora as kml
-
+    elif what == "multi64":  # the default decode path: shrink, PDL expand, cuBLAS addmm
         prob = bml.Problem(64, 64, R, K, N, DT, DEV, sets=2)
-        for cfg in (None, dict(BASE="addmm", EXPAND="joint", S_BLOCK_M=16, SPLIT_K=4, S_BLOCK_K=256,
-                               J_BLOCK_N=512, j_num_stages=3)):
-            kml.set_config_override(cfg)
-            for s in range(2):
-                prob.provider("ours", s)()
-        kml.set_config_override(None)
+        for s in range(2):
+            prob.provider("ours", s)()
     elif what == "multi4096":
         from lora_fast.kernels import multi_lora as kml
 

@@ -370,109 +370,6 @@ def _expand_kernel(
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit(do_not_specialize=["T"])
-def _joint_kernel(
-    x_ptr, a_ptr, b_ptr, bias_ptr, ws_ptr, y_ptr, count_ptr,
-    perm_ptr, seg_start_ptr, seg_adapter_ptr, ranks_ptr, scalings_ptr, slices_ptr,
-    T, K, K_PER_SPLIT, MAX_SEGS, NUM_N_TILES,
-    stride_xt, stride_xk,
-    stride_as, stride_ai, stride_ar, stride_ak,
-    stride_bs, stride_bn, stride_br,
-    stride_wsk, stride_wsi, stride_wst,
-    stride_yt, stride_yn,
-    HAS_BIAS: tl.constexpr, NUM_SLICES: tl.constexpr, SEGS_P2: tl.constexpr, NUM_RCHUNKS: tl.constexpr,
-    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_RS: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-):
-    """Y[perm[p], n] = b[n] + s[a] · round(X[perm[p]] · A[a, slice]ᵀ) · B[a, n] for every sorted row p (the bias
-    alone, or zeros, for base-only rows): the shrink and the expand of the "addmm" path in one launch.
-
-    Work items, taken in the order the programs start (a ticket from count[0], so that an item only ever waits for
-    items taken before it, by programs already running: no deadlock whatever the scheduler does):
-    * shrink items first, (segment tile, slice, rank chunk of BLOCK_RS, K split), segment tile major:
-      ws[split, slice, p, chunk] = X[perm[p], split] · A[a, slice, chunk, split]ᵀ, then count[1 + tile * slices +
-      slice] += 1 (release, after every thread's stores). Chunks at or beyond the adapter's rank store nothing but
-      still count.
-    * then expand items, (segment tile, N tile of BLOCK_N in the slice table): B's tile and the bias load first,
-      then the item waits until its tile's SPLIT_K * NUM_RCHUNKS shrink items have counted (acquire), sums the
-      partials from L2 (".cg"), scales and rounds xa as PEFT does and writes its [BLOCK_M, BLOCK_N] tile of y.
-    Base-only segments and spare tiles (segment >= MAX_SEGS) neither shrink nor wait.
-
-    Pointers: x [T, K]; a [S, slices, R, K]; b [S, N, R] (any strides); bias [N]; ws fp32 (fp64 for fp64)
-    [SPLIT_K, slices, T, R_PAD]; y [T, N] (token rows); count int32 [1 + tiles * slices], zero at launch;
-    perm int32 [T]; seg_start int32 [MAX_SEGS + 1]; seg_adapter int32 [MAX_SEGS]; ranks int32 [S];
-    scalings fp32 [S]; slices int32 [slices, 3] as in `_fused_kernel` (N tiles of BLOCK_N).
-    Grid: (tiles * (slices * NUM_RCHUNKS * SPLIT_K + NUM_N_TILES),), tiles = cdiv(T, BLOCK_M) + MAX_SEGS.
-    K_PER_SPLIT: a multiple of BLOCK_K; BLOCK_RS: rank chunk (16); BLOCK_R: the pool's rank padded to a power of two.
-    """
-    n_tiles = tl.cdiv(T, BLOCK_M) + MAX_SEGS
-    per_tile = NUM_SLICES * NUM_RCHUNKS * SPLIT_K
-    n_shrink = n_tiles * per_tile
-    item = tl.atomic_add(count_ptr, 1, sem="relaxed")
-    if item < n_shrink:
-        tile = item // per_tile
-        sr = (item % per_tile) // SPLIT_K
-        pid_k = (item % SPLIT_K).to(tl.int64)
-        seg, row0, row_end = _segment_tile(tile, seg_start_ptr, MAX_SEGS, SEGS_P2, BLOCK_M)
-        adapter = tl.load(seg_adapter_ptr + seg, mask=seg < MAX_SEGS, other=-1)
-        if adapter >= 0:
-            rank = tl.load(ranks_ptr + adapter)
-            slice_id = sr // NUM_RCHUNKS
-            r0 = (sr % NUM_RCHUNKS) * BLOCK_RS
-            if r0 < rank:
-                rows = row0 + tl.arange(0, BLOCK_M)
-                row_mask = rows < row_end
-                tokens = tl.load(perm_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-                offs_r = r0 + tl.arange(0, BLOCK_RS)
-                r_mask = offs_r < rank
-                a_base = a_ptr + adapter.to(tl.int64) * stride_as + slice_id.to(tl.int64) * stride_ai \
-                    + offs_r.to(tl.int64)[None, :] * stride_ar
-                k_start = pid_k * K_PER_SPLIT
-                acc = _rows_dot(tl.zeros((BLOCK_M, BLOCK_RS), dtype=ACC), x_ptr + tokens[:, None] * stride_xt,
-                                a_base, k_start, tl.minimum(k_start + K_PER_SPLIT, K), row_mask, r_mask, stride_xk,
-                                stride_ak, BLOCK_K, PRECISION)
-                ws = ws_ptr + pid_k * stride_wsk + slice_id.to(tl.int64) * stride_wsi \
-                    + rows.to(tl.int64)[:, None] * stride_wst + offs_r[None, :]
-                tl.store(ws, acc, mask=row_mask[:, None] & r_mask[None, :])
-            tl.debug_barrier()  # every thread's stores come before the count (bar.sync, then a gpu-scope release)
-            tl.atomic_add(count_ptr + 1 + tile * NUM_SLICES + slice_id, 1, sem="release", scope="gpu")
-    else:
-        e = item - n_shrink
-        tile = e // NUM_N_TILES
-        seg, row0, row_end = _segment_tile(tile, seg_start_ptr, MAX_SEGS, SEGS_P2, BLOCK_M)
-        if seg < MAX_SEGS:
-            slice_id, cols, col_mask = _tile_columns(e % NUM_N_TILES, slices_ptr, NUM_SLICES, BLOCK_N)
-            rows = row0 + tl.arange(0, BLOCK_M)
-            row_mask = rows < row_end
-            tokens = tl.load(perm_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-            adapter = tl.load(seg_adapter_ptr + seg)
-            safe = tl.maximum(adapter, 0)
-            rank = tl.where(adapter >= 0, tl.load(ranks_ptr + safe), 0)
-            scale = tl.load(scalings_ptr + safe).to(ACC)
-            offs_r = tl.arange(0, BLOCK_R)
-            r_mask = offs_r < rank
-            b = tl.load(b_ptr + safe.to(tl.int64) * stride_bs + offs_r.to(tl.int64)[:, None] * stride_br
-                        + cols[None, :] * stride_bn, mask=r_mask[:, None] & col_mask[None, :], other=0.0)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
-            if adapter >= 0:
-                done = count_ptr + 1 + tile * NUM_SLICES + slice_id
-                while tl.atomic_add(done, 0, sem="acquire", scope="gpu") < SPLIT_K * NUM_RCHUNKS:
-                    pass
-                tl.debug_barrier()
-                ws_rows = ws_ptr + slice_id.to(tl.int64) * stride_wsi + rows.to(tl.int64)[:, None] * stride_wst \
-                    + offs_r[None, :]
-                xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
-                for split in tl.static_range(SPLIT_K):  # from L2: written by other programs during this launch
-                    xa += tl.load(ws_rows + split * stride_wsk, mask=row_mask[:, None] & r_mask[None, :], other=0.0,
-                                  cache_modifier=".cg")
-                xa = (xa * scale).to(b_ptr.dtype.element_ty)  # scaled in fp32, rounded to the operands' dtype
-                acc = dot(xa, b, acc, PRECISION)
-            tl.store(y_ptr + tokens[:, None] * stride_yt + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
-                     mask=row_mask[:, None] & col_mask[None, :])
-
-
 # ----------------------------------------------------------------------------------------------- configs
 
 
@@ -487,8 +384,7 @@ def _config(t_bucket: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, is_cu
                     BASE="triton", S_BLOCK_M=16, S_BLOCK_K=32, SPLIT_K=2 if K > 32 else 1, s_num_warps=4,
                     s_num_stages=1, EXPAND="fused", E_BLOCK_M=16, E_BLOCK_N=16, E_CHUNKS=2, e_num_warps=4,
                     e_num_stages=1,
-                    D_BLOCK_M=16, D_BLOCK_N=16, D_BLOCK_K=32, D_CHUNKS=2, d_num_warps=4, d_num_stages=1,
-                    J_BLOCK_N=16, j_num_warps=4, j_num_stages=1)
+                    D_BLOCK_M=16, D_BLOCK_N=16, D_BLOCK_K=32, D_CHUNKS=2, d_num_warps=4, d_num_stages=1)
     big = dtype.itemsize >= 4  # 4- and 8-byte operands: halve the K step to keep shared memory in budget
     # Measured on H100 (bench/NOTES.md, "multi-LoRA"): up to 64 tokens our GEMM reads W once (1.04x cuBLAS at
     # T <= 16) and the LoRA term is gathered per row in its epilogue. From 128 tokens our gathered-row GEMM falls
@@ -523,8 +419,6 @@ def _config(t_bucket: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, is_cu
     # "delta" (BASE="addmm"): one program per (segment tile, slice, chunk of N tiles) does shrink and expand
     cfg.update(D_BLOCK_M=16 if t_bucket <= 256 else 64, D_BLOCK_N=128, D_BLOCK_K=128 if big else 256,
                D_CHUNKS=4 if t_bucket <= 256 else 1, d_num_warps=4, d_num_stages=3)
-    # "joint" (BASE="addmm"): shrink and expand items in one launch (S_BLOCK_M, SPLIT_K, S_BLOCK_K and J_BLOCK_N)
-    cfg.update(J_BLOCK_N=256 if big else 512, j_num_warps=4, j_num_stages=3)
     # From 32 tokens: the LoRA term (+ bias) first, written once into y by the shrink and the segment expand, then
     # cuBLAS adds X·Wᵀ as its C operand ("addmm"). H200, graphs, 8 weight sets, K = N = 4096, r = 16
     # (`results/exp_multi_kernels*.json`, bench/NOTES.md 2026-12-01): 64/64 2.75x -> 2.44x the base, 256/32
@@ -639,13 +533,13 @@ class _Plan:
         if base not in ("triton", "cublas", "addmm"):
             raise ValueError(f"config BASE must be 'triton', 'cublas' or 'addmm', got {base!r}")
         if base == "addmm":
-            self.expand = cfg.get("EXPAND") if cfg.get("EXPAND") in ("delta", "joint") else "segment"
+            self.expand = "delta" if cfg.get("EXPAND") == "delta" else "segment"
         else:
             self.expand = "segment" if base != "triton" and cfg.get("EXPAND") == "segment" else "fused"
         # PDL pairs: our GEMM after the shrink (it streams W while the shrink runs and waits for ws only in its
         # epilogue); the addmm path's expand after the shrink (its metadata and first B tile load meanwhile)
         if base == "addmm":
-            self.pdl = self.expand == "segment" and cfg.get("E_PDL", True) and pdl_enabled(x2d.device)
+            self.pdl = self.expand != "delta" and cfg.get("E_PDL", True) and pdl_enabled(x2d.device)
         else:
             self.pdl = base == "triton" and pdl_enabled(x2d.device)
         self.launches = None
@@ -661,23 +555,18 @@ class _Plan:
         if self.launches is None:
             self.launches = self._build(x2d, weight, lora_A, lora_B, bias, ws, out)
         shrink, second = self.launches
-        if self.expand == "joint":  # shrink and expand items in one launch, synchronised through `count`
-            count = torch.zeros(self.count_len, device=x2d.device, dtype=torch.int32)
-            second(x2d, lora_A, lora_B, bias if bias is not None else lora_B, ws, out, count, perm, seg_start,
+        if shrink is not None:
+            shrink(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks)
+        if base == "cublas":  # y = X·Wᵀ + b by cuBLAS (no_grad: a frozen base may still require grad)
+            with torch.no_grad():
+                _base_gemm(x2d, weight, bias, out)
+        if self.expand == "fused":
+            second(x2d, weight, bias if bias is not None else weight, lora_B, ws, out, perm, seg_of, seg_start,
                    seg_adapter, ranks, scalings)
         else:
-            if shrink is not None:
-                shrink(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks)
-            if base == "cublas":  # y = X·Wᵀ + b by cuBLAS (no_grad: a frozen base may still require grad)
-                with torch.no_grad():
-                    _base_gemm(x2d, weight, bias, out)
-            if self.expand == "fused":
-                second(x2d, weight, bias if bias is not None else weight, lora_B, ws, out, perm, seg_of, seg_start,
-                       seg_adapter, ranks, scalings)
-            else:
-                expand_bias = bias if base == "addmm" and bias is not None else lora_B
-                second(x2d, lora_A, lora_B, expand_bias, lora_B if ws is None else ws, out, perm, seg_start,
-                       seg_adapter, ranks, scalings)
+            expand_bias = bias if base == "addmm" and bias is not None else lora_B
+            second(x2d, lora_A, lora_B, expand_bias, lora_B if ws is None else ws, out, perm, seg_start,
+                   seg_adapter, ranks, scalings)
         if base == "addmm":
             # the LoRA term and the bias are in every row of `out`: cuBLAS adds X·Wᵀ to it as its C operand
             # (beta = 1), which a GEMM reads almost for free
@@ -688,10 +577,6 @@ class _Plan:
     def _build(self, x2d, weight, lora_A, lora_B, bias, ws, target):
         """(shrink Launch or None, expand or fused Launch) for this signature, from one call's tensors."""
         cfg, precision, base = self.cfg, self.precision, self.base
-        if self.expand == "joint":
-            launch, self.count_len = _joint_launch(x2d, lora_A, lora_B, bias, ws, target, self.slice_sizes, cfg,
-                                                   precision)
-            return None, launch
         shrink = None if ws is None else _shrink_launch(x2d, lora_A, ws, cfg, precision, trigger=self.pdl)
         if self.expand == "fused":
             second = _fused_launch(x2d, weight, bias, lora_B, ws, target, self.slice_sizes, cfg, precision,
@@ -778,42 +663,6 @@ def _expand_launch(x2d, lora_A, lora_B, bias, ws, target, slice_sizes, cfg, prec
         num_warps=cfg[f"{key.lower()}_num_warps"], num_stages=cfg[f"{key.lower()}_num_stages"],
         **({"launch_pdl": True} if pdl else {}),
     )
-
-
-_JOINT_SLOTS = ("x_ptr", "a_ptr", "b_ptr", "bias_ptr", "ws_ptr", "y_ptr", "count_ptr", "perm_ptr", "seg_start_ptr",
-                "seg_adapter_ptr", "ranks_ptr", "scalings_ptr")
-
-
-def _joint_launch(x2d, lora_A, lora_B, bias, ws, target, slice_sizes, cfg, precision):
-    """(the `_joint_kernel` Launch, the length of its zeroed `count` buffer): target = bias + LoRA term, shrink and
-    expand items in one grid; called with the `_JOINT_SLOTS` tensors (bias: any tensor when None). Tiles of
-    S_BLOCK_M rows for both, the shrink's K step S_BLOCK_K, the expand's N tile J_BLOCK_N (smaller for a large pool
-    rank, so that B's [BLOCK_R, BLOCK_N] tile stays near 8K elements). The tensors give shapes and strides only."""
-    T, K = x2d.shape
-    split_k, n_slices, _, R_PAD = ws.shape
-    max_segs = cfg["_max_segs"]
-    block_r = max(RANK_CHUNK, next_pow2(lora_A.shape[2]))
-    block_n = max(16, min(cfg["J_BLOCK_N"], 8192 // block_r))
-    slices, n_tiles = _slice_table(slice_sizes, block_n, x2d.device)
-    k_per_split = cdiv(cdiv(K, split_k), cfg["S_BLOCK_K"]) * cfg["S_BLOCK_K"]
-    num_rchunks = R_PAD // RANK_CHUNK
-    tiles = cdiv(T, cfg["S_BLOCK_M"]) + max_segs
-    grid = (tiles * (n_slices * num_rchunks * split_k + n_tiles),)
-    launch = Launch(
-        _joint_kernel, grid, _JOINT_SLOTS,
-        *(None,) * 12, slices,
-        T, K, k_per_split, max_segs, n_tiles,
-        x2d.stride(0), x2d.stride(1),
-        *lora_A.stride(),
-        *lora_B.stride(),
-        *ws.stride()[:3],
-        target.stride(0), target.stride(1),
-        HAS_BIAS=bias is not None, NUM_SLICES=n_slices, SEGS_P2=next_pow2(max_segs), NUM_RCHUNKS=num_rchunks,
-        SPLIT_K=split_k, BLOCK_M=cfg["S_BLOCK_M"], BLOCK_N=block_n, BLOCK_K=cfg["S_BLOCK_K"],
-        BLOCK_RS=RANK_CHUNK, BLOCK_R=block_r, PRECISION=precision, ACC=acc_dtype(x2d.dtype),
-        num_warps=cfg["j_num_warps"], num_stages=cfg["j_num_stages"],
-    )
-    return launch, 1 + tiles * n_slices
 
 
 def _shrink_launch(x2d, lora_A, ws, cfg, precision, trigger=False):
