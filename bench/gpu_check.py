@@ -72,7 +72,8 @@ def check_case(M, K, N, r, dtype, p, bias=True, xa_mode="auto", scaling=1.7):
         poison(4 * M * max(K, N) * x.element_size())
         kernels.lora_forward(x, W, b, A, B, scaling, p, seed, store_xa=True, xa_mode=xa_mode, out=y)
         _, xa = kernels.lora_forward(x, W, b, A, B, scaling, p, seed, store_xa=True, xa_mode=xa_mode)
-        _, dyb = kernels.lora_backward_dx(dy, W, A, B, scaling, p, seed, dyb_mode=xa_mode, out=dx)
+        _, dyb = kernels.lora_backward_dx(dy, W, A, B, scaling, p, seed, out=dx,
+                                          dyb_mode="inline" if xa_mode == "producer" else xa_mode)
         dA, dB = kernels.lora_grad_ab(x, dy, xa, dyb, scaling, dtype, dtype, p, seed)
         return y, dx, dA, dB
 
@@ -181,8 +182,10 @@ def correctness() -> list[dict]:
             rows.append(check_case(M, 4095, 4097, 12, torch.bfloat16, 0.1, xa_mode=mode, bias=False))
     # the shrink inside the persistent GEMM, forced at every shape class (auto picks it above 256 rows only), with
     # odd K, N and ranks: 5 rows is one row block and two programs, 4097 rows a ragged last block
+    # (and the forward's producer tiles, what auto picks above 256 rows: xa inside the first N tile of each row block)
     for (M, K, N, r) in [(5, 1000, 777, 3), (200, 1000, 777, 3), (1000, 4095, 4097, 12), (4097, 4096, 4096, 64)]:
         rows.append(check_case(M, K, N, r, torch.bfloat16, 0.0, xa_mode="inline"))
+        rows.append(check_case(M, K, N, r, torch.bfloat16, 0.0, xa_mode="producer"))
     for dtype in (torch.float16, torch.float32):
         for (M, K, N, r) in [(2048, 4096, 4096, 16), (33, 1000, 517, 64)]:
             rows.append(check_case(M, K, N, r, dtype, 0.1, bias=False))

@@ -18,6 +18,11 @@ product xa = drop(X) @ A^T [M, r] comes one of four ways (`xa_mode`):
     with a tile fewer to walk when the tile count is not a multiple of the grid, first shrink whole row blocks and
     publish each through a flag; a tile's epilogue waits for its row block's flag (helpers.shrink_row_block).
     One launch instead of two, and the extra read of X runs in the last wave's idle time.
+  * "producer" (what "auto" picks where "inline" would pay): the persistent GEMM's walk starts with one producer
+    tile per row block (its first N tile), whose K loop also accumulates xa from the X tiles it loads anyway
+    ("fused"'s loop, for one tile in N / BLOCK_N); it stores and publishes xa before its own epilogue, and the
+    other tiles of the row block wait for that flag. No extra read of X: on the H200 at 8192 x 4096 x 4096,
+    r = 16 it measured 1.074x / 1.084x cuBLAS against "inline"'s 1.087x / 1.106x in two runs (bench/NOTES.md).
 With "shrink" the GEMM is likewise launched with PDL after the shrink where available.
 Either way the epilogue adds (s * xa) @ B^T as one more small MMA, then the bias, and writes Y once: there is
 no [M, N] temporary and no dropout copy of X.
@@ -33,7 +38,7 @@ from .config import gemm_config, num_sms
 from .helpers import (
     acc_dtype, apply_dropout, cdiv, check_dropout, check_flag, check_scaling, check_shapes, check_vector, dot,
     dot_precision, dot_precision_key, dropout_keep, dropout_threshold, gdc_wait_if, inline_shrink_grid,
-    matrix_shape, next_pow2_rank, output_tile, pdl_enabled, persistent_start, seed_arg,
+    is_interpret, matrix_shape, next_pow2_rank, output_tile, pdl_enabled, persistent_start, seed_arg,
     tensor_descriptor, tma_enabled, wait_row_block,
 )
 from .launch import Launch, PlanCache, plan_key, seed_key
@@ -53,8 +58,8 @@ EPILOGUE_RANK_BLOCK = 64
 # for which "auto" picks it where PDL is available (H200, K = N = 4096, r = 16, graphs: bench/NOTES.md).
 XA_SPLITS = 8
 MAX_SPLIT_ROWS = 64
-# "auto" may pick the "inline" mode (the shrink inside the persistent GEMM, `inline_pays`); LORA_FAST_INLINE=0
-# turns that off (a shrink launch first, as before; the results agree to rounding).
+# "auto" may compute xa inside the persistent GEMM (the forward's "producer" tiles, dX's "inline" shrink:
+# `inline_pays`); LORA_FAST_INLINE=0 turns that off (a shrink launch first; the results agree to rounding).
 INLINE_SHRINK = os.environ.get("LORA_FAST_INLINE", "1") != "0"
 
 
@@ -71,9 +76,25 @@ def _fwd_tile(
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     OUT_SCALE, HAS_OUT_SCALE: tl.constexpr, Y_TMA: tl.constexpr,
     XA_OUT, stride_xas, XA_SPLITS: tl.constexpr, GDC_WAIT: tl.constexpr, FLAGS, INLINE_XA: tl.constexpr,
+    TILE_MAP: tl.constexpr = 0, PUBLISH: tl.constexpr = False, A_TMA: tl.constexpr = False,
 ):
-    """Output tile number `tile` (grouped order) of `_lora_fwd_kernel`, whose docstring gives the arguments."""
-    pid_m, pid_n, offs_m, offs_n = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M, tile)
+    """Output tile number `tile` of `_lora_fwd_kernel`, whose docstring gives the arguments.
+
+    TILE_MAP: 0, tile in grouped order over all of Y; 1, the first N tile of row block `tile` (a producer tile);
+    2, tile in grouped order over the N tiles after the first. PUBLISH (with COMPUTE_XA, STORE_XA): once the tile
+    has stored its rows' xa, release FLAGS[row block] = 1 (before its own epilogue). A_TMA: A is a tensor
+    descriptor with block [BLOCK_R, BLOCK_K] (rows past RANK read as zero)."""
+    if TILE_MAP == 1:
+        pid_m = tile
+        pid_n = 0
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+    elif TILE_MAP == 2:
+        pid_m, pid_n, offs_m, offs_n = output_tile(M, N - BLOCK_N, BLOCK_M, BLOCK_N, GROUP_M, tile)
+        pid_n += 1
+        offs_n += BLOCK_N
+    else:
+        pid_m, pid_n, offs_m, offs_n = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M, tile)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
@@ -82,7 +103,8 @@ def _fwd_tile(
     if not USE_TMA:
         x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
         w_ptrs = W + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
-    a_ptrs = A + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
+    if not A_TMA:
+        a_ptrs = A + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
     if XA_SPLITS > 0:
         # decode: the bias and B's first rank chunk (neither is the shrink's output) are loaded before the K loop,
         # so that no dependent load is left between the W stream and the store (they are a few registers here)
@@ -104,12 +126,15 @@ def _fwd_tile(
             w_ptrs += BLOCK_K * stride_wk
         acc = dot(x, w, acc, PRECISION)
         if COMPUTE_XA:
-            a = tl.load(a_ptrs, mask=mask_k[:, None] & (offs_r[None, :] < RANK), other=0.0)
+            if A_TMA:
+                a = A.load([0, k0]).T
+            else:
+                a = tl.load(a_ptrs, mask=mask_k[:, None] & (offs_r[None, :] < RANK), other=0.0)
+                a_ptrs += BLOCK_K * stride_ak
             if DROPOUT:
                 keep = dropout_keep(seed, offs_m, k0, K8, keep_thr, BLOCK_M, BLOCK_K)
                 x = apply_dropout(x, keep, inv_keep)
             xa = dot(x, a, xa, PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
 
     if COMPUTE_XA:
         if STORE_XA:
@@ -117,6 +142,9 @@ def _fwd_tile(
                 xa_ptrs = XA + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar
                 tl.store(xa_ptrs, xa.to(XA.dtype.element_ty),
                          mask=mask_m[:, None] & (offs_r[None, :] < RANK))
+                if PUBLISH:  # every thread's stores, then a gpu-scope release (as helpers.shrink_row_block)
+                    tl.debug_barrier()
+                    tl.atomic_xchg(FLAGS + pid_m, 1, sem="release", scope="gpu")
         b = tl.load(B + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
                     mask=(offs_r[:, None] < RANK) & mask_n[None, :], other=0.0)
         # Round xa to the input dtype (as the unfused reference does), scale in fp32, then one small MMA.
@@ -176,7 +204,8 @@ def _lora_fwd_kernel(
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     OUT_SCALE, HAS_OUT_SCALE: tl.constexpr, PERSISTENT: tl.constexpr, Y_TMA: tl.constexpr,
     XA_OUT, stride_xas, XA_SPLITS: tl.constexpr, GDC_WAIT: tl.constexpr,
-    FLAGS, SHRINK_PROGS, INLINE_XA: tl.constexpr, SHRINK_STAGES: tl.constexpr,
+    FLAGS, SHRINK_PROGS, INLINE_XA: tl.constexpr, SHRINK_STAGES: tl.constexpr, PRODUCER_XA: tl.constexpr = False,
+    A_TMA: tl.constexpr = False,
 ):
     """BLOCK_M x BLOCK_N tiles of Y: one per program, or (PERSISTENT) a grid of at most one program per SM, program
     p walking tiles p, p + programs, ... (one tile's epilogue overlaps the next one's first loads, and no tail wave
@@ -196,13 +225,36 @@ def _lora_fwd_kernel(
         0 .. SHRINK_PROGS - 1 first shrink whole BLOCK_M row blocks and publish each in FLAGS [cdiv(M, BLOCK_M)]
         int32, zero at launch (helpers.shrink_row_block); a tile's epilogue waits for its row block.
         SHRINK_STAGES: the pipeline depth of that shrink's loop.
+    PRODUCER_XA (PERSISTENT, no dropout, one rank block): the launch computes XA itself in producer tiles: the
+        walk's first cdiv(M, BLOCK_M) positions are the first N tile of each row block, whose K loop also
+        accumulates X @ A^T for its rows (COMPUTE_XA's loop); it stores xa and publishes FLAGS[row block] before its
+        epilogue. The other tiles follow in grouped order and wait for their row block's flag before theirs. No
+        extra read of X, and a producer costs one tile's in-loop rank product (r / BLOCK_N more MMA).
+        A_TMA (with PRODUCER_XA): A is a tensor descriptor with block [BLOCK_R, BLOCK_K].
     scaling: s; seed, keep_thr, inv_keep, K8: the dropout mask (helpers.dropout_keep), used if DROPOUT.
     BLOCK_R: padded rank (COMPUTE_XA: the whole rank, a power of two >= 16; else the epilogue's rank chunk),
     NUM_R_CHUNKS: rank chunks in the epilogue (1 when COMPUTE_XA). PRECISION: tl.dot precision for fp32; ACC: accumulator dtype.
     OUT_SCALE: [N], any float dtype, read if HAS_OUT_SCALE: Y = OUT_SCALE * (X @ W^T + LoRA term) + BIAS (DoRA's
         per-output magnitude factor, applied in fp32 before the bias).
     """
-    if PERSISTENT:
+    if PERSISTENT and PRODUCER_XA:
+        row_blocks = tl.cdiv(M, BLOCK_M)
+        for pos in range(tl.program_id(0), row_blocks * tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
+            if pos < row_blocks:
+                _fwd_tile(pos, X, W, A, B, BIAS, XA, Y, M, N, K, RANK,
+                          stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+                          stride_xam, stride_xar, stride_ym, stride_yn, scaling, seed, keep_thr, inv_keep, K8,
+                          HAS_BIAS, False, True, True, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
+                          1, GROUP_M, PRECISION, ACC, OUT_SCALE, HAS_OUT_SCALE, Y_TMA,
+                          XA_OUT, stride_xas, 0, False, FLAGS, False, 1, True, A_TMA)
+            else:
+                _fwd_tile(pos - row_blocks, X, W, A, B, BIAS, XA, Y, M, N, K, RANK,
+                          stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+                          stride_xam, stride_xar, stride_ym, stride_yn, scaling, seed, keep_thr, inv_keep, K8,
+                          HAS_BIAS, False, False, False, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
+                          1, GROUP_M, PRECISION, ACC, OUT_SCALE, HAS_OUT_SCALE, Y_TMA,
+                          XA_OUT, stride_xas, 0, False, FLAGS, True, 2, False, A_TMA)
+    elif PERSISTENT:
         first = persistent_start(INLINE_XA, X, A, XA, FLAGS, M, K, RANK, stride_xm, stride_xk, stride_ar,
                                  stride_ak, stride_xam, stride_xar, SHRINK_PROGS, USE_TMA, BLOCK_M, BLOCK_K, BLOCK_R,
                                  PRECISION, ACC, SHRINK_STAGES)
@@ -247,9 +299,10 @@ def choose_xa_mode(m: int, rank: int, dropout: bool) -> str:
 
 
 def inline_pays(m: int, rank: int, dropout: bool, dtype, kernel: str) -> bool:
-    """Whether "auto" computes the rank-r product inside the persistent GEMM ("inline") rather than in a shrink
-    launch before it: above MAX_FUSED_ROWS rows, without dropout (the mask would be drawn by a few programs), at a
-    rank of one epilogue block, where the GEMM's config walks its tiles persistently (bench/NOTES.md)."""
+    """Whether "auto" computes the rank-r product inside the persistent GEMM (the forward's "producer" tiles, dX's
+    "inline" shrink) rather than in a shrink launch before it: above MAX_FUSED_ROWS rows, without dropout (the
+    mask would be drawn by a few programs), at a rank of one epilogue block, where the GEMM's config walks its
+    tiles persistently (bench/NOTES.md)."""
     return (INLINE_SHRINK and m > MAX_FUSED_ROWS and not dropout and next_pow2_rank(rank) <= EPILOGUE_RANK_BLOCK
             and gemm_config(kernel, m, dtype, 0).persistent)
 
@@ -261,8 +314,8 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
     x: [M, K], weight: [N, K], bias: [N] or None, lora_A: [r, K], lora_B: [N, r] (any strides, one dtype);
     scaling: float; dropout_p in [0, 1) applied to x on the LoRA branch with the mask of `seed`.
     Returns (y [M, N], xa [M, r] or None): xa = drop(x) @ A^T, returned when store_xa (for the backward).
-    xa_mode: "auto", "fused", "shrink", "split" or "inline" (module docstring; "inline" needs dropout_p == 0 and
-        r <= 64).
+    xa_mode: "auto", "fused", "shrink", "split", "inline" or "producer" (module docstring; "inline" and
+        "producer" need dropout_p == 0 and r <= 64).
     out: optional preallocated y [M, N] of x's dtype and device (any strides).
     tma: "auto" (the config's choice, where the GPU and strides allow), True or False (tests force both).
     out_scale: optional [N] vector g (any float dtype, x's device): y = g * (x @ W^T + s * xa @ B^T) + b (DoRA).
@@ -305,11 +358,12 @@ class _ForwardPlan:
             if M <= MAX_SPLIT_ROWS and pdl:
                 xa_mode = "split"
             elif xa_mode == "shrink" and inline_pays(M, rank, dropout, x.dtype, "fwd"):
-                xa_mode = "inline"
-        if xa_mode not in ("fused", "shrink", "split", "inline"):
-            raise ValueError(f"xa_mode must be 'auto', 'fused', 'shrink', 'split' or 'inline', got {xa_mode!r}")
-        if xa_mode == "inline" and (dropout or next_pow2_rank(rank) > EPILOGUE_RANK_BLOCK):
-            raise ValueError(f"xa_mode='inline' needs dropout_p == 0 and a rank <= {EPILOGUE_RANK_BLOCK}, got "
+                xa_mode = "producer"
+        if xa_mode not in ("fused", "shrink", "split", "inline", "producer"):
+            raise ValueError(f"xa_mode must be 'auto', 'fused', 'shrink', 'split', 'inline' or 'producer', got "
+                             f"{xa_mode!r}")
+        if xa_mode in ("inline", "producer") and (dropout or next_pow2_rank(rank) > EPILOGUE_RANK_BLOCK):
+            raise ValueError(f"xa_mode={xa_mode!r} needs dropout_p == 0 and a rank <= {EPILOGUE_RANK_BLOCK}, got "
                              f"dropout_p={dropout_p}, rank {rank}")
         self.y_shape, self.xa_shape, self.dropout_p = (M, N), (M, rank), dropout_p
         self.launch = None
@@ -319,12 +373,13 @@ class _ForwardPlan:
         # the K ranges asked of the shrink, and the number it gives (which the kernel is compiled for)
         self.xa_splits = XA_SPLITS
         self.splits = shrink_splits(M, K, x.dtype, self.xa_splits)[0] if xa_mode == "split" else 0
-        self.new_xa = (store_xa or xa_mode == "inline") and not self.shrink
+        self.producer = xa_mode == "producer"
+        self.inline = xa_mode == "inline" or self.producer  # xa computed by this launch, published by flags
+        self.new_xa = (store_xa or self.inline) and not self.shrink
         self.store_xa = store_xa
         self.pdl = False
-        self.inline = xa_mode == "inline"
         if M == 0 or N == 0:
-            self.shrink, self.splits, self.new_xa, self.inline = False, 0, store_xa, False
+            self.shrink, self.splits, self.new_xa, self.inline, self.producer = False, 0, store_xa, False, False
             return
         compute_xa = xa_mode == "fused"
         # the GEMM starts while the shrink runs (programmatic dependent launch)
@@ -342,13 +397,19 @@ class _ForwardPlan:
         self.use_tma = tma_enabled(tma if tma != "auto" else ("auto" if cfg.tma else False), x, weight)
         self.x_block, self.w_block = [cfg.block_m, cfg.block_k], [cfg.block_n, cfg.block_k]
         # y through a descriptor too: a new y needs 16-byte rows, a given one TMA's stride and alignment rules
-        self.y_tma = self.use_tma and cfg.tma_store and (
+        # (not with producer tiles: two K loops and two epilogues leave no room for the store's 64 KB tile buffer)
+        self.y_tma = self.use_tma and cfg.tma_store and not self.producer and (
             tma_enabled(True, out) if out is not None else (N * x.element_size()) % 16 == 0)
         self.y_block = [cfg.block_m, cfg.block_n]
+        # producer tiles load A through a descriptor too, where it allows one (rows past the rank read as zero)
+        self.a_tma = self.producer and self.use_tma and tma_enabled(True, lora_A)
+        self.a_block = [block_r, cfg.block_k]
         tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
         grid, shrink_progs = min(tiles, num_sms(x.device)) if cfg.persistent else tiles, 0
         self.row_blocks = cdiv(M, cfg.block_m)
-        if self.inline:
+        if self.producer:  # under the interpreter (programs run in id order) one program walks every tile
+            grid = 1 if is_interpret() else grid
+        elif self.inline:
             grid, shrink_progs = inline_shrink_grid(tiles, self.row_blocks, num_sms(x.device))
         self.launch = Launch(
             _lora_fwd_kernel, (grid,),
@@ -366,8 +427,9 @@ class _ForwardPlan:
             # A placeholder pointer when absent (never read), as for BIAS: no None pointer arguments.
             OUT_SCALE=None, HAS_OUT_SCALE=out_scale is not None, PERSISTENT=cfg.persistent, Y_TMA=self.y_tma,
             XA_OUT=None, stride_xas=M * rank, XA_SPLITS=self.splits, GDC_WAIT=self.pdl,
-            FLAGS=None, SHRINK_PROGS=shrink_progs, INLINE_XA=self.inline,
-            SHRINK_STAGES=cfg.shrink_stages or cfg.num_stages, **cfg.launch(), **pdl_options,
+            FLAGS=None, SHRINK_PROGS=shrink_progs, INLINE_XA=self.inline and not self.producer,
+            SHRINK_STAGES=cfg.shrink_stages or cfg.num_stages, PRODUCER_XA=self.producer, A_TMA=self.a_tma,
+            **cfg.launch(), **pdl_options,
         )
 
     def __call__(self, x, weight, bias, lora_A, lora_B, scaling, seed, out, out_scale):
@@ -386,6 +448,8 @@ class _ForwardPlan:
         if self.launch is not None:
             if self.use_tma:
                 x, weight = tensor_descriptor(x, self.x_block), tensor_descriptor(weight, self.w_block)
+            if self.a_tma:
+                lora_A = tensor_descriptor(lora_A, self.a_block)
             # y itself stands in for the absent optional pointers (never dereferenced)
             self.launch(x, weight, lora_A, lora_B, bias if bias is not None else y, xa if xa is not None else y,
                         tensor_descriptor(y, self.y_block) if self.y_tma else y, float(scaling), seed_arg(seed),

@@ -141,20 +141,23 @@ def test_persistent_tile_walk_and_descriptor_store(p, device):
         assert_close(name, out, ref, torch.float32)
 
 
+@pytest.mark.parametrize("fwd_mode", ["inline", "producer"])
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
-@pytest.mark.parametrize("shape", [(40, 48, 40, 3), (33, 17, 50, 16), (1, 20, 9, 1), (70, 40, 24, 64)],
-                         ids=lambda s: "M%d_K%d_N%d_r%d" % s)
-def test_inline_shrink_forward_and_dx(shape, tma, device):
-    """xa_mode / dyb_mode "inline": the persistent GEMM computes the rank-r product itself (its shrinking programs
-    publish row blocks through flags that the tiles wait for). NaN-filled y and dX show a tile or row the walk
-    skips; xa and dY @ B are checked too. dX with dropout still adds its masked term in a second pass."""
+@pytest.mark.parametrize("shape", [(40, 48, 40, 3), (33, 17, 50, 16), (1, 20, 9, 1), (70, 40, 24, 64),
+                                   (300, 24, 70, 5)], ids=lambda s: "M%d_K%d_N%d_r%d" % s)
+def test_inline_shrink_forward_and_dx(shape, tma, fwd_mode, device):
+    """The persistent GEMM computes the rank-r product itself: dyb_mode "inline" and xa_mode "inline" (its
+    shrinking programs publish row blocks through flags that the tiles wait for) or "producer" (the first N tile
+    of each row block accumulates xa in its K loop and publishes it; the walk's other tiles wait). NaN-filled y and
+    dX show a tile or row the walk skips; xa and dY @ B are checked too. dX with dropout still adds its masked term
+    in a second pass. (300 rows: several row blocks and N tiles, so tiles wait on producers other than their own.)"""
     M, K, N, r = shape
     s, seed = 0.7, int(torch.randint(0, 2**31, ()))
     x, W, b, A, B = lora_problem(M, K, N, r, torch.float32, device)
     dy = torch.randn(M, N, device=device)
     y = torch.full((M, N), float("nan"), device=device)
-    y2, xa = kernels.lora_forward(x, W, b, A, B, s, store_xa=True, xa_mode="inline", out=y, tma=tma)
-    y_new, no_xa = kernels.lora_forward(x, W, None, A, B, s, xa_mode="inline", tma=tma)
+    y2, xa = kernels.lora_forward(x, W, b, A, B, s, store_xa=True, xa_mode=fwd_mode, out=y, tma=tma)
+    y_new, no_xa = kernels.lora_forward(x, W, None, A, B, s, xa_mode=fwd_mode, tma=tma)
     assert y2 is y and no_xa is None
     yr, dxr, _, _ = _reference_grads(x, W, b, A, B, s, 0.0, None, dy)
     yr_nb, _, _, _ = _reference_grads(x, W, None, A, B, s, 0.0, None, dy)
@@ -174,15 +177,16 @@ def test_inline_shrink_forward_and_dx(shape, tma, device):
 
 
 def test_inline_shrink_flags_start_at_zero_and_every_row_block_is_published(device, monkeypatch):
-    """The launch contract of the inline mode, call after call of one cached plan: the row-block flags the kernel
-    receives are all zero (a fresh buffer per call, so no replay or later call sees an earlier call's flags), one per
-    BLOCK_M rows, and after the kernel every one is set (every row block was shrunk and published)."""
+    """The launch contract of the inline and producer modes, call after call of one cached plan: the row-block flags
+    the kernel receives are all zero (a fresh buffer per call, so no replay or later call sees an earlier call's
+    flags), one per BLOCK_M rows, and after the kernel every one is set (every row block was shrunk and
+    published)."""
     seen = []
     original = kernels.launch.Launch.__call__
 
     def recording(self, *values):
         params = self.fn.arg_names
-        inline = any(n in params and self.args[params.index(n)] for n in ("INLINE_XA", "INLINE_DYB"))
+        inline = any(n in params and self.args[params.index(n)] for n in ("INLINE_XA", "INLINE_DYB", "PRODUCER_XA"))
         if inline:
             flags = values[[params[i] for i in self.slots].index("FLAGS")]
             before = flags.clone()
@@ -194,10 +198,11 @@ def test_inline_shrink_flags_start_at_zero_and_every_row_block_is_published(devi
     M, K, N, r = 45, 24, 20, 3
     x, W, b, A, B = lora_problem(M, K, N, r, torch.float32, device)
     dy = torch.randn(M, N, device=device)
-    for _ in range(2):  # the second call reuses both plans
+    for _ in range(2):  # the second call reuses the plans
         kernels.lora_forward(x, W, b, A, B, 1.0, xa_mode="inline")
+        kernels.lora_forward(x, W, b, A, B, 1.0, xa_mode="producer")
         kernels.lora_backward_dx(dy, W, A, B, 1.0, dyb_mode="inline")
-    assert len(seen) == 4
+    assert len(seen) == 6
     for before, block_m, after in seen:
         assert before.dtype == torch.int32 and before.shape == (-(-M // block_m),)
         assert torch.all(before == 0) and torch.all(after == 1)
@@ -219,7 +224,7 @@ def test_inline_shrink_is_what_auto_picks_for_a_persistent_large_walk(device):
         y.backward(dy)
         fwd = [pl for pl in kernels.lora_fwd._PLANS.values() if pl.y_shape == (M, N)]
         dxp = [pl for pl in kernels.lora_bwd._DX_PLANS.values() if pl.dx_shape == (M, K)]
-        assert fwd and all(pl.inline for pl in fwd) and dxp and all(pl.inline for pl in dxp)
+        assert fwd and all(pl.producer for pl in fwd) and dxp and all(pl.inline for pl in dxp)
     finally:
         for kernel in ("fwd", "dx"):
             kernels.config.set_override(kernel, "large", None)
@@ -230,11 +235,12 @@ def test_inline_shrink_is_what_auto_picks_for_a_persistent_large_walk(device):
 
 def test_inline_shrink_refuses_what_it_cannot_do(device):
     x, W, b, A, B = lora_problem(8, 16, 12, 3, torch.float32, device)
-    with pytest.raises(ValueError, match="inline.*dropout_p"):
-        kernels.lora_forward(x, W, b, A, B, 1.0, dropout_p=0.1, xa_mode="inline")
     x2, W2, b2, A2, B2 = lora_problem(8, 16, 12, 65, torch.float32, device)
-    with pytest.raises(ValueError, match="inline.*rank"):
-        kernels.lora_forward(x2, W2, b2, A2, B2, 1.0, xa_mode="inline")
+    for mode in ("inline", "producer"):
+        with pytest.raises(ValueError, match=f"{mode}.*dropout_p"):
+            kernels.lora_forward(x, W, b, A, B, 1.0, dropout_p=0.1, xa_mode=mode)
+        with pytest.raises(ValueError, match=f"{mode}.*rank"):
+            kernels.lora_forward(x2, W2, b2, A2, B2, 1.0, xa_mode=mode)
     with pytest.raises(ValueError, match="inline.*dy_scale"):
         kernels.lora_backward_dx(torch.randn(8, 12, device=device), W, A, B, 1.0, dyb_mode="inline",
                                  dy_scale=torch.ones(12, device=device))
