@@ -1,9 +1,10 @@
-"""Experiment: the rank-r shrink inside the persistent GEMM ("inline") against a shrink launch before it ("shrink"),
-for the forward (xa = X @ A^T) and dX (dY @ B), and a whole fwd+bwd step through `lora_linear` either way.
+"""Experiment: the rank-r shrink inside the persistent GEMM (by its shrinking programs, "inline", or by its producer
+tiles, "producer") against a shrink launch before it ("shrink"), for the forward (xa = X @ A^T) and dX (dY @ B),
+and a whole fwd+bwd step through `lora_linear` with auto's choice (producer) against the shrink.
 
-Checks first, on the GPU (where races show): every output of both modes against an fp64 reference, outputs
-NaN-filled, and the inline mode repeated REPEATS times with fresh outputs, each bitwise equal to the first (a tile
-that read xa before its row block was published would differ). Then interleaved timing rounds, ratios to cuBLAS
+Checks first, on the GPU (where races show): every output of each mode against an fp64 reference, outputs
+NaN-filled, and the inline and producer modes repeated REPEATS times with fresh outputs, each bitwise equal to the
+first (a tile that read xa before its row block was published would differ). Then interleaved timing rounds, ratios to cuBLAS
 (`F.linear` / `torch.mm(dy, W)` / its fwd+bwd) in the same run. Prints a table last; JSON to --out.
 
     python bench/exp_inline_shrink.py --out /tmp/exp
@@ -13,7 +14,6 @@ import json
 import os
 import sys
 
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +24,14 @@ import lora_fast  # noqa: E402
 from bench.common import (  # noqa: E402
     kernel_times_us, lora_references, print_shape_report, random_lora_inputs,
 )
-from lora_fast.kernels import config as kconfig, lora_bwd, lora_fwd  # noqa: E402
+from lora_fast.kernels import lora_fwd  # noqa: E402
 from lora_fast.kernels.launch import clear_plans  # noqa: E402
 from lora_fast.kernels.lora_bwd import lora_backward_dx  # noqa: E402
 from lora_fast.kernels.lora_fwd import lora_forward  # noqa: E402
 
 REPEATS = 20
+# the rank-r product by a shrink launch, by the GEMM's shrinking programs, by its producer tiles (auto's choice)
+MODES = ("shrink", "inline", "producer")
 # (M, K, N, r): the issue's shapes, then smaller and odd ones (fewer tiles than SMs, ragged blocks, odd ranks)
 CHECKS = [(8192, 4096, 4096, 16), (8192, 4096, 14336, 16), (8192, 14336, 4096, 16), (4096, 4096, 4096, 64),
           (16384, 4096, 4096, 16), (300, 4000, 3000, 3), (1000, 1000, 777, 1), (2500, 1032, 4100, 33), (513, 256, 64, 16)]
@@ -46,13 +48,13 @@ def check(M, K, N, r, dt=torch.bfloat16):
     s = 2.0
     y_ref, xa_ref, dx_ref, dyb_ref = lora_references(x, W, b, A, B, dy, s)
     row = {"shape": [M, K, N, r]}
-    for mode in ("shrink", "inline"):
+    for mode in MODES:
         y = torch.full((M, N), float("nan"), device="cuda", dtype=dt)
         _, xa = lora_forward(x, W, b, A, B, s, store_xa=True, xa_mode=mode, out=y)
         dx = torch.full((M, K), float("nan"), device="cuda", dtype=dt)
         _, dyb = lora_backward_dx(dy, W, A, B, s, dyb_mode=mode, out=dx)
         row[mode] = {"y": rel(y, y_ref), "xa": rel(xa, xa_ref), "dx": rel(dx, dx_ref), "dyb": rel(dyb, dyb_ref)}
-        if mode == "inline":
+        if mode != "shrink":
             same = True
             for _ in range(REPEATS):
                 y2 = torch.full((M, N), float("nan"), device="cuda", dtype=dt)
@@ -60,9 +62,9 @@ def check(M, K, N, r, dt=torch.bfloat16):
                 dx2 = torch.full((M, K), float("nan"), device="cuda", dtype=dt)
                 lora_backward_dx(dy, W, A, B, s, dyb_mode=mode, out=dx2)
                 same &= bool(torch.equal(y2, y)) and bool(torch.equal(dx2, dx))
-            row["inline_repeats_identical"] = same
-    errs = [v for mode in ("shrink", "inline") for v in row[mode].values()]
-    row["ok"] = row["inline_repeats_identical"] and all(e < 2e-2 for e in errs)
+            row[f"{mode}_repeats_identical"] = same
+    errs = [v for mode in MODES for v in row[mode].values()]
+    row["ok"] = all(row[f"{m}_repeats_identical"] for m in MODES[1:]) and all(e < 2e-2 for e in errs)
     return row
 
 
@@ -95,35 +97,29 @@ def timings(M, K, N, r, rounds, dt=torch.bfloat16):
     def lora_step():
         torch.autograd.grad(lora_fast.lora_linear(xg, W, None, Ag, Bg, 2.0), (xg, Ag, Bg), dy)
 
-    # dX in the inline mode with its pointer store (before dX went through a descriptor), a plan built directly
-    cfg = kconfig.gemm_config("dx", M, dt, 0)
-    kconfig.set_override("dx", kconfig.shape_class(M), replace(cfg, tma_store=False))
-    try:
-        ptr_plan = lora_bwd._DxPlan(dy, W, A, B, 0.0, True, "inline", None, "auto", None)
-    finally:
-        kconfig.set_override("dx", kconfig.shape_class(M), None)
     t = timed({
         "base_fwd": lambda: F.linear(x, W),
         "fwd_shrink": lambda: lora_forward(x, W, None, A, B, 2.0, xa_mode="shrink"),
         "fwd_inline": lambda: lora_forward(x, W, None, A, B, 2.0, xa_mode="inline"),
+        "fwd_producer": lambda: lora_forward(x, W, None, A, B, 2.0, xa_mode="producer"),
         "base_dx": lambda: torch.mm(dy, W),
         "dx_shrink": lambda: lora_backward_dx(dy, W, A, B, 2.0, dyb_mode="shrink"),
-        "dx_inline_ptr_store": lambda: ptr_plan(dy, W, A, B, 2.0, 0, None, None),
         "dx_inline": lambda: lora_backward_dx(dy, W, A, B, 2.0, dyb_mode="inline"),
+        "dx_producer": lambda: lora_backward_dx(dy, W, A, B, 2.0, dyb_mode="producer"),
         "base_step": base_step,
     }, rounds)
     steps = {}
-    for _ in range(rounds):  # the autograd step with auto picking inline, then shrink, alternated
+    for _ in range(rounds):  # the autograd step with auto picking producer tiles, then a shrink, alternated
         for on in (True, False):
             set_auto_inline(on)
             steps.setdefault(on, []).append(do_bench(lora_step, warmup=25, rep=200, return_mode="median") * 1e3)
     set_auto_inline(True)
-    t["step_inline"] = sorted(steps[True])[rounds // 2]
+    t["step_producer"] = sorted(steps[True])[rounds // 2]
     t["step_shrink"] = sorted(steps[False])[rounds // 2]
     row = {"shape": [M, K, N, r], "us": t, "step_kernels_us": kernel_times_us([lora_step, base_step], rounds=3)}
-    row["ratios"] = {k: t[k] / t["base_fwd"] for k in ("fwd_shrink", "fwd_inline")}
-    row["ratios"].update({k: t[k] / t["base_dx"] for k in ("dx_shrink", "dx_inline_ptr_store", "dx_inline")})
-    row["ratios"].update({k: t[k] / t["base_step"] for k in ("step_shrink", "step_inline")})
+    row["ratios"] = {k: t[k] / t["base_fwd"] for k in ("fwd_shrink", "fwd_inline", "fwd_producer")}
+    row["ratios"].update({k: t[k] / t["base_dx"] for k in ("dx_shrink", "dx_inline", "dx_producer")})
+    row["ratios"].update({k: t[k] / t["base_step"] for k in ("step_shrink", "step_producer")})
     return row
 
 
@@ -137,8 +133,7 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     checks = [] if args.no_check else [check(*s) for s in CHECKS]
     for c in checks:
-        print("check", c["shape"], "ok" if c["ok"] else "FAILED", json.dumps({k: c[k] for k in ("shrink", "inline")}),
-              flush=True)
+        print("check", c["shape"], "ok" if c["ok"] else "FAILED", json.dumps({k: c[k] for k in MODES}), flush=True)
     rows = [timings(*s, args.rounds) for s in TIMED]
     with open(os.path.join(args.out, "exp_inline_shrink.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "checks": checks, "timings": rows}, f, indent=1)

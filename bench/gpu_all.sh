@@ -2,7 +2,8 @@
 # Runs a chosen set of the GPU scripts in one device call, each under its own time limit, and leaves every JSON and
 # log in one tarball (the device tool returns at most 8 files):
 #   OUT=/some/dir bash bench/gpu_all.sh compile qlora variants init multi check train
-# Names: check (gpu_check --skip-big), multi (gpu_multi_lora, targets grid + sweep + demo), multi_check (its checks
+# Names: check (gpu_check --skip-big), check_persistent (gpu_check --only persistent: the large-M paths that compute
+# the rank-r product inside the persistent GEMMs, and those modes forced at odd shapes), multi (gpu_multi_lora, targets grid + sweep + demo), multi_check (its checks
 # and the demo only), multi_full (full grid, no sweep), compile, compile_late (its last two cases), host
 # (profile_host), linear (bench_lora_linear --quick), prof (profile_lora at
 # p=0.1 and 0), persistent (exp_persistent: GEMM variants, shrink/dA/dB/dX-term timings at M=8192), profc (profile_compile:
@@ -36,7 +37,8 @@ step() {  # step NAME SECONDS CMD...
 }
 for name in "$@"; do
   case $name in
-    check) step check 240 python3 bench/gpu_check.py --skip-big --out "$OUT/logs" ;;
+    check) step check 330 python3 bench/gpu_check.py --skip-big --out "$OUT/logs" ;;
+    check_persistent) step check_persistent 150 python3 bench/gpu_check.py --only persistent --out "$OUT/logs" ;;
     multi) step multi 300 python3 bench/gpu_multi_lora.py "$OUT/logs" --grid targets --demo ;;
     multi_check) step multi_check 200 python3 bench/gpu_multi_lora.py "$OUT/logs" --no-sweep --grid none --demo ;;
     multi_full) step multi_full 420 python3 bench/gpu_multi_lora.py "$OUT/logs" --grid full --no-sweep ;;

@@ -165,6 +165,19 @@ def check_big():
             "dx_tail": err_dx, "dB": err_db, "ok": all(v < 2e-2 for v in (err_y, err_dx, err_db))}
 
 
+def persistent_cases() -> list[dict]:
+    """The large-M shapes, where auto computes the rank-r product inside the persistent GEMMs (the forward's
+    producer tiles, dX's inline shrink), and both modes forced at odd shapes: a quick check of those paths alone
+    (`--only persistent`)."""
+    rows = [check_case(M, K, N, r, torch.bfloat16, p)
+            for (M, K, N, r) in [(8192, 4096, 4096, 16), (16384, 4096, 4096, 16), (8192, 4096, 14336, 64)]
+            for p in (0.0, 0.1)]
+    for (M, K, N, r) in [(5, 1000, 777, 3), (200, 1000, 777, 3), (1000, 4095, 4097, 12), (4097, 4096, 4096, 64)]:
+        for mode in ("inline", "producer"):
+            rows.append(check_case(M, K, N, r, torch.bfloat16, 0.0, xa_mode=mode))
+    return rows
+
+
 def correctness() -> list[dict]:
     rows = []
     grid = [
@@ -275,6 +288,7 @@ def main():
     ap.add_argument("--out", default=common.RESULTS_DIR)
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--skip-big", action="store_true")
+    ap.add_argument("--only", choices=["persistent"], help="run only these cases (persistent_cases)")
     args = ap.parse_args()
     if not common.have_gpu():
         print("gpu_check needs a CUDA GPU; the CPU tests cover the interpreter path.")
@@ -282,8 +296,8 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     result = {"env": common.environment(), "peaks": common.measure_peaks() if hasattr(common, "measure_peaks") else None}
-    rows = correctness()
-    if not args.skip_big:
+    rows = persistent_cases() if args.only == "persistent" else correctness()
+    if not args.skip_big and not args.only:
         try:
             rows.append(check_big())
         except Exception as e:  # noqa: BLE001

@@ -7,7 +7,8 @@
 `lora_backward_dx` is one GEMM over N. Up to 256 rows its K loop also accumulates dyb = dY @ B for its rows
 ("fused": no second pass over dY; the programs of the first K tile store dyb for dA); above, `lora_shrink`
 computes dyb first ("shrink", measured faster there), or, for the persistent large-M walk without DoRA's
-column scale, the GEMM's own first programs do ("inline", as in lora_fwd). Its epilogue adds the rank-r term,
+column scale, the GEMM computes it itself: its first programs before their tiles ("inline", the default), or its
+first K tile of each row block inside its N loop ("producer", lora_fwd's default, measured slower here). Its epilogue adds the rank-r term,
 masked by the regenerated dropout mask, and writes dX once; except with dropout in "shrink" or "inline" mode, where
 the GEMM writes dY @ W with its dropout-free tile and `_lora_dx_dropout_term_kernel` adds the masked term in a
 second, memory-bound pass.
@@ -26,7 +27,7 @@ from .config import dx_dropout_term_config, gemm_config, num_sms, reduce_m_confi
 from .helpers import (
     acc_dtype, apply_dropout, cdiv, check_dropout, check_dtype, check_flag, check_scaling, check_shapes,
     check_vector, dot, dot_precision, dot_precision_key, dropout_keep, dropout_threshold, gdc_wait_if,
-    inline_shrink_grid, matrix_shape, next_pow2_rank, output_tile, pdl_enabled, seed_arg,
+    inline_shrink_grid, is_interpret, matrix_shape, next_pow2_rank, output_tile, pdl_enabled, seed_arg,
     persistent_start, tensor_descriptor, tma_enabled, upcast, wait_row_block,
 )
 from .launch import Launch, PlanCache, plan_key, seed_key
@@ -61,10 +62,25 @@ def _dx_tile(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     DY_SCALE, HAS_DY_SCALE: tl.constexpr, GDC_WAIT: tl.constexpr, FLAGS, INLINE_DYB: tl.constexpr,
-    DX_TMA: tl.constexpr,
+    DX_TMA: tl.constexpr, TILE_MAP: tl.constexpr = 0, PUBLISH: tl.constexpr = False, B_TMA: tl.constexpr = False,
 ):
-    """dX tile number `tile` (grouped order) of `_lora_bwd_dx_kernel`, whose docstring gives the arguments."""
-    pid_m, pid_k, offs_m, offs_k = output_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M, tile)
+    """dX tile number `tile` of `_lora_bwd_dx_kernel`, whose docstring gives the arguments.
+
+    TILE_MAP: 0, grouped order over all of dX; 1, the first K tile of row block `tile` (a producer tile); 2,
+    grouped order over the K tiles after the first. PUBLISH (with COMPUTE_DYB, STORE_DYB): release FLAGS[row
+    block] = 1 once the tile has stored its rows' dY @ B. B_TMA: B is a tensor descriptor with block
+    [BLOCK_N, BLOCK_R] (columns past RANK read as zero)."""
+    if TILE_MAP == 1:
+        pid_m = tile
+        pid_k = 0
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    elif TILE_MAP == 2:
+        pid_m, pid_k, offs_m, offs_k = output_tile(M, K - BLOCK_K, BLOCK_M, BLOCK_K, GROUP_M, tile)
+        pid_k += 1
+        offs_k += BLOCK_K
+    else:
+        pid_m, pid_k, offs_m, offs_k = output_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M, tile)
     offs_n = tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
@@ -73,7 +89,8 @@ def _dx_tile(
     if not USE_TMA:
         dy_ptrs = DY + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
         w_ptrs = W + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
-    b_ptrs = B + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
+    if not B_TMA:
+        b_ptrs = B + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
     dyb = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
     for n0 in range(0, N, BLOCK_N):
@@ -91,9 +108,12 @@ def _dx_tile(
             dy = (upcast(dy) * upcast(g)[None, :]).to(dy.dtype)
         acc = dot(dy, w, acc, PRECISION)
         if COMPUTE_DYB:
-            b = tl.load(b_ptrs, mask=mask_n[:, None], other=0.0)
+            if B_TMA:
+                b = B.load([n0, 0])
+            else:
+                b = tl.load(b_ptrs, mask=mask_n[:, None], other=0.0)
+                b_ptrs += BLOCK_N * stride_bn
             dyb = dot(dy, b, dyb, PRECISION)
-            b_ptrs += BLOCK_N * stride_bn
 
     # the rank-r term goes straight into acc, or (DROPOUT) into a second accumulator that the mask then filters:
     # two [BLOCK_M, BLOCK_K] fp32 accumulators spilled registers at the 128 x 256 tile (ptxas, sm_90)
@@ -106,10 +126,14 @@ def _dx_tile(
             if pid_k == 0:
                 tl.store(DYB + offs_m[:, None] * stride_dybm + offs_r[None, :] * stride_dybr,
                          dyb.to(DYB.dtype.element_ty), mask=mask_m[:, None] & (offs_r[None, :] < RANK))
-        a = tl.load(A + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                    mask=(offs_r[:, None] < RANK) & mask_k[None, :], other=0.0)
-        dyb_s = (dyb.to(a.dtype).to(ACC) * scaling).to(a.dtype)
-        low = dot(dyb_s, a, low, PRECISION)
+                if PUBLISH:  # every thread's stores, then a gpu-scope release (as helpers.shrink_row_block)
+                    tl.debug_barrier()
+                    tl.atomic_xchg(FLAGS + pid_m, 1, sem="release", scope="gpu")
+        if NUM_R_CHUNKS > 0:  # (0: the dropout term has its own pass)
+            a = tl.load(A + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                        mask=(offs_r[:, None] < RANK) & mask_k[None, :], other=0.0)
+            dyb_s = (dyb.to(a.dtype).to(ACC) * scaling).to(a.dtype)
+            low = dot(dyb_s, a, low, PRECISION)
     else:
         gdc_wait_if(GDC_WAIT)  # DYB comes from the shrink before this kernel (a PDL launch)
         if INLINE_DYB and NUM_R_CHUNKS > 0:  # or from this launch's shrinking programs
@@ -141,6 +165,7 @@ def _lora_bwd_dx_kernel(
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     DY_SCALE, HAS_DY_SCALE: tl.constexpr, PERSISTENT: tl.constexpr, GDC_WAIT: tl.constexpr,
     FLAGS, SHRINK_PROGS, INLINE_DYB: tl.constexpr, DX_TMA: tl.constexpr, SHRINK_STAGES: tl.constexpr,
+    PRODUCER_DYB: tl.constexpr = False, B_TMA: tl.constexpr = False,
 ):
     """BLOCK_M x BLOCK_K tiles of dX, reducing over N in BLOCK_N steps: one tile per program, or (PERSISTENT) a
     grid of at most one program per SM walking them all (as in lora_fwd._lora_fwd_kernel).
@@ -161,8 +186,30 @@ def _lora_bwd_dx_kernel(
         SHRINK_STAGES: the pipeline depth of that shrink's loop.
     DX_TMA: DX is a tensor descriptor with block [BLOCK_M, BLOCK_K] (out-of-range elements are not written): at the
         128 x 256 tile the pointer store's int64 addresses spilled registers.
+    PRODUCER_DYB (PERSISTENT, no DY_SCALE, RANK <= BLOCK_R): as lora_fwd's PRODUCER_XA: the walk's first
+        cdiv(M, BLOCK_M) positions are the first K tile of each row block, whose N loop also accumulates dY @ B
+        (COMPUTE_DYB's loop) and which stores and publishes it in FLAGS; the other tiles wait for their row block.
+        B_TMA (with it): B is a tensor descriptor with block [BLOCK_N, BLOCK_R], else B is padded as for
+        COMPUTE_DYB. NUM_R_CHUNKS 0 (the dropout term's own pass): the producers store dY @ B and add no term.
     """
-    if PERSISTENT:
+    if PERSISTENT and PRODUCER_DYB:
+        row_blocks = tl.cdiv(M, BLOCK_M)
+        for pos in range(tl.program_id(0), row_blocks * tl.cdiv(K, BLOCK_K), tl.num_programs(0)):
+            if pos < row_blocks:
+                _dx_tile(pos, DY, W, B, A, DYB, DX, M, N, K, RANK,
+                         stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br, stride_ar, stride_ak,
+                         stride_dybm, stride_dybr, stride_dxm, stride_dxk, scaling, seed, keep_thr, inv_keep, K8,
+                         DROPOUT, True, True, USE_TMA, BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R, NUM_R_CHUNKS,
+                         GROUP_M, PRECISION, ACC, DY_SCALE, HAS_DY_SCALE, False, FLAGS, False, DX_TMA, 1, True,
+                         B_TMA)
+            else:
+                _dx_tile(pos - row_blocks, DY, W, B, A, DYB, DX, M, N, K, RANK,
+                         stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br, stride_ar, stride_ak,
+                         stride_dybm, stride_dybr, stride_dxm, stride_dxk, scaling, seed, keep_thr, inv_keep, K8,
+                         DROPOUT, False, False, USE_TMA, BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R, NUM_R_CHUNKS,
+                         GROUP_M, PRECISION, ACC, DY_SCALE, HAS_DY_SCALE, False, FLAGS, True, DX_TMA, 2, False,
+                         B_TMA)
+    elif PERSISTENT:
         first = persistent_start(INLINE_DYB, DY, B, DYB, FLAGS, M, N, RANK, stride_dym, stride_dyn, stride_br,
                                  stride_bn, stride_dybm, stride_dybr, SHRINK_PROGS, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_R,
                                  PRECISION, ACC, SHRINK_STAGES)
@@ -288,7 +335,10 @@ def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
     dy: [M, N], weight: [N, K], lora_A: [r, K], lora_B: [N, r] (any strides, one dtype); scaling, dropout_p
     and seed as in the forward. Returns (dx [M, K], dyb [M, r] = dY @ B unscaled, or None unless store_dyb).
     dyb_mode: "fused" (dyb accumulated inside the GEMM), "shrink" (one extra pass over dY first), "inline" (that
-        pass done by the persistent GEMM's own first programs; no dy_scale, r <= 64), or "auto".
+        pass done by the persistent GEMM's own first programs; what "auto" picks at large M), "producer" (dyb
+        accumulated by the first K tile of each row block inside its N loop and published to the others), or
+        "auto".
+        "inline" and "producer" need no dy_scale and r <= 64.
     out: optional preallocated dx [M, K] of dy's dtype and device. tma: as in lora_forward.
     dy_scale: optional [N] vector g: the gradient of y = g * (x @ W^T + s * xa @ B^T): dy is replaced by g * dy
         (per column) inside the kernel, and the returned dyb is (g * dy) @ B (DoRA).
@@ -325,21 +375,26 @@ class _DxPlan:
             dyb_mode = choose_xa_mode(M, rank, dropout=False)
             # dY @ B inside the persistent GEMM (as lora_forward's "inline" xa; its dropout term, if any, still
             # gets its own pass), except with DoRA's column scale, which its shrinking programs do not apply
+            # (its shrinking programs, "inline": producer tiles measured slower for dX, 1.052-1.127x cuBLAS against
+            # 1.033-1.084x at four shapes on the H200, bench/NOTES.md)
             if dyb_mode == "shrink" and dy_scale is None and inline_pays(M, rank, False, dy.dtype, "dx"):
                 dyb_mode = "inline"
-        if dyb_mode not in ("fused", "shrink", "inline"):
-            raise ValueError(f"dyb_mode must be 'auto', 'fused', 'shrink' or 'inline', got {dyb_mode!r}")
-        if dyb_mode == "inline" and (dy_scale is not None or next_pow2_rank(rank) > EPILOGUE_RANK_BLOCK):
-            raise ValueError(f"dyb_mode='inline' needs no dy_scale and a rank <= {EPILOGUE_RANK_BLOCK}, got "
+        if dyb_mode not in ("fused", "shrink", "inline", "producer"):
+            raise ValueError(f"dyb_mode must be 'auto', 'fused', 'shrink', 'inline' or 'producer', got {dyb_mode!r}")
+        if dyb_mode in ("inline", "producer") and (dy_scale is not None
+                                                   or next_pow2_rank(rank) > EPILOGUE_RANK_BLOCK):
+            raise ValueError(f"dyb_mode={dyb_mode!r} needs no dy_scale and a rank <= {EPILOGUE_RANK_BLOCK}, got "
                              f"rank {rank}{' and a dy_scale' if dy_scale is not None else ''}")
         self.dx_shape, self.dyb_shape, self.launch = (M, K), (M, rank), None
-        # "inline" is "shrink" with dY @ B computed by the GEMM's own shrinking programs (helpers.shrink_row_block)
-        self.inline = dyb_mode == "inline"
-        self.shrink = dyb_mode in ("shrink", "inline")
+        # "inline" is "shrink" with dY @ B computed by the GEMM's own shrinking programs (helpers.shrink_row_block),
+        # "producer" by the first K tile of each row block inside its N loop (PRODUCER_DYB); both publish by flags
+        self.producer = dyb_mode == "producer"
+        self.inline = dyb_mode in ("inline", "producer")
+        self.shrink = dyb_mode in ("shrink", "inline", "producer")
         self.new_dyb = store_dyb and not self.shrink
         self.pad_b, self.zero_dyb, self.term = None, store_dyb, None
         if M == 0 or K == 0:
-            self.shrink, self.new_dyb, self.inline = False, False, False
+            self.shrink, self.new_dyb, self.inline, self.producer = False, False, False, False
             return
         compute = not self.shrink
         # the GEMM starts while the shrink of dY @ B runs (programmatic dependent launch, helpers.pdl_enabled)
@@ -367,23 +422,29 @@ class _DxPlan:
             # M=8192 (relative error 0.3; right under the interpreter and one tile per program): not used there.
             cfg = replace(cfg, persistent=False)
         b_strides = lora_B.stride()
-        if compute and (lora_B.stride(1) != 1 or rank != block_r):
+        self.use_tma = tma_enabled(tma if tma != "auto" else ("auto" if cfg.tma else False), dy, weight)
+        # producer tiles load B through a descriptor where it allows one (columns past the rank read as zero)
+        self.b_tma = self.producer and self.use_tma and tma_enabled(True, lora_B)
+        self.b_block = [cfg.block_k, block_r]
+        if (compute or (self.producer and not self.b_tma)) and (lora_B.stride(1) != 1 or rank != block_r):
             # The in-loop B tile is read unmasked along the rank from a [N, BLOCK_R] zero-padded copy (N * BLOCK_R
             # elements, tiny): on the H100 with Triton 3.6, a pipelined load of B's rows masked to an odd rank
             # (r = 3, 12) gave wrong results at the large tile config, while unit-stride padded rows were right.
             self.pad_b, b_strides = (N, block_r), (block_r, 1)
         has_dyb = self.shrink or self.new_dyb
         dyb_strides = (rank, 1) if has_dyb else dx_strides  # a new contiguous [M, r], or dx standing in
-        self.use_tma = tma_enabled(tma if tma != "auto" else ("auto" if cfg.tma else False), dy, weight)
         self.dy_block, self.w_block = [cfg.block_m, cfg.block_k], [cfg.block_k, cfg.block_n]
-        # dX through a descriptor too (as lora_fwd's y): a new dx needs 16-byte rows, a given one TMA's rules
-        self.dx_tma = self.use_tma and cfg.tma_store and (
+        # dX through a descriptor too (as lora_fwd's y): a new dx needs 16-byte rows, a given one TMA's rules (not
+        # with producer tiles: two N loops and two epilogues leave no room for the store's tile buffer)
+        self.dx_tma = self.use_tma and cfg.tma_store and not self.producer and (
             tma_enabled(True, out) if out is not None else (K * dy.element_size()) % 16 == 0)
         self.dx_block = [cfg.block_m, cfg.block_n]
         tiles = cdiv(M, cfg.block_m) * cdiv(K, cfg.block_n)
         grid, shrink_progs = min(tiles, num_sms(dy.device)) if cfg.persistent else tiles, 0
         self.row_blocks = cdiv(M, cfg.block_m)
-        if self.inline:
+        if self.producer:  # under the interpreter (programs run in id order) one program walks every tile
+            grid = 1 if is_interpret() else grid
+        elif self.inline:
             grid, shrink_progs = inline_shrink_grid(tiles, self.row_blocks, num_sms(dy.device))
         self.launch = Launch(
             _lora_bwd_dx_kernel, (grid,),
@@ -399,8 +460,9 @@ class _DxPlan:
             NUM_R_CHUNKS=1 if compute else 0 if self.term is not None else cdiv(rank, block_r), GROUP_M=cfg.group_m,
             PRECISION=dot_precision(dy.dtype), ACC=acc_dtype(dy.dtype),
             DY_SCALE=None, HAS_DY_SCALE=dy_scale is not None, PERSISTENT=cfg.persistent, GDC_WAIT=self.pdl,
-            FLAGS=None, SHRINK_PROGS=shrink_progs, INLINE_DYB=self.inline,
-            DX_TMA=self.dx_tma, SHRINK_STAGES=cfg.shrink_stages or cfg.num_stages, **cfg.launch(),
+            FLAGS=None, SHRINK_PROGS=shrink_progs, INLINE_DYB=self.inline and not self.producer,
+            DX_TMA=self.dx_tma, SHRINK_STAGES=cfg.shrink_stages or cfg.num_stages, PRODUCER_DYB=self.producer,
+            B_TMA=self.b_tma, **cfg.launch(),
             **({"launch_pdl": True} if self.pdl else {}),
         )
 
@@ -426,6 +488,8 @@ class _DxPlan:
             b_arg[:, :lora_B.shape[1]] = lora_B
         if self.use_tma:
             dy, weight = tensor_descriptor(dy, self.dy_block), tensor_descriptor(weight, self.w_block)
+        if self.b_tma:
+            b_arg = tensor_descriptor(b_arg, self.b_block)
         self.launch(dy, weight, b_arg, lora_A, dyb if dyb is not None else dx,
                     tensor_descriptor(dx, self.dx_block) if self.dx_tma else dx, float(scaling), seed_arg(seed),
                     dy_scale if dy_scale is not None else dx, flags if flags is not None else dx)

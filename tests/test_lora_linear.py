@@ -146,9 +146,9 @@ def test_persistent_tile_walk_and_descriptor_store(p, device):
 @pytest.mark.parametrize("shape", [(40, 48, 40, 3), (33, 17, 50, 16), (1, 20, 9, 1), (70, 40, 24, 64),
                                    (300, 24, 70, 5)], ids=lambda s: "M%d_K%d_N%d_r%d" % s)
 def test_inline_shrink_forward_and_dx(shape, tma, fwd_mode, device):
-    """The persistent GEMM computes the rank-r product itself: dyb_mode "inline" and xa_mode "inline" (its
-    shrinking programs publish row blocks through flags that the tiles wait for) or "producer" (the first N tile
-    of each row block accumulates xa in its K loop and publishes it; the walk's other tiles wait). NaN-filled y and
+    """The persistent GEMMs compute the rank-r product themselves: xa_mode / dyb_mode "inline" (their shrinking
+    programs publish row blocks through flags that the tiles wait for) or "producer" (the first N / K tile of each
+    row block accumulates xa / dY @ B in its loop and publishes it; the walk's other tiles wait). NaN-filled y and
     dX show a tile or row the walk skips; xa and dY @ B are checked too. dX with dropout still adds its masked term
     in a second pass. (300 rows: several row blocks and N tiles, so tiles wait on producers other than their own.)"""
     M, K, N, r = shape
@@ -166,7 +166,7 @@ def test_inline_shrink_forward_and_dx(shape, tma, fwd_mode, device):
     assert_close("xa", xa, x.double() @ A.double().t(), torch.float32)
     for p in (0.0, 0.25):
         dx = torch.full((M, K), float("nan"), device=device)
-        _, dyb = kernels.lora_backward_dx(dy, W, A, B, s, p, seed, dyb_mode="inline", out=dx, tma=tma)
+        _, dyb = kernels.lora_backward_dx(dy, W, A, B, s, p, seed, dyb_mode=fwd_mode, out=dx, tma=tma)
         keep = dropout_mask_torch(seed, M, K, p, device) if p > 0 else None
         dxr = _reference_grads(x, W, b, A, B, s, p, keep, dy)[1]
         assert_close(f"dx (p={p})", dx, dxr, torch.float32)
@@ -186,7 +186,8 @@ def test_inline_shrink_flags_start_at_zero_and_every_row_block_is_published(devi
 
     def recording(self, *values):
         params = self.fn.arg_names
-        inline = any(n in params and self.args[params.index(n)] for n in ("INLINE_XA", "INLINE_DYB", "PRODUCER_XA"))
+        inline = any(n in params and self.args[params.index(n)]
+                     for n in ("INLINE_XA", "INLINE_DYB", "PRODUCER_XA", "PRODUCER_DYB"))
         if inline:
             flags = values[[params[i] for i in self.slots].index("FLAGS")]
             before = flags.clone()
@@ -202,7 +203,8 @@ def test_inline_shrink_flags_start_at_zero_and_every_row_block_is_published(devi
         kernels.lora_forward(x, W, b, A, B, 1.0, xa_mode="inline")
         kernels.lora_forward(x, W, b, A, B, 1.0, xa_mode="producer")
         kernels.lora_backward_dx(dy, W, A, B, 1.0, dyb_mode="inline")
-    assert len(seen) == 6
+        kernels.lora_backward_dx(dy, W, A, B, 1.0, dyb_mode="producer")
+    assert len(seen) == 8
     for before, block_m, after in seen:
         assert before.dtype == torch.int32 and before.shape == (-(-M // block_m),)
         assert torch.all(before == 0) and torch.all(after == 1)
@@ -224,7 +226,7 @@ def test_inline_shrink_is_what_auto_picks_for_a_persistent_large_walk(device):
         y.backward(dy)
         fwd = [pl for pl in kernels.lora_fwd._PLANS.values() if pl.y_shape == (M, N)]
         dxp = [pl for pl in kernels.lora_bwd._DX_PLANS.values() if pl.dx_shape == (M, K)]
-        assert fwd and all(pl.producer for pl in fwd) and dxp and all(pl.inline for pl in dxp)
+        assert fwd and all(pl.producer for pl in fwd) and dxp and all(pl.inline and not pl.producer for pl in dxp)
     finally:
         for kernel in ("fwd", "dx"):
             kernels.config.set_override(kernel, "large", None)
@@ -241,9 +243,10 @@ def test_inline_shrink_refuses_what_it_cannot_do(device):
             kernels.lora_forward(x, W, b, A, B, 1.0, dropout_p=0.1, xa_mode=mode)
         with pytest.raises(ValueError, match=f"{mode}.*rank"):
             kernels.lora_forward(x2, W2, b2, A2, B2, 1.0, xa_mode=mode)
-    with pytest.raises(ValueError, match="inline.*dy_scale"):
-        kernels.lora_backward_dx(torch.randn(8, 12, device=device), W, A, B, 1.0, dyb_mode="inline",
-                                 dy_scale=torch.ones(12, device=device))
+    for mode in ("inline", "producer"):
+        with pytest.raises(ValueError, match=f"{mode}.*dy_scale"):
+            kernels.lora_backward_dx(torch.randn(8, 12, device=device), W, A, B, 1.0, dyb_mode=mode,
+                                     dy_scale=torch.ones(12, device=device))
 
 
 def test_inline_shrink_grid(monkeypatch):
