@@ -286,6 +286,27 @@ def output_tile(ROWS, COLS, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, 
 
 
 @triton.jit
+def walk_tile(ROWS, COLS, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, GROUP_M: tl.constexpr, tile,
+              TILE_MAP: tl.constexpr):
+    """`output_tile` for a persistent walk with producer tiles (lora_fwd's PRODUCER_XA, lora_bwd's PRODUCER_DYB).
+    TILE_MAP 0: tile number `tile` in grouped order over all of the output; 1: the first column tile of row block
+    `tile` (a producer); 2: tile number `tile` in grouped order over the column tiles after the first."""
+    if TILE_MAP == 1:
+        pid_row = tile
+        pid_col = 0
+        offs_row = pid_row.to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        offs_col = tl.arange(0, BLOCK_COLS).to(tl.int64)
+    elif TILE_MAP == 2:
+        pid_row, pid_col, offs_row, offs_col = output_tile(ROWS, COLS - BLOCK_COLS, BLOCK_ROWS, BLOCK_COLS, GROUP_M,
+                                                           tile)
+        pid_col += 1
+        offs_col += BLOCK_COLS
+    else:
+        pid_row, pid_col, offs_row, offs_col = output_tile(ROWS, COLS, BLOCK_ROWS, BLOCK_COLS, GROUP_M, tile)
+    return pid_row, pid_col, offs_row, offs_col
+
+
+@triton.jit
 def load_seed(seed):
     """The dropout seed's value: `seed` itself (an int argument), or the int64 it points to (a seed tensor drawn on
     the device, helpers.check_dropout). Decided when the kernel compiles: Triton specializes the argument's type."""
@@ -380,7 +401,14 @@ def shrink_row_block(X, F, OUT, FLAGS, mb, M, K, RANK,
         f_ptrs += BLOCK_K * stride_fk
     tl.store(OUT + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or, acc.to(OUT.dtype.element_ty),
              mask=mask_m[:, None] & mask_r[None, :])
-    tl.debug_barrier()  # every thread's stores come before the flag (bar.sync, then a gpu-scope release)
+    publish_row_block(FLAGS, mb)
+
+
+@triton.jit
+def publish_row_block(FLAGS, mb):
+    """FLAGS[mb] = 1 once every thread of the program has stored its part of row block `mb` (bar.sync, then a
+    gpu-scope release exchange): wait_row_block's acquire then sees those stores."""
+    tl.debug_barrier()
     tl.atomic_xchg(FLAGS + mb, 1, sem="release", scope="gpu")
 
 

@@ -27,8 +27,8 @@ from .config import dx_dropout_term_config, gemm_config, num_sms, reduce_m_confi
 from .helpers import (
     acc_dtype, apply_dropout, cdiv, check_dropout, check_dtype, check_flag, check_scaling, check_shapes,
     check_vector, dot, dot_precision, dot_precision_key, dropout_keep, dropout_threshold, gdc_wait_if,
-    inline_shrink_grid, is_interpret, matrix_shape, next_pow2_rank, output_tile, pdl_enabled, seed_arg,
-    persistent_start, tensor_descriptor, tma_enabled, upcast, wait_row_block,
+    inline_shrink_grid, is_interpret, matrix_shape, next_pow2_rank, pdl_enabled, publish_row_block, seed_arg,
+    persistent_start, tensor_descriptor, tma_enabled, upcast, wait_row_block, walk_tile,
 )
 from .launch import Launch, PlanCache, plan_key, seed_key
 from .lora_fwd import EPILOGUE_RANK_BLOCK, _output, choose_xa_mode, inline_pays
@@ -66,21 +66,10 @@ def _dx_tile(
 ):
     """dX tile number `tile` of `_lora_bwd_dx_kernel`, whose docstring gives the arguments.
 
-    TILE_MAP: 0, grouped order over all of dX; 1, the first K tile of row block `tile` (a producer tile); 2,
-    grouped order over the K tiles after the first. PUBLISH (with COMPUTE_DYB, STORE_DYB): release FLAGS[row
+    TILE_MAP: helpers.walk_tile's (1: the first K tile of row block `tile`, a producer). PUBLISH (with COMPUTE_DYB, STORE_DYB): release FLAGS[row
     block] = 1 once the tile has stored its rows' dY @ B. B_TMA: B is a tensor descriptor with block
     [BLOCK_N, BLOCK_R] (columns past RANK read as zero)."""
-    if TILE_MAP == 1:
-        pid_m = tile
-        pid_k = 0
-        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
-    elif TILE_MAP == 2:
-        pid_m, pid_k, offs_m, offs_k = output_tile(M, K - BLOCK_K, BLOCK_M, BLOCK_K, GROUP_M, tile)
-        pid_k += 1
-        offs_k += BLOCK_K
-    else:
-        pid_m, pid_k, offs_m, offs_k = output_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M, tile)
+    pid_m, pid_k, offs_m, offs_k = walk_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M, tile, TILE_MAP)
     offs_n = tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
@@ -126,9 +115,8 @@ def _dx_tile(
             if pid_k == 0:
                 tl.store(DYB + offs_m[:, None] * stride_dybm + offs_r[None, :] * stride_dybr,
                          dyb.to(DYB.dtype.element_ty), mask=mask_m[:, None] & (offs_r[None, :] < RANK))
-                if PUBLISH:  # every thread's stores, then a gpu-scope release (as helpers.shrink_row_block)
-                    tl.debug_barrier()
-                    tl.atomic_xchg(FLAGS + pid_m, 1, sem="release", scope="gpu")
+                if PUBLISH:
+                    publish_row_block(FLAGS, pid_m)
         if NUM_R_CHUNKS > 0:  # (0: the dropout term has its own pass)
             a = tl.load(A + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                         mask=(offs_r[:, None] < RANK) & mask_k[None, :], other=0.0)

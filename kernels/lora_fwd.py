@@ -38,8 +38,8 @@ from .config import gemm_config, num_sms
 from .helpers import (
     acc_dtype, apply_dropout, cdiv, check_dropout, check_flag, check_scaling, check_shapes, check_vector, dot,
     dot_precision, dot_precision_key, dropout_keep, dropout_threshold, gdc_wait_if, inline_shrink_grid,
-    is_interpret, matrix_shape, next_pow2_rank, output_tile, pdl_enabled, persistent_start, seed_arg,
-    tensor_descriptor, tma_enabled, wait_row_block,
+    is_interpret, matrix_shape, next_pow2_rank, pdl_enabled, persistent_start, publish_row_block, seed_arg,
+    tensor_descriptor, tma_enabled, wait_row_block, walk_tile,
 )
 from .launch import Launch, PlanCache, plan_key, seed_key
 from .lora_shrink import lora_shrink, lora_shrink_partials, shrink_splits
@@ -80,21 +80,10 @@ def _fwd_tile(
 ):
     """Output tile number `tile` of `_lora_fwd_kernel`, whose docstring gives the arguments.
 
-    TILE_MAP: 0, tile in grouped order over all of Y; 1, the first N tile of row block `tile` (a producer tile);
-    2, tile in grouped order over the N tiles after the first. PUBLISH (with COMPUTE_XA, STORE_XA): once the tile
+    TILE_MAP: helpers.walk_tile's (1: the first N tile of row block `tile`, a producer). PUBLISH (with COMPUTE_XA, STORE_XA): once the tile
     has stored its rows' xa, release FLAGS[row block] = 1 (before its own epilogue). A_TMA: A is a tensor
     descriptor with block [BLOCK_R, BLOCK_K] (rows past RANK read as zero)."""
-    if TILE_MAP == 1:
-        pid_m = tile
-        pid_n = 0
-        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
-    elif TILE_MAP == 2:
-        pid_m, pid_n, offs_m, offs_n = output_tile(M, N - BLOCK_N, BLOCK_M, BLOCK_N, GROUP_M, tile)
-        pid_n += 1
-        offs_n += BLOCK_N
-    else:
-        pid_m, pid_n, offs_m, offs_n = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M, tile)
+    pid_m, pid_n, offs_m, offs_n = walk_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M, tile, TILE_MAP)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
@@ -142,9 +131,8 @@ def _fwd_tile(
                 xa_ptrs = XA + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar
                 tl.store(xa_ptrs, xa.to(XA.dtype.element_ty),
                          mask=mask_m[:, None] & (offs_r[None, :] < RANK))
-                if PUBLISH:  # every thread's stores, then a gpu-scope release (as helpers.shrink_row_block)
-                    tl.debug_barrier()
-                    tl.atomic_xchg(FLAGS + pid_m, 1, sem="release", scope="gpu")
+                if PUBLISH:
+                    publish_row_block(FLAGS, pid_m)
         b = tl.load(B + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
                     mask=(offs_r[:, None] < RANK) & mask_n[None, :], other=0.0)
         # Round xa to the input dtype (as the unfused reference does), scale in fp32, then one small MMA.
