@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import abc
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -165,10 +166,14 @@ def apply_lora(model: nn.Module, target_modules: Iterable[str] | str = ("q_proj"
     check_init(init)
     if (deltas is not None) != (init == "from_delta"):
         raise ValueError("deltas={module name: dW} goes with init='from_delta' and only with it")
+    if deltas is not None and not isinstance(deltas, abc.Mapping):
+        raise TypeError(f"deltas must be a mapping {{module name: dW}}, got {type(deltas).__name__}")
     if quantize not in (None, "nf4", "nf4_dq"):
         raise ValueError(f"quantize must be None, 'nf4' or 'nf4_dq', got {quantize!r}")
     if quantize is not None and init != "default":
         raise ValueError(f"quantize={quantize!r} takes init='default' only (the base is frozen in NF4), got {init!r}")
+    if quantize is not None and pissa_niter is not None:
+        raise ValueError(f"pissa_niter goes with init='pissa', which quantize={quantize!r} does not take")
     replaced = []
     for name, module in list(model.named_modules()):
         if isinstance(module, (nn.Linear, nn.Embedding)) and not isinstance(module, LoRALinear) \
@@ -186,8 +191,11 @@ def apply_lora(model: nn.Module, target_modules: Iterable[str] | str = ("q_proj"
             elif quantize is not None:
                 from .qlora import LoRALinear4bit
 
-                wrapped = LoRALinear4bit.from_linear(module, rank, alpha, dropout, module.weight.dtype, use_rslora,
-                                                     double_quant=quantize == "nf4_dq")
+                try:
+                    wrapped = LoRALinear4bit.from_linear(module, rank, alpha, dropout, module.weight.dtype,
+                                                         use_rslora, double_quant=quantize == "nf4_dq")
+                except (ValueError, TypeError) as e:  # name the module (e.g. in_features not a multiple of 64)
+                    raise type(e)(f"quantize={quantize!r}, module {name!r}: {e}") from e
             else:
                 wrapped = LoRALinear.from_linear(module, rank, alpha, dropout, use_rslora, init, delta, pissa_niter)
             setattr(parent, child, wrapped)
@@ -296,8 +304,11 @@ def count_parameters(model: nn.Module) -> ParameterCount:
 
     Adapter convention (for every variant module): a module that defines `adapter_state_dict() -> {name: tensor}`
     (the tensors an adapter file holds for it) is an adapter; its class attribute `adapter_variant` names the
-    variant ("lora", "vera", "dora"; default: the class name, not inherited). Tensors that share memory across modules count once. `total` also includes adapter tensors that
-    are buffers rather than parameters. `adapter_bytes` is the safetensors size of each variant's tensors.
+    variant ("lora", "vera", "dora"; default: the class name, not inherited). Tensors that share memory across
+    modules count once. `total` also includes adapter tensors that are buffers rather than parameters, and the
+    frozen base weights a module holds quantized in buffers: a module that defines `quantized_numel() -> int`
+    (LoRALinear4bit: its NF4 weight's out x in elements) adds that many frozen parameters. `adapter_bytes` is the
+    safetensors size of each variant's tensors.
 
     >>> model = apply_lora(model, ["q_proj", "v_proj"], rank=16)
     >>> c = count_parameters(model)
@@ -312,6 +323,9 @@ def count_parameters(model: nn.Module) -> ParameterCount:
         seen.add(_storage_key(p))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
+    for module in model.modules():
+        if callable(getattr(module, "quantized_numel", None)):
+            total += int(module.quantized_numel())
     count = ParameterCount(trainable, total)
     tensors_by_variant, modules = _adapter_tensors(model)
     for variant, tensors in tensors_by_variant.items():

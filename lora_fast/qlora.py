@@ -270,6 +270,11 @@ class LoRALinear4bit(nn.Module):
             layer.bias.data.copy_(linear.bias.detach())
         return layer
 
+    def quantized_numel(self) -> int:
+        """Elements of the frozen base weight, which this module holds quantized in buffers rather than as a
+        parameter (`count_parameters` adds them to the total)."""
+        return self.out_features * self.in_features
+
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A [out, in] in fp32."""
         return self.lora_B.float() @ self.lora_A.float() * self.scaling
@@ -305,9 +310,9 @@ class LoRALinear4bit(nn.Module):
         in_dtype = x.dtype
         x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        if self.merged:  # the adapter lives in the base now: a zero scaling adds nothing for it
-            with torch.no_grad():
-                y = qlora_linear(x, self.weight4, bias, self.lora_A, self.lora_B, 0.0)
+        if self.merged:  # the adapter lives in the base now: a zero scaling adds nothing for it; gradients still
+            # reach x (and a trainable bias), as through a merged LoRALinear, and none reach the adapter (detached)
+            y = qlora_linear(x, self.weight4, bias, self.lora_A.detach(), self.lora_B.detach(), 0.0)
         else:
             y = qlora_linear(x, self.weight4, bias, self.lora_A, self.lora_B, self.scaling, self.dropout,
                              self.training)

@@ -85,3 +85,16 @@ def test_subclass_is_its_own_variant():
     model = nn.Sequential(MyLoRA(4, 3, rank=1), LoRALinear(3, 2, rank=1))
     c = count_parameters(model)
     assert c.by_variant["MyLoRA"].adapter == 4 + 3 and c.by_variant["lora"].adapter == 3 + 2
+
+
+def test_quantized_base_weights_count_in_the_total():
+    """An NF4 base is held in uint8 / fp32 buffers, not parameters: its out x in weights still count (frozen), so
+    trainable% is over the model's real size."""
+    torch.manual_seed(0)
+    model = apply_lora(nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 8)), ["0"], rank=4,
+                       quantize="nf4")
+    c = count_parameters(model)
+    adapter = 4 * 128 + 64 * 4
+    base = 128 * 64 + 64 + 64 * 8 + 8  # the NF4 weight, its bias, and the plain Linear
+    assert c.trainable == adapter
+    assert c.total == base + adapter

@@ -146,6 +146,8 @@ def test_apply_lora_init_and_deltas():
         apply_lora(nn.Sequential(nn.Linear(4, 4)), ["0"], init="from_delta", deltas={})
     with pytest.raises(ValueError, match="deltas"):
         apply_lora(nn.Sequential(nn.Linear(4, 4)), ["0"], init="pissa", deltas={"0": torch.zeros(4, 4)})
+    with pytest.raises(TypeError, match="deltas must be a mapping"):
+        apply_lora(nn.Sequential(nn.Linear(4, 4)), ["0"], init="from_delta", deltas=[torch.zeros(4, 4)])
 
 
 def test_zeros_refused_with_reason():
@@ -228,3 +230,20 @@ def test_experiment_rank_runs(tmp_path):
     rows = json.load(open(tmp_path / "exp_rank.json"))["table"]["rows"]
     assert [r[0] for r in rows] == [1, 2, 4, 8, 16, 64]
     assert all(r[2] == 0.0 for r in rows if r[0] >= 8) and rows[0][2] > rows[1][2] > rows[2][2] > 0
+
+
+def test_experiment_variants_runs(tmp_path, monkeypatch):
+    """examples/exp_variants.py (2 steps): every variant trains, is reported with its parameter count (VeRA far
+    fewer than rank-8 LoRA, DoRA a magnitude vector more), and the table and JSON are written. On the plain-PyTorch
+    CPU path (what the script runs without TRITON_INTERPRET): through the interpreter its 15 trainings take minutes,
+    and the kernels are checked elsewhere."""
+    import json
+    import lora_fast.kernels
+    monkeypatch.setattr(lora_fast.kernels, "is_interpret", lambda: False)
+    exp = _load_example("exp_variants")
+    exp.main(["--steps", "2", "--out", str(tmp_path), "--device", "cpu"])
+    rows = {r[0]: r for r in json.load(open(tmp_path / "exp_variants.json"))["table"]["rows"]}
+    assert set(rows) == {"lora", "lora+", "pissa", "dora", "vera"}
+    assert rows["lora"][1] == rows["lora+"][1] == rows["pissa"][1] < rows["dora"][1]
+    assert rows["vera"][1] < rows["lora"][1] / 4
+    assert all(0.0 < r[5] < 10.0 for r in rows.values()) and (tmp_path / "exp_variants.md").exists()

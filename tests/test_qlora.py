@@ -329,6 +329,13 @@ def test_merge_unmerge():
     ref_merged = x.double() @ layer.weight4.dequantize(torch.float32).double().t() + layer.bias.double()
     assert_close("merged y", y_merged, ref_merged, torch.float32)
     assert rel_err(y_merged, y) < 2 * err  # the merged layer computes the same function up to the NF4 rounding
+    # gradients still flow through a merged layer to x (as through a merged LoRALinear), not to A, B
+    xg = x.clone().requires_grad_()
+    dy = torch.randn_like(y_merged)
+    layer(xg).backward(dy)
+    dx_ref = dy.double() @ layer.weight4.dequantize(torch.float32).double()
+    assert_close("merged dx", xg.grad, dx_ref, torch.float32)
+    assert layer.lora_A.grad is None and layer.lora_B.grad is None and layer.bias.grad is None  # bias frozen
     layer.unmerge()
     assert not layer.merged
     for k, v in layer.state_dict().items():
@@ -359,6 +366,11 @@ def test_apply_lora_quantize_nf4():
     assert model[0].q_proj.lora_B.grad is not None
     with pytest.raises(ValueError, match="quantize must be"):
         lora_fast.apply_lora(nn.Sequential(nn.Linear(64, 8)), ["0"], quantize="int4")
+    with pytest.raises(ValueError, match="pissa_niter"):  # an option quantize cannot honour is refused, not dropped
+        lora_fast.apply_lora(nn.Sequential(nn.Linear(64, 8)), ["0"], quantize="nf4", pissa_niter=2)
+    odd = nn.Sequential(nn.Linear(64, 8), nn.Linear(8, 100))
+    with pytest.raises(ValueError, match="module '1'.*64"):  # the error names the module that cannot be quantized
+        lora_fast.apply_lora(odd, ["0", "1"], quantize="nf4")
 
 
 def test_bitsandbytes_layout():
