@@ -90,7 +90,7 @@ def _rows_dot(acc, x_rows, op_cols, k_start, k_end, row_mask, col_mask, stride_x
     return acc
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "MAX_SEGS"])
 def _shrink_kernel(
     x_ptr, a_ptr, ws_ptr, perm_ptr, seg_start_ptr, seg_adapter_ptr, ranks_ptr,
     T, K, K_PER_SPLIT, MAX_SEGS,
@@ -107,7 +107,8 @@ def _shrink_kernel(
     (last dim contiguous); perm int32 [T] (sorted position -> token); seg_start int32 [MAX_SEGS + 1];
     seg_adapter int32 [MAX_SEGS] (-1 = base only); ranks int32 [S] (true rank of each slot).
     Grid: (segment tiles = cdiv(T, BLOCK_M) + MAX_SEGS, slices * NUM_RCHUNKS, SPLIT_K).
-    T: tokens (not specialised); K_PER_SPLIT: multiple of BLOCK_K; MAX_SEGS: length of seg_adapter.
+    T: tokens (not specialised); K_PER_SPLIT: multiple of BLOCK_K; MAX_SEGS: length of seg_adapter, min(T, slots +
+    1), not specialised either (it changes with the batch; SEGS_P2 only with T's power-of-two bucket, as the config).
     SEGS_P2: next_pow2(MAX_SEGS); NUM_RCHUNKS: R_PAD // BLOCK_R; BLOCK_M: rows per tile; BLOCK_R: rank chunk (16);
     BLOCK_K: K step; PRECISION: tl.dot input precision for fp32; ACC: accumulator dtype (fp32, fp64 for fp64).
     TRIGGER: let the PDL-launched `_fused_kernel` start now (it waits for ws before its epilogue).
@@ -269,7 +270,7 @@ def _segment_epilogue(acc, ws_rows, b_ptr, x_ptr, rows, row_mask, cols, col_mask
     return acc
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "MAX_SEGS"])
 def _expand_kernel(
     x_ptr, a_ptr, b_ptr, bias_ptr, ws_ptr, y_ptr, perm_ptr, seg_start_ptr, seg_adapter_ptr, ranks_ptr, scalings_ptr,
     slices_ptr, T, K, MAX_SEGS,

@@ -268,6 +268,29 @@ def _bad(name: str, msg: str) -> ValueError:
     return ValueError(f"{name}: {msg}")
 
 
+_RAW_IDS_REASON = ("raw adapter ids under torch.compile: checking and sorting them needs their values, so this "
+                   "call builds its BatchMetadata outside the graph (a graph break; an error with fullgraph=True). "
+                   "Build it once per batch outside the compiled region instead: pool.batch_metadata(names) or "
+                   "make_batch_metadata(ids, pool)")
+
+
+def _metadata_outside_graph(ids, pool_or_slots, **kwargs):
+    return make_batch_metadata(ids, pool_or_slots, **kwargs)
+
+
+try:  # `reason` shows in dynamo's graph-break message (torch >= 2.7); an older torch just breaks the graph
+    _metadata_outside_graph = torch.compiler.disable(_metadata_outside_graph, reason=_RAW_IDS_REASON)
+except TypeError:
+    _metadata_outside_graph = torch.compiler.disable(_metadata_outside_graph)
+
+
+def _metadata_of_raw_ids(ids, pool_or_slots, **kwargs) -> "BatchMetadata":
+    """make_batch_metadata, run outside the graph under torch.compile: the ids' validation and sort depend on their
+    values, which dynamo cannot trace (its own error would name a symbolic shape, not the cause)."""
+    build = _metadata_outside_graph if is_compiling() else make_batch_metadata
+    return build(ids, pool_or_slots, **kwargs)
+
+
 def multi_lora_linear(x, weight, bias, lora_A_stack, lora_B_stack, scalings, adapter_ids, *, ranks=None,
                       slice_sizes: Sequence[int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Batched multi-adapter LoRA linear (inference).
@@ -332,7 +355,7 @@ def multi_lora_linear(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ada
         if not (isinstance(adapter_ids, torch.Tensor) and adapter_ids.numel() == T):
             raise _bad("adapter_ids", f"must be an integer tensor of {T} ids (x's leading shape {tuple(lead)})")
         _check_host_or_device("adapter_ids", adapter_ids, x.device)
-        meta = make_batch_metadata(adapter_ids.to(x.device), S, ranks=ranks, validate=True)
+        meta = _metadata_of_raw_ids(adapter_ids.to(x.device), S, ranks=ranks, validate=True)
     if out is not None:
         check_tensor("out", out)
         if not (out.shape == (*lead, N) and out.dtype == x.dtype and out.is_contiguous() and out.device == x.device):
@@ -614,7 +637,7 @@ class MultiLoRALinear(nn.Module):
                 raise TypeError(f"batch must be a BatchMetadata or an integer tensor of adapter ids (for names: "
                                 f"pool.batch_metadata(names) or pool.ids(names)), got {type(batch).__name__}")
             _check_host_or_device("batch", batch, x.device)
-            batch = make_batch_metadata(batch.to(x.device), self.pool)
+            batch = _metadata_of_raw_ids(batch.to(x.device), self.pool)
         return multi_lora_linear(x, self.weight, self.bias, A, B, self.pool.scalings, batch,
                                  ranks=self.pool.ranks, slice_sizes=sizes)
 

@@ -121,6 +121,22 @@ def test_compiled_fullgraph_training_and_inference_equal_eager():
         assert_close("new mix y", compiled(x2, meta), model(x2, meta), torch.float32)
 
 
+def test_raw_adapter_ids_under_fullgraph_get_a_clear_error():
+    """Raw ids need value-dependent checks and a sort: under torch.compile their metadata is built outside the graph
+    (a graph break whose reason says to build a BatchMetadata outside instead; dynamo's own error would name a
+    symbolic shape): an error with fullgraph=True, the eager result without it."""
+    torch._dynamo.reset()
+    _, multi, meta = _pool_model()
+    ids = meta.adapter_ids.clone()
+    x = torch.randn(6, 16)
+    with pytest.raises(Exception, match="BatchMetadata"):
+        torch.compile(multi, backend="eager", fullgraph=True)(x, ids)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert_close("raw ids, graph break", torch.compile(multi, backend="eager")(x, ids), multi(x, meta),
+                     torch.float32)
+
+
 def test_multi_lora_dx_matches_autograd_of_the_reference():
     _, multi, meta = _pool_model()
     A, B, sizes = multi.pool.layer_stacks(multi.key)
