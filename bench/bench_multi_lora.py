@@ -16,6 +16,7 @@ in turn (bench/common.py). Output: bench/results/multi_lora.json, a Markdown tab
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -207,8 +208,16 @@ def main(argv=None) -> list[dict]:
                                                     "graph_ratio", "err"]), flush=True)
     name = "multi_lora" if have_gpu() else "multi_lora_cpu"
     path = write_json(name, rows, {"grid": grid_name, "weight_sets": WEIGHT_SETS}, out_dir=args.out)
+    table = os.path.splitext(path)[0] + ".md"  # the whole table, with the run it came from
+    env = json.load(open(path))["env"]
+    with open(table, "w") as f:
+        f.write(f"{name} ({grid_name} grid; {env.get('device')}, torch {env.get('torch')}, triton "
+                f"{env.get('triton')}, {env.get('date')}): µs per call, eager and under CUDA graphs over "
+                f"{WEIGHT_SETS} weight sets; graph_ratio = graph time / the base linear's graph time\n\n")
+        f.write(format_table(rows, ["T", "adapters", "r", "N", "provider", "eager_us", "graph_us", "graph_ratio",
+                                    "err"]) + "\n")
     png = plot(rows, os.path.splitext(path)[0] + ".png")
-    print(f"wrote {path}" + (f" and {png}" if png else ""))
+    print(f"wrote {path}, {table}" + (f" and {png}" if png else ""))
     return rows
 
 
