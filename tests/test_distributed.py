@@ -244,7 +244,19 @@ def _check_row(rank):
         row = lfd.RowParallelLoRALinear.from_lora_linear(full, input_is_parallel=parallel_input)
         assert row.weight.shape == (30, 13) and row.lora_A.shape == (3, 13) and row.lora_B.shape == (30, 3)
         xi = (x[:, cols].contiguous() if parallel_input else x).clone().requires_grad_(True)
-        y = row(xi)
+        reduced, all_reduce = [], dist.all_reduce
+
+        def counting(t, *args, **kwargs):
+            reduced.append(tuple(t.shape))
+            return all_reduce(t, *args, **kwargs)
+
+        dist.all_reduce = counting  # the layer's forward calls dist.all_reduce through the module attribute
+        try:
+            y = row(xi)
+        finally:
+            dist.all_reduce = all_reduce
+        # one all-reduce of the [M, N] output carries the base product and the rank-r term together
+        assert reduced == [(5, 30)], reduced
         _close("row y (bias once, base and LoRA in one all-reduce)", y, y_ref)
         y.backward(dy)
         _close("row dx", xi.grad, dx_ref[:, cols] if parallel_input else dx_ref)
