@@ -40,9 +40,11 @@ from lora_fast.nf4 import from_bnb, quantize_nf4  # noqa: E402
 BENCH_NAME = "qlora"
 DTYPE = torch.bfloat16
 TOLERANCE = 2e-2  # bf16 against fp32 math on the same dequantized W
-TRAIN_SHAPES = [(8192, 4096, 4096), (8192, 4096, 14336)]
+# the core issue's training shapes (M, K, N); the first also at rank 64 (TRAIN_RANKS)
+TRAIN_SHAPES = [(8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096)]
+TRAIN_RANKS = (16, 64)
 CROSSOVER_M = [128, 512, 2048]  # fwd only: where the fused path stops beating dequantize-then-GEMM
-DECODE_M = [1, 16]
+DECODE_M = [1, 16, 128]
 RANK = 16
 
 
@@ -299,21 +301,22 @@ def run(quick=False, memory=True):
     rows: list[dict] = []
     if gpu:
         train_shapes = TRAIN_SHAPES[:1] if quick else TRAIN_SHAPES
-        cases = [(f"train-{M}x{K}x{N}-r{RANK}", (M, K, N), ("fwd", "fwd+bwd"),
+        cases = [(f"train-{M}x{K}x{N}-r{r}", (M, K, N, r), ("fwd", "fwd+bwd"),
                   ("base", "ours", "ours-fused", "ours-dequant", "deq+cublas", "bnb+peft"), False)
-                 for M, K, N in train_shapes]
+                 for i, (M, K, N) in enumerate(train_shapes)
+                 for r in (TRAIN_RANKS if i == 0 and not quick else (RANK,))]
         if not quick:
-            cases += [(f"cross-{M}x4096x4096-r{RANK}", (M, 4096, 4096), ("fwd",),
+            cases += [(f"cross-{M}x4096x4096-r{RANK}", (M, 4096, 4096, RANK), ("fwd",),
                        ("base", "ours-fused", "ours-dequant", "deq+cublas"), False) for M in CROSSOVER_M]
-        cases += [(f"decode-{M}x4096x4096-r{RANK}", (M, 4096, 4096), ("fwd",),
+        cases += [(f"decode-{M}x4096x4096-r{RANK}", (M, 4096, 4096, RANK), ("fwd",),
                    ("base", "ours", "ours-select", "deq+cublas", "bnb+peft"), True)
                   for M in (DECODE_M[:1] if quick else DECODE_M)]
     else:  # interpreter: tiny shapes, checks only
-        cases = [("cpu-4x128x24-r3", (4, 128, 24), ("fwd", "fwd+bwd"), ("base", "ours", "ours-dequant"), False),
-                 ("cpu-20x128x24-r3", (20, 128, 24), ("fwd+bwd",), ("base", "ours", "ours-dequant"), False)]
-    for case, (M, K, N), modes, providers, graph in cases:
+        cases = [("cpu-4x128x24-r3", (4, 128, 24, 3), ("fwd", "fwd+bwd"), ("base", "ours", "ours-dequant"), False),
+                 ("cpu-20x128x24-r3", (20, 128, 24, 3), ("fwd+bwd",), ("base", "ours", "ours-dequant"), False)]
+    for case, (M, K, N, r), modes, providers, graph in cases:
         try:
-            prob = Problem(M, K, N, RANK if gpu else 3, device, use_bnb)
+            prob = Problem(M, K, N, r, device, use_bnb)
         except Exception as e:  # noqa: BLE001
             rows.append({"case": case, "mode": "setup", "provider": "-", "error": f"{type(e).__name__}: {e}"})
             continue
