@@ -8,10 +8,10 @@
 ("fused": no second pass over dY; the programs of the first K tile store dyb for dA); above, `lora_shrink`
 computes dyb first ("shrink", measured faster there), or, for the persistent large-M walk without DoRA's
 column scale, the GEMM computes it itself: its first programs before their tiles ("inline", the default), or its
-first K tile of each row block inside its N loop ("producer", lora_fwd's default, measured slower here). Its epilogue adds the rank-r term,
-masked by the regenerated dropout mask, and writes dX once; except with dropout in "shrink" or "inline" mode, where
-the GEMM writes dY @ W with its dropout-free tile and `_lora_dx_dropout_term_kernel` adds the masked term in a
-second, memory-bound pass.
+first K tile of each row block inside its N loop ("producer", lora_fwd's default, measured slower here). Its
+epilogue adds the rank-r term, masked by the regenerated dropout mask, and writes dX once; except with dropout in
+"shrink", "inline" or "producer" mode, where the GEMM writes dY @ W with its dropout-free tile and
+`_lora_dx_dropout_term_kernel` adds the masked term in a second, memory-bound pass.
 `lora_grad_ab` computes dA and dB in one launch of a reduce-over-M kernel, split over M so that the [r, K] and
 [N, r] outputs still fill the GPU; the fp32 partial sums of both are added in a fixed order by one more launch
 (`_sum_splits_kernel`: deterministic, no atomics, rounded once).
@@ -66,9 +66,9 @@ def _dx_tile(
 ):
     """dX tile number `tile` of `_lora_bwd_dx_kernel`, whose docstring gives the arguments.
 
-    TILE_MAP: helpers.walk_tile's (1: the first K tile of row block `tile`, a producer). PUBLISH (with COMPUTE_DYB, STORE_DYB): release FLAGS[row
-    block] = 1 once the tile has stored its rows' dY @ B. B_TMA: B is a tensor descriptor with block
-    [BLOCK_N, BLOCK_R] (columns past RANK read as zero)."""
+    TILE_MAP: helpers.walk_tile's (1: the first K tile of row block `tile`, a producer). PUBLISH (with
+    COMPUTE_DYB, STORE_DYB): release FLAGS[row block] = 1 once the tile has stored its rows' dY @ B. B_TMA: B is
+    a tensor descriptor with block [BLOCK_N, BLOCK_R] (columns past RANK read as zero)."""
     pid_m, pid_k, offs_m, offs_k = walk_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M, tile, TILE_MAP)
     offs_n = tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)

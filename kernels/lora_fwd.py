@@ -80,9 +80,9 @@ def _fwd_tile(
 ):
     """Output tile number `tile` of `_lora_fwd_kernel`, whose docstring gives the arguments.
 
-    TILE_MAP: helpers.walk_tile's (1: the first N tile of row block `tile`, a producer). PUBLISH (with COMPUTE_XA, STORE_XA): once the tile
-    has stored its rows' xa, release FLAGS[row block] = 1 (before its own epilogue). A_TMA: A is a tensor
-    descriptor with block [BLOCK_R, BLOCK_K] (rows past RANK read as zero)."""
+    TILE_MAP: helpers.walk_tile's (1: the first N tile of row block `tile`, a producer). PUBLISH (with
+    COMPUTE_XA, STORE_XA): once the tile has stored its rows' xa, release FLAGS[row block] = 1 (before its own
+    epilogue). A_TMA: A is a tensor descriptor with block [BLOCK_R, BLOCK_K] (rows past RANK read as zero)."""
     pid_m, pid_n, offs_m, offs_n = walk_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M, tile, TILE_MAP)
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
@@ -217,7 +217,9 @@ def _lora_fwd_kernel(
         walk's first cdiv(M, BLOCK_M) positions are the first N tile of each row block, whose K loop also
         accumulates X @ A^T for its rows (COMPUTE_XA's loop); it stores xa and publishes FLAGS[row block] before its
         epilogue. The other tiles follow in grouped order and wait for their row block's flag before theirs. No
-        extra read of X, and a producer costs one tile's in-loop rank product (r / BLOCK_N more MMA).
+        extra read of X; a producer tile takes ~22 % longer than a plain one (its in-loop rank product, r / BLOCK_N
+        more MMA but a second dot per K step; H200, bench/NOTES.md). Progress needs every program resident (the
+        grid is at most one per SM), as for INLINE_XA: producers never wait, and they come first in every walk.
         A_TMA (with PRODUCER_XA): A is a tensor descriptor with block [BLOCK_R, BLOCK_K].
     scaling: s; seed, keep_thr, inv_keep, K8: the dropout mask (helpers.dropout_keep), used if DROPOUT.
     BLOCK_R: padded rank (COMPUTE_XA: the whole rank, a power of two >= 16; else the epilogue's rank chunk),
