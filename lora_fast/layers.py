@@ -208,11 +208,14 @@ def apply_lora(model: nn.Module, target_modules: Iterable[str] | str = ("q_proj"
 
 @dataclass
 class VariantCount:
-    """One adapter variant's share of a model: its modules, trainable and adapter parameters, bytes on disk."""
+    """One adapter variant's share of a model: its modules, trainable and adapter parameters, bytes on disk, and
+    `total`: every parameter of its modules (the adapted layers' frozen weights and biases, a quantized base's
+    weights, and the adapter tensors), each storage once."""
     modules: int
     trainable: int
     adapter: int
     adapter_bytes: int
+    total: int = 0
 
 
 @dataclass
@@ -270,12 +273,13 @@ def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return 8 + -(-len(json.dumps(header, separators=(",", ":"))) // 8) * 8 + data
 
 
-def _adapter_tensors(model: nn.Module) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, int]]:
-    """{variant: {qualified name: tensor}} and {variant: number of modules}, each storage once (the largest view kept, in the first variant that
-    holds it). Adapter modules are those with `adapter_state_dict()`; a trainable parameter outside them (a
-    trained head, say) belongs to variant "other"."""
+def _adapter_tensors(model: nn.Module) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, int], dict[str, int]]:
+    """{variant: {qualified name: tensor}}, {variant: number of modules} and {variant: every parameter of its
+    modules (VariantCount.total)}, each storage once (the largest view kept, in the first variant that holds it).
+    Adapter modules are those with `adapter_state_dict()`; a trainable parameter outside them (a trained head, say)
+    belongs to variant "other"."""
     found: dict[object, tuple[str, str, torch.Tensor]] = {}
-    owned, modules = set(), {}
+    owned, modules, totals, counted = set(), {}, {}, {}
 
     def add(variant: str, name: str, t: torch.Tensor) -> None:
         key = _storage_key(t)
@@ -287,16 +291,24 @@ def _adapter_tensors(model: nn.Module) -> tuple[dict[str, dict[str, torch.Tensor
             # Looked up on the module's own class: a subclass (DoRALinear of LoRALinear) is its own variant.
             variant = vars(type(module)).get("adapter_variant", type(module).__name__)
             modules[variant] = modules.get(variant, 0) + 1
-            for k, t in module.adapter_state_dict().items():
+            adapter = module.adapter_state_dict()
+            for k, t in adapter.items():
                 add(variant, f"{mname}.{k}" if mname else k, t)
             owned.update(id(p) for p in module.parameters())
+            seen = counted.setdefault(variant, set())
+            for t in (*module.parameters(), *adapter.values()):
+                if _storage_key(t) not in seen:
+                    seen.add(_storage_key(t))
+                    totals[variant] = totals.get(variant, 0) + t.numel()
+            if callable(getattr(module, "quantized_numel", None)):
+                totals[variant] = totals.get(variant, 0) + int(module.quantized_numel())
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in owned:
             add("other", name, p)
     out: dict[str, dict[str, torch.Tensor]] = {}
     for variant, name, t in found.values():
         out.setdefault(variant, {})[name] = t
-    return out, modules
+    return out, modules, totals
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:
@@ -327,11 +339,12 @@ def count_parameters(model: nn.Module) -> ParameterCount:
         if callable(getattr(module, "quantized_numel", None)):
             total += int(module.quantized_numel())
     count = ParameterCount(trainable, total)
-    tensors_by_variant, modules = _adapter_tensors(model)
+    tensors_by_variant, modules, totals = _adapter_tensors(model)
     for variant, tensors in tensors_by_variant.items():
         uniq = list(tensors.values())
-        vc = VariantCount(modules.get(variant, 0), sum(t.numel() for t in uniq if t.requires_grad), sum(t.numel() for t in uniq),
-                          _safetensors_bytes(tensors))
+        adapter = sum(t.numel() for t in uniq)
+        vc = VariantCount(modules.get(variant, 0), sum(t.numel() for t in uniq if t.requires_grad), adapter,
+                          _safetensors_bytes(tensors), totals.get(variant, adapter))
         count.by_variant[variant] = vc
         count.adapter += vc.adapter
         count.adapter_bytes += vc.adapter_bytes

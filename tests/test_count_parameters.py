@@ -24,6 +24,9 @@ def test_lora_counts_and_safetensors_size(tmp_path):
     assert (c.trainable, c.total, c.adapter) == (n(lora) + n(emb), base + n(lora) + n(emb), n(lora) + n(emb))
     assert c.by_variant["lora"].modules == 2 and c.by_variant["lora_embedding"].modules == 1
     assert c.by_variant["lora"].trainable == n(lora) and c.by_variant["lora_embedding"].adapter == n(emb)
+    # per variant, every parameter of its modules: the adapted layers' frozen weights and biases, and the adapter
+    assert c.by_variant["lora"].total == 8 * 6 + 6 + 6 * 5 + n(lora)
+    assert c.by_variant["lora_embedding"].total == 20 * 8 + n(emb)
     params = dict(model.named_parameters())
     save_file({k: params[k].detach().contiguous() for k in lora}, tmp_path / "lora.safetensors")
     assert c.by_variant["lora"].adapter_bytes == os.path.getsize(tmp_path / "lora.safetensors")
@@ -50,7 +53,7 @@ def test_shared_frozen_tensors_count_once_and_other_trainables():
     model[2].weight.requires_grad_(False)
     c = count_parameters(model)
     v = c.by_variant["shared_test"]
-    assert (v.modules, v.trainable, v.adapter) == (2, 8, 64 + 8)
+    assert (v.modules, v.trainable, v.adapter, v.total) == (2, 8, 64 + 8, 64 + 8)  # the shared buffer once
     assert c.by_variant["other"].adapter == 2 and c.by_variant["other"].modules == 0   # the trained bias
     assert c.trainable == 8 + 2 and c.total == 8 + 6 + 2 + 64 and c.adapter == 64 + 8 + 2
 
@@ -98,3 +101,4 @@ def test_quantized_base_weights_count_in_the_total():
     base = 128 * 64 + 64 + 64 * 8 + 8  # the NF4 weight, its bias, and the plain Linear
     assert c.trainable == adapter
     assert c.total == base + adapter
+    assert c.by_variant["lora"].total == 128 * 64 + 64 + adapter  # the NF4 weight counts in its variant's total
