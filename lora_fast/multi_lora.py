@@ -310,7 +310,8 @@ def multi_lora_linear(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ada
     K = x.shape[-1]
     check_tensor("weight", weight, ndim=2)
     if weight.shape[1] != K:
-        raise _bad("weight", f"must be [N, K={K}], got {tuple(weight.shape)}")
+        raise _bad("weight", f"must be [N, K={K}] for x of shape {tuple(x.shape)} (x and weight disagree on K), "
+                             f"got {tuple(weight.shape)}")
     check_same("weight", weight, x, "x")
     N = weight.shape[0]
     if bias is not None:
@@ -630,9 +631,11 @@ class MultiLoRALinear(nn.Module):
         pool.add_layer(self.key, self.in_features, self.slice_sizes)
 
     def forward(self, x: torch.Tensor, batch) -> torch.Tensor:
+        check_tensor("x", x, min_ndim=1)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x: must be [..., in_features={self.in_features}], got {tuple(x.shape)}")
         A, B, sizes = self.pool.layer_stacks(self.key)
         if not isinstance(batch, BatchMetadata):
-            check_tensor("x", x, min_ndim=1)
             if not isinstance(batch, torch.Tensor):
                 raise TypeError(f"batch must be a BatchMetadata or an integer tensor of adapter ids (for names: "
                                 f"pool.batch_metadata(names) or pool.ids(names)), got {type(batch).__name__}")

@@ -241,6 +241,8 @@ def test_pool_and_module_mixed_ranks_and_slices():
         want = torch.cat([qkv.weight[o:o + n] @ xt + qkv.bias[o:o + n] + s * (B_ @ (A_ @ xt))
                           for (A_, B_), n, o in zip(w["qkv"], sizes, (0, 24, 32))])
         assert_close(qkv(x.reshape(T, K)[t:t + 1], pool.ids([name]))[0], want, torch.float32, f"qkv {name}")
+    with pytest.raises(ValueError, match=r"x: must be \[\.\.\., in_features=32\]"):  # x is named, not the weight
+        qkv(torch.randn(T, K + 1), meta)
     # unload: the slot is empty (rejected), then reused by the next load without reallocating
     A_ptr = pool.layer_stacks("qkv")[0].data_ptr()
     pool.unload("a")
