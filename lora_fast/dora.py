@@ -278,15 +278,32 @@ class DoRALinear(LoRALinear):
 
 
 def apply_dora(model: nn.Module, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), rank: int = 8,
-               alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False) -> nn.Module:
+               alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False, init: str = "default",
+               pissa_niter: int | None = None, deltas=None) -> nn.Module:
     """Replace the matching nn.Linear modules of `model` by DoRALinear (sharing their weights), train only
-    lora_A, lora_B and lora_magnitude, and return `model` (changed in place). target_modules as in apply_lora.
+    lora_A, lora_B and lora_magnitude, and return `model` (changed in place). target_modules as in apply_lora;
+    init, pissa_niter and deltas ({module name: dW} for init="from_delta") as in apply_lora (the magnitude then
+    starts at the row norms of W + s * B @ A, so that the output at init is LoRA's under that init).
 
     >>> model = apply_dora(model, ["q_proj", "v_proj"], rank=16, alpha=32)
     """
+    from collections import abc
+
+    from .init import check_init
+
     check_rank(rank)  # before any layer is swapped: a bad option leaves the model unchanged
     check_scaling(alpha, "alpha")
     check_dropout(dropout, "dropout")
-    return replace_linears(model, target_modules,
-                           lambda name, lin: DoRALinear.from_linear(lin, rank, alpha, dropout, use_rslora),
-                           trainable=("lora_A", "lora_B", "lora_magnitude"))
+    check_init(init)
+    if (deltas is not None) != (init == "from_delta"):
+        raise ValueError("deltas={module name: dW} goes with init='from_delta' and only with it")
+    if deltas is not None and not isinstance(deltas, abc.Mapping):
+        raise TypeError(f"deltas must be a mapping {{module name: dW}}, got {type(deltas).__name__}")
+
+    def make(name, lin):
+        if deltas is not None and name not in deltas:
+            raise ValueError(f"init='from_delta': deltas has no entry for matched module {name!r}")
+        return DoRALinear.from_linear(lin, rank, alpha, dropout, use_rslora, init,
+                                      None if deltas is None else deltas[name], pissa_niter)
+
+    return replace_linears(model, target_modules, make, trainable=("lora_A", "lora_B", "lora_magnitude"))

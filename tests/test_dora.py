@@ -299,6 +299,34 @@ def test_dora_init_merge_unmerge_and_apply():
     assert (c.modules, c.trainable, c.adapter) == (1, 2 * 8 + 8 * 2 + 8, 2 * 8 + 8 * 2 + 8)
 
 
+def test_apply_dora_init_schemes():
+    """apply_dora takes apply_lora's init=: with PiSSA (W <- residual, A and B from its top singular vectors) and
+    with a given delta the output at init still equals the base layer's (the magnitude starts at the row norms of
+    W + s B A); "zeros" and a from_delta without deltas are refused before any layer changes."""
+    torch.manual_seed(3)
+    for init, kw in (("pissa", {}), ("pissa", {"pissa_niter": 2}), ("gaussian", {}),
+                     ("from_delta", {"deltas": {"0": torch.randn(8, 1) @ torch.randn(1, 12)}})):
+        model = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4))
+        x = torch.randn(5, 12)
+        y0 = model[0](x).detach().clone()
+        apply_dora(model, ["0"], rank=2, alpha=4, init=init, **kw)
+        assert isinstance(model[0], DoRALinear)
+        if init != "from_delta":
+            assert_close(f"{init} at init", model[0](x), y0, torch.float32)
+        else:  # A and B carry the delta: s * B @ A equals dW (rank 1), and the magnitude matches W + dW
+            assert_close("from_delta", model[0].lora_B @ model[0].lora_A * model[0].scaling, kw["deltas"]["0"],
+                         torch.float32)
+    model = nn.Sequential(nn.Linear(12, 8))
+    w0 = model[0].weight.detach().clone()
+    with pytest.raises(ValueError, match="never learns"):
+        apply_dora(model, ["0"], init="zeros")
+    with pytest.raises(ValueError, match="deltas"):
+        apply_dora(model, ["0"], init="from_delta")
+    with pytest.raises(TypeError, match="deltas must be a mapping"):
+        apply_dora(model, ["0"], init="from_delta", deltas=[w0])
+    assert isinstance(model[0], nn.Linear) and torch.equal(model[0].weight, w0)
+
+
 def test_dora_bad_input():
     x, W, b, A, B = lora_problem(3, 16, 12, 2, torch.float32, DEV)
     m = torch.ones(12)
