@@ -226,6 +226,15 @@ def _check_rank_values(ranks: torch.Tensor, R: int) -> None:
         setattr(ranks, _RANKS_CHECKED, (version, R))
 
 
+def _host_vector(name: str, values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`values` (Python numbers) as a tensor on `device`: a host-to-device copy, which a CUDA graph cannot capture;
+    say so by name (the capture would fail with an opaque CUDA error)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise ValueError(f"{name}: Python numbers cannot be copied to the GPU inside a CUDA graph capture; pass a "
+                         f"tensor on {device} (e.g. the pool's `scalings` / `ranks`)")
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def _checked_ranks(ranks, S: int, R: int, device: torch.device) -> torch.Tensor:
     """multi_lora_linear's `ranks` as an int32 [S] tensor on `device`, its values in [0, R]."""
     if ranks is None:
@@ -233,7 +242,7 @@ def _checked_ranks(ranks, S: int, R: int, device: torch.device) -> torch.Tensor:
     if isinstance(ranks, (list, tuple)):
         if len(ranks) != S or not all(_is_int(r) and 0 <= r <= R for r in ranks):
             raise ValueError(f"ranks: must be {S} ints in [0, R={R}] (0 = empty slot), got {list(ranks)}")
-        return torch.tensor(ranks, dtype=torch.int32, device=device)
+        return _host_vector("ranks", list(ranks), torch.int32, device)
     if not isinstance(ranks, torch.Tensor) or not _is_int_tensor(ranks):
         got = ranks.dtype if isinstance(ranks, torch.Tensor) else type(ranks).__name__
         raise TypeError(f"ranks must be None, an integer tensor [S={S}] or a list of S ints, got {got}")
@@ -256,7 +265,7 @@ def _checked_scalings(scalings, S: int, device: torch.device) -> torch.Tensor:
             raise ValueError(f"scalings: must be [S={S}], got {len(values)} values")
     else:
         values = [check_scaling(scalings, "scalings")] * S
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    return _host_vector("scalings", values, torch.float32, device)
 
 
 # ----------------------------------------------------------------------------------------------- functional

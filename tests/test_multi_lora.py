@@ -339,3 +339,15 @@ def test_serving_demo_batched_equals_alone():
                         "--dim", "64"])
     assert report["ok"] and report["checked"] == 4 and report["identical_sequences"] == 4
     assert report["alone_rel_err"] < 1e-4 and report["loop_vs_ours_rel_err"] < 1e-4
+
+
+def test_python_scalings_inside_a_graph_capture_get_a_named_error(monkeypatch):
+    """scalings / ranks given as Python numbers need a host-to-device copy, which a CUDA graph capture cannot hold:
+    the error names the argument (checked without a GPU: the capture state is faked)."""
+    from lora_fast import multi_lora as ml
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(ValueError, match="scalings: Python numbers cannot be copied to the GPU inside a CUDA graph"):
+        ml._checked_scalings(2.0, 3, torch.device("cuda"))
+    with pytest.raises(ValueError, match="ranks: Python numbers"):
+        ml._checked_ranks([4, 4, 0], 3, 4, torch.device("cuda"))
+    assert ml._checked_scalings([1.0, 2.0], 2, torch.device("cpu")).tolist() == [1.0, 2.0]  # CPU: no capture
