@@ -174,10 +174,16 @@ def eager_under_compile(fn):
     return wrapper
 
 
-def eager_only(fn):
+def eager_only(fn, reason: str | None = None):
     """`fn` run outside the graph under torch.compile (a graph break): the fallback on a torch without custom ops,
-    where dynamo would otherwise trace into the Triton launchers (and the interpreter on CPU)."""
+    where dynamo would otherwise trace into the Triton launchers (and the interpreter on CPU). `reason` shows in
+    dynamo's graph-break message (and its fullgraph error) where the torch takes one (>= 2.7)."""
     disable = getattr(getattr(torch, "compiler", None), "disable", None) or torch._dynamo.disable
+    if reason is not None:
+        try:
+            return disable(fn, reason=reason)
+        except TypeError:
+            pass
     return disable(fn)
 
 

@@ -287,10 +287,7 @@ def _metadata_outside_graph(ids, pool_or_slots, **kwargs):
     return make_batch_metadata(ids, pool_or_slots, **kwargs)
 
 
-try:  # `reason` shows in dynamo's graph-break message (torch >= 2.7); an older torch just breaks the graph
-    _metadata_outside_graph = torch.compiler.disable(_metadata_outside_graph, reason=_RAW_IDS_REASON)
-except TypeError:
-    _metadata_outside_graph = torch.compiler.disable(_metadata_outside_graph)
+_metadata_outside_graph = eager_only(_metadata_outside_graph, _RAW_IDS_REASON)
 
 
 def _metadata_of_raw_ids(ids, pool_or_slots, **kwargs) -> "BatchMetadata":
