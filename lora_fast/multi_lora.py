@@ -283,11 +283,7 @@ _RAW_IDS_REASON = ("raw adapter ids under torch.compile: checking and sorting th
                    "make_batch_metadata(ids, pool)")
 
 
-def _metadata_outside_graph(ids, pool_or_slots, **kwargs):
-    return make_batch_metadata(ids, pool_or_slots, **kwargs)
-
-
-_metadata_outside_graph = eager_only(_metadata_outside_graph, _RAW_IDS_REASON)
+_metadata_outside_graph = eager_only(make_batch_metadata, _RAW_IDS_REASON)
 
 
 def _metadata_of_raw_ids(ids, pool_or_slots, **kwargs) -> "BatchMetadata":
@@ -637,11 +633,12 @@ class MultiLoRALinear(nn.Module):
         pool.add_layer(self.key, self.in_features, self.slice_sizes)
 
     def forward(self, x: torch.Tensor, batch) -> torch.Tensor:
-        check_tensor("x", x, min_ndim=1)
-        if x.shape[-1] != self.in_features:
+        # (anything else wrong with x, multi_lora_linear's checks name; this one would otherwise blame the weight)
+        if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] != self.in_features:
             raise ValueError(f"x: must be [..., in_features={self.in_features}], got {tuple(x.shape)}")
         A, B, sizes = self.pool.layer_stacks(self.key)
         if not isinstance(batch, BatchMetadata):
+            check_tensor("x", x, min_ndim=1)  # x.device is read below
             if not isinstance(batch, torch.Tensor):
                 raise TypeError(f"batch must be a BatchMetadata or an integer tensor of adapter ids (for names: "
                                 f"pool.batch_metadata(names) or pool.ids(names)), got {type(batch).__name__}")
