@@ -25,12 +25,12 @@ MAX_SHRINK_RANK_BLOCK = 128
 
 @triton.jit(do_not_specialize=["M", "seed", "keep_thr"])
 def _lora_shrink_kernel(
-    X, A, XA,
-    M, K, RANK, K_PER_SPLIT,
+    X, A, XA, ZERO,
+    M, K, RANK, K_PER_SPLIT, ZERO_COUNT,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_os, stride_om, stride_or,
     seed, keep_thr, inv_keep, K8,
-    DROPOUT: tl.constexpr, TRIGGER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    DROPOUT: tl.constexpr, TRIGGER: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """XA[split, m, r] = sum over split's K range of drop(X)[m, k] * A[r, k], for BLOCK_M rows and BLOCK_R ranks.
 
@@ -39,11 +39,18 @@ def _lora_shrink_kernel(
     grid = (cdiv(M, BLOCK_M), cdiv(RANK, BLOCK_R), splits); K_PER_SPLIT: a multiple of BLOCK_K.
     seed, keep_thr, inv_keep, K8: the dropout mask of helpers.dropout_keep, applied when DROPOUT.
     TRIGGER: let a PDL-launched consumer start now (helpers.gdc_launch_dependents_if).
+    HAS_ZERO: program (0, 0, 0) also sets ZERO[0 : ZERO_COUNT] (int32) to zero, for the consumer (the one-row
+    NF4 GEMV's split counters: the consumer's `gdc_wait` makes the zeros visible before it counts).
     """
     gdc_launch_dependents_if(TRIGGER)
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
+    if HAS_ZERO:
+        if pid_m + pid_r + pid_s == 0:
+            offs_z = tl.arange(0, 1024)
+            for z0 in range(0, ZERO_COUNT, 1024):
+                tl.store(ZERO + z0 + offs_z, tl.zeros((1024,), dtype=tl.int32), mask=z0 + offs_z < ZERO_COUNT)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
@@ -82,7 +89,7 @@ class _ShrinkPlan:
     """`lora_shrink` / `lora_shrink_partials` for one call signature (see kernels/launch.py): checks, config and
     grid done once. splits == 0: the [M, r] result in x's dtype; else fp32 partials over `splits` K ranges."""
 
-    def __init__(self, x, lora_A, dropout_p, splits, trigger):
+    def __init__(self, x, lora_A, dropout_p, splits, trigger, zero):
         M, K = matrix_shape(x, "x")
         rank = lora_A.shape[0]
         check_shapes(x=(x, (M, K)), lora_A=(lora_A, (rank, K)))
@@ -96,30 +103,37 @@ class _ShrinkPlan:
             return
         block_r = min(MAX_SHRINK_RANK_BLOCK, max(16, next_pow2(rank)))
         self.launch = Launch(
-            _lora_shrink_kernel, (cdiv(M, cfg.block_m), cdiv(rank, block_r), splits), ("X", "A", "XA", "seed"),
-            None, None, None, M, K, rank, k_per_split,
+            _lora_shrink_kernel, (cdiv(M, cfg.block_m), cdiv(rank, block_r), splits),
+            ("X", "A", "XA", "ZERO", "seed"),
+            None, None, None, None, M, K, rank, k_per_split, zero.numel() if zero is not None else 0,
             x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), M * rank, rank, 1,  # a new contiguous xa
             None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 8),
-            DROPOUT=dropout_p > 0.0, TRIGGER=trigger, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
+            DROPOUT=dropout_p > 0.0, TRIGGER=trigger, HAS_ZERO=zero is not None, BLOCK_M=cfg.block_m,
+            BLOCK_K=cfg.block_k, BLOCK_R=block_r,
             PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype), **cfg.launch(),
         )
 
-    def __call__(self, x, lora_A, seed):
+    def __call__(self, x, lora_A, seed, zero):
         xa = torch.empty(self.shape, device=x.device, dtype=self.dtype)
         if self.launch is not None:
-            self.launch(x, lora_A, xa, seed_arg(seed))
-        elif self.partial:
-            xa.zero_()  # K == 0: the empty sum
+            self.launch(x, lora_A, xa, zero if zero is not None else xa, seed_arg(seed))
+        else:
+            if self.partial:
+                xa.zero_()  # K == 0: the empty sum
+            if zero is not None:
+                zero.zero_()
         return xa
 
 
-def _shrink(x, lora_A, dropout_p, seed, splits, trigger):
+def _shrink(x, lora_A, dropout_p, seed, splits, trigger, zero=None):
     check_dropout(dropout_p, seed, x)
-    key = plan_key((x, lora_A), dropout_p, splits, trigger, dot_precision_key(x), seed_key(seed))
+    key = plan_key((x, lora_A, zero), dropout_p, splits, trigger, dot_precision_key(x), seed_key(seed))
     plan = _PLANS.find(key)
     if plan is None:
-        plan = _PLANS.put(key, _ShrinkPlan(x, lora_A, dropout_p, splits, trigger))
-    return plan(x, lora_A, seed)
+        if zero is not None and (zero.dtype != torch.int32 or not zero.is_contiguous() or zero.device != x.device):
+            raise ValueError("zero must be a contiguous int32 tensor on x's device")
+        plan = _PLANS.put(key, _ShrinkPlan(x, lora_A, dropout_p, splits, trigger, zero))
+    return plan(x, lora_A, seed, zero)
 
 
 def lora_shrink(x, lora_A, dropout_p=0.0, seed=0, trigger=False):
@@ -136,14 +150,15 @@ def lora_shrink(x, lora_A, dropout_p=0.0, seed=0, trigger=False):
     return _shrink(x, lora_A, dropout_p, seed, 0, bool(trigger))
 
 
-def lora_shrink_partials(x, lora_A, splits, dropout_p=0.0, seed=0, trigger=False):
+def lora_shrink_partials(x, lora_A, splits, dropout_p=0.0, seed=0, trigger=False, zero=None):
     """Partial sums of xa = drop(x) @ lora_A^T over `splits` ranges of K (fewer when K is short): the consumer
     adds them up in a fixed order, then rounds to x's dtype as `lora_shrink` does.
 
     x: [M, K], lora_A: [r, K]; returns fp32 (fp64 for fp64 x) [splits', M, r] with splits' <= splits.
+    zero: a contiguous int32 tensor the same launch sets to zero (the consumer's counters), or None.
 
     >>> ws = lora_shrink_partials(x, A, 8)      # ws.sum(0).to(x.dtype) == lora_shrink(x, A)
     """
     if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
         raise ValueError(f"splits must be an int >= 1, got {splits!r}")
-    return _shrink(x, lora_A, dropout_p, seed, splits, bool(trigger))
+    return _shrink(x, lora_A, dropout_p, seed, splits, bool(trigger), zero)
