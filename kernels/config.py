@@ -231,6 +231,7 @@ NF4_GEMV_ROWS = 16
 NF4_FUSED_ROWS = NF4_GEMV_ROWS
 _NF4_INTERPRET = {"gemm": GemmConfig(16, 16, 64, group_m=2, num_warps=1, num_stages=1),
                   "gemv": GemmConfig(16, 16, 64, num_warps=1, num_stages=1),
+                  "gemv_rows": GemmConfig(1, 16, 128, num_warps=1, num_stages=1),
                   "dequant": GemmConfig(0, 16, 64, num_warps=1, num_stages=1)}
 _NF4_GEMM = {  # bf16/fp16, by shape class; BLOCK_K a multiple of the 64-weight quantization block
     "m64": GemmConfig(32, 64, 128, group_m=1, num_warps=4, num_stages=4),
@@ -251,7 +252,8 @@ def nf4_path(m: int) -> str:
 def nf4_config(kernel: str, m: int, dtype: torch.dtype = torch.bfloat16) -> GemmConfig:
     """Config of the NF4 kernels: "gemm" (fused forward and dX, tile BLOCK_M x BLOCK_N, K step BLOCK_K),
     "gemv" (rows padded to block_m = 16, block_n outputs per program, split over K; it steps one 64-weight
-    quantization block along K whatever block_k says), and
+    quantization block along K whatever block_k says), "gemv_rows" (the one-row GEMV: block_n outputs, K steps of
+    block_k, a multiple of 64), "gemv_lanes" (its mma.sync sibling: num_warps warps of 16 rows), and
     "dequant" (block_n x block_k tiles of W; m is unused)."""
     if is_interpret():
         return _NF4_INTERPRET[kernel]
@@ -259,6 +261,10 @@ def nf4_config(kernel: str, m: int, dtype: torch.dtype = torch.bfloat16) -> Gemm
         return _OVERRIDES[("nf4_" + kernel, shape_class(m))]
     if kernel == "gemv":
         return GemmConfig(16, 128, 64, num_warps=4, num_stages=3)
+    if kernel == "gemv_lanes":  # one row on mma.sync: 16 output rows per warp, one 64-weight block per K step
+        return GemmConfig(1, 64, 64, num_warps=4, num_stages=1)
+    if kernel == "gemv_rows":  # one row: block_n outputs x block_k weights per program and K step (H200 sweep,
+        return GemmConfig(1, 16, 256, num_warps=1, num_stages=1)  # bench/NOTES.md)
     if kernel == "dequant":
         return GemmConfig(0, 32, 256, num_warps=4, num_stages=2)
     cls = "m64" if shape_class(m) in ("m16", "m64") else shape_class(m)

@@ -89,13 +89,24 @@ def _word_operands(first: int, count: int) -> list:
     return [f"${first + 4 * i}" for i in range(count)]
 
 
-def _pairs16_ptx() -> str:
-    """16-bit decode: $0, $1 = even values (2 per register), $2, $3 = odd; $4 = 4 bytes; then 8 table words."""
-    words = _word_operands(5, 8)
-    body = ["{", ".reg .b32 s0, s1, x0, x1, pl, ph, lo, hi;", _PRMT_PROLOGUE.format(q="$4")]
+def decode16_ptx(q: str, even: tuple, odd: tuple, words: list) -> list:
+    """PTX lines of the 16-bit decode of the 4 bytes in register `q`: even[h] = the values of the high nibbles of
+    bytes 2h and 2h + 1 (2 per register, byte 2h in the low half), odd[h] those of their low nibbles; `words`: the
+    registers holding the 8 table words. Scratch registers: s0, s1, x0, x1, pl, ph, lo, hi (declared by the
+    caller)."""
+    body = [_PRMT_PROLOGUE.format(q=q)]
     for half in (0, 1):
         body += [_plane_ptx("lo", words[:4], half), _plane_ptx("hi", words[4:], half),
-                 f"prmt.b32 ${half}, lo, hi, 0x7351;", f"prmt.b32 ${2 + half}, lo, hi, 0x6240;"]
+                 f"prmt.b32 {even[half]}, lo, hi, 0x7351;", f"prmt.b32 {odd[half]}, lo, hi, 0x6240;"]
+    return body
+
+
+DECODE16_SCRATCH = ".reg .b32 s0, s1, x0, x1, pl, ph, lo, hi;"
+
+
+def _pairs16_ptx() -> str:
+    """16-bit decode: $0, $1 = even values (2 per register), $2, $3 = odd; $4 = 4 bytes; then 8 table words."""
+    body = ["{", DECODE16_SCRATCH] + decode16_ptx("$4", ("$0", "$1"), ("$2", "$3"), _word_operands(5, 8))
     return "\n".join(body + ["}"])
 
 

@@ -4,26 +4,33 @@
 
 At one to sixteen rows the time is the read of W: 4.5 bits per weight here against 16 for bf16. Reading it at
 full bandwidth needs several CTAs per SM, far more than N / BLOCK_N output tiles, so K is split too: program
-(n, s) decodes its [BLOCK_N, K / splits] slab of W in registers and writes an fp32 partial [M, BLOCK_N]; one
-more program per split accumulates the partial rank-r product drop(X) @ A^T of its K slab (kept out of the W
-programs, whose registers bound how many fit on an SM). A second small kernel sums the partials in a fixed order (deterministic),
-adds the bias and s * xa @ B^T, and writes Y (and xa for the backward).
+(n, s) decodes its [BLOCK_N, K / splits] slab of W in registers and writes an fp32 partial. Three engines:
 
-The tensor cores take W's tile as the A operand and the rows of X, padded to BLOCK_M = 16, as B: decoding is the
-work here, and it stays in registers (bench/NOTES.md compares this with X as A and with FMA products at M = 1).
+  * "padded" (2 to 16 rows, and M = 1 on request): the tensor cores take W's tile as the A operand and the rows
+    of X, padded to BLOCK_M = 16, as B. One more program per split accumulates the split's share of
+    drop(X) @ A^T (kept out of the W programs, whose registers bound how many fit on an SM); a second small
+    kernel sums the partials in a fixed order, adds the bias and s * xa @ B^T, and writes Y (and xa).
+  * "fma" (one row, the default there): products and sums on the FMA units, no padded rows. xa comes from
+    `lora_shrink_partials` launched just before (with PDL this kernel starts while it runs); the last program of
+    each output tile to finish (a counter per tile, which the shrink zeroes) adds the splits' partials, the rank
+    term and the bias: no second kernel.
+  * "lanes" (one row, bf16 / fp16 on an NVIDIA GPU, on request): as "fma", but each lane feeds its own decoded
+    weights to mma.sync as A fragments, with x's values at the same (permuted) columns as B: fewer instructions
+    per weight, measured slower (bench/NOTES.md).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .config import nf4_config, num_sms
+from .config import capability_major, nf4_config, num_sms
 from .helpers import (
     acc_dtype, apply_dropout, cdiv, check_dropout, check_flag, check_scaling, dot, dot_precision, dot_precision_key,
-    dropout_keep, dropout_threshold, next_pow2_rank, seed_arg,
+    dropout_keep, dropout_threshold, gdc_wait_if, is_interpret, next_pow2_rank, pdl_enabled, seed_arg,
 )
 from .launch import Launch, PlanCache, plan_key, seed_key
+from .lora_shrink import lora_shrink_partials, shrink_splits
 from .nf4_dequant import (
-    NF4_BLOCK, check_nf4_operands, nf4_absmax, nf4_call_args, nf4_decode, nf4_kernel_args, nf4_key_parts,
+    DECODE16_SCRATCH, NF4_BLOCK, check_nf4_operands, decode16_ptx, nf4_absmax, nf4_call_args, nf4_decode, nf4_kernel_args, nf4_key_parts,
     nf4_pairs, nf4_prmt_words,
 )
 
@@ -164,6 +171,244 @@ def _nf4_gemv_finish_kernel(
              mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def finish_row_tile(PART, COUNT, XA_PART, B, BIAS, Y, XA, pid_n, N, RANK, XA_SPLITS, stride_bn, stride_br,
+                    stride_yn, stride_xar, scaling, HAS_BIAS: tl.constexpr, STORE_XA: tl.constexpr,
+                    PDL: tl.constexpr, SPLITS_P2: tl.constexpr, XA_SPLITS_P2: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_R: tl.constexpr, ACC: tl.constexpr):
+    """After this program stored its split's partial of output tile pid_n (PART [splits, N] fp32, splits = the
+    grid's second dimension, at most SPLITS_P2): count it in COUNT[pid_n] (release / acquire at GPU scope). The
+    program that counts last adds the splits' partials (one load, summed in a fixed order: the same sum whichever
+    program is last),
+    adds s * xa @ B^T (xa = the sum of XA_PART [XA_SPLITS, 1, RANK], XA_SPLITS <= XA_SPLITS_P2, rounded to Y's
+    dtype; written to XA by tile 0 when STORE_XA) and the bias, and writes Y [1, N].
+
+    COUNT and XA_PART come from the kernel launched just before this one (lora_shrink_partials, which zeroes
+    COUNT): with PDL every program waits for it here, before it counts (by then it has long finished). Every
+    load of the finishing program is issued before the first of them is used: one round trip, not one per split.
+    """
+    splits = tl.num_programs(1)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    gdc_wait_if(PDL)
+    tl.debug_barrier()  # every thread's partial is stored (bar.sync) before one release add counts the program
+    arrived = tl.atomic_add(COUNT + pid_n, 1, sem="acq_rel", scope="gpu")
+    if arrived == splits - 1:
+        tl.debug_barrier()
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_r = offs_r < RANK
+        b = tl.load(B + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                    mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        offs_s = tl.arange(0, SPLITS_P2)
+        parts = tl.load(PART + offs_s[:, None] * N + offs_n[None, :],
+                        mask=(offs_s < splits)[:, None] & mask_n[None, :], other=0.0, cache_modifier=".cg")
+        offs_xs = tl.arange(0, XA_SPLITS_P2)
+        xa = tl.sum(tl.load(XA_PART + offs_xs[:, None] * RANK + offs_r[None, :],
+                            mask=(offs_xs < XA_SPLITS)[:, None] & mask_r[None, :], other=0.0, cache_modifier=".cg"),
+                    axis=0)
+        xa_in = xa.to(Y.dtype.element_ty)  # rounded to the input dtype before it meets B, as PEFT does
+        if STORE_XA:
+            if pid_n == 0:
+                tl.store(XA + offs_r * stride_xar, xa_in, mask=mask_r)
+        total = tl.sum(parts, axis=0) + tl.sum(b.to(ACC) * (xa_in.to(ACC) * scaling)[None, :], axis=1)
+        if HAS_BIAS:
+            total += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(ACC)
+        tl.store(Y + offs_n * stride_yn, total.to(Y.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _row_step_loads(QW, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, offs_n, mask_n, offs_h, offs_g, h0, h_end, K,
+                    stride_qn, DOUBLE_QUANT: tl.constexpr, ABS_GROUP: tl.constexpr):
+    """The [BLOCK_N, BLOCK_K / 2] weight bytes at byte columns h0 + offs_h and their [BLOCK_N, BLOCK_K / 64]
+    absmax, masked to columns below h_end."""
+    left = h_end - h0
+    byte = tl.load(QW + offs_n[:, None] * stride_qn + (h0 + offs_h)[None, :],
+                   mask=mask_n[:, None] & (offs_h < left)[None, :], other=0)
+    scale = nf4_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset,
+                       offs_n[:, None] * (K // 64) + (h0 // 32 + offs_g)[None, :],
+                       mask_n[:, None] & (offs_g < left // 32)[None, :], DOUBLE_QUANT, ABS_GROUP)
+    return byte, scale
+
+
+@triton.jit
+def _nf4_gemv_row_kernel(
+    X, QW, ABSMAX, ABS_CODE, ABS_SCALE, CODE, PART, COUNT, XA_PART, B, BIAS, Y, XA,
+    N, K, RANK, XA_SPLITS, BYTES_PER_SPLIT,
+    stride_xk, stride_qn, abs_offset, stride_bn, stride_br, stride_yn, stride_xar, scaling,
+    HAS_BIAS: tl.constexpr, STORE_XA: tl.constexpr, PDL: tl.constexpr, SPLITS_P2: tl.constexpr,
+    XA_SPLITS_P2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ABS_GROUP: tl.constexpr, DECODE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
+):
+    """One row (M = 1) of Y = x @ deq(Wq)^T + b + s * xa @ B^T on the FMA units, with the K splits summed by the
+    last program of each N tile (no second kernel).
+
+    X: [1, K] (column stride stride_xk); QW, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, CODE: the NF4 weight
+    (nf4_dequant.nf4_tile); XA_PART: [XA_SPLITS, 1, RANK] fp32 partials of xa = drop(x) @ A^T from
+    lora_shrink_partials, which runs just before (with PDL: this kernel may start before it ends and waits for it
+    only in the programs that finish a tile); B: [N, RANK]; BIAS: [N]; Y: [1, N]; XA: [1, RANK] (written when
+    STORE_XA). PART: [splits, N] fp32 workspace (splits <= SPLITS_P2, XA_SPLITS <= XA_SPLITS_P2); COUNT:
+    [cdiv(N, BLOCK_N)] int32, zeroed by lora_shrink_partials (finish_row_tile).
+    grid = (cdiv(N, BLOCK_N), splits); BYTES_PER_SPLIT: the split's K range in bytes of QW (half its weights), a
+    multiple of BLOCK_K / 2; BLOCK_K is a multiple of 64. The loop steps in bytes, so that the byte offsets keep
+    the divisibility that lets each thread load 16 bytes at once.
+
+    Program (n, s) decodes its [BLOCK_N, K_PER_SPLIT] slab in registers (one load of BLOCK_K / 2 bytes per row per
+    step), multiplies the high and low nibbles' values by x's even and odd columns, sums each 64-weight block,
+    scales the block sums by their absmax, and stores a [BLOCK_N] fp32 partial; the last program of the tile to
+    finish adds the partials, s * xa @ B^T and the bias (finish_row_tile).
+    """
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    splits = tl.num_programs(1)
+    G: tl.constexpr = BLOCK_K // 64
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, BLOCK_K // 2)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_g = tl.arange(0, G)
+    mask_n = offs_n < N
+    h_start = pid_s.to(tl.int64) * BYTES_PER_SPLIT
+    h_end = tl.minimum(h_start + BYTES_PER_SPLIT, K // 2)  # K is a multiple of 64: whole blocks only
+    words = nf4_prmt_words(CODE, X.dtype.element_ty, tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.uint8), DECODE)
+    acc = tl.zeros((BLOCK_N,), dtype=ACC)
+    for h0 in range(h_start, h_end, BLOCK_K // 2):
+        left = h_end - h0  # bytes of this row left in the split
+        byte, scale = _row_step_loads(QW, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, offs_n, mask_n, offs_h, offs_g,
+                                      h0, h_end, K, stride_qn, DOUBLE_QUANT, ABS_GROUP)
+        x = tl.load(X + (2 * h0 + offs_k) * stride_xk, mask=offs_k < 2 * left, other=0.0).to(ACC)
+        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_K // 2, 2)))
+        even, odd = nf4_pairs(byte, CODE, words, X.dtype.element_ty, DECODE)
+        prod = even.to(ACC) * x_even[None, :] + odd.to(ACC) * x_odd[None, :]  # [BLOCK_N, BLOCK_K / 2]
+        block_sums = tl.sum(tl.reshape(prod, (BLOCK_N, G, 32)), axis=2)  # one per 64-weight block
+        acc += tl.sum(block_sums * scale, axis=1)
+    tl.store(PART + pid_s.to(tl.int64) * N + offs_n, acc, mask=mask_n)
+    finish_row_tile(PART, COUNT, XA_PART, B, BIAS, Y, XA, pid_n, N, RANK, XA_SPLITS, stride_bn, stride_br,
+                    stride_yn, stride_xar, scaling, HAS_BIAS, STORE_XA, PDL, SPLITS_P2, XA_SPLITS_P2, BLOCK_N,
+                    BLOCK_R, ACC)
+
+
+
+def lanes_block_ptx(mma_type: str) -> str:
+    """PTX of one 64-weight quantization block of two rows for one lane of the "lanes" GEMV (its docstring has the
+    fragment layout). Operands: $0, $1 = the two rows' running sums (out); $2, $3 = row a's 8 bytes, $4, $5 = row
+    b's; $6 - $13 = the 8 pairs (x[2h], x[2h + 1]) of those bytes' columns h; $14, $15 = the rows' absmax;
+    $16, $17 = the running sums (in); $18 - $25 = the 8 table words of the 16-bit decode. mma_type: "bf16" or
+    "f16" (x's dtype)."""
+    words = [f"${18 + i}" for i in range(8)]
+    body = ["{", DECODE16_SCRATCH, ".reg .b32 ea0, ea1, oa0, oa1, eb0, eb1, ob0, ob1, xe, xo;",
+            ".reg .f32 d0, d1, d2, d3;", "mov.f32 d0, 0f00000000;", "mov.f32 d1, 0f00000000;",
+            "mov.f32 d2, 0f00000000;", "mov.f32 d3, 0f00000000;"]
+    for word in (0, 1):  # bytes 4 * word .. 4 * word + 3 of each row
+        body += decode16_ptx(f"${2 + word}", ("ea0", "ea1"), ("oa0", "oa1"), words)
+        body += decode16_ptx(f"${4 + word}", ("eb0", "eb1"), ("ob0", "ob1"), words)
+        for half in (0, 1):  # bytes j, j + 1 with j = 4 * word + 2 * half
+            x0, x1 = f"${6 + 4 * word + 2 * half}", f"${7 + 4 * word + 2 * half}"
+            body += [f"prmt.b32 xe, {x0}, {x1}, 0x5410;", f"prmt.b32 xo, {x0}, {x1}, 0x7632;",
+                     f"mma.sync.aligned.m16n8k16.row.col.f32.{mma_type}.{mma_type}.f32 {{d0, d1, d2, d3}}, "
+                     f"{{ea{half}, eb{half}, oa{half}, ob{half}}}, {{xe, xo}}, {{d0, d1, d2, d3}};"]
+    body += ["fma.rn.f32 $0, d0, $14, $16;", "fma.rn.f32 $1, d2, $15, $17;", "}"]
+    return "\n".join(body)
+
+
+_LANES_ASM = {torch.bfloat16: lanes_block_ptx("bf16"), torch.float16: lanes_block_ptx("f16")}
+_LANES_CONSTRAINTS = tl.constexpr("=f,=f," + "r," * 12 + "f,f,f,f," + ",".join(["r"] * 8))
+
+
+@triton.jit
+def _lanes_step(Q32, X32, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, row_a, row_b, mask_a, mask_b, c, h0, K,
+                stride_q32, DOUBLE_QUANT: tl.constexpr, ABS_GROUP: tl.constexpr, live):
+    """The loads of one lane's share of quantization block h0 // 32 (h0: its first byte): rows row_a and row_b's
+    8 bytes at columns h0 + 8c .. h0 + 8c + 7 (2 int32 each), x's 8 pairs at those columns (int32), and the two
+    rows' absmax; all masked off (zeros, no traffic) unless `live`."""
+    qa = Q32 + row_a * stride_q32 + (h0 // 4 + 2 * c)
+    qb = Q32 + row_b * stride_q32 + (h0 // 4 + 2 * c)
+    xp = X32 + h0 + 8 * c
+    blk = h0 // 32
+    mask_a = mask_a & live
+    mask_b = mask_b & live
+    mask_x = (c >= 0) & live
+    return (tl.load(qa, mask=mask_a, other=0), tl.load(qa + 1, mask=mask_a, other=0),
+            tl.load(qb, mask=mask_b, other=0), tl.load(qb + 1, mask=mask_b, other=0),
+            tl.load(xp, mask=mask_x, other=0), tl.load(xp + 1, mask=mask_x, other=0),
+            tl.load(xp + 2, mask=mask_x, other=0), tl.load(xp + 3, mask=mask_x, other=0),
+            tl.load(xp + 4, mask=mask_x, other=0), tl.load(xp + 5, mask=mask_x, other=0),
+            tl.load(xp + 6, mask=mask_x, other=0), tl.load(xp + 7, mask=mask_x, other=0),
+            nf4_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, row_a * (K // 64) + blk, mask_a, DOUBLE_QUANT,
+                       ABS_GROUP),
+            nf4_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, row_b * (K // 64) + blk, mask_b, DOUBLE_QUANT,
+                       ABS_GROUP))
+
+
+@triton.jit
+def _nf4_gemv_lanes_kernel(
+    X, QW, ABSMAX, ABS_CODE, ABS_SCALE, CODE, PART, COUNT, XA_PART, B, BIAS, Y, XA,
+    N, K, RANK, XA_SPLITS, BYTES_PER_SPLIT,
+    stride_qn, abs_offset, stride_bn, stride_br, stride_yn, stride_xar, scaling,
+    HAS_BIAS: tl.constexpr, STORE_XA: tl.constexpr, PDL: tl.constexpr, SPLITS_P2: tl.constexpr,
+    XA_SPLITS_P2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ABS_GROUP: tl.constexpr, MMA_ASM: tl.constexpr,
+    WARPS: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
+):
+    """One row (M = 1) of Y = x @ deq(Wq)^T + b + s * xa @ B^T on the tensor cores, each lane holding its own
+    mma fragments (no shared memory, no padded rows of x); the last program of each tile finishes it as in
+    _nf4_gemv_row_kernel (finish_row_tile).
+
+    X: [1, K] bf16 or fp16, contiguous and 4-byte aligned (read as K / 2 int32 pairs); QW [N, K / 2] with
+    stride_qn a multiple of 4, 4-byte aligned; MMA_ASM: lanes_block_ptx of x's dtype; the other arguments as in
+    _nf4_gemv_row_kernel. Each warp owns 16 output rows,
+    each program WARPS warps (BLOCK_N = 16 * WARPS rows); grid = (cdiv(N, BLOCK_N), splits).
+
+    Lane l = 4g + c of warp w takes rows a = 16w + g and b = a + 8 of the tile, and in every 64-weight block the 8
+    bytes (16 weights) at byte columns 8c .. 8c + 7 of both rows. It decodes them into bf16 pairs (the even
+    columns of two neighbouring bytes in one register, their odd columns in another) and feeds them to
+    mma.sync m16n8k16 as the A fragment: rows g and g + 8 of the fragment are rows a and b, and the fragment's
+    columns 2c, 2c + 1, 2c + 8, 2c + 9 are a permutation of the lane's K columns. The sum over K does not care
+    about the order, provided the B fragment holds x at the same columns: B is x's 16 values of the fragment's
+    columns, the same in all 8 columns of B (so every column of D holds the row sums), and each lane supplies
+    the x values of its own bytes, which are the B fragment rows it owns. Four mma per block give both rows'
+    block sums; the absmax scales them into the running sums.
+    """
+    BLOCK_N: tl.constexpr = 16 * WARPS
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    lane = tl.arange(0, 32 * WARPS)  # one element per thread: element i sits in thread i
+    g = (lane % 32) // 4
+    c = lane % 4
+    row_a = pid_n.to(tl.int64) * BLOCK_N + (lane // 32) * 16 + g
+    row_b = row_a + 8
+    mask_a = row_a < N
+    mask_b = row_b < N
+    Q32 = QW.to(tl.pointer_type(tl.int32), bitcast=True)
+    X32 = X.to(tl.pointer_type(tl.int32), bitcast=True)
+    stride_q32 = stride_qn // 4
+    h_start = pid_s.to(tl.int64) * BYTES_PER_SPLIT
+    h_end = tl.minimum(h_start + BYTES_PER_SPLIT, K // 2)
+    words = nf4_prmt_words(CODE, X.dtype.element_ty, lane, "prmt")
+    sum_a = tl.zeros((32 * WARPS,), dtype=ACC)
+    sum_b = tl.zeros((32 * WARPS,), dtype=ACC)
+    # one block ahead: the loads of block h0 + 32 are in flight while block h0 is decoded (the last step loads
+    # its own block again, masked off: no traffic)
+    nxt = _lanes_step(Q32, X32, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, row_a, row_b, mask_a, mask_b, c, h_start,
+                      K, stride_q32, DOUBLE_QUANT, ABS_GROUP, True)
+    for h0 in range(h_start, h_end, 32):
+        qa0, qa1, qb0, qb1, x0, x1, x2, x3, x4, x5, x6, x7, abs_a, abs_b = nxt
+        more = h0 + 32 < h_end
+        nxt = _lanes_step(Q32, X32, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, row_a, row_b, mask_a, mask_b, c,
+                          tl.where(more, h0 + 32, h0), K, stride_q32, DOUBLE_QUANT, ABS_GROUP, more)
+        sum_a, sum_b = tl.inline_asm_elementwise(
+            MMA_ASM, _LANES_CONSTRAINTS,
+            [qa0, qa1, qb0, qb1, x0, x1, x2, x3, x4, x5, x6, x7, abs_a, abs_b, sum_a, sum_b,
+             words[0], words[1], words[2], words[3], words[4], words[5], words[6], words[7]],
+            dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+    part = PART + pid_s.to(tl.int64) * N
+    tl.store(part + row_a, sum_a, mask=mask_a & (c == 0))  # the 4 lanes of a row hold the same sums
+    tl.store(part + row_b, sum_b, mask=mask_b & (c == 0))
+    finish_row_tile(PART, COUNT, XA_PART, B, BIAS, Y, XA, pid_n, N, RANK, XA_SPLITS, stride_bn, stride_br,
+                    stride_yn, stride_xar, scaling, HAS_BIAS, STORE_XA, PDL, SPLITS_P2, XA_SPLITS_P2, BLOCK_N,
+                    BLOCK_R, ACC)
+
+
+NF4_GEMV_ENGINES = ("auto", "padded", "fma", "lanes")
+
+
 def nf4_gemv_splits(n_tiles: int, k_steps: int, device) -> int:
     """K splits: about TARGET_CTAS_PER_SM programs per SM in all, at most one BLOCK_K step per split and at most
     MAX_SPLITS."""
@@ -171,13 +416,18 @@ def nf4_gemv_splits(n_tiles: int, k_steps: int, device) -> int:
 
 
 def nf4_gemv(x, w4, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_xa=False, decode="auto",
-             splits=None):
+             splits=None, engine="auto"):
     """NF4 LoRA forward for M <= 16 rows, reading the 4-bit weight directly.
 
     x: [M, K] (M <= 16), w4: NF4 weight of shape (N, K) (kernels.nf4_dequant.nf4_kernel_args), bias: [N] or
     None, lora_A: [r, K], lora_B: [N, r] (x's dtype and device); scaling, dropout_p, seed as in lora_forward.
     decode: the NF4 decode (nf4_dequant.NF4_DECODES, "auto": "prmt" on a GPU); the code values are rounded to
     x's dtype, and each block's absmax multiplies the fp32 partial sums. splits: override the K split (tests).
+    engine: "padded" (tensor cores, rows padded to 16, a second kernel sums the splits); for one row, after a
+    split shrink for xa and with the splits summed by the last program of each output tile: "fma" (products on
+    the FMA units) or "lanes" (each lane feeds its own decoded weights to mma.sync: bf16 / fp16 on a CUDA GPU,
+    x contiguous and 4-byte aligned); "auto": "lanes" for one row where it can run, else "fma" for one row, else
+    "padded".
     Returns (y [M, N], xa [M, r] or None). Checks and launch set-up are done once per call signature
     (kernels/launch.py).
 
@@ -186,11 +436,17 @@ def nf4_gemv(x, w4, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_
     scaling = check_scaling(scaling)
     check_dropout(dropout_p, seed, x)
     tensors, flags = nf4_key_parts(w4)
-    key = plan_key((x, bias, lora_A, lora_B) + tensors, *flags, dropout_p, store_xa, decode, splits,
+    key = plan_key((x, bias, lora_A, lora_B) + tensors, *flags, dropout_p, store_xa, decode, splits, engine,
                    dot_precision_key(x), seed_key(seed))
     plan = _PLANS.find(key)
     if plan is None:
-        plan = _PLANS.put(key, _GemvPlan(x, w4, bias, lora_A, lora_B, dropout_p, store_xa, decode, splits))
+        if engine not in NF4_GEMV_ENGINES:
+            raise ValueError(f"engine must be one of {NF4_GEMV_ENGINES}, got {engine!r}")
+        if engine == "padded" or (engine == "auto" and not (x.dim() == 2 and x.shape[0] == 1)):
+            plan = _GemvPlan(x, w4, bias, lora_A, lora_B, dropout_p, store_xa, decode, splits)
+        else:
+            plan = _RowPlan(x, w4, bias, lora_A, lora_B, dropout_p, store_xa, decode, splits, engine)
+        plan = _PLANS.put(key, plan)
     return plan(x, w4, bias, lora_A, lora_B, scaling, seed)
 
 
@@ -259,5 +515,96 @@ class _GemvPlan:
         xa_part = torch.empty(self.xa_part_shape, device=x.device, dtype=torch.float32)
         self.gemv(x, qw, absmax, abs_code, abs_scale, code, lora_A, part, xa_part, abs_offset, seed_arg(seed))
         self.finish(part, xa_part, lora_B, bias if bias is not None else y, y, xa if xa is not None else y,
+                    float(scaling))
+        return y, xa
+
+
+# "rows" engine: K ranges of xa's split shrink (lora_shrink_partials), as the bf16 decode forward's "split" mode.
+ROW_XA_SPLITS = 8
+# K splits of W (fewer when K has fewer steps), at most MAX_ROW_SPLITS: the program that finishes a tile adds one
+# [BLOCK_N] partial per split. On the H200 at K = N = 4096 with 16 x 256 tiles of one warp, 8 splits (2 steps
+# each) ran 12.6 us per call against 12.8 with 4; one step per program (16 splits) was slower than both.
+ROW_SPLITS = 8
+MAX_ROW_SPLITS = 32
+def lanes_unsupported(x, w4) -> str | None:
+    """Why the "lanes" engine cannot run this call (None: it can)."""
+    if x.device.type != "cuda" or is_interpret() or torch.version.hip is not None:
+        return "it runs PTX (mma.sync) on an NVIDIA GPU"
+    if x.dtype not in _LANES_ASM:
+        return f"it takes bf16 or fp16 x, got {x.dtype}"
+    if capability_major(x.device) < 8:
+        return "it needs compute capability 8.0 or newer"
+    if x.shape[1] > 1 and x.stride(1) != 1 or x.data_ptr() % 4:
+        return "it reads x as pairs: x must be contiguous along K and 4-byte aligned"
+    if w4.qweight.stride(0) % 4 or w4.qweight.data_ptr() % 4:
+        return "it reads 4 bytes of the weight at a time: qweight rows must be 4-byte aligned"
+    return None
+
+
+class _RowPlan:
+    """`nf4_gemv` with engine "fma" or "lanes" (one row) for one call signature: xa's split shrink
+    (lora_shrink_partials) and the row kernel, launched with PDL where the GPU has it."""
+
+    def __init__(self, x, w4, bias, lora_A, lora_B, dropout_p, store_xa, decode, splits, engine):
+        check_flag(store_xa, "store_xa")
+        if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
+            raise ValueError(f"splits must be None (automatic) or an int >= 1, got {splits!r}")
+        M, K, N, rank = check_nf4_operands(w4, lora_A, lora_B, x=x, bias=bias)
+        if M != 1:
+            raise ValueError(f"nf4_gemv with engine={engine!r} takes one row, got M={M}")
+        _, meta = nf4_kernel_args(w4)  # checks the weight's layout
+        decode = nf4_decode(decode, x.device)
+        why_not = lanes_unsupported(x, w4) or (None if decode == "prmt" else "it decodes with 'prmt' only")
+        if engine == "lanes" and why_not:
+            raise ValueError(f"nf4_gemv engine='lanes' cannot run here: {why_not}")
+        self.engine = "lanes" if engine == "lanes" or (engine == "auto" and not why_not) else "fma"
+        self.N, self.rank, self.store_xa, self.dropout_p = N, rank, store_xa, dropout_p
+        self.pdl = pdl_enabled(x.device)
+        self.xa_splits = ROW_XA_SPLITS
+        self.launch = None
+        if N == 0:
+            return
+        xa_ranges = shrink_splits(M, K, x.dtype, self.xa_splits)[0]
+        tail = dict(HAS_BIAS=bias is not None, STORE_XA=store_xa, PDL=self.pdl, BLOCK_R=next_pow2_rank(rank),
+                    XA_SPLITS_P2=triton.next_power_of_2(xa_ranges),
+                    ACC=acc_dtype(x.dtype), **meta, **({"launch_pdl": True} if self.pdl else {}))
+        slots = ("X", "QW", "ABSMAX", "ABS_CODE", "ABS_SCALE", "CODE", "PART", "COUNT", "XA_PART", "B", "BIAS", "Y",
+                 "XA", "abs_offset", "scaling")
+        if self.engine == "lanes":
+            cfg = nf4_config("gemv_lanes", M, x.dtype)
+            block_n, block_k, kernel = 16 * cfg.num_warps, NF4_BLOCK, _nf4_gemv_lanes_kernel
+        else:
+            cfg = nf4_config("gemv_rows", M, x.dtype)
+            block_n, block_k, kernel = cfg.block_n, cfg.block_k, _nf4_gemv_row_kernel
+        steps = cdiv(K, block_k)
+        splits = min(splits or ROW_SPLITS, steps, MAX_ROW_SPLITS)
+        k_per_split = cdiv(steps, splits) * block_k
+        splits = cdiv(K, k_per_split)
+        self.tiles = cdiv(N, block_n)
+        self.part_shape = (splits, N)
+        tail["SPLITS_P2"] = triton.next_power_of_2(splits)
+        if self.engine == "lanes":
+            self.launch = Launch(
+                kernel, (self.tiles, splits), slots, *([None] * 13), N, K, rank, xa_ranges, k_per_split // 2,
+                w4.qweight.stride(0), None, lora_B.stride(0), lora_B.stride(1), 1, 1, None,
+                MMA_ASM=_LANES_ASM[x.dtype], WARPS=cfg.num_warps, num_warps=cfg.num_warps,
+                num_stages=1, **tail)
+        else:
+            self.launch = Launch(
+                kernel, (self.tiles, splits), slots, *([None] * 13), N, K, rank, xa_ranges, k_per_split // 2,
+                x.stride(1), w4.qweight.stride(0), None, lora_B.stride(0), lora_B.stride(1), 1, 1, None,
+                DECODE=decode, BLOCK_N=block_n, BLOCK_K=block_k, **cfg.launch(), **tail)
+
+    def __call__(self, x, w4, bias, lora_A, lora_B, scaling, seed):
+        y = torch.empty((1, self.N), device=x.device, dtype=x.dtype)
+        xa = torch.empty((1, self.rank), device=x.device, dtype=x.dtype) if self.store_xa else None
+        if self.launch is None:
+            return y, xa
+        count = torch.empty(self.tiles, device=x.device, dtype=torch.int32)  # zeroed by the shrink
+        xa_part = lora_shrink_partials(x, lora_A, self.xa_splits, self.dropout_p, seed, trigger=self.pdl,
+                                       zero=count)
+        qw, absmax, abs_code, abs_scale, abs_offset, code = nf4_call_args(w4)
+        part = torch.empty(self.part_shape, device=x.device, dtype=torch.float32)
+        self.launch(x, qw, absmax, abs_code, abs_scale, code, part, count, xa_part, lora_B, bias if bias is not None else y, y, xa if xa is not None else y, abs_offset,
                     float(scaling))
         return y, xa

@@ -2,6 +2,7 @@
 text with a small emulator of the instructions it uses (and, or, shr, prmt), on the code table the kernels read,
 so that the tables, the selector arithmetic and the operand numbering are checked on the CPU as well. The GPU
 script (bench/exp_nf4_decode.py, bench/gpu_qlora.py) checks the compiled kernels against the select tree."""
+import importlib
 import random
 import re
 
@@ -92,3 +93,108 @@ def test_prmt_ptx_decodes_every_code(dtype):
             odd = [(regs[f"${2 + j // 2}"] >> (16 * (j % 2))) & 0xFFFF for j in range(4)]
         assert even == [bits[b >> 4] for b in packed], packed
         assert odd == [bits[b & 15] for b in packed], packed
+
+
+def _half_to_float(bits: int, dtype) -> float:
+    """The 16-bit value with bit pattern `bits` (0 .. 0xFFFF) of `dtype` (bf16 or fp16), as a Python float."""
+    return torch.tensor([bits - (1 << 16) if bits >= 0x8000 else bits], dtype=torch.int16).view(dtype).item()
+
+
+def _mma_m16n8k16(lanes: list, a_regs: list, b_regs: list, c_regs: list, dtype) -> list:
+    """mma.sync.aligned.m16n8k16.row.col.f32 over 32 lanes' registers, by the PTX ISA fragment layout for 16-bit
+    A / B and fp32 C / D (lane l = 4g + c): a0 = A[g, 2c:2c+2], a1 = A[g+8, 2c:2c+2], a2 = A[g, 2c+8:2c+10],
+    a3 = A[g+8, 2c+8:2c+10]; b0 = B[2c:2c+2, g], b1 = B[2c+8:2c+10, g]; d0, d1 = D[g, 2c:2c+2], d2, d3 =
+    D[g+8, 2c:2c+2]. Returns each lane's [d0, d1, d2, d3]."""
+    A = [[0.0] * 16 for _ in range(16)]
+    Bm = [[0.0] * 8 for _ in range(16)]
+    C = [[0.0] * 8 for _ in range(16)]
+
+    def halves(v):
+        return [_half_to_float(v & 0xFFFF, dtype), _half_to_float((v >> 16) & 0xFFFF, dtype)]
+
+    for lane, regs in enumerate(lanes):
+        g, c = lane // 4, lane % 4
+        a = [halves(regs[r]) for r in a_regs]
+        for (row, col), pair in zip(((g, 2 * c), (g + 8, 2 * c), (g, 2 * c + 8), (g + 8, 2 * c + 8)), a):
+            A[row][col], A[row][col + 1] = pair
+        b = [halves(regs[r]) for r in b_regs]
+        for k0, pair in zip((2 * c, 2 * c + 8), b):
+            Bm[k0][g], Bm[k0 + 1][g] = pair
+        d = [regs[r] for r in c_regs]
+        C[g][2 * c], C[g][2 * c + 1], C[g + 8][2 * c], C[g + 8][2 * c + 1] = d
+    D = [[C[i][j] + sum(A[i][k] * Bm[k][j] for k in range(16)) for j in range(8)] for i in range(16)]
+    return [[D[l // 4][2 * (l % 4)], D[l // 4][2 * (l % 4) + 1], D[l // 4 + 8][2 * (l % 4)],
+             D[l // 4 + 8][2 * (l % 4) + 1]] for l in range(32)]
+
+
+def run_warp_ptx(asm: str, lane_operands: list, dtype) -> list:
+    """Run `asm` on 32 lanes in lock step (integer ops and prmt as run_ptx does; mov.f32 / fma.rn.f32 on Python
+    floats; mma.sync by _mma_m16n8k16). Returns each lane's registers."""
+    lanes = [dict(ops) for ops in lane_operands]
+    for line in asm.splitlines():
+        line = line.strip()
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        if line.startswith("mma.sync"):
+            groups = [g.replace(" ", "").split(",") for g in re.findall(r"\{([^}]*)\}", line)]
+            d_regs, a_regs, b_regs, c_regs = groups
+            out = _mma_m16n8k16(lanes, a_regs, b_regs, c_regs, dtype)
+            for regs, vals in zip(lanes, out):
+                regs.update(zip(d_regs, vals))
+            continue
+        m = re.fullmatch(r"(\S+)\s+([^,]+),(.*);", line)
+        assert m, f"unparsed PTX line {line!r}"
+        op, dst, srcs = m.group(1), m.group(2).strip(), [t.strip() for t in m.group(3).split(",")]
+        for regs in lanes:
+            if op == "mov.f32":
+                assert srcs == ["0f00000000"]
+                regs[dst] = 0.0
+            elif op == "fma.rn.f32":
+                a, b, c = (regs[t] for t in srcs)
+                regs[dst] = a * b + c
+            else:
+                vals = [int(t, 0) if t[0].isdigit() else regs[t] for t in srcs]
+                regs[dst] = _prmt(*vals) if op == "prmt.b32" else _OPS[op](*vals) & 0xFFFFFFFF
+    return lanes
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lanes_block_ptx_sums_each_lanes_two_rows(dtype):
+    """The one-row NF4 GEMV's "lanes" engine (kernels/nf4_gemv.py): one 64-weight block of 16 rows, each lane
+    feeding the decoded bytes of its two rows to mma.sync with x's pairs at the same columns, gives every lane
+    sum_k deq(W)[row, k] * x[k] (times the row's absmax, plus the running sum) for both of its rows."""
+    gemv = importlib.import_module("lora_fast.kernels.nf4_gemv")
+    asm = gemv.lanes_block_ptx("bf16" if dtype == torch.bfloat16 else "f16")
+    constraints = gemv._LANES_CONSTRAINTS.value.split(",")
+    assert len(constraints) == 26 and constraints[:2] == ["=f", "=f"]
+    rng = random.Random(3)
+    codes = [[rng.randrange(16) for _ in range(64)] for _ in range(16)]  # 16 rows x 64 weights
+    x = torch.randn(64).to(dtype)
+    xbits = x.view(torch.int16).tolist()
+    absmax = [rng.uniform(0.5, 2.0) for _ in range(16)]
+    start = [rng.uniform(-1, 1) for _ in range(16)]
+    words = _table_words(dtype)
+    values = [torch.tensor(nd.NF4_CODE, dtype=torch.float32).to(dtype).float()[c].tolist() for c in codes]
+
+    def byte(row, h):  # byte h of a row: the high nibble is weight 2h, the low one weight 2h + 1
+        return (codes[row][2 * h] << 4) | codes[row][2 * h + 1]
+
+    operands = []
+    for lane in range(32):
+        g, c = lane // 4, lane % 4
+        ops = {}
+        for r, row in enumerate((g, g + 8)):  # $2, $3: row a's 8 bytes, $4, $5: row b's
+            for w in range(2):
+                ops[f"${2 + 2 * r + w}"] = sum(byte(row, 8 * c + 4 * w + j) << (8 * j) for j in range(4))
+        for j in range(8):  # $6 - $13: x's pairs at those byte columns
+            h = 8 * c + j
+            ops[f"${6 + j}"] = (xbits[2 * h] & 0xFFFF) | ((xbits[2 * h + 1] & 0xFFFF) << 16)
+        ops["$14"], ops["$15"], ops["$16"], ops["$17"] = absmax[g], absmax[g + 8], start[g], start[g + 8]
+        ops.update({f"${18 + i}": w for i, w in enumerate(words)})
+        operands.append(ops)
+    lanes = run_warp_ptx(asm, operands, dtype)
+    xf = x.float().tolist()
+    for lane, regs in enumerate(lanes):
+        for out, row in (("$0", lane // 4), ("$1", lane // 4 + 8)):
+            want = start[row] + absmax[row] * sum(v * xk for v, xk in zip(values[row], xf))
+            assert regs[out] == pytest.approx(want, rel=1e-9, abs=1e-9), (lane, row)

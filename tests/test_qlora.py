@@ -422,3 +422,73 @@ def test_decode_tiles_spanning_several_blocks(monkeypatch):
         assert_close("dx", dx, dy.double() @ W + (dy.double() @ B.double()) @ A.double(), torch.float32)
     finally:
         kcfg.nf4_config.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_one_row_engines_match_the_reference(dtype):
+    """The one-row GEMV engines ("fma": the default for M = 1 off the GPU too; "padded": rows padded to 16) at
+    odd shapes: N = 37 (not a multiple of the 16-row tile), K = 1152 (18 quantization blocks: the interpreter's
+    128-weight steps leave a half step), ranks 1 and 3, with and without bias and double quantization, every K
+    split from one to more than the steps; outputs NaN-checked and xa stored."""
+    torch.manual_seed(21)
+    N, K = 37, 1152
+    for r, dq, with_bias in ((1, False, True), (3, True, False)):
+        q = quantize_nf4(weight(N, K), double_quant=dq)
+        x = torch.randn(1, K).to(dtype)
+        A, B = (torch.randn(r, K) / 16).to(dtype), torch.randn(N, r).to(dtype)
+        b = torch.randn(N).to(dtype) if with_bias else None
+        xa_want = x.double() @ A.double().t()
+        want = x.double() @ q.dequantize(torch.float32).double().t() + 1.5 * xa_want @ B.double().t()
+        if b is not None:
+            want = want + b.double()
+        for engine, splits in (("auto", None), ("fma", 1), ("fma", 4), ("fma", 40), ("padded", 3)):
+            y, xa = kernels.nf4_gemv(x, q, b, A, B, 1.5, store_xa=True, engine=engine, splits=splits)
+            assert torch.isfinite(y).all()
+            assert_close(f"y ({engine}, splits={splits})", y, want, dtype)
+            assert_close(f"xa ({engine}, splits={splits})", xa, xa_want, dtype)
+            y2, _ = kernels.nf4_gemv(x, q, b, A, B, 1.5, engine=engine, splits=splits)
+            assert torch.equal(y, y2), "the split sum must not depend on which program finishes last"
+
+
+def test_one_row_engines_draw_the_same_dropout_mask():
+    """With dropout the "fma" engine's xa (its split shrink) uses the mask the padded engine and the backward
+    regenerate, from (seed, row, column)."""
+    torch.manual_seed(22)
+    N, K, r, p, seed = 40, 640, 4, 0.3, 1234
+    q = quantize_nf4(weight(N, K))
+    x, A, B = torch.randn(1, K), torch.randn(r, K) / 16, torch.randn(N, r)
+    keep = dropout_mask_torch(seed, 1, K, p, "cpu")
+    xa_want = torch.where(keep, x.double() / (1 - p), 0.0) @ A.double().t()
+    want = x.double() @ q.dequantize(torch.float32).double().t() + 2.0 * xa_want @ B.double().t()
+    for engine in ("fma", "padded"):
+        y, xa = kernels.nf4_gemv(x, q, None, A, B, 2.0, dropout_p=p, seed=seed, store_xa=True, engine=engine)
+        assert_close(f"xa ({engine})", xa, xa_want, torch.float32)
+        assert_close(f"y ({engine})", y, want, torch.float32)
+
+
+def test_gemv_engine_argument_is_checked():
+    q = quantize_nf4(weight(8, 64))
+    x, A, B = torch.randn(1, 64), torch.randn(2, 64), torch.randn(8, 2)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        kernels.nf4_gemv(x, q, None, A, B, 1.0, engine="tensor")
+    with pytest.raises(ValueError, match="engine='fma' takes one row, got M=2"):
+        kernels.nf4_gemv(torch.randn(2, 64), q, None, A, B, 1.0, engine="fma")
+    # "lanes" runs PTX (mma.sync): on the CPU it is refused with the reason, never emulated
+    with pytest.raises(ValueError, match="engine='lanes' cannot run here: it runs PTX"):
+        kernels.nf4_gemv(x, q, None, A, B, 1.0, engine="lanes")
+
+
+def test_shrink_partials_zeroes_the_consumers_counters():
+    """lora_shrink_partials(zero=...) clears the given int32 buffer in the same launch (the one-row GEMV's split
+    counters, taken uninitialised from the allocator): also with no rows, and a wrong buffer is named."""
+    from lora_fast.kernels.lora_shrink import lora_shrink_partials
+
+    x, A = torch.randn(1, 192), torch.randn(3, 192)
+    for count, rows in ((1500, 1), (7, 0)):  # 1500: more than one 1024-element store
+        zero = torch.full((count,), 77, dtype=torch.int32)
+        ws = lora_shrink_partials(x[:rows], A, 4, zero=zero)
+        assert torch.equal(zero, torch.zeros_like(zero))
+        if rows:
+            assert_close("xa", ws.sum(0), x.double() @ A.double().t(), torch.float32)
+    with pytest.raises(ValueError, match="zero must be a contiguous int32 tensor"):
+        lora_shrink_partials(x, A, 4, zero=torch.zeros(4))
