@@ -8,7 +8,8 @@
 # (profile_host), linear (bench_lora_linear --quick), prof (profile_lora at
 # p=0.1 and 0), persistent (exp_persistent: GEMM variants, shrink/dA/dB/dX-term timings at M=8192), profc (profile_compile:
 # the compiled training step against eager, p=0 and 0.1), nf4dec (exp_nf4_decode: NF4 decode checks, GEMV tile sweep,
-# dequantize timings; NF4DEC_ARGS=--no-sweep skips the sweep), pdl (exp_pdl: PDL producer/consumer pairs, checks and
+# dequantize timings; NF4DEC_ARGS=--no-sweep skips the sweep), nf4rows (exp_nf4_rows: the one-row NF4
+# GEMV on the FMA units, checks and a tile sweep; NF4ROWS_ARGS=--no-sweep), pdl (exp_pdl: PDL producer/consumer pairs, checks and
 # timings on and off), multik (exp_multi_kernels: each multi-LoRA kernel alone per tile, then end-to-end candidates),
 # multip (exp_multi_prefill: kernel profile per shape, end-to-end configs, cuBLAS with beta 1; MULTIP_ARGS picks
 # shapes and configs), inline
@@ -50,6 +51,7 @@ for name in "$@"; do
     profc) step profc 240 bash -c "python3 bench/profile_compile.py --p 0 && python3 bench/profile_compile.py --p 0.1" ;;
     pdl) step pdl 330 python3 bench/exp_pdl.py --out "$OUT/logs" ${PDL_ARGS:-} ;;
     nf4dec) step nf4dec 300 python3 bench/exp_nf4_decode.py --out "$OUT/logs" ${NF4DEC_ARGS:-} ;;
+    nf4rows) step nf4rows 300 python3 bench/exp_nf4_rows.py --out "$OUT/logs" ${NF4ROWS_ARGS:-} ;;
     persistent) step persistent 200 python3 bench/exp_persistent.py --out "$OUT/logs" --shapes 1 ;;
     dist) step dist 200 torchrun --standalone --nproc_per_node 2 bench/gpu_distributed.py --out "$OUT/logs" ;;
     compile) step compile 170 python3 bench/gpu_compile.py --out "$OUT/logs" ;;

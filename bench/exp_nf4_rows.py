@@ -1,0 +1,243 @@
+"""Experiment: the one-row NF4 GEMV on the FMA units (`nf4_gemv(..., engine="fma")`) against the tensor-core
+GEMV (engine "mma") and the bf16 base linear, on the GPU.
+
+1. Checks: the "rows" engine against the fp64 reference (outputs NaN-primed, so unwritten elements show) over
+   shapes, dtypes, double quantization, bias, ranks 1 / 3 / 16 / 64; with dropout, y and xa against the "mma"
+   engine with the same seed; "prmt" bitwise equal to "select"; 20 bitwise-equal repeats (the split sum is in a
+   fixed order whoever finishes, and each call's counters, taken from the allocator, are zeroed by its shrink);
+   CUDA-graph replays with new inputs; two streams at once; PDL off bitwise equal to on.
+2. Decode timings under CUDA graphs over 8 rotated weight sets, ratio to the bf16 `F.linear` in the same setup:
+   the "mma" engine, and a sweep of "rows" tiles (BLOCK_N, BLOCK_K, warps) and K splits.
+3. Per-kernel GPU time (torch.profiler over graph replays) of the default "rows" call and the base.
+
+    python bench/exp_nf4_rows.py --out /tmp/exp [--no-sweep]
+"""
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench.common import bench_graph_us, capture_graph, rel_err  # noqa: E402
+from lora_fast.kernels import config as kconfig  # noqa: E402
+from lora_fast.kernels import helpers as khelpers  # noqa: E402
+from lora_fast.kernels import nf4_gemv  # noqa: E402
+from lora_fast.kernels.launch import clear_plans  # noqa: E402
+from lora_fast.nf4 import quantize_nf4  # noqa: E402
+
+
+def nan_primed(shape, dtype, dev):
+    """Leave a NaN-filled block of this size in the caching allocator: the next allocation of it gets it."""
+    t = torch.full(shape, float("nan"), device=dev, dtype=dtype)
+    del t
+
+
+def reference(x, q, bias, A, B, s):
+    W = q.dequantize(torch.float32).double()
+    ref = x.double() @ W.t() + s * (x.double() @ A.double().t()) @ B.double().t()
+    return ref + bias.double() if bias is not None else ref
+
+
+def checks(dev):
+    rows = []
+
+    def add(name, err, passed):
+        rows.append({"check": name, "rel_err": err, "passed": bool(passed)})
+
+    torch.manual_seed(2)
+    cases = [(4096, 4096, 16), (333, 640, 3), (14336, 4096, 64), (4096, 14336, 1), (100, 192, 16)]
+    for (N, K, r), dq in itertools.product(cases, (False, True)):
+        q = quantize_nf4(torch.randn(N, K, device=dev) / K ** 0.5, double_quant=dq, report_error=False)
+        for dtype, has_bias in itertools.product((torch.bfloat16, torch.float16, torch.float32), (False, True)):
+            x = torch.randn(1, K, device=dev, dtype=dtype)
+            A = (torch.randn(r, K, device=dev) / K ** 0.5).to(dtype)
+            B = (torch.randn(N, r, device=dev) * 0.1).to(dtype)
+            bias = torch.randn(N, device=dev, dtype=dtype) if has_bias else None
+            ref = reference(x, q, bias, A, B, 2.0)
+            for engine in ("fma", "lanes") if dtype != torch.float32 else ("fma",):
+                nan_primed((1, N), dtype, dev)
+                y, xa = nf4_gemv(x, q, bias, A, B, 2.0, store_xa=True, engine=engine)
+                xa_ref = x.double() @ A.double().t()
+                err, xa_err = rel_err(y, ref), rel_err(xa, xa_ref)
+                tol = 5e-3 if dtype == torch.float32 else 2e-2
+                ok = bool(torch.isfinite(y).all()) and err < tol and xa_err < tol
+                if engine == "fma" and dtype != torch.float32:
+                    y_sel, _ = nf4_gemv(x, q, bias, A, B, 2.0, engine="fma", decode="select")
+                    ok = ok and torch.equal(y, y_sel)
+                add(f"{engine} {N}x{K} r{r} dq={dq} {str(dtype)[6:]} bias={has_bias}", err, ok)
+    # dropout: the same mask as the "mma" engine (both draw it from (seed, row, column))
+    N, K, r = 4096, 4096, 16
+    q = quantize_nf4(torch.randn(N, K, device=dev) / K ** 0.5, report_error=False)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(1, K, device=dev, dtype=dtype)
+        A = (torch.randn(r, K, device=dev) / K ** 0.5).to(dtype)
+        B = (torch.randn(N, r, device=dev) * 0.1).to(dtype)
+        y2, xa2 = nf4_gemv(x, q, None, A, B, 2.0, dropout_p=0.1, seed=123, store_xa=True, engine="padded")
+        for engine in ("fma", "lanes") if dtype != torch.float32 else ("fma",):
+            y, xa = nf4_gemv(x, q, None, A, B, 2.0, dropout_p=0.1, seed=123, store_xa=True, engine=engine)
+            add(f"{engine} dropout vs padded {str(dtype)[6:]} (xa)", rel_err(xa, xa2), rel_err(xa, xa2) < 1e-2)
+            add(f"{engine} dropout vs padded {str(dtype)[6:]} (y)", rel_err(y, y2), rel_err(y, y2) < 1e-2)
+    # repeats, counters, graphs, streams, PDL off
+    dtype = torch.bfloat16
+    x = torch.randn(1, K, device=dev, dtype=dtype)
+    A = (torch.randn(r, K, device=dev) / K ** 0.5).to(dtype)
+    B = (torch.randn(N, r, device=dev) * 0.1).to(dtype)
+    bias = torch.randn(N, device=dev, dtype=dtype)
+    y0, _ = nf4_gemv(x, q, bias, A, B, 2.0)  # engine "auto": "lanes" here
+    same = all(torch.equal(nf4_gemv(x, q, bias, A, B, 2.0)[0], y0) for _ in range(20))
+    add("rows 20 repeats bitwise equal", 0.0, same)
+    xs = torch.randn(1, K, device=dev, dtype=dtype)
+    graph = capture_graph([lambda: nf4_gemv(xs, q, bias, A, B, 2.0)])
+    outs = []
+    with torch.cuda.graph(graph2 := torch.cuda.CUDAGraph()):
+        outs.append(nf4_gemv(xs, q, bias, A, B, 2.0)[0])
+    worst = 0.0
+    for _ in range(5):
+        xs.copy_(torch.randn(1, K, device=dev, dtype=dtype))
+        graph2.replay()
+        eager, _ = nf4_gemv(xs, q, bias, A, B, 2.0)
+        worst = max(worst, (outs[0].float() - eager.float()).abs().max().item())
+    del graph
+    add("rows CUDA graph replays with new x equal eager", worst, worst == 0.0)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    inputs = [torch.randn(1, K, device=dev, dtype=dtype) for _ in streams]
+    expect = [nf4_gemv(xi, q, bias, A, B, 2.0)[0] for xi in inputs]
+    torch.cuda.synchronize()
+    results = [[] for _ in streams]
+    for _ in range(50):
+        for st, xi, res in zip(streams, inputs, results):
+            with torch.cuda.stream(st):
+                res.append(nf4_gemv(xi, q, bias, A, B, 2.0)[0])
+    torch.cuda.synchronize()
+    add("rows two streams at once", 0.0, all(torch.equal(t, e) for res, e in zip(results, expect) for t in res))
+    saved = khelpers.PDL_ENV
+    khelpers.PDL_ENV = False
+    clear_plans()
+    y_nopdl, _ = nf4_gemv(x, q, bias, A, B, 2.0)
+    khelpers.PDL_ENV = saved
+    clear_plans()
+    add("rows PDL off bitwise equal", 0.0, torch.equal(y_nopdl, y0))
+    return rows
+
+
+def weight_sets(dev, N, K, r, dt, count=8):
+    sets = []
+    for _ in range(count):
+        W = torch.randn(N, K, device=dev, dtype=dt) / K ** 0.5
+        sets.append((W, quantize_nf4(W, report_error=False), torch.randn(r, K, device=dev, dtype=dt) / K ** 0.5,
+                     torch.randn(N, r, device=dev, dtype=dt) * 0.1))
+    return sets
+
+
+def timings(dev, sweep, rounds=1):
+    rows = []
+    torch.manual_seed(0)
+    dt, r = torch.bfloat16, 16
+    best = None
+    for N, K in ((4096, 4096), (14336, 4096), (4096, 14336)):
+        sets = weight_sets(dev, N, K, r, dt)
+        x = torch.randn(1, K, device=dev, dtype=dt)
+        shape = f"1x{K}x{N}"
+
+        def rec(variant, us, base):
+            rows.append({"shape": shape, "variant": variant, "us": us, "ratio": us / base})
+
+        for rnd in range(rounds):  # alternated rounds: the device's drift shows as the spread between them
+            base = bench_graph_us([lambda W=W: F.linear(x, W) for W, _, _, _ in sets])
+            rec(f"base bf16 F.linear (round {rnd})", base, base)
+            for engine in ("padded", "fma", "lanes"):
+                rec(f"{engine} default (round {rnd})", bench_graph_us(
+                    [lambda q=q, A=A, B=B: nf4_gemv(x, q, None, A, B, 2.0, engine=engine) for _, q, A, B in sets]),
+                    base)
+        if not sweep:
+            continue
+        if N == 4096 and K == 4096:
+            configs = [("fma", bn, bk, w, sp) for bn, bk, w, sp in
+                       itertools.product((16, 32), (128, 256), (1, 2), (1, 2, 4, 8))]
+            configs += [("fma", 16, 512, w, sp) for w, sp in itertools.product((1, 2), (2, 4))]
+            configs += [("lanes", 16 * w, 64, w, sp) for w, sp in ((1, 8), (4, 16))]
+        else:
+            configs = best or []
+        results = []
+        for engine, bn, bk, w, splits in configs:
+            kconfig.set_override(f"nf4_gemv_{'rows' if engine == 'fma' else engine}", "m16",
+                                 kconfig.GemmConfig(1, bn, bk, num_warps=w, num_stages=1))
+            name = f"{engine} BN{bn} BK{bk} w{w} splits{splits}"
+            try:
+                us = bench_graph_us([lambda q=q, A=A, B=B: nf4_gemv(x, q, None, A, B, 2.0, engine=engine,
+                                                                     splits=splits) for _, q, A, B in sets])
+            except Exception as e:  # noqa: BLE001 - a config that does not compile is recorded, not fatal
+                rows.append({"shape": shape, "variant": name, "error": str(e)[:160]})
+                continue
+            rec(name, us, base)
+            results.append((us, (engine, bn, bk, w, splits)))
+        kconfig.set_override("nf4_gemv_lanes", "m16", None)
+        kconfig.set_override("nf4_gemv_rows", "m16", None)
+        if best is None:
+            best = [c for _, c in sorted(results)[:6]]
+    return rows
+
+
+def kernel_profile(dev):
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = []
+    dt, r, N, K = torch.bfloat16, 16, 4096, 4096
+    sets = weight_sets(dev, N, K, r, dt)
+    x = torch.randn(1, K, device=dev, dtype=dt)
+    for name, fns in (("base", [lambda W=W: F.linear(x, W) for W, _, _, _ in sets]),
+                      ("fma", [lambda q=q, A=A, B=B: nf4_gemv(x, q, None, A, B, 2.0, engine="fma")
+                               for _, q, A, B in sets]),
+                      ("lanes", [lambda q=q, A=A, B=B: nf4_gemv(x, q, None, A, B, 2.0, engine="lanes")
+                                 for _, q, A, B in sets]),
+                      ("padded", [lambda q=q, A=A, B=B: nf4_gemv(x, q, None, A, B, 2.0, engine="padded")
+                                  for _, q, A, B in sets])):
+        graph = capture_graph(fns)
+        replays = 20
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(replays):
+                graph.replay()
+            torch.cuda.synchronize()
+        for ev in prof.key_averages():
+            total = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+            if total and ev.count:
+                rows.append({"provider": name, "kernel": ev.key[:70], "calls_per_op": ev.count / (replays * len(fns)),
+                             "us_per_call": total / ev.count})
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="/tmp/exp")
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--no-checks", action="store_true", help="timings only")
+    ap.add_argument("--rounds", type=int, default=1, help="alternated rounds of the default engines")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    dev = "cuda"
+    check_rows = [] if args.no_checks else checks(dev)
+    bad = [r for r in check_rows if not r["passed"]]
+    print(f"checks: {len(check_rows) - len(bad)}/{len(check_rows)} passed", flush=True)
+    for r in bad:
+        print("FAILED", r, flush=True)
+    time_rows = timings(dev, not args.no_sweep, args.rounds)
+    prof_rows = kernel_profile(dev)
+    with open(os.path.join(args.out, "exp_nf4_rows.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "checks": check_rows,
+                   "decode": time_rows, "profile": prof_rows}, f, indent=1)
+    for r in prof_rows:
+        print(f"{r['provider']:<6} {r['kernel']:<70} x{r['calls_per_op']:.1f} {r['us_per_call']:7.2f} us")
+    for r in time_rows:
+        if "error" in r:
+            print(f"{r['shape']:>12} {r['variant']:<40} ERROR {r['error']}")
+        else:
+            print(f"{r['shape']:>12} {r['variant']:<40} {r['us']:8.2f} us {r['ratio']:6.3f}x")
+    print(f"checks: {len(check_rows) - len(bad)}/{len(check_rows)} passed")
+
+
+if __name__ == "__main__":
+    main()
