@@ -196,18 +196,31 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--grid", choices=("full", "targets", "tiny"), default=None)
     ap.add_argument("--out", default=None, help="results folder (default bench/results)")
     ap.add_argument("--no-graphs", action="store_true")
+    ap.add_argument("--shard", default=None, metavar="I/N",
+                    help="run every N-th shape of the grid starting at the I-th (1-based), to split the full grid "
+                         "over several GPU calls; results go to <name>_<grid>_<I>of<N>")
     args = ap.parse_args(argv)
     grid_name = args.grid or ("full" if have_gpu() else "tiny")
     grid = {"full": full_grid, "targets": target_grid, "tiny": tiny_grid}[grid_name]()
+    name = "multi_lora" if have_gpu() else "multi_lora_cpu"
+    meta = {"grid": grid_name, "weight_sets": WEIGHT_SETS}
+    if args.shard:
+        try:
+            i, n = (int(v) for v in args.shard.split("/"))
+            assert 1 <= i <= n
+        except (ValueError, AssertionError):
+            raise SystemExit(f"--shard must be I/N with 1 <= I <= N, got {args.shard!r}")
+        grid = grid[i - 1::n]
+        name, meta["shard"] = f"{name}_{grid_name}_{i}of{n}", args.shard
     if not have_gpu():
         print("No GPU: tiny sizes through the Triton interpreter; the times below are not performance figures.")
     rows = []
+    path = write_json(name, rows, meta, out_dir=args.out)
     for shape in grid:
         rows += bench_shape(shape, graphs=have_gpu() and not args.no_graphs)
         print(format_table(rows[-len(PROVIDERS):], ["T", "adapters", "r", "N", "provider", "eager_us", "graph_us",
                                                     "graph_ratio", "err"]), flush=True)
-    name = "multi_lora" if have_gpu() else "multi_lora_cpu"
-    path = write_json(name, rows, {"grid": grid_name, "weight_sets": WEIGHT_SETS}, out_dir=args.out)
+        path = write_json(name, rows, meta, out_dir=args.out)  # after every shape: a cut-short run keeps its rows
     table = os.path.splitext(path)[0] + ".md"  # the whole table, with the run it came from
     env = json.load(open(path))["env"]
     with open(table, "w") as f:

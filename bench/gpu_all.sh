@@ -4,7 +4,8 @@
 #   OUT=/some/dir bash bench/gpu_all.sh compile qlora variants init multi check train
 # Names: check (gpu_check --skip-big), check_persistent (gpu_check --only persistent: the large-M paths that compute
 # the rank-r product inside the persistent GEMMs, and those modes forced at odd shapes), multi (gpu_multi_lora, targets grid + sweep + demo), multi_check (its checks
-# and the demo only), multi_full (full grid, no sweep), compile, compile_late (its last two cases), host
+# and the demo only), multi_full (full grid, no sweep), multi_shard (bench_multi_lora's full grid, the shard
+# MULTI_SHARD=I/N of it, MULTI_LIMIT seconds; JSON after every shape), compile, compile_late (its last two cases), host
 # (profile_host), linear (bench_lora_linear --quick), prof (profile_lora at
 # p=0.1 and 0), persistent (exp_persistent: GEMM variants, shrink/dA/dB/dX-term timings at M=8192), profc (profile_compile:
 # the compiled training step against eager, p=0 and 0.1), nf4dec (exp_nf4_decode: NF4 decode checks, GEMV tile sweep,
@@ -43,6 +44,8 @@ for name in "$@"; do
     multi) step multi 300 python3 bench/gpu_multi_lora.py "$OUT/logs" --grid targets --demo ;;
     multi_check) step multi_check 200 python3 bench/gpu_multi_lora.py "$OUT/logs" --no-sweep --grid none --demo ;;
     multi_full) step multi_full 420 python3 bench/gpu_multi_lora.py "$OUT/logs" --grid full --no-sweep ;;
+    multi_shard) step multi_shard ${MULTI_LIMIT:-400} python3 bench/bench_multi_lora.py --grid full \
+      --shard "${MULTI_SHARD:-1/2}" --out "$OUT/logs" ;;
     compile_late) step compile_late 150 python3 bench/gpu_compile.py --out "$OUT/logs" \
       --only reduce_overhead,checkpoint_compiled ;;
     host) step host 120 python3 bench/profile_host.py --out "$OUT/logs" ;;

@@ -84,3 +84,19 @@ def test_multi_lora_bench_cpu_smoke(tmp_path):
     assert all(r["err"] < 2e-2 for r in rows if r["provider"] != "base"), rows
     table = (tmp_path / "multi_lora_cpu.md").read_text()
     assert table.count("| ours |") == len({(r["T"], r["adapters"], r["r"], r["N"]) for r in rows})
+
+
+def test_multi_lora_bench_shard(tmp_path):
+    """`--shard I/N` runs every N-th shape from the I-th (the full GPU grid is split over several device calls)
+    into its own file; a bad shard is refused."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
+    script = os.path.join(BENCH_DIR, "bench_multi_lora.py")
+    cmd = [sys.executable, script, "--grid", "tiny", "--shard", "2/2", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    payload = json.load(open(tmp_path / "multi_lora_cpu_tiny_2of2.json"))
+    assert payload["shard"] == "2/2"
+    assert {(r["T"], r["adapters"]) for r in payload["rows"]} == {(16, 8)}  # the second of the three tiny shapes
+    bad = subprocess.run([sys.executable, script, "--grid", "tiny", "--shard", "3/2", "--out", str(tmp_path)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--shard must be I/N" in bad.stderr
