@@ -182,12 +182,55 @@ def plot(rows: list[dict], path: str) -> str | None:
             ax.plot([f"{r['T']}/{r['adapters']}" for r in pts], [r[key] for r in pts], marker="o", label=name)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_yscale("log")
+    ax.tick_params(axis="x", labelrotation=45)
     ax.set_xlabel("tokens / distinct adapters (K=N=4096, r=16)")
     ax.set_ylabel(f"time / base F.linear ({key.split('_')[0]})")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return path
+
+
+TABLE_COLUMNS = ["T", "adapters", "r", "N", "provider", "eager_us", "graph_us", "graph_ratio", "err"]
+
+
+def shape_key(row: dict) -> tuple:
+    return row["T"], row["adapters"], row["r"], row["N"]
+
+
+def merge_shards(paths: list[str], out_dir: str | None = None) -> str:
+    """Merge `--shard` results of one grid into `multi_lora_<grid>.json` / `.md` / `.png` in `out_dir`: rows in
+    grid order (each shard's providers in their order), every shard's environment kept, and the shapes of the
+    grid that no shard measured listed as "missing"."""
+    shards = [json.load(open(p)) for p in paths]
+    grid_names = {s.get("grid") for s in shards}
+    if len(grid_names) != 1:
+        raise SystemExit(f"--merge takes shards of one grid, got {sorted(map(str, grid_names))}")
+    grid_name = grid_names.pop()
+    grid = {"full": full_grid, "targets": target_grid, "tiny": tiny_grid}[grid_name]()
+    order = {shape_key(g): i for i, g in enumerate(grid)}
+    rows = sorted((r for s in shards for r in s["rows"]), key=lambda r: order.get(shape_key(r), len(order)))
+    seen = {shape_key(r) for r in rows}
+    missing = [g for g in grid if shape_key(g) not in seen]
+    name = "multi_lora" + ("_cpu" if str(shards[0].get("env", {}).get("device", "cpu")).startswith("cpu") else "")
+    out_dir = out_dir or os.path.dirname(os.path.abspath(paths[0]))
+    path = os.path.join(out_dir, f"{name}_{grid_name}.json")
+    envs = [s.get("env", {}) for s in shards]
+    with open(path, "w") as f:
+        json.dump({"env": envs[0], "shard_envs": envs, "grid": grid_name, "shards": [s.get("shard") for s in shards],
+                   "weight_sets": shards[0].get("weight_sets"), "missing": missing, "rows": rows}, f, indent=1)
+    with open(os.path.splitext(path)[0] + ".md", "w") as f:
+        f.write(f"multi-LoRA, {grid_name} grid, merged from {len(shards)} shard(s): "
+                + "; ".join(f"{s.get('shard')} on {e.get('device')} ({e.get('date')})" for s, e in zip(shards, envs))
+                + f". µs per call, eager and under CUDA graphs over {shards[0].get('weight_sets')} weight sets; "
+                "graph_ratio = graph time / the base linear's graph time.\n\n")
+        if missing:
+            f.write("Not measured (the shard's run was cut short): "
+                    + ", ".join(f"T={g['T']}/{g['adapters']} adapters r={g['r']} N={g['N']}" for g in missing)
+                    + "\n\n")
+        f.write(format_table(rows, TABLE_COLUMNS) + "\n")
+    plot(rows, os.path.splitext(path)[0] + ".png")
     return path
 
 
@@ -199,7 +242,13 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--shard", default=None, metavar="I/N",
                     help="run every N-th shape of the grid starting at the I-th (1-based), to split the full grid "
                          "over several GPU calls; results go to <name>_<grid>_<I>of<N>")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="merge the JSON files of --shard runs into one table (no benchmark is run)")
     args = ap.parse_args(argv)
+    if args.merge:
+        path = merge_shards(args.merge, args.out)
+        print(f"wrote {path}")
+        return json.load(open(path))["rows"]
     grid_name = args.grid or ("full" if have_gpu() else "tiny")
     grid = {"full": full_grid, "targets": target_grid, "tiny": tiny_grid}[grid_name]()
     name = "multi_lora" if have_gpu() else "multi_lora_cpu"
@@ -218,8 +267,7 @@ def main(argv=None) -> list[dict]:
     path = write_json(name, rows, meta, out_dir=args.out)
     for shape in grid:
         rows += bench_shape(shape, graphs=have_gpu() and not args.no_graphs)
-        print(format_table(rows[-len(PROVIDERS):], ["T", "adapters", "r", "N", "provider", "eager_us", "graph_us",
-                                                    "graph_ratio", "err"]), flush=True)
+        print(format_table(rows[-len(PROVIDERS):], TABLE_COLUMNS), flush=True)
         path = write_json(name, rows, meta, out_dir=args.out)  # after every shape: a cut-short run keeps its rows
     table = os.path.splitext(path)[0] + ".md"  # the whole table, with the run it came from
     env = json.load(open(path))["env"]
@@ -227,8 +275,7 @@ def main(argv=None) -> list[dict]:
         f.write(f"{name} ({grid_name} grid; {env.get('device')}, torch {env.get('torch')}, triton "
                 f"{env.get('triton')}, {env.get('date')}): µs per call, eager and under CUDA graphs over "
                 f"{WEIGHT_SETS} weight sets; graph_ratio = graph time / the base linear's graph time\n\n")
-        f.write(format_table(rows, ["T", "adapters", "r", "N", "provider", "eager_us", "graph_us", "graph_ratio",
-                                    "err"]) + "\n")
+        f.write(format_table(rows, TABLE_COLUMNS) + "\n")
     png = plot(rows, os.path.splitext(path)[0] + ".png")
     print(f"wrote {path}, {table}" + (f" and {png}" if png else ""))
     return rows

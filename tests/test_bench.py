@@ -100,3 +100,19 @@ def test_multi_lora_bench_shard(tmp_path):
     bad = subprocess.run([sys.executable, script, "--grid", "tiny", "--shard", "3/2", "--out", str(tmp_path)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--shard must be I/N" in bad.stderr
+    # --merge: one shard alone lists the grid's other shapes as missing; with the other shard, none are
+    merge = [sys.executable, script, "--merge", str(tmp_path / "multi_lora_cpu_tiny_2of2.json"), "--out", str(tmp_path)]
+    proc = subprocess.run(merge, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    merged = json.load(open(tmp_path / "multi_lora_cpu_tiny.json"))
+    assert [(g["T"], g["adapters"]) for g in merged["missing"]] == [(1, 1), (33, 32)]
+    assert "Not measured" in (tmp_path / "multi_lora_cpu_tiny.md").read_text()
+    cmd[cmd.index("2/2")] = "1/2"
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc = subprocess.run(merge[:3] + [str(tmp_path / "multi_lora_cpu_tiny_1of2.json")] + merge[3:], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    merged = json.load(open(tmp_path / "multi_lora_cpu_tiny.json"))
+    assert merged["missing"] == [] and merged["shards"] == ["1/2", "2/2"]
+    assert [(r["T"], r["adapters"]) for r in merged["rows"] if r["provider"] == "ours"] == [(1, 1), (16, 8), (33, 32)]
