@@ -170,6 +170,24 @@ def bench_graph_us(fns: Sequence[Callable[[], object]], replays: int = 50) -> fl
     return times[len(times) // 2]
 
 
+def graph_kernel_times(fns: Sequence[Callable[[], object]], replays: int = 20) -> list[tuple[str, float, float]]:
+    """(kernel name, launches per function call, GPU µs per launch) of each kernel in a CUDA graph calling each of
+    `fns` once (capture_graph), by torch.profiler over `replays` replays."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = capture_graph(fns)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    out = []
+    for ev in prof.key_averages():
+        total = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+        if total and ev.count:
+            out.append((ev.key, ev.count / (replays * len(fns)), total / ev.count))
+    return out
+
+
 def kernel_times_us(fns: Sequence[Callable[[], object]], rounds: int = 5) -> list[tuple[str, float]]:
     """(kernel name, GPU µs per call) of each kernel `fns` launch, by torch.profiler over `rounds` rounds of every
     function once (after one warm-up round), the time divided by the number of calls."""

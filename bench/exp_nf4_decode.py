@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench.common import bench_graph_us, bench_us, capture_graph, rel_err  # noqa: E402
+from bench.common import bench_graph_us, bench_us, graph_kernel_times, rel_err  # noqa: E402
 from lora_fast.kernels import config as kconfig  # noqa: E402
 from lora_fast.kernels import nf4_dequantize, nf4_gemv  # noqa: E402
 from lora_fast.kernels.nf4_gemv import nf4_gemv_splits  # noqa: E402
@@ -120,8 +120,6 @@ def decode_times(dev, sweep):
 def kernel_profile(dev):
     """Per-kernel device time (torch.profiler over CUDA-graph replays) of the default decode GEMV and of the
     bf16 F.linear, M = 1 and 16, K = N = 4096."""
-    from torch.profiler import ProfilerActivity, profile
-
     rows = []
     dt, r, N, K = torch.bfloat16, 16, 4096, 4096
     sets = weight_sets(dev, N, K, r, dt)
@@ -129,17 +127,9 @@ def kernel_profile(dev):
         x = torch.randn(M, K, device=dev, dtype=dt)
         for name, fns in (("base", [lambda W=W: F.linear(x, W) for W, _, _, _ in sets]),
                           ("prmt", [lambda q=q, A=A, B=B: nf4_gemv(x, q, None, A, B, 2.0) for _, q, A, B in sets])):
-            graph = capture_graph(fns)
-            replays = 20
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(replays):
-                    graph.replay()
-                torch.cuda.synchronize()
-            for ev in prof.key_averages():
-                total = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
-                if total and ev.count:
-                    rows.append({"M": M, "provider": name, "kernel": ev.key[:80], "calls_per_op": ev.count /
-                                 (replays * len(fns)), "us_per_call": total / ev.count})
+            for kernel, calls, us in graph_kernel_times(fns):
+                rows.append({"M": M, "provider": name, "kernel": kernel[:80], "calls_per_op": calls,
+                             "us_per_call": us})
     return rows
 
 

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench.common import bench_graph_us, capture_graph, rel_err  # noqa: E402
+from bench.common import bench_graph_us, capture_graph, graph_kernel_times, rel_err  # noqa: E402
+from bench.exp_nf4_decode import weight_sets  # noqa: E402
 from lora_fast.kernels import config as kconfig  # noqa: E402
 from lora_fast.kernels import helpers as khelpers  # noqa: E402
 from lora_fast.kernels import nf4_gemv  # noqa: E402
@@ -124,15 +125,6 @@ def checks(dev):
     return rows
 
 
-def weight_sets(dev, N, K, r, dt, count=8):
-    sets = []
-    for _ in range(count):
-        W = torch.randn(N, K, device=dev, dtype=dt) / K ** 0.5
-        sets.append((W, quantize_nf4(W, report_error=False), torch.randn(r, K, device=dev, dtype=dt) / K ** 0.5,
-                     torch.randn(N, r, device=dev, dtype=dt) * 0.1))
-    return sets
-
-
 def timings(dev, sweep, rounds=1):
     rows = []
     torch.manual_seed(0)
@@ -183,30 +175,18 @@ def timings(dev, sweep, rounds=1):
 
 
 def kernel_profile(dev):
-    from torch.profiler import ProfilerActivity, profile
-
+    """Per-kernel device time (torch.profiler over CUDA-graph replays) of each engine and the bf16 F.linear, M = 1,
+    K = N = 4096."""
     rows = []
     dt, r, N, K = torch.bfloat16, 16, 4096, 4096
     sets = weight_sets(dev, N, K, r, dt)
     x = torch.randn(1, K, device=dev, dtype=dt)
-    for name, fns in (("base", [lambda W=W: F.linear(x, W) for W, _, _, _ in sets]),
-                      ("fma", [lambda q=q, A=A, B=B: nf4_gemv(x, q, None, A, B, 2.0, engine="fma")
-                               for _, q, A, B in sets]),
-                      ("lanes", [lambda q=q, A=A, B=B: nf4_gemv(x, q, None, A, B, 2.0, engine="lanes")
-                                 for _, q, A, B in sets]),
-                      ("padded", [lambda q=q, A=A, B=B: nf4_gemv(x, q, None, A, B, 2.0, engine="padded")
-                                  for _, q, A, B in sets])):
-        graph = capture_graph(fns)
-        replays = 20
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(replays):
-                graph.replay()
-            torch.cuda.synchronize()
-        for ev in prof.key_averages():
-            total = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
-            if total and ev.count:
-                rows.append({"provider": name, "kernel": ev.key[:70], "calls_per_op": ev.count / (replays * len(fns)),
-                             "us_per_call": total / ev.count})
+    providers = [("base", [lambda W=W: F.linear(x, W) for W, _, _, _ in sets])]
+    providers += [(engine, [lambda q=q, A=A, B=B, e=engine: nf4_gemv(x, q, None, A, B, 2.0, engine=e)
+                            for _, q, A, B in sets]) for engine in ("fma", "lanes", "padded")]
+    for name, fns in providers:
+        for kernel, calls, us in graph_kernel_times(fns):
+            rows.append({"provider": name, "kernel": kernel[:70], "calls_per_op": calls, "us_per_call": us})
     return rows
 
 
