@@ -426,8 +426,7 @@ def nf4_gemv(x, w4, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_
     engine: "padded" (tensor cores, rows padded to 16, a second kernel sums the splits); for one row, after a
     split shrink for xa and with the splits summed by the last program of each output tile: "fma" (products on
     the FMA units) or "lanes" (each lane feeds its own decoded weights to mma.sync: bf16 / fp16 on a CUDA GPU,
-    x contiguous and 4-byte aligned); "auto": "lanes" for one row where it can run, else "fma" for one row, else
-    "padded".
+    x contiguous and 4-byte aligned; measured slower than "fma"); "auto": "fma" for one row, else "padded".
     Returns (y [M, N], xa [M, r] or None). Checks and launch set-up are done once per call signature
     (kernels/launch.py).
 
@@ -519,7 +518,7 @@ class _GemvPlan:
         return y, xa
 
 
-# "rows" engine: K ranges of xa's split shrink (lora_shrink_partials), as the bf16 decode forward's "split" mode.
+# The one-row engines: K ranges of xa's split shrink (lora_shrink_partials), as the bf16 decode forward's "split" mode.
 ROW_XA_SPLITS = 8
 # K splits of W (fewer when K has fewer steps), at most MAX_ROW_SPLITS: the program that finishes a tile adds one
 # [BLOCK_N] partial per split. On the H200 at K = N = 4096 with 16 x 256 tiles of one warp, 8 splits (2 steps
@@ -554,10 +553,11 @@ class _RowPlan:
             raise ValueError(f"nf4_gemv with engine={engine!r} takes one row, got M={M}")
         _, meta = nf4_kernel_args(w4)  # checks the weight's layout
         decode = nf4_decode(decode, x.device)
-        why_not = lanes_unsupported(x, w4) or (None if decode == "prmt" else "it decodes with 'prmt' only")
-        if engine == "lanes" and why_not:
-            raise ValueError(f"nf4_gemv engine='lanes' cannot run here: {why_not}")
-        self.engine = "lanes" if engine == "lanes" or (engine == "auto" and not why_not) else "fma"
+        if engine == "lanes":
+            why_not = lanes_unsupported(x, w4) or (None if decode == "prmt" else "it decodes with 'prmt' only")
+            if why_not:
+                raise ValueError(f"nf4_gemv engine='lanes' cannot run here: {why_not}")
+        self.engine = "lanes" if engine == "lanes" else "fma"  # "auto": "fma", measured the faster
         self.N, self.rank, self.store_xa, self.dropout_p = N, rank, store_xa, dropout_p
         self.pdl = pdl_enabled(x.device)
         self.xa_splits = ROW_XA_SPLITS
