@@ -232,6 +232,7 @@ NF4_FUSED_ROWS = NF4_GEMV_ROWS
 _NF4_INTERPRET = {"gemm": GemmConfig(16, 16, 64, group_m=2, num_warps=1, num_stages=1),
                   "gemv": GemmConfig(16, 16, 64, num_warps=1, num_stages=1),
                   "gemv_rows": GemmConfig(1, 16, 128, num_warps=1, num_stages=1),
+                  "gemv_lanes": GemmConfig(1, 16, 64, num_warps=1, num_stages=1),  # (PTX: never interpreted)
                   "dequant": GemmConfig(0, 16, 64, num_warps=1, num_stages=1)}
 _NF4_GEMM = {  # bf16/fp16, by shape class; BLOCK_K a multiple of the 64-weight quantization block
     "m64": GemmConfig(32, 64, 128, group_m=1, num_warps=4, num_stages=4),

@@ -244,15 +244,15 @@ def _nf4_gemv_row_kernel(
 
     X: [1, K] (column stride stride_xk); QW, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, CODE: the NF4 weight
     (nf4_dequant.nf4_tile); XA_PART: [XA_SPLITS, 1, RANK] fp32 partials of xa = drop(x) @ A^T from
-    lora_shrink_partials, which runs just before (with PDL: this kernel may start before it ends and waits for it
-    only in the programs that finish a tile); B: [N, RANK]; BIAS: [N]; Y: [1, N]; XA: [1, RANK] (written when
+    lora_shrink_partials, which runs just before (with PDL this kernel may start before it ends; each program
+    waits for it once its own partial is stored, finish_row_tile); B: [N, RANK]; BIAS: [N]; Y: [1, N]; XA: [1, RANK] (written when
     STORE_XA). PART: [splits, N] fp32 workspace (splits <= SPLITS_P2, XA_SPLITS <= XA_SPLITS_P2); COUNT:
     [cdiv(N, BLOCK_N)] int32, zeroed by lora_shrink_partials (finish_row_tile).
     grid = (cdiv(N, BLOCK_N), splits); BYTES_PER_SPLIT: the split's K range in bytes of QW (half its weights), a
     multiple of BLOCK_K / 2; BLOCK_K is a multiple of 64. The loop steps in bytes, so that the byte offsets keep
     the divisibility that lets each thread load 16 bytes at once.
 
-    Program (n, s) decodes its [BLOCK_N, K_PER_SPLIT] slab in registers (one load of BLOCK_K / 2 bytes per row per
+    Program (n, s) decodes its [BLOCK_N, 2 * BYTES_PER_SPLIT] slab in registers (one load of BLOCK_K / 2 bytes per row per
     step), multiplies the high and low nibbles' values by x's even and odd columns, sums each 64-weight block,
     scales the block sums by their absmax, and stores a [BLOCK_N] fp32 partial; the last program of the tile to
     finish adds the partials, s * xa @ B^T and the bias (finish_row_tile).
