@@ -130,8 +130,10 @@ def _shrink(x, lora_A, dropout_p, seed, splits, trigger, zero=None):
     key = plan_key((x, lora_A, zero), dropout_p, splits, trigger, dot_precision_key(x), seed_key(seed))
     plan = _PLANS.find(key)
     if plan is None:
-        if zero is not None and (zero.dtype != torch.int32 or not zero.is_contiguous() or zero.device != x.device):
-            raise ValueError("zero must be a contiguous int32 tensor on x's device")
+        if zero is not None and (not isinstance(zero, torch.Tensor) or zero.dtype != torch.int32
+                                 or not zero.is_contiguous() or zero.device != x.device):
+            raise ValueError(f"zero must be a contiguous int32 tensor on x's device ({x.device}) or None, got "
+                             f"{zero.dtype if isinstance(zero, torch.Tensor) else type(zero).__name__}")
         plan = _PLANS.put(key, _ShrinkPlan(x, lora_A, dropout_p, splits, trigger, zero))
     return plan(x, lora_A, seed, zero)
 

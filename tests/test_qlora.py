@@ -490,5 +490,6 @@ def test_shrink_partials_zeroes_the_consumers_counters():
         assert torch.equal(zero, torch.zeros_like(zero))
         if rows:
             assert_close("xa", ws.sum(0), x.double() @ A.double().t(), torch.float32)
-    with pytest.raises(ValueError, match="zero must be a contiguous int32 tensor"):
-        lora_shrink_partials(x, A, 4, zero=torch.zeros(4))
+    for bad in (torch.zeros(4), [0, 0], torch.zeros(8, dtype=torch.int32)[::2]):
+        with pytest.raises(ValueError, match="zero must be a contiguous int32 tensor"):
+            lora_shrink_partials(x, A, 4, zero=bad)
