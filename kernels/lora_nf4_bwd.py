@@ -5,7 +5,7 @@ The weight is frozen, so dW is never formed; dA and dB do not touch W and reuse 
 (the tile is read in W's natural row layout: no transpose is needed for dY @ W). dyb = dY @ B comes from
 `lora_shrink`, and the epilogue adds its rank-r term under the forward's regenerated dropout mask.
 As in the forward, above `config.NF4_FUSED_ROWS` rows the "dequant" path writes deq(W) once and runs the bf16
-`lora_backward_dx` instead.
+`lora_backward_dx` instead, with its own choice of how dY @ B is made ("auto": inside the persistent GEMM at large M).
 """
 import torch
 import triton
@@ -80,7 +80,7 @@ def lora_nf4_backward_dx(dy, w4, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
         path = "fused" if nf4_path(M) == "gemv" else nf4_path(M)
     if path == "dequant":
         return lora_backward_dx(dy, nf4_dequantize(w4, dy.dtype, decode=decode), lora_A, lora_B, scaling, dropout_p,
-                                seed, store_dyb=store_dyb, dyb_mode="shrink")
+                                seed, store_dyb=store_dyb)
     if path != "fused":
         raise ValueError(f"path must be 'auto', 'fused' or 'dequant', got {path!r}")
     (qw, absmax, abs_code, abs_scale, abs_offset, code), meta = nf4_kernel_args(w4)

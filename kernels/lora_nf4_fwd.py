@@ -5,7 +5,8 @@ Three paths (`kernels.config.nf4_path`, by row count):
   * "fused": this file's kernel, the fused LoRA forward of kernels/lora_fwd.py with the W tile decoded in
     registers from the packed bytes instead of loaded in bf16: there is never a bf16 copy of W. xa comes from
     `lora_shrink` (once per element of X, dropout included) and the epilogue adds (s * xa) @ B^T.
-  * "dequant" (large M): `nf4_dequantize` writes deq(W) once, then the bf16 fused LoRA forward runs on it. The
+  * "dequant" (large M): `nf4_dequantize` writes deq(W) once, then the bf16 fused LoRA forward runs on it, with
+    that forward's own choice of how xa is made (`lora_forward`'s "auto": producer tiles at large M). The
     fused kernel decodes each W tile once per BLOCK_M rows of X, which at thousands of rows costs more than the
     one extra write and read of W in bf16; the temporary is freed on return.
 "auto" takes "dequant" for every M > 16 for now: the fused GEMM measured 19-32x the bf16 base on the H200
@@ -106,7 +107,7 @@ def lora_nf4_forward(x, w4, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
         return nf4_gemv(x, w4, bias, lora_A, lora_B, scaling, dropout_p, seed, store_xa, decode=decode)
     if path == "dequant":
         return lora_forward(x, nf4_dequantize(w4, x.dtype, decode=decode), bias, lora_A, lora_B, scaling, dropout_p,
-                            seed, store_xa=store_xa, xa_mode="shrink")
+                            seed, store_xa=store_xa)
     if path != "fused":
         raise ValueError(f"path must be 'auto', 'gemv', 'fused' or 'dequant', got {path!r}")
     (qw, absmax, abs_code, abs_scale, abs_offset, code), meta = nf4_kernel_args(w4)
