@@ -184,11 +184,16 @@ def check(out, grads, ref) -> dict:
     return errs
 
 
+PAIRED_ROUNDS = 9  # interleaved rounds of common.paired_ratios for the fwd+bwd rows (GPU)
+HOST_CALLS = 30  # calls of each fwd+bwd provider timed without a sync (common.host_and_wall_us)
+
+
 def time_case(prob, case, providers, modes, graph, rows):
     ref = prob.reference()
     for mode in modes:
         train = mode == "fwd+bwd"
         base_us = None
+        timed = {}  # name -> fn, for the paired ratios of a fwd+bwd case
         for name in providers:
             row = {"case": case, "mode": mode, "provider": name}
             try:
@@ -209,12 +214,27 @@ def time_case(prob, case, providers, modes, graph, rows):
                         row["ratio_to_base"] = us[0] / base_us if base_us else None
                         if graph and not train:
                             row["graph_us"] = graph_time(prob, name)
+                        if train:
+                            timed[name] = fn
+                            row["host_us"], row["wall_us"] = common.host_and_wall_us(fn, HOST_CALLS)
                     else:
                         row.update(us=None, ratio_to_base=None)
             except Exception as e:  # noqa: BLE001 - one failure must not stop the others
                 row["error"] = f"{type(e).__name__}: {e}"
                 row["traceback"] = traceback.format_exc()[-2000:]
             rows.append(row)
+        if train and "base" in timed and len(timed) > 1:
+            # each provider's time over the base's within interleaved rounds: the figure to compare providers by
+            # (do_bench medians taken seconds apart carry the device's clock drift, bench/common.py)
+            try:
+                with torch.enable_grad():
+                    paired = common.paired_ratios(timed, "base", rounds=PAIRED_ROUNDS, calls=3)
+            except Exception as e:  # noqa: BLE001 - the per-provider rows stand without it
+                paired = {}
+                print(f"paired ratios of {case} failed: {type(e).__name__}: {e}")
+            for r in rows:
+                if r["case"] == case and r["mode"] == mode and r["provider"] in paired:
+                    r["paired_ratio_to_base"] = paired[r["provider"]]
         base_graph = next((r.get("graph_us") for r in rows if r["case"] == case and r["provider"] == "base"
                            and r["mode"] == mode), None)
         for r in rows:
@@ -334,7 +354,8 @@ def run(quick=False, memory=True):
 
 
 def print_summary(rows, extra):
-    cols = ["case", "mode", "provider", "us", "ratio_to_base", "graph_ratio_to_base", "rel_err_out", "check_passed"]
+    cols = ["case", "mode", "provider", "us", "ratio_to_base", "paired_ratio_to_base", "host_us", "wall_us",
+            "graph_ratio_to_base", "rel_err_out", "check_passed"]
     print(common.format_table(rows, cols))
     for r in rows:
         if "error" in r:
