@@ -242,6 +242,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--shard", default=None, metavar="I/N",
                     help="run every N-th shape of the grid starting at the I-th (1-based), to split the full grid "
                          "over several GPU calls; results go to <name>_<grid>_<I>of<N>")
+    ap.add_argument("--missing", default=None, metavar="JSON",
+                    help="run only the shapes that a merged JSON (--merge's output) lists as missing; results go to "
+                         "<name>_<grid>_missing, to merge with the shards")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="merge the JSON files of --shard runs into one table (no benchmark is run)")
     args = ap.parse_args(argv)
@@ -261,6 +264,14 @@ def main(argv=None) -> list[dict]:
             raise SystemExit(f"--shard must be I/N with 1 <= I <= N, got {args.shard!r}")
         grid = grid[i - 1::n]
         name, meta["shard"] = f"{name}_{grid_name}_{i}of{n}", args.shard
+    if args.missing:
+        merged = json.load(open(args.missing))
+        if merged.get("grid") != grid_name:
+            raise SystemExit(f"--missing {args.missing} is of the {merged.get('grid')!r} grid, not {grid_name!r}")
+        wanted = {shape_key(g) for g in merged.get("missing", [])}
+        grid = [g for g in grid if shape_key(g) in wanted]
+        name, meta["shard"] = f"{name}_{grid_name}_missing", "missing"
+        print(f"{len(grid)} missing shape(s) of {args.missing}")
     if not have_gpu():
         print("No GPU: tiny sizes through the Triton interpreter; the times below are not performance figures.")
     rows = []

@@ -107,12 +107,17 @@ def test_multi_lora_bench_shard(tmp_path):
     merged = json.load(open(tmp_path / "multi_lora_cpu_tiny.json"))
     assert [(g["T"], g["adapters"]) for g in merged["missing"]] == [(1, 1), (33, 32)]
     assert "Not measured" in (tmp_path / "multi_lora_cpu_tiny.md").read_text()
-    cmd[cmd.index("2/2")] = "1/2"
+    # --missing: only the shapes the merged file lists as missing (the other shard's), merged in after
+    cmd = [sys.executable, script, "--grid", "tiny", "--missing", str(tmp_path / "multi_lora_cpu_tiny.json"),
+           "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    proc = subprocess.run(merge[:3] + [str(tmp_path / "multi_lora_cpu_tiny_1of2.json")] + merge[3:], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    payload = json.load(open(tmp_path / "multi_lora_cpu_tiny_missing.json"))
+    assert payload["shard"] == "missing"
+    assert {(r["T"], r["adapters"]) for r in payload["rows"]} == {(1, 1), (33, 32)}
+    proc = subprocess.run(merge[:3] + [str(tmp_path / "multi_lora_cpu_tiny_missing.json")] + merge[3:], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
     merged = json.load(open(tmp_path / "multi_lora_cpu_tiny.json"))
-    assert merged["missing"] == [] and merged["shards"] == ["1/2", "2/2"]
+    assert merged["missing"] == [] and merged["shards"] == ["missing", "2/2"]
     assert [(r["T"], r["adapters"]) for r in merged["rows"] if r["provider"] == "ours"] == [(1, 1), (16, 8), (33, 32)]
