@@ -5,7 +5,8 @@
 # Names: check (gpu_check --skip-big), check_persistent (gpu_check --only persistent: the large-M paths that compute
 # the rank-r product inside the persistent GEMMs, and those modes forced at odd shapes), multi (gpu_multi_lora, targets grid + sweep + demo), multi_check (its checks
 # and the demo only), multi_full (full grid, no sweep), multi_shard (bench_multi_lora's full grid, the shard
-# MULTI_SHARD=I/N of it, MULTI_LIMIT seconds; JSON after every shape), compile, compile_late (its last two cases), host
+# MULTI_SHARD=I/N of it, MULTI_LIMIT seconds; JSON after every shape), multi_missing (the shapes that
+# results/multi_lora_full.json lists as missing), compile, compile_late (its last two cases), host
 # (profile_host), linear (bench_lora_linear --quick), prof (profile_lora at
 # p=0.1 and 0), persistent (exp_persistent: GEMM variants, shrink/dA/dB/dX-term timings at M=8192), profc (profile_compile:
 # the compiled training step against eager, p=0 and 0.1), nf4dec (exp_nf4_decode: NF4 decode checks, GEMV tile sweep,
@@ -16,7 +17,9 @@
 # shapes and configs), inline
 # (exp_inline_shrink: the shrink inside the persistent GEMM against a shrink launch, checks and timings), stages
 # (exp_inline_stages: that shrink's pipeline depth, and dA / dB's partial sums in one launch), dist (gpu_distributed on 2 GPUs, kind nvidia-h200-x2), qlora, variants, init, train (bench_train_step),
-# train_big (bf16 adapters at TRAIN_BATCH sequences, default 8: a GPU-bound step; TRAIN_ARGS adds options to both), pytest (the CPU suite's tests on the GPU,
+# nf4deq (exp_nf4_dequant: the dequantize kernel's tile sweep, checked bit for bit), probefwd (probe_fwd_paths: the issue-2 forward by launcher / functional / module, paired and do_bench),
+# exps (issue 6's experiments A, B and C at their large, GPU sizes: examples/exp_init.py, exp_rank.py,
+# exp_variants.py --size large), train_big (bf16 adapters at TRAIN_BATCH sequences, default 8: a GPU-bound step; TRAIN_ARGS adds options to both), pytest (the CPU suite's tests on the GPU,
 # PYTEST_ARGS picks them, PYTEST_LIMIT seconds). bitsandbytes wheels in .whl/ are installed
 # first when present (the device image lacks it). A summary line per script is printed last.
 set -uo pipefail
@@ -46,6 +49,8 @@ for name in "$@"; do
     multi_full) step multi_full 420 python3 bench/gpu_multi_lora.py "$OUT/logs" --grid full --no-sweep ;;
     multi_shard) step multi_shard ${MULTI_LIMIT:-400} python3 bench/bench_multi_lora.py --grid full \
       --shard "${MULTI_SHARD:-1/2}" --out "$OUT/logs" ;;
+    multi_missing) step multi_missing ${MULTI_LIMIT:-400} python3 bench/bench_multi_lora.py --grid full \
+      --missing bench/results/multi_lora_full.json --out "$OUT/logs" ;;
     compile_late) step compile_late 150 python3 bench/gpu_compile.py --out "$OUT/logs" \
       --only reduce_overhead,checkpoint_compiled ;;
     host) step host 120 python3 bench/profile_host.py --out "$OUT/logs" ;;
@@ -58,12 +63,17 @@ for name in "$@"; do
     persistent) step persistent 200 python3 bench/exp_persistent.py --out "$OUT/logs" --shapes 1 ;;
     dist) step dist 200 torchrun --standalone --nproc_per_node 2 bench/gpu_distributed.py --out "$OUT/logs" ;;
     compile) step compile 170 python3 bench/gpu_compile.py --out "$OUT/logs" ;;
-    qlora) step qlora 200 python3 bench/gpu_qlora.py --out "$OUT/logs" ;;
+    qlora) step qlora 260 python3 bench/gpu_qlora.py --out "$OUT/logs" ;;
     variants) step variants 150 python3 bench/gpu_variants.py --out "$OUT/logs" ;;
     init) step init 100 python3 bench/gpu_init_embedding.py --out "$OUT/logs" ;;
     train) step train 200 python3 bench/bench_train_step.py --out "$OUT/logs" --max-seconds 150 ${TRAIN_ARGS:-} ;;
     train_big) step train_big 260 python3 bench/bench_train_step.py --out "$OUT/logs/big" --batch "${TRAIN_BATCH:-8}" \
       --adapter-dtypes bf16 --max-seconds 200 ${TRAIN_ARGS:-} ;;
+    exps) step exps 300 bash -c "python3 examples/exp_init.py --size large --dtype bf16 --out $OUT/logs/exps \
+      && python3 examples/exp_rank.py --size large --dtype bf16 --out $OUT/logs/exps \
+      && python3 examples/exp_variants.py --size large --out $OUT/logs/exps" ;;
+    nf4deq) step nf4deq 150 python3 bench/exp_nf4_dequant.py --out "$OUT/logs" ;;
+    probefwd) step probefwd 150 python3 bench/probe_fwd_paths.py --out "$OUT/logs" ;;
     multik) step multik 300 python3 bench/exp_multi_kernels.py --out "$OUT/logs" ;;
     multip) step multip 200 python3 bench/exp_multi_prefill.py --out "$OUT/logs" ${MULTIP_ARGS:-} ;;
     inline) step inline 300 python3 bench/exp_inline_shrink.py --out "$OUT/logs" ${INLINE_ARGS:-} ;;
