@@ -17,6 +17,7 @@
 # shapes and configs), inline
 # (exp_inline_shrink: the shrink inside the persistent GEMM against a shrink launch, checks and timings), stages
 # (exp_inline_stages: that shrink's pipeline depth, and dA / dB's partial sums in one launch), dist (gpu_distributed on 2 GPUs, kind nvidia-h200-x2), qlora, variants, init, train (bench_train_step),
+# probedora (probe_dora_train: DoRA / LoRA training against PEFT's on the GPU, same init and batches),
 # nf4deq (exp_nf4_dequant: the dequantize kernel's tile sweep, checked bit for bit), probefwd (probe_fwd_paths: the issue-2 forward by launcher / functional / module, paired and do_bench),
 # exps (issue 6's experiments A, B and C at their large, GPU sizes: examples/exp_init.py, exp_rank.py,
 # exp_variants.py --size large), train_big (bf16 adapters at TRAIN_BATCH sequences, default 8: a GPU-bound step; TRAIN_ARGS adds options to both), pytest (the CPU suite's tests on the GPU,
@@ -73,6 +74,7 @@ for name in "$@"; do
       && python3 examples/exp_rank.py --size large --dtype bf16 --out $OUT/logs/exps \
       && python3 examples/exp_variants.py --size large --out $OUT/logs/exps" ;;
     nf4deq) step nf4deq 150 python3 bench/exp_nf4_dequant.py --out "$OUT/logs" ;;
+    probedora) step probedora 200 python3 bench/probe_dora_train.py --out "$OUT/logs" ;;
     probefwd) step probefwd 150 python3 bench/probe_fwd_paths.py --out "$OUT/logs" ;;
     multik) step multik 300 python3 bench/exp_multi_kernels.py --out "$OUT/logs" ;;
     multip) step multip 200 python3 bench/exp_multi_prefill.py --out "$OUT/logs" ${MULTIP_ARGS:-} ;;
