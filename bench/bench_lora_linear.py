@@ -53,6 +53,9 @@ GRAPH_WEIGHT_SETS = 8
 # GPU kept busy), a second figure beside the ratio of do_bench medians, which the clock's drift between two timings
 # seconds apart moves; above GRAPH_MAX_M rows only.
 PAIRED_ROUNDS = 15
+# Rounds of `common.interleaved_ratios` (the protocol's do_bench median per provider, the providers alternating round
+# by round); above GRAPH_MAX_M rows only.
+INTERLEAVED_ROUNDS = 5
 # The H100's measured rates (shared/BENCH.md), used for the floors when nothing was measured on this machine.
 NOMINAL_PEAKS = {"bandwidth_Bps": 3.0e12, "matmul_flops": 730e12, "measured": False}
 
@@ -436,6 +439,8 @@ def time_case(case: Case, mode: str, providers: list[Provider], states: dict, x,
         with torch.set_grad_enabled(mode != "fwd"):
             for name, ratio in common.paired_ratios(fns, "base", rounds=PAIRED_ROUNDS).items():
                 out[name]["paired_ratio_to_base"] = ratio
+            for name, ratio in common.interleaved_ratios(fns, "base", rounds=INTERLEAVED_ROUNDS).items():
+                out[name]["interleaved_ratio_to_base"] = ratio
     return out
 
 
@@ -555,6 +560,14 @@ def summary_tables(rows: list[dict], providers: list[str]) -> str:
             cols = ["case", "mode", *[n for n in providers if n != "base"]]
             out.append(f"\n## paired ratio to base (median over {PAIRED_ROUNDS} interleaved rounds of 6 calls)\n"
                        + common.format_table(paired, cols))
+        inter = [{"case": c, **{n: f"{p[n]['interleaved_ratio_to_base']:.3f}x" for n in providers
+                                if p.get(n, {}).get("interleaved_ratio_to_base") is not None}}
+                 | {"mode": m} for (c, m), p in by_key.items()
+                 if any(v.get("interleaved_ratio_to_base") for v in p.values())]
+        if inter:
+            cols = ["case", "mode", *[n for n in providers if n != "base"]]
+            out.append(f"\n## ratio of do_bench medians to base, {INTERLEAVED_ROUNDS} interleaved rounds (the protocol's "
+                       "measure, drift-robust)\n" + common.format_table(inter, cols))
         graph = [{"case": c, **{f"{n} graph us (x)": _cell_time(p.get(n), "graph_us", "graph_ratio_to_base")
                                 for n in providers}}
                  for (c, m), p in by_key.items() if m == "fwd" and any(v.get("graph_us") for v in p.values())]

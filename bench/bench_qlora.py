@@ -232,9 +232,17 @@ def time_case(prob, case, providers, modes, graph, rows):
             except Exception as e:  # noqa: BLE001 - the per-provider rows stand without it
                 paired = {}
                 print(f"paired ratios of {case} failed: {type(e).__name__}: {e}")
+            try:
+                with torch.enable_grad():
+                    inter = common.interleaved_ratios(timed, "base")
+            except Exception as e:  # noqa: BLE001
+                inter = {}
+                print(f"interleaved ratios of {case} failed: {type(e).__name__}: {e}")
             for r in rows:
                 if r["case"] == case and r["mode"] == mode and r["provider"] in paired:
                     r["paired_ratio_to_base"] = paired[r["provider"]]
+                if r["case"] == case and r["mode"] == mode and r["provider"] in inter:
+                    r["interleaved_ratio_to_base"] = inter[r["provider"]]
         base_graph = next((r.get("graph_us") for r in rows if r["case"] == case and r["provider"] == "base"
                            and r["mode"] == mode), None)
         for r in rows:
@@ -354,7 +362,8 @@ def run(quick=False, memory=True):
 
 
 def print_summary(rows, extra):
-    cols = ["case", "mode", "provider", "us", "ratio_to_base", "paired_ratio_to_base", "host_us", "wall_us",
+    cols = ["case", "mode", "provider", "us", "ratio_to_base", "paired_ratio_to_base", "interleaved_ratio_to_base",
+            "host_us", "wall_us",
             "graph_ratio_to_base", "rel_err_out", "check_passed"]
     print(common.format_table(rows, cols))
     for r in rows:

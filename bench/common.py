@@ -7,7 +7,8 @@ peak temporary memory of a forward, fresh random inputs (never zeros).
 Results rows (what `write_json` stores and `plot.py` reads): one dict per (case, mode, provider) with at least
 `case`, `mode`, `provider`, `us` (median, None without a GPU), `us_p20`, `us_p80` and `ratio_to_base`; optional
 `graph_us` / `graph_ratio_to_base` (CUDA graph, launch-bound shapes), `paired_ratio_to_base` (`paired_ratios`: the
-ratio within interleaved rounds of a few calls each), `mem_fwd_bytes` / `mem_fwd_x_out`, `rel_err_*` and
+ratio within interleaved rounds of a few calls each), `interleaved_ratio_to_base` (`interleaved_ratios`: the ratio of
+do_bench medians over interleaved rounds), `mem_fwd_bytes` / `mem_fwd_x_out`, `rel_err_*` and
 `check_passed`. Scripts named `bench_<name>.py` write `<out_dir>/<name>.json`; `run_all.py` finds them.
 """
 from __future__ import annotations
@@ -97,6 +98,23 @@ def paired_ratios(fns: dict[str, Callable[[], object]], base: str, rounds: int =
         for n in names:
             ratios[n].append(ms[n] / ms[base])
     return {n: sorted(v)[len(v) // 2] for n, v in ratios.items()}
+
+
+def interleaved_ratios(fns: dict[str, Callable[[], object]], base: str, rounds: int = 5) -> dict[str, float]:
+    """Per entry of `fns`, the ratio of its median do_bench time to `fns[base]`'s, each the median over `rounds`
+    interleaved rounds (one do_bench per function per round, the order reversed every other round).
+
+    This is the protocol's measure (the do_bench median, ../shared/BENCH.md), made robust to the device's clock
+    drift between two do_bench calls seconds apart: the base and the others alternate. `paired_ratios` times a few
+    calls back to back per function instead; at 8192 x 4096 x 4096 it reads ~3 % higher for the fused forward than
+    this does (`bench/probe_fwd_paths.py`), both are reported."""
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    names = list(fns)
+    for i in range(rounds):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            times[name].append(bench_us(fns[name])[0])
+    med = {n: sorted(v)[len(v) // 2] for n, v in times.items()}
+    return {n: med[n] / med[base] for n in names}
 
 
 def random_lora_inputs(M: int, K: int, N: int, r: int, dtype, seed: int):

@@ -55,7 +55,7 @@ for name in "$@"; do
     compile_late) step compile_late 150 python3 bench/gpu_compile.py --out "$OUT/logs" \
       --only reduce_overhead,checkpoint_compiled ;;
     host) step host 120 python3 bench/profile_host.py --out "$OUT/logs" ;;
-    linear) step linear 240 python3 bench/bench_lora_linear.py --quick --out "$OUT/logs" ;;
+    linear) step linear 330 python3 bench/bench_lora_linear.py --quick --out "$OUT/logs" ;;
     prof) step prof 120 bash -c "python3 bench/profile_lora.py --p 0.1 && python3 bench/profile_lora.py --p 0" ;;
     profc) step profc 240 bash -c "python3 bench/profile_compile.py --p 0 && python3 bench/profile_compile.py --p 0.1" ;;
     pdl) step pdl 330 python3 bench/exp_pdl.py --out "$OUT/logs" ${PDL_ARGS:-} ;;

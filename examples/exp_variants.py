@@ -41,6 +41,11 @@ RANK, ALPHA = 8, 16
 TARGETS = ["0", "2", "4"]
 LR_GRID = {"lora": (3e-3, 1e-2, 3e-2), "lora+": (1e-3, 3e-3, 1e-2), "pissa": (1e-3, 3e-3, 1e-2),
            "dora": (3e-3, 1e-2, 3e-2), "vera": (1e-2, 3e-2, 1e-1)}
+# The large size's rates, a decade lower for the rank-8 variants: at the small size's rates every one of them,
+# ours and PEFT's alike (bench/probe_dora_train.py: the same trajectories from the same start), blew up within 600
+# Adam steps on the 4096-wide layers (DoRA at 3e-3 ended at 1.4x the base's loss after 0.05 at step 200).
+LR_GRID_LARGE = {"lora": (3e-4, 1e-3, 3e-3), "lora+": (1e-4, 3e-4, 1e-3), "pissa": (1e-4, 3e-4, 1e-3),
+                 "dora": (3e-4, 1e-3, 3e-3), "vera": (3e-3, 1e-2, 3e-2)}
 
 
 def mlp(cfg, device, dtype) -> nn.Sequential:
@@ -130,7 +135,7 @@ def main(argv=None):
         y_eval = teacher(x_eval).float()
         base_loss = torch.mean((base(x_eval).float() - y_eval) ** 2)
     results = {}
-    for variant, grid in LR_GRID.items():
+    for variant, grid in (LR_GRID_LARGE if args.size == "large" else LR_GRID).items():
         runs = {}
         for lr in grid:
             model = adapt(base, variant, cfg)
