@@ -25,7 +25,26 @@ def _prmt(a: int, b: int, c: int) -> int:
     return out
 
 
-_OPS = {"and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b, "shr.b32": lambda a, b: a >> b}
+def _f32(bits: int) -> torch.Tensor:
+    return torch.tensor([bits - (1 << 32) if bits >= 1 << 31 else bits], dtype=torch.int32).view(torch.float32)
+
+
+def _mul_f32(a: int, b: int) -> int:
+    """mul.rn.f32 on bit patterns (one fp32 multiply, round to nearest even)."""
+    return (_f32(a) * _f32(b)).view(torch.int32).item() & 0xFFFFFFFF
+
+
+def _cvt_x2(dtype):
+    """cvt.rn.{bf16,f16}x2.f32 d, a, b: a rounded to `dtype` in the high half of d, b in the low half."""
+    def cvt(a: int, b: int) -> int:
+        hi, lo = (_f32(v).to(dtype).view(torch.int16).item() & 0xFFFF for v in (a, b))
+        return (hi << 16) | lo
+    return cvt
+
+
+_OPS = {"and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b, "shr.b32": lambda a, b: a >> b,
+        "mul.rn.f32": _mul_f32, "cvt.rn.bf16x2.f32": _cvt_x2(torch.bfloat16),
+        "cvt.rn.f16x2.f32": _cvt_x2(torch.float16)}
 
 
 def run_ptx(asm: str, operands: dict) -> dict:
@@ -34,6 +53,8 @@ def run_ptx(asm: str, operands: dict) -> dict:
 
     def value(tok):
         tok = tok.strip()
+        if tok.startswith("0f"):  # a PTX fp32 immediate: its bit pattern in hex
+            return int(tok[2:], 16)
         return int(tok, 0) if tok[0].isdigit() else regs[tok]
 
     for line in asm.splitlines():
@@ -198,3 +219,35 @@ def test_lanes_block_ptx_sums_each_lanes_two_rows(dtype):
         for out, row in (("$0", lane // 4), ("$1", lane // 4 + 8)):
             want = start[row] + absmax[row] * sum(v * xk for v, xk in zip(values[row], xf))
             assert regs[out] == pytest.approx(want, rel=1e-9, abs=1e-9), (lane, row)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scaled_words_decode_to_rounded_products(dtype):
+    """The dequantize kernel's per-block words (`scaled_words_ptx`: the 16 code values times the block's absmax,
+    each rounded once to dtype, laid out as `prmt` tables) fed to the 16-bit decode give, for every byte value,
+    round(code * absmax) in dtype: the bits of NF4Tensor.dequantize (fp32 product, one rounding)."""
+    rng = random.Random(3)
+    asm = nd.scaled_words_ptx(dtype)
+    assert nd._SCALED_WORDS_CONSTRAINTS.value.split(",") == ["=r"] * 8 + ["r"]
+    decode = nd._PAIRS16.value
+    code = torch.tensor(nd.NF4_CODE, dtype=torch.float32)
+    # absmax values: typical, an exact zero (all-zero block), tiny (subnormal products), large (fp16 overflow)
+    scales = [0.0, 1.0, 2.5e-3, 1e-38, 3.0e4, 7.1e4] + [rng.uniform(1e-3, 8.0) for _ in range(20)]
+    for scale in scales:
+        sbits = torch.tensor([scale], dtype=torch.float32).view(torch.int32).item() & 0xFFFFFFFF
+        words = [run_ptx(asm, {"$8": sbits})[f"${w}"] for w in range(8)]
+        want = [v & 0xFFFF for v in (code * torch.tensor(scale, dtype=torch.float32)).to(dtype).view(torch.int16)
+                .tolist()]
+        if scale == 1.0:  # the code book itself: the kernels' constant words
+            assert words == nd._prmt_words(dtype)
+        for first in range(0, 256, 4):
+            packed = list(range(first, first + 4))
+            ops = {"$4": sum(b << (8 * j) for j, b in enumerate(packed))}
+            for i, w in enumerate(words):
+                for e in range(4):
+                    ops[f"${5 + 4 * i + e}"] = w
+            regs = run_ptx(decode, ops)
+            even = [(regs[f"${j // 2}"] >> (16 * (j % 2))) & 0xFFFF for j in range(4)]
+            odd = [(regs[f"${2 + j // 2}"] >> (16 * (j % 2))) & 0xFFFF for j in range(4)]
+            assert even == [want[b >> 4] for b in packed], (scale, packed)
+            assert odd == [want[b & 15] for b in packed], (scale, packed)
