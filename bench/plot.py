@@ -176,6 +176,20 @@ def results_table(rows: list[dict]) -> str:
     return format_table(table, columns)
 
 
+def drift_robust_table(rows: list[dict]) -> str | None:
+    """The rows that carry the drift-robust ratios (common.interleaved_ratios: do_bench medians over interleaved
+    rounds; common.paired_ratios: a few calls back to back per round) beside their single do_bench ratio; None when
+    no row has them."""
+    keys = ("interleaved_ratio_to_base", "paired_ratio_to_base")
+    picked = [r for r in rows if any(r.get(k) is not None for k in keys)]
+    if not picked:
+        return None
+    fmt = lambda v: f"{v:.3f}×" if isinstance(v, (int, float)) else ""  # noqa: E731
+    table = [{"case": r["case"], "mode": r["mode"], "provider": r["provider"], "do_bench": fmt(r.get("ratio_to_base")),
+              "interleaved do_bench": fmt(r.get(keys[0])), "paired": fmt(r.get(keys[1]))} for r in picked]
+    return format_table(table, ["case", "mode", "provider", "do_bench", "interleaved do_bench", "paired"])
+
+
 def readme_section(payload: dict, command: str | None = None, png_name: str | None = None) -> str:
     env = payload.get("env", {})
     name = payload["name"]
@@ -199,6 +213,11 @@ def readme_section(payload: dict, command: str | None = None, png_name: str | No
     lines += ["", "Ratios are time / base (`F.linear`); `mem/Y` is the forward's peak allocation over the output's "
               "size (1.00 = nothing but Y); `check` is the worst relative error against the fp32 reference.", ""]
     lines.append(results_table(payload["rows"]))
+    robust = drift_robust_table(payload["rows"])
+    if robust:
+        lines += ["", "Drift-robust ratios to the base (`bench/common.py`): the do_bench median over interleaved rounds "
+                  "(`interleaved_ratios`) and the median of per-round ratios of a few back-to-back calls "
+                  "(`paired_ratios`), beside the single do_bench ratio of the table above.", "", robust]
     if png_name:
         lines += ["", f"![{name}]({png_name})"]
     lines.append(f"<!-- bench:{name} end -->")
