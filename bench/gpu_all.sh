@@ -65,7 +65,7 @@ for name in "$@"; do
     dist) step dist 200 torchrun --standalone --nproc_per_node 2 bench/gpu_distributed.py --out "$OUT/logs" ;;
     compile) step compile 170 python3 bench/gpu_compile.py --out "$OUT/logs" ;;
     qlora) step qlora 260 python3 bench/gpu_qlora.py --out "$OUT/logs" ;;
-    variants) step variants 150 python3 bench/gpu_variants.py --out "$OUT/logs" ;;
+    variants) step variants 180 python3 bench/gpu_variants.py --out "$OUT/logs" ;;
     init) step init 100 python3 bench/gpu_init_embedding.py --out "$OUT/logs" ;;
     train) step train 200 python3 bench/bench_train_step.py --out "$OUT/logs" --max-seconds 150 ${TRAIN_ARGS:-} ;;
     train_big) step train_big 260 python3 bench/bench_train_step.py --out "$OUT/logs/big" --batch "${TRAIN_BATCH:-8}" \
