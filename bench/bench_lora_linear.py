@@ -552,22 +552,16 @@ def summary_tables(rows: list[dict], providers: list[str]) -> str:
                 table.append(t)
             cols = ["case", *[f"{n} us (x base)" for n in providers], "floor us", "fused/floor"]
             out.append(f"\n## {mode}: median µs (ratio to base)\n" + common.format_table(table, cols))
-        paired = [{"case": c, **{n: f"{p[n]['paired_ratio_to_base']:.3f}x" for n in providers
-                                 if p.get(n, {}).get("paired_ratio_to_base") is not None}}
-                  | {"mode": m} for (c, m), p in by_key.items()
-                  if any(v.get("paired_ratio_to_base") for v in p.values())]
-        if paired:
-            cols = ["case", "mode", *[n for n in providers if n != "base"]]
-            out.append(f"\n## paired ratio to base (median over {PAIRED_ROUNDS} interleaved rounds of 6 calls)\n"
-                       + common.format_table(paired, cols))
-        inter = [{"case": c, **{n: f"{p[n]['interleaved_ratio_to_base']:.3f}x" for n in providers
-                                if p.get(n, {}).get("interleaved_ratio_to_base") is not None}}
-                 | {"mode": m} for (c, m), p in by_key.items()
-                 if any(v.get("interleaved_ratio_to_base") for v in p.values())]
-        if inter:
-            cols = ["case", "mode", *[n for n in providers if n != "base"]]
-            out.append(f"\n## ratio of do_bench medians to base, {INTERLEAVED_ROUNDS} interleaved rounds (the protocol's "
-                       "measure, drift-robust)\n" + common.format_table(inter, cols))
+        for key, title in (("paired_ratio_to_base",
+                            f"paired ratio to base (median over {PAIRED_ROUNDS} interleaved rounds of 6 calls)"),
+                           ("interleaved_ratio_to_base", f"ratio of do_bench medians to base, {INTERLEAVED_ROUNDS} "
+                                                         "interleaved rounds (the protocol's measure, drift-robust)")):
+            ratios = [{"case": c, "mode": m, **{n: f"{p[n][key]:.3f}x" for n in providers
+                                                if p.get(n, {}).get(key) is not None}}
+                      for (c, m), p in by_key.items() if any(v.get(key) for v in p.values())]
+            if ratios:
+                cols = ["case", "mode", *[n for n in providers if n != "base"]]
+                out.append(f"\n## {title}\n" + common.format_table(ratios, cols))
         graph = [{"case": c, **{f"{n} graph us (x)": _cell_time(p.get(n), "graph_us", "graph_ratio_to_base")
                                 for n in providers}}
                  for (c, m), p in by_key.items() if m == "fwd" and any(v.get("graph_us") for v in p.values())]
