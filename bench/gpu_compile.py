@@ -595,19 +595,23 @@ def checkpoint_compiled(M=512, K=64, p=0.5):
 
 
 def variants_compiled(M=4096, K=4096, N=4096):
-    """DoRA and VeRA layers (bf16) under torch.compile(fullgraph=True, inductor): one graph each, a training step's
-    output and gradients against eager's, and fwd+bwd times of both (the traced DoRA saves z for dm)."""
+    """DoRA, VeRA and QLoRA layers (bf16) under torch.compile(fullgraph=True, inductor): one graph each, a training
+    step's output and gradients against eager's, and fwd+bwd times of both (the traced DoRA saves z for dm; QLoRA
+    runs the `lora_fast::qlora_forward` op)."""
     import torch._dynamo.testing
 
     from lora_fast.dora import DoRALinear
+    from lora_fast.qlora import LoRALinear4bit
     from lora_fast.vera import VeRALinear
 
     torch.manual_seed(0)
     layers = {"dora": DoRALinear(K, N, rank=16, alpha=32, device=DEV, dtype=BF16),
-              "vera": VeRALinear.from_linear(nn.Linear(K, N, device=DEV, dtype=BF16), rank=256)}
+              "vera": VeRALinear.from_linear(nn.Linear(K, N, device=DEV, dtype=BF16), rank=256),
+              "qlora": LoRALinear4bit.from_linear(nn.Linear(K, N, device=DEV, dtype=BF16), rank=16, alpha=32)}
     with torch.no_grad():
         nn.init.normal_(layers["dora"].lora_B, std=0.1)
         layers["vera"].vera_lambda_b.normal_(std=0.1)
+        nn.init.normal_(layers["qlora"].lora_B, std=0.1)
     x = torch.randn(M, K, device=DEV, dtype=BF16, requires_grad=True)
     g = torch.randn(M, N, device=DEV, dtype=BF16)
     for name, layer in layers.items():
@@ -621,8 +625,9 @@ def variants_compiled(M=4096, K=4096, N=4096):
         errs = [rel_err(c, e) for c, e in zip(out["compiled"], out["eager"])]
         record(f"{name} compiled fullgraph (one graph; y and grads vs eager)",
                counter.frame_count == 1 and max(errs) <= 2e-2, frames=counter.frame_count, rel_errs=errs)
+        weight = layer.weight if name != "qlora" else layer.weight4.dequantize(BF16)
         time_ratio(f"{name} fwd+bwd {M}x{K}x{N}",
-                   {"base": lambda: torch.autograd.grad(F.linear(x, layer.weight), x, g),
+                   {"base": lambda: torch.autograd.grad(F.linear(x, weight), x, g),
                     "eager": lambda: torch.autograd.grad(layer(x), [x, *params], g),
                     "compiled": lambda: torch.autograd.grad(compiled(x), [x, *params], g)})
 

@@ -9,7 +9,6 @@ Eager calls go straight to `LoRALinearFunction`; while torch.compile traces, `lo
 Under torch.autocast the operands are cast as nn.Linear's are (`autocast_inputs`); fp32 adapters on an fp16/bf16 x
 are cast down to x's dtype (docs/compile_graphs.md).
 """
-import functools
 
 import torch
 
@@ -158,20 +157,6 @@ def _lora_linear_traced(*args):
     from . import ops
 
     return ops.lora_linear_op(*args)
-
-
-def eager_under_compile(fn):
-    """Decorator for entry points that are not torch ops (QLoRA): while torch.compile traces, `fn` runs
-    eagerly at a graph break instead of dynamo tracing into its Triton launchers; otherwise it is called as is."""
-    eager = eager_only(fn)
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if is_compiling():
-            return eager(*args, **kwargs)
-        return fn(*args, **kwargs)
-
-    return wrapper
 
 
 def eager_only(fn, reason: str | None = None):

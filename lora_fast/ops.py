@@ -12,6 +12,11 @@ Ops (each with a fake implementation for tracing; shapes as in the launchers of 
 - `lora_fast::dora_norm(weight [N, K], lora_A [r, K], lora_B [N, r], scaling)` -> `||W + s * B @ A||_row` [N] fp32
   (fp64 for fp64), no autograd (DoRA's norm is a constant; `dora.dora_linear` traces DoRA with it, with
   `lora_forward` and graph ops; VeRA traces with `lora_forward` and graph ops alone);
+- `lora_fast::qlora_forward(x [M, K], qweight [N, K/2], absmax, absmax_code?, absmax_scale?, absmax_offset,
+  absmax_group, out_features, bias?, lora_A, lora_B, scaling, dropout_p, seed?, store_xa)` -> `(y [M, N],
+  xa [M or 0, r])`: QLoRA's forward (`lora_fast.nf4.NF4Tensor`'s fields in W's place), with autograd registered;
+- `lora_fast::qlora_backward_dx(dy [M, N], <the same NF4 fields>, in_features, lora_A, lora_B, scaling,
+  dropout_p, seed?, store_dyb)` -> `(dx [M, K], dyb [M or 0, r])`;
 - `lora_fast::multi_lora_forward(x [T, K], weight, bias?, A [S, slices, R, K], B [S, N, R], scalings [S],
   ranks [S], adapter_ids, perm, seg_of, seg_start, seg_adapter, slice_sizes)` -> `y [T, N]`, with autograd for x
   only (serving: the pool and the base weight are frozen, their gradients are not computed).
@@ -212,6 +217,94 @@ if HAS_CUSTOM_OPS:
 
     lora_forward.register_autograd(_lora_forward_backward, setup_context=_lora_forward_setup)
 
+    # ------------------------------------------------------------------------------------------- QLoRA (NF4 base)
+    # The NF4 weight travels as its fields (tensors, and the double quantization's scalars), the op rebuilds the
+    # NF4Tensor view (no copy) and runs `lora_fast.qlora`'s launchers: the NF4 kernels, or dequantize + the plain
+    # path on a CPU without the interpreter.
+
+    def _nf4_view(qweight, absmax, absmax_code, absmax_scale, absmax_offset, absmax_group, out_features,
+                  in_features, dtype):
+        from .nf4 import NF4Tensor
+
+        return NF4Tensor(qweight, absmax, (out_features, in_features), dtype, absmax_code, absmax_scale,
+                         absmax_offset, absmax_group)
+
+    def nf4_fields(w4) -> tuple:
+        """The op arguments of the NF4 weight `w4`: (qweight, absmax, absmax_code, absmax_scale, absmax_offset,
+        absmax_group, out_features)."""
+        return (w4.qweight, w4.absmax, w4.absmax_code, w4.absmax_scale, float(w4.absmax_offset),
+                int(w4.absmax_group), int(w4.shape[0]))
+
+    @_Op
+    def qlora_forward(x: Tensor, qweight: Tensor, absmax: Tensor, absmax_code: Optional[Tensor],
+                      absmax_scale: Optional[Tensor], absmax_offset: float, absmax_group: int, out_features: int,
+                      bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float, dropout_p: float,
+                      seed: Optional[Tensor], store_xa: bool) -> Tuple[Tensor, Tensor]:
+        from .qlora import _nf4_ops
+
+        w4 = _nf4_view(qweight, absmax, absmax_code, absmax_scale, absmax_offset, absmax_group, out_features,
+                       x.shape[1], x.dtype)
+        y, xa = _nf4_ops(x).lora_nf4_forward(x, w4, bias, lora_A, lora_B, scaling, dropout_p, seed_value(seed),
+                                             store_xa=store_xa)
+        return y, (xa if xa is not None else _empty(x, 0, lora_A.shape[0]))
+
+    @qlora_forward.register_fake
+    def _(x, qweight, absmax, absmax_code, absmax_scale, absmax_offset, absmax_group, out_features, bias, lora_A,
+          lora_B, scaling, dropout_p, seed, store_xa):
+        return _empty(x, x.shape[0], out_features), _empty(x, x.shape[0] if store_xa else 0, lora_A.shape[0])
+
+    @_Op
+    def qlora_backward_dx(dy: Tensor, qweight: Tensor, absmax: Tensor, absmax_code: Optional[Tensor],
+                          absmax_scale: Optional[Tensor], absmax_offset: float, absmax_group: int, in_features: int,
+                          lora_A: Tensor, lora_B: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
+                          store_dyb: bool) -> Tuple[Tensor, Tensor]:
+        from .qlora import _nf4_ops
+
+        w4 = _nf4_view(qweight, absmax, absmax_code, absmax_scale, absmax_offset, absmax_group, dy.shape[1],
+                       in_features, dy.dtype)
+        dx, dyb = _nf4_ops(dy).lora_nf4_backward_dx(dy, w4, lora_A, lora_B, scaling, dropout_p, seed_value(seed),
+                                                    store_dyb=store_dyb)
+        return dx, (dyb if dyb is not None else _empty(dy, 0, lora_A.shape[0]))
+
+    @qlora_backward_dx.register_fake
+    def _(dy, qweight, absmax, absmax_code, absmax_scale, absmax_offset, absmax_group, in_features, lora_A, lora_B,
+          scaling, dropout_p, seed, store_dyb):
+        return _empty(dy, dy.shape[0], in_features), _empty(dy, dy.shape[0] if store_dyb else 0, lora_A.shape[0])
+
+    class _QLoRAOpLaunchers:
+        """`functional.lora_backward`'s launchers over the ops with an NF4 weight in W's place (never a dW)."""
+
+        @staticmethod
+        def lora_backward_dx(dy, w4, lora_A, lora_B, scaling, dropout_p, seed, store_dyb=True):
+            fields = nf4_fields(w4)[:6]
+            dx, dyb = torch.ops.lora_fast.qlora_backward_dx(dy, *fields, int(w4.shape[1]), lora_A, lora_B, scaling,
+                                                            dropout_p, seed, store_dyb)
+            return dx, (dyb if store_dyb else None)
+
+        lora_shrink = staticmethod(_OpLaunchers.lora_shrink)
+        lora_grad_ab = staticmethod(_OpLaunchers.lora_grad_ab)
+
+    def _qlora_forward_setup(ctx, inputs, output):
+        x, qweight, absmax, absmax_code, absmax_scale, absmax_offset, absmax_group, out_features, bias, lora_A, \
+            lora_B, scaling, dropout_p, seed, store_xa = inputs
+        ctx.save_for_backward(x, lora_A, lora_B, output[1] if store_xa else None, seed, qweight, absmax,
+                              absmax_code, absmax_scale)
+        ctx.nf4 = (absmax_offset, absmax_group, out_features)
+        ctx.scaling, ctx.dropout_p, ctx.has_bias = scaling, dropout_p, bias is not None
+        ctx.mark_non_differentiable(output[1])
+
+    def _qlora_forward_backward(ctx, dy, _dxa):
+        x, lora_A, lora_B, xa, seed, qweight, absmax, absmax_code, absmax_scale = ctx.saved_tensors
+        offset, group, out_features = ctx.nf4
+        w4 = _nf4_view(qweight, absmax, absmax_code, absmax_scale, offset, group, out_features, x.shape[1], x.dtype)
+        need = ctx.needs_input_grad
+        dx, _, dbias, dA, dB = lora_backward(_QLoRAOpLaunchers, dy, x, w4, lora_A, lora_B, xa, ctx.scaling,
+                                             ctx.dropout_p, seed, ctx.has_bias, (need[0], False, need[8], need[9],
+                                                                                 need[10]))
+        return (dx, *([None] * 7), dbias, dA, dB, None, None, None, None)
+
+    qlora_forward.register_autograd(_qlora_forward_backward, setup_context=_qlora_forward_setup)
+
     # ------------------------------------------------------------------------------------------- multi-adapter
 
     @_Op
@@ -256,4 +349,14 @@ def lora_linear_op(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: f
     return y2d.reshape(*x.shape[:-1], weight.shape[0])
 
 
-__all__ = ["HAS_CUSTOM_OPS", "draw_seed_tensor", "lora_linear_op", "seed_value"]
+def qlora_linear_op(x, w4, bias, lora_A, lora_B, scaling: float, dropout_p: float):
+    """`lora_fast.qlora_linear` after its checks and casts, through the `lora_fast::qlora_forward` op (the NF4
+    weight `w4` passed as its fields). x: [..., K] -> [..., N]; the seed as in `lora_linear_op`."""
+    seed = draw_seed_tensor(x.device) if dropout_p > 0.0 else None
+    store_xa = torch.is_grad_enabled() and lora_B.requires_grad
+    y2d, _ = torch.ops.lora_fast.qlora_forward(x.reshape(-1, x.shape[-1]), *nf4_fields(w4), bias, lora_A, lora_B,
+                                               scaling, dropout_p, seed, store_xa)
+    return y2d.reshape(*x.shape[:-1], w4.shape[0])
+
+
+__all__ = ["HAS_CUSTOM_OPS", "draw_seed_tensor", "lora_linear_op", "qlora_linear_op", "seed_value"]

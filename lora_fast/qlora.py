@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import naive
-from .functional import autocast_inputs, draw_seed, eager_under_compile, lora_backward, use_triton
+from .functional import autocast_inputs, compile_dispatch, draw_seed, lora_backward, use_triton
 from .nf4 import (ABSMAX_GROUP, NF4_BLOCK, NF4Tensor, check_nf4_shape, check_nf4_tensor, from_bnb, quantize_nf4,
                   roundtrip_error)
 from .validation import check_adapter_dtype, check_dropout, check_flag, check_rank, check_scaling, check_tensor
@@ -121,7 +121,6 @@ def check_qlora_args(x, w4, bias, lora_A, lora_B, scaling, dropout_p, training):
     return check_scaling(scaling), check_dropout(dropout_p)
 
 
-@eager_under_compile
 def qlora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=False):
     """QLoRA linear: `x @ deq(weight)^T + bias + scaling * (dropout(x) @ lora_A^T) @ lora_B^T`.
 
@@ -136,12 +135,23 @@ def qlora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, traini
     scaling, dropout_p = check_qlora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
     lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     p = dropout_p if training else 0.0
+    return compile_dispatch(_qlora_linear_traced, _qlora_linear_eager, x, weight, bias, lora_A, lora_B, scaling, p)
+
+
+def _qlora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, p):
     seed = draw_seed(x) if p > 0.0 else 0
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B)):
         return QLoRALinearFunction.apply(x, bias, lora_A, lora_B, weight, scaling, p, seed)
     y2d, _ = _nf4_ops(x).lora_nf4_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, p,
                                           seed)
     return y2d.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _qlora_linear_traced(x, weight, bias, lora_A, lora_B, scaling, p):
+    """While torch.compile traces: the `lora_fast::qlora_forward` op (no graph break; `lora_fast.ops`)."""
+    from .ops import qlora_linear_op
+
+    return qlora_linear_op(x, weight, bias, lora_A, lora_B, scaling, p)
 
 
 

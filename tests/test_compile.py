@@ -357,10 +357,64 @@ def test_dora_with_dropout_traces_its_formula(monkeypatch):
     assert counter.frame_count == 1 and all(torch.isfinite(t).all() for t in got)
 
 
-def test_variants_compile_at_a_graph_break_and_equal_eager():
-    """Every variant layer under torch.compile (without fullgraph) equals eager: QLoRA's entry point runs eagerly at
-    a graph break (it is not a torch op), DoRA and VeRA trace (see the test above). Outputs and every gradient equal
-    eager's; dropout off so both see the same function."""
+def _qlora_layer(double_quant, dropout=0.0):
+    from lora_fast.qlora import LoRALinear4bit
+
+    torch.manual_seed(3)
+    layer = LoRALinear4bit.from_linear(nn.Linear(64, 24), rank=4, alpha=8, dropout=dropout,
+                                       compute_dtype=torch.float32, double_quant=double_quant)
+    with torch.no_grad():
+        layer.lora_B.normal_()  # B = 0 would leave A's gradient zero
+    return layer
+
+
+def test_opcheck_qlora_ops():
+    """`lora_fast::qlora_forward` / `qlora_backward_dx` (the NF4 weight as its fields): schema, fake tensors,
+    autograd registration and dispatch, with and without a bias, double quantization, dropout and xa / dyb."""
+    from lora_fast.ops import nf4_fields
+
+    seed = torch.tensor([77], dtype=torch.int64)
+    for dq in (False, True):
+        layer = _qlora_layer(dq)
+        w4, fields = layer.weight4, nf4_fields(layer.weight4)
+        x = torch.randn(5, 64)
+        A, B = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
+        b = torch.randn(24)
+        torch.library.opcheck(torch.ops.lora_fast.qlora_forward.default,
+                              (x, *fields, None, A, B, 2.0, 0.0, None, False))
+        xg, Ag, Bg, bg = (t.clone().requires_grad_() for t in (x, A, B, b))
+        torch.library.opcheck(torch.ops.lora_fast.qlora_forward.default,
+                              (xg, *fields, bg, Ag, Bg, 0.5, 0.25, seed, True))
+        dy = torch.randn(5, 24)
+        torch.library.opcheck(torch.ops.lora_fast.qlora_backward_dx.default,
+                              (dy, *fields[:6], w4.shape[1], A, B, 2.0, 0.25, seed, True))
+
+
+@pytest.mark.parametrize("double_quant,dropout", [(False, 0.0), (True, 0.0), (False, 0.3)])
+def test_qlora_compiles_fullgraph_and_equals_eager(double_quant, dropout):
+    """LoRALinear4bit traces as one graph under fullgraph=True (the `lora_fast::qlora_forward` op with its autograd)
+    in training and in inference; the output and the gradients of x, A and B equal eager's (with dropout too: on
+    the CPU the graph's seed op and eager draw the same seed from the same generator state)."""
+    torch._dynamo.reset()
+    layer = _qlora_layer(double_quant, dropout)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    compiled, counter = _compile(layer, "aot_eager")
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    want = [t.detach().clone() for t in seeded_grads(layer, x, params, 0)]
+    got = seeded_grads(compiled, x, params, 0)
+    assert counter.frame_count == 1 and len(got) == 2 + len(params)
+    for w, g, what in zip(want, got, ["y", "dx"] + [f"grad {i}" for i in range(len(params))]):
+        assert g is not None, what
+        assert_close(f"qlora {what}", g, w, torch.float32)
+    with torch.no_grad():
+        layer.eval()
+        assert_close("qlora inference", compiled(x), layer(x), torch.float32)
+
+
+def test_variants_compile_without_fullgraph_and_equal_eager():
+    """Every variant layer under torch.compile without fullgraph (the default backend path a user takes) equals
+    eager: QLoRA, DoRA and VeRA all trace (see the tests above). Outputs and every gradient equal eager's; dropout
+    off so both see the same function."""
     from lora_fast.dora import DoRALinear
     from lora_fast.qlora import LoRALinear4bit
     from lora_fast.vera import apply_vera
