@@ -6,6 +6,7 @@
 quantize="nf4")` builds it). Dispatch follows `lora_fast.functional`: CUDA (and CPU under TRITON_INTERPRET=1)
 runs the NF4 kernels (`kernels.lora_nf4_forward` / `lora_nf4_backward_dx`, dA and dB by `lora_grad_ab`);
 other CPU tensors dequantize W and run the plain-PyTorch path (`lora_fast.naive`), with the same dropout mask.
+Under torch.compile the call goes through the `lora_fast::qlora_forward` op (`lora_fast.ops`): no graph break.
 
 State-dict keys of a LoRALinear4bit: `qweight` [N, K // 2] uint8, `absmax` [N, K // 64] (fp32, or uint8 with
 `absmax_code` [256], `absmax_scale`, `absmax_offset`, `absmax_group` when double-quantized), `bias` [N],
