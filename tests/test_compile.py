@@ -302,10 +302,15 @@ def test_dora_and_vera_compile_without_a_graph_break(name):
     op) trace as one graph under fullgraph=True, in training (no dropout) and in inference; outputs and the
     gradients of x and of every trained parameter (the magnitude, with a zero entry; the lambdas) equal eager's."""
     torch._dynamo.reset()
-    layer = _dora_vera_layers()[name]
+    _check_one_graph_equals_eager(name, _dora_vera_layers()[name], 40)
+
+
+def _check_one_graph_equals_eager(name, layer, in_features):
+    """`layer` under torch.compile(fullgraph=True, aot_eager) captures one graph; its training output and the
+    gradients of x and of every trainable parameter, then its inference output, equal eager's."""
     params = [p for p in layer.parameters() if p.requires_grad]
     compiled, counter = _compile(layer, "aot_eager")
-    x = torch.randn(2, 5, 40, requires_grad=True)
+    x = torch.randn(2, 5, in_features, requires_grad=True)
     want = [t.detach().clone() for t in seeded_grads(layer, x, params, 0)]
     got = seeded_grads(compiled, x, params, 0)
     assert counter.frame_count == 1 and len(got) == 2 + len(params)
@@ -396,19 +401,7 @@ def test_qlora_compiles_fullgraph_and_equals_eager(double_quant, dropout):
     in training and in inference; the output and the gradients of x, A and B equal eager's (with dropout too: on
     the CPU the graph's seed op and eager draw the same seed from the same generator state)."""
     torch._dynamo.reset()
-    layer = _qlora_layer(double_quant, dropout)
-    params = [p for p in layer.parameters() if p.requires_grad]
-    compiled, counter = _compile(layer, "aot_eager")
-    x = torch.randn(2, 5, 64, requires_grad=True)
-    want = [t.detach().clone() for t in seeded_grads(layer, x, params, 0)]
-    got = seeded_grads(compiled, x, params, 0)
-    assert counter.frame_count == 1 and len(got) == 2 + len(params)
-    for w, g, what in zip(want, got, ["y", "dx"] + [f"grad {i}" for i in range(len(params))]):
-        assert g is not None, what
-        assert_close(f"qlora {what}", g, w, torch.float32)
-    with torch.no_grad():
-        layer.eval()
-        assert_close("qlora inference", compiled(x), layer(x), torch.float32)
+    _check_one_graph_equals_eager("qlora", _qlora_layer(double_quant, dropout), 64)
 
 
 def test_variants_compile_without_fullgraph_and_equal_eager():
