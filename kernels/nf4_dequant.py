@@ -451,7 +451,7 @@ def nf4_dequantize(w4, dtype=torch.bfloat16, out=None, decode="auto"):
     >>> y = torch.nn.functional.linear(x, W)
     """
     tensors, flags = nf4_key_parts(w4)
-    key = plan_key((out,) + tensors, *flags, dtype, decode)
+    key = plan_key((out,) + tensors, *flags, dtype, decode, SCALED_WORDS)
     plan = _PLANS.find(key)
     if plan is None:
         plan = _PLANS.put(key, _DequantPlan(w4, dtype, out, decode))
@@ -461,6 +461,7 @@ def nf4_dequantize(w4, dtype=torch.bfloat16, out=None, decode="auto"):
 _PLANS = PlanCache()
 # Whether 16-bit dequantizes with the "prmt" decode build per-block scaled words (_nf4_dequant_kernel's
 # SCALED_WORDS); False falls back to the fp32 decode, multiply and conversion (same bits; experiments compare them).
+# Part of the plan key: a switch flipped after a call takes effect on the next one.
 SCALED_WORDS = True
 
 
