@@ -14,7 +14,13 @@ import triton.language as tl
 from .helpers import cdiv, check_dtype, matrix_shape, next_pow2
 from .launch import Launch, PlanCache, plan_key
 
-_BLOCK_ROWS = 16
+# Elements of one operand tile per program. A program loads its tile in one step when a row fits (K <= 4096 for
+# VeRA's A [r, K]); it loops over column blocks only past that. The first version took 16 rows per program and
+# walked the columns 256 at a time: A [16, 4096] was one program with 16 dependent load steps, ~18 µs a launch on
+# the H200 (bench/NOTES.md, ninth session).
+_TILE_ELEMS = 4096
+# Row blocks are made narrow enough that a side of many short rows (B [N, r]) still spreads over this many programs.
+_MIN_PROGRAMS = 64
 
 
 @triton.jit
@@ -49,7 +55,8 @@ def _rows_pair_kernel(
     UA, VA, OA, UB, VB, OB,
     RA, CA, RB, CB, BLOCKS_A,
     s_uar, s_uac, s_var, s_vac, s_oar, s_oac, s_ubr, s_ubc, s_vbr, s_vbc, s_obr, s_obc,
-    DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CA: tl.constexpr, BLOCK_CB: tl.constexpr, ACC: tl.constexpr,
+    DOT: tl.constexpr, BLOCK_RA: tl.constexpr, BLOCK_RB: tl.constexpr, BLOCK_CA: tl.constexpr,
+    BLOCK_CB: tl.constexpr, ACC: tl.constexpr,
 ):
     """`_row_block` on two matrices in one launch: programs [0, BLOCKS_A) take UA's row blocks, the rest UB's.
 
@@ -59,14 +66,18 @@ def _rows_pair_kernel(
     """
     pid = tl.program_id(0)
     if pid < BLOCKS_A:
-        _row_block(UA, VA, OA, RA, CA, s_uar, s_uac, s_var, s_vac, s_oar, s_oac, pid, DOT, BLOCK_R, BLOCK_CA, ACC)
+        _row_block(UA, VA, OA, RA, CA, s_uar, s_uac, s_var, s_vac, s_oar, s_oac, pid, DOT, BLOCK_RA, BLOCK_CA, ACC)
     else:
-        _row_block(UB, VB, OB, RB, CB, s_ubr, s_ubc, s_vbr, s_vbc, s_obr, s_obc, pid - BLOCKS_A, DOT, BLOCK_R,
+        _row_block(UB, VB, OB, RB, CB, s_ubr, s_ubc, s_vbr, s_vbc, s_obr, s_obc, pid - BLOCKS_A, DOT, BLOCK_RB,
                    BLOCK_CB, ACC)
 
 
-def _col_block(cols: int) -> int:
-    return max(16, min(256, next_pow2(max(1, cols))))
+def _tile(rows: int, cols: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C) of one side: a whole row per column block up to _TILE_ELEMS elements, as many rows as fill
+    the tile, but no more than leaves _MIN_PROGRAMS row blocks (both powers of two)."""
+    block_c = max(16, min(_TILE_ELEMS, next_pow2(max(1, cols))))
+    block_r = max(1, min(_TILE_ELEMS // block_c, next_pow2(max(1, rows)), next_pow2(cdiv(rows, _MIN_PROGRAMS))))
+    return block_r, block_c
 
 
 def scale_rows(ua, va, ub, vb, dtype):
@@ -107,13 +118,14 @@ class _RowsPlan:
         check_dtype(dtype_a, "dtype", none_ok=False)
         check_dtype(dtype_b, "dtype", none_ok=False)
         self.outs = []
-        args, blocks, device, wide = [], [], None, torch.float64 in (dtype_a, dtype_b)
+        args, blocks, tiles, device, wide = [], [], [], None, torch.float64 in (dtype_a, dtype_b)
         for side, (u, v, dtype) in enumerate(((ua, va, dtype_a), (ub, vb, dtype_b))):
             uname, vname = ("ua", "va") if side == 0 else ("ub", "vb")
             if u is None:
                 self.outs.append(None)
                 args.append((0, 0, (0, 0), (0, 0), (0, 0)))
                 blocks.append(0)
+                tiles.append((1, 16))
                 continue
             rows, cols = matrix_shape(u, uname)
             if not u.is_floating_point():
@@ -133,7 +145,8 @@ class _RowsPlan:
             self.outs.append((shape, dtype))
             ostr = (1, 0) if dot else (cols, 1)
             args.append((rows, cols, tuple(u.stride()), vstr, ostr))
-            blocks.append(cdiv(rows, _BLOCK_ROWS))
+            tiles.append(_tile(rows, cols))
+            blocks.append(cdiv(rows, tiles[-1][0]))
         self.device, self.launch = device, None
         if sum(blocks) == 0:
             return
@@ -142,7 +155,7 @@ class _RowsPlan:
             _rows_pair_kernel, (sum(blocks),), ("UA", "VA", "OA", "UB", "VB", "OB"),
             None, None, None, None, None, None, ra, ca, rb, cb, blocks[0],
             *sua, *sva, *soa, *sub, *svb, *sob,
-            DOT=dot, BLOCK_R=_BLOCK_ROWS, BLOCK_CA=_col_block(ca), BLOCK_CB=_col_block(cb),
+            DOT=dot, BLOCK_RA=tiles[0][0], BLOCK_RB=tiles[1][0], BLOCK_CA=tiles[0][1], BLOCK_CB=tiles[1][1],
             ACC=tl.float64 if wide else tl.float32, num_warps=4,
         )
 

@@ -46,7 +46,7 @@ def test_vera_matches_reference(M, K, N, r, bias, dtype, p):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("r,K,N", [(1, 19, 33), (3, 300, 17), (20, 16, 1)])
+@pytest.mark.parametrize("r,K,N", [(1, 19, 33), (3, 300, 17), (20, 16, 1), (2, 4100, 70)])
 def test_fold_and_lambda_grad_kernels(r, K, N, dtype):
     """kernels.scale_rows / row_dots (VeRA's fold and lambda gradients) against the torch expressions: odd sizes (K past one column block,
     more rows than one row block), strided operands and lambdas, fp32 lambdas on half factors, outputs NaN-free;
