@@ -101,21 +101,23 @@ class DoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, g, weight_norm, scaling):
         ops = _ops(x)
-        x2d = x.reshape(-1, x.shape[-1])
+        flat = x.dim() != 2  # reshapes only where needed: each torch call costs host time (bench/NOTES.md)
         need_b, need_m = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
-        y2d, xa = ops.lora_forward(x2d, weight, bias, lora_A, lora_B, scaling, store_xa=need_b, out_scale=g)
+        y2d, xa = ops.lora_forward(x.reshape(-1, x.shape[-1]) if flat else x, weight, bias, lora_A, lora_B, scaling,
+                                   store_xa=need_b, out_scale=g)
         ctx.save_for_backward(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, g, xa,
                               y2d if need_m else None)
         ctx.scaling = scaling
-        return y2d.reshape(*x.shape[:-1], weight.shape[0])
+        return y2d.reshape(*x.shape[:-1], weight.shape[0]) if flat else y2d
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, lora_A, lora_B, magnitude, weight_norm, g, xa, y2d = ctx.saved_tensors
         need_x, need_w, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
         ops, s = _ops(x), ctx.scaling
-        x2d = x.reshape(-1, x.shape[-1])
-        dy2d = dy.reshape(-1, weight.shape[0])
+        flat = x.dim() != 2
+        x2d = x.reshape(-1, x.shape[-1]) if flat else x
+        dy2d = dy.reshape(-1, weight.shape[0]) if dy.dim() != 2 else dy
         if dy2d.dtype != x.dtype:
             dy2d = dy2d.to(x.dtype)
         dx = dw = dbias = dA = dB = dm = dot = None
@@ -128,7 +130,7 @@ class DoRALinearFunction(torch.autograd.Function):
             dot = stats.column_dot(dy2d, y2d, bias, partials=True)
         if need_x:
             dx2d, dyb = ops.lora_backward_dx(dy_g, weight, lora_A, lora_B, s, store_dyb=need_a)
-            dx = dx2d.reshape(x.shape)
+            dx = dx2d.reshape(x.shape) if flat else dx2d
         elif need_a:
             dyb = ops.lora_shrink(dy_g, lora_B.t())
         if need_a or need_b:

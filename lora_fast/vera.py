@@ -123,12 +123,13 @@ class VeRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dropout_p, seed):
         ops = _ops(x)
         a_d, b_b = _fold(ops, vera_A, lambda_d, vera_B, lambda_b, x.dtype)
-        x2d = x.reshape(-1, x.shape[-1])
-        y2d, xa = ops.lora_forward(x2d, weight, bias, a_d, b_b, 1.0, dropout_p, seed, store_xa=ctx.needs_input_grad[6])
+        flat = x.dim() != 2  # reshapes only where needed: each torch call costs host time (bench/NOTES.md)
+        y2d, xa = ops.lora_forward(x.reshape(-1, x.shape[-1]) if flat else x, weight, bias, a_d, b_b, 1.0, dropout_p,
+                                   seed, store_xa=ctx.needs_input_grad[6])
         ctx.save_for_backward(x, weight, vera_A, vera_B, a_d, b_b, xa)
         ctx.dropout_p, ctx.seed, ctx.has_bias = dropout_p, seed, bias is not None
         ctx.dtypes = (lambda_d.dtype, lambda_b.dtype)
-        return y2d.reshape(*x.shape[:-1], weight.shape[0])
+        return y2d.reshape(*x.shape[:-1], weight.shape[0]) if flat else y2d
 
     @staticmethod
     def backward(ctx, dy):
@@ -136,15 +137,16 @@ class VeRALinearFunction(torch.autograd.Function):
         need_x, need_w, need_bias, _, _, need_d, need_lb = ctx.needs_input_grad[:7]
         ops, p, seed = _ops(x), ctx.dropout_p, ctx.seed
         acc = torch.promote_types(x.dtype, torch.float32)
-        x2d = x.reshape(-1, x.shape[-1])
-        dy2d = dy.reshape(-1, weight.shape[0])
+        flat = x.dim() != 2
+        x2d = x.reshape(-1, x.shape[-1]) if flat else x
+        dy2d = dy.reshape(-1, weight.shape[0]) if dy.dim() != 2 else dy
         if dy2d.dtype != x.dtype:
             dy2d = dy2d.to(x.dtype)
         dx = dw = dbias = dd = dlb = None
         dyb = None  # dY @ B_b
         if need_x:
             dx2d, dyb = ops.lora_backward_dx(dy2d, weight, a_d, b_b, 1.0, p, seed, store_dyb=need_d)
-            dx = dx2d.reshape(x.shape)
+            dx = dx2d.reshape(x.shape) if flat else dx2d
         elif need_d:
             dyb = ops.lora_shrink(dy2d, b_b.t())
         if need_d or need_lb:
