@@ -21,6 +21,11 @@ from .helpers import (
 from .launch import Launch, PlanCache, plan_key
 
 
+# Programs per SM that `scale_columns` / `column_dot` aim for when they split M (a module switch for
+# bench/exp_dora_kernels.py; plans built before a change keep their split count).
+SPLIT_WAVES = 2
+
+
 @triton.jit
 def _dora_norm_kernel(
     W, A, B, MAG, NORM, G,
@@ -251,8 +256,9 @@ class _ScaleDotPlan:
         cfg = dora_config("column_dot", u.dtype)
         col_tiles = cdiv(N, cfg.block_n)
         m_blocks = cdiv(M, cfg.block_m)
-        # Enough splits of M to fill the GPU twice over; the [splits, N] fp32 partials are summed by torch.
-        splits = max(1, min(m_blocks, cdiv(2 * num_sms(u.device), col_tiles)))
+        # Enough splits of M to fill the GPU SPLIT_WAVES times over; the [splits, N] fp32 partials are summed
+        # by magnitude_grad (or by torch when partials=False).
+        splits = max(1, min(m_blocks, cdiv(SPLIT_WAVES * num_sms(u.device), col_tiles)))
         rows_per_split = cdiv(m_blocks, splits) * cfg.block_m
         self.splits = cdiv(M, rows_per_split)
         self.launch = Launch(
