@@ -487,36 +487,47 @@ class _DxPlan:
 
 
 @triton.jit
-def _sum_block(P, OUT, NUM, SPLITS, block, BLOCK: tl.constexpr):
-    """OUT[i] = sum over s < SPLITS, in order, of P[s, i] (in P's dtype), for the BLOCK elements i of `block` below
-    NUM."""
+def _sum_block(P, OUT, NUM, SPLITS, block, BLOCK: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
+    """OUT[i] = sum over s < SPLITS of P[s, i] (in P's dtype), for the BLOCK elements i of `block` below NUM.
+
+    SPLIT_CHUNK splits are loaded at once ([SPLIT_CHUNK, BLOCK]) and added by tl.sum, chunk after chunk: a fixed
+    order, so the result is the same on every call. (One load per split made dA's 32 dropout splits a chain of
+    32 dependent loads: 17.5 µs a launch on the H200 at r = 16, K = 4096, against ~3 µs for 5 splits.)
+    """
     offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < NUM
+    rows = tl.arange(0, SPLIT_CHUNK)
     acc = tl.zeros((BLOCK,), dtype=P.dtype.element_ty)
-    for s in range(0, SPLITS):
-        acc += tl.load(P + s * NUM + offs, mask=mask, other=0.0)
+    for s0 in range(0, SPLITS, SPLIT_CHUNK):
+        s = s0 + rows
+        part = tl.load(P + s.to(tl.int64)[:, None] * NUM + offs[None, :], mask=(s < SPLITS)[:, None] & mask[None, :],
+                       other=0.0)
+        acc += tl.sum(part, axis=0)
     tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["NUM_A", "NUM_B", "SPLITS_A", "SPLITS_B"])
-def _sum_splits_kernel(PA, PB, OUT_A, OUT_B, NUM_A, NUM_B, SPLITS_A, SPLITS_B, BLOCK: tl.constexpr):
+def _sum_splits_kernel(PA, PB, OUT_A, OUT_B, NUM_A, NUM_B, SPLITS_A, SPLITS_B, BLOCK: tl.constexpr,
+                       SPLIT_CHUNK: tl.constexpr):
     """The final dA and dB from `_lora_grad_ab_kernel`'s partial sums, in one launch.
 
     PA: [SPLITS_A, NUM_A] and PB: [SPLITS_B, NUM_B] (contiguous, NUM = P * Q of each output; fp32, fp64 for fp64),
     OUT_A: [NUM_A], OUT_B: [NUM_B] in their own dtypes. Programs 0 .. cdiv(NUM_A, BLOCK) - 1 sum A's elements, the
-    rest B's (NUM_A or NUM_B is 0 when that output needs no sum). Summed in the partials' dtype in split order,
-    rounded once.
+    rest B's (NUM_A or NUM_B is 0 when that output needs no sum). Summed in the partials' dtype in a fixed order
+    (_sum_block), rounded once.
     """
     pid = tl.program_id(0)
     blocks_a = tl.cdiv(NUM_A, BLOCK)
     if pid < blocks_a:
-        _sum_block(PA, OUT_A, NUM_A, SPLITS_A, pid, BLOCK)
+        _sum_block(PA, OUT_A, NUM_A, SPLITS_A, pid, BLOCK, SPLIT_CHUNK)
     else:
-        _sum_block(PB, OUT_B, NUM_B, SPLITS_B, pid - blocks_a, BLOCK)
+        _sum_block(PB, OUT_B, NUM_B, SPLITS_B, pid - blocks_a, BLOCK, SPLIT_CHUNK)
 
 
-# Elements per program of `_sum_splits_kernel`.
-SUM_BLOCK = 1024
+# Elements per program of `_sum_splits_kernel`, and the splits it loads at once (SPLIT_CHUNK x SUM_BLOCK fp32
+# elements per program per step: 32 per thread at 4 warps).
+SUM_BLOCK = 512
+SUM_SPLIT_CHUNK = 8
 
 
 def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p=0.0, seed=0, need_a=True, need_b=True):
@@ -607,7 +618,10 @@ class _GradABPlan:
         if self.sum_a or self.sum_b:
             self.sums = Launch(_sum_splits_kernel, (cdiv(self.sum_a, SUM_BLOCK) + cdiv(self.sum_b, SUM_BLOCK),),
                                ("PA", "PB", "OUT_A", "OUT_B"), None, None, None, None, self.sum_a, self.sum_b,
-                               self.splits_a, self.splits_b, BLOCK=SUM_BLOCK, num_warps=4)
+                               self.splits_a, self.splits_b, BLOCK=SUM_BLOCK,
+                               SPLIT_CHUNK=min(SUM_SPLIT_CHUNK, triton.next_power_of_2(max(self.splits_a,
+                                                                                           self.splits_b))),
+                               num_warps=4)
 
     @staticmethod
     def _split(M, block_rows, want):

@@ -368,20 +368,27 @@ def test_eval_mode_ignores_dropout(device):
                  torch.float32)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.5], ids=["p0", "p0.5"])
 @pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)], ids=["dA_dB", "dA", "dB"])
-def test_grad_ab_adds_its_split_partials_in_fp32(need, device):
-    """dA and dB reduce over M in several splits (fp32 partial sums, then one launch that adds them in order): in
-    bf16 each element must be the fp32 sum rounded once, within one bf16 step of the float64 value."""
+def test_grad_ab_adds_its_split_partials_in_fp32(need, p, device):
+    """dA and dB reduce over M in several splits (fp32 partial sums, then one launch that adds them in a fixed
+    order, several splits per load): in bf16 each element must be the fp32 sum rounded once, within one bf16 step
+    of the float64 value. With dropout dA takes more splits than one load holds (the sum's chunk loop, its last
+    chunk partly masked); p = 0.5 keeps drop(x) = 2x exact in bf16, so the one-step bound still holds."""
     M, K, N, r, s = 200, 16, 24, 3, 0.7
     x, dy = torch.randn(M, K, device=device), torch.randn(M, N, device=device)
     xa, dyb = torch.randn(M, r, device=device), torch.randn(M, r, device=device)
     x, dy, xa, dyb = (t.to(torch.bfloat16) for t in (x, dy, xa, dyb))
     kernels.launch.clear_plans()  # the one plan left afterwards is this call's
-    dA, dB = kernels.lora_grad_ab(x, dy, xa, dyb, s, torch.bfloat16, torch.bfloat16, need_a=need[0],
+    dA, dB = kernels.lora_grad_ab(x, dy, xa, dyb, s, torch.bfloat16, torch.bfloat16, p, 5, need_a=need[0],
                                   need_b=need[1])
     plan = next(iter(kernels.lora_bwd._AB_PLANS.values()))
     assert max(plan.splits_a, plan.splits_b) > 2
-    refs = (s * dyb.double().t() @ x.double(), s * dy.double().t() @ xa.double())
+    if p > 0 and need[0]:
+        assert plan.splits_a > kernels.lora_bwd.SUM_SPLIT_CHUNK and plan.splits_a % kernels.lora_bwd.SUM_SPLIT_CHUNK
+    keep = kernels.dropout_mask(5, M, K, p, device) if p > 0 else torch.ones(M, K, dtype=torch.bool, device=device)
+    xd = x.double() * keep / (1 - p)
+    refs = (s * dyb.double().t() @ xd, s * dy.double().t() @ xa.double())
     for name, out, ref, wanted in (("dA", dA, refs[0], need[0]), ("dB", dB, refs[1], need[1])):
         if not wanted:
             assert out is None, name
