@@ -77,6 +77,8 @@ for name in "$@"; do
       && python3 examples/exp_variants.py --size large --out $OUT/logs/exps" ;;
     profvar) step profvar 150 python3 bench/profile_variants.py ;;
     probestep) step probestep 150 python3 bench/probe_step_host.py --out "$OUT/logs" ;;
+    dprod) step dprod 200 python3 bench/exp_dropout_producer.py --out "$OUT/logs" ;;
+    wsgemm) step wsgemm 240 python3 bench/exp_ws_gemm.py --out "$OUT/logs" ${WSGEMM_ARGS:-} ;;
     doraker) step doraker 200 python3 bench/exp_dora_kernels.py --out "$OUT/logs" ;;
     compile_variants) step compile_variants 200 python3 bench/gpu_compile.py --out "$OUT/logs" --only variants_compiled ;;
     nf4deq) step nf4deq 150 python3 bench/exp_nf4_dequant.py --out "$OUT/logs" ;;

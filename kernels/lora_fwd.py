@@ -61,6 +61,9 @@ MAX_SPLIT_ROWS = 64
 # "auto" may compute xa inside the persistent GEMM (the forward's "producer" tiles, dX's "inline" shrink:
 # `inline_pays`); LORA_FAST_INLINE=0 turns that off (a shrink launch first; the results agree to rounding).
 INLINE_SHRINK = os.environ.get("LORA_FAST_INLINE", "1") != "0"
+# With dropout, "auto" takes the producer tiles (which then draw the mask) where it takes them without dropout,
+# instead of a shrink launch first; a module switch for bench/exp_dropout_producer.py (part of the plan key).
+PRODUCER_DROPOUT = False
 
 
 @triton.jit
@@ -213,9 +216,10 @@ def _lora_fwd_kernel(
         0 .. SHRINK_PROGS - 1 first shrink whole BLOCK_M row blocks and publish each in FLAGS [cdiv(M, BLOCK_M)]
         int32, zero at launch (helpers.shrink_row_block); a tile's epilogue waits for its row block.
         SHRINK_STAGES: the pipeline depth of that shrink's loop.
-    PRODUCER_XA (PERSISTENT, no dropout, one rank block): the launch computes XA itself in producer tiles: the
+    PRODUCER_XA (PERSISTENT, one rank block): the launch computes XA itself in producer tiles: the
         walk's first cdiv(M, BLOCK_M) positions are the first N tile of each row block, whose K loop also
-        accumulates X @ A^T for its rows (COMPUTE_XA's loop); it stores xa and publishes FLAGS[row block] before its
+        accumulates drop(X) @ A^T for its rows (COMPUTE_XA's loop; with DROPOUT the producers draw the mask, each
+        element once); it stores xa and publishes FLAGS[row block] before its
         epilogue. The other tiles follow in grouped order and wait for their row block's flag before theirs. No
         extra read of X; a producer tile takes ~22 % longer than a plain one (its in-loop rank product, r / BLOCK_N
         more MMA but a second dot per K step; H200, bench/NOTES.md). Progress needs every program resident (the
@@ -234,7 +238,7 @@ def _lora_fwd_kernel(
                 _fwd_tile(pos, X, W, A, B, BIAS, XA, Y, M, N, K, RANK,
                           stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
                           stride_xam, stride_xar, stride_ym, stride_yn, scaling, seed, keep_thr, inv_keep, K8,
-                          HAS_BIAS, False, True, True, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
+                          HAS_BIAS, DROPOUT, True, True, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R,
                           1, GROUP_M, PRECISION, ACC, OUT_SCALE, HAS_OUT_SCALE, Y_TMA,
                           XA_OUT, stride_xas, 0, False, FLAGS, False, 1, True, A_TMA)
             else:
@@ -305,7 +309,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
     scaling: float; dropout_p in [0, 1) applied to x on the LoRA branch with the mask of `seed`.
     Returns (y [M, N], xa [M, r] or None): xa = drop(x) @ A^T, returned when store_xa (for the backward).
     xa_mode: "auto", "fused", "shrink", "split", "inline" or "producer" (module docstring; "inline" and
-        "producer" need dropout_p == 0 and r <= 64).
+        "producer" need r <= 64, "inline" dropout_p == 0 too).
     out: optional preallocated y [M, N] of x's dtype and device (any strides).
     tma: "auto" (the config's choice, where the GPU and strides allow), True or False (tests force both).
     out_scale: optional [N] vector g (any float dtype, x's device): y = g * (x @ W^T + s * xa @ B^T) + b (DoRA).
@@ -319,7 +323,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
     scaling = check_scaling(scaling)
     check_dropout(dropout_p, seed, x)
     key = plan_key((x, weight, bias, lora_A, lora_B, out, out_scale), dropout_p, store_xa, xa_mode, tma,
-                   dot_precision_key(x), seed_key(seed))
+                   dot_precision_key(x), seed_key(seed), PRODUCER_DROPOUT)
     plan = _PLANS.find(key)
     if plan is None:
         plan = _PLANS.put(key, _ForwardPlan(x, weight, bias, lora_A, lora_B, dropout_p, store_xa, xa_mode, out,
@@ -347,14 +351,15 @@ class _ForwardPlan:
             xa_mode = choose_xa_mode(M, rank, dropout)
             if M <= MAX_SPLIT_ROWS and pdl:
                 xa_mode = "split"
-            elif xa_mode == "shrink" and inline_pays(M, rank, dropout, x.dtype, "fwd"):
+            elif xa_mode == "shrink" and inline_pays(M, rank, dropout and not PRODUCER_DROPOUT, x.dtype, "fwd"):
                 xa_mode = "producer"
         if xa_mode not in ("fused", "shrink", "split", "inline", "producer"):
             raise ValueError(f"xa_mode must be 'auto', 'fused', 'shrink', 'split', 'inline' or 'producer', got "
                              f"{xa_mode!r}")
-        if xa_mode in ("inline", "producer") and (dropout or next_pow2_rank(rank) > EPILOGUE_RANK_BLOCK):
-            raise ValueError(f"xa_mode={xa_mode!r} needs dropout_p == 0 and a rank <= {EPILOGUE_RANK_BLOCK}, got "
-                             f"dropout_p={dropout_p}, rank {rank}")
+        if xa_mode == "inline" and dropout:
+            raise ValueError(f"xa_mode='inline' needs dropout_p == 0, got dropout_p={dropout_p}")
+        if xa_mode in ("inline", "producer") and next_pow2_rank(rank) > EPILOGUE_RANK_BLOCK:
+            raise ValueError(f"xa_mode={xa_mode!r} needs a rank <= {EPILOGUE_RANK_BLOCK}, got rank {rank}")
         self.y_shape, self.xa_shape, self.dropout_p = (M, N), (M, rank), dropout_p
         self.launch = None
         # xa: computed by a shrink launch first (whole, or as partial sums), or by the fused GEMM (stored only when
@@ -409,7 +414,7 @@ class _ForwardPlan:
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
             lora_B.stride(0), lora_B.stride(1), *xa_strides, *y_strides,
             None, None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 8),
-            HAS_BIAS=bias is not None, DROPOUT=dropout and compute_xa, COMPUTE_XA=compute_xa,
+            HAS_BIAS=bias is not None, DROPOUT=dropout and (compute_xa or self.producer), COMPUTE_XA=compute_xa,
             STORE_XA=store_xa and (compute_xa or self.splits > 0), USE_TMA=self.use_tma,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
             NUM_R_CHUNKS=1 if compute_xa else cdiv(rank, block_r), GROUP_M=cfg.group_m,

@@ -176,6 +176,36 @@ def test_inline_shrink_forward_and_dx(shape, tma, fwd_mode, device):
     assert len(plans) >= 3 and all(pl.launch.grid[0] <= kernels.config.num_sms(x.device) for pl in plans)
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("shape", [(40, 48, 40, 3), (1, 20, 9, 1), (300, 24, 70, 16)],
+                         ids=lambda s: "M%d_K%d_N%d_r%d" % s)
+def test_producer_tiles_draw_the_dropout_mask(shape, tma, device):
+    """xa_mode="producer" with dropout: the producer tiles apply the forward's mask to the X tiles of their K loop
+    (each element drawn once). y (NaN-filled first) and xa against the reference with the same Philox mask, and
+    against the "shrink" mode, which draws it in its own launch; a new seed gives a new mask."""
+    M, K, N, r = shape
+    s, p = 0.7, 0.3
+    x, W, b, A, B = lora_problem(M, K, N, r, torch.float32, device)
+    seeds = [int(v) for v in torch.randint(0, 2**31, (2,))]
+    outs = []
+    for seed in seeds:
+        y = torch.full((M, N), float("nan"), device=device)
+        _, xa = kernels.lora_forward(x, W, b, A, B, s, p, seed, store_xa=True, xa_mode="producer", out=y, tma=tma)
+        y_shrink, xa_shrink = kernels.lora_forward(x, W, b, A, B, s, p, seed, store_xa=True, xa_mode="shrink",
+                                                   tma=tma)
+        keep = dropout_mask_torch(seed, M, K, p, device)
+        yr = _reference_grads(x, W, b, A, B, s, p, keep, torch.zeros(M, N, device=device))[0].detach()
+        xd = x.double() * keep / (1 - p)
+        assert_close("y", y, yr, torch.float32)
+        assert_close("xa", xa, xd @ A.double().t(), torch.float32)
+        assert_close("y vs shrink", y, y_shrink.double(), torch.float32)
+        assert_close("xa vs shrink", xa, xa_shrink.double(), torch.float32)
+        outs.append(xa)
+    assert not torch.equal(outs[0], outs[1])
+    plans = [pl for pl in kernels.lora_fwd._PLANS.values() if pl.producer and pl.dropout_p > 0]
+    assert plans and all(pl.launch is not None for pl in plans)
+
+
 def test_inline_shrink_flags_start_at_zero_and_every_row_block_is_published(device, monkeypatch):
     """The launch contract of the inline and producer modes, call after call of one cached plan: the row-block flags
     the kernel receives are all zero (a fresh buffer per call, so no replay or later call sees an earlier call's
@@ -238,9 +268,9 @@ def test_inline_shrink_is_what_auto_picks_for_a_persistent_large_walk(device):
 def test_inline_shrink_refuses_what_it_cannot_do(device):
     x, W, b, A, B = lora_problem(8, 16, 12, 3, torch.float32, device)
     x2, W2, b2, A2, B2 = lora_problem(8, 16, 12, 65, torch.float32, device)
+    with pytest.raises(ValueError, match="inline.*dropout_p"):
+        kernels.lora_forward(x, W, b, A, B, 1.0, dropout_p=0.1, xa_mode="inline")
     for mode in ("inline", "producer"):
-        with pytest.raises(ValueError, match=f"{mode}.*dropout_p"):
-            kernels.lora_forward(x, W, b, A, B, 1.0, dropout_p=0.1, xa_mode=mode)
         with pytest.raises(ValueError, match=f"{mode}.*rank"):
             kernels.lora_forward(x2, W2, b2, A2, B2, 1.0, xa_mode=mode)
     for mode in ("inline", "producer"):
