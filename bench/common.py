@@ -241,6 +241,26 @@ def host_and_wall_us(fn: Callable[[], object], calls: int, warmup: int = 10) -> 
     return host, (time.perf_counter() - t0) / calls * 1e6
 
 
+def cprofile_text(fn: Callable[[], object], calls: int, sort: str = "tottime", lines: int = 18,
+                  keep: int = 6000) -> str:
+    """cProfile of `calls` calls of `fn` (then a CUDA sync), the top `lines` functions by `sort`, as text (its
+    last `keep` characters). Only the calling thread is profiled: an autograd backward on CUDA tensors runs on the
+    engine's device thread and shows as `run_backward`'s own time."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats(sort).print_stats(lines)
+    return s.getvalue()[-keep:]
+
+
 def measure_peaks(copy_bytes: int = 1 << 30, matmul_n: int = 8192) -> dict:
     """Measured memory bandwidth (a device-to-device copy, bytes read + written) and bf16 matmul rate.
 

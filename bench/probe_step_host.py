@@ -12,18 +12,15 @@ Prints one line per measure; --out writes the JSON.
     PYTHONPATH=$PWD python3 bench/probe_step_host.py [--out DIR] [--which lora,dora,vera]
 """
 import argparse
-import cProfile
-import io
 import json
 import os
-import pstats
 import sys
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench.common import host_and_wall_us  # noqa: E402
+from bench.common import cprofile_text, host_and_wall_us  # noqa: E402
 from bench.gpu_variants import fwd_bwd, make_inputs, ours_dora, ours_vera, trainable  # noqa: E402
 
 import lora_fast  # noqa: E402
@@ -133,18 +130,6 @@ def launch_pieces(step, calls):
     return out
 
 
-def profile_text(step, n, sort):
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(n):
-        step()
-    prof.disable()
-    torch.cuda.synchronize()
-    s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats(sort).print_stats(22)
-    return s.getvalue()[-5000:]
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
@@ -205,7 +190,7 @@ def main(argv=None):
             for key, us in launch_pieces(step, args.calls).items():
                 put(f"{name}: {key}", us)
         for sort in ("tottime",):
-            text = profile_text(step, 10, sort)
+            text = cprofile_text(step, 10, sort, lines=22, keep=5000)
             rows.append(dict(case=f"{name}: cProfile of 10 steps by {sort}", profile=text))
             print(f"== {name}: cProfile of 10 steps by {sort}\n{text}", flush=True)
     if args.out:

@@ -8,11 +8,8 @@ arguments as the forward kernel gives the floor that Triton's launcher alone cos
     PYTHONPATH=$PWD python3 bench/profile_host.py [--out DIR] [--calls 300]
 """
 import argparse
-import cProfile
-import io
 import json
 import os
-import pstats
 import sys
 
 import torch
@@ -21,7 +18,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import host_and_wall_us  # noqa: E402
+from bench.common import cprofile_text, host_and_wall_us  # noqa: E402
 from lora_fast import LoRALinear  # noqa: E402
 
 
@@ -81,16 +78,7 @@ def launch_breakdown(calls: int) -> list:
 
 
 def case(name, fn, calls):
-    us = host_us(fn, calls)
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(calls):
-        fn()
-    prof.disable()
-    torch.cuda.synchronize()
-    s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
-    return dict(case=name, us_per_call=us, profile=s.getvalue()[-6000:])
+    return dict(case=name, us_per_call=host_us(fn, calls), profile=cprofile_text(fn, calls))
 
 
 def main(argv=None):
