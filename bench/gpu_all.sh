@@ -19,7 +19,9 @@
 # (exp_inline_stages: that shrink's pipeline depth, and dA / dB's partial sums in one launch), dist (gpu_distributed on 2 GPUs, kind nvidia-h200-x2), qlora, variants, init, train (bench_train_step),
 # profvar (profile_variants: kernel / host / wall time per DoRA, VeRA, LoRA step), compile_variants (gpu_compile's
 # variants_compiled case alone: DoRA, VeRA and QLoRA under inductor), probestep (probe_step_host: where a LoRA / DoRA /
-# VeRA step's host time goes), doraker (exp_dora_kernels: DoRA's norm and column-scale kernels by tile), probedora (probe_dora_train: DoRA / LoRA training against PEFT's on the GPU, same init and batches),
+# VeRA step's host time goes), doraker (exp_dora_kernels: DoRA's norm and column-scale kernels by tile), wsgemm
+# (exp_ws_gemm: warp specialization on Hopper), dprod (exp_dropout_producer), dxterm (exp_dx_term_in_ab: dX's dropout term in
+# dA's programs against its own pass), probedora (probe_dora_train: DoRA / LoRA training against PEFT's on the GPU, same init and batches),
 # nf4deq (exp_nf4_dequant: the dequantize kernel's tile sweep, checked bit for bit), probefwd (probe_fwd_paths: the issue-2 forward by launcher / functional / module, paired and do_bench),
 # exps (issue 6's experiments A, B and C at their large, GPU sizes: examples/exp_init.py, exp_rank.py,
 # exp_variants.py --size large), train_big (bf16 adapters at TRAIN_BATCH sequences, default 8: a GPU-bound step; TRAIN_ARGS adds options to both), pytest (the CPU suite's tests on the GPU,
@@ -77,6 +79,7 @@ for name in "$@"; do
       && python3 examples/exp_variants.py --size large --out $OUT/logs/exps" ;;
     profvar) step profvar 150 python3 bench/profile_variants.py ;;
     probestep) step probestep 150 python3 bench/probe_step_host.py --out "$OUT/logs" ;;
+    dxterm) step dxterm 200 python3 bench/exp_dx_term_in_ab.py --out "$OUT/logs" ;;
     dprod) step dprod 200 python3 bench/exp_dropout_producer.py --out "$OUT/logs" ;;
     wsgemm) step wsgemm 240 python3 bench/exp_ws_gemm.py --out "$OUT/logs" ${WSGEMM_ARGS:-} ;;
     doraker) step doraker 200 python3 bench/exp_dora_kernels.py --out "$OUT/logs" ;;

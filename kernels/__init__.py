@@ -5,7 +5,7 @@ No autograd and no modules here: see `lora_fast.functional` for those.
 from .dora import column_dot, dora_norm, magnitude_grad, scale_columns
 from .dropout import dropout_mask
 from .helpers import is_interpret
-from .lora_bwd import lora_backward_dx, lora_grad_ab
+from .lora_bwd import dx_term_in_grad_ab, lora_backward_dx, lora_grad_ab
 from .lora_fwd import choose_xa_mode, lora_forward
 from .lora_nf4_bwd import lora_nf4_backward_dx
 from .lora_nf4_fwd import lora_nf4_forward

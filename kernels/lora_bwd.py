@@ -11,12 +11,15 @@ column scale, the GEMM computes it itself: its first programs before their tiles
 first K tile of each row block inside its N loop ("producer", lora_fwd's default, measured slower here). Its
 epilogue adds the rank-r term, masked by the regenerated dropout mask, and writes dX once; except with dropout in
 "shrink", "inline" or "producer" mode, where the GEMM writes dY @ W with its dropout-free tile and
-`_lora_dx_dropout_term_kernel` adds the masked term in a second, memory-bound pass.
+`_lora_dx_dropout_term_kernel` adds the masked term in a second, memory-bound pass, or (a training step above
+MAX_FUSED_ROWS rows, `dx_term_in_grad_ab`) `lora_grad_ab`'s dA programs add it with the mask they draw for dA:
+the same kernel time on the H200, one launch fewer (bench/NOTES.md, ninth session).
 `lora_grad_ab` computes dA and dB in one launch of a reduce-over-M kernel, split over M so that the [r, K] and
 [N, r] outputs still fill the GPU; the fp32 partial sums of both are added in a fixed order by one more launch
 (`_sum_splits_kernel`: deterministic, no atomics, rounded once).
 """
 
+import os
 from dataclasses import replace
 
 import torch
@@ -31,7 +34,7 @@ from .helpers import (
     persistent_start, tensor_descriptor, tma_enabled, upcast, wait_row_block, walk_tile,
 )
 from .launch import Launch, PlanCache, plan_key, seed_key
-from .lora_fwd import EPILOGUE_RANK_BLOCK, _output, choose_xa_mode, inline_pays
+from .lora_fwd import EPILOGUE_RANK_BLOCK, MAX_FUSED_ROWS, _output, choose_xa_mode, inline_pays
 from .lora_shrink import lora_shrink
 
 
@@ -252,12 +255,16 @@ def _reduce_m_tile(
     pid_p, pid_q, pid_s, scaling, seed, keep_thr, inv_keep, K8,
     DROPOUT_V: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr,
+    DX, A, stride_dxm, stride_dxk, stride_ar, stride_ak, DX_TERM: tl.constexpr,
 ):
     """OUT[pid_s, p, q] = s * sum over split pid_s's rows m of U[m, p] * drop(V)[m, q], one BLOCK_P x BLOCK_Q tile.
 
     U: [M, P], V: [M, Q], OUT: [splits, P, Q] (fp32 partials, or the final tensor when splits == 1).
     Split s owns rows [s * ROWS_PER_SPLIT, ...), ROWS_PER_SPLIT a multiple of BLOCK_M. DROPOUT_V applies the
     forward's mask at (m, q) (V = X for dA).
+    DX_TERM (dA with DROPOUT_V, the whole rank in one tile: P <= BLOCK_P): with the mask of each step also add
+    dX's dropout term to DX [M, Q] in place, DX[m, q] += s * drop'(U @ A)[m, q] with A [P, Q] (U = dY @ B), as
+    `_lora_dx_dropout_term_kernel` does: the mask is drawn once for both.
     """
     offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_q = pid_q.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -266,6 +273,9 @@ def _reduce_m_tile(
     row_start = pid_s.to(tl.int64) * ROWS_PER_SPLIT
     row_end = tl.minimum(row_start + ROWS_PER_SPLIT, M)
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=ACC)
+    if DX_TERM:
+        a = tl.load(A + offs_p[:, None] * stride_ar + offs_q[None, :] * stride_ak,
+                    mask=mask_p[:, None] & mask_q[None, :], other=0.0)
     for m0 in range(row_start, row_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < row_end
@@ -276,6 +286,13 @@ def _reduce_m_tile(
         if DROPOUT_V:
             keep = dropout_keep(seed, offs_m, pid_q * BLOCK_Q, K8, keep_thr, BLOCK_M, BLOCK_Q)
             v = apply_dropout(v, keep, inv_keep)
+            if DX_TERM:  # the rounding of _rank_term: s * dyb rounded to A's dtype, one MMA, masked, added in fp32
+                low = dot((tl.trans(u_t).to(ACC) * scaling).to(a.dtype), a,
+                          tl.zeros((BLOCK_M, BLOCK_Q), dtype=ACC), PRECISION)
+                dx_ptrs = DX + offs_m[:, None] * stride_dxm + offs_q[None, :] * stride_dxk
+                dx_mask = mask_m[:, None] & mask_q[None, :]
+                dx = upcast(tl.load(dx_ptrs, mask=dx_mask, other=0.0)) + tl.where(keep, low * inv_keep, 0.0)
+                tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=dx_mask)
         acc = dot(u_t, v, acc, PRECISION)
     out_ptrs = OUT + pid_s * stride_os + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq
     tl.store(out_ptrs, (acc * scaling).to(OUT.dtype.element_ty), mask=mask_p[:, None] & mask_q[None, :])
@@ -290,6 +307,7 @@ def _lora_grad_ab_kernel(
     scaling, seed, keep_thr, inv_keep, K8,
     DROPOUT: tl.constexpr, BLOCK_RA: tl.constexpr, BLOCK_KA: tl.constexpr, BLOCK_NB: tl.constexpr,
     BLOCK_RB: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    DX, A, stride_dxm, stride_dxk, stride_ar, stride_ak, DX_TERM: tl.constexpr,
 ):
     """dA and dB in one launch: the first TILES_A * SPLITS_A programs take (tile, split of M) pairs of
     dA = s * DYB^T @ drop(X), the others those of dB = s * DY^T @ XA; neighbouring programs share a split (rows).
@@ -297,6 +315,8 @@ def _lora_grad_ab_kernel(
     DYB: [M, RANK], X: [M, K], DY: [M, N], XA: [M, RANK]; OUT_A: [SPLITS_A, RANK, K], OUT_B: [splits, N, RANK].
     Tiles: dA BLOCK_RA x BLOCK_KA (TILES_A of them), dB BLOCK_NB x BLOCK_RB (TILES_B); BLOCK_M rows per step;
     split s of dA (dB) owns rows [s * ROWS_PER_SPLIT_A (B), ...).
+    DX_TERM (with DROPOUT, RANK <= BLOCK_RA): dA's programs also add dX's dropout term s * drop'(DYB @ A) to
+    DX [M, K] in place (A: [RANK, K]), with the mask they draw for dA (_reduce_m_tile).
     """
     pid = tl.program_id(0)
     if pid < TILES_A * SPLITS_A:
@@ -305,7 +325,8 @@ def _lora_grad_ab_kernel(
         _reduce_m_tile(DYB, X, OUT_A, M, RANK, K, ROWS_PER_SPLIT_A,
                        stride_dybm, stride_dybr, stride_xm, stride_xk, stride_oas, stride_oap, stride_oaq,
                        tile // num_q, tile % num_q, pid // TILES_A, scaling, seed, keep_thr, inv_keep, K8,
-                       DROPOUT, BLOCK_RA, BLOCK_KA, BLOCK_M, PRECISION, ACC)
+                       DROPOUT, BLOCK_RA, BLOCK_KA, BLOCK_M, PRECISION, ACC,
+                       DX, A, stride_dxm, stride_dxk, stride_ar, stride_ak, DX_TERM)
     else:
         t = pid - TILES_A * SPLITS_A
         tile = t % TILES_B
@@ -313,11 +334,12 @@ def _lora_grad_ab_kernel(
         _reduce_m_tile(DY, XA, OUT_B, M, N, RANK, ROWS_PER_SPLIT_B,
                        stride_dym, stride_dyn, stride_xam, stride_xar, stride_obs, stride_obp, stride_obq,
                        tile // num_q, tile % num_q, t // TILES_B, scaling, seed, keep_thr, inv_keep, K8,
-                       False, BLOCK_NB, BLOCK_RB, BLOCK_M, PRECISION, ACC)
+                       False, BLOCK_NB, BLOCK_RB, BLOCK_M, PRECISION, ACC,
+                       DX, A, stride_dxm, stride_dxk, stride_ar, stride_ak, False)
 
 
 def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_dyb=True, dyb_mode="auto",
-                     out=None, tma="auto", dy_scale=None):
+                     out=None, tma="auto", dy_scale=None, dropout_term=True):
     """dX = dY @ W + s * drop'((dY @ B) @ A), fused into one GEMM.
 
     dy: [M, N], weight: [N, K], lora_A: [r, K], lora_B: [N, r] (any strides, one dtype); scaling, dropout_p
@@ -330,6 +352,9 @@ def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
     out: optional preallocated dx [M, K] of dy's dtype and device. tma: as in lora_forward.
     dy_scale: optional [N] vector g: the gradient of y = g * (x @ W^T + s * xa @ B^T): dy is replaced by g * dy
         (per column) inside the kernel, and the returned dyb is (g * dy) @ B (DoRA).
+    dropout_term: False (with dropout) returns dx = dY @ W without s * drop'((dY @ B) @ A), for `lora_grad_ab`
+        to add with dA's mask (its dx / lora_A arguments); "auto" then never picks "fused" (whose epilogue adds the
+        term), store_dyb must be True, and dyb_mode="fused" is refused.
     Host work is done once per call signature (kernels/launch.py).
 
     >>> dx, dyb = lora_backward_dx(dy, W, A, B, 2.0)
@@ -337,11 +362,11 @@ def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
     scaling = check_scaling(scaling)
     check_dropout(dropout_p, seed, dy)
     key = plan_key((dy, weight, lora_A, lora_B, out, dy_scale), dropout_p, store_dyb, dyb_mode, tma,
-                   dot_precision_key(dy), seed_key(seed))
+                   dot_precision_key(dy), seed_key(seed), dropout_term)
     plan = _DX_PLANS.find(key)
     if plan is None:
         plan = _DX_PLANS.put(key, _DxPlan(dy, weight, lora_A, lora_B, dropout_p, store_dyb, dyb_mode, out, tma,
-                                          dy_scale))
+                                          dy_scale, dropout_term))
     return plan(dy, weight, lora_A, lora_B, scaling, seed, out, dy_scale)
 
 
@@ -351,8 +376,13 @@ _DX_PLANS = PlanCache()
 class _DxPlan:
     """`lora_backward_dx` for one call signature: every check and choice made once (kernels/launch.py)."""
 
-    def __init__(self, dy, weight, lora_A, lora_B, dropout_p, store_dyb, dyb_mode, out, tma, dy_scale):
+    def __init__(self, dy, weight, lora_A, lora_B, dropout_p, store_dyb, dyb_mode, out, tma, dy_scale,
+                 dropout_term=True):
         check_flag(store_dyb, "store_dyb")
+        check_flag(dropout_term, "dropout_term")
+        defer_term = dropout_p > 0.0 and not dropout_term
+        if defer_term and not store_dyb:
+            raise ValueError("dropout_term=False needs store_dyb=True (lora_grad_ab adds the term from dyb)")
         M, N = matrix_shape(dy, "dy")
         K, rank = matrix_shape(weight, "weight")[1], lora_A.shape[0]
         check_shapes(dy=(dy, (M, N)), weight=(weight, (N, K)), lora_A=(lora_A, (rank, K)),
@@ -367,6 +397,11 @@ class _DxPlan:
             # 1.033-1.084x at four shapes on the H200, bench/NOTES.md)
             if dyb_mode == "shrink" and dy_scale is None and inline_pays(M, rank, False, dy.dtype, "dx"):
                 dyb_mode = "inline"
+            if dyb_mode == "fused" and defer_term:  # its epilogue adds the term: take the shrink launch instead
+                dyb_mode = "shrink"
+        if dyb_mode == "fused" and defer_term:
+            raise ValueError("dropout_term=False needs a dyb_mode with the term in its own pass ('shrink', "
+                             "'inline' or 'producer'), got 'fused'")
         if dyb_mode not in ("fused", "shrink", "inline", "producer"):
             raise ValueError(f"dyb_mode must be 'auto', 'fused', 'shrink', 'inline' or 'producer', got {dyb_mode!r}")
         if dyb_mode in ("inline", "producer") and (dy_scale is not None
@@ -391,7 +426,9 @@ class _DxPlan:
         # With dropout and dY @ B precomputed, the dropout term is a second pass over dX (read, add, write: measured
         # 87 µs at M=8192, K=4096 on the H200, mostly the Philox mask), so that the GEMM keeps the large tile of the dropout-free dX; inside the
         # GEMM's epilogue the mask and a second accumulator forced half the tile (bench/NOTES.md).
-        if dropout_p > 0.0 and self.shrink:
+        # (with dropout_term=False there is no such pass: lora_grad_ab adds the term, dx_term_in_grad_ab)
+        term_pass = dropout_p > 0.0 and self.shrink
+        if term_pass and not defer_term:
             tcfg = dx_dropout_term_config()
             self.term = Launch(
                 _lora_dx_dropout_term_kernel, (cdiv(M, tcfg.block_m), cdiv(K, tcfg.block_n)),
@@ -401,7 +438,7 @@ class _DxPlan:
                 BLOCK_M=tcfg.block_m, BLOCK_K=tcfg.block_n, BLOCK_R=block_r, NUM_R_CHUNKS=cdiv(rank, block_r),
                 PRECISION=dot_precision(dy.dtype), ACC=acc_dtype(dy.dtype), **tcfg.launch(),
             )
-        cfg = gemm_config("dx_dropout" if dropout_p > 0.0 and self.term is None else "dx", M, dy.dtype,
+        cfg = gemm_config("dx_dropout" if dropout_p > 0.0 and not term_pass else "dx", M, dy.dtype,
                           block_r if compute else 0)
         if self.inline:  # the shrinking programs need the persistent walk
             cfg = replace(cfg, persistent=True)
@@ -442,10 +479,10 @@ class _DxPlan:
             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), *b_strides,
             lora_A.stride(0), lora_A.stride(1), *dyb_strides, *dx_strides,
             None, None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 8),
-            DROPOUT=dropout_p > 0.0 and self.term is None, COMPUTE_DYB=compute, STORE_DYB=compute and store_dyb,
+            DROPOUT=dropout_p > 0.0 and not term_pass, COMPUTE_DYB=compute, STORE_DYB=compute and store_dyb,
             USE_TMA=self.use_tma, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_N=cfg.block_k, BLOCK_R=block_r,
             # no rank chunks when the dropout term has its own pass: the GEMM computes dY @ W alone
-            NUM_R_CHUNKS=1 if compute else 0 if self.term is not None else cdiv(rank, block_r), GROUP_M=cfg.group_m,
+            NUM_R_CHUNKS=1 if compute else 0 if term_pass else cdiv(rank, block_r), GROUP_M=cfg.group_m,
             PRECISION=dot_precision(dy.dtype), ACC=acc_dtype(dy.dtype),
             DY_SCALE=None, HAS_DY_SCALE=dy_scale is not None, PERSISTENT=cfg.persistent, GDC_WAIT=self.pdl,
             FLAGS=None, SHRINK_PROGS=shrink_progs, INLINE_DYB=self.inline and not self.producer,
@@ -530,35 +567,56 @@ SUM_BLOCK = 512
 SUM_SPLIT_CHUNK = 8
 
 
-def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p=0.0, seed=0, need_a=True, need_b=True):
+def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p=0.0, seed=0, need_a=True, need_b=True,
+                 dx=None, lora_A=None):
     """dA = s * dyb^T @ drop(x) and dB = s * dy^T @ xa, in one launch.
 
     x: [M, K], dy: [M, N], xa: [M, r] (= drop(x) @ A^T from the forward), dyb: [M, r] (= dy @ B).
     Returns (dA [r, K] in a_dtype or None, dB [N, r] in b_dtype or None). Both reduce over M, split so that the
     small outputs still fill the GPU; with several splits each output has an fp32 partial-sum buffer, summed in a
     fixed order. Host work is done once per call signature (kernels/launch.py).
+    dx, lora_A (both or neither; with dropout_p > 0, need_a and r <= DX_TERM_MAX_RANK): dx [M, K] is dY @ W from
+    `lora_backward_dx(..., dropout_term=False)` and lora_A [r, K]; dA's programs add dX's dropout term
+    s * drop'(dyb @ A) to dx in place, with the mask they draw for dA (one draw of the mask instead of two).
 
     >>> dA, dB = lora_grad_ab(x, dy, xa, dyb, 2.0, A.dtype, B.dtype)
+    >>> dx, dyb = lora_backward_dx(dy, W, A, B, 2.0, 0.1, seed, dropout_term=False)
+    >>> dA, dB = lora_grad_ab(x, dy, xa, dyb, 2.0, A.dtype, B.dtype, 0.1, seed, dx=dx, lora_A=A)  # dx complete now
     """
     scaling = check_scaling(scaling)
     check_dropout(dropout_p, seed, x)
-    key = plan_key((x, dy, xa, dyb), a_dtype, b_dtype, dropout_p, need_a, need_b, dot_precision_key(x),
+    key = plan_key((x, dy, xa, dyb, dx, lora_A), a_dtype, b_dtype, dropout_p, need_a, need_b, dot_precision_key(x),
                    seed_key(seed))
     plan = _AB_PLANS.find(key)
     if plan is None:
-        plan = _AB_PLANS.put(key, _GradABPlan(x, dy, xa, dyb, a_dtype, b_dtype, dropout_p, need_a, need_b))
-    return plan(x, dy, xa, dyb, scaling, seed)
+        plan = _AB_PLANS.put(key, _GradABPlan(x, dy, xa, dyb, a_dtype, b_dtype, dropout_p, need_a, need_b, dx,
+                                              lora_A))
+    return plan(x, dy, xa, dyb, scaling, seed, dx, lora_A)
 
 
 _AB_PLANS = PlanCache()
 # With dropout, dA's programs per SM (see _GradABPlan).
 DROPOUT_DA_PROGRAMS_PER_SM = 8
+# The largest rank whose dX dropout term dA's programs take over (their tile then covers the whole rank).
+DX_TERM_MAX_RANK = 64
+# dA's step with dX's term: rows per step, K columns per tile, warps (_GradABPlan; plans keep the tile they were
+# built with).
+DX_TERM_TILE = (32, 64, 4)
+# Whether training steps leave dX's dropout term to dA's programs (dx_term_in_grad_ab).
+DX_TERM_IN_AB = os.environ.get("LORA_FAST_DX_TERM_IN_AB", "1") != "0"
+
+
+def dx_term_in_grad_ab(m: int, rank: int, dropout_p: float) -> bool:
+    """Whether a training step should leave dX's dropout term to `lora_grad_ab` (dX with dropout_term=False, dA
+    with dx and lora_A): with dropout, above MAX_FUSED_ROWS rows (where "auto" gives dX a separate term pass
+    anyway), rank <= DX_TERM_MAX_RANK. LORA_FAST_DX_TERM_IN_AB=0 turns it off (the results are identical)."""
+    return DX_TERM_IN_AB and dropout_p > 0.0 and m > MAX_FUSED_ROWS and 1 <= rank <= DX_TERM_MAX_RANK
 
 
 class _GradABPlan:
     """`lora_grad_ab` for one call signature: checks, configs, split count and grid chosen once."""
 
-    def __init__(self, x, dy, xa, dyb, a_dtype, b_dtype, dropout_p, need_a, need_b):
+    def __init__(self, x, dy, xa, dyb, a_dtype, b_dtype, dropout_p, need_a, need_b, dx=None, lora_A=None):
         check_flag(need_a, "need_a")
         check_flag(need_b, "need_b")
         check_dtype(a_dtype, "a_dtype", none_ok=False)
@@ -573,12 +631,26 @@ class _GradABPlan:
         rank = matrix_shape(xa, "xa")[1] if xa is not None else matrix_shape(dyb, "dyb")[1]
         check_shapes(x=(x, (M, K)), dy=(dy, (M, N)), xa=(xa if need_b else None, (M, rank)),
                      dyb=(dyb if need_a else None, (M, rank)))
+        self.dx_term = dx is not None or lora_A is not None
+        if self.dx_term:
+            if dx is None or lora_A is None:
+                raise ValueError("dx and lora_A go together (dX's dropout term added by dA's programs)")
+            if not (dropout_p > 0.0 and need_a and rank <= DX_TERM_MAX_RANK):
+                raise ValueError(f"dx / lora_A (dX's dropout term) need dropout_p > 0, need_a and a rank <= "
+                                 f"{DX_TERM_MAX_RANK}; got dropout_p={dropout_p}, need_a={need_a}, rank {rank}")
+            check_shapes(x=(x, (M, K)), dx=(dx, (M, K)), lora_A=(lora_A, (rank, K)))
         self.need_a, self.need_b, self.a_dtype, self.b_dtype = need_a, need_b, a_dtype, b_dtype
         self.shape_a, self.shape_b, self.launch = (rank, K), (N, rank), None
         if M == 0 or not (need_a or need_b):
             return
         cfg_a = reduce_m_config(rank, K, x.dtype)
         cfg_b = reduce_m_config(N, rank, x.dtype)
+        if self.dx_term:
+            # The term needs the whole rank in each dA tile, and its [rows, K tile] accumulator, dX tile and mask
+            # next to dA's: a [64, 128] step spilled (ptxas for sm_90, Triton 3.9: 1.2 KB of stack), [32, 64] fits.
+            cfg_a = replace(cfg_a, block_m=max(cfg_a.block_m, next_pow2_rank(rank)),
+                            block_n=min(cfg_a.block_n, DX_TERM_TILE[1]), block_k=min(cfg_a.block_k, DX_TERM_TILE[0]),
+                            num_warps=DX_TERM_TILE[2] if not is_interpret() else cfg_a.num_warps)
         tiles_a = cdiv(rank, cfg_a.block_m) * cdiv(K, cfg_a.block_n) if need_a else 0
         tiles_b = cdiv(N, cfg_b.block_m) * cdiv(rank, cfg_b.block_n) if need_b else 0
         # Splits of M: enough programs to fill the GPU twice over. With dropout, dA's programs also draw the
@@ -599,9 +671,11 @@ class _GradABPlan:
         sb = self._strides(*(self.out_b if need_b else self.out_a))
         u_a = dyb if need_a else x  # placeholders are never read: their tile count is zero
         v_b = xa if need_b else x
+        dx_strides = dx.stride() if self.dx_term else (0, 0)
+        a_strides = lora_A.stride() if self.dx_term else (0, 0)
         self.launch = Launch(
             _lora_grad_ab_kernel, (tiles_a * self.splits_a + tiles_b * self.splits_b,),
-            ("DYB", "X", "DY", "XA", "OUT_A", "OUT_B", "scaling", "seed"),
+            ("DYB", "X", "DY", "XA", "OUT_A", "OUT_B", "scaling", "seed", "DX", "A"),
             None, None, None, None, None, None,
             M, K, N, rank, rows_a, rows_b, tiles_a, self.splits_a, tiles_b,
             u_a.stride(0), u_a.stride(1), x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), v_b.stride(0),
@@ -609,7 +683,8 @@ class _GradABPlan:
             None, None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 8),
             DROPOUT=dropout_p > 0.0, BLOCK_RA=cfg_a.block_m, BLOCK_KA=cfg_a.block_n, BLOCK_NB=cfg_b.block_m,
             BLOCK_RB=cfg_b.block_n, BLOCK_M=cfg_a.block_k, PRECISION=dot_precision(x.dtype), ACC=acc_dtype(x.dtype),
-            **cfg_a.launch(),
+            DX=None, A=None, stride_dxm=dx_strides[0], stride_dxk=dx_strides[1], stride_ar=a_strides[0],
+            stride_ak=a_strides[1], DX_TERM=self.dx_term, **cfg_a.launch(),
         )
         # the partial sums' final add, both outputs in one launch (none when each has one split)
         self.sum_a = rank * K if need_a and self.splits_a > 1 else 0
@@ -642,7 +717,7 @@ class _GradABPlan:
             return (0, shape[1], 1)
         return (shape[1] * shape[2], shape[2], 1)
 
-    def __call__(self, x, dy, xa, dyb, scaling, seed):
+    def __call__(self, x, dy, xa, dyb, scaling, seed, dx=None, lora_A=None):
         if self.launch is None:
             return (torch.zeros(self.shape_a, device=x.device, dtype=self.a_dtype) if self.need_a else None,
                     torch.zeros(self.shape_b, device=x.device, dtype=self.b_dtype) if self.need_b else None)
@@ -650,7 +725,8 @@ class _GradABPlan:
         out_b = torch.empty(self.out_b[0], device=x.device, dtype=self.out_b[1]) if self.need_b else None
         oa = out_a if out_a is not None else out_b
         ob = out_b if out_b is not None else out_a
-        self.launch(dyb if self.need_a else x, x, dy, xa if self.need_b else x, oa, ob, float(scaling), seed_arg(seed))
+        self.launch(dyb if self.need_a else x, x, dy, xa if self.need_b else x, oa, ob, float(scaling), seed_arg(seed),
+                    dx if dx is not None else x, lora_A if lora_A is not None else x)
         if self.sums is None:
             return out_a, out_b
         # (torch's sum(0, dtype=bf16) would round every fp32 partial to bf16 first, in a copy kernel of its own)

@@ -75,6 +75,13 @@ class LoRALinearFunction(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+def _term_in_ab(ops, m: int, rank: int, dropout_p: float) -> bool:
+    """Whether `ops` (a launcher set) takes dX's dropout term into lora_grad_ab for this step: only launcher sets
+    that say so (`lora_fast.kernels`; not the PyTorch path, the compiled ops or QLoRA's)."""
+    decide = getattr(ops, "dx_term_in_grad_ab", None)
+    return decide is not None and decide(m, rank, dropout_p)
+
+
 def lora_backward(ops, dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, has_bias, needs):
     """The LoRA linear's gradients (dx, dW, db, dA, dB), each None unless `needs` asks for it.
 
@@ -91,14 +98,19 @@ def lora_backward(ops, dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, se
         dy2d = dy2d.to(x.dtype)
     dx = dw = dbias = dA = dB = None
     dyb = None
+    # With dropout at large M the kernels draw the mask once for dX's term and dA (kernels.dx_term_in_grad_ab):
+    # dX comes back without its term, which dA's programs then add in place.
+    term_in_ab = need_x and need_a and _term_in_ab(ops, x2d.shape[0], lora_A.shape[0], dropout_p)
     if need_x:
-        dx2d, dyb = ops.lora_backward_dx(dy2d, weight, lora_A, lora_B, scaling, dropout_p, seed, store_dyb=need_a)
+        dx2d, dyb = ops.lora_backward_dx(dy2d, weight, lora_A, lora_B, scaling, dropout_p, seed, store_dyb=need_a,
+                                         **({"dropout_term": False} if term_in_ab else {}))
         dx = dx2d.reshape(x.shape) if flat else dx2d
     elif need_a:
         dyb = ops.lora_shrink(dy2d, lora_B.t())
     if need_a or need_b:
         dA, dB = ops.lora_grad_ab(x2d, dy2d, xa, dyb, scaling, lora_A.dtype, lora_B.dtype, dropout_p, seed,
-                                  need_a=need_a, need_b=need_b)
+                                  need_a=need_a, need_b=need_b,
+                                  **({"dx": dx2d, "lora_A": lora_A} if term_in_ab else {}))
     if need_w:
         dw = (dy2d.t() @ x2d).to(weight.dtype)
     if need_bias and has_bias:

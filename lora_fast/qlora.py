@@ -89,6 +89,10 @@ class _NF4Backward:
     def lora_backward_dx(self, dy, w4, *args, **kwargs):
         return self.ops.lora_nf4_backward_dx(dy, w4, *args, **kwargs)
 
+    @staticmethod
+    def dx_term_in_grad_ab(m, rank, dropout_p):
+        return False  # the NF4 dX adds its dropout term itself (kernels.lora_nf4_backward_dx has no dropout_term)
+
     def __getattr__(self, name):
         return getattr(self.ops, name)
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import naive
-from .functional import _ops, autocast_inputs, compile_dispatch, draw_seed, is_compiling, lora_linear
+from .functional import _ops, _term_in_ab, autocast_inputs, compile_dispatch, draw_seed, is_compiling, lora_linear
 from .layers import adopt_frozen_base
 from .targeting import matching_linears, replace_linears
 from .validation import (check_dropout, check_dtype, check_lora_linear_args, check_rank, check_scaling, check_tensor,
@@ -144,13 +144,16 @@ class VeRALinearFunction(torch.autograd.Function):
             dy2d = dy2d.to(x.dtype)
         dx = dw = dbias = dd = dlb = None
         dyb = None  # dY @ B_b
+        term_in_ab = need_x and need_d and _term_in_ab(ops, x2d.shape[0], a_d.shape[0], p)  # as lora_backward
         if need_x:
-            dx2d, dyb = ops.lora_backward_dx(dy2d, weight, a_d, b_b, 1.0, p, seed, store_dyb=need_d)
+            dx2d, dyb = ops.lora_backward_dx(dy2d, weight, a_d, b_b, 1.0, p, seed, store_dyb=need_d,
+                                             **({"dropout_term": False} if term_in_ab else {}))
             dx = dx2d.reshape(x.shape) if flat else dx2d
         elif need_d:
             dyb = ops.lora_shrink(dy2d, b_b.t())
         if need_d or need_lb:
-            d_ad, d_bb = ops.lora_grad_ab(x2d, dy2d, xa, dyb, 1.0, acc, acc, p, seed, need_a=need_d, need_b=need_lb)
+            d_ad, d_bb = ops.lora_grad_ab(x2d, dy2d, xa, dyb, 1.0, acc, acc, p, seed, need_a=need_d, need_b=need_lb,
+                                          **({"dx": dx2d, "lora_A": a_d} if term_in_ab else {}))
             dd, dlb = _lambda_grads(ops, d_ad, vera_A, d_bb, vera_B, *ctx.dtypes)
         if need_w:
             dw = (dy2d.t() @ x2d).to(weight.dtype)

@@ -616,3 +616,68 @@ def test_launchers_name_a_tensor_of_the_wrong_rank(device):
     for err, name, call in calls:
         with pytest.raises(err, match=f"^{name} must"):
             call()
+
+
+@pytest.mark.parametrize("shape", [(300, 24, 70, 16), (290, 37, 20, 3), (260, 16, 9, 1)],
+                         ids=lambda s: "M%d_K%d_N%d_r%d" % s)
+def test_dx_dropout_term_added_by_grad_ab(shape, device, monkeypatch):
+    """With dropout above MAX_FUSED_ROWS rows, dX comes back from lora_backward_dx(dropout_term=False) without its
+    term s * drop'((dY B) A), and dA's programs in lora_grad_ab(dx=, lora_A=) add it with the mask they draw
+    for dA. Launchers: dx then equals the one-launcher result and the reference (dx NaN-free), dA and dB equal
+    the unfused call's bit for bit. lora_linear: the training step takes that path (kernels.dx_term_in_grad_ab)
+    and its gradients equal those with the switch off and the reference's."""
+    M, K, N, r = shape
+    s, p = 0.7, 0.3
+    seed = int(torch.randint(0, 2**31, ()))
+    x, W, b, A, B = lora_problem(M, K, N, r, torch.float32, device)
+    dy = torch.randn(M, N, device=device)
+    xa = kernels.lora_shrink(x, A, p, seed)
+    dx_full, dyb = kernels.lora_backward_dx(dy, W, A, B, s, p, seed)
+    dA_ref, dB_ref = kernels.lora_grad_ab(x, dy, xa, dyb, s, A.dtype, B.dtype, p, seed)
+    dx_part, dyb2 = kernels.lora_backward_dx(dy, W, A, B, s, p, seed, dropout_term=False)
+    assert torch.equal(dyb2, dyb)
+    assert_close("dx without its term", dx_part, dy.double() @ W.double(), torch.float32)
+    dA, dB = kernels.lora_grad_ab(x, dy, xa, dyb, s, A.dtype, B.dtype, p, seed, dx=dx_part, lora_A=A)
+    assert torch.equal(dA, dA_ref) and torch.equal(dB, dB_ref)
+    assert not torch.isnan(dx_part).any()
+    assert_close("dx with dA's term", dx_part, dx_full.double(), torch.float32)
+    keep = dropout_mask_torch(seed, M, K, p, device)
+    assert_close("dx vs reference", dx_part, _reference_grads(x, W, b, A, B, s, p, keep, dy)[1], torch.float32)
+    assert kernels.dx_term_in_grad_ab(M, r, p) and not kernels.dx_term_in_grad_ab(M, r, 0.0)
+    assert not kernels.dx_term_in_grad_ab(256, r, p) and not kernels.dx_term_in_grad_ab(M, 65, p)
+
+    def step(switch):
+        monkeypatch.setattr(kernels.lora_bwd, "DX_TERM_IN_AB", switch)
+        xg, Ag, Bg = (t.clone().requires_grad_() for t in (x, A, B))
+        torch.manual_seed(7)  # the same dropout seed for both steps
+        y = lora_fast.lora_linear(xg, W, b, Ag, Bg, s, p, True)
+        return torch.autograd.grad(y, [xg, Ag, Bg], dy)
+
+    calls = []
+    real = kernels.lora_grad_ab
+    monkeypatch.setattr(kernels, "lora_grad_ab", lambda *a, **k: (calls.append(k.get("dx") is not None), real(*a, **k))[1])
+    fused, plain = step(True), step(False)
+    assert calls == [True, False]
+    for name, g1, g2 in zip(("dx", "dA", "dB"), fused, plain):
+        assert_close(name, g1, g2.double(), torch.float32)
+
+
+def test_dx_dropout_term_arguments_are_checked(device):
+    x, W, b, A, B = lora_problem(300, 16, 12, 3, torch.float32, device)
+    dy = torch.randn(300, 12, device=device)
+    xa, dyb = torch.randn(300, 3, device=device), torch.randn(300, 3, device=device)
+    dx = torch.zeros(300, 16, device=device)
+    with pytest.raises(ValueError, match="dx and lora_A"):
+        kernels.lora_grad_ab(x, dy, xa, dyb, 1.0, A.dtype, B.dtype, 0.1, 3, dx=dx)
+    with pytest.raises(ValueError, match="dropout_p > 0"):
+        kernels.lora_grad_ab(x, dy, xa, dyb, 1.0, A.dtype, B.dtype, 0.0, 3, dx=dx, lora_A=A)
+    with pytest.raises(ValueError, match="need_a"):
+        kernels.lora_grad_ab(x, dy, xa, dyb, 1.0, A.dtype, B.dtype, 0.1, 3, need_a=False, dx=dx, lora_A=A)
+    with pytest.raises(ValueError, match="dx"):
+        kernels.lora_grad_ab(x, dy, xa, dyb, 1.0, A.dtype, B.dtype, 0.1, 3, dx=dx[:, :15], lora_A=A)
+    with pytest.raises(ValueError, match="fused"):
+        kernels.lora_backward_dx(dy, W, A, B, 1.0, 0.1, 3, dyb_mode="fused", dropout_term=False)
+    with pytest.raises(ValueError, match="store_dyb"):
+        kernels.lora_backward_dx(dy, W, A, B, 1.0, 0.1, 3, store_dyb=False, dropout_term=False)
+    with pytest.raises(TypeError, match="dropout_term"):
+        kernels.lora_backward_dx(dy, W, A, B, 1.0, 0.1, 3, dropout_term=None)
