@@ -27,6 +27,7 @@ def vera_reference(x, W, b, A, B, d, lb, keep=None, p=0.0):
     (7, 19, 23, 3, True, torch.float32, 0.0),   # odd K, N and rank
     (1, 16, 33, 1, False, torch.float32, 0.0),  # one row, rank 1
     (6, 21, 18, 5, True, torch.float32, 0.3),   # dropout
+    (300, 21, 18, 5, True, torch.float32, 0.3),  # dropout above 256 rows: dX's term added by dA's programs
     (9, 24, 20, 4, True, torch.bfloat16, 0.0),
 ])
 def test_vera_matches_reference(M, K, N, r, bias, dtype, p):
