@@ -15,7 +15,8 @@ from .nf4_gemv import nf4_gemv
 from .rows import row_dots, scale_rows
 
 __all__ = [
-    "dropout_mask", "is_interpret", "lora_backward_dx", "lora_forward", "lora_grad_ab", "lora_shrink",
+    "dropout_mask", "dx_term_in_grad_ab", "is_interpret", "lora_backward_dx", "lora_forward", "lora_grad_ab",
+    "lora_shrink",
     "choose_xa_mode", "column_dot", "dora_norm", "magnitude_grad", "scale_columns",
     "lora_nf4_backward_dx", "lora_nf4_forward", "nf4_dequantize", "nf4_gemv", "row_dots", "scale_rows",
 ]
