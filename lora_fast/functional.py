@@ -77,7 +77,8 @@ class LoRALinearFunction(torch.autograd.Function):
 
 def _term_in_ab(ops, m: int, rank: int, dropout_p: float) -> bool:
     """Whether `ops` (a launcher set) takes dX's dropout term into lora_grad_ab for this step: only launcher sets
-    that say so (`lora_fast.kernels`; not the PyTorch path, the compiled ops or QLoRA's)."""
+    that say so (`lora_fast.kernels`, eagerly and inside the compiled `lora_fast::lora_backward` op; not the
+    PyTorch path or QLoRA's launchers over the ops)."""
     decide = getattr(ops, "dx_term_in_grad_ab", None)
     return decide is not None and decide(m, rank, dropout_p)
 
@@ -85,10 +86,11 @@ def _term_in_ab(ops, m: int, rank: int, dropout_p: float) -> bool:
 def lora_backward(ops, dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, has_bias, needs):
     """The LoRA linear's gradients (dx, dW, db, dA, dB), each None unless `needs` asks for it.
 
-    ops: the launchers (`lora_fast.kernels`, `lora_fast.naive`, or the `lora_fast::` ops through
-    `lora_fast.ops.OP_LAUNCHERS`); dy: [..., N]; x: [..., K]; xa: drop(x) @ A^T [M, r] from the forward (needed
-    for dB); seed: whatever the launchers take (an int, or a seed tensor for the ops); needs: 5 bools.
-    Shared by the autograd Function (eager) and the custom op's registered autograd (torch.compile).
+    ops: the launchers (`lora_fast.kernels`, `lora_fast.naive`, or QLoRA's launchers over the `lora_fast::` ops,
+    `lora_fast.ops._QLoRAOpLaunchers`); dy: [..., N]; x: [..., K]; xa: drop(x) @ A^T [M, r] from the forward (needed
+    for dB); seed: whatever the launchers take (an int, or a seed tensor); needs: 5 bools.
+    Shared by the autograd Function (eager), the `lora_fast::lora_backward` op that the compiled backward calls
+    (the same launchers, without dW and db, which the graph computes) and QLoRA's compiled backward.
     """
     need_x, need_w, need_bias, need_a, need_b = needs
     flat = x.dim() != 2

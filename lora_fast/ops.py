@@ -2,12 +2,19 @@
 
 Ops (each with a fake implementation for tracing; shapes as in the launchers of `lora_fast.kernels`):
 - `lora_fast::lora_forward(x [M, K], weight [N, K], bias [N]?, lora_A [r, K], lora_B [N, r], scaling, dropout_p,
-  seed?, store_xa)` -> `(y [M, N], xa [M or 0, r])`, with autograd registered (training);
+  seed?, store_xa)` -> `(y [M, N], xa [M or 0, r])`, with autograd registered (training): its backward is one
+  `lora_backward` op for dx, dA and dB, and graph ops for dW and db (inductor's own GEMM and reduction);
+- `lora_fast::lora_backward(dy [M, N], x [M, K], weight [N, K], lora_A [r, K], lora_B [N, r], xa [M, r]?, scaling,
+  dropout_p, seed?, need_dx, need_dA, need_dB)` -> `(dx [M, K] or [0], dA [r, K] or [0], dB [N, r] or [0])`, dA and
+  dB in lora_A's and lora_B's dtypes: the eager backward's launches (`functional.lora_backward` without dW and db:
+  lora_backward_dx, or lora_shrink when dx is not needed, then lora_grad_ab; with dropout above 256 rows dX's
+  dropout term comes from dA's programs, `kernels.dx_term_in_grad_ab`) in one op, so one op call per layer;
 - `lora_fast::lora_backward_dx(dy [M, N], weight, lora_A, lora_B, scaling, dropout_p, seed?, store_dyb)`
   -> `(dx [M, K], dyb [M or 0, r])`;
 - `lora_fast::lora_shrink(x [M, K], lora_A [r, K], dropout_p, seed?)` -> `xa [M, r]`;
 - `lora_fast::lora_grad_ab(x, dy, xa?, dyb?, scaling, a_dtype, b_dtype, dropout_p, seed?, need_a, need_b)`
-  -> `(dA [r, K] or [0], dB [N, r] or [0])`;
+  -> `(dA [r, K] or [0], dB [N, r] or [0])` (these three: the launchers one by one, as ops; QLoRA's compiled
+  backward calls the last two, and graphs compiled before `lora_backward` existed call all three);
 - `lora_fast::draw_seed(generator [0])` -> int64 [1] on the generator's device: a dropout seed (see below);
 - `lora_fast::dora_norm(weight [N, K], lora_A [r, K], lora_B [N, r], scaling)` -> `||W + s * B @ A||_row` [N] fp32
   (fp64 for fp64), no autograd (DoRA's norm is a constant; `dora.dora_linear` traces DoRA with it, with
@@ -56,7 +63,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .functional import _ops, lora_backward, shift_seed
+from .functional import _ops, lora_backward as _shared_backward, shift_seed
 
 HAS_CUSTOM_OPS = all(hasattr(torch.library, f) for f in ("custom_op", "register_fake", "register_autograd",
                                                          "infer_schema"))
@@ -96,7 +103,8 @@ if HAS_CUSTOM_OPS:
         """`lora_fast::<fn's name>`, defined on a plain `torch.library.Library` with the schema of fn's annotations
         and fn as its implementation for every device; `register_fake` and `register_autograd` as on a
         `torch.library.custom_op`, whose extra Python wrapper cost ~5 µs more host time per call on the CPU (a
-        compiled training step calls three or four of these ops per layer and is host-bound at moderate sizes)."""
+        compiled training step calls two of these ops per layer, three with dropout, and is host-bound at moderate
+        sizes)."""
 
         def __init__(self, fn, tags=()):
             self.name = "lora_fast::" + fn.__name__
@@ -174,6 +182,25 @@ if HAS_CUSTOM_OPS:
                 _empty(x, dy.shape[1], rank, dtype=b_dtype) if need_b else _empty(x, 0, dtype=b_dtype))
 
     @_Op
+    def lora_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, xa: Optional[Tensor],
+                      scaling: float, dropout_p: float, seed: Optional[Tensor], need_dx: bool, need_dA: bool,
+                      need_dB: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        # The eager backward's launcher calls, in one op: `functional.lora_backward` on the eager launchers (so the
+        # dX-term-in-dA path is taken exactly as eagerly), without dW and db, which stay graph ops.
+        dx, _, _, dA, dB = _shared_backward(_ops(dy), dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p,
+                                            seed_value(seed), False, (need_dx, False, False, need_dA, need_dB))
+        # dx is a new tensor from the launcher; dA and dB may be views of a larger buffer: see `lora_grad_ab`.
+        return (dx if dx is not None else _empty(x, 0),
+                _own(dA) if dA is not None else _empty(x, 0, dtype=lora_A.dtype),
+                _own(dB) if dB is not None else _empty(x, 0, dtype=lora_B.dtype))
+
+    @lora_backward.register_fake
+    def _(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_dx, need_dA, need_dB):
+        return (_empty(x, x.shape[0], x.shape[1]) if need_dx else _empty(x, 0),
+                _empty(x, *lora_A.shape, dtype=lora_A.dtype) if need_dA else _empty(x, 0, dtype=lora_A.dtype),
+                _empty(x, *lora_B.shape, dtype=lora_B.dtype) if need_dB else _empty(x, 0, dtype=lora_B.dtype))
+
+    @_Op
     def dora_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
         from .dora import dora_weight_norm
 
@@ -183,7 +210,8 @@ if HAS_CUSTOM_OPS:
     def _(weight, lora_A, lora_B, scaling):
         return _empty(weight, weight.shape[0], dtype=torch.promote_types(weight.dtype, torch.float32))
 
-    # The launchers' signatures over the ops, for the shared backward (`functional.lora_backward`).
+    # The launchers' signatures over the ops, for the shared backward (`functional.lora_backward`) of QLoRA's
+    # compiled backward (`_QLoRAOpLaunchers`); LoRA's own compiled backward calls the `lora_backward` op instead.
     class _OpLaunchers:
         @staticmethod
         def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p, seed, store_dyb=True):
@@ -210,10 +238,22 @@ if HAS_CUSTOM_OPS:
         ctx.mark_non_differentiable(output[1])
 
     def _lora_forward_backward(ctx, dy, _dxa):
+        """One `lora_fast::lora_backward` op for dx, dA and dB (the kernels' launches as in eager), dW and db as
+        graph ops (inductor's GEMM and reduction)."""
         x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
-        grads = lora_backward(OP_LAUNCHERS, dy, x, weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, seed,
-                              ctx.has_bias, ctx.needs_input_grad[:5])
-        return (*grads, None, None, None, None)
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        if dy.dtype != x.dtype:
+            dy = dy.to(x.dtype)
+        dx = dw = dbias = dA = dB = None
+        if need_x or need_a or need_b:
+            dx, dA, dB = torch.ops.lora_fast.lora_backward(dy, x, weight, lora_A, lora_B, xa, ctx.scaling,
+                                                           ctx.dropout_p, seed, need_x, need_a, need_b)
+        if need_w:
+            dw = (dy.t() @ x).to(weight.dtype)
+        if need_bias and ctx.has_bias:
+            dbias = dy.sum(0, dtype=torch.promote_types(dy.dtype, torch.float32)).to(dy.dtype)
+        return (dx if need_x else None, dw, dbias, dA if need_a else None, dB if need_b else None,
+                None, None, None, None)
 
     lora_forward.register_autograd(_lora_forward_backward, setup_context=_lora_forward_setup)
 
@@ -298,9 +338,9 @@ if HAS_CUSTOM_OPS:
         offset, group, out_features = ctx.nf4
         w4 = _nf4_view(qweight, absmax, absmax_code, absmax_scale, offset, group, out_features, x.shape[1], x.dtype)
         need = ctx.needs_input_grad
-        dx, _, dbias, dA, dB = lora_backward(_QLoRAOpLaunchers, dy, x, w4, lora_A, lora_B, xa, ctx.scaling,
-                                             ctx.dropout_p, seed, ctx.has_bias, (need[0], False, need[8], need[9],
-                                                                                 need[10]))
+        dx, _, dbias, dA, dB = _shared_backward(_QLoRAOpLaunchers, dy, x, w4, lora_A, lora_B, xa, ctx.scaling,
+                                                ctx.dropout_p, seed, ctx.has_bias, (need[0], False, need[8], need[9],
+                                                                                    need[10]))
         return (dx, *([None] * 7), dbias, dA, dB, None, None, None, None)
 
     qlora_forward.register_autograd(_qlora_forward_backward, setup_context=_qlora_forward_setup)

@@ -53,6 +53,51 @@ def test_opcheck_lora_forward_and_backward_ops():
                                need_a, need_b))
 
 
+def _fresh(t):
+    """t owns its whole storage from offset 0 (what an op's outputs must, as their fake impls promise)."""
+    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+@pytest.mark.parametrize("M", [0, 1, 6, 260])
+def test_opcheck_lora_backward_op(M):
+    """`lora_fast::lora_backward` (dx, dA, dB of one layer in one op): opcheck with and without dropout, with every
+    subset of the three gradients that a training step asks for (xa absent when dB is not needed); the outputs
+    equal the PyTorch path's (`naive`, the same Philox mask), are fresh tensors, and are [0] where not needed.
+    M = 260 with dropout takes the kernels' dX-term-in-dA path (`kernels.dx_term_in_grad_ab`)."""
+    from lora_fast import functional, kernels, naive
+
+    K, N, r = 24, 20, 3
+    g = torch.Generator().manual_seed(1000 + M)
+    x, W, A, B, dy = (torch.randn(*s, generator=g) for s in ((M, K), (N, K), (r, K), (N, r), (M, N)))
+    seed_int = int(torch.randint(0, 2**62, (1,), generator=g))
+    seed = torch.tensor([seed_int], dtype=torch.int64)
+    cases = [(0.0, (True, True, True)), (0.25, (True, True, True)), (0.25, (False, True, True)),
+             (0.25, (True, False, False)), (0.0, (False, False, True)), (0.25, (True, True, False))]
+    if M == 260:
+        assert kernels.dx_term_in_grad_ab(M, r, 0.25)
+        cases = cases[1:2] + cases[-1:]
+    for p, (need_dx, need_dA, need_dB) in cases:
+        sd = seed if p > 0 else None
+        xa = naive.lora_shrink(x, A, p, seed_int) if need_dB else None
+        args = (dy, x, W, A, B, xa, 1.5, p, sd, need_dx, need_dA, need_dB)
+        torch.library.opcheck(torch.ops.lora_fast.lora_backward.default, args)
+        got = torch.ops.lora_fast.lora_backward(*args)
+        want = functional.lora_backward(naive, dy, x, W, A, B, xa, 1.5, p, seed_int, False,
+                                        (need_dx, False, False, need_dA, need_dB))
+        for name, need, out, ref in zip(("dx", "dA", "dB"), (need_dx, need_dA, need_dB), got, want[:1] + want[3:]):
+            if not need:
+                assert out.shape == (0,), name
+                continue
+            assert _fresh(out), name
+            assert out.dtype == (A.dtype if name == "dA" else B.dtype if name == "dB" else x.dtype)
+            if M:
+                assert_close(f"M={M} p={p} {name}", out, ref, torch.float32)
+            else:
+                assert out.shape == ref.shape and not out.any(), name
+        ptrs = [t.data_ptr() for t in got if t.numel()]
+        assert len(set(ptrs)) == len(ptrs) and not set(ptrs) & {t.data_ptr() for t in args[:6] if t is not None}
+
+
 def test_opcheck_multi_lora_forward():
     _, multi, meta = _pool_model()
     A, B, sizes = multi.pool.layer_stacks(multi.key)
@@ -249,6 +294,110 @@ def test_compiled_dynamic_lengths_with_dropout_equal_eager():
         for what, c, e in zip(("y", "dx", "dA", "dB"), *results):
             assert_close(f"M={M} {what}", c, e, torch.float32)
     assert counter.frame_count == 2
+
+
+def _recording_backend(graphs):
+    """A torch.compile backend: AOTAutograd with compilers that run the graphs as traced (aot_eager) and record
+    them in `graphs` as ("fw" | "bw", GraphModule)."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    def compiler(kind):
+        def compile_graph(gm, example_inputs):
+            graphs.append((kind, gm))
+            return make_boxed_func(gm.forward)
+        return compile_graph
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler=compiler("fw"), bw_compiler=compiler("bw"))
+    return backend
+
+
+def _lora_fast_calls(graphs, kind):
+    """{op name: calls} of the lora_fast:: ops in the recorded graphs of `kind`."""
+    calls = {}
+    for k, gm in graphs:
+        for node in gm.graph.nodes:
+            if k == kind and node.op == "call_function" and str(node.target).startswith("lora_fast."):
+                name = str(node.target).split(".")[1]
+                calls[name] = calls.get(name, 0) + 1
+    return calls
+
+
+class _MLPBlock(nn.Module):
+    """down(silu(gate(x)) * up(x)) + x of three LoRALinear layers (the host-time harness's block); `up` trains its
+    base weight and bias too."""
+
+    def __init__(self, d, h, r, p):
+        super().__init__()
+        self.gate, self.down = (LoRALinear(i, o, rank=r, alpha=2 * r, dropout=p, bias=False) for i, o in ((d, h), (h, d)))
+        self.up = LoRALinear(d, h, rank=r, alpha=2 * r, dropout=p, bias=True)
+        for layer in (self.gate, self.up, self.down):
+            nn.init.normal_(layer.lora_B)
+        self.up.weight.requires_grad_(True)
+        self.up.bias.requires_grad_(True)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x)) + x
+
+
+@pytest.mark.parametrize("x_grad", [True, False], ids=["dx", "no_dx"])
+def test_compiled_backward_is_one_lora_backward_op_per_layer(x_grad):
+    """The compiled backward of an MLP block of three LoRALinear layers calls `lora_fast::lora_backward` once per
+    layer and no other lora_fast op (not lora_backward_dx, lora_shrink or lora_grad_ab); dW and db of the layer
+    whose base trains are graph ops. The compiled step's output and gradients (x, every A and B, W and b) equal
+    eager's. Without x's gradient the first two layers' ops compute dA and dB alone."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = _MLPBlock(16, 24, 3, 0.0)
+    graphs = []
+    compiled = torch.compile(block, backend=_recording_backend(graphs), fullgraph=True)
+    x = torch.randn(2, 5, 16, requires_grad=x_grad)
+    params = [p for p in block.parameters() if p.requires_grad]
+    assert len(params) == 8  # three (A, B) pairs, up's W and b
+    want = [None if t is None else t.detach().clone() for t in seeded_grads(block, x, params, 0)]
+    got = seeded_grads(compiled, x, params, 0)
+    assert _lora_fast_calls(graphs, "fw") == {"lora_forward": 3}
+    assert _lora_fast_calls(graphs, "bw") == {"lora_backward": 3}
+    for w, g, what in zip(want, got, ["y", "dx", "dA gate", "dB gate", "dW up", "db up", "dA up", "dB up", "dA down",
+                                      "dB down"]):
+        if what == "dx" and not x_grad:
+            assert g is None and w is None
+            continue
+        assert g is not None, what
+        assert_close(what, g, w, torch.float32)
+
+
+def test_compiled_dropout_step_above_256_rows_adds_dx_term_in_grad_ab(monkeypatch):
+    """With dropout above 256 rows the compiled step takes the eager step's path (kernels.dx_term_in_grad_ab): dX
+    without its dropout term, which lora_grad_ab's dA programs add (called with dx=), inside the one
+    `lora_fast::lora_backward` op; its output and gradients equal the eager step's under the same seed (on the
+    CPU the graph's seed op draws what eager draws)."""
+    from lora_fast import kernels
+
+    torch._dynamo.reset()
+    M, K, N, r, p = 260, 24, 20, 3, 0.3
+    assert kernels.dx_term_in_grad_ab(M, r, p)
+    layer = LoRALinear(K, N, rank=r, alpha=2 * r, dropout=p)
+    nn.init.normal_(layer.lora_B)
+    params = [layer.lora_A, layer.lora_B]
+    calls = []
+    real = kernels.lora_grad_ab
+    monkeypatch.setattr(kernels, "lora_grad_ab",
+                        lambda *a, **k: (calls.append(k.get("dx") is not None), real(*a, **k))[1])
+    graphs = []
+    compiled = torch.compile(layer, backend=_recording_backend(graphs), fullgraph=True)
+    x = torch.randn(M, K, requires_grad=True)
+    seed = int(torch.randint(0, 2**31, ()))
+    want = [t.detach().clone() for t in seeded_grads(layer, x, params, seed)]
+    assert calls == [True]
+    got = seeded_grads(compiled, x, params, seed)
+    assert calls == [True, True]
+    assert _lora_fast_calls(graphs, "bw") == {"lora_backward": 1}
+    for w, g, what in zip(want, got, ["y", "dx", "dA", "dB"]):
+        assert_close(what, g, w, torch.float32)
+    y_other = seeded_grads(compiled, x, params, seed + 1)[0]  # another seed, another mask
+    assert not torch.equal(y_other, got[0])
 
 
 def test_peft_patched_model_compiles_fullgraph_with_dropout():
