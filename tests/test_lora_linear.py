@@ -662,6 +662,45 @@ def test_dx_dropout_term_added_by_grad_ab(shape, device, monkeypatch):
         assert_close(name, g1, g2.double(), torch.float32)
 
 
+@pytest.mark.parametrize("shape", [(40, 24, 20, 3, "shrink", torch.float32), (37, 40, 33, 1, "inline", torch.float32),
+                                   (33, 56, 16, 20, "inline", torch.float32), (50, 40, 24, 5, "shrink", torch.float16)],
+                         ids=lambda s: "M%d_K%d_N%d_r%d_%s_%s" % (*s[:5], str(s[5])[6:]))
+def test_dx_dropout_term_in_the_epilogue(shape, device, monkeypatch):
+    """lora_backward_dx(term_epilogue=True): with dropout and dY @ B precomputed ("shrink", "inline"), the GEMM's
+    epilogue adds the masked term s * drop'((dY B) A) in column slices of its tile instead of a pass of its own.
+    dx (into a NaN-filled out) equals the pass's and the reference's; no term pass is launched; r = 20 takes two
+    rank chunks per slice; "producer" keeps its pass; a bad value is refused."""
+    M, K, N, r, mode, dtype = shape
+    s, p = 0.9, 0.3
+    seed = int(torch.randint(0, 2**31, ()))
+    x, W, b, A, B = lora_problem(M, K, N, r, dtype, device)
+    dy = torch.randn(M, N, device=device, dtype=dtype)
+    made = []
+
+    class Spy(kernels.lora_bwd.Launch):
+        def __init__(self, fn, *args, **kw):
+            made.append(fn.__name__)
+            super().__init__(fn, *args, **kw)
+
+    monkeypatch.setattr(kernels.lora_bwd, "Launch", Spy)
+    kernels.launch.clear_plans()
+    dx_pass, _ = kernels.lora_backward_dx(dy, W, A, B, s, p, seed, dyb_mode=mode, term_epilogue=False)
+    assert "_lora_dx_dropout_term_kernel" in made
+    made.clear()
+    out = torch.full((M, K), float("nan"), device=device, dtype=dtype)
+    dx, dyb = kernels.lora_backward_dx(dy, W, A, B, s, p, seed, dyb_mode=mode, term_epilogue=True, out=out)
+    assert made == ["_lora_bwd_dx_kernel"] and dx is out and not torch.isnan(dx).any()
+    keep = dropout_mask_torch(seed, M, K, p, device)
+    ref = dy.double() @ W.double() + s * ((dy.double() @ B.double()) @ A.double()) * keep / (1 - p)
+    assert_close("dx, term in the epilogue", dx, ref, dtype)
+    assert_close("dx, epilogue against the pass", dx, dx_pass.double(), dtype)
+    made.clear()
+    kernels.lora_backward_dx(dy, W, A, B, s, p, seed, dyb_mode="producer", term_epilogue=True)
+    assert "_lora_dx_dropout_term_kernel" in made
+    with pytest.raises(ValueError, match="term_epilogue"):
+        kernels.lora_backward_dx(dy, W, A, B, s, p, seed, term_epilogue="yes")
+
+
 def test_dx_dropout_term_arguments_are_checked(device):
     x, W, b, A, B = lora_problem(300, 16, 12, 3, torch.float32, device)
     dy = torch.randn(300, 12, device=device)
