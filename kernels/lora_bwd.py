@@ -278,7 +278,7 @@ def _lora_bwd_dx_kernel(
     elif PERSISTENT:
         first = persistent_start(INLINE_DYB, DY, B, DYB, FLAGS, M, N, RANK, stride_dym, stride_dyn, stride_br,
                                  stride_bn, stride_dybm, stride_dybr, SHRINK_PROGS, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_R,
-                                 PRECISION, ACC, SHRINK_STAGES)
+                                 PRECISION, ACC, SHRINK_STAGES, False, seed, keep_thr, inv_keep, K8)
         for tile in range(first, tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_K), tl.num_programs(0)):
             _dx_tile(tile, DY, W, B, A, DYB, DX, M, N, K, RANK,
                      stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br, stride_ar, stride_ak,
