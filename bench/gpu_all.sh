@@ -80,6 +80,9 @@ for name in "$@"; do
     profvar) step profvar 150 python3 bench/profile_variants.py ;;
     probestep) step probestep 150 python3 bench/probe_step_host.py --out "$OUT/logs" ;;
     dxterm) step dxterm 200 python3 bench/exp_dx_term_in_ab.py --out "$OUT/logs" ;;
+    dxepi) step dxepi 240 python3 bench/exp_dx_dropout_epilogue.py --out "$OUT/logs" ;;
+    inldrop) step inldrop 240 python3 bench/exp_inline_dropout.py --out "$OUT/logs" ;;
+    compstep) step compstep 400 python3 bench/exp_compile_step.py --out "$OUT/logs" ;;
     dprod) step dprod 200 python3 bench/exp_dropout_producer.py --out "$OUT/logs" ;;
     wsgemm) step wsgemm 240 python3 bench/exp_ws_gemm.py --out "$OUT/logs" ${WSGEMM_ARGS:-} ;;
     doraker) step doraker 200 python3 bench/exp_dora_kernels.py --out "$OUT/logs" ;;

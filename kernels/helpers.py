@@ -372,9 +372,11 @@ def dropout_threshold(p: float) -> int:
 def shrink_row_block(X, F, OUT, FLAGS, mb, M, K, RANK,
                      stride_xm, stride_xk, stride_fr, stride_fk, stride_om, stride_or,
                      USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                     PRECISION: tl.constexpr, ACC: tl.constexpr, STAGES: tl.constexpr):
-    """OUT[rows, :RANK] = X[rows, :] @ F[:RANK, :]^T for the rows of block `mb` (BLOCK_M of them), stored in OUT's
-    dtype; then FLAGS[mb] = 1 with release semantics, once every thread of the program has stored.
+                     PRECISION: tl.constexpr, ACC: tl.constexpr, STAGES: tl.constexpr,
+                     DROPOUT: tl.constexpr, seed, keep_thr, inv_keep, K8):
+    """OUT[rows, :RANK] = drop(X)[rows, :] @ F[:RANK, :]^T for the rows of block `mb` (BLOCK_M of them), stored in
+    OUT's dtype; then FLAGS[mb] = 1 with release semantics, once every thread of the program has stored.
+    drop: with DROPOUT, the mask of dropout_keep(seed, ..., K8, keep_thr) scaled by inv_keep; else the identity.
 
     X: [M, K] (a tensor descriptor with block [BLOCK_M, BLOCK_K] when USE_TMA, else a pointer with its strides),
     F: [RANK, K] with strides (stride_fr, stride_fk), OUT: [M, RANK]; BLOCK_R >= RANK (one rank block), FLAGS: int32.
@@ -396,6 +398,8 @@ def shrink_row_block(X, F, OUT, FLAGS, mb, M, K, RANK,
         else:
             x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             x_ptrs += BLOCK_K * stride_xk
+        if DROPOUT:
+            x = apply_dropout(x, dropout_keep(seed, offs_m, k0, K8, keep_thr, BLOCK_M, BLOCK_K), inv_keep)
         f = tl.load(f_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         acc = dot(x, f, acc, PRECISION)
         f_ptrs += BLOCK_K * stride_fk
@@ -425,11 +429,12 @@ def wait_row_block(FLAGS, mb):
 def persistent_start(INLINE: tl.constexpr, X, F, OUT, FLAGS, M, K, RANK,
                      stride_xm, stride_xk, stride_fr, stride_fk, stride_om, stride_or, SHRINK_PROGS,
                      USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, SHRINK_STAGES: tl.constexpr):
+                     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, SHRINK_STAGES: tl.constexpr,
+                     DROPOUT: tl.constexpr, seed, keep_thr, inv_keep, K8):
     """The persistent walk's first tile for this program: its id, or (INLINE) its position after its share of the
-    row blocks (shrink_row_block): programs 0 .. SHRINK_PROGS - 1 take blocks pid, pid + SHRINK_PROGS, ... and then
-    walk the tiles of the last SHRINK_PROGS positions (those with a tile fewer); the others walk positions
-    0 .. programs - SHRINK_PROGS - 1."""
+    row blocks (shrink_row_block, with DROPOUT's mask on X): programs 0 .. SHRINK_PROGS - 1 take blocks pid,
+    pid + SHRINK_PROGS, ... and then walk the tiles of the last SHRINK_PROGS positions (those with a tile fewer);
+    the others walk positions 0 .. programs - SHRINK_PROGS - 1."""
     pid = tl.program_id(0)
     first = pid
     if INLINE:  # (a static branch; no early return, which Triton 3.6 refuses there)
@@ -438,19 +443,19 @@ def persistent_start(INLINE: tl.constexpr, X, F, OUT, FLAGS, M, K, RANK,
             for mb in range(pid, tl.cdiv(M, BLOCK_M), SHRINK_PROGS):
                 shrink_row_block(X, F, OUT, FLAGS, mb, M, K, RANK, stride_xm, stride_xk, stride_fr, stride_fk,
                                  stride_om, stride_or, USE_TMA, BLOCK_M, BLOCK_K, BLOCK_R, PRECISION, ACC,
-                                 SHRINK_STAGES)
+                                 SHRINK_STAGES, DROPOUT, seed, keep_thr, inv_keep, K8)
             first = pid + tl.num_programs(0) - SHRINK_PROGS
     return first
 
 
-def inline_shrink_grid(tiles: int, row_blocks: int, programs: int) -> tuple[int, int]:
+def inline_shrink_grid(tiles: int, row_blocks: int, programs: int, ahead: int = 2) -> tuple[int, int]:
     """(grid, SHRINK_PROGS) of a persistent GEMM with its shrink inside (shrink_row_block): at most `programs` (one
     per SM); with fewer tiles than that, one more program per row block. The shrinking programs are the ones with a
-    tile fewer to walk (the last wave's idle positions), but at least half as many as row blocks, so that none
-    shrinks more than two blocks ahead of its own tiles. Under the interpreter one program shrinks everything (the
-    interpreter runs programs in id order, and no other program may wait on an unwritten block)."""
+    tile fewer to walk (the last wave's idle positions), but at least 1 / `ahead` as many as row blocks, so that
+    none shrinks more than `ahead` blocks before its own tiles. Under the interpreter one program shrinks
+    everything (the interpreter runs programs in id order, and no other program may wait on an unwritten block)."""
     grid = min(programs, tiles + row_blocks)
     if is_interpret():
         return grid, 1
     idle = (-tiles) % grid
-    return grid, max(1, min(row_blocks, grid, max(idle, cdiv(row_blocks, 2))))
+    return grid, max(1, min(row_blocks, grid, max(idle, cdiv(row_blocks, ahead))))

@@ -13,7 +13,9 @@ epilogue adds the rank-r term, masked by the regenerated dropout mask, and write
 "shrink", "inline" or "producer" mode, where the GEMM writes dY @ W with its dropout-free tile and
 `_lora_dx_dropout_term_kernel` adds the masked term in a second, memory-bound pass, or (a training step above
 MAX_FUSED_ROWS rows, `dx_term_in_grad_ab`) `lora_grad_ab`'s dA programs add it with the mask they draw for dA:
-the same kernel time on the H200, one launch fewer (bench/NOTES.md, ninth session).
+the same kernel time on the H200, one launch fewer (bench/NOTES.md, ninth session). On request
+(`term_epilogue=True`) the "shrink" / "inline" GEMM adds the masked term in its own epilogue instead, column
+slice by column slice of the tile (`_dx_dropout_epilogue`: one tile-sized accumulator live); measured no faster.
 `lora_grad_ab` computes dA and dB in one launch of a reduce-over-M kernel, split over M so that the [r, K] and
 [N, r] outputs still fill the GPU; the fp32 partial sums of both are added in a fixed order by one more launch
 (`_sum_splits_kernel`: deterministic, no atomics, rounded once).
@@ -55,6 +57,65 @@ def _rank_term(DYB, A, offs_m, offs_k, mask_m, mask_k, RANK, stride_dybm, stride
 
 
 @triton.jit
+def _dx_term_part(part, col0, DYB, A, DX, pid_m, pid_k, offs_m, mask_m, K, RANK, stride_dybm, stride_dybr, stride_ar,
+                  stride_ak, stride_dxm, stride_dxk, scaling, seed, keep_thr, inv_keep, K8,
+                  BLOCK_M: tl.constexpr, TILE_K: tl.constexpr, PART_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                  NUM_R_CHUNKS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, DX_TMA: tl.constexpr):
+    """Store columns col0 .. col0 + PART_K of dX tile (pid_m, pid_k) (TILE_K wide): `part` [BLOCK_M, PART_K] fp32
+    holds dY @ W there; adds s * drop'(DYB @ A) for those columns (the mask drawn for them alone) and writes them."""
+    k0 = pid_k * TILE_K + col0
+    offs_k = k0.to(tl.int64) + tl.arange(0, PART_K)
+    mask_k = offs_k < K
+    low = _rank_term(DYB, A, offs_m, offs_k, mask_m, mask_k, RANK, stride_dybm, stride_dybr, stride_ar, stride_ak,
+                     scaling, tl.zeros((BLOCK_M, PART_K), dtype=ACC), BLOCK_R, NUM_R_CHUNKS, PRECISION, ACC)
+    keep = dropout_keep(seed, offs_m, k0, K8, keep_thr, BLOCK_M, PART_K)
+    part += tl.where(keep, low * inv_keep, 0.0)
+    if DX_TMA:
+        DX.store([pid_m * BLOCK_M, k0], part.to(DX.dtype))
+    else:
+        tl.store(DX + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, part.to(DX.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def _halves(t, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """[ROWS, COLS] -> its left and right [ROWS, COLS // 2] halves (in registers: reshape, permute, split)."""
+    return tl.split(tl.permute(tl.reshape(t, (ROWS, 2, COLS // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _dx_dropout_epilogue(acc, DYB, A, DX, pid_m, pid_k, offs_m, mask_m, K, RANK, stride_dybm, stride_dybr,
+                         stride_ar, stride_ak, stride_dxm, stride_dxk, scaling, seed, keep_thr, inv_keep, K8,
+                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                         NUM_R_CHUNKS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+                         DX_TMA: tl.constexpr, EPI_SPLIT: tl.constexpr):
+    """dX's dropout term added in the GEMM's epilogue in EPI_SPLIT (2, 4 or 8) column slices of the [BLOCK_M, BLOCK_K]
+    tile `acc` (dY @ W), each with its own rank term and mask, so that no second full-tile fp32 accumulator is
+    live: at 128 x 256 that one spilled registers (bench/NOTES.md). DX: a descriptor with block
+    [BLOCK_M, BLOCK_K // EPI_SPLIT] when DX_TMA."""
+    tl.static_assert(EPI_SPLIT == 2 or EPI_SPLIT == 4 or EPI_SPLIT == 8)
+    PART: tl.constexpr = BLOCK_K // EPI_SPLIT
+    left, right = _halves(acc, BLOCK_M, BLOCK_K)
+    if EPI_SPLIT == 2:
+        parts = (left, right)
+    else:
+        q0, q1 = _halves(left, BLOCK_M, BLOCK_K // 2)
+        q2, q3 = _halves(right, BLOCK_M, BLOCK_K // 2)
+        if EPI_SPLIT == 4:
+            parts = (q0, q1, q2, q3)
+        else:
+            e0, e1 = _halves(q0, BLOCK_M, BLOCK_K // 4)
+            e2, e3 = _halves(q1, BLOCK_M, BLOCK_K // 4)
+            e4, e5 = _halves(q2, BLOCK_M, BLOCK_K // 4)
+            e6, e7 = _halves(q3, BLOCK_M, BLOCK_K // 4)
+            parts = (e0, e1, e2, e3, e4, e5, e6, e7)
+    for i in tl.static_range(EPI_SPLIT):
+        _dx_term_part(parts[i], i * PART, DYB, A, DX, pid_m, pid_k, offs_m, mask_m, K, RANK, stride_dybm,
+                      stride_dybr, stride_ar, stride_ak, stride_dxm, stride_dxk, scaling, seed, keep_thr, inv_keep,
+                      K8, BLOCK_M, BLOCK_K, PART, BLOCK_R, NUM_R_CHUNKS, PRECISION, ACC, DX_TMA)
+
+
+@triton.jit
 def _dx_tile(
     tile, DY, W, B, A, DYB, DX,
     M, N, K, RANK,
@@ -66,12 +127,14 @@ def _dx_tile(
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     DY_SCALE, HAS_DY_SCALE: tl.constexpr, GDC_WAIT: tl.constexpr, FLAGS, INLINE_DYB: tl.constexpr,
     DX_TMA: tl.constexpr, TILE_MAP: tl.constexpr = 0, PUBLISH: tl.constexpr = False, B_TMA: tl.constexpr = False,
+    EPI_SPLIT: tl.constexpr = 1,
 ):
     """dX tile number `tile` of `_lora_bwd_dx_kernel`, whose docstring gives the arguments.
 
     TILE_MAP: helpers.walk_tile's (1: the first K tile of row block `tile`, a producer). PUBLISH (with
     COMPUTE_DYB, STORE_DYB): release FLAGS[row block] = 1 once the tile has stored its rows' dY @ B. B_TMA: B is
-    a tensor descriptor with block [BLOCK_N, BLOCK_R] (columns past RANK read as zero)."""
+    a tensor descriptor with block [BLOCK_N, BLOCK_R] (columns past RANK read as zero). EPI_SPLIT > 1 (DROPOUT
+    with DYB precomputed): the masked rank term is added in that many column slices (`_dx_dropout_epilogue`)."""
     pid_m, pid_k, offs_m, offs_k = walk_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M, tile, TILE_MAP)
     offs_n = tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
@@ -109,39 +172,48 @@ def _dx_tile(
 
     # the rank-r term goes straight into acc, or (DROPOUT) into a second accumulator that the mask then filters:
     # two [BLOCK_M, BLOCK_K] fp32 accumulators spilled registers at the 128 x 256 tile (ptxas, sm_90)
-    if DROPOUT:
-        low = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
-    else:
-        low = acc
-    if COMPUTE_DYB:
-        if STORE_DYB:
-            if pid_k == 0:
-                tl.store(DYB + offs_m[:, None] * stride_dybm + offs_r[None, :] * stride_dybr,
-                         dyb.to(DYB.dtype.element_ty), mask=mask_m[:, None] & (offs_r[None, :] < RANK))
-                if PUBLISH:
-                    publish_row_block(FLAGS, pid_m)
-        if NUM_R_CHUNKS > 0:  # (0: the dropout term has its own pass)
-            a = tl.load(A + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                        mask=(offs_r[:, None] < RANK) & mask_k[None, :], other=0.0)
-            dyb_s = (dyb.to(a.dtype).to(ACC) * scaling).to(a.dtype)
-            low = dot(dyb_s, a, low, PRECISION)
-    else:
-        gdc_wait_if(GDC_WAIT)  # DYB comes from the shrink before this kernel (a PDL launch)
-        if INLINE_DYB and NUM_R_CHUNKS > 0:  # or from this launch's shrinking programs
+    if DROPOUT and EPI_SPLIT > 1:  # the term in column slices of the tile, added and stored slice by slice
+        tl.static_assert(not COMPUTE_DYB)
+        gdc_wait_if(GDC_WAIT)
+        if INLINE_DYB:
             wait_row_block(FLAGS, pid_m)
-        low = _rank_term(DYB, A, offs_m, offs_k, mask_m, mask_k, RANK, stride_dybm, stride_dybr, stride_ar,
-                         stride_ak, scaling, low, BLOCK_R, NUM_R_CHUNKS, PRECISION, ACC)
-    if DROPOUT:
-        k0 = pid_k * BLOCK_K
-        low = tl.where(dropout_keep(seed, offs_m, k0, K8, keep_thr, BLOCK_M, BLOCK_K), low * inv_keep, 0.0)
-        acc += low
+        _dx_dropout_epilogue(acc, DYB, A, DX, pid_m, pid_k, offs_m, mask_m, K, RANK, stride_dybm, stride_dybr,
+                             stride_ar, stride_ak, stride_dxm, stride_dxk, scaling, seed, keep_thr, inv_keep, K8,
+                             BLOCK_M, BLOCK_K, BLOCK_R, NUM_R_CHUNKS, PRECISION, ACC, DX_TMA, EPI_SPLIT)
     else:
-        acc = low
-    if DX_TMA:
-        DX.store([pid_m * BLOCK_M, pid_k * BLOCK_K], acc.to(DX.dtype))
-    else:
-        dx_ptrs = DX + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
-        tl.store(dx_ptrs, acc.to(DX.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+        if DROPOUT:
+            low = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
+        else:
+            low = acc
+        if COMPUTE_DYB:
+            if STORE_DYB:
+                if pid_k == 0:
+                    tl.store(DYB + offs_m[:, None] * stride_dybm + offs_r[None, :] * stride_dybr,
+                             dyb.to(DYB.dtype.element_ty), mask=mask_m[:, None] & (offs_r[None, :] < RANK))
+                    if PUBLISH:
+                        publish_row_block(FLAGS, pid_m)
+            if NUM_R_CHUNKS > 0:  # (0: the dropout term has its own pass)
+                a = tl.load(A + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                            mask=(offs_r[:, None] < RANK) & mask_k[None, :], other=0.0)
+                dyb_s = (dyb.to(a.dtype).to(ACC) * scaling).to(a.dtype)
+                low = dot(dyb_s, a, low, PRECISION)
+        else:
+            gdc_wait_if(GDC_WAIT)  # DYB comes from the shrink before this kernel (a PDL launch)
+            if INLINE_DYB and NUM_R_CHUNKS > 0:  # or from this launch's shrinking programs
+                wait_row_block(FLAGS, pid_m)
+            low = _rank_term(DYB, A, offs_m, offs_k, mask_m, mask_k, RANK, stride_dybm, stride_dybr, stride_ar,
+                             stride_ak, scaling, low, BLOCK_R, NUM_R_CHUNKS, PRECISION, ACC)
+        if DROPOUT:
+            k0 = pid_k * BLOCK_K
+            low = tl.where(dropout_keep(seed, offs_m, k0, K8, keep_thr, BLOCK_M, BLOCK_K), low * inv_keep, 0.0)
+            acc += low
+        else:
+            acc = low
+        if DX_TMA:
+            DX.store([pid_m * BLOCK_M, pid_k * BLOCK_K], acc.to(DX.dtype))
+        else:
+            dx_ptrs = DX + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+            tl.store(dx_ptrs, acc.to(DX.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
 
 @triton.jit(do_not_specialize=["M", "seed", "keep_thr"])
@@ -156,7 +228,7 @@ def _lora_bwd_dx_kernel(
     NUM_R_CHUNKS: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     DY_SCALE, HAS_DY_SCALE: tl.constexpr, PERSISTENT: tl.constexpr, GDC_WAIT: tl.constexpr,
     FLAGS, SHRINK_PROGS, INLINE_DYB: tl.constexpr, DX_TMA: tl.constexpr, SHRINK_STAGES: tl.constexpr,
-    PRODUCER_DYB: tl.constexpr = False, B_TMA: tl.constexpr = False,
+    PRODUCER_DYB: tl.constexpr = False, B_TMA: tl.constexpr = False, EPI_SPLIT: tl.constexpr = 1,
 ):
     """BLOCK_M x BLOCK_K tiles of dX, reducing over N in BLOCK_N steps: one tile per program, or (PERSISTENT) a
     grid of at most one program per SM walking them all (as in lora_fwd._lora_fwd_kernel).
@@ -182,6 +254,9 @@ def _lora_bwd_dx_kernel(
         (COMPUTE_DYB's loop) and which stores and publishes it in FLAGS; the other tiles wait for their row block.
         B_TMA (with it): B is a tensor descriptor with block [BLOCK_N, BLOCK_R], else B is padded as for
         COMPUTE_DYB. NUM_R_CHUNKS 0 (the dropout term's own pass): the producers store dY @ B and add no term.
+    EPI_SPLIT (DROPOUT without COMPUTE_DYB, not PRODUCER_DYB): 1, or 2 / 4: the epilogue adds the masked term in
+        that many column slices of the tile (`_dx_dropout_epilogue`); a DX descriptor then has block
+        [BLOCK_M, BLOCK_K // EPI_SPLIT].
     """
     if PERSISTENT and PRODUCER_DYB:
         row_blocks = tl.cdiv(M, BLOCK_M)
@@ -203,19 +278,21 @@ def _lora_bwd_dx_kernel(
     elif PERSISTENT:
         first = persistent_start(INLINE_DYB, DY, B, DYB, FLAGS, M, N, RANK, stride_dym, stride_dyn, stride_br,
                                  stride_bn, stride_dybm, stride_dybr, SHRINK_PROGS, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_R,
-                                 PRECISION, ACC, SHRINK_STAGES)
+                                 PRECISION, ACC, SHRINK_STAGES, False, seed, keep_thr, inv_keep, K8)
         for tile in range(first, tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_K), tl.num_programs(0)):
             _dx_tile(tile, DY, W, B, A, DYB, DX, M, N, K, RANK,
                      stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br, stride_ar, stride_ak,
                      stride_dybm, stride_dybr, stride_dxm, stride_dxk, scaling, seed, keep_thr, inv_keep, K8,
                      DROPOUT, COMPUTE_DYB, STORE_DYB, USE_TMA, BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R, NUM_R_CHUNKS,
-                     GROUP_M, PRECISION, ACC, DY_SCALE, HAS_DY_SCALE, GDC_WAIT, FLAGS, INLINE_DYB, DX_TMA)
+                     GROUP_M, PRECISION, ACC, DY_SCALE, HAS_DY_SCALE, GDC_WAIT, FLAGS, INLINE_DYB, DX_TMA,
+                     EPI_SPLIT=EPI_SPLIT)
     else:
         _dx_tile(tl.program_id(0), DY, W, B, A, DYB, DX, M, N, K, RANK,
                  stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br, stride_ar, stride_ak,
                  stride_dybm, stride_dybr, stride_dxm, stride_dxk, scaling, seed, keep_thr, inv_keep, K8,
                  DROPOUT, COMPUTE_DYB, STORE_DYB, USE_TMA, BLOCK_M, BLOCK_K, BLOCK_N, BLOCK_R, NUM_R_CHUNKS,
-                 GROUP_M, PRECISION, ACC, DY_SCALE, HAS_DY_SCALE, GDC_WAIT, FLAGS, False, DX_TMA)
+                 GROUP_M, PRECISION, ACC, DY_SCALE, HAS_DY_SCALE, GDC_WAIT, FLAGS, False, DX_TMA,
+                 EPI_SPLIT=EPI_SPLIT)
 
 
 @triton.jit(do_not_specialize=["M", "seed", "keep_thr"])
@@ -339,7 +416,7 @@ def _lora_grad_ab_kernel(
 
 
 def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_dyb=True, dyb_mode="auto",
-                     out=None, tma="auto", dy_scale=None, dropout_term=True):
+                     out=None, tma="auto", dy_scale=None, dropout_term=True, term_epilogue="auto"):
     """dX = dY @ W + s * drop'((dY @ B) @ A), fused into one GEMM.
 
     dy: [M, N], weight: [N, K], lora_A: [r, K], lora_B: [N, r] (any strides, one dtype); scaling, dropout_p
@@ -355,6 +432,9 @@ def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
     dropout_term: False (with dropout) returns dx = dY @ W without s * drop'((dY @ B) @ A), for `lora_grad_ab`
         to add with dA's mask (its dx / lora_A arguments); "auto" then never picks "fused" (whose epilogue adds the
         term), store_dyb must be True, and dyb_mode="fused" is refused.
+    term_epilogue: with dropout and dY @ B precomputed ("shrink", "inline"), where the term is added: True in the
+        GEMM's epilogue, column slice by column slice (`_dx_dropout_epilogue`), False in its own pass over dX
+        (`_lora_dx_dropout_term_kernel`), "auto" as DX_DROPOUT_EPILOGUE says. ("producer" always takes the pass.)
     Host work is done once per call signature (kernels/launch.py).
 
     >>> dx, dyb = lora_backward_dx(dy, W, A, B, 2.0)
@@ -362,24 +442,45 @@ def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p=0.0, seed=0,
     scaling = check_scaling(scaling)
     check_dropout(dropout_p, seed, dy)
     key = plan_key((dy, weight, lora_A, lora_B, out, dy_scale), dropout_p, store_dyb, dyb_mode, tma,
-                   dot_precision_key(dy), seed_key(seed), dropout_term)
+                   dot_precision_key(dy), seed_key(seed), dropout_term, term_epilogue, DX_DROPOUT_EPILOGUE)
     plan = _DX_PLANS.find(key)
     if plan is None:
         plan = _DX_PLANS.put(key, _DxPlan(dy, weight, lora_A, lora_B, dropout_p, store_dyb, dyb_mode, out, tma,
-                                          dy_scale, dropout_term))
+                                          dy_scale, dropout_term, term_epilogue))
     return plan(dy, weight, lora_A, lora_B, scaling, seed, out, dy_scale)
 
 
 _DX_PLANS = PlanCache()
+# With dropout and dY @ B precomputed, whether "auto" puts dX's masked term into the GEMM's epilogue (column slices
+# of the tile) instead of a pass of its own (lora_backward_dx's term_epilogue). Off: on the H200 the epilogue's
+# mask draw is not hidden by anything (the persistent walk runs it between two tiles' main loops), so dX's backward
+# kernels took 470 µs against the own pass's 473 and dA's programs' 480 at r = 16, and 525 against 514 / 503 at
+# r = 64 (bench/exp_dx_dropout_epilogue.py, bench/NOTES.md). LORA_FAST_DX_DROPOUT_EPILOGUE=1 turns it on.
+DX_DROPOUT_EPILOGUE = os.environ.get("LORA_FAST_DX_DROPOUT_EPILOGUE", "0") == "1"
+
+
+# Columns per slice of the dropout epilogue. At the 128 x 256 tile with r <= 16, ptxas (sm_90, Triton 3.9) fits
+# 32-column slices in 254 registers where 64-column ones spill 56 bytes, yet 64 measured faster on the H200
+# (dX 405 against 433 µs: half the slices, each a chain of dependent loads, mask and store). Plans keep the split
+# they were built with (launch.clear_plans).
+DX_EPILOGUE_COLUMNS = 64
+
+
+def epilogue_split(block_k: int) -> int:
+    """Column slices of a [BLOCK_M, block_k] dX tile for the dropout epilogue: 2, 4 or 8 slices of about
+    DX_EPILOGUE_COLUMNS columns (each at least 8 wide: dropout_keep's Philox groups)."""
+    return max(2, min(8, block_k // DX_EPILOGUE_COLUMNS, block_k // 8))
 
 
 class _DxPlan:
     """`lora_backward_dx` for one call signature: every check and choice made once (kernels/launch.py)."""
 
     def __init__(self, dy, weight, lora_A, lora_B, dropout_p, store_dyb, dyb_mode, out, tma, dy_scale,
-                 dropout_term=True):
+                 dropout_term=True, term_epilogue="auto"):
         check_flag(store_dyb, "store_dyb")
         check_flag(dropout_term, "dropout_term")
+        if not (isinstance(term_epilogue, bool) or term_epilogue == "auto"):
+            raise ValueError(f"term_epilogue must be 'auto', True or False, got {term_epilogue!r}")
         defer_term = dropout_p > 0.0 and not dropout_term
         if defer_term and not store_dyb:
             raise ValueError("dropout_term=False needs store_dyb=True (lora_grad_ab adds the term from dyb)")
@@ -428,7 +529,10 @@ class _DxPlan:
         # GEMM's epilogue the mask and a second accumulator forced half the tile (bench/NOTES.md).
         # (with dropout_term=False there is no such pass: lora_grad_ab adds the term, dx_term_in_grad_ab)
         term_pass = dropout_p > 0.0 and self.shrink
-        if term_pass and not defer_term:
+        # ... or in the GEMM's epilogue, a column slice of the tile at a time (one tile-sized accumulator live)
+        epilogue = (term_pass and not defer_term and not self.producer
+                    and (DX_DROPOUT_EPILOGUE if term_epilogue == "auto" else term_epilogue))
+        if term_pass and not defer_term and not epilogue:
             tcfg = dx_dropout_term_config()
             self.term = Launch(
                 _lora_dx_dropout_term_kernel, (cdiv(M, tcfg.block_m), cdiv(K, tcfg.block_n)),
@@ -440,6 +544,7 @@ class _DxPlan:
             )
         cfg = gemm_config("dx_dropout" if dropout_p > 0.0 and not term_pass else "dx", M, dy.dtype,
                           block_r if compute else 0)
+        split = epilogue_split(cfg.block_n) if epilogue else 1
         if self.inline:  # the shrinking programs need the persistent walk
             cfg = replace(cfg, persistent=True)
         if dy_scale is not None and cfg.persistent:
@@ -463,7 +568,7 @@ class _DxPlan:
         # with producer tiles: two N loops and two epilogues leave no room for the store's tile buffer)
         self.dx_tma = self.use_tma and cfg.tma_store and not self.producer and (
             tma_enabled(True, out) if out is not None else (K * dy.element_size()) % 16 == 0)
-        self.dx_block = [cfg.block_m, cfg.block_n]
+        self.dx_block = [cfg.block_m, cfg.block_n // split]
         tiles = cdiv(M, cfg.block_m) * cdiv(K, cfg.block_n)
         grid, shrink_progs = min(tiles, num_sms(dy.device)) if cfg.persistent else tiles, 0
         self.row_blocks = cdiv(M, cfg.block_m)
@@ -479,15 +584,17 @@ class _DxPlan:
             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), *b_strides,
             lora_A.stride(0), lora_A.stride(1), *dyb_strides, *dx_strides,
             None, None, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), cdiv(K, 8),
-            DROPOUT=dropout_p > 0.0 and not term_pass, COMPUTE_DYB=compute, STORE_DYB=compute and store_dyb,
+            DROPOUT=dropout_p > 0.0 and (epilogue or not term_pass), COMPUTE_DYB=compute,
+            STORE_DYB=compute and store_dyb,
             USE_TMA=self.use_tma, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_N=cfg.block_k, BLOCK_R=block_r,
             # no rank chunks when the dropout term has its own pass: the GEMM computes dY @ W alone
-            NUM_R_CHUNKS=1 if compute else 0 if term_pass else cdiv(rank, block_r), GROUP_M=cfg.group_m,
+            NUM_R_CHUNKS=1 if compute else 0 if term_pass and not epilogue else cdiv(rank, block_r),
+            GROUP_M=cfg.group_m,
             PRECISION=dot_precision(dy.dtype), ACC=acc_dtype(dy.dtype),
             DY_SCALE=None, HAS_DY_SCALE=dy_scale is not None, PERSISTENT=cfg.persistent, GDC_WAIT=self.pdl,
             FLAGS=None, SHRINK_PROGS=shrink_progs, INLINE_DYB=self.inline and not self.producer,
             DX_TMA=self.dx_tma, SHRINK_STAGES=cfg.shrink_stages or cfg.num_stages, PRODUCER_DYB=self.producer,
-            B_TMA=self.b_tma, **cfg.launch(),
+            B_TMA=self.b_tma, EPI_SPLIT=split, **cfg.launch(),
             **({"launch_pdl": True} if self.pdl else {}),
         )
 
@@ -610,7 +717,8 @@ def dx_term_in_grad_ab(m: int, rank: int, dropout_p: float) -> bool:
     """Whether a training step should leave dX's dropout term to `lora_grad_ab` (dX with dropout_term=False, dA
     with dx and lora_A): with dropout, above MAX_FUSED_ROWS rows (where "auto" gives dX a separate term pass
     anyway), rank <= DX_TERM_MAX_RANK. LORA_FAST_DX_TERM_IN_AB=0 turns it off (the results are identical)."""
-    return DX_TERM_IN_AB and dropout_p > 0.0 and m > MAX_FUSED_ROWS and 1 <= rank <= DX_TERM_MAX_RANK
+    return (DX_TERM_IN_AB and not DX_DROPOUT_EPILOGUE and dropout_p > 0.0 and m > MAX_FUSED_ROWS
+            and 1 <= rank <= DX_TERM_MAX_RANK)
 
 
 class _GradABPlan:

@@ -14,10 +14,11 @@ product xa = drop(X) @ A^T [M, r] comes one of four ways (`xa_mode`):
     (each of N / BLOCK_N programs reading all of A) is on the critical path. The shrink draws the dropout mask;
     the first N tile's programs store the rounded xa for the backward. "auto" picks it up to MAX_SPLIT_ROWS rows
     where PDL is available (helpers.pdl_enabled); without PDL it would be two launches in a row.
-  * "inline" (large M, no dropout, r <= 64): the persistent GEMM computes xa itself. Its first programs, those
+  * "inline" (large M, r <= 64): the persistent GEMM computes xa itself. Its first programs, those
     with a tile fewer to walk when the tile count is not a multiple of the grid, first shrink whole row blocks and
     publish each through a flag; a tile's epilogue waits for its row block's flag (helpers.shrink_row_block).
-    One launch instead of two, and the extra read of X runs in the last wave's idle time.
+    One launch instead of two, and the extra read of X runs in the last wave's idle time. With dropout the
+    shrinking programs draw the mask (on request: measured slower than the shrink launch, INLINE_DROPOUT).
   * "producer" (what "auto" picks where "inline" would pay): the persistent GEMM's walk starts with one producer
     tile per row block (its first N tile), whose K loop also accumulates xa from the X tiles it loads anyway
     ("fused"'s loop, for one tile in N / BLOCK_N); it stores and publishes xa before its own epilogue, and the
@@ -64,6 +65,14 @@ INLINE_SHRINK = os.environ.get("LORA_FAST_INLINE", "1") != "0"
 # With dropout, "auto" takes the producer tiles (which then draw the mask) where it takes them without dropout,
 # instead of a shrink launch first; a module switch for bench/exp_dropout_producer.py (part of the plan key).
 PRODUCER_DROPOUT = False
+# With dropout, whether "auto" takes "inline" (the GEMM's first programs draw the mask while they shrink whole row
+# blocks) where it takes producer tiles without dropout, instead of a shrink launch first; its shrinking programs
+# then take at most DROPOUT_SHRINK_AHEAD row blocks each. Off (LORA_FAST_INLINE_DROPOUT=1 turns it on): on the H200
+# at 8192 x 4096 x 4096 the forward's kernels took 449 µs (one block each; 489 with two) against the shrink
+# launch + GEMM's 414 at r = 16, 464 / 508 against 445 at r = 64 (bench/exp_inline_dropout.py). Both are part of the
+# plan key.
+INLINE_DROPOUT = os.environ.get("LORA_FAST_INLINE_DROPOUT", "0") == "1"
+DROPOUT_SHRINK_AHEAD = 1
 
 
 @triton.jit
@@ -196,7 +205,7 @@ def _lora_fwd_kernel(
     OUT_SCALE, HAS_OUT_SCALE: tl.constexpr, PERSISTENT: tl.constexpr, Y_TMA: tl.constexpr,
     XA_OUT, stride_xas, XA_SPLITS: tl.constexpr, GDC_WAIT: tl.constexpr,
     FLAGS, SHRINK_PROGS, INLINE_XA: tl.constexpr, SHRINK_STAGES: tl.constexpr, PRODUCER_XA: tl.constexpr = False,
-    A_TMA: tl.constexpr = False,
+    A_TMA: tl.constexpr = False, SHRINK_DROPOUT: tl.constexpr = False,
 ):
     """BLOCK_M x BLOCK_N tiles of Y: one per program, or (PERSISTENT) a grid of at most one program per SM, program
     p walking tiles p, p + programs, ... (one tile's epilogue overlaps the next one's first loads, and no tail wave
@@ -212,10 +221,11 @@ def _lora_fwd_kernel(
         with STORE_XA the pid_n == 0 programs store that rounded xa into XA_OUT [M, RANK] (XA's row and rank
         strides); XA_OUT is unused otherwise.
     GDC_WAIT: launched with PDL after the kernel that writes XA: wait for it before reading XA.
-    INLINE_XA (PERSISTENT, no dropout, RANK <= BLOCK_R): the launch computes XA [M, RANK] itself: programs
+    INLINE_XA (PERSISTENT, RANK <= BLOCK_R): the launch computes XA [M, RANK] itself: programs
         0 .. SHRINK_PROGS - 1 first shrink whole BLOCK_M row blocks and publish each in FLAGS [cdiv(M, BLOCK_M)]
         int32, zero at launch (helpers.shrink_row_block); a tile's epilogue waits for its row block.
-        SHRINK_STAGES: the pipeline depth of that shrink's loop.
+        SHRINK_STAGES: the pipeline depth of that shrink's loop. SHRINK_DROPOUT: the shrinking programs draw
+        the dropout mask on X (DROPOUT stays False: the tiles only read XA).
     PRODUCER_XA (PERSISTENT, one rank block): the launch computes XA itself in producer tiles: the
         walk's first cdiv(M, BLOCK_M) positions are the first N tile of each row block, whose K loop also
         accumulates drop(X) @ A^T for its rows (COMPUTE_XA's loop; with DROPOUT the producers draw the mask, each
@@ -251,7 +261,7 @@ def _lora_fwd_kernel(
     elif PERSISTENT:
         first = persistent_start(INLINE_XA, X, A, XA, FLAGS, M, K, RANK, stride_xm, stride_xk, stride_ar,
                                  stride_ak, stride_xam, stride_xar, SHRINK_PROGS, USE_TMA, BLOCK_M, BLOCK_K, BLOCK_R,
-                                 PRECISION, ACC, SHRINK_STAGES)
+                                 PRECISION, ACC, SHRINK_STAGES, SHRINK_DROPOUT, seed, keep_thr, inv_keep, K8)
         for tile in range(first, tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
             _fwd_tile(tile, X, W, A, B, BIAS, XA, Y, M, N, K, RANK,
                       stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
@@ -309,7 +319,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
     scaling: float; dropout_p in [0, 1) applied to x on the LoRA branch with the mask of `seed`.
     Returns (y [M, N], xa [M, r] or None): xa = drop(x) @ A^T, returned when store_xa (for the backward).
     xa_mode: "auto", "fused", "shrink", "split", "inline" or "producer" (module docstring; "inline" and
-        "producer" need r <= 64, "inline" dropout_p == 0 too).
+        "producer" need r <= 64).
     out: optional preallocated y [M, N] of x's dtype and device (any strides).
     tma: "auto" (the config's choice, where the GPU and strides allow), True or False (tests force both).
     out_scale: optional [N] vector g (any float dtype, x's device): y = g * (x @ W^T + s * xa @ B^T) + b (DoRA).
@@ -323,7 +333,8 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0
     scaling = check_scaling(scaling)
     check_dropout(dropout_p, seed, x)
     key = plan_key((x, weight, bias, lora_A, lora_B, out, out_scale), dropout_p, store_xa, xa_mode, tma,
-                   dot_precision_key(x), seed_key(seed), PRODUCER_DROPOUT)
+                   dot_precision_key(x), seed_key(seed), PRODUCER_DROPOUT,
+                   INLINE_DROPOUT, DROPOUT_SHRINK_AHEAD)
     plan = _PLANS.find(key)
     if plan is None:
         plan = _PLANS.put(key, _ForwardPlan(x, weight, bias, lora_A, lora_B, dropout_p, store_xa, xa_mode, out,
@@ -353,11 +364,11 @@ class _ForwardPlan:
                 xa_mode = "split"
             elif xa_mode == "shrink" and inline_pays(M, rank, dropout and not PRODUCER_DROPOUT, x.dtype, "fwd"):
                 xa_mode = "producer"
+            elif xa_mode == "shrink" and dropout and INLINE_DROPOUT and inline_pays(M, rank, False, x.dtype, "fwd"):
+                xa_mode = "inline"
         if xa_mode not in ("fused", "shrink", "split", "inline", "producer"):
             raise ValueError(f"xa_mode must be 'auto', 'fused', 'shrink', 'split', 'inline' or 'producer', got "
                              f"{xa_mode!r}")
-        if xa_mode == "inline" and dropout:
-            raise ValueError(f"xa_mode='inline' needs dropout_p == 0, got dropout_p={dropout_p}")
         if xa_mode in ("inline", "producer") and next_pow2_rank(rank) > EPILOGUE_RANK_BLOCK:
             raise ValueError(f"xa_mode={xa_mode!r} needs a rank <= {EPILOGUE_RANK_BLOCK}, got rank {rank}")
         self.y_shape, self.xa_shape, self.dropout_p = (M, N), (M, rank), dropout_p
@@ -405,7 +416,8 @@ class _ForwardPlan:
         if self.producer:  # under the interpreter (programs run in id order) one program walks every tile
             grid = 1 if is_interpret() else grid
         elif self.inline:
-            grid, shrink_progs = inline_shrink_grid(tiles, self.row_blocks, num_sms(x.device))
+            grid, shrink_progs = inline_shrink_grid(tiles, self.row_blocks, num_sms(x.device),
+                                                    DROPOUT_SHRINK_AHEAD if dropout else 2)
         self.launch = Launch(
             _lora_fwd_kernel, (grid,),
             ("X", "W", "A", "B", "BIAS", "XA", "Y", "scaling", "seed", "OUT_SCALE", "XA_OUT", "FLAGS"),
@@ -424,7 +436,7 @@ class _ForwardPlan:
             XA_OUT=None, stride_xas=M * rank, XA_SPLITS=self.splits, GDC_WAIT=self.pdl,
             FLAGS=None, SHRINK_PROGS=shrink_progs, INLINE_XA=self.inline and not self.producer,
             SHRINK_STAGES=cfg.shrink_stages or cfg.num_stages, PRODUCER_XA=self.producer, A_TMA=self.a_tma,
-            **cfg.launch(), **pdl_options,
+            SHRINK_DROPOUT=dropout and self.inline and not self.producer, **cfg.launch(), **pdl_options,
         )
 
     def __call__(self, x, weight, bias, lora_A, lora_B, scaling, seed, out, out_scale):

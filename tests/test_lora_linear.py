@@ -240,27 +240,37 @@ def test_inline_shrink_flags_start_at_zero_and_every_row_block_is_published(devi
         assert torch.all(before == 0) and torch.all(after == 1)
 
 
-def test_inline_shrink_is_what_auto_picks_for_a_persistent_large_walk(device):
-    """With a persistent config for large M (as on Hopper), "auto" computes xa and dY @ B inside the GEMMs: a whole
-    lora_linear step (output and all three gradients) through them, against the reference."""
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_inline_shrink_is_what_auto_picks_for_a_persistent_large_walk(p, device, monkeypatch):
+    """With a persistent config for large M (as on Hopper), "auto" computes xa and dY @ B inside the GEMMs (xa by
+    producer tiles, or with dropout, where lora_fwd.INLINE_DROPOUT asks for it, by the shrinking programs, which
+    draw the mask): a whole lora_linear step (output and all three gradients) through them, against the reference
+    with the step's mask."""
+    monkeypatch.setattr(kernels.lora_fwd, "INLINE_DROPOUT", True)
     cfg = kernels.config.GemmConfig(16, 16, 16, group_m=2, num_warps=1, num_stages=1, tma=True, persistent=True)
     M, K, N, r, s = 300, 24, 20, 5, 1.3
     x, W, b, A, B = lora_problem(M, K, N, r, torch.float32, device)
     for t in (x, A, B):
         t.requires_grad_()
+    kernels.launch.clear_plans()
     try:
         for kernel in ("fwd", "dx"):
             kernels.config.set_override(kernel, "large", cfg)
-        y = lora_fast.lora_linear(x, W, b, A, B, s)
+        torch.manual_seed(3)
+        seed = draw_seed()
+        torch.manual_seed(3)  # the step draws that seed
+        y = lora_fast.lora_linear(x, W, b, A, B, s, p, training=True)
         dy = torch.randn_like(y)
         y.backward(dy)
         fwd = [pl for pl in kernels.lora_fwd._PLANS.values() if pl.y_shape == (M, N)]
         dxp = [pl for pl in kernels.lora_bwd._DX_PLANS.values() if pl.dx_shape == (M, K)]
-        assert fwd and all(pl.producer for pl in fwd) and dxp and all(pl.inline and not pl.producer for pl in dxp)
+        assert fwd and all((pl.inline and not pl.producer) if p else pl.producer for pl in fwd)
+        assert dxp and all(pl.inline and not pl.producer for pl in dxp)
     finally:
         for kernel in ("fwd", "dx"):
             kernels.config.set_override(kernel, "large", None)
-    yr, dxr, dAr, dBr = _reference_grads(x, W, b, A, B, s, 0.0, None, dy)
+    keep = dropout_mask_torch(seed, M, K, p, device) if p else None
+    yr, dxr, dAr, dBr = _reference_grads(x, W, b, A, B, s, p, keep, dy)
     for name, out, ref in (("y", y, yr), ("dx", x.grad, dxr), ("dA", A.grad, dAr), ("dB", B.grad, dBr)):
         assert_close(name, out, ref, torch.float32)
 
@@ -268,8 +278,6 @@ def test_inline_shrink_is_what_auto_picks_for_a_persistent_large_walk(device):
 def test_inline_shrink_refuses_what_it_cannot_do(device):
     x, W, b, A, B = lora_problem(8, 16, 12, 3, torch.float32, device)
     x2, W2, b2, A2, B2 = lora_problem(8, 16, 12, 65, torch.float32, device)
-    with pytest.raises(ValueError, match="inline.*dropout_p"):
-        kernels.lora_forward(x, W, b, A, B, 1.0, dropout_p=0.1, xa_mode="inline")
     for mode in ("inline", "producer"):
         with pytest.raises(ValueError, match=f"{mode}.*rank"):
             kernels.lora_forward(x2, W2, b2, A2, B2, 1.0, xa_mode=mode)
@@ -291,6 +299,31 @@ def test_inline_shrink_grid(monkeypatch):
     assert helpers.inline_shrink_grid(1056, 64, 132) == (132, 32)   # no idle position: half the row blocks
     assert helpers.inline_shrink_grid(64, 4, 132) == (68, 4)        # M = 512: a program per row block beside
     assert helpers.inline_shrink_grid(3, 1, 4) == (4, 1)
+    assert helpers.inline_shrink_grid(1024, 64, 132, ahead=1) == (132, 64)  # with dropout: one block each
+    assert helpers.inline_shrink_grid(3584, 64, 132, ahead=1) == (132, 64)
+
+
+@pytest.mark.parametrize("shape", [(45, 24, 20, 3), (37, 40, 33, 16), (300, 16, 9, 1)],
+                         ids=lambda s: "M%d_K%d_N%d_r%d" % s)
+def test_inline_shrink_draws_the_dropout_mask(shape, device):
+    """xa_mode="inline" with dropout: the GEMM's shrinking programs draw the mask on X. y and the stored xa (into
+    NaN-filled outputs) equal the shrink launch's and the reference with the same seed's mask; the backward with
+    that seed then matches the reference too."""
+    M, K, N, r = shape
+    s, p = 1.1, 0.25
+    seed = int(torch.randint(0, 2**31, ()))
+    x, W, b, A, B = lora_problem(M, K, N, r, torch.float32, device)
+    out = torch.full((M, N), float("nan"), device=device)
+    y, xa = kernels.lora_forward(x, W, b, A, B, s, p, seed, store_xa=True, xa_mode="inline", out=out)
+    y_s, xa_s = kernels.lora_forward(x, W, b, A, B, s, p, seed, store_xa=True, xa_mode="shrink")
+    assert y is out and not torch.isnan(y).any() and not torch.isnan(xa).any()
+    keep = dropout_mask_torch(seed, M, K, p, device)
+    xd = x.double() * keep / (1 - p)
+    assert_close("xa inline", xa, xd @ A.double().T, torch.float32)
+    assert_close("xa inline vs shrink", xa, xa_s.double(), torch.float32)
+    assert_close("y inline", y, x.double() @ W.double().T + b.double() + s * (xd @ A.double().T) @ B.double().T,
+                 torch.float32)
+    assert_close("y inline vs shrink", y, y_s.double(), torch.float32)
 
 
 def test_strided_and_batched_inputs(device):
@@ -660,6 +693,45 @@ def test_dx_dropout_term_added_by_grad_ab(shape, device, monkeypatch):
     assert calls == [True, False]
     for name, g1, g2 in zip(("dx", "dA", "dB"), fused, plain):
         assert_close(name, g1, g2.double(), torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(40, 24, 20, 3, "shrink", torch.float32), (37, 40, 33, 1, "inline", torch.float32),
+                                   (33, 56, 16, 20, "inline", torch.float32), (50, 40, 24, 5, "shrink", torch.float16)],
+                         ids=lambda s: "M%d_K%d_N%d_r%d_%s_%s" % (*s[:5], str(s[5])[6:]))
+def test_dx_dropout_term_in_the_epilogue(shape, device, monkeypatch):
+    """lora_backward_dx(term_epilogue=True): with dropout and dY @ B precomputed ("shrink", "inline"), the GEMM's
+    epilogue adds the masked term s * drop'((dY B) A) in column slices of its tile instead of a pass of its own.
+    dx (into a NaN-filled out) equals the pass's and the reference's; no term pass is launched; r = 20 takes two
+    rank chunks per slice; "producer" keeps its pass; a bad value is refused."""
+    M, K, N, r, mode, dtype = shape
+    s, p = 0.9, 0.3
+    seed = int(torch.randint(0, 2**31, ()))
+    x, W, b, A, B = lora_problem(M, K, N, r, dtype, device)
+    dy = torch.randn(M, N, device=device, dtype=dtype)
+    made = []
+
+    class Spy(kernels.lora_bwd.Launch):
+        def __init__(self, fn, *args, **kw):
+            made.append(fn.__name__)
+            super().__init__(fn, *args, **kw)
+
+    monkeypatch.setattr(kernels.lora_bwd, "Launch", Spy)
+    kernels.launch.clear_plans()
+    dx_pass, _ = kernels.lora_backward_dx(dy, W, A, B, s, p, seed, dyb_mode=mode, term_epilogue=False)
+    assert "_lora_dx_dropout_term_kernel" in made
+    made.clear()
+    out = torch.full((M, K), float("nan"), device=device, dtype=dtype)
+    dx, dyb = kernels.lora_backward_dx(dy, W, A, B, s, p, seed, dyb_mode=mode, term_epilogue=True, out=out)
+    assert made == ["_lora_bwd_dx_kernel"] and dx is out and not torch.isnan(dx).any()
+    keep = dropout_mask_torch(seed, M, K, p, device)
+    ref = dy.double() @ W.double() + s * ((dy.double() @ B.double()) @ A.double()) * keep / (1 - p)
+    assert_close("dx, term in the epilogue", dx, ref, dtype)
+    assert_close("dx, epilogue against the pass", dx, dx_pass.double(), dtype)
+    made.clear()
+    kernels.lora_backward_dx(dy, W, A, B, s, p, seed, dyb_mode="producer", term_epilogue=True)
+    assert "_lora_dx_dropout_term_kernel" in made
+    with pytest.raises(ValueError, match="term_epilogue"):
+        kernels.lora_backward_dx(dy, W, A, B, s, p, seed, term_epilogue="yes")
 
 
 def test_dx_dropout_term_arguments_are_checked(device):
