@@ -98,6 +98,10 @@ def opcheck_cuda():
         "lora_backward_dx": (lf.lora_backward_dx.default, (dy, W, A, B, 2.0, 0.1, seed, True)),
         "lora_shrink": (lf.lora_shrink.default, (x, A, 0.1, seed)),
         "lora_grad_ab": (lf.lora_grad_ab.default, (x, dy, xa, dyb, 2.0, BF16, BF16, 0.1, seed, True, True)),
+        "lora_backward": (lf.lora_backward.default, (dy, x, W, A, B, xa, 2.0, 0.1, seed, True, True, True)),
+        "lora_backward_large_dropout": (lf.lora_backward.default,
+                                        (torch.randn(300, N, **g), torch.randn(300, K, **g), W, A, B,
+                                         torch.randn(300, r, **g), 2.0, 0.1, seed, True, True, True)),
     }
     pool, meta, multi = _pool_layer(T=40, K=K, N=N, S=4, R=16)
     A_s, B_s, sizes = pool.layer_stacks(multi.key)
