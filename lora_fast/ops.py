@@ -210,27 +210,6 @@ if HAS_CUSTOM_OPS:
     def _(weight, lora_A, lora_B, scaling):
         return _empty(weight, weight.shape[0], dtype=torch.promote_types(weight.dtype, torch.float32))
 
-    # The launchers' signatures over the ops, for the shared backward (`functional.lora_backward`) of QLoRA's
-    # compiled backward (`_QLoRAOpLaunchers`); LoRA's own compiled backward calls the `lora_backward` op instead.
-    class _OpLaunchers:
-        @staticmethod
-        def lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p, seed, store_dyb=True):
-            dx, dyb = torch.ops.lora_fast.lora_backward_dx(dy, weight, lora_A, lora_B, scaling, dropout_p, seed,
-                                                           store_dyb)
-            return dx, (dyb if store_dyb else None)
-
-        @staticmethod
-        def lora_shrink(x, lora_A, dropout_p=0.0, seed=None):
-            return torch.ops.lora_fast.lora_shrink(x, lora_A, dropout_p, seed)
-
-        @staticmethod
-        def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p, seed, need_a=True, need_b=True):
-            dA, dB = torch.ops.lora_fast.lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p, seed,
-                                                      need_a, need_b)
-            return (dA if need_a else None), (dB if need_b else None)
-
-    OP_LAUNCHERS = _OpLaunchers()
-
     def _lora_forward_setup(ctx, inputs, output):
         x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, store_xa = inputs
         ctx.save_for_backward(x, weight, lora_A, lora_B, output[1] if store_xa else None, seed)
@@ -312,7 +291,8 @@ if HAS_CUSTOM_OPS:
         return _empty(dy, dy.shape[0], in_features), _empty(dy, dy.shape[0] if store_dyb else 0, lora_A.shape[0])
 
     class _QLoRAOpLaunchers:
-        """`functional.lora_backward`'s launchers over the ops with an NF4 weight in W's place (never a dW)."""
+        """`functional.lora_backward`'s launchers over the ops (the launchers' signatures), with an NF4 weight in W's
+        place (never a dW): QLoRA's compiled backward. (LoRA's own calls the one `lora_backward` op.)"""
 
         @staticmethod
         def lora_backward_dx(dy, w4, lora_A, lora_B, scaling, dropout_p, seed, store_dyb=True):
@@ -321,8 +301,15 @@ if HAS_CUSTOM_OPS:
                                                             dropout_p, seed, store_dyb)
             return dx, (dyb if store_dyb else None)
 
-        lora_shrink = staticmethod(_OpLaunchers.lora_shrink)
-        lora_grad_ab = staticmethod(_OpLaunchers.lora_grad_ab)
+        @staticmethod
+        def lora_shrink(x, lora_A, dropout_p=0.0, seed=None):
+            return torch.ops.lora_fast.lora_shrink(x, lora_A, dropout_p, seed)
+
+        @staticmethod
+        def lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p, seed, need_a=True, need_b=True):
+            dA, dB = torch.ops.lora_fast.lora_grad_ab(x, dy, xa, dyb, scaling, a_dtype, b_dtype, dropout_p, seed,
+                                                      need_a, need_b)
+            return (dA if need_a else None), (dB if need_b else None)
 
     def _qlora_forward_setup(ctx, inputs, output):
         x, qweight, absmax, absmax_code, absmax_scale, absmax_offset, absmax_group, out_features, bias, lora_A, \
