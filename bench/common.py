@@ -129,6 +129,43 @@ def random_lora_inputs(M: int, K: int, N: int, r: int, dtype, seed: int):
     return x, W, b, A, B, dy
 
 
+def lora_training_step(x, W, A, B, scaling: float, p: float, dy, before: Callable[[], object] | None = None,
+                       seed: int = 11) -> Callable[[], tuple]:
+    """fn() -> (dx, dA, dB): one `lora_fast.lora_linear` training step (no bias, dropout p) on x, A, B, which must
+    require grad, against the upstream gradient dy. `before()` runs first (a module switch of an experiment), then
+    torch.manual_seed(seed), so every call draws the same dropout seed."""
+    import lora_fast
+
+    def run():
+        if before is not None:
+            before()
+        torch.manual_seed(seed)
+        y = lora_fast.lora_linear(x, W, None, A, B, scaling, p, True)
+        return torch.autograd.grad(y, [x, A, B], dy)
+    return run
+
+
+def training_problem(r: int, seed: int, M: int = 8192, K: int = 4096, N: int = 4096):
+    """The prefill training shape's bf16 inputs: (x, W, A, B, dy) from `random_lora_inputs`, then leaf copies of x,
+    A and B that require grad (xg, Ag, Bg), for `lora_training_step`."""
+    x, W, _, A, B, dy = random_lora_inputs(M, K, N, r, torch.bfloat16, seed=seed)
+    xg, Ag, Bg = (t.clone().requires_grad_() for t in (x, A, B))
+    return x, W, A, B, dy, xg, Ag, Bg
+
+
+def finish_report(report: dict, checks: list[dict], out_dir: str, name: str) -> bool:
+    """Store `checks` and their tally in `report`, write it to out_dir/name (when out_dir is set), print the tally;
+    True when every check passed."""
+    report["checks"] = checks
+    report["checks_passed"] = f"{sum(c['ok'] for c in checks)}/{len(checks)}"
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(report, f, indent=1)
+    print("checks", report["checks_passed"])
+    return all(c["ok"] for c in checks)
+
+
 def lora_references(x, W, b, A, B, dy, scaling: float) -> tuple:
     """float64 (y, xa, dx, dy @ B) of the fused forward and dX without dropout, the rank-r products rounded to x's
     dtype before the second product, as the kernels round them."""

@@ -21,7 +21,6 @@ of 5 interleaved rounds: r = 16 own pass 473, dA's programs 480, epilogue 470 (3
 514 / 503 / 525 (563). So the option stays off ("auto" = kernels.lora_bwd.DX_DROPOUT_EPILOGUE).
 """
 import argparse
-import json
 import os
 import sys
 
@@ -29,9 +28,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench.common import interleaved_ratios, kernel_times_us, random_lora_inputs, rel_err  # noqa: E402
+from bench.common import (  # noqa: E402
+    finish_report, interleaved_ratios, kernel_times_us, lora_training_step, random_lora_inputs, rel_err,
+    training_problem,
+)
 
-import lora_fast  # noqa: E402
 from lora_fast import kernels  # noqa: E402
 from lora_fast.kernels import lora_bwd  # noqa: E402
 from lora_fast.kernels.launch import clear_plans  # noqa: E402
@@ -76,18 +77,11 @@ def main(argv=None):
         for shape in ((8192, 4096, 4096, 16), (8192, 4096, 4096, 64), (777, 4104, 4000, 3), (300, 1024, 2048, 64)):
             check_dx(*shape, checks)
     for r in (16, 64):
-        M, K, N, s, p = 8192, 4096, 4096, 2.0, 0.1
-        x, W, b, A, B, dy = random_lora_inputs(M, K, N, r, torch.bfloat16, seed=5 + r)
-        xg = x.clone().requires_grad_()
-        Ag, Bg = A.clone().requires_grad_(), B.clone().requires_grad_()
+        s, p = 2.0, 0.1
+        x, W, A, B, dy, xg, Ag, Bg = training_problem(r, seed=5 + r)
 
-        def step(path):
-            def run():
-                use(path)
-                torch.manual_seed(11)  # one dropout seed for every path
-                y = lora_fast.lora_linear(xg, W, None, Ag, Bg, s, p, True)
-                return torch.autograd.grad(y, [xg, Ag, Bg], dy)
-            return run
+        def step(path):  # one training step, the same dropout seed every time
+            return lora_training_step(xg, W, Ag, Bg, s, p, dy, before=lambda: use(path))
         grads = {path: step(path)() for path in PATHS}
         row = {"r": r}
         for path, g in grads.items():
@@ -114,17 +108,11 @@ def main(argv=None):
         print(r, row["fwd_bwd_ratio"], flush=True)
         report[f"r{r}"] = row
     use("in_grad_ab")  # the default
-    report["checks"] = checks
-    report["checks_passed"] = f"{sum(c['ok'] for c in checks)}/{len(checks)}"
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "exp_dx_dropout_epilogue.json"), "w") as f:
-            json.dump(report, f, indent=1)
-    print("checks", report["checks_passed"])
+    ok = finish_report(report, checks, args.out, "exp_dx_dropout_epilogue.json")
     for r in (16, 64):
         print(f"r={r} backward kernels µs:", {k: round(v, 1) for k, v in report[f"r{r}"]["bwd_kernels_us_median"].items()})
         print(f"r={r} fwd+bwd / base:", {k: round(v, 3) for k, v in report[f"r{r}"]["fwd_bwd_ratio"].items()})
-    return 0 if all(c["ok"] for c in checks) else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
