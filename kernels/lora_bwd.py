@@ -254,7 +254,7 @@ def _lora_bwd_dx_kernel(
         (COMPUTE_DYB's loop) and which stores and publishes it in FLAGS; the other tiles wait for their row block.
         B_TMA (with it): B is a tensor descriptor with block [BLOCK_N, BLOCK_R], else B is padded as for
         COMPUTE_DYB. NUM_R_CHUNKS 0 (the dropout term's own pass): the producers store dY @ B and add no term.
-    EPI_SPLIT (DROPOUT without COMPUTE_DYB, not PRODUCER_DYB): 1, or 2 / 4: the epilogue adds the masked term in
+    EPI_SPLIT (DROPOUT without COMPUTE_DYB, not PRODUCER_DYB): 1, or 2 / 4 / 8: the epilogue adds the masked term in
         that many column slices of the tile (`_dx_dropout_epilogue`); a DX descriptor then has block
         [BLOCK_M, BLOCK_K // EPI_SPLIT].
     """
