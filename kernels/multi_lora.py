@@ -17,9 +17,14 @@ Paths (no host sync in any of them; `_config` picks one per token bucket, measur
      adds `xa @ B[a]ᵀ` (per row, or one tensor-core dot per segment and rank chunk up to the true rank).
      On Hopper it is a programmatic dependent launch: it streams W while the shrink runs and waits for the
      workspace only before its epilogue (kernels/helpers.pdl_enabled).
-* From 32 tokens ("addmm"): the shrink, then `_expand_kernel` writes bias + LoRA term into every row of y (one
-  adapter per segment tile, B read once per tile, a loop over N tiles), then cuBLAS adds X·Wᵀ with y as its C
-  operand (beta = 1). y is written once and read once, by the GEMM's epilogue; no fp32 delta, no second pass.
+* From 32 tokens ("addmm"): the LoRA term and the bias are written into every row of y first, then cuBLAS adds
+  X·Wᵀ with y as its C operand (beta = 1). y is written once and read once, by the GEMM's epilogue; no fp32
+  delta, no second pass. Two pairs of kernels write the LoRA term:
+  - 32-64 tokens ("rows", decode): `_shrink_rows_kernel` and `_expand_rows_kernel`, one token per program and a
+    whole chunk of A (over K) or B (over N) loaded at once, on the FMA units; the expand loads its B tile before
+    the PDL wait. Tokens of one adapter each read its A and B (from L2 after the first).
+  - from 128 tokens: `_shrink_kernel`, then `_expand_kernel` (one adapter per segment tile, B read once per tile,
+    a loop over N tiles), where an adapter's many tokens share each read.
   (`EXPAND="delta"` computes xa inside the expand kernel instead of the shrink: one launch, measured slower.)
 * An older path kept as a config option and tested: cuBLAS, then the LoRA term added in place ("cublas"). (A
   side-stream variant, the LoRA term into an fp32 delta under cuBLAS's W stream then one add, was removed on
@@ -371,6 +376,98 @@ def _expand_kernel(
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
+
+@triton.jit(do_not_specialize=["T"])
+def _shrink_rows_kernel(
+    x_ptr, a_ptr, ws_ptr, ids_ptr, ranks_ptr,
+    T, K,
+    stride_xt, stride_xk,
+    stride_as, stride_ai, stride_ar, stride_ak,
+    stride_wsk, stride_wsi, stride_wst,
+    NUM_RCHUNKS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+    TRIGGER: tl.constexpr,
+):
+    """xa_part[split, slice, t, r] = sum_{k in split} X[t, k] * A[ids[t], slice, r, k], one token t per program, on
+    the FMA units: the decode shrink ("rows").
+
+    Each program loads its whole [BLOCK_R, BLOCK_K] slice of A and BLOCK_K columns of X's row at once (no K loop:
+    every byte of the program is in flight together) after a two-load chain (ids -> rank). Tokens of one adapter
+    each read its A slice (from L2 after the first): meant for decode, where adapters are many and segments short.
+    Pointers and strides as in `_shrink_kernel`, but the workspace rows are tokens, not sorted positions; ids int32
+    [T] (the batch metadata's `adapter_ids`: -1 = base only). Grid: (T, slices * NUM_RCHUNKS, cdiv(K, BLOCK_K));
+    split = program_id(2). BLOCK_R: rank chunk (RANK_CHUNK); a chunk at or past the adapter's true rank exits, as
+    do base-only tokens.
+    """
+    gdc_launch_dependents_if(TRIGGER)
+    token = tl.program_id(0).to(tl.int64)
+    pid_sr = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    adapter = tl.load(ids_ptr + token)
+    if adapter < 0:
+        return
+    rank = tl.load(ranks_ptr + adapter)
+    slice_id = pid_sr // NUM_RCHUNKS
+    r0 = (pid_sr % NUM_RCHUNKS) * BLOCK_R
+    if r0 >= rank:
+        return
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    r_mask = offs_r < rank
+    k_mask = offs_k < K
+    x = tl.load(x_ptr + token * stride_xt + offs_k.to(tl.int64) * stride_xk, mask=k_mask, other=0.0)
+    a = tl.load(a_ptr + adapter.to(tl.int64) * stride_as + slice_id.to(tl.int64) * stride_ai
+                + offs_r.to(tl.int64)[:, None] * stride_ar + offs_k.to(tl.int64)[None, :] * stride_ak,
+                mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+    xa = tl.sum(a.to(ACC) * x.to(ACC)[None, :], 1)
+    ws = ws_ptr + pid_k.to(tl.int64) * stride_wsk + slice_id.to(tl.int64) * stride_wsi + token * stride_wst
+    tl.store(ws + offs_r, xa, mask=r_mask)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _expand_rows_kernel(
+    b_ptr, bias_ptr, ws_ptr, y_ptr, ids_ptr, ranks_ptr, scalings_ptr, slices_ptr,
+    T,
+    stride_bs, stride_bn, stride_br,
+    stride_wsk, stride_wsi, stride_wst,
+    stride_yt, stride_yn,
+    HAS_BIAS: tl.constexpr, NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr, GDC_WAIT: tl.constexpr,
+):
+    """Y[t, n] = b[n] + s[a] · round(sum_split xa_part[., slice(n), t, :rank]) · B[a, n, :rank] (a = ids[t]) for one
+    token t and BLOCK_N columns per program, on the FMA units: the decode expand ("rows"). Every row is written
+    (base-only tokens get the bias, or zeros), so that cuBLAS adds X·Wᵀ to y afterwards ("addmm").
+
+    B's [BLOCK_R, BLOCK_N] tile and the bias load before the PDL wait (neither is the shrink's output), so they are
+    in flight while the shrink runs; after the wait only the token's SPLIT_K partials of xa are read.
+    Pointers and strides as in `_expand_kernel`, the workspace written by `_shrink_rows_kernel` (rows are tokens);
+    ids int32 [T]. Grid: (T, column tiles of all slices) with the slice table of `_fused_kernel`.
+    BLOCK_R: the padded rank (a power of two >= RANK_CHUNK).
+    """
+    token = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    slice_id, cols, col_mask = _tile_columns(pid_n, slices_ptr, NUM_SLICES, BLOCK_N)
+    adapter = tl.load(ids_ptr + token)
+    safe = tl.maximum(adapter, 0)
+    rank = tl.where(adapter >= 0, tl.load(ranks_ptr + safe), 0)
+    scale = tl.load(scalings_ptr + safe).to(ACC)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    b = tl.load(b_ptr + safe.to(tl.int64) * stride_bs + offs_r.to(tl.int64)[:, None] * stride_br
+                + cols[None, :] * stride_bn, mask=r_mask[:, None] & col_mask[None, :], other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+    gdc_wait_if(GDC_WAIT)
+    ws = ws_ptr + slice_id.to(tl.int64) * stride_wsi + token * stride_wst + offs_r
+    xa = tl.zeros((BLOCK_R,), dtype=ACC)
+    for split in tl.static_range(SPLIT_K):
+        xa += tl.load(ws + split * stride_wsk, mask=r_mask, other=0.0)
+    xa = (xa * scale).to(b_ptr.dtype.element_ty).to(ACC)  # scaled in fp32, rounded to the operands' dtype
+    out = tl.sum(xa[:, None] * b.to(ACC), 0)
+    if HAS_BIAS:
+        out += bias
+    tl.store(y_ptr + token * stride_yt + cols * stride_yn, out.to(y_ptr.dtype.element_ty), mask=col_mask)
+
+
 # ----------------------------------------------------------------------------------------------- configs
 
 
@@ -445,6 +542,15 @@ def _config(t_bucket: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, is_cu
         cfg.update(BASE="addmm", EXPAND="segment", S_BLOCK_M=shrink[0], SPLIT_K=split_k, S_BLOCK_K=shrink[2],
                    s_num_stages=shrink[3], E_BLOCK_M=expand[0], E_BLOCK_N=expand[1], E_CHUNKS=expand[2],
                    e_num_stages=expand[3])
+    # 32-64 tokens: the "rows" kernels (one token per program, whole chunks of A and B at once). H200, graphs over
+    # 8 weight sets (`results/exp_multi_rows*.json`): 32/32 2.22-2.24x -> 1.77-1.79x, 64/64 2.24-2.38x -> 1.75x,
+    # 64/1 1.80x -> 1.57x, 64/64 at r = 64 3.93x -> 2.97x, 64/64 at N = 14336 1.92x -> 1.59x; from 128 tokens,
+    # where an adapter's tokens re-read its A and B (from L2), the segment kernels stay ahead (128/32 1.80x vs
+    # 1.90x, 256/32 1.68x vs 2.26x). A shrink chunk of 8K elements at r <= 16 (16K: 1.97x at 64/64), 16K above
+    # (64/64 at r = 64: 2.97x vs 3.12x); an expand tile of 16K (8K: 1.84-1.87x, 32K: 2.17x at 64/64).
+    if t_bucket in (32, 64):
+        cfg.update(EXPAND="rows", R_S_ELEMS=8192 if R_PAD <= RANK_CHUNK else 16384, R_E_ELEMS=16384,
+                   r_s_num_warps=4, r_e_num_warps=4)
     return cfg
 
 
@@ -480,23 +586,26 @@ def rank_pad(R: int) -> int:
 
 
 def multi_lora_forward(x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm, seg_of, seg_start, seg_adapter,
-                       slice_sizes, out=None, precision="ieee"):
+                       slice_sizes, out=None, precision="ieee", adapter_ids=None):
     """Launch the LoRA kernels and the base GEMM (see the module docstring for the paths).
 
     x2d: [T, K]; weight: [N, K] with N = sum(slice_sizes); bias: [N] or None;
     lora_A: [S, slices, R, K]; lora_B: [S, N, R] (any strides); scalings: fp32 [S]; ranks: int32 [S];
     perm, seg_of: int32 [T]; seg_start: int32 [MAX_SEGS + 1]; seg_adapter: int32 [MAX_SEGS];
-    slice_sizes: tuple of ints; out: optional [T, N] to write into. Returns y [T, N] in x2d's dtype.
+    slice_sizes: tuple of ints; out: optional [T, N] to write into; adapter_ids: int32 [T], each token's slot as
+    the metadata holds it (-1: base only), which the decode "rows" kernels read (without it that path falls back
+    to the segment expand). Returns y [T, N] in x2d's dtype.
     No host sync: every per-batch quantity is read by the kernels from device memory. The checks, the config and
     each kernel's argument list are worked out once per call signature (a `_Plan`, kernels/launch.py).
     """
     slice_sizes = tuple(int(s) for s in slice_sizes)
-    tensors = (x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm, seg_of, seg_start, seg_adapter, out)
+    tensors = (x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm, seg_of, seg_start, seg_adapter, out,
+               adapter_ids)
     key = plan_key(tensors, precision, *slice_sizes)
     plan = _PLANS.find(key)
     if plan is None:
         plan = _PLANS.put(key, _Plan(x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm, seg_of, seg_start,
-                                     seg_adapter, slice_sizes, out, precision))
+                                     seg_adapter, slice_sizes, out, precision, adapter_ids))
     return plan.run(*tensors)
 
 
@@ -508,7 +617,7 @@ class _Plan:
     the kernels' `Launch`es, built at the first `run` from that call's tensors and reused by every later call."""
 
     def __init__(self, x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm, seg_of, seg_start, seg_adapter,
-                 slice_sizes, out, precision):
+                 slice_sizes, out, precision, adapter_ids=None):
         T, K = x2d.shape
         N = weight.shape[0]
         S, n_slices, R, Ka = lora_A.shape
@@ -525,6 +634,8 @@ class _Plan:
                              f"{tuple(ranks.shape)}")
         if perm.shape[0] != T or seg_of.shape[0] != T or seg_start.shape[0] != seg_adapter.shape[0] + 1:
             raise ValueError("batch metadata does not match x: build it for these tokens")
+        if adapter_ids is not None and (tuple(adapter_ids.shape) != (T,) or adapter_ids.dtype != torch.int32):
+            raise ValueError(f"adapter_ids must be int32 [T={T}], got {tuple(adapter_ids.shape)} {adapter_ids.dtype}")
         if out is not None and (tuple(out.shape) != (T, N) or out.dtype != x2d.dtype):
             raise ValueError(f"out must be [T={T}, N={N}] of {x2d.dtype}, got {tuple(out.shape)} {out.dtype}")
         self.T, self.N, self.n_slices, self.R_PAD = T, N, n_slices, rank_pad(R)
@@ -534,9 +645,16 @@ class _Plan:
         if base not in ("triton", "cublas", "addmm"):
             raise ValueError(f"config BASE must be 'triton', 'cublas' or 'addmm', got {base!r}")
         if base == "addmm":
-            self.expand = "delta" if cfg.get("EXPAND") == "delta" else "segment"
+            self.expand = cfg.get("EXPAND") if cfg.get("EXPAND") in ("delta", "rows") else "segment"
+            if self.expand == "rows" and (adapter_ids is None or adapter_ids.stride(0) != 1):
+                self.expand = "segment"  # the rows kernels index the ids by token
         else:
             self.expand = "segment" if base != "triton" and cfg.get("EXPAND") == "segment" else "fused"
+        if self.expand == "rows":
+            # the decode kernels: one token per program, whole chunks of A and B at once; the workspace rows are
+            # tokens, and its split count is set by the shrink's K chunk
+            cfg["R_BLOCK_K"] = _rows_block_k(K, cfg.get("R_S_ELEMS", 8192))
+            cfg["SPLIT_K"] = cdiv(K, cfg["R_BLOCK_K"])
         # PDL pairs: our GEMM after the shrink (it streams W while the shrink runs and waits for ws only in its
         # epilogue); the addmm path's expand after the shrink (its metadata and first B tile load meanwhile)
         if base == "addmm":
@@ -545,7 +663,8 @@ class _Plan:
             self.pdl = base == "triton" and pdl_enabled(x2d.device)
         self.launches = None
 
-    def run(self, x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm, seg_of, seg_start, seg_adapter, out):
+    def run(self, x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm, seg_of, seg_start, seg_adapter, out,
+            adapter_ids=None):
         T, N, base = self.T, self.N, self.base
         if out is None:
             out = torch.empty((T, N), device=x2d.device, dtype=x2d.dtype)
@@ -556,7 +675,9 @@ class _Plan:
         if self.launches is None:
             self.launches = self._build(x2d, weight, lora_A, lora_B, bias, ws, out)
         shrink, second = self.launches
-        if shrink is not None:
+        if self.expand == "rows":
+            shrink(x2d, lora_A, ws, adapter_ids, ranks)
+        elif shrink is not None:
             shrink(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks)
         if base == "cublas":  # y = X·Wᵀ + b by cuBLAS (no_grad: a frozen base may still require grad)
             with torch.no_grad():
@@ -564,6 +685,8 @@ class _Plan:
         if self.expand == "fused":
             second(x2d, weight, bias if bias is not None else weight, lora_B, ws, out, perm, seg_of, seg_start,
                    seg_adapter, ranks, scalings)
+        elif self.expand == "rows":
+            second(lora_B, bias if bias is not None else lora_B, ws, out, adapter_ids, ranks, scalings)
         else:
             expand_bias = bias if base == "addmm" and bias is not None else lora_B
             second(x2d, lora_A, lora_B, expand_bias, lora_B if ws is None else ws, out, perm, seg_start,
@@ -578,8 +701,15 @@ class _Plan:
     def _build(self, x2d, weight, lora_A, lora_B, bias, ws, target):
         """(shrink Launch or None, expand or fused Launch) for this signature, from one call's tensors."""
         cfg, precision, base = self.cfg, self.precision, self.base
-        shrink = None if ws is None else _shrink_launch(x2d, lora_A, ws, cfg, precision, trigger=self.pdl)
-        if self.expand == "fused":
+        if ws is None:
+            shrink = None
+        elif self.expand == "rows":
+            shrink = _shrink_rows_launch(x2d, lora_A, ws, cfg, trigger=self.pdl)
+        else:
+            shrink = _shrink_launch(x2d, lora_A, ws, cfg, precision, trigger=self.pdl)
+        if self.expand == "rows":
+            second = _expand_rows_launch(x2d, lora_B, bias, ws, target, self.slice_sizes, cfg, pdl=self.pdl)
+        elif self.expand == "fused":
             second = _fused_launch(x2d, weight, bias, lora_B, ws, target, self.slice_sizes, cfg, precision,
                                    int(base == "cublas"), pdl=self.pdl)
         else:
@@ -611,6 +741,51 @@ _FUSED_SLOTS = ("x_ptr", "w_ptr", "bias_ptr", "b_ptr", "ws_ptr", "y_ptr", "perm_
 _EXPAND_SLOTS = ("x_ptr", "a_ptr", "b_ptr", "bias_ptr", "ws_ptr", "y_ptr", "perm_ptr", "seg_start_ptr",
                  "seg_adapter_ptr", "ranks_ptr", "scalings_ptr")
 _SHRINK_SLOTS = ("x_ptr", "a_ptr", "ws_ptr", "perm_ptr", "seg_start_ptr", "seg_adapter_ptr", "ranks_ptr")
+_SHRINK_ROWS_SLOTS = ("x_ptr", "a_ptr", "ws_ptr", "ids_ptr", "ranks_ptr")
+_EXPAND_ROWS_SLOTS = ("b_ptr", "bias_ptr", "ws_ptr", "y_ptr", "ids_ptr", "ranks_ptr", "scalings_ptr")
+
+
+def _rows_block_k(K: int, elems: int) -> int:
+    """K columns per program of the rows shrink: a [RANK_CHUNK, BLOCK_K] slice of A of about `elems` elements."""
+    return max(16, min(next_pow2(K), next_pow2(max(1, elems // RANK_CHUNK))))
+
+
+def _shrink_rows_launch(x2d, lora_A, ws, cfg, trigger=False):
+    """The `_shrink_rows_kernel` Launch: ws[split, slice, t, :rank] over one K chunk of R_BLOCK_K columns per
+    program; called with the `_SHRINK_ROWS_SLOTS` tensors. The tensors give shapes and strides only."""
+    T, K = x2d.shape
+    split_k, n_slices, _, R_PAD = ws.shape
+    num_rchunks = R_PAD // RANK_CHUNK
+    return Launch(
+        _shrink_rows_kernel, (T, n_slices * num_rchunks, split_k), _SHRINK_ROWS_SLOTS,
+        *(None,) * 5,
+        T, K,
+        x2d.stride(0), x2d.stride(1),
+        *lora_A.stride(),
+        ws.stride(0), ws.stride(1), ws.stride(2),
+        NUM_RCHUNKS=num_rchunks, BLOCK_R=RANK_CHUNK, BLOCK_K=cfg["R_BLOCK_K"], ACC=acc_dtype(x2d.dtype),
+        TRIGGER=trigger, num_warps=cfg.get("r_s_num_warps", 4), num_stages=1,
+    )
+
+
+def _expand_rows_launch(x2d, lora_B, bias, ws, target, slice_sizes, cfg, pdl=False):
+    """The `_expand_rows_kernel` Launch: target = bias + the LoRA term, one token and R_E_ELEMS / BLOCK_R
+    columns per program; called with the `_EXPAND_ROWS_SLOTS` tensors (bias: any tensor when None). pdl: a PDL
+    consumer of the shrink. The tensors give shapes and strides only."""
+    T = x2d.shape[0]
+    block_r = max(RANK_CHUNK, next_pow2(lora_B.shape[2]))
+    block_n = max(16, min(next_pow2(max(slice_sizes)), next_pow2(max(1, cfg.get("R_E_ELEMS", 8192) // block_r))))
+    slices, n_tiles = _slice_table(slice_sizes, block_n, x2d.device)
+    return Launch(
+        _expand_rows_kernel, (T, n_tiles), _EXPAND_ROWS_SLOTS,
+        *(None,) * 7, slices, T,
+        *lora_B.stride(),
+        ws.stride(0), ws.stride(1), ws.stride(2),
+        target.stride(0), target.stride(1),
+        HAS_BIAS=bias is not None, NUM_SLICES=len(slice_sizes), SPLIT_K=ws.shape[0], BLOCK_R=block_r,
+        BLOCK_N=block_n, ACC=acc_dtype(x2d.dtype), GDC_WAIT=pdl,
+        num_warps=cfg.get("r_e_num_warps", 4), num_stages=1, **({"launch_pdl": True} if pdl else {}),
+    )
 
 
 def _fused_launch(x2d, weight, bias, lora_B, ws, target, slice_sizes, cfg, precision, base_mode, pdl=False):

@@ -393,7 +393,7 @@ def multi_lora_compute(x2d, weight, bias, A, B, scalings, ranks, adapter_ids, pe
         from .kernels.multi_lora import multi_lora_forward
 
         return multi_lora_forward(x2d, weight, bias, A, B, scalings, ranks, perm, seg_of, seg_start, seg_adapter,
-                                  slice_sizes, out=out, precision=dot_precision(x2d.dtype))
+                                  slice_sizes, out=out, precision=dot_precision(x2d.dtype), adapter_ids=adapter_ids)
     y = _multi_lora_torch(x2d, weight, bias, A, B, scalings, ranks, adapter_ids, slice_sizes)
     return y if out is None else out.copy_(y)
 

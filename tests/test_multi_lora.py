@@ -26,9 +26,11 @@ def _nan_workspace(monkeypatch):
 
 # The kernel paths a call can take: the interpreter's default (our GEMM with the LoRA epilogue, the GPU's path up
 # to 16 tokens) and the GPU's path from 32 tokens (LoRA term + bias written first, cuBLAS adds X·Wᵀ: "addmm"), with
-# the expand reading the shrink's partials or computing xa itself ("delta").
+# the expand reading the shrink's partials or computing xa itself ("delta"), and the decode kernels with one sorted
+# row per program ("rows": small chunks here, so that K and N take several programs and the tails are masked).
 PATHS = {"triton": None, "addmm": dict(BASE="addmm", EXPAND="segment"),
-         "addmm_delta": dict(BASE="addmm", EXPAND="delta", D_CHUNKS=3)}
+         "addmm_delta": dict(BASE="addmm", EXPAND="delta", D_CHUNKS=3),
+         "addmm_rows": dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=256, R_E_ELEMS=512)}
 
 
 @pytest.fixture(params=list(PATHS))
@@ -266,7 +268,9 @@ def test_pool_and_module_mixed_ranks_and_slices():
                                      dict(BASE="cublas", EXPAND="segment", E_BLOCK_M=32, E_BLOCK_N=32),
                                      dict(BASE="addmm", EXPAND="segment", E_BLOCK_M=32, E_BLOCK_N=32),
                                      dict(BASE="addmm", EXPAND="segment", E_CHUNKS=1, E_BLOCK_N=16, SPLIT_K=3),
-                                     dict(BASE="addmm", EXPAND="delta", D_BLOCK_M=32, D_CHUNKS=5)])
+                                     dict(BASE="addmm", EXPAND="delta", D_BLOCK_M=32, D_CHUNKS=5),
+                                     dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=128, R_E_ELEMS=128),
+                                     dict(BASE="addmm", EXPAND="rows", E_PDL=False, SPLIT_K=3)])
 def test_epilogue_and_base_variants(variant):
     """The per-row gather epilogue (decode), the cuBLAS-base + LoRA-epilogue paths and the addmm path (bias +
     LoRA term written first, cuBLAS adds X·Wᵀ; xa from the shrink or computed in the expand) agree too."""
@@ -304,6 +308,26 @@ def test_module_with_trainable_base_on_cublas_paths(variant):
     A, B, sl = pool.layer_stacks("proj")
     ref = multi_lora_linear_reference(x, lin.weight, lin.bias, A, B, pool.scalings, ids, pool.ranks, sl)
     assert_close(y, ref, torch.float32, str(variant))
+
+
+def test_rows_path_is_taken_and_needs_the_ids():
+    """The decode "rows" kernels run when the config asks for them (through `multi_lora_linear`, which passes the
+    metadata's ids); the launcher called without ids falls back to the segment expand, with the same result."""
+    T, S, R, K, N = 9, 4, 16, 40, 24
+    x, W, b, A, B, scal, ranks, ids = make_case(T, S, R, K, N, torch.float32, seed=77, mixed_ranks=True)
+    ref = multi_lora_linear_reference(x, W, b, A, B, scal, ids, ranks)
+    kml.set_config_override(dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=256))
+    try:
+        assert_close(run(x, W, b, A, B, scal, ranks, ids), ref, torch.float32, "rows")
+        assert [p.expand for p in kml._PLANS.values()] == ["rows"]
+        meta = make_batch_metadata(ids, S)
+        out = torch.full((T, N), float("nan"))
+        kml.multi_lora_forward(x, W, b, A, B, scal, ranks, meta.perm, meta.seg_of, meta.seg_start,
+                               meta.seg_adapter, (N,), out=out)
+        assert_close(out, ref, torch.float32, "launcher without ids")
+        assert sorted(p.expand for p in kml._PLANS.values()) == ["rows", "segment"]
+    finally:
+        kml.set_config_override(None)
 
 
 def test_cached_plan_serves_new_tensors_and_configs(path):
