@@ -1,0 +1,177 @@
+"""Multi-LoRA decode: the "rows" kernels against the segment-tile shrink and expand.
+
+At 64 tokens with 64 adapters the default path's LoRA kernels moved 16 MiB in ~17 µs (shrink 7, expand 10-11:
+about 1 TB/s, `results/exp_multi_shrink_split.json`): each program walks K or N in steps after a chain of
+dependent metadata loads. The rows kernels (`EXPAND="rows"`: `_shrink_rows_kernel`, `_expand_rows_kernel`) give
+each program one token and a whole chunk (8-16K elements of A or B) loaded at once, on the FMA units; the expand
+loads its B tile before the PDL wait. Since the first sweep they are the default at 32-64 tokens ("default"
+there; "segment" is the path before them). This script, per shape and config: graph time over 8 weight sets as a ratio to F.linear (interleaved
+rounds, medians), the relative error against the fp64 reference with NaN-filled workspace and output, a CUDA-graph
+replay after the batch metadata is refilled with a new adapter mix (against an eager call), and the kernels' GPU
+time per call (torch.profiler over graph replays).
+
+    PYTHONPATH=$PWD python3 bench/exp_multi_rows.py [--out DIR] [--rounds 3] [--shapes 64x64,...]
+
+Shapes are TxADAPTERS[xR][nN]. Writes DIR/exp_multi_rows.json and prints a table last.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from bench import bench_multi_lora as bml  # noqa: E402
+from bench.common import bench_graph_us, capture_graph, format_table, graph_kernel_times, write_json  # noqa: E402
+from lora_fast.kernels import multi_lora as kml  # noqa: E402
+from lora_fast.multi_lora import _multi_lora_torch, make_batch_metadata, multi_lora_linear  # noqa: E402
+
+DEV = "cuda"
+ROWS = dict(BASE="addmm", EXPAND="rows")
+CONFIGS = {
+    "default": None,
+    "segment": dict(BASE="addmm", EXPAND="segment"),  # the 32-1024-token path before the rows kernels
+    "rows": dict(ROWS, R_S_ELEMS=8192, R_E_ELEMS=8192),  # the first sweep's rows config
+    "rows_s4k": dict(ROWS, R_S_ELEMS=4096),
+    "rows_s8k": dict(ROWS, R_S_ELEMS=8192),
+    "rows_s16k": dict(ROWS, R_S_ELEMS=16384),
+    "rows_e4k": dict(ROWS, R_E_ELEMS=4096),
+    "rows_e8k": dict(ROWS, R_E_ELEMS=8192),
+    "rows_e16k": dict(ROWS, R_E_ELEMS=16384),
+    "rows_w8": dict(ROWS, r_s_num_warps=8, r_e_num_warps=8),
+    "rows_nopdl": dict(ROWS, E_PDL=False),
+    "rows_s16k_e16k": dict(ROWS, R_S_ELEMS=16384, R_E_ELEMS=16384),
+    "rows_e32k": dict(ROWS, R_E_ELEMS=32768),
+    "rows_s16k_e32k": dict(ROWS, R_S_ELEMS=16384, R_E_ELEMS=32768),
+    "rows_e16k_w8": dict(ROWS, R_E_ELEMS=16384, r_e_num_warps=8),
+}
+SHAPES = "1x1,16x16,32x32,64x64,128x32,256x32,64x64x64,256x32x64,64x64n14336"
+FAILURES: list[str] = []
+
+
+def parse_shape(text):
+    """"TxA", "TxAxR", "TxAnN" or "TxAxRnN" -> (T, adapters, r, N); r 16 and N 4096 unless given."""
+    m = re.fullmatch(r"(\d+)x(\d+)(?:x(\d+))?(?:n(\d+))?", text)
+    if m is None:
+        raise ValueError(f"shape {text!r}: expected TxA[xR][nN]")
+    t, a, r, n = m.groups()
+    return int(t), int(a), int(r or 16), int(n or 4096)
+
+
+def rel(y, ref) -> float:
+    return float((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+def check(prob, name) -> dict:
+    """Relative error with NaN-filled workspace and output, and a graph replay after a new adapter mix."""
+    W, b, A, B = prob.sets[0]
+    kml.DEBUG_FILL_WORKSPACE = True
+    try:
+        out = torch.full((prob.T, prob.N), float("nan"), device=DEV, dtype=prob.x.dtype)
+        y = multi_lora_linear(prob.x, W, b, A, B, prob.scalings, prob.meta, ranks=prob.ranks, out=out)
+    finally:
+        kml.DEBUG_FILL_WORKSPACE = False
+    ref = _multi_lora_torch(prob.x.double(), W.double(), b.double(), A[:, None].double(), B.double(),
+                            prob.scalings.double(), prob.ranks, prob.ids, (prob.N,))
+    err = rel(y, ref)
+    nan = bool(torch.isnan(y).any().item())
+    # graph replay with a new mix: capture on one metadata object, refill it in place, replay
+    meta = make_batch_metadata(prob.ids.clone(), prob.S)
+    static_out = torch.empty(prob.T, prob.N, device=DEV, dtype=prob.x.dtype)
+    fn = lambda: multi_lora_linear(prob.x, W, b, A, B, prob.scalings, meta, ranks=prob.ranks, out=static_out)  # noqa: E731
+    graph = capture_graph([fn])
+    g = torch.Generator(device="cpu").manual_seed(prob.T * 31 + prob.S)
+    new_ids = torch.randint(-1, prob.S, (prob.T,), generator=g).to(DEV, torch.int32)
+    meta.update_(new_ids, validate=False)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = multi_lora_linear(prob.x, W, b, A, B, prob.scalings, make_batch_metadata(new_ids, prob.S),
+                              ranks=prob.ranks)
+    replay_diff = float((static_out.float() - eager.float()).abs().max())
+    tol = 1e-2
+    ok = err <= tol and not nan and replay_diff == 0.0
+    if not ok:
+        FAILURES.append(f"{name} T={prob.T} S={prob.S} r={prob.r} N={prob.N}: err {err:.3g} nan {nan} "
+                        f"replay {replay_diff:.3g}")
+    return dict(rel_err=err, nan=nan, replay_max_diff=replay_diff, ok=ok)
+
+
+def configs_for(T, wanted=None):
+    """The configs to run at T tokens: `wanted` (names) if given, else the first sweep's set."""
+    if wanted:
+        return ["default"] + [n for n in wanted if n != "default"]
+    names = ["default", "segment", "rows", "rows_nopdl"]
+    if T in (16, 64, 256):
+        names += ["rows_s4k", "rows_s16k", "rows_e4k", "rows_e16k", "rows_w8"]
+    return names
+
+
+def run_shape(T, n_ad, r, N, rounds, wanted=None, K=4096):
+    prob = bml.Problem(T, n_ad, r, K, N, torch.bfloat16, DEV, sets=bml.WEIGHT_SETS)
+    names = configs_for(T, wanted)
+    times = {n: [] for n in ["base"] + names}
+    info = {n: {} for n in names}
+    for name in names:  # compile, check, profile
+        kml.set_config_override(CONFIGS[name])
+        try:
+            info[name].update(check(prob, name))
+            fns = [prob.provider("ours", s) for s in range(bml.WEIGHT_SETS)]
+            info[name]["kernels"] = {k[:40]: round(us, 2) for k, _, us in graph_kernel_times(fns)}
+        except Exception:  # noqa: BLE001 - a config that fails is reported; the others still run
+            info[name]["error"] = traceback.format_exc()[-400:]
+            FAILURES.append(f"{name} T={T}: exception")
+        finally:
+            kml.set_config_override(None)
+    for _ in range(rounds):
+        times["base"].append(bench_graph_us([prob.provider("base", s) for s in range(bml.WEIGHT_SETS)]))
+        for name in names:
+            if "error" in info[name]:
+                continue
+            kml.set_config_override(CONFIGS[name])
+            try:
+                times[name].append(bench_graph_us([prob.provider("ours", s) for s in range(bml.WEIGHT_SETS)]))
+            finally:
+                kml.set_config_override(None)
+    base = sorted(times["base"])[len(times["base"]) // 2]
+    rows = []
+    for name in names:
+        t = sorted(times[name])
+        row = dict(T=T, adapters=n_ad, r=r, N=N, config=name, base_us=base, **info[name])
+        if t:
+            row.update(graph_us=t[len(t) // 2], ratio=t[len(t) // 2] / base,
+                       ratio_range=[t[0] / base, t[-1] / base])
+        rows.append(row)
+        print({k: v for k, v in row.items() if k != "kernels"}, flush=True)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--shapes", default=SHAPES)
+    ap.add_argument("--configs", default="", help="comma-separated names of CONFIGS (default: the first sweep's)")
+    args = ap.parse_args(argv)
+    rows = []
+    for shape in args.shapes.split(","):
+        T, n_ad, r, N = parse_shape(shape)
+        rows += run_shape(T, n_ad, r, N, args.rounds, [c for c in args.configs.split(",") if c])
+        write_json("exp_multi_rows", rows, {"failures": FAILURES}, out_dir=args.out)
+    print("== kernels per call (graph replays), default and rows")
+    for row in rows:
+        if row["config"] in ("default", "segment", "rows"):
+            print(row["T"], row["adapters"], row["r"], row["N"], row["config"], row.get("kernels"))
+    print("== graph ratios to F.linear")
+    print(format_table(rows, ["T", "adapters", "r", "N", "config", "base_us", "graph_us", "ratio", "rel_err",
+                              "replay_max_diff", "ok"]))
+    print(f"exp_multi_rows: {len(FAILURES)} failures" + (f": {FAILURES}" if FAILURES else ""))
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
