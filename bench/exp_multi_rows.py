@@ -49,6 +49,15 @@ CONFIGS = {
     "rows_e32k": dict(ROWS, R_E_ELEMS=32768),
     "rows_s16k_e32k": dict(ROWS, R_S_ELEMS=16384, R_E_ELEMS=32768),
     "rows_e16k_w8": dict(ROWS, R_E_ELEMS=16384, r_e_num_warps=8),
+    # the segment kernels (128-1024 tokens) without their loops: the shrink's K split in one step, the expand one
+    # N tile per program (N = 4096)
+    "seg_k1": dict(BASE="addmm", EXPAND="segment", SPLIT_K=8, S_BLOCK_K=512, s_num_stages=1),
+    "seg_n1": dict(BASE="addmm", EXPAND="segment", E_BLOCK_N=256, E_CHUNKS=16),
+    "seg_n1x128": dict(BASE="addmm", EXPAND="segment", E_BLOCK_N=128, E_CHUNKS=32),
+    "seg_k1_n1": dict(BASE="addmm", EXPAND="segment", SPLIT_K=8, S_BLOCK_K=512, s_num_stages=1, E_BLOCK_N=256,
+                      E_CHUNKS=16),
+    "seg_k2s2_n1": dict(BASE="addmm", EXPAND="segment", SPLIT_K=8, S_BLOCK_K=256, s_num_stages=2, E_BLOCK_N=256,
+                        E_CHUNKS=16),
 }
 SHAPES = "1x1,16x16,32x32,64x64,128x32,256x32,64x64x64,256x32x64,64x64n14336"
 FAILURES: list[str] = []
