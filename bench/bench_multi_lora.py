@@ -210,7 +210,9 @@ def merge_shards(paths: list[str], out_dir: str | None = None) -> str:
     grid_name = grid_names.pop()
     grid = {"full": full_grid, "targets": target_grid, "tiny": tiny_grid}[grid_name]()
     order = {shape_key(g): i for i, g in enumerate(grid)}
-    rows = sorted((r for s in shards for r in s["rows"]), key=lambda r: order.get(shape_key(r), len(order)))
+    last = {shape_key(r): i for i, s in enumerate(shards) for r in s["rows"]}  # a later measurement of a shape wins
+    rows = sorted((r for i, s in enumerate(shards) for r in s["rows"] if last[shape_key(r)] == i),
+                  key=lambda r: order.get(shape_key(r), len(order)))
     seen = {shape_key(r) for r in rows}
     missing = [g for g in grid if shape_key(g) not in seen]
     name = "multi_lora" + ("_cpu" if str(shards[0].get("env", {}).get("device", "cpu")).startswith("cpu") else "")
@@ -246,7 +248,11 @@ def main(argv=None) -> list[dict]:
                     help="run only the shapes that a merged JSON (--merge's output) lists as missing; results go to "
                          "<name>_<grid>_missing, to merge with the shards")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                    help="merge the JSON files of --shard runs into one table (no benchmark is run)")
+                    help="merge the JSON files of --shard runs into one table (no benchmark is run); where two "
+                         "files measured one shape, the later file's rows are kept")
+    ap.add_argument("--tokens", default=None, metavar="T[,T...]",
+                    help="run only the grid's shapes with these token counts (to re-measure them after a change); "
+                         "results go to <name>_<grid>_T<T...>, to merge after the shards they replace")
     args = ap.parse_args(argv)
     if args.merge:
         path = merge_shards(args.merge, args.out)
@@ -264,6 +270,10 @@ def main(argv=None) -> list[dict]:
             raise SystemExit(f"--shard must be I/N with 1 <= I <= N, got {args.shard!r}")
         grid = grid[i - 1::n]
         name, meta["shard"] = f"{name}_{grid_name}_{i}of{n}", args.shard
+    if args.tokens:
+        wanted_t = {int(t) for t in args.tokens.split(",")}
+        grid = [g for g in grid if g["T"] in wanted_t]
+        name, meta["shard"] = f"{name}_{grid_name}_T{'_'.join(map(str, sorted(wanted_t)))}", f"T in {sorted(wanted_t)}"
     if args.missing:
         merged = json.load(open(args.missing))
         if merged.get("grid") != grid_name:

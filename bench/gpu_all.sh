@@ -6,7 +6,8 @@
 # the rank-r product inside the persistent GEMMs, and those modes forced at odd shapes), multi (gpu_multi_lora, targets grid + sweep + demo), multi_check (its checks
 # and the demo only), multi_full (full grid, no sweep), multi_shard (bench_multi_lora's full grid, the shard
 # MULTI_SHARD=I/N of it, MULTI_LIMIT seconds; JSON after every shape), multi_missing (the shapes that
-# results/multi_lora_full.json lists as missing), compile, compile_late (its last two cases), host
+# results/multi_lora_full.json lists as missing), multi_tokens (the full grid's shapes with MULTI_TOKENS tokens,
+# default 64, re-measured to merge after the shards), compile, compile_late (its last two cases), host
 # (profile_host), linear (bench_lora_linear --quick), prof (profile_lora at
 # p=0.1 and 0), persistent (exp_persistent: GEMM variants, shrink/dA/dB/dX-term timings at M=8192), profc (profile_compile:
 # the compiled training step against eager, p=0 and 0.1), nf4dec (exp_nf4_decode: NF4 decode checks, GEMV tile sweep,
@@ -55,6 +56,8 @@ for name in "$@"; do
     multi_full) step multi_full 420 python3 bench/gpu_multi_lora.py "$OUT/logs" --grid full --no-sweep ;;
     multi_shard) step multi_shard ${MULTI_LIMIT:-400} python3 bench/bench_multi_lora.py --grid full \
       --shard "${MULTI_SHARD:-1/2}" --out "$OUT/logs" ;;
+    multi_tokens) step multi_tokens ${MULTI_LIMIT:-400} python3 bench/bench_multi_lora.py --grid full \
+      --tokens "${MULTI_TOKENS:-64}" --out "$OUT/logs" ;;
     multi_missing) step multi_missing ${MULTI_LIMIT:-400} python3 bench/bench_multi_lora.py --grid full \
       --missing bench/results/multi_lora_full.json --out "$OUT/logs" ;;
     compile_late) step compile_late 150 python3 bench/gpu_compile.py --out "$OUT/logs" \

@@ -548,7 +548,11 @@ def _config(t_bucket: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, is_cu
     # where an adapter's tokens re-read its A and B (from L2), the segment kernels stay ahead (128/32 1.80x vs
     # 1.90x, 256/32 1.68x vs 2.26x). A shrink chunk of 8K elements at r <= 16 (16K: 1.97x at 64/64), 16K above
     # (64/64 at r = 64: 2.97x vs 3.12x); an expand tile of 16K (8K: 1.84-1.87x, 32K: 2.17x at 64/64).
-    if t_bucket in (32, 64):
+    # The re-reads grow with rank x (K + N): at r = 64 and N = 14336 the rows kernels lost to the segment ones
+    # with 1-32 adapters (64/1 2.36x vs 1.99x, 64/8 2.36x vs 2.01x, 64/32 2.39x vs 2.25x) and won only at 64
+    # (2.49x vs 3.21x) (`multi_lora_full_T64.json` against the full grid's earlier run), so they are kept to
+    # pools with R_PAD x (K + N) <= 2**19 (r <= 64 at K = N = 4096, r <= 16 at N = 14336).
+    if t_bucket in (32, 64) and R_PAD * (K + N) <= 1 << 19:
         cfg.update(EXPAND="rows", R_S_ELEMS=8192 if R_PAD <= RANK_CHUNK else 16384, R_E_ELEMS=16384,
                    r_s_num_warps=4, r_e_num_warps=4)
     return cfg

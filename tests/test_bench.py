@@ -121,3 +121,16 @@ def test_multi_lora_bench_shard(tmp_path):
     merged = json.load(open(tmp_path / "multi_lora_cpu_tiny.json"))
     assert merged["missing"] == [] and merged["shards"] == ["missing", "2/2"]
     assert [(r["T"], r["adapters"]) for r in merged["rows"] if r["provider"] == "ours"] == [(1, 1), (16, 8), (33, 32)]
+    # --tokens: re-measure the shapes of some token counts; merged after the shards, its rows replace theirs
+    cmd = [sys.executable, script, "--grid", "tiny", "--tokens", "16", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    again = json.load(open(tmp_path / "multi_lora_cpu_tiny_T16.json"))
+    assert {(r["T"], r["adapters"]) for r in again["rows"]} == {(16, 8)}
+    files = [tmp_path / f"multi_lora_cpu_tiny_{s}.json" for s in ("missing", "2of2", "T16")]  # T16 last: it wins
+    proc = subprocess.run(merge[:3] + [str(f) for f in files] + merge[4:], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    merged = json.load(open(tmp_path / "multi_lora_cpu_tiny.json"))
+    assert merged["missing"] == [] and len(merged["rows"]) == len(payload["rows"]) + len(again["rows"])
+    assert [r for r in merged["rows"] if r["T"] == 16] == again["rows"]
