@@ -95,6 +95,14 @@ def _rows_dot(acc, x_rows, op_cols, k_start, k_end, row_mask, col_mask, stride_x
     return acc
 
 
+@triton.jit
+def _rank_chunk(adapter, pid_sr, ranks_ptr, NUM_RCHUNKS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(slice, first rank row, the adapter's true rank) of a shrink program's (slice, rank chunk) index pid_sr; the
+    rank is 0 for a base-only adapter (< 0), so `r0 >= rank` is every shrink program's exit test."""
+    rank = tl.where(adapter >= 0, tl.load(ranks_ptr + tl.maximum(adapter, 0)), 0)
+    return pid_sr // NUM_RCHUNKS, (pid_sr % NUM_RCHUNKS) * BLOCK_R, rank
+
+
 @triton.jit(do_not_specialize=["T", "MAX_SEGS"])
 def _shrink_kernel(
     x_ptr, a_ptr, ws_ptr, perm_ptr, seg_start_ptr, seg_adapter_ptr, ranks_ptr,
@@ -126,12 +134,8 @@ def _shrink_kernel(
     if seg >= MAX_SEGS:
         return
     adapter = tl.load(seg_adapter_ptr + seg)
-    if adapter < 0:
-        return
-    rank = tl.load(ranks_ptr + adapter)
-    slice_id = pid_sr // NUM_RCHUNKS
-    r0 = (pid_sr % NUM_RCHUNKS) * BLOCK_R
-    if r0 >= rank:
+    slice_id, r0, rank = _rank_chunk(adapter, pid_sr, ranks_ptr, NUM_RCHUNKS, BLOCK_R)
+    if r0 >= rank:  # past the adapter's true rank, or a base-only segment
         return
 
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -403,12 +407,8 @@ def _shrink_rows_kernel(
     pid_sr = tl.program_id(1)
     pid_k = tl.program_id(2)
     adapter = tl.load(ids_ptr + token)
-    if adapter < 0:
-        return
-    rank = tl.load(ranks_ptr + adapter)
-    slice_id = pid_sr // NUM_RCHUNKS
-    r0 = (pid_sr % NUM_RCHUNKS) * BLOCK_R
-    if r0 >= rank:
+    slice_id, r0, rank = _rank_chunk(adapter, pid_sr, ranks_ptr, NUM_RCHUNKS, BLOCK_R)
+    if r0 >= rank:  # past the adapter's true rank, or a base-only token
         return
     offs_r = r0 + tl.arange(0, BLOCK_R)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
