@@ -380,7 +380,6 @@ def _expand_kernel(
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-
 @triton.jit(do_not_specialize=["T"])
 def _shrink_rows_kernel(
     x_ptr, a_ptr, ws_ptr, ids_ptr, ranks_ptr,
