@@ -527,6 +527,11 @@ def _config(t_bucket: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, is_cu
         chunks = R_PAD // RANK_CHUNK
         if t_bucket <= 64:
             shrink, expand = (16, 2, 256 if not big else 128, 4), (16, 128, 8, 3)
+        elif t_bucket <= 128 and R_PAD <= RANK_CHUNK:
+            # one 256-column tile per expand program at N = 4096 (`results/exp_multi_rows_expand_n1.json`, three
+            # rounds): 128/8 1.63x -> 1.52x, 100/25 1.82x -> 1.72x, 128/64 2.23x -> 2.18x, 128/32 at N = 14336
+            # 1.69x -> 1.52x, 128/32 1.80x -> 1.81x; at r = 64 its [64, 256] B tile lost (2.50x -> 2.88x)
+            shrink, expand = (16, 8, 128, 3), (16, 256, 16, 2)
         elif t_bucket <= 256:
             shrink, expand = (16, 8, 128, 3), (16, 64, 16, 2)
         elif t_bucket <= 1024:
