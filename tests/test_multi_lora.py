@@ -210,6 +210,25 @@ def test_metadata_layout_and_update_in_place():
         meta.update_(torch.full((7,), 6, dtype=torch.int32))
 
 
+def test_pool_layout_and_strided_x(path):
+    """On every kernel path: the pool's own layout (B stored transposed, so lora_B's rank stride is not 1), mixed
+    ranks with an empty slot, and an x whose K stride is 2 (a view, not copied)."""
+    torch.manual_seed(3)
+    K, N, T = 40, 36, 21
+    pool = AdapterPool(max_adapters=4, max_rank=16, dtype=torch.float32)
+    layer = MultiLoRALinear(torch.nn.Linear(K, N), pool, key="p")
+    for name, r in (("a", 3), ("b", 16), ("c", 9)):
+        pool.load(name, {"p": (torch.randn(r, K), torch.randn(N, r))}, alpha=r)
+    A, B, sl = pool.layer_stacks("p")
+    assert B.stride(-1) != 1  # [S, N, R] view of the pool's [S, R, N] storage
+    ids = torch.tensor([i % 4 - 1 for i in range(T)], dtype=torch.int32)  # -1, a, b, c, -1, ...
+    x = torch.randn(T, 2 * K)[:, ::2]
+    assert x.stride(-1) == 2
+    ref = multi_lora_linear_reference(x, layer.weight, layer.bias, A, B, pool.scalings, ids, pool.ranks, sl)
+    with torch.no_grad():
+        assert_close(layer(x, pool.batch_metadata(ids)), ref, torch.float32, path)
+
+
 def test_pool_and_module_mixed_ranks_and_slices():
     torch.manual_seed(0)
     K, sizes, T = 32, (24, 8, 8), 15
