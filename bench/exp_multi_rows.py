@@ -27,7 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench import bench_multi_lora as bml  # noqa: E402
-from bench.common import bench_graph_us, capture_graph, format_table, graph_kernel_times, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    bench_graph_us, capture_graph, format_table, graph_kernel_times, rel_err, write_json,
+)
 from lora_fast.kernels import multi_lora as kml  # noqa: E402
 from lora_fast.multi_lora import _multi_lora_torch, make_batch_metadata, multi_lora_linear  # noqa: E402
 
@@ -72,10 +74,6 @@ def parse_shape(text):
     return int(t), int(a), int(r or 16), int(n or 4096)
 
 
-def rel(y, ref) -> float:
-    return float((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
-
-
 def check(prob, name) -> dict:
     """Relative error with NaN-filled workspace and output, and a graph replay after a new adapter mix."""
     W, b, A, B = prob.sets[0]
@@ -87,7 +85,7 @@ def check(prob, name) -> dict:
         kml.DEBUG_FILL_WORKSPACE = False
     ref = _multi_lora_torch(prob.x.double(), W.double(), b.double(), A[:, None].double(), B.double(),
                             prob.scalings.double(), prob.ranks, prob.ids, (prob.N,))
-    err = rel(y, ref)
+    err = rel_err(y, ref)
     nan = bool(torch.isnan(y).any().item())
     # graph replay with a new mix: capture on one metadata object, refill it in place, replay
     meta = make_batch_metadata(prob.ids.clone(), prob.S)
