@@ -60,6 +60,14 @@ CONFIGS = {
                       E_CHUNKS=16),
     "seg_k2s2_n1": dict(BASE="addmm", EXPAND="segment", SPLIT_K=8, S_BLOCK_K=256, s_num_stages=2, E_BLOCK_N=256,
                         E_CHUNKS=16),
+    # 2026-12-01 (twelfth session): the expand kernels' 16-byte accesses (slice-table divisibility, rank masks
+    # rounded to 8) switched off, i.e. the kernels' loads and stores as before, for an A/B in one run
+    "novec": dict(VEC_HINTS=False),
+    "rows_all": dict(ROWS),  # the rows kernels at any T (the default keeps them to 32-64 tokens)
+    "rows_all_e32k": dict(ROWS, R_E_ELEMS=32768),
+    "rows_e32k_w8": dict(ROWS, R_E_ELEMS=32768, r_e_num_warps=8),
+    "seg_e256": dict(BASE="addmm", EXPAND="segment", E_BLOCK_N=256),
+    "seg_m64": dict(BASE="addmm", EXPAND="segment", E_BLOCK_M=64),
 }
 SHAPES = "1x1,16x16,32x32,64x64,128x32,256x32,64x64x64,256x32x64,64x64n14336"
 FAILURES: list[str] = []

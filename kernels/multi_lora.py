@@ -68,13 +68,25 @@ def _segment_tile(pid_tile, seg_start_ptr, MAX_SEGS, SEGS_P2: tl.constexpr, BLOC
 
 
 @triton.jit
-def _tile_columns(pid_n, slices_ptr, NUM_SLICES: tl.constexpr, BLOCK_N: tl.constexpr):
+def _slice_span(slices_ptr, slice_id, COL_ALIGN: tl.constexpr):
+    """(column offset, width) of one slice in the slice table, with the divisibility the host found for every
+    slice (`_col_align`): values loaded from memory carry none, and without it each thread reads and writes y, B
+    and the bias one element at a time (2-byte accesses); with it, 16-byte vectors."""
+    n_off = tl.load(slices_ptr + 3 * slice_id)
+    n_size = tl.load(slices_ptr + 3 * slice_id + 1)
+    if COL_ALIGN > 1:
+        n_off = tl.multiple_of(n_off, COL_ALIGN)
+        n_size = tl.multiple_of(n_size, COL_ALIGN)
+    return n_off, n_size
+
+
+@triton.jit
+def _tile_columns(pid_n, slices_ptr, NUM_SLICES: tl.constexpr, BLOCK_N: tl.constexpr, COL_ALIGN: tl.constexpr):
     """(slice, global columns int64 [BLOCK_N], column mask) of output column tile `pid_n` in the slice table."""
     slice_id = pid_n * 0
     for i in tl.static_range(1, NUM_SLICES):
         slice_id = tl.where(pid_n >= tl.load(slices_ptr + 3 * i + 2), i, slice_id)
-    n_off = tl.load(slices_ptr + 3 * slice_id)
-    n_size = tl.load(slices_ptr + 3 * slice_id + 1)
+    n_off, n_size = _slice_span(slices_ptr, slice_id, COL_ALIGN)
     local_n = (pid_n - tl.load(slices_ptr + 3 * slice_id + 2)) * BLOCK_N + tl.arange(0, BLOCK_N)
     return slice_id, (n_off + local_n).to(tl.int64), local_n < n_size
 
@@ -93,6 +105,19 @@ def _rows_dot(acc, x_rows, op_cols, k_start, k_end, row_mask, col_mask, stride_x
         o = tl.load(op_cols + ks[:, None] * stride_ok, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc = dot(x, o, acc, PRECISION)
     return acc
+
+
+@triton.jit
+def _rank_bound(rank, R_ALIGNED: tl.constexpr):
+    """How far to load an adapter's rank rows (of B, or of the xa workspace) when it has `rank` of them: the
+    exact mask `r < rank` varies element by element, so a load under it is split into single elements; rounding
+    the rank up to a multiple of 8 keeps 16-byte vectors along the rank. R_ALIGNED: the pool's rank R and the
+    workspace width are multiples of 8, so those rows exist. The caller zeroes the rows past the true rank with
+    the exact mask (they may hold anything, and 0 * inf is nan). rank: a scalar or a tensor."""
+    if R_ALIGNED:
+        return tl.multiple_of((rank + 7) // 8 * 8, 8)
+    else:
+        return rank
 
 
 @triton.jit
@@ -170,6 +195,7 @@ def _fused_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     GATHER: tl.constexpr, GATHER_R: tl.constexpr, BASE_MODE: tl.constexpr, GDC_WAIT: tl.constexpr,
+    COL_ALIGN: tl.constexpr, R_ALIGNED: tl.constexpr,
 ):
     """Y[perm[p], n] = X[perm[p]] · W[n] + b[n] + s[a] · round(sum_split xa_part[., slice(n), p]) · B[a, n] (a = adapter of p).
 
@@ -186,13 +212,13 @@ def _fused_kernel(
     it suits tiles that meet few segments). BASE_MODE: 0 computes X·Wᵀ + b here; 1: y already holds X·Wᵀ + b
     (cuBLAS), add the LoRA term to it.
     GDC_WAIT: launched with PDL right after `_shrink_kernel`: the base GEMM runs while the shrink does, and the
-    epilogue waits for ws.
+    epilogue waits for ws. COL_ALIGN, R_ALIGNED: as in `_expand_rows_kernel`.
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(T, BLOCK_M)
     pid_m, pid_n = grouped_tile(pid, num_pid_m, NUM_N_TILES, GROUP_M)
 
-    slice_id, cols, col_mask = _tile_columns(pid_n, slices_ptr, NUM_SLICES, BLOCK_N)
+    slice_id, cols, col_mask = _tile_columns(pid_n, slices_ptr, NUM_SLICES, BLOCK_N, COL_ALIGN)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < T
@@ -226,17 +252,21 @@ def _fused_kernel(
         # (B's first step loaded before the K loop instead measured no faster, and slowed the GEMM alone.)
         offs_g = tl.arange(0, GATHER_R)
         b_rows = b_ptr + safe.to(tl.int64)[:, None, None] * stride_bs + cols[None, None, :] * stride_bn
+        rank_load = _rank_bound(rank, R_ALIGNED)
         for r0 in range(0, tl.max(rank, 0), GATHER_R):
             rs = r0 + offs_g
             r_mask = rs[None, :] < rank[:, None]
+            r_load = rs[None, :] < rank_load[:, None]
             b = tl.load(b_rows + rs.to(tl.int64)[None, :, None] * stride_br,
-                        mask=r_mask[:, :, None] & col_mask[None, None, :], other=0.0)
+                        mask=r_load[:, :, None] & col_mask[None, None, :], other=0.0)
             gdc_wait_if(GDC_WAIT)
             xa = tl.zeros((BLOCK_M, GATHER_R), dtype=ACC)
             for split in tl.static_range(SPLIT_K):
-                xa += tl.load(ws_rows + split * stride_wsk + rs[None, :], mask=r_mask, other=0.0)
-            xa = (xa * scale[:, None]).to(x_ptr.dtype.element_ty).to(ACC)
-            acc += tl.sum(xa[:, :, None] * b.to(ACC), 1)
+                xa += tl.load(ws_rows + split * stride_wsk + rs[None, :], mask=r_load, other=0.0)
+            # rows past the true rank zeroed in both factors (they may hold anything)
+            xa = tl.where(r_mask, (xa * scale[:, None]).to(x_ptr.dtype.element_ty).to(ACC), 0.0)
+            b = tl.where(r_mask[:, :, None], b.to(ACC), 0.0)
+            acc += tl.sum(xa[:, :, None] * b, 1)
     else:
         gdc_wait_if(GDC_WAIT)
         acc = _segment_epilogue(acc, ws_rows, b_ptr, x_ptr, rows, row_mask, cols, col_mask, pid_m, T,
@@ -291,7 +321,8 @@ def _expand_kernel(
     SHRINK: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, SEGS_P2: tl.constexpr,
     CHUNKS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr, GDC_WAIT: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, GDC_WAIT: tl.constexpr, COL_ALIGN: tl.constexpr,
+    R_ALIGNED: tl.constexpr,
 ):
     """Y[perm[p], n] (+)= s[a] · round(xa[p, :rank]) · B[a, n, :rank] over one segment tile (one adapter a).
 
@@ -312,6 +343,7 @@ def _expand_kernel(
     BLOCK_R: the padded rank (a power of two >= 16); BLOCK_K: K step of the SHRINK loop.
     GDC_WAIT (not with SHRINK): launched with PDL right after `_shrink_kernel`; the metadata and the first N tile's
     B (neither is the shrink's output) load while the shrink runs, ws only after the wait.
+    COL_ALIGN, R_ALIGNED: as in `_expand_rows_kernel` (16-byte accesses to y, B and the workspace).
     """
     pid_tile = tl.program_id(0)
     pid_sc = tl.program_id(1)
@@ -332,16 +364,16 @@ def _expand_kernel(
     scale = tl.load(scalings_ptr + safe).to(ACC)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
+    r_load = offs_r < _rank_bound(rank, R_ALIGNED)
 
-    n_off = tl.load(slices_ptr + 3 * slice_id)
-    n_size = tl.load(slices_ptr + 3 * slice_id + 1)
+    n_off, n_size = _slice_span(slices_ptr, slice_id, COL_ALIGN)
     b_rows = b_ptr + safe.to(tl.int64) * stride_bs + offs_r.to(tl.int64)[:, None] * stride_br
     y_rows = y_ptr + tokens[:, None] * stride_yt
     offs_n = tl.arange(0, BLOCK_N)
     first = chunk * BLOCK_N
     if GDC_WAIT:
         b_first = tl.load(b_rows + (n_off + first + offs_n).to(tl.int64)[None, :] * stride_bn,
-                          mask=r_mask[:, None] & (first + offs_n < n_size)[None, :], other=0.0)
+                          mask=r_load[:, None] & (first + offs_n < n_size)[None, :], other=0.0)
     gdc_wait_if(GDC_WAIT)
 
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
@@ -355,8 +387,10 @@ def _expand_kernel(
         ws_rows = ws_ptr + slice_id.to(tl.int64) * stride_wsi + rows.to(tl.int64)[:, None] * stride_wst \
             + offs_r[None, :]
         for split in tl.static_range(SPLIT_K):
-            xa += tl.load(ws_rows + split * stride_wsk, mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-    xa = (xa * scale).to(b_ptr.dtype.element_ty)  # scaled in fp32, rounded to the operands' dtype (as PEFT)
+            xa += tl.load(ws_rows + split * stride_wsk, mask=row_mask[:, None] & r_load[None, :], other=0.0)
+    # scaled in fp32, rounded to the operands' dtype (as PEFT); columns past the true rank zeroed (B's rows there
+    # are zeroed below: either may hold anything)
+    xa = tl.where(r_mask[None, :], xa * scale, 0.0).to(b_ptr.dtype.element_ty)
 
     for n0 in range(first, n_size, CHUNKS * BLOCK_N):
         local = n0 + offs_n
@@ -366,12 +400,13 @@ def _expand_kernel(
         y = y_rows + cols[None, :] * stride_yn
         if ACCUMULATE:
             y_old = tl.load(y, mask=out_mask, other=0.0)
-        b_mask = r_mask[:, None] & col_mask[None, :]
+        b_mask = r_load[:, None] & col_mask[None, :]
         if GDC_WAIT:  # the first tile's B is already in registers: its load here is masked off (no traffic)
             b = tl.load(b_rows + cols[None, :] * stride_bn, mask=b_mask & (n0 != first), other=0.0)
             b = tl.where(n0 == first, b_first, b)
         else:
             b = tl.load(b_rows + cols[None, :] * stride_bn, mask=b_mask, other=0.0)
+        b = tl.where(r_mask[:, None], b, 0.0)
         acc = dot(xa, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), PRECISION)
         if ACCUMULATE:
             acc += y_old.to(ACC)
@@ -431,6 +466,7 @@ def _expand_rows_kernel(
     stride_yt, stride_yn,
     HAS_BIAS: tl.constexpr, NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr, GDC_WAIT: tl.constexpr,
+    COL_ALIGN: tl.constexpr, R_ALIGNED: tl.constexpr,
 ):
     """Y[t, n] = b[n] + s[a] · round(sum_split xa_part[., slice(n), t, :rank]) · B[a, n, :rank] (a = ids[t]) for one
     token t and BLOCK_N columns per program, on the FMA units: the decode expand ("rows"). Every row is written
@@ -440,28 +476,33 @@ def _expand_rows_kernel(
     in flight while the shrink runs; after the wait only the token's SPLIT_K partials of xa are read.
     Pointers and strides as in `_expand_kernel`, the workspace written by `_shrink_rows_kernel` (rows are tokens);
     ids int32 [T]. Grid: (T, column tiles of all slices) with the slice table of `_fused_kernel`.
-    BLOCK_R: the padded rank (a power of two >= RANK_CHUNK).
+    BLOCK_R: the padded rank (a power of two >= RANK_CHUNK). COL_ALIGN: a power of two dividing every slice's
+    offset and width (`_col_align`); R_ALIGNED: B's rank R is a multiple of 8 (`_rank_bound`).
     """
     token = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
-    slice_id, cols, col_mask = _tile_columns(pid_n, slices_ptr, NUM_SLICES, BLOCK_N)
+    slice_id, cols, col_mask = _tile_columns(pid_n, slices_ptr, NUM_SLICES, BLOCK_N, COL_ALIGN)
     adapter = tl.load(ids_ptr + token)
     safe = tl.maximum(adapter, 0)
     rank = tl.where(adapter >= 0, tl.load(ranks_ptr + safe), 0)
     scale = tl.load(scalings_ptr + safe).to(ACC)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
+    r_load = offs_r < _rank_bound(rank, R_ALIGNED)
     b = tl.load(b_ptr + safe.to(tl.int64) * stride_bs + offs_r.to(tl.int64)[:, None] * stride_br
-                + cols[None, :] * stride_bn, mask=r_mask[:, None] & col_mask[None, :], other=0.0)
+                + cols[None, :] * stride_bn, mask=r_load[:, None] & col_mask[None, :], other=0.0)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     gdc_wait_if(GDC_WAIT)
     ws = ws_ptr + slice_id.to(tl.int64) * stride_wsi + token * stride_wst + offs_r
     xa = tl.zeros((BLOCK_R,), dtype=ACC)
     for split in tl.static_range(SPLIT_K):
-        xa += tl.load(ws + split * stride_wsk, mask=r_mask, other=0.0)
-    xa = (xa * scale).to(b_ptr.dtype.element_ty).to(ACC)  # scaled in fp32, rounded to the operands' dtype
-    out = tl.sum(xa[:, None] * b.to(ACC), 0)
+        xa += tl.load(ws + split * stride_wsk, mask=r_load, other=0.0)
+    # scaled in fp32, rounded to the operands' dtype; rows past the true rank zeroed (in xa and in B: they may
+    # hold anything, and 0 * inf is nan)
+    xa = tl.where(r_mask, (xa * scale).to(b_ptr.dtype.element_ty).to(ACC), 0.0)
+    b = tl.where(r_mask[:, None], b.to(ACC), 0.0)
+    out = tl.sum(xa[:, None] * b, 0)
     if HAS_BIAS:
         out += bias
     tl.store(y_ptr + token * stride_yt + cols * stride_yn, out.to(y_ptr.dtype.element_ty), mask=col_mask)
@@ -791,7 +832,8 @@ def _expand_rows_launch(x2d, lora_B, bias, ws, target, slice_sizes, cfg, pdl=Fal
         ws.stride(0), ws.stride(1), ws.stride(2),
         target.stride(0), target.stride(1),
         HAS_BIAS=bias is not None, NUM_SLICES=len(slice_sizes), SPLIT_K=ws.shape[0], BLOCK_R=block_r,
-        BLOCK_N=block_n, ACC=acc_dtype(x2d.dtype), GDC_WAIT=pdl,
+        BLOCK_N=block_n, ACC=acc_dtype(x2d.dtype), GDC_WAIT=pdl, COL_ALIGN=_col_align(slice_sizes, cfg),
+        R_ALIGNED=_r_aligned(lora_B, cfg),
         num_warps=cfg.get("r_e_num_warps", 4), num_stages=1, **({"launch_pdl": True} if pdl else {}),
     )
 
@@ -815,7 +857,7 @@ def _fused_launch(x2d, weight, bias, lora_B, ws, target, slice_sizes, cfg, preci
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=RANK_CHUNK,
         GROUP_M=cfg["GROUP_M"], PRECISION=precision, ACC=acc_dtype(x2d.dtype),
         GATHER=bool(cfg["GATHER"]), GATHER_R=_gather_r(cfg["BLOCK_M"], cfg["BLOCK_N"]),
-        BASE_MODE=base_mode, GDC_WAIT=pdl,
+        BASE_MODE=base_mode, GDC_WAIT=pdl, COL_ALIGN=_col_align(slice_sizes, cfg), R_ALIGNED=_r_aligned(lora_B, cfg),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **({"launch_pdl": True} if pdl else {}),
     )
 def _expand_launch(x2d, lora_A, lora_B, bias, ws, target, slice_sizes, cfg, precision, accumulate, pdl=False):
@@ -843,7 +885,8 @@ def _expand_launch(x2d, lora_A, lora_B, bias, ws, target, slice_sizes, cfg, prec
         SHRINK=shrink, ACCUMULATE=accumulate, HAS_BIAS=bias is not None and not accumulate,
         SEGS_P2=next_pow2(max_segs), CHUNKS=chunks, SPLIT_K=1 if shrink else ws.shape[0],
         BLOCK_M=block_m, BLOCK_N=cfg[f"{key}_BLOCK_N"], BLOCK_K=cfg.get("D_BLOCK_K", 64), BLOCK_R=block_r,
-        PRECISION=precision, ACC=acc_dtype(x2d.dtype), GDC_WAIT=pdl,
+        PRECISION=precision, ACC=acc_dtype(x2d.dtype), GDC_WAIT=pdl, COL_ALIGN=_col_align(slice_sizes, cfg),
+        R_ALIGNED=_r_aligned(lora_B, cfg),
         num_warps=cfg[f"{key.lower()}_num_warps"], num_stages=cfg[f"{key.lower()}_num_stages"],
         **({"launch_pdl": True} if pdl else {}),
     )
@@ -898,6 +941,22 @@ def _launch_fused(x2d, weight, bias, lora_B, ws, target, perm, seg_of, seg_start
 def _gather_r(block_m: int, block_n: int) -> int:
     """Rank rows per step of the gather epilogue: its [BLOCK_M, GATHER_R, BLOCK_N] B tile stays near 8K elements."""
     return max(1, min(16, 8192 // (block_m * block_n)))
+
+
+def _col_align(slice_sizes: tuple, cfg: dict) -> int:
+    """The largest power of two up to 16 that divides every slice's width (and so every slice's column offset):
+    the divisibility the kernels assert for the values they read from the slice table (`_slice_span`).
+    1 when the config sets VEC_HINTS False (the kernels as they were before these hints, for A/B timing)."""
+    align = 16 if cfg.get("VEC_HINTS", True) else 1
+    while any(size % align for size in slice_sizes):
+        align //= 2
+    return align
+
+
+def _r_aligned(lora_B, cfg: dict) -> bool:
+    """R_ALIGNED of the expand kernels (`_rank_bound`): B's rank R a multiple of 8 (the workspace's width, a
+    multiple of RANK_CHUNK, always is), unless the config sets VEC_HINTS False."""
+    return lora_B.shape[2] % 8 == 0 and cfg.get("VEC_HINTS", True)
 
 
 _SLICE_TABLES: dict = {}
