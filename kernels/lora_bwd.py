@@ -650,7 +650,7 @@ def _sum_block(P, OUT, NUM, SPLITS, block, BLOCK: tl.constexpr, SPLIT_CHUNK: tl.
     tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["NUM_A", "NUM_B", "SPLITS_A", "SPLITS_B"])
+@triton.jit(do_not_specialize=["SPLITS_A", "SPLITS_B"])
 def _sum_splits_kernel(PA, PB, OUT_A, OUT_B, NUM_A, NUM_B, SPLITS_A, SPLITS_B, BLOCK: tl.constexpr,
                        SPLIT_CHUNK: tl.constexpr):
     """The final dA and dB from `_lora_grad_ab_kernel`'s partial sums, in one launch.
@@ -658,7 +658,8 @@ def _sum_splits_kernel(PA, PB, OUT_A, OUT_B, NUM_A, NUM_B, SPLITS_A, SPLITS_B, B
     PA: [SPLITS_A, NUM_A] and PB: [SPLITS_B, NUM_B] (contiguous, NUM = P * Q of each output; fp32, fp64 for fp64),
     OUT_A: [NUM_A], OUT_B: [NUM_B] in their own dtypes. Programs 0 .. cdiv(NUM_A, BLOCK) - 1 sum A's elements, the
     rest B's (NUM_A or NUM_B is 0 when that output needs no sum). Summed in the partials' dtype in a fixed order
-    (_sum_block), rounded once.
+    (_sum_block), rounded once. NUM_A and NUM_B are specialised (Triton's divisibility by 16 keeps the partials'
+    loads 16 bytes wide; unspecialised, every thread loaded single elements); the split counts are not.
     """
     pid = tl.program_id(0)
     blocks_a = tl.cdiv(NUM_A, BLOCK)

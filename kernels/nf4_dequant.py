@@ -292,7 +292,7 @@ def nf4_tile(QW, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, CODE, offs_n, k0, N, K
     offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
     mask_n = offs_n < N
     byte = tl.load(QW + offs_n[:, None] * stride_qn + offs_b[None, :],
-                   mask=mask_n[:, None] & (offs_b[None, :] < K // 2), other=0)
+                   mask=mask_n[:, None] & (offs_b[None, :] < tl.multiple_of(K // 2, 32)), other=0)
     even, odd = nf4_pairs(byte, CODE, nf4_prmt_words(CODE, tl.float32, byte, DECODE), tl.float32, DECODE)
     # join(...)[n, j, 0] is the high nibble: flattening puts element 2j before 2j + 1, as packed.
     vals = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))

@@ -101,7 +101,7 @@ def _nf4_gemv_kernel(
         tl.store(xa_part + offs_m[:, None] * BLOCK_R + offs_r[None, :], xa, mask=mask_m[:, None])
     else:
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC)
-        q_ptrs = QW + offs_n[:, None] * stride_qn + (k_start // 2 + offs_h)[None, :]
+        q_ptrs = QW + offs_n[:, None] * stride_qn + (tl.multiple_of(k_start // 2, 32) + offs_h)[None, :]
         # loaded once: the decode keeps them in registers
         words = nf4_prmt_words(CODE, X.dtype.element_ty, tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.uint8),
                                DECODE)
@@ -109,10 +109,13 @@ def _nf4_gemv_kernel(
             byte = tl.load(q_ptrs, mask=mask_n[:, None], other=0)
             q_ptrs += BLOCK_K // 2
             even, odd = nf4_pairs(byte, CODE, words, X.dtype.element_ty, DECODE)
-            x_even_t = X + offs_m[None, :] * stride_xm + (k0 + 2 * offs_h)[:, None] * stride_xk  # [32, BLOCK_M]
-            part = dot(even, tl.load(x_even_t, mask=mask_m[None, :], other=0.0),
-                       tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC), PRECISION)
-            part = dot(odd, tl.load(x_even_t + stride_xk, mask=mask_m[None, :], other=0.0), part, PRECISION)
+            # x's [BLOCK_K, BLOCK_M] tile in one load, contiguous along K, then split into its even and odd columns
+            # (two loads of every other column were 2-byte loads)
+            x_t = tl.load(X + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None] * stride_xk,
+                          mask=mask_m[None, :], other=0.0)
+            x_even_t, x_odd_t = tl.split(tl.permute(tl.reshape(x_t, (BLOCK_K // 2, 2, BLOCK_M)), (0, 2, 1)))
+            part = dot(even, x_even_t, tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC), PRECISION)
+            part = dot(odd, x_odd_t, part, PRECISION)
             scale = nf4_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, offs_n * (K // 64) + k0 // 64, mask_n,
                                DOUBLE_QUANT, ABS_GROUP)
             acc_t += part * scale[:, None]
@@ -267,7 +270,9 @@ def _nf4_gemv_row_kernel(
     offs_g = tl.arange(0, G)
     mask_n = offs_n < N
     h_start = pid_s.to(tl.int64) * BYTES_PER_SPLIT
-    h_end = tl.minimum(h_start + BYTES_PER_SPLIT, K // 2)  # K is a multiple of 64: whole blocks only
+    # K is a multiple of 64 (whole blocks only); saying so keeps the byte loads 16 bytes wide (the mask below
+    # compares with h_end)
+    h_end = tl.minimum(h_start + BYTES_PER_SPLIT, tl.multiple_of(K // 2, 32))
     words = nf4_prmt_words(CODE, X.dtype.element_ty, tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.uint8), DECODE)
     acc = tl.zeros((BLOCK_N,), dtype=ACC)
     for h0 in range(h_start, h_end, BLOCK_K // 2):
