@@ -68,6 +68,24 @@ CONFIGS = {
     "rows_e32k_w8": dict(ROWS, R_E_ELEMS=32768, r_e_num_warps=8),
     "seg_e256": dict(BASE="addmm", EXPAND="segment", E_BLOCK_N=256),
     "seg_m64": dict(BASE="addmm", EXPAND="segment", E_BLOCK_M=64),
+    # prefill expand tiles with the 16-byte stores (the sweep before them: 32 x 128, 4 chunks at 4096 tokens)
+    "seg_m64_n128": dict(BASE="addmm", EXPAND="segment", E_BLOCK_M=64, E_BLOCK_N=128),
+    "seg_m64_n256_c8": dict(BASE="addmm", EXPAND="segment", E_BLOCK_M=64, E_BLOCK_N=256, E_CHUNKS=8),
+    "seg_m32_n256_c8": dict(BASE="addmm", EXPAND="segment", E_BLOCK_M=32, E_BLOCK_N=256, E_CHUNKS=8),
+    "seg_m128_n128_c8": dict(BASE="addmm", EXPAND="segment", E_BLOCK_M=128, E_BLOCK_N=128, E_CHUNKS=8,
+                             e_num_warps=8),
+    "seg_m64_n128_c16": dict(BASE="addmm", EXPAND="segment", E_BLOCK_M=64, E_BLOCK_N=128, E_CHUNKS=16),
+    "seg_m32_n128_c16": dict(BASE="addmm", EXPAND="segment", E_BLOCK_M=32, E_BLOCK_N=128, E_CHUNKS=16),
+    # our W-streaming GEMM with the per-row gather epilogue (the <= 16-token path) at 32-64 tokens, now that its
+    # epilogue's loads are 16 bytes wide (16/16 1.25x -> 1.07x)
+    "fused16": dict(BASE="triton", EXPAND="fused", GATHER=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1,
+                    num_warps=4, num_stages=4),
+    "fused32": dict(BASE="triton", EXPAND="fused", GATHER=True, BLOCK_M=32, BLOCK_N=32, BLOCK_K=256, GROUP_M=1,
+                    num_warps=4, num_stages=4),
+    "fused64": dict(BASE="triton", EXPAND="fused", GATHER=True, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, GROUP_M=1,
+                    num_warps=4, num_stages=4),
+    "fused64w8": dict(BASE="triton", EXPAND="fused", GATHER=True, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, GROUP_M=1,
+                      num_warps=8, num_stages=4),
 }
 SHAPES = "1x1,16x16,32x32,64x64,128x32,256x32,64x64x64,256x32x64,64x64n14336"
 FAILURES: list[str] = []

@@ -574,9 +574,11 @@ def _config(t_bucket: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, is_cu
             # 1.69x -> 1.52x, 128/32 1.80x -> 1.81x; at r = 64 its [64, 256] B tile lost (2.50x -> 2.88x)
             shrink, expand = (16, 8, 128, 3), (16, 256, 16, 2)
         elif t_bucket <= 256:
-            shrink, expand = (16, 8, 128, 3), (16, 64, 16, 2)
+            # 32 x 128 expand tiles at r <= 16 once its stores were 16 bytes wide (`exp_multi_rows_prefill_tiles.json`,
+            # expand alone 9.09 -> 8.34 µs at 256/32, 11.5 -> 10.75 at 1024/32; graph 1.68x -> 1.64x, 1.34x -> 1.32x)
+            shrink, expand = (16, 8, 128, 3), (32, 128, 16, 2) if R_PAD <= RANK_CHUNK else (16, 64, 16, 2)
         elif t_bucket <= 1024:
-            shrink, expand = (64, 8, 128, 3), (32, 64, 16, 3)
+            shrink, expand = (64, 8, 128, 3), (32, 128, 16, 3) if R_PAD <= RANK_CHUNK else (32, 64, 16, 3)
         else:
             shrink, expand = (64, 4, 128, 3), (32, 128, 4, 2)
         # The expand is a PDL consumer of the shrink up to 1024 tokens (graphs, two runs: 32/32 2.44-2.49x ->
