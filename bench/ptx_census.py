@@ -74,16 +74,12 @@ torch.Tensor.addmm_ = lambda self, *args, **kwargs: self  # likewise the "addmm"
 nf4_gemv.lanes_unsupported = lambda x, w4: None
 
 
+_TMA_ENABLED = helpers.tma_enabled
+
+
 def _tma_enabled(mode, *tensors):
-    """helpers.tma_enabled without its is_cuda test (capability 9 assumed)."""
-    if mode is False or helpers.TensorDescriptor is None:
-        return False
-    for t in tensors:
-        if t.dim() != 2 or t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
-            return False
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            return False
-    return True
+    """helpers.tma_enabled as on a Hopper GPU: "auto" takes descriptors wherever the tensors allow them."""
+    return _TMA_ENABLED(True if mode == "auto" else mode, *tensors)
 
 
 for mod in (helpers, lora_fwd, lora_bwd):
