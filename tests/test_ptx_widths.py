@@ -132,3 +132,26 @@ def test_sum_splits_loads_partials_16_bytes_at_a_time(ptx):
     """dA / dB's split sum reads its fp32 partials as 16-byte vectors (NUM_A / NUM_B specialised)."""
     counts = ptx["sum_splits"]
     assert counts.get("ld.global.b32", 0) == 0 and counts.get("ld.global.v4.b32", 0) >= 8, counts
+
+
+def test_launchers_claim_only_the_alignment_the_slices_have():
+    """COL_ALIGN is what the kernels assert about every slice's column offset and width (a wrong claim would make
+    the GPU read and write misaligned vectors): the largest power of two up to 16 dividing every width; R_ALIGNED
+    needs B's rank to be a multiple of 8. VEC_HINTS False turns both off."""
+    import torch
+
+    from lora_fast.kernels.multi_lora import _col_align, _r_aligned
+
+    assert _col_align((4096,), {}) == 16
+    assert _col_align((4096, 1024, 1024), {}) == 16
+    assert _col_align((40, 16, 24), {}) == 8   # offsets 0, 40, 56
+    assert _col_align((4096, 4100), {}) == 4
+    assert _col_align((17,), {}) == 1
+    assert _col_align((4096,), {"VEC_HINTS": False}) == 1
+    for width in (1, 3, 6, 40, 100, 4100):
+        align = _col_align((width, 64), {})
+        assert width % align == 0 and (width + 64) % align == 0 and (align == 16 or width % (2 * align))
+    B = torch.empty(2, 8, 16).transpose(1, 2)  # [S, N=16, R=8]
+    assert _r_aligned(torch.empty(2, 8, 16), {}) and _r_aligned(torch.empty(2, 8, 64), {})
+    assert not _r_aligned(torch.empty(2, 8, 12), {}) and not _r_aligned(torch.empty(2, 8, 3), {})
+    assert _r_aligned(B, {}) and not _r_aligned(torch.empty(2, 8, 16), {"VEC_HINTS": False})
