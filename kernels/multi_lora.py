@@ -862,6 +862,8 @@ def _fused_launch(x2d, weight, bias, lora_B, ws, target, slice_sizes, cfg, preci
         BASE_MODE=base_mode, GDC_WAIT=pdl, COL_ALIGN=_col_align(slice_sizes, cfg), R_ALIGNED=_r_aligned(lora_B, cfg),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **({"launch_pdl": True} if pdl else {}),
     )
+
+
 def _expand_launch(x2d, lora_A, lora_B, bias, ws, target, slice_sizes, cfg, precision, accumulate, pdl=False):
     """The `_expand_kernel` Launch: target (+)= the LoRA term over (segment tile, slice, N chunk) programs; called
     with the `_EXPAND_SLOTS` tensors (bias and ws: any tensor when None). bias: written with the term when not
