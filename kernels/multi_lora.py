@@ -121,6 +121,18 @@ def _rank_bound(rank, R_ALIGNED: tl.constexpr):
 
 
 @triton.jit
+def _adapter_rows(adapter, ranks_ptr, scalings_ptr, BLOCK_R: tl.constexpr, R_ALIGNED: tl.constexpr,
+                  ACC: tl.constexpr):
+    """An expand's view of one adapter slot (-1: base only): (slot clamped to >= 0 for addressing, true rank (0 when
+    base only), scaling, rank rows [BLOCK_R], the exact mask `r < rank`, the load mask of `_rank_bound`)."""
+    safe = tl.maximum(adapter, 0)
+    rank = tl.where(adapter >= 0, tl.load(ranks_ptr + safe), 0)
+    scale = tl.load(scalings_ptr + safe).to(ACC)
+    offs_r = tl.arange(0, BLOCK_R)
+    return safe, rank, scale, offs_r, offs_r < rank, offs_r < _rank_bound(rank, R_ALIGNED)
+
+
+@triton.jit
 def _rank_chunk(adapter, pid_sr, ranks_ptr, NUM_RCHUNKS: tl.constexpr, BLOCK_R: tl.constexpr):
     """(slice, first rank row, the adapter's true rank) of a shrink program's (slice, rank chunk) index pid_sr; the
     rank is 0 for a base-only adapter (< 0), so `r0 >= rank` is every shrink program's exit test."""
@@ -359,12 +371,8 @@ def _expand_kernel(
             return
     slice_id = pid_sc // CHUNKS
     chunk = pid_sc % CHUNKS
-    safe = tl.maximum(adapter, 0)
-    rank = tl.where(adapter >= 0, tl.load(ranks_ptr + safe), 0)
-    scale = tl.load(scalings_ptr + safe).to(ACC)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < rank
-    r_load = offs_r < _rank_bound(rank, R_ALIGNED)
+    safe, rank, scale, offs_r, r_mask, r_load = _adapter_rows(adapter, ranks_ptr, scalings_ptr, BLOCK_R, R_ALIGNED,
+                                                              ACC)
 
     n_off, n_size = _slice_span(slices_ptr, slice_id, COL_ALIGN)
     b_rows = b_ptr + safe.to(tl.int64) * stride_bs + offs_r.to(tl.int64)[:, None] * stride_br
@@ -483,12 +491,8 @@ def _expand_rows_kernel(
     pid_n = tl.program_id(1)
     slice_id, cols, col_mask = _tile_columns(pid_n, slices_ptr, NUM_SLICES, BLOCK_N, COL_ALIGN)
     adapter = tl.load(ids_ptr + token)
-    safe = tl.maximum(adapter, 0)
-    rank = tl.where(adapter >= 0, tl.load(ranks_ptr + safe), 0)
-    scale = tl.load(scalings_ptr + safe).to(ACC)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < rank
-    r_load = offs_r < _rank_bound(rank, R_ALIGNED)
+    safe, rank, scale, offs_r, r_mask, r_load = _adapter_rows(adapter, ranks_ptr, scalings_ptr, BLOCK_R, R_ALIGNED,
+                                                              ACC)
     b = tl.load(b_ptr + safe.to(tl.int64) * stride_bs + offs_r.to(tl.int64)[:, None] * stride_br
                 + cols[None, :] * stride_bn, mask=r_load[:, None] & col_mask[None, :], other=0.0)
     if HAS_BIAS:
