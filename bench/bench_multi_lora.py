@@ -27,11 +27,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import bench_graph_us, bench_us, format_table, have_gpu, write_json  # noqa: E402
+from bench.common import bench_us, format_table, have_gpu, interleaved_graph_ratios, write_json  # noqa: E402
 from lora_fast.multi_lora import make_batch_metadata, multi_lora_linear  # noqa: E402
 
 PROVIDERS = ("base", "ours", "gather_bmm", "peft_loop", "vllm_style")
 WEIGHT_SETS = 8  # rotated under CUDA graphs so that the weights do not sit in L2
+GRAPH_ROUNDS = 3  # interleaved rounds of the graph timings (common.interleaved_graph_ratios)
 GATHER_BYTES_LIMIT = 2 << 30  # gather_bmm materialises A[ids] and B[ids]: skip it beyond this
 
 
@@ -148,8 +149,6 @@ def bench_shape(shape: dict, dtype=torch.bfloat16, providers=PROVIDERS, graphs=N
         row = {**shape, "provider": name, "err": relative_error(fn(), ref)}
         if have_gpu():
             row["eager_us"] = bench_us(fn)[0]
-            if graphs:
-                row["graph_us"] = bench_graph_us([prob.provider(name, s) for s in range(WEIGHT_SETS)])
         else:
             import time
 
@@ -157,11 +156,20 @@ def bench_shape(shape: dict, dtype=torch.bfloat16, providers=PROVIDERS, graphs=N
             fn()
             row["eager_us"] = (time.perf_counter() - t0) * 1e6
         rows.append(row)
-    base = {k: rows[0].get(k) for k in ("eager_us", "graph_us")}
+    if graphs:
+        # every provider's graph timed in GRAPH_ROUNDS interleaved rounds; the ratio is the median of the rounds'
+        # ratios to the base in the same round (a 4096-token shape drifted 1.10-1.30x between single timings)
+        timed = [row for row in rows if "err" in row]
+        res = interleaved_graph_ratios({row["provider"]: [prob.provider(row["provider"], s)
+                                                          for s in range(WEIGHT_SETS)] for row in timed},
+                                       "base", rounds=GRAPH_ROUNDS)
+        for row in timed:
+            r = res[row["provider"]]
+            row.update(graph_us=r["us"], graph_ratio=r["ratio"], graph_ratio_range=r["ratio_range"])
+    base_eager = rows[0].get("eager_us")
     for row in rows:
-        for k in ("eager_us", "graph_us"):
-            if row.get(k) and base.get(k):
-                row[k.replace("_us", "_ratio")] = row[k] / base[k]
+        if row.get("eager_us") and base_eager:
+            row["eager_ratio"] = row["eager_us"] / base_eager
     return rows
 
 
@@ -295,7 +303,9 @@ def main(argv=None) -> list[dict]:
     with open(table, "w") as f:
         f.write(f"{name} ({grid_name} grid; {env.get('device')}, torch {env.get('torch')}, triton "
                 f"{env.get('triton')}, {env.get('date')}): µs per call, eager and under CUDA graphs over "
-                f"{WEIGHT_SETS} weight sets; graph_ratio = graph time / the base linear's graph time\n\n")
+                f"{WEIGHT_SETS} weight sets; graph_ratio = graph time / the base linear's graph time (since "
+                f"2026-12-01's twelfth session: the median over {GRAPH_ROUNDS} interleaved rounds of the ratio "
+                f"within a round; graph_us the median time; the JSON has each ratio's range)\n\n")
         f.write(format_table(rows, TABLE_COLUMNS) + "\n")
     png = plot(rows, os.path.splitext(path)[0] + ".png")
     print(f"wrote {path}, {table}" + (f" and {png}" if png else ""))

@@ -100,6 +100,33 @@ def paired_ratios(fns: dict[str, Callable[[], object]], base: str, rounds: int =
     return {n: sorted(v)[len(v) // 2] for n, v in ratios.items()}
 
 
+def interleaved_times(timers: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Per entry of `timers` (name -> a function that times something and returns its time), the times of `rounds`
+    rounds; each round calls every timer once, in an order reversed every other round, so that a slow drift of
+    the device's clock shifts every entry of a round alike."""
+    times: dict[str, list[float]] = {n: [] for n in timers}
+    names = list(timers)
+    for i in range(rounds):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            times[name].append(timers[name]())
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    """The median (the upper one of an even count, as the timing helpers here take it)."""
+    return sorted(values)[len(values) // 2]
+
+
+def round_ratios(times: dict[str, list[float]], base: str) -> dict[str, dict]:
+    """Per entry of `interleaved_times`' result: {"us": the median time, "ratio": the median over rounds of the
+    round's time / the base's in the same round, "ratio_range": [lowest, highest] of those per-round ratios}."""
+    out = {}
+    for name, ts in times.items():
+        ratios = [t / b for t, b in zip(ts, times[base])]
+        out[name] = {"us": median(ts), "ratio": median(ratios), "ratio_range": [min(ratios), max(ratios)]}
+    return out
+
+
 def interleaved_ratios(fns: dict[str, Callable[[], object]], base: str, rounds: int = 5) -> dict[str, float]:
     """Per entry of `fns`, the ratio of its median do_bench time to `fns[base]`'s, each the median over `rounds`
     interleaved rounds (one do_bench per function per round, the order reversed every other round).
@@ -108,13 +135,9 @@ def interleaved_ratios(fns: dict[str, Callable[[], object]], base: str, rounds: 
     drift between two do_bench calls seconds apart: the base and the others alternate. `paired_ratios` times a few
     calls back to back per function instead; at 8192 x 4096 x 4096 it reads ~3 % higher for the fused forward than
     this does (`bench/probe_fwd_paths.py`), both are reported."""
-    times: dict[str, list[float]] = {n: [] for n in fns}
-    names = list(fns)
-    for i in range(rounds):
-        for name in (names if i % 2 == 0 else names[::-1]):
-            times[name].append(bench_us(fns[name])[0])
-    med = {n: sorted(v)[len(v) // 2] for n, v in times.items()}
-    return {n: med[n] / med[base] for n in names}
+    times = interleaved_times({n: (lambda fn=fn: bench_us(fn)[0]) for n, fn in fns.items()}, rounds)
+    med = {n: median(v) for n, v in times.items()}
+    return {n: med[n] / med[base] for n in fns}
 
 
 def random_lora_inputs(M: int, K: int, N: int, r: int, dtype, seed: int):
@@ -207,12 +230,8 @@ def capture_graph(fns: Sequence[Callable[[], object]]) -> "torch.cuda.CUDAGraph"
     return graph
 
 
-def bench_graph_us(fns: Sequence[Callable[[], object]], replays: int = 50) -> float:
-    """Per-call time in microseconds of a CUDA graph that calls each of `fns` once, in turn.
-
-    Each function should use a different weight set (8 is usual) so that the weights do not sit in L2.
-    """
-    graph = capture_graph(fns)
+def graph_replay_us(graph: "torch.cuda.CUDAGraph", calls: int, replays: int = 50) -> float:
+    """Median per-call time in microseconds over `replays` replays of a captured graph that makes `calls` calls."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(replays):
@@ -220,9 +239,27 @@ def bench_graph_us(fns: Sequence[Callable[[], object]], replays: int = 50) -> fl
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(fns))
-    times.sort()
-    return times[len(times) // 2]
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return median(times)
+
+
+def bench_graph_us(fns: Sequence[Callable[[], object]], replays: int = 50) -> float:
+    """Per-call time in microseconds of a CUDA graph that calls each of `fns` once, in turn.
+
+    Each function should use a different weight set (8 is usual) so that the weights do not sit in L2.
+    """
+    return graph_replay_us(capture_graph(fns), len(fns), replays)
+
+
+def interleaved_graph_ratios(fn_sets: dict[str, Sequence[Callable[[], object]]], base: str, rounds: int = 3,
+                             replays: int = 50) -> dict[str, dict]:
+    """`round_ratios` of CUDA graphs: each entry's functions (one per weight set) captured once in a graph, then
+    the graphs timed in `interleaved_times` rounds. A compute-bound shape's time drifts by 10-15 % between runs
+    on the H200 (the base at 4096 tokens: 176-198 µs, bench/NOTES.md twelfth session); within a round the base
+    and the others see the same clock."""
+    graphs = {name: capture_graph(fns) for name, fns in fn_sets.items()}
+    timers = {name: (lambda g=g, n=len(fn_sets[name]): graph_replay_us(g, n, replays)) for name, g in graphs.items()}
+    return round_ratios(interleaved_times(timers, rounds), base)
 
 
 def graph_kernel_times(fns: Sequence[Callable[[], object]], replays: int = 20) -> list[tuple[str, float, float]]:

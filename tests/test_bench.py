@@ -70,6 +70,37 @@ def test_paired_ratios_measure_a_known_ratio():
     assert ratios["base"] == 1.0 and 1.6 < ratios["twice"] < 2.4
 
 
+def test_interleaved_rounds_pair_each_time_with_the_base_of_its_round():
+    """`common.interleaved_times` / `round_ratios` (the multi-LoRA graph timings): the order flips every round, and
+    a ratio is taken within a round, so a clock that slows the whole device between rounds (here 1.0, 1.3, 0.9,
+    1.5, 1.1) leaves a known ratio exact, and the range shows the spread when the ratio itself varies."""
+    sys.path.insert(0, ROOT)
+    from bench.common import interleaved_times, round_ratios
+
+    clock = iter([1.0, 1.3, 0.9, 1.5, 1.1])
+    order, state = [], {"scale": 1.0, "calls": 0}
+
+    def timer(name, us):
+        def run():
+            if state["calls"] % 3 == 0:  # a new round: the device's clock moves
+                state["scale"] = next(clock)
+            state["calls"] += 1
+            order.append(name)
+            return us * state["scale"]
+        return run
+
+    times = interleaved_times({"base": timer("base", 10.0), "ours": timer("ours", 12.0),
+                               "other": timer("other", 25.0)}, rounds=5)
+    assert order[:6] == ["base", "ours", "other", "other", "ours", "base"]
+    assert times["base"] == [10.0, 13.0, 9.0, 15.0, 11.0]
+    res = round_ratios(times, "base")
+    assert res["base"]["ratio"] == 1.0 and res["base"]["ratio_range"] == [1.0, 1.0]
+    assert abs(res["ours"]["ratio"] - 1.2) < 1e-12 and abs(res["other"]["ratio"] - 2.5) < 1e-12
+    assert abs(res["ours"]["us"] - 13.2) < 1e-9  # the median time (12 x 1.1) carries the drift; the ratio does not
+    res = round_ratios({"base": [10.0, 10.0, 10.0], "ours": [11.0, 13.0, 12.0]}, "base")
+    assert res["ours"]["ratio"] == 1.2 and res["ours"]["ratio_range"] == [1.1, 1.3]
+
+
 def test_multi_lora_bench_cpu_smoke(tmp_path):
     """bench/bench_multi_lora.py on its tiny grid through the interpreter: every provider of every shape runs and
     agrees with the reference (the base alone is the one that lacks the LoRA term), and the JSON and the Markdown
