@@ -97,7 +97,7 @@ def paired_ratios(fns: dict[str, Callable[[], object]], base: str, rounds: int =
         ms = {n: sum(s.elapsed_time(e) for s, e in pairs) for n, pairs in events.items()}
         for n in names:
             ratios[n].append(ms[n] / ms[base])
-    return {n: sorted(v)[len(v) // 2] for n, v in ratios.items()}
+    return {n: median(v) for n, v in ratios.items()}
 
 
 def interleaved_times(timers: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:

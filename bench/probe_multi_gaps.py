@@ -40,13 +40,20 @@ def trace_calls(fns, replays=5):
     return kernels
 
 
-def summarize(kernels, calls):
-    busy = sum(e - s for _, s, e in kernels)
-    span = kernels[-1][2] - kernels[0][1]
+def summarize(kernels, replays, calls_per_replay):
+    """Per call: kernel (busy) time, span and idle time within a replay, and the largest gaps inside replays. The
+    trace synchronises after every replay, so the time between replays is left out: kernels are split into
+    `replays` equal runs in start order (each replay launches the same kernels)."""
+    per = len(kernels) // replays
+    busy = span = 0.0
     gaps = []
-    for (n0, _, e0), (n1, s1, _) in zip(kernels, kernels[1:]):
-        gaps.append((s1 - e0, n0[:28], n1[:28]))
+    for i in range(replays):
+        run = kernels[i * per:(i + 1) * per]
+        busy += sum(e - s for _, s, e in run)
+        span += run[-1][2] - run[0][1]
+        gaps += [(s1 - e0, n0[:28], n1[:28]) for (n0, _, e0), (n1, s1, _) in zip(run, run[1:])]
     gaps.sort(reverse=True)
+    calls = replays * calls_per_replay
     return dict(busy_us_per_call=busy / calls, span_us_per_call=span / calls,
                 idle_us_per_call=(span - busy) / calls, top_gaps=[(round(g, 2), a, b) for g, a, b in gaps[:6]])
 
@@ -73,7 +80,7 @@ def main(argv=None):
         row = dict(T=T, adapters=n_ad, **{f"{k}_us": round(v, 1) for k, v in med.items()},
                    ratio=round(med["ours"] / med["base"], 3), addmm_ratio=round(med["addmm"] / med["base"], 3))
         for name, fns in (("ours", ours), ("base", base)):
-            summ = summarize(trace_calls(fns), 5 * len(fns))
+            summ = summarize(trace_calls(fns, replays=5), 5, len(fns))
             row.update({f"{name}_{k}": (round(v, 2) if isinstance(v, float) else v) for k, v in summ.items()})
         rows.append(row)
         print(row, flush=True)
