@@ -86,11 +86,6 @@ CONFIGS = {
                     num_warps=4, num_stages=4),
     "fused64w8": dict(BASE="triton", EXPAND="fused", GATHER=True, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, GROUP_M=1,
                       num_warps=8, num_stages=4),
-    # 2026-12-01 (thirteenth session): the LoRA term into a buffer on a side stream beside cuBLAS's X·Wᵀ + b,
-    # cuBLAS told to leave CARVEOUT SMs free (torch's SM carveout), then one add (`BASE="overlap"`); the expand
-    # as the bucket's default (rows at 32-64 tokens, segment elsewhere) unless named
-    **{f"ovl_c{c}": dict(BASE="overlap", CARVEOUT=c) for c in (0, 8, 16, 24, 32, 48, 66)},
-    **{f"ovl_rows_c{c}": dict(BASE="overlap", EXPAND="rows", CARVEOUT=c) for c in (16, 32)},
 }
 SHAPES = "1x1,16x16,32x32,64x64,128x32,256x32,64x64x64,256x32x64,64x64n14336"
 FAILURES: list[str] = []
@@ -149,18 +144,10 @@ def configs_for(T, wanted=None):
     return names
 
 
-def carved(count, fn):
-    """fn called with cuBLAS leaving `count` SMs free (the base alone under the overlap path's carveout)."""
-    def call():
-        with kml.sm_carveout(count):
-            return fn()
-    return call
-
-
-def run_shape(T, n_ad, r, N, rounds, wanted=None, K=4096, carve_base=()):
+def run_shape(T, n_ad, r, N, rounds, wanted=None, K=4096):
     prob = bml.Problem(T, n_ad, r, K, N, torch.bfloat16, DEV, sets=bml.WEIGHT_SETS)
     names = configs_for(T, wanted)
-    times = {n: [] for n in ["base"] + names + [f"base_c{c}" for c in carve_base]}
+    times = {n: [] for n in ["base"] + names}
     info = {n: {} for n in names}
     for name in names:  # compile, check, profile
         kml.set_config_override(CONFIGS[name])
@@ -175,9 +162,6 @@ def run_shape(T, n_ad, r, N, rounds, wanted=None, K=4096, carve_base=()):
             kml.set_config_override(None)
     for _ in range(rounds):
         times["base"].append(bench_graph_us([prob.provider("base", s) for s in range(bml.WEIGHT_SETS)]))
-        for c in carve_base:
-            times[f"base_c{c}"].append(bench_graph_us([carved(c, prob.provider("base", s))
-                                                       for s in range(bml.WEIGHT_SETS)]))
         for name in names:
             if "error" in info[name]:
                 continue
@@ -196,11 +180,6 @@ def run_shape(T, n_ad, r, N, rounds, wanted=None, K=4096, carve_base=()):
                        ratio_range=[t[0] / base, t[-1] / base])
         rows.append(row)
         print({k: v for k, v in row.items() if k != "kernels"}, flush=True)
-    for c in carve_base:  # F.linear alone under the carveout, against F.linear without it
-        t = sorted(times[f"base_c{c}"])
-        rows.append(dict(T=T, adapters=n_ad, r=r, N=N, config=f"base_c{c}", base_us=base, graph_us=t[len(t) // 2],
-                         ratio=t[len(t) // 2] / base, ratio_range=[t[0] / base, t[-1] / base]))
-        print(rows[-1], flush=True)
     return rows
 
 
@@ -210,20 +189,15 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--shapes", default=SHAPES)
     ap.add_argument("--configs", default="", help="comma-separated names of CONFIGS (default: the first sweep's)")
-    ap.add_argument("--carve-base", default="", help="comma-separated SM counts: F.linear alone with cuBLAS leaving "
-                                                      "that many SMs free, as a ratio to F.linear")
     args = ap.parse_args(argv)
-    carve = [int(c) for c in args.carve_base.split(",") if c]
-    print(f"torch {torch.__version__}: SM carveout API "
-          f"{'present' if hasattr(torch._C, '_set_sm_carveout_experimental') else 'absent'}", flush=True)
     rows = []
     for shape in args.shapes.split(","):
         T, n_ad, r, N = parse_shape(shape)
-        rows += run_shape(T, n_ad, r, N, args.rounds, [c for c in args.configs.split(",") if c], carve_base=carve)
+        rows += run_shape(T, n_ad, r, N, args.rounds, [c for c in args.configs.split(",") if c])
         write_json("exp_multi_rows", rows, {"failures": FAILURES}, out_dir=args.out)
     print("== kernels per call (graph replays), default and rows")
     for row in rows:
-        if row["config"] in ("default", "segment", "rows") or row["config"].startswith("ovl"):
+        if row["config"] in ("default", "segment", "rows"):
             print(row["T"], row["adapters"], row["r"], row["N"], row["config"], row.get("kernels"))
     print("== graph ratios to F.linear")
     print(format_table(rows, ["T", "adapters", "r", "N", "config", "base_us", "graph_us", "ratio", "rel_err",

@@ -36,7 +36,6 @@ would read A[ids] N / BLOCK_N times (128× at N=4096), which costs more than the
 Multi-slice: several projections sharing X (q/k/v, gate/up) go in one launch: W and B are concatenated along N,
 A is stacked `[S, slices, R, K]`; a small int32 table gives each slice's column offset, width and first N tile.
 """
-import contextlib
 import functools
 
 import torch
@@ -698,9 +697,9 @@ class _Plan:
         self.slice_sizes, self.precision = slice_sizes, precision
         self.cfg = cfg = dict(get_config(T, K, N, self.R_PAD, x2d.dtype, x2d.device), _max_segs=seg_adapter.shape[0])
         self.base = base = cfg["BASE"]
-        if base not in ("triton", "cublas", "addmm", "overlap"):
-            raise ValueError(f"config BASE must be 'triton', 'cublas', 'addmm' or 'overlap', got {base!r}")
-        if base in ("addmm", "overlap"):
+        if base not in ("triton", "cublas", "addmm"):
+            raise ValueError(f"config BASE must be 'triton', 'cublas' or 'addmm', got {base!r}")
+        if base == "addmm":
             self.expand = cfg.get("EXPAND") if cfg.get("EXPAND") in ("delta", "rows") else "segment"
             if self.expand == "rows" and (adapter_ids is None or adapter_ids.stride(0) != 1):
                 self.expand = "segment"  # the rows kernels index the ids by token
@@ -713,7 +712,7 @@ class _Plan:
             cfg["SPLIT_K"] = cdiv(K, cfg["R_BLOCK_K"])
         # PDL pairs: our GEMM after the shrink (it streams W while the shrink runs and waits for ws only in its
         # epilogue); the addmm path's expand after the shrink (its metadata and first B tile load meanwhile)
-        if base in ("addmm", "overlap"):
+        if base == "addmm":
             self.pdl = self.expand != "delta" and cfg.get("E_PDL", True) and pdl_enabled(x2d.device)
         else:
             self.pdl = base == "triton" and pdl_enabled(x2d.device)
@@ -728,9 +727,6 @@ class _Plan:
             return out
         ws = None if self.expand == "delta" else _shrink_workspace(self.cfg["SPLIT_K"], self.n_slices, T,
                                                                    self.R_PAD, x2d)
-        if base == "overlap":
-            return self._run_overlap(x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm, seg_start,
-                                     seg_adapter, out, adapter_ids, ws)
         if self.launches is None:
             self.launches = self._build(x2d, weight, lora_A, lora_B, bias, ws, out)
         shrink, second = self.launches
@@ -757,48 +753,6 @@ class _Plan:
                 out.addmm_(x2d, weight.t())
         return out
 
-    def _lora_term(self, x2d, lora_A, lora_B, scalings, ranks, perm, seg_start, seg_adapter, adapter_ids, ws, z):
-        """z [T, N] = the LoRA term alone, every row written (base-only rows: zeros)."""
-        shrink, second = self.launches
-        if self.expand == "rows":
-            shrink(x2d, lora_A, ws, adapter_ids, ranks)
-            second(lora_B, lora_B, ws, z, adapter_ids, ranks, scalings)
-        else:
-            if shrink is not None:
-                shrink(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks)
-            second(x2d, lora_A, lora_B, lora_B, lora_B if ws is None else ws, z, perm, seg_start, seg_adapter,
-                   ranks, scalings)
-
-    def _run_overlap(self, x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm, seg_start, seg_adapter, out,
-                     adapter_ids, ws):
-        """BASE="overlap": the LoRA kernels write the term into z on a side stream while cuBLAS computes
-        out = X·Wᵀ + b on the caller's stream, leaving CARVEOUT SMs to the side stream (cuBLAS's SM count target,
-        where torch has it); then out += z. Fork and join are stream waits, so a CUDA graph captures both branches.
-        On the CPU (the interpreter) the same steps run in order."""
-        z = torch.empty((self.T, self.N), device=x2d.device, dtype=x2d.dtype)
-        if DEBUG_FILL_WORKSPACE:
-            z.fill_(float("nan"))  # a row the expand leaves unwritten shows in out
-        if self.launches is None:
-            self.launches = self._build(x2d, weight, lora_A, lora_B, None, ws, z)
-        lora = (x2d, lora_A, lora_B, scalings, ranks, perm, seg_start, seg_adapter, adapter_ids, ws, z)
-        if x2d.device.type != "cuda":
-            self._lora_term(*lora)
-            with torch.no_grad():
-                _base_gemm(x2d, weight, bias, out)
-                return out.add_(z)
-        main = torch.cuda.current_stream(x2d.device)
-        side = _side_stream(x2d.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            self._lora_term(*lora)
-        with torch.no_grad(), sm_carveout(self.cfg.get("CARVEOUT", 0)):
-            _base_gemm(x2d, weight, bias, out)
-        main.wait_stream(side)
-        # z, ws and the inputs were allocated on (or belong to) the main stream, which now waits for the side
-        # stream's work: freeing them after this call is safe
-        with torch.no_grad():
-            return out.add_(z)
-
     def _build(self, x2d, weight, lora_A, lora_B, bias, ws, target):
         """(shrink Launch or None, expand or fused Launch) for this signature, from one call's tensors."""
         cfg, precision, base = self.cfg, self.precision, self.base
@@ -817,36 +771,6 @@ class _Plan:
             second = _expand_launch(x2d, lora_A, lora_B, bias if base == "addmm" else None, ws, target,
                                     self.slice_sizes, cfg, precision, accumulate=base == "cublas", pdl=self.pdl)
         return shrink, second
-
-
-_SIDE_STREAMS: dict = {}
-
-
-def _side_stream(device) -> "torch.cuda.Stream":
-    """One side stream per CUDA device for BASE="overlap" (created at first use)."""
-    index = torch.device(device).index
-    index = torch.cuda.current_device() if index is None else index
-    stream = _SIDE_STREAMS.get(index)
-    if stream is None:
-        stream = _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return stream
-
-
-@contextlib.contextmanager
-def sm_carveout(count: int):
-    """cuBLAS calls inside leave `count` SMs unused (torch's experimental SM carveout: cuBLAS's SM count target),
-    so that kernels on another stream can run beside them. A no-op for count 0 or a torch without the API."""
-    getter = getattr(torch._C, "_get_sm_carveout_experimental", None)
-    setter = getattr(torch._C, "_set_sm_carveout_experimental", None)
-    if not count or getter is None or setter is None:
-        yield
-        return
-    previous = getter()
-    setter(int(count))
-    try:
-        yield
-    finally:
-        setter(previous)
 
 
 def _shrink_workspace(split_k, n_slices, T, R_PAD, x2d):

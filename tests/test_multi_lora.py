@@ -289,14 +289,10 @@ def test_pool_and_module_mixed_ranks_and_slices():
                                      dict(BASE="addmm", EXPAND="segment", E_CHUNKS=1, E_BLOCK_N=16, SPLIT_K=3),
                                      dict(BASE="addmm", EXPAND="delta", D_BLOCK_M=32, D_CHUNKS=5),
                                      dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=128, R_E_ELEMS=128),
-                                     dict(BASE="addmm", EXPAND="rows", E_PDL=False, SPLIT_K=3),
-                                     dict(BASE="overlap", EXPAND="segment", E_BLOCK_M=32, E_BLOCK_N=32, CARVEOUT=8),
-                                     dict(BASE="overlap", EXPAND="delta", D_BLOCK_M=32, D_CHUNKS=5),
-                                     dict(BASE="overlap", EXPAND="rows", R_S_ELEMS=128, R_E_ELEMS=128)])
+                                     dict(BASE="addmm", EXPAND="rows", E_PDL=False, SPLIT_K=3)])
 def test_epilogue_and_base_variants(variant):
-    """The per-row gather epilogue (decode), the cuBLAS-base + LoRA-epilogue paths, the addmm path (bias +
-    LoRA term written first, cuBLAS adds X·Wᵀ; xa from the shrink or computed in the expand) and the overlap path
-    (the LoRA term alone into a buffer, beside cuBLAS's X·Wᵀ + b, then added) agree too."""
+    """The per-row gather epilogue (decode), the cuBLAS-base + LoRA-epilogue paths and the addmm path (bias +
+    LoRA term written first, cuBLAS adds X·Wᵀ; xa from the shrink or computed in the expand) agree too."""
     T, S, R, K, N = 29, 9, 32, 48, 40
     sizes = (24, 16)
     x, W, b, A, B, scal, ranks, ids = make_case(T, S, R, K, N, torch.bfloat16, seed=21, n_slices=2, mixed_ranks=True)
@@ -309,8 +305,7 @@ def test_epilogue_and_base_variants(variant):
 
 
 @pytest.mark.parametrize("variant", [dict(BASE="cublas"), dict(BASE="cublas", EXPAND="segment"),
-                                     dict(BASE="addmm", EXPAND="segment"), dict(BASE="addmm", EXPAND="delta"),
-                                     dict(BASE="overlap", EXPAND="segment")])
+                                     dict(BASE="addmm", EXPAND="segment"), dict(BASE="addmm", EXPAND="delta")])
 def test_module_with_trainable_base_on_cublas_paths(variant):
     """A MultiLoRALinear built from a plain nn.Linear (weight and bias still require grad) runs the cuBLAS base
     paths outside no_grad: the base GEMM writing into the output buffer must not meet autograd (H100 regression)."""
@@ -399,20 +394,3 @@ def test_python_scalings_inside_a_graph_capture_get_a_named_error(monkeypatch):
     with pytest.raises(ValueError, match="ranks: Python numbers"):
         ml._checked_ranks([4, 4, 0], 3, 4, torch.device("cuda"))
     assert ml._checked_scalings([1.0, 2.0], 2, torch.device("cpu")).tolist() == [1.0, 2.0]  # CPU: no capture
-
-
-def test_sm_carveout_sets_and_restores():
-    """The overlap path's cuBLAS carveout is set only inside the context, and restored after an error too."""
-    getter = getattr(torch._C, "_get_sm_carveout_experimental", None)
-    if getter is None:
-        pytest.skip("this torch has no SM carveout API")
-    before = getter()
-    with kml.sm_carveout(24):
-        assert getter() == 24
-    assert getter() == before
-    with pytest.raises(RuntimeError, match="inside"):
-        with kml.sm_carveout(8):
-            raise RuntimeError("inside")
-    assert getter() == before
-    with kml.sm_carveout(0):
-        assert getter() == before
