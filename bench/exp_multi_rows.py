@@ -86,6 +86,26 @@ CONFIGS = {
                     num_warps=4, num_stages=4),
     "fused64w8": dict(BASE="triton", EXPAND="fused", GATHER=True, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, GROUP_M=1,
                       num_warps=8, num_stages=4),
+    # 2026-12-01 (thirteenth session): our W-stream GEMM (kernels/wstream.py) instead of cuBLAS's addmm, a PDL
+    # consumer of the expand: W streams while the shrink and the expand run (exp_skinny_gemm: the plain GEMM
+    # 1.02-1.03x cuBLAS at 64 rows with these tiles)
+    "ws": dict(GEMM="triton"),
+    "ws_nopdl": dict(GEMM="triton", G_PDL=False),
+    "ws_k64s8": dict(GEMM="triton", W_BLOCK_K=64, W_num_stages=8),
+    "ws_s4": dict(GEMM="triton", W_num_stages=4),
+    "ws_n64s4": dict(GEMM="triton", W_BLOCK_N=64, W_num_stages=4),
+    "ws_t32": dict(GEMM="triton", W_BLOCK_T=32),
+    "ws_rows": dict(ROWS, GEMM="triton"),
+    "ws_seg": dict(BASE="addmm", EXPAND="segment", GEMM="triton"),
+    # the W-stream GEMM first (y = X·Wᵀ + b, a PDL consumer of the shrink, starting at once), then the expand adds
+    # the term (a PDL consumer of the GEMM, loading B meanwhile)
+    "wf": dict(GEMM="first"),
+    "wf_nopdl": dict(GEMM="first", G_PDL=False),
+    "wf_e32k": dict(GEMM="first", R_E_ELEMS=32768),
+    "wf_n64s4": dict(GEMM="first", W_BLOCK_N=64, W_num_stages=4),
+    "wf_s4": dict(GEMM="first", W_num_stages=4),
+    "wf_rows": dict(ROWS, GEMM="first"),
+    "wf_seg": dict(BASE="addmm", EXPAND="segment", GEMM="first"),
 }
 SHAPES = "1x1,16x16,32x32,64x64,128x32,256x32,64x64x64,256x32x64,64x64n14336"
 FAILURES: list[str] = []
@@ -197,7 +217,7 @@ def main(argv=None):
         write_json("exp_multi_rows", rows, {"failures": FAILURES}, out_dir=args.out)
     print("== kernels per call (graph replays), default and rows")
     for row in rows:
-        if row["config"] in ("default", "segment", "rows"):
+        if row["config"] in ("default", "segment", "rows") or row["config"].startswith(("ws", "wf")):
             print(row["T"], row["adapters"], row["r"], row["N"], row["config"], row.get("kernels"))
     print("== graph ratios to F.linear")
     print(format_table(rows, ["T", "adapters", "r", "N", "config", "base_us", "graph_us", "ratio", "rel_err",

@@ -25,6 +25,9 @@ Paths (no host sync in any of them; `_config` picks one per token bucket, measur
     the PDL wait. Tokens of one adapter each read its A and B (from L2 after the first).
   - from 128 tokens: `_shrink_kernel`, then `_expand_kernel` (one adapter per segment tile, B read once per tile,
     a loop over N tiles), where an adapter's many tokens share each read.
+  At 33-64 tokens (N <= 4096, 16-bit, with PDL) our W-stream GEMM (kernels/wstream.py) adds X·Wᵀ instead of
+  cuBLAS: a PDL consumer of the expand, it streams W while the LoRA kernels run and reads y only after them
+  (config GEMM="triton"; GEMM="first" puts it between the shrink and the expand instead, measured slower).
   (`EXPAND="delta"` computes xa inside the expand kernel instead of the shrink: one launch, measured slower.)
 * An older path kept as a config option and tested: cuBLAS, then the LoRA term added in place ("cublas"). (A
   side-stream variant, the LoRA term into an fp32 delta under cuBLAS's W stream then one add, was removed on
@@ -46,6 +49,7 @@ from .helpers import (
     acc_dtype, cdiv, dot, gdc_launch_dependents_if, gdc_wait_if, grouped_tile, next_pow2, pdl_enabled,
 )
 from .launch import Launch, PlanCache, plan_key
+from .wstream import wstream_config, wstream_launch
 
 # Rank chunk: the granularity at which an adapter's true rank is honoured, and tl.dot's minimum inner size.
 RANK_CHUNK = 16
@@ -334,7 +338,7 @@ def _expand_kernel(
     CHUNKS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr, GDC_WAIT: tl.constexpr, COL_ALIGN: tl.constexpr,
-    R_ALIGNED: tl.constexpr,
+    R_ALIGNED: tl.constexpr, TRIGGER: tl.constexpr,
 ):
     """Y[perm[p], n] (+)= s[a] · round(xa[p, :rank]) · B[a, n, :rank] over one segment tile (one adapter a).
 
@@ -353,10 +357,13 @@ def _expand_kernel(
     time: a small tile per step keeps the 64-bit row pointers and the accumulator in registers (a whole
     [64, 256] tile per program spilled), and the loop keeps several tiles' loads in flight.
     BLOCK_R: the padded rank (a power of two >= 16); BLOCK_K: K step of the SHRINK loop.
-    GDC_WAIT (not with SHRINK): launched with PDL right after `_shrink_kernel`; the metadata and the first N tile's
-    B (neither is the shrink's output) load while the shrink runs, ws only after the wait.
-    COL_ALIGN, R_ALIGNED: as in `_expand_rows_kernel` (16-byte accesses to y, B and the workspace).
+    GDC_WAIT: launched with PDL right after the kernel it depends on (`_shrink_kernel`, or with ACCUMULATE the
+    W-stream GEMM that writes X·Wᵀ + b into y: kernels/wstream.py); the metadata and the first N tile's B (neither
+    is their output) load while it runs, ws, x and y only after the wait.
+    COL_ALIGN, R_ALIGNED: as in `_expand_rows_kernel` (16-byte accesses to y, B and the workspace). TRIGGER: the
+    W-stream GEMM after it is a PDL consumer (kernels/wstream.py): let it start now.
     """
+    gdc_launch_dependents_if(TRIGGER)
     pid_tile = tl.program_id(0)
     pid_sc = tl.program_id(1)
     seg, row0, row_end = _segment_tile(pid_tile, seg_start_ptr, MAX_SEGS, SEGS_P2, BLOCK_M)
@@ -474,7 +481,7 @@ def _expand_rows_kernel(
     stride_yt, stride_yn,
     HAS_BIAS: tl.constexpr, NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr, GDC_WAIT: tl.constexpr,
-    COL_ALIGN: tl.constexpr, R_ALIGNED: tl.constexpr,
+    COL_ALIGN: tl.constexpr, R_ALIGNED: tl.constexpr, TRIGGER: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     """Y[t, n] = b[n] + s[a] · round(sum_split xa_part[., slice(n), t, :rank]) · B[a, n, :rank] (a = ids[t]) for one
     token t and BLOCK_N columns per program, on the FMA units: the decode expand ("rows"). Every row is written
@@ -485,17 +492,23 @@ def _expand_rows_kernel(
     Pointers and strides as in `_expand_kernel`, the workspace written by `_shrink_rows_kernel` (rows are tokens);
     ids int32 [T]. Grid: (T, column tiles of all slices) with the slice table of `_fused_kernel`.
     BLOCK_R: the padded rank (a power of two >= RANK_CHUNK). COL_ALIGN: a power of two dividing every slice's
-    offset and width (`_col_align`); R_ALIGNED: B's rank R is a multiple of 8 (`_rank_bound`).
+    offset and width (`_col_align`); R_ALIGNED: B's rank R is a multiple of 8 (`_rank_bound`). TRIGGER: the
+    W-stream GEMM after it is a PDL consumer (kernels/wstream.py): let it start now. ACCUMULATE: add the term to
+    y (which holds X·Wᵀ + b: no bias here; base-only tokens exit) instead of writing it.
     """
+    gdc_launch_dependents_if(TRIGGER)
     token = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
-    slice_id, cols, col_mask = _tile_columns(pid_n, slices_ptr, NUM_SLICES, BLOCK_N, COL_ALIGN)
     adapter = tl.load(ids_ptr + token)
+    if ACCUMULATE:
+        if adapter < 0:
+            return
+    slice_id, cols, col_mask = _tile_columns(pid_n, slices_ptr, NUM_SLICES, BLOCK_N, COL_ALIGN)
     safe, rank, scale, offs_r, r_mask, r_load = _adapter_rows(adapter, ranks_ptr, scalings_ptr, BLOCK_R, R_ALIGNED,
                                                               ACC)
     b = tl.load(b_ptr + safe.to(tl.int64) * stride_bs + offs_r.to(tl.int64)[:, None] * stride_br
                 + cols[None, :] * stride_bn, mask=r_load[:, None] & col_mask[None, :], other=0.0)
-    if HAS_BIAS:
+    if HAS_BIAS and not ACCUMULATE:
         bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     gdc_wait_if(GDC_WAIT)
     ws = ws_ptr + slice_id.to(tl.int64) * stride_wsi + token * stride_wst + offs_r
@@ -507,9 +520,12 @@ def _expand_rows_kernel(
     xa = tl.where(r_mask, (xa * scale).to(b_ptr.dtype.element_ty).to(ACC), 0.0)
     b = tl.where(r_mask[:, None], b.to(ACC), 0.0)
     out = tl.sum(xa[:, None] * b, 0)
-    if HAS_BIAS:
+    y = y_ptr + token * stride_yt + cols * stride_yn
+    if ACCUMULATE:
+        out += tl.load(y, mask=col_mask, other=0.0).to(ACC)
+    elif HAS_BIAS:
         out += bias
-    tl.store(y_ptr + token * stride_yt + cols * stride_yn, out.to(y_ptr.dtype.element_ty), mask=col_mask)
+    tl.store(y, out.to(y_ptr.dtype.element_ty), mask=col_mask)
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -606,6 +622,13 @@ def _config(t_bucket: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, is_cu
     if t_bucket in (32, 64) and R_PAD * (K + N) <= 1 << 19:
         cfg.update(EXPAND="rows", R_S_ELEMS=8192 if R_PAD <= RANK_CHUNK else 16384, R_E_ELEMS=16384,
                    r_s_num_warps=4, r_e_num_warps=4)
+    # 33-64 tokens, N <= 4096, 16-bit operands: our W-stream GEMM (kernels/wstream.py) adds X·Wᵀ instead of cuBLAS,
+    # a PDL consumer of the expand (with PDL only: without it, 1.71x at 64/64). H200, graphs, two runs
+    # (`results/exp_multi_rows_wstream.json`, `exp_multi_rows_wstream_first.json`): 64/64 1.67-1.68x -> 1.60-1.61x,
+    # 64/1 1.49x -> 1.46-1.47x, 64/64 at r = 64 within noise; it lost at N = 14336 (1.41x -> 1.71-1.72x) and at 32
+    # tokens (1.72-1.78x -> 1.85x)
+    if t_bucket == 64 and N <= 4096 and not big:
+        cfg.update(GEMM="triton", G_ONLY_PDL=True)
     return cfg
 
 
@@ -716,6 +739,18 @@ class _Plan:
             self.pdl = self.expand != "delta" and cfg.get("E_PDL", True) and pdl_enabled(x2d.device)
         else:
             self.pdl = base == "triton" and pdl_enabled(x2d.device)
+        # addmm's X·Wᵀ: cuBLAS after the LoRA kernels (GEMM="cublas"), or our W-stream GEMM (kernels/wstream.py):
+        # "triton", after them, a PDL consumer of the expand that streams W while they run and reads y only after
+        # them; "first", between the shrink and the expand: y = X·Wᵀ + b, launched with PDL right after the shrink
+        # (which lets it start at once) and letting the expand start at once too, which loads B meanwhile and adds
+        # the term to y once the GEMM is done. The GEMM waits for the shrink before its epilogue, so that the
+        # expand's wait (for the GEMM) covers the shrink's workspace too.
+        self.gemm = cfg.get("GEMM", "cublas") if base == "addmm" else None
+        if self.gemm not in (None, "cublas", "triton", "first"):
+            raise ValueError(f"config GEMM must be 'cublas', 'triton' or 'first', got {self.gemm!r}")
+        self.gemm_pdl = self.gemm in ("triton", "first") and cfg.get("G_PDL", True) and pdl_enabled(x2d.device)
+        if self.gemm == "triton" and cfg.get("G_ONLY_PDL") and not self.gemm_pdl:
+            self.gemm = "cublas"  # the default's choice: without PDL cuBLAS is faster
         self.launches = None
 
     def run(self, x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm, seg_of, seg_start, seg_adapter, out,
@@ -729,11 +764,19 @@ class _Plan:
                                                                    self.R_PAD, x2d)
         if self.launches is None:
             self.launches = self._build(x2d, weight, lora_A, lora_B, bias, ws, out)
-        shrink, second = self.launches
+        shrink, second, gemm = self.launches
         if self.expand == "rows":
             shrink(x2d, lora_A, ws, adapter_ids, ranks)
         elif shrink is not None:
             shrink(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks)
+        if self.gemm == "first":  # y = X·Wᵀ + b, then the expand adds the LoRA term to it
+            gemm(x2d, weight, bias if bias is not None else weight, out)
+            if self.expand == "rows":
+                second(lora_B, lora_B, ws, out, adapter_ids, ranks, scalings)
+            else:
+                second(x2d, lora_A, lora_B, lora_B, lora_B if ws is None else ws, out, perm, seg_start,
+                       seg_adapter, ranks, scalings)
+            return out
         if base == "cublas":  # y = X·Wᵀ + b by cuBLAS (no_grad: a frozen base may still require grad)
             with torch.no_grad():
                 _base_gemm(x2d, weight, bias, out)
@@ -746,7 +789,9 @@ class _Plan:
             expand_bias = bias if base == "addmm" and bias is not None else lora_B
             second(x2d, lora_A, lora_B, expand_bias, lora_B if ws is None else ws, out, perm, seg_start,
                    seg_adapter, ranks, scalings)
-        if base == "addmm":
+        if gemm is not None:  # our W-stream GEMM adds X·Wᵀ to `out` (below, cuBLAS does)
+            gemm(x2d, weight, weight, out)
+        elif base == "addmm":
             # the LoRA term and the bias are in every row of `out`: cuBLAS adds X·Wᵀ to it as its C operand
             # (beta = 1), which a GEMM reads almost for free
             with torch.no_grad():
@@ -754,23 +799,40 @@ class _Plan:
         return out
 
     def _build(self, x2d, weight, lora_A, lora_B, bias, ws, target):
-        """(shrink Launch or None, expand or fused Launch) for this signature, from one call's tensors."""
+        """(shrink Launch or None, expand or fused Launch, W-stream GEMM Launch or None) for this signature, from
+        one call's tensors."""
         cfg, precision, base = self.cfg, self.precision, self.base
+        first = self.gemm == "first"
+        # who lets whom start early (PDL): shrink -> expand -> GEMM, or shrink -> GEMM -> expand ("first")
+        shrink_trigger = self.gemm_pdl if first else self.pdl
+        expand_pdl, expand_trigger = (self.gemm_pdl, False) if first else (self.pdl, self.gemm_pdl)
+        expand_bias = None if first or base != "addmm" else bias
         if ws is None:
             shrink = None
         elif self.expand == "rows":
-            shrink = _shrink_rows_launch(x2d, lora_A, ws, cfg, trigger=self.pdl)
+            shrink = _shrink_rows_launch(x2d, lora_A, ws, cfg, trigger=shrink_trigger)
         else:
-            shrink = _shrink_launch(x2d, lora_A, ws, cfg, precision, trigger=self.pdl)
+            shrink = _shrink_launch(x2d, lora_A, ws, cfg, precision, trigger=shrink_trigger)
         if self.expand == "rows":
-            second = _expand_rows_launch(x2d, lora_B, bias, ws, target, self.slice_sizes, cfg, pdl=self.pdl)
+            second = _expand_rows_launch(x2d, lora_B, expand_bias, ws, target, self.slice_sizes, cfg,
+                                         pdl=expand_pdl, trigger=expand_trigger, accumulate=first)
         elif self.expand == "fused":
             second = _fused_launch(x2d, weight, bias, lora_B, ws, target, self.slice_sizes, cfg, precision,
                                    int(base == "cublas"), pdl=self.pdl)
         else:
-            second = _expand_launch(x2d, lora_A, lora_B, bias if base == "addmm" else None, ws, target,
-                                    self.slice_sizes, cfg, precision, accumulate=base == "cublas", pdl=self.pdl)
-        return shrink, second
+            second = _expand_launch(x2d, lora_A, lora_B, expand_bias, ws, target, self.slice_sizes, cfg, precision,
+                                    accumulate=base == "cublas" or first, pdl=expand_pdl, trigger=expand_trigger)
+        gemm = None
+        if self.gemm in ("triton", "first"):
+            wcfg = dict(wstream_config(self.T, x2d.dtype, x2d.is_cuda))
+            wcfg.update({k[2:]: v for k, v in cfg.items() if k.startswith("W_")})  # W_BLOCK_N=... overrides
+            if first:
+                gemm = wstream_launch(x2d, weight, target, wcfg, precision, accumulate=False,
+                                      pdl=self.gemm_pdl and shrink is not None, has_bias=bias is not None,
+                                      trigger=self.gemm_pdl)
+            else:
+                gemm = wstream_launch(x2d, weight, target, wcfg, precision, accumulate=True, pdl=self.gemm_pdl)
+        return shrink, second, gemm
 
 
 def _shrink_workspace(split_k, n_slices, T, R_PAD, x2d):
@@ -823,10 +885,12 @@ def _shrink_rows_launch(x2d, lora_A, ws, cfg, trigger=False):
     )
 
 
-def _expand_rows_launch(x2d, lora_B, bias, ws, target, slice_sizes, cfg, pdl=False):
+def _expand_rows_launch(x2d, lora_B, bias, ws, target, slice_sizes, cfg, pdl=False, trigger=False,
+                        accumulate=False):
     """The `_expand_rows_kernel` Launch: target = bias + the LoRA term, one token and R_E_ELEMS / BLOCK_R
     columns per program; called with the `_EXPAND_ROWS_SLOTS` tensors (bias: any tensor when None). pdl: a PDL
-    consumer of the shrink. The tensors give shapes and strides only."""
+    consumer of the kernel before it; trigger: a PDL producer for the W-stream GEMM; accumulate: target += the
+    term (it holds X·Wᵀ + b). The tensors give shapes and strides only."""
     T = x2d.shape[0]
     block_r = max(RANK_CHUNK, next_pow2(lora_B.shape[2]))
     block_n = max(16, min(next_pow2(max(slice_sizes)), next_pow2(max(1, cfg.get("R_E_ELEMS", 8192) // block_r))))
@@ -837,9 +901,9 @@ def _expand_rows_launch(x2d, lora_B, bias, ws, target, slice_sizes, cfg, pdl=Fal
         *lora_B.stride(),
         ws.stride(0), ws.stride(1), ws.stride(2),
         target.stride(0), target.stride(1),
-        HAS_BIAS=bias is not None, NUM_SLICES=len(slice_sizes), SPLIT_K=ws.shape[0], BLOCK_R=block_r,
-        BLOCK_N=block_n, ACC=acc_dtype(x2d.dtype), GDC_WAIT=pdl, COL_ALIGN=_col_align(slice_sizes, cfg),
-        R_ALIGNED=_r_aligned(lora_B, cfg),
+        HAS_BIAS=bias is not None and not accumulate, NUM_SLICES=len(slice_sizes), SPLIT_K=ws.shape[0],
+        BLOCK_R=block_r, BLOCK_N=block_n, ACC=acc_dtype(x2d.dtype), GDC_WAIT=pdl, COL_ALIGN=_col_align(slice_sizes, cfg),
+        R_ALIGNED=_r_aligned(lora_B, cfg), TRIGGER=trigger, ACCUMULATE=accumulate,
         num_warps=cfg.get("r_e_num_warps", 4), num_stages=1, **({"launch_pdl": True} if pdl else {}),
     )
 
@@ -868,11 +932,12 @@ def _fused_launch(x2d, weight, bias, lora_B, ws, target, slice_sizes, cfg, preci
     )
 
 
-def _expand_launch(x2d, lora_A, lora_B, bias, ws, target, slice_sizes, cfg, precision, accumulate, pdl=False):
+def _expand_launch(x2d, lora_A, lora_B, bias, ws, target, slice_sizes, cfg, precision, accumulate, pdl=False,
+                   trigger=False):
     """The `_expand_kernel` Launch: target (+)= the LoRA term over (segment tile, slice, N chunk) programs; called
     with the `_EXPAND_SLOTS` tensors (bias and ws: any tensor when None). bias: written with the term when not
     accumulating; ws None: xa computed in the same launch (SHRINK; config keys D_*, else E_*). pdl: a PDL consumer
-    of the shrink. The tensors give shapes and strides only."""
+    of the shrink; trigger: a PDL producer for the W-stream GEMM. The tensors give shapes and strides only."""
     T, K = x2d.shape
     shrink = ws is None
     key = "D" if shrink else "E"
@@ -894,7 +959,7 @@ def _expand_launch(x2d, lora_A, lora_B, bias, ws, target, slice_sizes, cfg, prec
         SEGS_P2=next_pow2(max_segs), CHUNKS=chunks, SPLIT_K=1 if shrink else ws.shape[0],
         BLOCK_M=block_m, BLOCK_N=cfg[f"{key}_BLOCK_N"], BLOCK_K=cfg.get("D_BLOCK_K", 64), BLOCK_R=block_r,
         PRECISION=precision, ACC=acc_dtype(x2d.dtype), GDC_WAIT=pdl, COL_ALIGN=_col_align(slice_sizes, cfg),
-        R_ALIGNED=_r_aligned(lora_B, cfg),
+        R_ALIGNED=_r_aligned(lora_B, cfg), TRIGGER=trigger,
         num_warps=cfg[f"{key.lower()}_num_warps"], num_stages=cfg[f"{key.lower()}_num_stages"],
         **({"launch_pdl": True} if pdl else {}),
     )

@@ -27,10 +27,14 @@ def _nan_workspace(monkeypatch):
 # The kernel paths a call can take: the interpreter's default (our GEMM with the LoRA epilogue, the GPU's path up
 # to 16 tokens) and the GPU's path from 32 tokens (LoRA term + bias written first, cuBLAS adds X·Wᵀ: "addmm"), with
 # the expand reading the shrink's partials or computing xa itself ("delta"), and the decode kernels with one sorted
-# row per program ("rows": small chunks here, so that K and N take several programs and the tails are masked).
+# row per program ("rows": small chunks here, so that K and N take several programs and the tails are masked), and
+# our W-stream GEMM (kernels/wstream.py) adding X·Wᵀ instead of cuBLAS, or writing X·Wᵀ + b before the expand
+# adds the term ("first").
 PATHS = {"triton": None, "addmm": dict(BASE="addmm", EXPAND="segment"),
          "addmm_delta": dict(BASE="addmm", EXPAND="delta", D_CHUNKS=3),
-         "addmm_rows": dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=256, R_E_ELEMS=512)}
+         "addmm_rows": dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=256, R_E_ELEMS=512),
+         "rows_wstream": dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=256, R_E_ELEMS=512, GEMM="triton"),
+         "rows_gemm_first": dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=256, R_E_ELEMS=512, GEMM="first")}
 
 
 @pytest.fixture(params=list(PATHS))
@@ -289,7 +293,13 @@ def test_pool_and_module_mixed_ranks_and_slices():
                                      dict(BASE="addmm", EXPAND="segment", E_CHUNKS=1, E_BLOCK_N=16, SPLIT_K=3),
                                      dict(BASE="addmm", EXPAND="delta", D_BLOCK_M=32, D_CHUNKS=5),
                                      dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=128, R_E_ELEMS=128),
-                                     dict(BASE="addmm", EXPAND="rows", E_PDL=False, SPLIT_K=3)])
+                                     dict(BASE="addmm", EXPAND="rows", E_PDL=False, SPLIT_K=3),
+                                     dict(BASE="addmm", EXPAND="segment", GEMM="triton", W_BLOCK_K=16),
+                                     dict(BASE="addmm", EXPAND="delta", GEMM="triton", W_BLOCK_N=32),
+                                     dict(BASE="addmm", EXPAND="rows", GEMM="triton", W_BLOCK_T=32),
+                                     dict(BASE="addmm", EXPAND="segment", GEMM="first", W_BLOCK_K=16),
+                                     dict(BASE="addmm", EXPAND="delta", GEMM="first", D_CHUNKS=3),
+                                     dict(BASE="addmm", EXPAND="rows", GEMM="first", SPLIT_K=3)])
 def test_epilogue_and_base_variants(variant):
     """The per-row gather epilogue (decode), the cuBLAS-base + LoRA-epilogue paths and the addmm path (bias +
     LoRA term written first, cuBLAS adds X·Wᵀ; xa from the shrink or computed in the expand) agree too."""
@@ -305,7 +315,9 @@ def test_epilogue_and_base_variants(variant):
 
 
 @pytest.mark.parametrize("variant", [dict(BASE="cublas"), dict(BASE="cublas", EXPAND="segment"),
-                                     dict(BASE="addmm", EXPAND="segment"), dict(BASE="addmm", EXPAND="delta")])
+                                     dict(BASE="addmm", EXPAND="segment"), dict(BASE="addmm", EXPAND="delta"),
+                                     dict(BASE="addmm", EXPAND="rows", GEMM="triton"),
+                                     dict(BASE="addmm", EXPAND="rows", GEMM="first")])
 def test_module_with_trainable_base_on_cublas_paths(variant):
     """A MultiLoRALinear built from a plain nn.Linear (weight and bias still require grad) runs the cuBLAS base
     paths outside no_grad: the base GEMM writing into the output buffer must not meet autograd (H100 regression)."""
@@ -394,3 +406,23 @@ def test_python_scalings_inside_a_graph_capture_get_a_named_error(monkeypatch):
     with pytest.raises(ValueError, match="ranks: Python numbers"):
         ml._checked_ranks([4, 4, 0], 3, 4, torch.device("cuda"))
     assert ml._checked_scalings([1.0, 2.0], 2, torch.device("cpu")).tolist() == [1.0, 2.0]  # CPU: no capture
+
+
+def test_wstream_gemm_default_needs_pdl():
+    """The GPU default at 33-64 tokens (N <= 4096, 16-bit) asks for our W-stream GEMM only as a PDL consumer; where
+    PDL is off (here: the interpreter) the plan takes cuBLAS instead, with the same result. An explicit GEMM="triton"
+    runs the W-stream GEMM whatever PDL does."""
+    cfg = kml._config(64, 4096, 4096, 16, torch.bfloat16, True)
+    assert cfg["GEMM"] == "triton" and cfg["G_ONLY_PDL"]
+    assert "GEMM" not in kml._config(64, 4096, 14336, 16, torch.bfloat16, True)
+    assert "GEMM" not in kml._config(32, 4096, 4096, 16, torch.bfloat16, True)
+    T, S, R, K, N = 7, 3, 16, 40, 24
+    x, W, b, A, B, scal, ranks, ids = make_case(T, S, R, K, N, torch.float32, seed=91, mixed_ranks=True)
+    ref = multi_lora_linear_reference(x, W, b, A, B, scal, ids, ranks)
+    for gemm_cfg, expected in ((dict(GEMM="triton", G_ONLY_PDL=True), "cublas"), (dict(GEMM="triton"), "triton")):
+        kml.set_config_override(dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=256, **gemm_cfg))
+        try:
+            assert_close(run(x, W, b, A, B, scal, ranks, ids), ref, torch.float32, str(gemm_cfg))
+            assert [p.gemm for p in kml._PLANS.values()] == [expected]
+        finally:
+            kml.set_config_override(None)
