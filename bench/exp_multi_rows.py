@@ -106,6 +106,16 @@ CONFIGS = {
     "wf_s4": dict(GEMM="first", W_num_stages=4),
     "wf_rows": dict(ROWS, GEMM="first"),
     "wf_seg": dict(BASE="addmm", EXPAND="segment", GEMM="first"),
+    # the fused W-stream GEMM with the per-row gather epilogue (the <= 16-token path) with the skinny GEMM's
+    # tile (all rows in one tile, BLOCK_K 128, 6 stages: 1.02x cuBLAS alone at 64 rows, exp_skinny_gemm)
+    "fused64s6": dict(BASE="triton", EXPAND="fused", GATHER=True, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, GROUP_M=1,
+                      num_warps=4, num_stages=6),
+    "fused64s6w8": dict(BASE="triton", EXPAND="fused", GATHER=True, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128,
+                        GROUP_M=1, num_warps=8, num_stages=6),
+    "fused32s6": dict(BASE="triton", EXPAND="fused", GATHER=True, BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, GROUP_M=1,
+                      num_warps=4, num_stages=6),
+    "fused64s6_seg": dict(BASE="triton", EXPAND="fused", GATHER=False, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128,
+                          GROUP_M=1, num_warps=4, num_stages=6),
 }
 SHAPES = "1x1,16x16,32x32,64x64,128x32,256x32,64x64x64,256x32x64,64x64n14336"
 FAILURES: list[str] = []
@@ -217,7 +227,7 @@ def main(argv=None):
         write_json("exp_multi_rows", rows, {"failures": FAILURES}, out_dir=args.out)
     print("== kernels per call (graph replays), default and rows")
     for row in rows:
-        if row["config"] in ("default", "segment", "rows") or row["config"].startswith(("ws", "wf")):
+        if row["config"] in ("default", "segment", "rows") or row["config"].startswith(("ws", "wf", "fused")):
             print(row["T"], row["adapters"], row["r"], row["N"], row["config"], row.get("kernels"))
     print("== graph ratios to F.linear")
     print(format_table(rows, ["T", "adapters", "r", "N", "config", "base_us", "graph_us", "ratio", "rel_err",

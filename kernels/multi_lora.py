@@ -628,7 +628,8 @@ def _config(t_bucket: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, is_cu
     # 64/1 1.49x -> 1.46-1.47x, 64/64 at r = 64 within noise; it lost at N = 14336 (1.41x -> 1.71-1.72x) and at 32
     # tokens (1.72-1.78x -> 1.85x)
     if t_bucket == 64 and N <= 4096 and not big:
-        cfg.update(GEMM="triton", G_ONLY_PDL=True)
+        cfg.update(GEMM="triton", G_ONLY_PDL=True,
+                   **{f"W_{k}": v for k, v in wstream_config(t_bucket, dtype, is_cuda).items()})
     return cfg
 
 
@@ -824,8 +825,10 @@ class _Plan:
                                     accumulate=base == "cublas" or first, pdl=expand_pdl, trigger=expand_trigger)
         gemm = None
         if self.gemm in ("triton", "first"):
+            # the CUDA table's tiles come in the config (W_BLOCK_T, ...); a config without them (the interpreter's,
+            # or an override asking for the GEMM) takes wstream_config's for this device
             wcfg = dict(wstream_config(self.T, x2d.dtype, x2d.is_cuda))
-            wcfg.update({k[2:]: v for k, v in cfg.items() if k.startswith("W_")})  # W_BLOCK_N=... overrides
+            wcfg.update({k[2:]: v for k, v in cfg.items() if k.startswith("W_")})
             if first:
                 gemm = wstream_launch(x2d, weight, target, wcfg, precision, accumulate=False,
                                       pdl=self.gemm_pdl and shrink is not None, has_bias=bias is not None,
