@@ -221,6 +221,17 @@ def capability_major(device: torch.device) -> int:
     return _device_facts(device.index if device.index is not None else torch.cuda.current_device())[1]
 
 
+@lru_cache(maxsize=None)
+def _shared_memory_per_sm(index: int) -> int:
+    return int(getattr(torch.cuda.get_device_properties(index), "shared_memory_per_multiprocessor", 0))
+
+
+def shared_memory_per_sm(device: torch.device) -> int:
+    """Shared memory per multiprocessor of a CUDA `device` in bytes (228 KiB on the H100 / H200, ~100 KiB on
+    consumer Blackwell), cached; 0 where torch does not report it."""
+    return _shared_memory_per_sm(device.index if device.index is not None else torch.cuda.current_device())
+
+
 # ---- NF4 (QLoRA) kernels: kernels/nf4_dequant.py, nf4_gemv.py, lora_nf4_fwd.py, lora_nf4_bwd.py ----
 # Up to NF4_GEMV_ROWS rows the forward is a split-K GEMV over the 4-bit bytes (decode). Up to NF4_FUSED_ROWS
 # rows the fused GEMM decodes W tile by tile in registers: it re-decodes each W tile once per BLOCK_M rows, so

@@ -49,7 +49,7 @@ from .helpers import (
     acc_dtype, cdiv, dot, gdc_launch_dependents_if, gdc_wait_if, grouped_tile, next_pow2, pdl_enabled,
 )
 from .launch import Launch, PlanCache, plan_key
-from .wstream import wstream_config, wstream_launch
+from .wstream import wstream_config, wstream_fits, wstream_launch
 
 # Rank chunk: the granularity at which an adapter's true rank is honoured, and tl.dot's minimum inner size.
 RANK_CHUNK = 16
@@ -750,8 +750,11 @@ class _Plan:
         if self.gemm not in (None, "cublas", "triton", "first"):
             raise ValueError(f"config GEMM must be 'cublas', 'triton' or 'first', got {self.gemm!r}")
         self.gemm_pdl = self.gemm in ("triton", "first") and cfg.get("G_PDL", True) and pdl_enabled(x2d.device)
-        if self.gemm == "triton" and cfg.get("G_ONLY_PDL") and not self.gemm_pdl:
-            self.gemm = "cublas"  # the default's choice: without PDL cuBLAS is faster
+        if self.gemm == "triton" and cfg.get("G_ONLY_PDL") and not (
+                self.gemm_pdl and wstream_fits(self._wstream_tiles(x2d), x2d.dtype, x2d.device)):
+            # the default's choice: without PDL cuBLAS is faster; and its 6-stage pipeline (144 KiB at bf16) does
+            # not fit a GPU with less shared memory per SM than Hopper's
+            self.gemm = "cublas"
         self.launches = None
 
     def run(self, x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm, seg_of, seg_start, seg_adapter, out,
@@ -799,6 +802,13 @@ class _Plan:
                 out.addmm_(x2d, weight.t())
         return out
 
+    def _wstream_tiles(self, x2d) -> dict:
+        """The W-stream GEMM's tiles: the CUDA table's come in the config (W_BLOCK_T, ...); a config without them
+        (the interpreter's, or an override asking for the GEMM) takes wstream_config's for this device."""
+        wcfg = dict(wstream_config(self.T, x2d.dtype, x2d.is_cuda))
+        wcfg.update({k[2:]: v for k, v in self.cfg.items() if k.startswith("W_")})
+        return wcfg
+
     def _build(self, x2d, weight, lora_A, lora_B, bias, ws, target):
         """(shrink Launch or None, expand or fused Launch, W-stream GEMM Launch or None) for this signature, from
         one call's tensors."""
@@ -825,10 +835,7 @@ class _Plan:
                                     accumulate=base == "cublas" or first, pdl=expand_pdl, trigger=expand_trigger)
         gemm = None
         if self.gemm in ("triton", "first"):
-            # the CUDA table's tiles come in the config (W_BLOCK_T, ...); a config without them (the interpreter's,
-            # or an override asking for the GEMM) takes wstream_config's for this device
-            wcfg = dict(wstream_config(self.T, x2d.dtype, x2d.is_cuda))
-            wcfg.update({k[2:]: v for k, v in cfg.items() if k.startswith("W_")})
+            wcfg = self._wstream_tiles(x2d)
             if first:
                 gemm = wstream_launch(x2d, weight, target, wcfg, precision, accumulate=False,
                                       pdl=self.gemm_pdl and shrink is not None, has_bias=bias is not None,

@@ -84,6 +84,15 @@ def wstream_config(T: int, dtype: torch.dtype, is_cuda: bool) -> dict:
     return dict(BLOCK_T=block_t, BLOCK_N=32, BLOCK_K=64 if big else 128, num_warps=4, num_stages=6 if not big else 4)
 
 
+def wstream_fits(cfg: dict, dtype: torch.dtype, device) -> bool:
+    """Whether `cfg`'s pipeline ((BLOCK_T + BLOCK_N) x BLOCK_K operands per stage) fits a multiprocessor's shared
+    memory on `device` (a CUDA device; 1 KiB left for the runtime)."""
+    from .config import shared_memory_per_sm  # config imports helpers, which this module imports too
+
+    need = (cfg["BLOCK_T"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * dtype.itemsize * cfg["num_stages"]
+    return need + 1024 <= shared_memory_per_sm(torch.device(device))
+
+
 def wstream_launch(x2d, weight, y, cfg: dict, precision: str, accumulate: bool = True, pdl: bool = False,
                    has_bias: bool = False, trigger: bool = False) -> Launch:
     """The `_wstream_kernel` Launch for y [T, N] (+)= x2d [T, K] · weight [N, K]ᵀ (+ bias); called with
@@ -106,4 +115,4 @@ def wstream_launch(x2d, weight, y, cfg: dict, precision: str, accumulate: bool =
     )
 
 
-__all__ = ["wstream_config", "wstream_launch"]
+__all__ = ["wstream_config", "wstream_fits", "wstream_launch"]

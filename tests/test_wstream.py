@@ -49,3 +49,18 @@ def test_wstream_config_tiles():
     assert wstream_config(33, torch.bfloat16, True)["BLOCK_T"] == 64
     assert wstream_config(200, torch.bfloat16, True)["BLOCK_T"] == 64
     assert wstream_config(64, torch.float32, True)["BLOCK_K"] == 64
+
+
+def test_wstream_fits_shared_memory(monkeypatch):
+    """The 64-row bf16 pipeline (144 KiB) fits Hopper's 228 KiB per SM, not a 100 KiB one; the multi-LoRA default
+    then keeps cuBLAS (kernels/multi_lora.py)."""
+    from lora_fast.kernels import config, wstream
+
+    cfg = wstream_config(64, torch.bfloat16, is_cuda=True)
+    monkeypatch.setattr(config, "shared_memory_per_sm", lambda device: 233472)
+    assert wstream.wstream_fits(cfg, torch.bfloat16, "cuda:0")
+    monkeypatch.setattr(config, "shared_memory_per_sm", lambda device: 102400)
+    assert not wstream.wstream_fits(cfg, torch.bfloat16, "cuda:0")
+    assert wstream.wstream_fits(dict(cfg, num_stages=2), torch.bfloat16, "cuda:0")
+    monkeypatch.setattr(config, "shared_memory_per_sm", lambda device: 0)  # not reported: never assumed to fit
+    assert not wstream.wstream_fits(cfg, torch.bfloat16, "cuda:0")
