@@ -280,6 +280,35 @@ def graph_kernel_times(fns: Sequence[Callable[[], object]], replays: int = 20) -
     return out
 
 
+def graph_kernel_timeline(fns: Sequence[Callable[[], object]], replays: int = 20) -> list[tuple[str, float, float]]:
+    """(kernel name, start µs, end µs) of each kernel one call of `fns[i]` launches, relative to the call's first
+    kernel's start: medians over `replays` replays of a CUDA graph calling each of `fns` once (every call must
+    launch the same kernels), by torch.profiler. Shows which kernels of a call overlap (PDL) and its tail."""
+    import statistics
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = capture_graph(fns)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA and e.time_range.elapsed_us() > 0),
+                     key=lambda e: e.time_range.start)
+    calls = replays * len(fns)
+    if not kernels or len(kernels) % calls:
+        return []
+    per = len(kernels) // calls
+    groups = [kernels[i * per:(i + 1) * per] for i in range(calls)]
+    out = []
+    for j in range(per):
+        starts = [g[j].time_range.start - g[0].time_range.start for g in groups]
+        ends = [g[j].time_range.end - g[0].time_range.start for g in groups]
+        out.append((groups[0][j].name, statistics.median(starts), statistics.median(ends)))
+    return out
+
+
 def kernel_times_us(fns: Sequence[Callable[[], object]], rounds: int = 5) -> list[tuple[str, float]]:
     """(kernel name, GPU µs per call) of each kernel `fns` launch, by torch.profiler over `rounds` rounds of every
     function once (after one warm-up round), the time divided by the number of calls."""

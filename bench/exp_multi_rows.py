@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from bench import bench_multi_lora as bml  # noqa: E402
 from bench.common import (  # noqa: E402
-    bench_graph_us, capture_graph, format_table, graph_kernel_times, rel_err, write_json,
+    bench_graph_us, capture_graph, format_table, graph_kernel_timeline, graph_kernel_times, rel_err, write_json,
 )
 from lora_fast.kernels import multi_lora as kml  # noqa: E402
 from lora_fast.multi_lora import _multi_lora_torch, make_batch_metadata, multi_lora_linear  # noqa: E402
@@ -106,6 +106,24 @@ CONFIGS = {
     "wf_s4": dict(GEMM="first", W_num_stages=4),
     "wf_rows": dict(ROWS, GEMM="first"),
     "wf_seg": dict(BASE="addmm", EXPAND="segment", GEMM="first"),
+    # 2026-12-01 (fourteenth session): the W-stream GEMM first in launch order (y = X·Wᵀ + b from the call's
+    # start, letting the shrink start at once); the shrink's programs wait for it as they exit, and the expand
+    # (loading B before its wait) adds the term. R_S_STEPS: K slices per shrink program (fewer, lighter programs,
+    # which stay resident beside the GEMM until it ends); R_E_ELEMS: the expand's B tile
+    "wl": dict(GEMM="lead"),
+    "wl_s2": dict(GEMM="lead", R_S_STEPS=2),
+    "wl_s4": dict(GEMM="lead", R_S_STEPS=4),
+    "wl_k256s8": dict(GEMM="lead", R_S_ELEMS=4096, R_S_STEPS=8),
+    "wl_e8k": dict(GEMM="lead", R_E_ELEMS=8192),
+    "wl_s4_e8k": dict(GEMM="lead", R_S_STEPS=4, R_E_ELEMS=8192),
+    "wl_nopdl": dict(GEMM="lead", G_PDL=False),
+    "wl_seg": dict(BASE="addmm", EXPAND="segment", GEMM="lead"),
+    "wl_k256s8_e8k": dict(GEMM="lead", R_S_ELEMS=4096, R_S_STEPS=8, R_E_ELEMS=8192),
+    "wl_k128s16": dict(GEMM="lead", R_S_ELEMS=2048, R_S_STEPS=16),
+    "wl_k256s16": dict(GEMM="lead", R_S_ELEMS=4096, R_S_STEPS=16),
+    "wl_k512s4": dict(GEMM="lead", R_S_ELEMS=8192, R_S_STEPS=4),
+    "wl_k256s8_n64s4": dict(GEMM="lead", R_S_ELEMS=4096, R_S_STEPS=8, W_BLOCK_N=64, W_num_stages=4),
+    "wl_k256s8_s5": dict(GEMM="lead", R_S_ELEMS=4096, R_S_STEPS=8, W_num_stages=5),
     # the fused W-stream GEMM with the per-row gather epilogue (the <= 16-token path) with the skinny GEMM's
     # tile (all rows in one tile, BLOCK_K 128, 6 stages: 1.02x cuBLAS alone at 64 rows, exp_skinny_gemm)
     "fused64s6": dict(BASE="triton", EXPAND="fused", GATHER=True, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, GROUP_M=1,
@@ -185,6 +203,12 @@ def run_shape(T, n_ad, r, N, rounds, wanted=None, K=4096):
             info[name].update(check(prob, name))
             fns = [prob.provider("ours", s) for s in range(bml.WEIGHT_SETS)]
             info[name]["kernels"] = {k[:40]: round(us, 2) for k, _, us in graph_kernel_times(fns)}
+            # one call's kernels as (start, end) µs from its first kernel's start (shows the PDL overlap)
+            try:
+                info[name]["timeline"] = [(k[:40], round(a, 2), round(b, 2))
+                                          for k, a, b in graph_kernel_timeline(fns)]
+            except Exception:  # noqa: BLE001 - a diagnostic only
+                info[name]["timeline"] = traceback.format_exc()[-300:]
         except Exception:  # noqa: BLE001 - a config that fails is reported; the others still run
             info[name]["error"] = traceback.format_exc()[-400:]
             FAILURES.append(f"{name} T={T}: exception")
@@ -227,8 +251,9 @@ def main(argv=None):
         write_json("exp_multi_rows", rows, {"failures": FAILURES}, out_dir=args.out)
     print("== kernels per call (graph replays), default and rows")
     for row in rows:
-        if row["config"] in ("default", "segment", "rows") or row["config"].startswith(("ws", "wf", "fused")):
+        if row["config"] in ("default", "segment", "rows") or row["config"].startswith(("ws", "wf", "wl", "fused")):
             print(row["T"], row["adapters"], row["r"], row["N"], row["config"], row.get("kernels"))
+            print("    timeline (start, end µs):", row.get("timeline"))
     print("== graph ratios to F.linear")
     print(format_table(rows, ["T", "adapters", "r", "N", "config", "base_us", "graph_us", "ratio", "rel_err",
                               "replay_max_diff", "ok"]))

@@ -64,11 +64,12 @@ for mod in (helpers, lora_fwd, lora_bwd, nf4_gemv):
     if hasattr(mod, "pdl_enabled"):
         mod.pdl_enabled = lambda device: True
 nf4_dequant.prmt_available = lambda device: True
+config.shared_memory_per_sm = lambda device: 233472  # what torch reports on the H200 (the W-stream GEMM's guard)
 import lora_fast.kernels.multi_lora  # noqa: E402,F401 (not imported by the package itself)
 multi_lora = sys.modules["lora_fast.kernels.multi_lora"]
 multi_lora.pdl_enabled = lambda device: True
 multi_lora.get_config = lambda T, K, N, R_PAD, dtype, device: dict(
-    multi_lora._config(multi_lora._bucket(T), int(K), int(N), int(R_PAD), dtype, True))
+    multi_lora._config(multi_lora._bucket(T), int(K), int(N), int(R_PAD), dtype, True), **multi_lora._OVERRIDE)
 multi_lora._base_gemm = lambda *args: None  # cuBLAS's X·Wᵀ (a CPU GEMM of the real size would take minutes)
 torch.Tensor.addmm_ = lambda self, *args, **kwargs: self  # likewise the "addmm" path's last step
 nf4_gemv.lanes_unsupported = lambda x, w4: None
@@ -362,21 +363,28 @@ def case_rows():
     K.row_dots(A, A, B, B, torch.float32, torch.float32)
 
 
-def case_multi(T, S, r=R, n=ND, pool_layout=False):
-    """One multi-LoRA layer call (T tokens over S adapters of rank r) with the CUDA configs; cuBLAS's part skipped."""
+def case_multi(T, S, r=R, n=ND, pool_layout=False, **override):
+    """One multi-LoRA layer call (T tokens over S adapters of rank r) with the CUDA configs, `override`'s keys
+    replacing the table's; cuBLAS's part skipped."""
     from lora_fast.multi_lora import make_batch_metadata
 
     meta = make_batch_metadata((torch.arange(T) % S).to(torch.int32), S)
     B = t(S, r, n).transpose(1, 2) if pool_layout else t(S, n, r)  # the pool keeps Bt [S, R, N]
-    multi_lora.multi_lora_forward(t(T, KD), t(n, KD), t(n), t(S, 1, r, KD), B, t(S, dtype=torch.float32),
-                                  torch.full((S,), r, dtype=torch.int32), meta.perm, meta.seg_of, meta.seg_start,
-                                  meta.seg_adapter, (n,), adapter_ids=meta.adapter_ids)
+    multi_lora.set_config_override(override or None)
+    try:
+        multi_lora.multi_lora_forward(t(T, KD), t(n, KD), t(n), t(S, 1, r, KD), B, t(S, dtype=torch.float32),
+                                      torch.full((S,), r, dtype=torch.int32), meta.perm, meta.seg_of,
+                                      meta.seg_start, meta.seg_adapter, (n,), adapter_ids=meta.adapter_ids)
+    finally:
+        multi_lora.set_config_override(None)
 
 
 CASES = {
     "multi_16x16": lambda: case_multi(16, 16),
     "multi_64x64": lambda: case_multi(64, 64),
     "multi_64x64_pool": lambda: case_multi(64, 64, pool_layout=True),
+    "multi_64x64_lead": lambda: case_multi(64, 64, GEMM="lead"),
+    "multi_64x64_lead_s4": lambda: case_multi(64, 64, GEMM="lead", R_S_STEPS=4, R_E_ELEMS=8192),
     "multi_256x32": lambda: case_multi(256, 32),
     "multi_4096x32": lambda: case_multi(4096, 32),
     "fwd_m1": lambda: case_fwd_decode(1),

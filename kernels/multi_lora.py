@@ -25,9 +25,12 @@ Paths (no host sync in any of them; `_config` picks one per token bucket, measur
     the PDL wait. Tokens of one adapter each read its A and B (from L2 after the first).
   - from 128 tokens: `_shrink_kernel`, then `_expand_kernel` (one adapter per segment tile, B read once per tile,
     a loop over N tiles), where an adapter's many tokens share each read.
-  At 33-64 tokens (N <= 4096, 16-bit, with PDL) our W-stream GEMM (kernels/wstream.py) adds X·Wᵀ instead of
-  cuBLAS: a PDL consumer of the expand, it streams W while the LoRA kernels run and reads y only after them
-  (config GEMM="triton"; GEMM="first" puts it between the shrink and the expand instead, measured slower).
+  At 17-64 tokens (N <= 4096, 16-bit, with PDL) our W-stream GEMM (kernels/wstream.py) computes X·Wᵀ + b
+  instead of cuBLAS, launched *first* (config GEMM="lead"): W streams from the call's start while the rows
+  kernels run beside it as PDL consumers; each shrink program waits for the GEMM as it exits, so the expand,
+  which waits for the shrink, adds the term to a finished y. (GEMM="triton": the GEMM after the expand, adding
+  X·Wᵀ to y, still the default with the segment kernels at 64 tokens; GEMM="first": between the shrink and the
+  expand. Both measured slower than "lead" with the rows kernels.)
   (`EXPAND="delta"` computes xa inside the expand kernel instead of the shrink: one launch, measured slower.)
 * An older path kept as a config option and tested: cuBLAS, then the LoRA term added in place ("cublas"). (A
   side-stream variant, the LoRA term into an fp32 delta under cuBLAS's W stream then one add, was removed on
@@ -153,7 +156,7 @@ def _shrink_kernel(
     stride_wsk, stride_wsi, stride_wst,
     SEGS_P2: tl.constexpr, NUM_RCHUNKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    ACC: tl.constexpr, TRIGGER: tl.constexpr,
+    ACC: tl.constexpr, TRIGGER: tl.constexpr, WAIT_END: tl.constexpr,
 ):
     """xa_part[split, slice, p, r] = sum_{k in split} X[perm[p], k] * A[a, slice, r, k] for the rows p of one segment.
 
@@ -166,6 +169,8 @@ def _shrink_kernel(
     SEGS_P2: next_pow2(MAX_SEGS); NUM_RCHUNKS: R_PAD // BLOCK_R; BLOCK_M: rows per tile; BLOCK_R: rank chunk (16);
     BLOCK_K: K step; PRECISION: tl.dot input precision for fp32; ACC: accumulator dtype (fp32, fp64 for fp64).
     TRIGGER: let the PDL-launched `_fused_kernel` start now (it waits for ws before its epilogue).
+    WAIT_END: a PDL consumer of the W-stream GEMM launched before it (GEMM="lead"): every program waits for it
+    before exiting (see `_shrink_rows_kernel`).
     """
     gdc_launch_dependents_if(TRIGGER)
     pid_tile = tl.program_id(0)
@@ -173,10 +178,12 @@ def _shrink_kernel(
     pid_k = tl.program_id(2).to(tl.int64)
     seg, row0, row_end = _segment_tile(pid_tile, seg_start_ptr, MAX_SEGS, SEGS_P2, BLOCK_M)
     if seg >= MAX_SEGS:
+        gdc_wait_if(WAIT_END)
         return
     adapter = tl.load(seg_adapter_ptr + seg)
     slice_id, r0, rank = _rank_chunk(adapter, pid_sr, ranks_ptr, NUM_RCHUNKS, BLOCK_R)
     if r0 >= rank:  # past the adapter's true rank, or a base-only segment
+        gdc_wait_if(WAIT_END)
         return
 
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -196,6 +203,7 @@ def _shrink_kernel(
     ws = ws_ptr + pid_k * stride_wsk + slice_id.to(tl.int64) * stride_wsi \
         + rows.to(tl.int64)[:, None] * stride_wst + offs_r[None, :]
     tl.store(ws, acc, mask=row_mask[:, None] & r_mask[None, :])
+    gdc_wait_if(WAIT_END)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -437,19 +445,23 @@ def _shrink_rows_kernel(
     stride_xt, stride_xk,
     stride_as, stride_ai, stride_ar, stride_ak,
     stride_wsk, stride_wsi, stride_wst,
-    NUM_RCHUNKS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
-    TRIGGER: tl.constexpr,
+    NUM_RCHUNKS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr,
+    ACC: tl.constexpr, TRIGGER: tl.constexpr, WAIT_END: tl.constexpr,
 ):
     """xa_part[split, slice, t, r] = sum_{k in split} X[t, k] * A[ids[t], slice, r, k], one token t per program, on
     the FMA units: the decode shrink ("rows").
 
-    Each program loads its whole [BLOCK_R, BLOCK_K] slice of A and BLOCK_K columns of X's row at once (no K loop:
-    every byte of the program is in flight together) after a two-load chain (ids -> rank). Tokens of one adapter
+    Each program loads its whole [BLOCK_R, BLOCK_K] slice of A and BLOCK_K columns of X's row at once (K_STEPS 1,
+    no K loop: every byte of the program is in flight together) after a two-load chain (ids -> rank); with K_STEPS
+    > 1 it walks K_STEPS such slices in turn (fewer programs and registers, for GEMM="lead", where the shrink's
+    programs stay on the SMs beside the W-stream GEMM until it ends). Tokens of one adapter
     each read its A slice (from L2 after the first): meant for decode, where adapters are many and segments short.
     Pointers and strides as in `_shrink_kernel`, but the workspace rows are tokens, not sorted positions; ids int32
-    [T] (the batch metadata's `adapter_ids`: -1 = base only). Grid: (T, slices * NUM_RCHUNKS, cdiv(K, BLOCK_K));
-    split = program_id(2). BLOCK_R: rank chunk (RANK_CHUNK); a chunk at or past the adapter's true rank exits, as
-    do base-only tokens.
+    [T] (the batch metadata's `adapter_ids`: -1 = base only). Grid: (T, slices * NUM_RCHUNKS,
+    cdiv(K, BLOCK_K * K_STEPS)); split = program_id(2). BLOCK_R: rank chunk (RANK_CHUNK); a chunk at or past the adapter's true rank exits, as
+    do base-only tokens. WAIT_END: a PDL consumer of the W-stream GEMM (GEMM="lead"), which it does not read:
+    every program waits for that GEMM before it exits, so that this grid's end implies the GEMM's, and the expand
+    after it (which waits for this grid) sees y.
     """
     gdc_launch_dependents_if(TRIGGER)
     token = tl.program_id(0).to(tl.int64)
@@ -458,18 +470,23 @@ def _shrink_rows_kernel(
     adapter = tl.load(ids_ptr + token)
     slice_id, r0, rank = _rank_chunk(adapter, pid_sr, ranks_ptr, NUM_RCHUNKS, BLOCK_R)
     if r0 >= rank:  # past the adapter's true rank, or a base-only token
+        gdc_wait_if(WAIT_END)
         return
     offs_r = r0 + tl.arange(0, BLOCK_R)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     r_mask = offs_r < rank
-    k_mask = offs_k < K
-    x = tl.load(x_ptr + token * stride_xt + offs_k.to(tl.int64) * stride_xk, mask=k_mask, other=0.0)
-    a = tl.load(a_ptr + adapter.to(tl.int64) * stride_as + slice_id.to(tl.int64) * stride_ai
-                + offs_r.to(tl.int64)[:, None] * stride_ar + offs_k.to(tl.int64)[None, :] * stride_ak,
-                mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-    xa = tl.sum(a.to(ACC) * x.to(ACC)[None, :], 1)
+    a_rows = a_ptr + adapter.to(tl.int64) * stride_as + slice_id.to(tl.int64) * stride_ai \
+        + offs_r.to(tl.int64)[:, None] * stride_ar
+    xa = tl.zeros((BLOCK_R,), dtype=ACC)
+    for step in range(K_STEPS):
+        offs_k = (pid_k * K_STEPS + step) * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_ptr + token * stride_xt + offs_k.to(tl.int64) * stride_xk, mask=k_mask, other=0.0)
+        a = tl.load(a_rows + offs_k.to(tl.int64)[None, :] * stride_ak, mask=r_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        xa += tl.sum(a.to(ACC) * x.to(ACC)[None, :], 1)
     ws = ws_ptr + pid_k.to(tl.int64) * stride_wsk + slice_id.to(tl.int64) * stride_wsi + token * stride_wst
     tl.store(ws + offs_r, xa, mask=r_mask)
+    gdc_wait_if(WAIT_END)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -622,14 +639,24 @@ def _config(t_bucket: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, is_cu
     if t_bucket in (32, 64) and R_PAD * (K + N) <= 1 << 19:
         cfg.update(EXPAND="rows", R_S_ELEMS=8192 if R_PAD <= RANK_CHUNK else 16384, R_E_ELEMS=16384,
                    r_s_num_warps=4, r_e_num_warps=4)
-    # 33-64 tokens, N <= 4096, 16-bit operands: our W-stream GEMM (kernels/wstream.py) adds X·Wᵀ instead of cuBLAS,
-    # a PDL consumer of the expand (with PDL only: without it, 1.71x at 64/64). H200, graphs, two runs
-    # (`results/exp_multi_rows_wstream.json`, `exp_multi_rows_wstream_first.json`): 64/64 1.67-1.68x -> 1.60-1.61x,
-    # 64/1 1.49x -> 1.46-1.47x, 64/64 at r = 64 within noise; it lost at N = 14336 (1.41x -> 1.71-1.72x) and at 32
-    # tokens (1.72-1.78x -> 1.85x)
-    if t_bucket == 64 and N <= 4096 and not big:
-        cfg.update(GEMM="triton", G_ONLY_PDL=True,
-                   **{f"W_{k}": v for k, v in wstream_config(t_bucket, dtype, is_cuda).items()})
+    # 17-64 tokens, N <= 4096, 16-bit operands: our W-stream GEMM (kernels/wstream.py) computes X·Wᵀ + b first,
+    # from the call's start, and the rows kernels run beside it as PDL consumers ("lead"; with PDL only). The
+    # shrink walks K in 8 steps of 256 columns (2 splits at K = 4096: 128 light programs that stay resident next
+    # to the GEMM until it ends) and the expand's B tiles are 8K elements. H200, graphs over 8 weight sets, two
+    # runs (`results/exp_multi_rows_lead*.json`, bench/NOTES.md fourteenth session), against the earlier default
+    # (the GEMM after the expand at 64 tokens, cuBLAS at 32): 64/64 1.59-1.60x -> 1.52x, 32/32 1.68-1.75x ->
+    # 1.35x, 64/8 1.47x -> 1.36x, 64/64 at r = 64 2.67-2.70x -> 2.36x. Timeline at 64/64: the GEMM runs 0-15.9 µs
+    # (12.2 alone; the mix moves 48 MiB at ~3 TB/s), the expand ends 2.2 µs after it. It lost at N = 14336
+    # (1.41x -> 1.65x, where cuBLAS stays).
+    # Where the segment kernels serve 64 tokens (large rank x (K + N)), the GEMM after the expand ("triton", the
+    # thirteenth session's default: 64/64 1.67-1.68x -> 1.60-1.61x against cuBLAS) stays: "lead" with the
+    # segment kernels measured 1.78x at 64/64.
+    if t_bucket in (32, 64) and N <= 4096 and not big:
+        wtiles = {f"W_{k}": v for k, v in wstream_config(t_bucket, dtype, is_cuda).items()}
+        if cfg.get("EXPAND") == "rows":
+            cfg.update(GEMM="lead", G_ONLY_PDL=True, R_S_ELEMS=4096, R_S_STEPS=8, R_E_ELEMS=8192, **wtiles)
+        elif t_bucket == 64:
+            cfg.update(GEMM="triton", G_ONLY_PDL=True, **wtiles)
     return cfg
 
 
@@ -733,7 +760,7 @@ class _Plan:
             # the decode kernels: one token per program, whole chunks of A and B at once; the workspace rows are
             # tokens, and its split count is set by the shrink's K chunk
             cfg["R_BLOCK_K"] = _rows_block_k(K, cfg.get("R_S_ELEMS", 8192))
-            cfg["SPLIT_K"] = cdiv(K, cfg["R_BLOCK_K"])
+            cfg["SPLIT_K"] = cdiv(K, cfg["R_BLOCK_K"] * cfg.get("R_S_STEPS", 1))
         # PDL pairs: our GEMM after the shrink (it streams W while the shrink runs and waits for ws only in its
         # epilogue); the addmm path's expand after the shrink (its metadata and first B tile load meanwhile)
         if base == "addmm":
@@ -745,12 +772,17 @@ class _Plan:
         # them; "first", between the shrink and the expand: y = X·Wᵀ + b, launched with PDL right after the shrink
         # (which lets it start at once) and letting the expand start at once too, which loads B meanwhile and adds
         # the term to y once the GEMM is done. The GEMM waits for the shrink before its epilogue, so that the
-        # expand's wait (for the GEMM) covers the shrink's workspace too.
+        # expand's wait (for the GEMM) covers the shrink's workspace too. "lead": the GEMM first (y = X·Wᵀ + b),
+        # letting the shrink start at once; the shrink's programs wait for the GEMM only as they exit, so that the
+        # expand (which loads B before its wait) sees y once the shrink is done. W's stream starts at the call's
+        # start and no LoRA kernel holds the SMs it needs.
         self.gemm = cfg.get("GEMM", "cublas") if base == "addmm" else None
-        if self.gemm not in (None, "cublas", "triton", "first"):
-            raise ValueError(f"config GEMM must be 'cublas', 'triton' or 'first', got {self.gemm!r}")
-        self.gemm_pdl = self.gemm in ("triton", "first") and cfg.get("G_PDL", True) and pdl_enabled(x2d.device)
-        if self.gemm == "triton" and cfg.get("G_ONLY_PDL") and not (
+        if self.gemm not in (None, "cublas", "triton", "first", "lead"):
+            raise ValueError(f"config GEMM must be 'cublas', 'triton', 'first' or 'lead', got {self.gemm!r}")
+        if self.gemm == "lead" and self.expand == "delta":
+            raise ValueError("config GEMM='lead' needs a shrink kernel: EXPAND 'rows' or 'segment', not 'delta'")
+        self.gemm_pdl = self.gemm in ("triton", "first", "lead") and cfg.get("G_PDL", True) and pdl_enabled(x2d.device)
+        if self.gemm in ("triton", "lead") and cfg.get("G_ONLY_PDL") and not (
                 self.gemm_pdl and wstream_fits(self._wstream_tiles(x2d), x2d.dtype, x2d.device)):
             # the default's choice: without PDL cuBLAS is faster; and its 6-stage pipeline (144 KiB at bf16) does
             # not fit a GPU with less shared memory per SM than Hopper's
@@ -769,12 +801,15 @@ class _Plan:
         if self.launches is None:
             self.launches = self._build(x2d, weight, lora_A, lora_B, bias, ws, out)
         shrink, second, gemm = self.launches
+        if self.gemm == "lead":  # y = X·Wᵀ + b first, then the LoRA kernels (the expand adds the term to y)
+            gemm(x2d, weight, bias if bias is not None else weight, out)
         if self.expand == "rows":
             shrink(x2d, lora_A, ws, adapter_ids, ranks)
         elif shrink is not None:
             shrink(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks)
-        if self.gemm == "first":  # y = X·Wᵀ + b, then the expand adds the LoRA term to it
-            gemm(x2d, weight, bias if bias is not None else weight, out)
+        if self.gemm in ("first", "lead"):  # ("first": y = X·Wᵀ + b now) the expand adds the LoRA term to y
+            if self.gemm == "first":
+                gemm(x2d, weight, bias if bias is not None else weight, out)
             if self.expand == "rows":
                 second(lora_B, lora_B, ws, out, adapter_ids, ranks, scalings)
             else:
@@ -813,30 +848,37 @@ class _Plan:
         """(shrink Launch or None, expand or fused Launch, W-stream GEMM Launch or None) for this signature, from
         one call's tensors."""
         cfg, precision, base = self.cfg, self.precision, self.base
-        first = self.gemm == "first"
-        # who lets whom start early (PDL): shrink -> expand -> GEMM, or shrink -> GEMM -> expand ("first")
-        shrink_trigger = self.gemm_pdl if first else self.pdl
-        expand_pdl, expand_trigger = (self.gemm_pdl, False) if first else (self.pdl, self.gemm_pdl)
-        expand_bias = None if first or base != "addmm" else bias
+        first, lead = self.gemm == "first", self.gemm == "lead"
+        # who lets whom start early (PDL): shrink -> expand -> GEMM, shrink -> GEMM -> expand ("first"), or
+        # GEMM -> shrink -> expand ("lead")
+        shrink_trigger = self.gemm_pdl if first or lead else self.pdl
+        expand_pdl, expand_trigger = (self.gemm_pdl, False) if first or lead else (self.pdl, self.gemm_pdl)
+        after_gemm = first or lead  # the expand adds the term to y = X·Wᵀ + b
+        expand_bias = None if after_gemm or base != "addmm" else bias
+        wait_end = lead and self.gemm_pdl
         if ws is None:
             shrink = None
         elif self.expand == "rows":
-            shrink = _shrink_rows_launch(x2d, lora_A, ws, cfg, trigger=shrink_trigger)
+            shrink = _shrink_rows_launch(x2d, lora_A, ws, cfg, trigger=shrink_trigger, wait_end=wait_end)
         else:
-            shrink = _shrink_launch(x2d, lora_A, ws, cfg, precision, trigger=shrink_trigger)
+            shrink = _shrink_launch(x2d, lora_A, ws, cfg, precision, trigger=shrink_trigger, wait_end=wait_end)
         if self.expand == "rows":
             second = _expand_rows_launch(x2d, lora_B, expand_bias, ws, target, self.slice_sizes, cfg,
-                                         pdl=expand_pdl, trigger=expand_trigger, accumulate=first)
+                                         pdl=expand_pdl, trigger=expand_trigger, accumulate=after_gemm)
         elif self.expand == "fused":
             second = _fused_launch(x2d, weight, bias, lora_B, ws, target, self.slice_sizes, cfg, precision,
                                    int(base == "cublas"), pdl=self.pdl)
         else:
             second = _expand_launch(x2d, lora_A, lora_B, expand_bias, ws, target, self.slice_sizes, cfg, precision,
-                                    accumulate=base == "cublas" or first, pdl=expand_pdl, trigger=expand_trigger)
+                                    accumulate=base == "cublas" or after_gemm, pdl=expand_pdl,
+                                    trigger=expand_trigger)
         gemm = None
-        if self.gemm in ("triton", "first"):
+        if self.gemm in ("triton", "first", "lead"):
             wcfg = self._wstream_tiles(x2d)
-            if first:
+            if lead:
+                gemm = wstream_launch(x2d, weight, target, wcfg, precision, accumulate=False, pdl=False,
+                                      has_bias=bias is not None, trigger=self.gemm_pdl)
+            elif first:
                 gemm = wstream_launch(x2d, weight, target, wcfg, precision, accumulate=False,
                                       pdl=self.gemm_pdl and shrink is not None, has_bias=bias is not None,
                                       trigger=self.gemm_pdl)
@@ -877,9 +919,11 @@ def _rows_block_k(K: int, elems: int) -> int:
     return max(16, min(next_pow2(K), next_pow2(max(1, elems // RANK_CHUNK))))
 
 
-def _shrink_rows_launch(x2d, lora_A, ws, cfg, trigger=False):
+def _shrink_rows_launch(x2d, lora_A, ws, cfg, trigger=False, wait_end=False):
     """The `_shrink_rows_kernel` Launch: ws[split, slice, t, :rank] over one K chunk of R_BLOCK_K columns per
-    program; called with the `_SHRINK_ROWS_SLOTS` tensors. The tensors give shapes and strides only."""
+    program; called with the `_SHRINK_ROWS_SLOTS` tensors. trigger: the next launch is a PDL consumer; wait_end: a
+    PDL consumer of the kernel before it, waited for only at each program's end. The tensors give shapes and
+    strides only."""
     T, K = x2d.shape
     split_k, n_slices, _, R_PAD = ws.shape
     num_rchunks = R_PAD // RANK_CHUNK
@@ -890,8 +934,9 @@ def _shrink_rows_launch(x2d, lora_A, ws, cfg, trigger=False):
         x2d.stride(0), x2d.stride(1),
         *lora_A.stride(),
         ws.stride(0), ws.stride(1), ws.stride(2),
-        NUM_RCHUNKS=num_rchunks, BLOCK_R=RANK_CHUNK, BLOCK_K=cfg["R_BLOCK_K"], ACC=acc_dtype(x2d.dtype),
-        TRIGGER=trigger, num_warps=cfg.get("r_s_num_warps", 4), num_stages=1,
+        NUM_RCHUNKS=num_rchunks, BLOCK_R=RANK_CHUNK, BLOCK_K=cfg["R_BLOCK_K"], K_STEPS=cfg.get("R_S_STEPS", 1),
+        ACC=acc_dtype(x2d.dtype), TRIGGER=trigger, WAIT_END=wait_end, num_warps=cfg.get("r_s_num_warps", 4), num_stages=1,
+        **({"launch_pdl": True} if wait_end else {}),
     )
 
 
@@ -975,10 +1020,10 @@ def _expand_launch(x2d, lora_A, lora_B, bias, ws, target, slice_sizes, cfg, prec
     )
 
 
-def _shrink_launch(x2d, lora_A, ws, cfg, precision, trigger=False):
+def _shrink_launch(x2d, lora_A, ws, cfg, precision, trigger=False, wait_end=False):
     """The `_shrink_kernel` Launch: ws[split, slice, p, :rank] = X[perm[p]] @ A[a, slice, :rank]ᵀ over one K split;
-    called with the `_SHRINK_SLOTS` tensors. trigger: the next launch is a PDL consumer. The tensors give shapes and
-    strides only."""
+    called with the `_SHRINK_SLOTS` tensors. trigger: the next launch is a PDL consumer; wait_end: a PDL consumer
+    of the kernel before it, waited for only at each program's end. The tensors give shapes and strides only."""
     T, K = x2d.shape
     split_k, n_slices, _, R_PAD = ws.shape
     max_segs = cfg["_max_segs"]
@@ -994,8 +1039,8 @@ def _shrink_launch(x2d, lora_A, ws, cfg, precision, trigger=False):
         ws.stride(0), ws.stride(1), ws.stride(2),
         SEGS_P2=next_pow2(max_segs), NUM_RCHUNKS=num_rchunks,
         BLOCK_M=cfg["S_BLOCK_M"], BLOCK_R=RANK_CHUNK, BLOCK_K=cfg["S_BLOCK_K"], PRECISION=precision,
-        ACC=acc_dtype(x2d.dtype), TRIGGER=trigger,
-        num_warps=cfg["s_num_warps"], num_stages=cfg["s_num_stages"],
+        ACC=acc_dtype(x2d.dtype), TRIGGER=trigger, WAIT_END=wait_end,
+        num_warps=cfg["s_num_warps"], num_stages=cfg["s_num_stages"], **({"launch_pdl": True} if wait_end else {}),
     )
 
 

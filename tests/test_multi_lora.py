@@ -29,12 +29,15 @@ def _nan_workspace(monkeypatch):
 # the expand reading the shrink's partials or computing xa itself ("delta"), and the decode kernels with one sorted
 # row per program ("rows": small chunks here, so that K and N take several programs and the tails are masked), and
 # our W-stream GEMM (kernels/wstream.py) adding X·Wᵀ instead of cuBLAS, or writing X·Wᵀ + b before the expand
-# adds the term ("first").
+# adds the term ("first"), or before the shrink too ("lead", the GPU default at 17-64 tokens, its shrink walking K
+# in steps).
 PATHS = {"triton": None, "addmm": dict(BASE="addmm", EXPAND="segment"),
          "addmm_delta": dict(BASE="addmm", EXPAND="delta", D_CHUNKS=3),
          "addmm_rows": dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=256, R_E_ELEMS=512),
          "rows_wstream": dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=256, R_E_ELEMS=512, GEMM="triton"),
-         "rows_gemm_first": dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=256, R_E_ELEMS=512, GEMM="first")}
+         "rows_gemm_first": dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=256, R_E_ELEMS=512, GEMM="first"),
+         "rows_gemm_lead": dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=128, R_S_STEPS=2, R_E_ELEMS=512,
+                                GEMM="lead")}
 
 
 @pytest.fixture(params=list(PATHS))
@@ -299,7 +302,10 @@ def test_pool_and_module_mixed_ranks_and_slices():
                                      dict(BASE="addmm", EXPAND="rows", GEMM="triton", W_BLOCK_T=32),
                                      dict(BASE="addmm", EXPAND="segment", GEMM="first", W_BLOCK_K=16),
                                      dict(BASE="addmm", EXPAND="delta", GEMM="first", D_CHUNKS=3),
-                                     dict(BASE="addmm", EXPAND="rows", GEMM="first", SPLIT_K=3)])
+                                     dict(BASE="addmm", EXPAND="rows", GEMM="first", SPLIT_K=3),
+                                     dict(BASE="addmm", EXPAND="segment", GEMM="lead", W_BLOCK_K=16),
+                                     dict(BASE="addmm", EXPAND="rows", GEMM="lead", SPLIT_K=3, W_BLOCK_T=32),
+                                     dict(BASE="addmm", EXPAND="rows", GEMM="lead", R_S_ELEMS=128, R_S_STEPS=2)])
 def test_epilogue_and_base_variants(variant):
     """The per-row gather epilogue (decode), the cuBLAS-base + LoRA-epilogue paths and the addmm path (bias +
     LoRA term written first, cuBLAS adds X·Wᵀ; xa from the shrink or computed in the expand) agree too."""
@@ -317,7 +323,8 @@ def test_epilogue_and_base_variants(variant):
 @pytest.mark.parametrize("variant", [dict(BASE="cublas"), dict(BASE="cublas", EXPAND="segment"),
                                      dict(BASE="addmm", EXPAND="segment"), dict(BASE="addmm", EXPAND="delta"),
                                      dict(BASE="addmm", EXPAND="rows", GEMM="triton"),
-                                     dict(BASE="addmm", EXPAND="rows", GEMM="first")])
+                                     dict(BASE="addmm", EXPAND="rows", GEMM="first"),
+                                     dict(BASE="addmm", EXPAND="rows", GEMM="lead")])
 def test_module_with_trainable_base_on_cublas_paths(variant):
     """A MultiLoRALinear built from a plain nn.Linear (weight and bias still require grad) runs the cuBLAS base
     paths outside no_grad: the base GEMM writing into the output buffer must not meet autograd (H100 regression)."""
@@ -409,20 +416,39 @@ def test_python_scalings_inside_a_graph_capture_get_a_named_error(monkeypatch):
 
 
 def test_wstream_gemm_default_needs_pdl():
-    """The GPU default at 33-64 tokens (N <= 4096, 16-bit) asks for our W-stream GEMM only as a PDL consumer; where
-    PDL is off (here: the interpreter) the plan takes cuBLAS instead, with the same result. An explicit GEMM="triton"
-    runs the W-stream GEMM whatever PDL does."""
-    cfg = kml._config(64, 4096, 4096, 16, torch.bfloat16, True)
-    assert cfg["GEMM"] == "triton" and cfg["G_ONLY_PDL"]
+    """The GPU default at 17-64 tokens (N <= 4096, 16-bit) runs our W-stream GEMM first ("lead", with the rows
+    kernels; "triton" after the expand where the segment kernels serve 64 tokens), but only with PDL: where PDL is
+    off (here: the interpreter) the plan takes cuBLAS instead, with the same result. An explicit GEMM runs the
+    W-stream GEMM whatever PDL does."""
+    for T in (32, 64):
+        cfg = kml._config(T, 4096, 4096, 16, torch.bfloat16, True)
+        assert cfg["GEMM"] == "lead" and cfg["G_ONLY_PDL"] and cfg["EXPAND"] == "rows"
+        assert cfg["R_S_STEPS"] > 1
+    cfg = kml._config(64, 4096, 4096, 128, torch.bfloat16, True)  # rank x (K + N) too large for the rows kernels
+    assert cfg["GEMM"] == "triton" and cfg["EXPAND"] == "segment"
     assert "GEMM" not in kml._config(64, 4096, 14336, 16, torch.bfloat16, True)
-    assert "GEMM" not in kml._config(32, 4096, 4096, 16, torch.bfloat16, True)
+    assert "GEMM" not in kml._config(64, 4096, 4096, 16, torch.float32, True)
     T, S, R, K, N = 7, 3, 16, 40, 24
     x, W, b, A, B, scal, ranks, ids = make_case(T, S, R, K, N, torch.float32, seed=91, mixed_ranks=True)
     ref = multi_lora_linear_reference(x, W, b, A, B, scal, ids, ranks)
-    for gemm_cfg, expected in ((dict(GEMM="triton", G_ONLY_PDL=True), "cublas"), (dict(GEMM="triton"), "triton")):
+    for gemm_cfg, expected in ((dict(GEMM="triton", G_ONLY_PDL=True), "cublas"), (dict(GEMM="triton"), "triton"),
+                               (dict(GEMM="lead", G_ONLY_PDL=True), "cublas"), (dict(GEMM="lead"), "lead")):
         kml.set_config_override(dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=256, **gemm_cfg))
         try:
             assert_close(run(x, W, b, A, B, scal, ranks, ids), ref, torch.float32, str(gemm_cfg))
             assert [p.gemm for p in kml._PLANS.values()] == [expected]
         finally:
             kml.set_config_override(None)
+
+
+def test_gemm_lead_needs_a_shrink():
+    """GEMM="lead" (the W-stream GEMM first, the shrink waiting for it as its programs exit) has no shrink to carry
+    that wait with the "delta" expand, which computes xa itself: refused with a clear error, not run unordered."""
+    T, S, R, K, N = 5, 2, 16, 32, 16
+    x, W, b, A, B, scal, ranks, ids = make_case(T, S, R, K, N, torch.float32, seed=93)
+    kml.set_config_override(dict(BASE="addmm", EXPAND="delta", GEMM="lead"))
+    try:
+        with pytest.raises(ValueError, match="GEMM='lead' needs a shrink kernel"):
+            run(x, W, b, A, B, scal, ranks, ids)
+    finally:
+        kml.set_config_override(None)
