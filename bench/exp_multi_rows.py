@@ -124,6 +124,27 @@ CONFIGS = {
     "wl_k512s4": dict(GEMM="lead", R_S_ELEMS=8192, R_S_STEPS=4),
     "wl_k256s8_n64s4": dict(GEMM="lead", R_S_ELEMS=4096, R_S_STEPS=8, W_BLOCK_N=64, W_num_stages=4),
     "wl_k256s8_s5": dict(GEMM="lead", R_S_ELEMS=4096, R_S_STEPS=8, W_num_stages=5),
+    # "lead" at 128-256 tokens with the segment kernels, and W-stream tiles of more rows
+    "wl_seg_t128": dict(BASE="addmm", EXPAND="segment", GEMM="lead", W_BLOCK_T=128, W_num_stages=4),
+    "wl_seg_t128w8": dict(BASE="addmm", EXPAND="segment", GEMM="lead", W_BLOCK_T=128, W_num_stages=4,
+                          W_num_warps=8),
+    "wl_seg_t128n64": dict(BASE="addmm", EXPAND="segment", GEMM="lead", W_BLOCK_T=128, W_BLOCK_N=64,
+                           W_BLOCK_K=64, W_num_stages=5, W_num_warps=8),
+    "wl_seg_t256k64": dict(BASE="addmm", EXPAND="segment", GEMM="lead", W_BLOCK_T=256, W_BLOCK_N=32,
+                           W_BLOCK_K=64, W_num_stages=4, W_num_warps=8),
+    "wl_rows_k256s8": dict(ROWS, GEMM="lead", R_S_ELEMS=4096, R_S_STEPS=8, R_E_ELEMS=8192),
+    # "first" (shrink -> GEMM -> expand, the GEMM waiting for the shrink before its epilogue) with the light shrink
+    # of "lead": one grid completion fewer on the tail; and the lead GEMM's K step
+    "wf_k256s8_e8k": dict(GEMM="first", R_S_ELEMS=4096, R_S_STEPS=8, R_E_ELEMS=8192),
+    "wl_wk256s3": dict(GEMM="lead", W_BLOCK_K=256, W_num_stages=3),
+    "wl_wk64s12": dict(GEMM="lead", W_BLOCK_K=64, W_num_stages=12),
+    "wl_wk128s7": dict(GEMM="lead", W_num_stages=7),
+    # "lead" where W's N tiles outnumber the SMs (N = 14336: 448 tiles): the W-stream GEMM persistent, at most
+    # W_programs programs walking the tiles
+    "wl_p132": dict(GEMM="lead", W_programs=132, R_S_ELEMS=4096, R_S_STEPS=8, R_E_ELEMS=8192),
+    "wl_p128": dict(GEMM="lead", W_programs=128, R_S_ELEMS=4096, R_S_STEPS=8, R_E_ELEMS=8192),
+    "wl_p132_s4": dict(GEMM="lead", W_programs=132, W_num_stages=4, R_S_ELEMS=4096, R_S_STEPS=8, R_E_ELEMS=8192),
+    "wl_np": dict(GEMM="lead", R_S_ELEMS=4096, R_S_STEPS=8, R_E_ELEMS=8192),
     # the fused W-stream GEMM with the per-row gather epilogue (the <= 16-token path) with the skinny GEMM's
     # tile (all rows in one tile, BLOCK_K 128, 6 stages: 1.02x cuBLAS alone at 64 rows, exp_skinny_gemm)
     "fused64s6": dict(BASE="triton", EXPAND="fused", GATHER=True, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, GROUP_M=1,

@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench.common import bench_graph_us, capture_graph, graph_kernel_times, rel_err  # noqa: E402
+from bench.common import (  # noqa: E402
+    bench_graph_us, capture_graph, graph_kernel_timeline, graph_kernel_times, rel_err,
+)
 from bench.exp_nf4_decode import weight_sets  # noqa: E402
 from lora_fast.kernels import config as kconfig  # noqa: E402
 from lora_fast.kernels import helpers as khelpers  # noqa: E402
@@ -201,6 +203,9 @@ def kernel_profile(dev):
     for name, fns in providers:
         for kernel, calls, us in graph_kernel_times(fns):
             rows.append({"provider": name, "kernel": kernel[:70], "calls_per_op": calls, "us_per_call": us})
+        # one call's kernels as (start, end) µs from its first kernel's start: does the GEMV wait for the shrink?
+        rows.append({"provider": name, "timeline": [(k[:40], round(a, 2), round(b, 2))
+                                                    for k, a, b in graph_kernel_timeline(fns)]})
     return rows
 
 
@@ -224,7 +229,10 @@ def main():
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "checks": check_rows,
                    "decode": time_rows, "profile": prof_rows}, f, indent=1)
     for r in prof_rows:
-        print(f"{r['provider']:<6} {r['kernel']:<70} x{r['calls_per_op']:.1f} {r['us_per_call']:7.2f} us")
+        if "timeline" in r:
+            print(f"{r['provider']:<6} timeline (start, end µs): {r['timeline']}")
+        else:
+            print(f"{r['provider']:<6} {r['kernel']:<70} x{r['calls_per_op']:.1f} {r['us_per_call']:7.2f} us")
     for r in time_rows:
         if "error" in r:
             print(f"{r['shape']:>12} {r['variant']:<40} ERROR {r['error']}")

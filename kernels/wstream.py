@@ -18,30 +18,15 @@ from .helpers import acc_dtype, cdiv, dot, gdc_launch_dependents_if, gdc_wait_if
 from .launch import Launch
 
 
-@triton.jit(do_not_specialize=["T"])
-def _wstream_kernel(
-    x_ptr, w_ptr, bias_ptr, y_ptr,
-    T, N, K,
-    stride_xt, stride_xk, stride_wn, stride_wk, stride_yt, stride_yn,
-    ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, GDC_WAIT: tl.constexpr, TRIGGER: tl.constexpr,
-    EVEN_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, ACC: tl.constexpr,
-):
-    """Y[t, n] = (Y[t, n] if ACCUMULATE else b[n] if HAS_BIAS else 0) + sum_k X[t, k] · W[n, k], rounded once to
-    Y's dtype.
-
-    x [T, K], w [N, K], bias [N], y [T, N] (any strides). Grid: (cdiv(T, BLOCK_T) * cdiv(N, BLOCK_N),), the row
-    tiles of one N tile next to each other, so that they read W's tile from L2 after the first. T: rows (not
-    specialised). EVEN_K: K % BLOCK_K == 0 (no column mask in the loop). GDC_WAIT: launched with PDL after another
-    kernel: the K loop runs meanwhile, and y is read and written only after the wait (so this kernel ends after
-    that one). TRIGGER: let the PDL-launched kernel after this one start now. PRECISION: tl.dot precision for
-    fp32 operands; ACC: accumulator dtype.
-    """
-    gdc_launch_dependents_if(TRIGGER)
-    pid = tl.program_id(0)
+@triton.jit
+def _wstream_tile(x_ptr, w_ptr, bias_ptr, y_ptr, tile, T, N, K, stride_xt, stride_xk, stride_wn, stride_wk,
+                  stride_yt, stride_yn, ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, GDC_WAIT: tl.constexpr,
+                  EVEN_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """One [BLOCK_T, BLOCK_N] tile of `_wstream_kernel` (tile: its index, row tiles of one N tile adjacent)."""
     num_t = tl.cdiv(T, BLOCK_T)
-    pid_t = pid % num_t
-    pid_n = pid // num_t
+    pid_t = tile % num_t
+    pid_n = tile // num_t
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -71,6 +56,40 @@ def _wstream_kernel(
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
+@triton.jit(do_not_specialize=["T"])
+def _wstream_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr,
+    T, N, K,
+    stride_xt, stride_xk, stride_wn, stride_wk, stride_yt, stride_yn,
+    ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, GDC_WAIT: tl.constexpr, TRIGGER: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, PERSISTENT: tl.constexpr,
+):
+    """Y[t, n] = (Y[t, n] if ACCUMULATE else b[n] if HAS_BIAS else 0) + sum_k X[t, k] · W[n, k], rounded once to
+    Y's dtype.
+
+    x [T, K], w [N, K], bias [N], y [T, N] (any strides). Grid: (cdiv(T, BLOCK_T) * cdiv(N, BLOCK_N),), the row
+    tiles of one N tile next to each other, so that they read W's tile from L2 after the first; PERSISTENT: fewer
+    programs (about one per SM), each walking tiles pid, pid + programs, ... (no wave of late programs where the
+    tiles outnumber the SMs). T: rows (not specialised). EVEN_K: K % BLOCK_K == 0 (no column mask in the loop).
+    GDC_WAIT: launched with PDL after another kernel: the K loop runs meanwhile, and y is read and written only
+    after the wait (so this kernel ends after that one). TRIGGER: let the PDL-launched kernel after this one start
+    now. PRECISION: tl.dot precision for fp32 operands; ACC: accumulator dtype.
+    """
+    gdc_launch_dependents_if(TRIGGER)
+    pid = tl.program_id(0)
+    if PERSISTENT:
+        num_tiles = tl.cdiv(T, BLOCK_T) * tl.cdiv(N, BLOCK_N)
+        for tile in range(pid, num_tiles, tl.num_programs(0)):
+            _wstream_tile(x_ptr, w_ptr, bias_ptr, y_ptr, tile, T, N, K, stride_xt, stride_xk, stride_wn, stride_wk,
+                          stride_yt, stride_yn, ACCUMULATE, HAS_BIAS, GDC_WAIT, EVEN_K, BLOCK_T, BLOCK_N, BLOCK_K,
+                          PRECISION, ACC)
+    else:
+        _wstream_tile(x_ptr, w_ptr, bias_ptr, y_ptr, pid, T, N, K, stride_xt, stride_xk, stride_wn, stride_wk,
+                      stride_yt, stride_yn, ACCUMULATE, HAS_BIAS, GDC_WAIT, EVEN_K, BLOCK_T, BLOCK_N, BLOCK_K,
+                      PRECISION, ACC)
+
+
 _SLOTS = ("x_ptr", "w_ptr", "bias_ptr", "y_ptr")
 
 
@@ -97,12 +116,16 @@ def wstream_launch(x2d, weight, y, cfg: dict, precision: str, accumulate: bool =
                    has_bias: bool = False, trigger: bool = False) -> Launch:
     """The `_wstream_kernel` Launch for y [T, N] (+)= x2d [T, K] · weight [N, K]ᵀ (+ bias); called with
     (x2d, weight, bias, y), bias any tensor unless has_bias (which needs accumulate False).
-    cfg: `wstream_config`'s keys (BLOCK_T, BLOCK_N, BLOCK_K, num_warps, num_stages). pdl: launched as a PDL
+    cfg: `wstream_config`'s keys (BLOCK_T, BLOCK_N, BLOCK_K, num_warps, num_stages; optional `programs`: at most
+    that many programs, each walking several tiles, where the tiles outnumber it). pdl: launched as a PDL
     consumer of the kernel before it (which must let it start early, `gdc_launch_dependents`, for any overlap);
     trigger: a PDL producer for the kernel after it. The tensors give shapes and strides only."""
     T, K = x2d.shape
     N = weight.shape[0]
-    grid = (cdiv(T, cfg["BLOCK_T"]) * cdiv(N, cfg["BLOCK_N"]),)
+    tiles = cdiv(T, cfg["BLOCK_T"]) * cdiv(N, cfg["BLOCK_N"])
+    programs = cfg.get("programs", 0)  # 0: one program per tile; else at most this many, each walking tiles
+    persistent = 0 < programs < tiles
+    grid = (programs if persistent else tiles,)
     return Launch(
         _wstream_kernel, grid, _SLOTS,
         None, None, None, None, T, N, K,
@@ -110,7 +133,7 @@ def wstream_launch(x2d, weight, y, cfg: dict, precision: str, accumulate: bool =
         ACCUMULATE=accumulate, HAS_BIAS=has_bias and not accumulate, GDC_WAIT=pdl, TRIGGER=trigger,
         EVEN_K=K % cfg["BLOCK_K"] == 0,
         BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PRECISION=precision,
-        ACC=acc_dtype(x2d.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        ACC=acc_dtype(x2d.dtype), PERSISTENT=persistent, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **({"launch_pdl": True} if pdl else {}),
     )
 

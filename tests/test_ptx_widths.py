@@ -94,7 +94,7 @@ try:
     out["wstream"] = widths(
         wstream._wstream_kernel,
         dict(stride_xk=1, stride_wk=1, stride_yn=1, ACCUMULATE=True, HAS_BIAS=False, GDC_WAIT=True, TRIGGER=False,
-             EVEN_K=True, BLOCK_T=64, BLOCK_N=32, BLOCK_K=128, PRECISION="ieee", ACC=tl.float32),
+             EVEN_K=True, BLOCK_T=64, BLOCK_N=32, BLOCK_K=128, PRECISION="ieee", ACC=tl.float32, PERSISTENT=False),
         dict(x_ptr=BF, w_ptr=BF, bias_ptr=BF, y_ptr=BF), ("N", "K", "stride_xt", "stride_wn", "stride_yt"),
         num_stages=6)
     out["sum_splits"] = widths(lora_bwd._sum_splits_kernel, dict(BLOCK=512, SPLIT_CHUNK=8),

@@ -64,3 +64,19 @@ def test_wstream_fits_shared_memory(monkeypatch):
     assert wstream.wstream_fits(dict(cfg, num_stages=2), torch.bfloat16, "cuda:0")
     monkeypatch.setattr(config, "shared_memory_per_sm", lambda device: 0)  # not reported: never assumed to fit
     assert not wstream.wstream_fits(cfg, torch.bfloat16, "cuda:0")
+
+
+@pytest.mark.parametrize("programs", [1, 3])
+def test_wstream_persistent_walk(programs):
+    """With fewer programs than tiles (config `programs`) each program walks tiles pid, pid + programs, ...: every
+    tile is written once (y starts as NaN), including a last program with fewer tiles than the others."""
+    T, K, N = 29, 48, 72
+    x = torch.randn(T, K)
+    w = torch.randn(N, K) / K ** 0.5
+    b = torch.randn(N)
+    y = torch.full((T, N), float("nan"))
+    cfg = dict(wstream_config(T, torch.float32, is_cuda=False), programs=programs)
+    launch = wstream_launch(x, w, y, cfg, "ieee", accumulate=False, has_bias=True)
+    assert launch.grid[0] == programs  # 2 row tiles x 5 N tiles = 10 tiles, walked by `programs` programs
+    launch(x, w, b, y)
+    assert_close(f"persistent walk, {programs} programs", y, x.double() @ w.double().t() + b.double(), torch.float32)
