@@ -85,6 +85,9 @@ def correctness() -> list[dict]:
     rows.append(check_case("T=64 N=14336", 64, 64, 16, K, 14336))
     rows.append(check_case("qkv slices T=64", 64, 16, 16, K, 6144, slices=(4096, 1024, 1024)))
     rows.append(check_case("qkv slices T=1024", 1024, 16, 16, K, 6144, slices=(4096, 1024, 1024)))
+    # N <= 4096 in all: the W-stream GEMM first ("lead") with three slices in the rows kernels; and 32 tokens
+    rows.append(check_case("qkv slices T=48 N=4096", 48, 12, 16, K, N, slices=(2048, 1024, 1024), mixed_ranks=True))
+    rows.append(check_case("T=32 32 adapters mixed ranks", 32, 32, 16, K, N, mixed_ranks=True))
     rows.append(check_case("all -1 T=64", 64, 8, 16, K, N, ids=torch.full((64,), -1)))
     rows.append(check_case("all one adapter T=300", 300, 8, 16, K, N, ids=torch.full((300,), 5)))
     rows.append(check_case("fp32 T=64", 64, 8, 16, 1024, 1024, dtype=torch.float32))
