@@ -548,6 +548,13 @@ def _expand_rows_kernel(
 # ----------------------------------------------------------------------------------------------- configs
 
 
+def _rows_tiles(R_PAD: int) -> dict:
+    """The rows kernels' chunks where their shrink is on the critical path (before cuBLAS or the GEMM after the
+    expand): a whole [16, K chunk] slice of A per program (8K elements at r <= 16, 16K above), 16K-element B tiles.
+    (Beside the GEMM, "lead", the table gives the shrink K steps instead.)"""
+    return dict(R_S_ELEMS=8192 if R_PAD <= RANK_CHUNK else 16384, R_S_STEPS=1, R_E_ELEMS=16384)
+
+
 def _bucket(t: int) -> int:
     return next_pow2(max(int(t), 1))
 
@@ -637,8 +644,7 @@ def _config(t_bucket: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, is_cu
     # (2.49x vs 3.21x) (`multi_lora_full_T64.json` against the full grid's earlier run), so they are kept to
     # pools with R_PAD x (K + N) <= 2**19 (r <= 64 at K = N = 4096, r <= 16 at N = 14336).
     if t_bucket in (32, 64) and R_PAD * (K + N) <= 1 << 19:
-        cfg.update(EXPAND="rows", R_S_ELEMS=8192 if R_PAD <= RANK_CHUNK else 16384, R_E_ELEMS=16384,
-                   r_s_num_warps=4, r_e_num_warps=4)
+        cfg.update(EXPAND="rows", **_rows_tiles(R_PAD), r_s_num_warps=4, r_e_num_warps=4)
     # 17-64 tokens, N <= 4096, 16-bit operands: our W-stream GEMM (kernels/wstream.py) computes X·Wᵀ + b first,
     # from the call's start, and the rows kernels run beside it as PDL consumers ("lead"; with PDL only). The
     # shrink walks K in 8 steps of 256 columns (2 splits at K = 4096: 128 light programs that stay resident next
@@ -756,6 +762,7 @@ class _Plan:
                 self.expand = "segment"  # the rows kernels index the ids by token
         else:
             self.expand = "segment" if base != "triton" and cfg.get("EXPAND") == "segment" else "fused"
+        self._choose_gemm(x2d, base)
         if self.expand == "rows":
             # the decode kernels: one token per program, whole chunks of A and B at once; the workspace rows are
             # tokens, and its split count is set by the shrink's K chunk
@@ -767,6 +774,11 @@ class _Plan:
             self.pdl = self.expand != "delta" and cfg.get("E_PDL", True) and pdl_enabled(x2d.device)
         else:
             self.pdl = base == "triton" and pdl_enabled(x2d.device)
+        self.launches = None
+
+    def _choose_gemm(self, x2d, base):
+        """self.gemm and self.gemm_pdl: who computes the addmm path's X·Wᵀ, and whether with PDL."""
+        cfg = self.cfg
         # addmm's X·Wᵀ: cuBLAS after the LoRA kernels (GEMM="cublas"), or our W-stream GEMM (kernels/wstream.py):
         # "triton", after them, a PDL consumer of the expand that streams W while they run and reads y only after
         # them; "first", between the shrink and the expand: y = X·Wᵀ + b, launched with PDL right after the shrink
@@ -783,11 +795,15 @@ class _Plan:
             raise ValueError("config GEMM='lead' needs a shrink kernel: EXPAND 'rows' or 'segment', not 'delta'")
         self.gemm_pdl = self.gemm in ("triton", "first", "lead") and cfg.get("G_PDL", True) and pdl_enabled(x2d.device)
         if self.gemm in ("triton", "lead") and cfg.get("G_ONLY_PDL") and not (
-                self.gemm_pdl and wstream_fits(self._wstream_tiles(x2d), x2d.dtype, x2d.device)):
-            # the default's choice: without PDL cuBLAS is faster; and its 6-stage pipeline (144 KiB at bf16) does
-            # not fit a GPU with less shared memory per SM than Hopper's
-            self.gemm = "cublas"
-        self.launches = None
+                self.gemm_pdl and wstream_fits(self._wstream_tiles(x2d), x2d.dtype, x2d.device)
+                and (self.gemm != "lead" or self.expand == "rows")):
+            # the default's choice: without PDL cuBLAS is faster; its 6-stage pipeline (144 KiB at bf16) does not
+            # fit a GPU with less shared memory per SM than Hopper's; and "lead" was measured with the rows kernels
+            # only (the segment ones, taken when the ids are not given, lost). The rows kernels then get their
+            # tiles for a shrink on the critical path.
+            if self.gemm == "lead" and self.expand == "rows":
+                cfg.update(_rows_tiles(self.R_PAD))
+            self.gemm, self.gemm_pdl = "cublas", False
 
     def run(self, x2d, weight, bias, lora_A, lora_B, scalings, ranks, perm, seg_of, seg_start, seg_adapter, out,
             adapter_ids=None):

@@ -419,7 +419,8 @@ def test_wstream_gemm_default_needs_pdl():
     """The GPU default at 17-64 tokens (N <= 4096, 16-bit) runs our W-stream GEMM first ("lead", with the rows
     kernels; "triton" after the expand where the segment kernels serve 64 tokens), but only with PDL: where PDL is
     off (here: the interpreter) the plan takes cuBLAS instead, with the same result. An explicit GEMM runs the
-    W-stream GEMM whatever PDL does."""
+    W-stream GEMM whatever PDL does. The fallback from "lead" also gives the rows shrink back its one-step tiles,
+    whose latency is then on the critical path."""
     for T in (32, 64):
         cfg = kml._config(T, 4096, 4096, 16, torch.bfloat16, True)
         assert cfg["GEMM"] == "lead" and cfg["G_ONLY_PDL"] and cfg["EXPAND"] == "rows"
@@ -431,12 +432,17 @@ def test_wstream_gemm_default_needs_pdl():
     T, S, R, K, N = 7, 3, 16, 40, 24
     x, W, b, A, B, scal, ranks, ids = make_case(T, S, R, K, N, torch.float32, seed=91, mixed_ranks=True)
     ref = multi_lora_linear_reference(x, W, b, A, B, scal, ids, ranks)
+    lead_tiles = dict(R_S_ELEMS=128, R_S_STEPS=4, R_E_ELEMS=256)
     for gemm_cfg, expected in ((dict(GEMM="triton", G_ONLY_PDL=True), "cublas"), (dict(GEMM="triton"), "triton"),
-                               (dict(GEMM="lead", G_ONLY_PDL=True), "cublas"), (dict(GEMM="lead"), "lead")):
-        kml.set_config_override(dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=256, **gemm_cfg))
+                               (dict(GEMM="lead", G_ONLY_PDL=True, **lead_tiles), "cublas"),
+                               (dict(GEMM="lead", **lead_tiles), "lead")):
+        kml.set_config_override(dict(dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=256), **gemm_cfg))
         try:
             assert_close(run(x, W, b, A, B, scal, ranks, ids), ref, torch.float32, str(gemm_cfg))
             assert [p.gemm for p in kml._PLANS.values()] == [expected]
+            (plan,) = kml._PLANS.values()
+            if gemm_cfg["GEMM"] == "lead":  # lead's K-stepping shrink tiles; back to the rows defaults without it
+                assert plan.cfg["R_S_STEPS"] == (4 if expected == "lead" else 1)
         finally:
             kml.set_config_override(None)
 
