@@ -34,7 +34,8 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
     dt, K, N, r = torch.bfloat16, 4096, 4096, 16
-    sets = [(torch.randn(N, K, device="cuda", dtype=dt) / K ** 0.5, torch.randn(r, K, device="cuda", dtype=dt) / K ** 0.5,
+    sets = [(torch.randn(N, K, device="cuda", dtype=dt) / K ** 0.5,
+             torch.randn(r, K, device="cuda", dtype=dt) / K ** 0.5,
              torch.randn(N, r, device="cuda", dtype=dt) / r ** 0.5) for _ in range(SETS)]
     rows = []
     with torch.no_grad():

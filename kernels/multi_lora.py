@@ -458,10 +458,10 @@ def _shrink_rows_kernel(
     each read its A slice (from L2 after the first): meant for decode, where adapters are many and segments short.
     Pointers and strides as in `_shrink_kernel`, but the workspace rows are tokens, not sorted positions; ids int32
     [T] (the batch metadata's `adapter_ids`: -1 = base only). Grid: (T, slices * NUM_RCHUNKS,
-    cdiv(K, BLOCK_K * K_STEPS)); split = program_id(2). BLOCK_R: rank chunk (RANK_CHUNK); a chunk at or past the adapter's true rank exits, as
-    do base-only tokens. WAIT_END: a PDL consumer of the W-stream GEMM (GEMM="lead"), which it does not read:
-    every program waits for that GEMM before it exits, so that this grid's end implies the GEMM's, and the expand
-    after it (which waits for this grid) sees y.
+    cdiv(K, BLOCK_K * K_STEPS)); split = program_id(2). BLOCK_R: rank chunk (RANK_CHUNK); a chunk at or past the
+    adapter's true rank exits, as do base-only tokens. WAIT_END: a PDL consumer of the W-stream GEMM
+    (GEMM="lead"), which it does not read: every program waits for that GEMM before it exits, so that this grid's
+    end implies the GEMM's, and the expand after it (which waits for this grid) sees y.
     """
     gdc_launch_dependents_if(TRIGGER)
     token = tl.program_id(0).to(tl.int64)
@@ -793,7 +793,8 @@ class _Plan:
             raise ValueError(f"config GEMM must be 'cublas', 'triton', 'first' or 'lead', got {self.gemm!r}")
         if self.gemm == "lead" and self.expand == "delta":
             raise ValueError("config GEMM='lead' needs a shrink kernel: EXPAND 'rows' or 'segment', not 'delta'")
-        self.gemm_pdl = self.gemm in ("triton", "first", "lead") and cfg.get("G_PDL", True) and pdl_enabled(x2d.device)
+        self.gemm_pdl = (self.gemm in ("triton", "first", "lead") and cfg.get("G_PDL", True)
+                         and pdl_enabled(x2d.device))
         if self.gemm in ("triton", "lead") and cfg.get("G_ONLY_PDL") and not (
                 self.gemm_pdl and wstream_fits(self._wstream_tiles(x2d), x2d.dtype, x2d.device)
                 and (self.gemm != "lead" or self.expand == "rows")):
@@ -951,8 +952,8 @@ def _shrink_rows_launch(x2d, lora_A, ws, cfg, trigger=False, wait_end=False):
         *lora_A.stride(),
         ws.stride(0), ws.stride(1), ws.stride(2),
         NUM_RCHUNKS=num_rchunks, BLOCK_R=RANK_CHUNK, BLOCK_K=cfg["R_BLOCK_K"], K_STEPS=cfg.get("R_S_STEPS", 1),
-        ACC=acc_dtype(x2d.dtype), TRIGGER=trigger, WAIT_END=wait_end, num_warps=cfg.get("r_s_num_warps", 4), num_stages=1,
-        **({"launch_pdl": True} if wait_end else {}),
+        ACC=acc_dtype(x2d.dtype), TRIGGER=trigger, WAIT_END=wait_end, num_warps=cfg.get("r_s_num_warps", 4),
+        num_stages=1, **({"launch_pdl": True} if wait_end else {}),
     )
 
 
