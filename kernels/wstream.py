@@ -1,10 +1,11 @@
-"""A skinny GEMM that streams W: `Y (+)= X·Wᵀ` for a few rows (16 to 256), as a PDL consumer.
+"""A skinny GEMM that streams W: `Y (+)= X·Wᵀ (+ b)` for a few rows (16 to 256), beside the multi-LoRA kernels.
 
-Why it exists: at decode sizes the multi-LoRA forward writes the LoRA term (and the bias) into y first, then adds
-X·Wᵀ with y as the GEMM's C operand ("addmm", kernels/multi_lora.py). cuBLAS cannot start before the LoRA kernels
-finish, so W's stream (32 MiB at K = N = 4096, the whole cost of the base) waits for the adapters' 16 MiB at 64
-tokens / 64 adapters. This kernel is launched with programmatic dependent launch right after the LoRA expand: it
-streams W while the shrink and the expand run, and waits for them (`gdc_wait`) only before it reads y.
+Why it exists: at decode sizes W's stream (32 MiB at K = N = 4096, the whole cost of the base) and the adapters'
+reads (16 MiB at 64 tokens / 64 adapters) should overlap, and cuBLAS can neither start early (programmatic
+dependent launch) nor let later kernels start beside it. The multi-LoRA forward (kernels/multi_lora.py) uses it
+two ways: launched first (GEMM="lead", the default at 17-64 tokens), writing X·Wᵀ + b from the call's start and
+letting the LoRA kernels start at once beside it (TRIGGER); or launched with PDL after the LoRA expand (GEMM="triton"),
+streaming W while the shrink and the expand run and waiting for them (`gdc_wait`) only before it adds y.
 
 H200, bf16, K = N = 4096, CUDA graphs over 8 weight sets (`bench/exp_skinny_gemm.py`,
 `results/exp_skinny_gemm.json`): the plain GEMM with all rows in one tile, BLOCK_N 32, BLOCK_K 128 and 6 stages
