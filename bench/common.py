@@ -286,8 +286,6 @@ def graph_kernel_timeline(fns: Sequence[Callable[[], object]], replays: int = 20
     launch the same kernels), by torch.profiler; a last entry ("(gap to the next call)", g, g) gives the median
     idle time between one call's end and the next call's first kernel in the graph. Shows which kernels of a call
     overlap (PDL), its tail, and what the graph adds between calls."""
-    import statistics
-
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -307,12 +305,12 @@ def graph_kernel_timeline(fns: Sequence[Callable[[], object]], replays: int = 20
     for j in range(per):
         starts = [g[j].time_range.start - g[0].time_range.start for g in groups]
         ends = [g[j].time_range.end - g[0].time_range.start for g in groups]
-        out.append((groups[0][j].name, statistics.median(starts), statistics.median(ends)))
+        out.append((groups[0][j].name, median(starts), median(ends)))
     # the gap from a call's last kernel's end to the next call's first kernel's start, within a replay
     gaps = [b[0].time_range.start - max(k.time_range.end for k in a)
             for i, (a, b) in enumerate(zip(groups, groups[1:])) if (i + 1) % len(fns)]
     if gaps:
-        out.append(("(gap to the next call)", statistics.median(gaps), statistics.median(gaps)))
+        out.append(("(gap to the next call)", median(gaps), median(gaps)))
     return out
 
 
