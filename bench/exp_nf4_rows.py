@@ -141,11 +141,23 @@ def call_checks(dev, q, x, A, B, bias, engine):
     return rows
 
 
-def timings(dev, sweep, rounds=1):
+def parse_configs(text):
+    """--configs "fma:4,4096,4,1;lanes:64,64,4,16,2" -> [(engine, BLOCK_N, BLOCK_K, warps, splits, stages)]
+    (stages: the lanes engine's blocks in flight, 1 when left out)"""
+    out = []
+    for item in filter(None, text.split(";")):
+        engine, nums = item.split(":")
+        vals = [int(v) for v in nums.split(",")]
+        out.append((engine, *vals[:4], vals[4] if len(vals) > 4 else 1))
+    return out
+
+
+def timings(dev, sweep, rounds=1, configs=None):
     rows = []
     torch.manual_seed(0)
     dt, r = torch.bfloat16, 16
     best = None
+    configs_given = configs
     for N, K in ((4096, 4096), (14336, 4096), (4096, 14336)):
         sets = weight_sets(dev, N, K, r, dt)
         x = torch.randn(1, K, device=dev, dtype=dt)
@@ -163,26 +175,36 @@ def timings(dev, sweep, rounds=1):
                     base)
         if not sweep:
             continue
-        if N == 4096 and K == 4096:
-            configs = [("fma", bn, bk, w, sp) for bn, bk, w, sp in
+        if configs_given:
+            configs = configs_given
+        elif N == 4096 and K == 4096:
+            configs = [("fma", bn, bk, w, sp, 1) for bn, bk, w, sp in
                        itertools.product((16, 32), (128, 256), (1, 2), (1, 2, 4, 8))]
-            configs += [("fma", 16, 512, w, sp) for w, sp in itertools.product((1, 2), (2, 4))]
-            configs += [("lanes", 16 * w, 64, w, sp) for w, sp in ((1, 8), (4, 16))]
+            configs += [("fma", 16, 512, w, sp, 1) for w, sp in itertools.product((1, 2), (2, 4))]
+            configs += [("lanes", 16 * w, 64, w, sp, 1) for w, sp in ((1, 8), (4, 16))]
         else:
             configs = best or []
         results = []
-        for engine, bn, bk, w, splits in configs:
+        for engine, bn, bk, w, splits, stages in configs:
             kconfig.set_override(f"nf4_gemv_{'rows' if engine == 'fma' else engine}", "m16",
-                                 kconfig.GemmConfig(1, bn, bk, num_warps=w, num_stages=1))
-            name = f"{engine} BN{bn} BK{bk} w{w} splits{splits}"
+                                 kconfig.GemmConfig(1, bn, bk, num_warps=w, num_stages=stages))
+            name = f"{engine} BN{bn} BK{bk} w{w} splits{splits}" + (f" depth{stages}" if engine == "lanes" else "")
             try:
+                # each config's output against the default engine's on the first weight set (bitwise equal
+                # is not expected: the block sums are added in another order)
+                _, q0, A0, B0 = sets[0]
+                got, _ = nf4_gemv(x, q0, None, A0, B0, 2.0, engine=engine, splits=splits)
+                want, _ = nf4_gemv(x, q0, None, A0, B0, 2.0, engine="padded")
+                err = rel_err(got, want)
+                if not (bool(torch.isfinite(got).all()) and err < 1e-2):
+                    raise RuntimeError(f"wrong output: rel_err {err:.3g} against the padded engine")
                 us = bench_graph_us([lambda q=q, A=A, B=B: nf4_gemv(x, q, None, A, B, 2.0, engine=engine,
                                                                      splits=splits) for _, q, A, B in sets])
             except Exception as e:  # noqa: BLE001 - a config that does not compile is recorded, not fatal
                 rows.append({"shape": shape, "variant": name, "error": str(e)[:160]})
                 continue
             rec(name, us, base)
-            results.append((us, (engine, bn, bk, w, splits)))
+            results.append((us, (engine, bn, bk, w, splits, stages)))
         kconfig.set_override("nf4_gemv_lanes", "m16", None)
         kconfig.set_override("nf4_gemv_rows", "m16", None)
         if best is None:
@@ -215,6 +237,8 @@ def main():
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-checks", action="store_true", help="timings only")
     ap.add_argument("--rounds", type=int, default=1, help="alternated rounds of the default engines")
+    ap.add_argument("--configs", default="", help='tiles to sweep instead of the built-in list, e.g. '
+                    '"fma:4,4096,4,1;lanes:64,64,4,16" (engine:BLOCK_N,BLOCK_K,warps,splits)')
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     dev = "cuda"
@@ -223,7 +247,7 @@ def main():
     print(f"checks: {len(check_rows) - len(bad)}/{len(check_rows)} passed", flush=True)
     for r in bad:
         print("FAILED", r, flush=True)
-    time_rows = timings(dev, not args.no_sweep, args.rounds)
+    time_rows = timings(dev, not args.no_sweep, args.rounds, parse_configs(args.configs) or None)
     prof_rows = kernel_profile(dev)
     with open(os.path.join(args.out, "exp_nf4_rows.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "checks": check_rows,

@@ -4,6 +4,7 @@
     python3 bench/ncu_driver.py multi16
 
 nf4: the NF4 decode GEMV and its finishing kernel at M = 1 and 16, K = N = 4096, r = 16, over 4 weight sets.
+nf4lanes: the one-row GEMV's "lanes" engine (M = 1 only), the same weights.
 multi16: multi-LoRA decode with 16 tokens and 16 adapters (shrink and fused GEMM), K = N = 4096, r = 16.
 multi64: multi-LoRA decode with 64 tokens and 64 adapters (shrink, expand, cuBLAS addmm).
 multi4096: multi-LoRA prefill, 4096 tokens and 32 adapters: the default path (shrink, cuBLAS, the fused kernel's
@@ -28,14 +29,16 @@ DEV, DT, K, N, R = "cuda", torch.bfloat16, 4096, 4096, 16
 
 def main(what: str) -> None:
     torch.manual_seed(0)
-    if what in ("nf4", "base"):
+    if what in ("nf4", "base", "nf4lanes"):
         ws = [torch.randn(N, K, device=DEV, dtype=DT) / K ** 0.5 for _ in range(4)]
         qs = [quantize_nf4(w, report_error=False) for w in ws]
         A, B = torch.randn(R, K, device=DEV, dtype=DT) / K ** 0.5, torch.randn(N, R, device=DEV, dtype=DT)
-        for M in (1, 16):
+        for M in (1,) if what == "nf4lanes" else (1, 16):
             x = torch.randn(M, K, device=DEV, dtype=DT)
             for w, q in zip(ws, qs):
-                if what == "nf4":
+                if what == "nf4lanes":
+                    nf4_gemv(x, q, None, A, B, 2.0, engine="lanes")
+                elif what == "nf4":
                     nf4_gemv(x, q, None, A, B, 2.0)
                 else:
                     F.linear(x, w)

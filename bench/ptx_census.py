@@ -12,7 +12,7 @@ accesses are counted by flavour and mapped to source lines through its .loc dire
 each access; registers and spills come from cuobjdump -res-usage (bundled with Triton).
 
     python bench/ptx_census.py [case-substring ...]   # every case by default; --list shows them
-    CENSUS_PTX=DIR ...    also writes each kernel's PTX and TTGIR to DIR
+    CENSUS_PTX=DIR ...    also writes each kernel's PTX, TTGIR and cubin to DIR
 
 Written on 2026-12-01 (twelfth session, bench/NOTES.md): it found the multi-LoRA expands' 2-byte y stores and B
 loads, the NF4 GEMVs' 8-byte byte loads and dA / dB's scalar split-sum loads. It uses Triton internals
@@ -255,6 +255,8 @@ def compile_and_report(case, fn, args, kwargs):
             f.write(ptx)
         with open(os.path.join(out_dir, f"{case}.{fn.__name__}.ttgir"), "w") as f:
             f.write(k.asm["ttgir"])
+        with open(os.path.join(out_dir, f"{case}.{fn.__name__}.cubin"), "wb") as f:
+            f.write(k.asm["cubin"])  # nvdisasm (bundled with Triton) shows its SASS
     res = resources(k.asm["cubin"])
     shown = {n: _short(v) for n, v in consts.items() if not n.startswith("stride") or v == 1}
     div = [n for (i,) in attrs for n in [fn.arg_names[i]] if not sig[n].startswith("*")]
