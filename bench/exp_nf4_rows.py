@@ -142,13 +142,12 @@ def call_checks(dev, q, x, A, B, bias, engine):
 
 
 def parse_configs(text):
-    """--configs "fma:4,4096,4,1;lanes:64,64,4,16,2" -> [(engine, BLOCK_N, BLOCK_K, warps, splits, stages)]
-    (stages: the lanes engine's blocks in flight, 1 when left out)"""
+    """--configs "fma:4,4096,4,1;lanes:64,64,4,16" -> [(engine, BLOCK_N, BLOCK_K, warps, splits)]"""
     out = []
     for item in filter(None, text.split(";")):
         engine, nums = item.split(":")
-        vals = [int(v) for v in nums.split(",")]
-        out.append((engine, *vals[:4], vals[4] if len(vals) > 4 else 1))
+        bn, bk, w, sp = (int(v) for v in nums.split(","))
+        out.append((engine, bn, bk, w, sp))
     return out
 
 
@@ -178,17 +177,17 @@ def timings(dev, sweep, rounds=1, configs=None):
         if configs_given:
             configs = configs_given
         elif N == 4096 and K == 4096:
-            configs = [("fma", bn, bk, w, sp, 1) for bn, bk, w, sp in
+            configs = [("fma", bn, bk, w, sp) for bn, bk, w, sp in
                        itertools.product((16, 32), (128, 256), (1, 2), (1, 2, 4, 8))]
-            configs += [("fma", 16, 512, w, sp, 1) for w, sp in itertools.product((1, 2), (2, 4))]
-            configs += [("lanes", 16 * w, 64, w, sp, 1) for w, sp in ((1, 8), (4, 16))]
+            configs += [("fma", 16, 512, w, sp) for w, sp in itertools.product((1, 2), (2, 4))]
+            configs += [("lanes", 16 * w, 64, w, sp) for w, sp in ((1, 8), (4, 16))]
         else:
             configs = best or []
         results = []
-        for engine, bn, bk, w, splits, stages in configs:
+        for engine, bn, bk, w, splits in configs:
             kconfig.set_override(f"nf4_gemv_{'rows' if engine == 'fma' else engine}", "m16",
-                                 kconfig.GemmConfig(1, bn, bk, num_warps=w, num_stages=stages))
-            name = f"{engine} BN{bn} BK{bk} w{w} splits{splits}" + (f" depth{stages}" if engine == "lanes" else "")
+                                 kconfig.GemmConfig(1, bn, bk, num_warps=w, num_stages=1))
+            name = f"{engine} BN{bn} BK{bk} w{w} splits{splits}"
             try:
                 # each config's output against the default engine's on the first weight set (bitwise equal
                 # is not expected: the block sums are added in another order)
@@ -204,7 +203,7 @@ def timings(dev, sweep, rounds=1, configs=None):
                 rows.append({"shape": shape, "variant": name, "error": str(e)[:160]})
                 continue
             rec(name, us, base)
-            results.append((us, (engine, bn, bk, w, splits, stages)))
+            results.append((us, (engine, bn, bk, w, splits)))
         kconfig.set_override("nf4_gemv_lanes", "m16", None)
         kconfig.set_override("nf4_gemv_rows", "m16", None)
         if best is None:

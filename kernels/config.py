@@ -275,8 +275,8 @@ def nf4_config(kernel: str, m: int, dtype: torch.dtype = torch.bfloat16) -> Gemm
         return _OVERRIDES[("nf4_" + kernel, shape_class(m))]
     if kernel == "gemv":
         return GemmConfig(16, 128, 64, num_warps=4, num_stages=3)
-    if kernel == "gemv_lanes":  # one row on mma.sync: 16 output rows per warp, one 64-weight block per K step,
-        return GemmConfig(1, 64, 64, num_warps=4, num_stages=1)  # num_stages blocks' loads in flight
+    if kernel == "gemv_lanes":  # one row on mma.sync: 16 output rows per warp, one 64-weight block per K step
+        return GemmConfig(1, 64, 64, num_warps=4, num_stages=1)
     if kernel == "gemv_rows":  # one row: block_n outputs x block_k weights per program and K step (H200 sweep,
         return GemmConfig(1, 16, 256, num_warps=1, num_stages=1)  # bench/NOTES.md)
     if kernel == "dequant":

@@ -350,7 +350,7 @@ def _nf4_gemv_lanes_kernel(
     stride_qn, abs_offset, stride_bn, stride_br, stride_yn, stride_xar, scaling,
     HAS_BIAS: tl.constexpr, STORE_XA: tl.constexpr, PDL: tl.constexpr, SPLITS_P2: tl.constexpr,
     XA_SPLITS_P2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ABS_GROUP: tl.constexpr, MMA_ASM: tl.constexpr,
-    WARPS: tl.constexpr, DEPTH: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
+    WARPS: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
 ):
     """One row (M = 1) of Y = x @ deq(Wq)^T + b + s * xa @ B^T on the tensor cores, each lane holding its own
     mma fragments (no shared memory, no padded rows of x); the last program of each tile finishes it as in
@@ -369,8 +369,7 @@ def _nf4_gemv_lanes_kernel(
     about the order, provided the B fragment holds x at the same columns: B is x's 16 values of the fragment's
     columns, the same in all 8 columns of B (so every column of D holds the row sums), and each lane supplies
     the x values of its own bytes, which are the B fragment rows it owns. Four mma per block give both rows'
-    block sums; the absmax scales them into the running sums. DEPTH (1 to 3): blocks whose loads are in flight
-    while one is decoded (the loop does not pipeline loads on its own: none of them feeds a tl.dot).
+    block sums; the absmax scales them into the running sums.
     """
     BLOCK_N: tl.constexpr = 16 * WARPS
     pid_n = tl.program_id(0)
@@ -390,36 +389,15 @@ def _nf4_gemv_lanes_kernel(
     words = nf4_prmt_words(CODE, X.dtype.element_ty, lane, "prmt")
     sum_a = tl.zeros((32 * WARPS,), dtype=ACC)
     sum_b = tl.zeros((32 * WARPS,), dtype=ACC)
-    # DEPTH blocks ahead: the loads of blocks h0 + 32 .. h0 + 32 * DEPTH are in flight while block h0 is decoded
-    # (a step past the split's end loads its own block again, masked off: no traffic)
-    tl.static_assert(DEPTH >= 1 and DEPTH <= 3)
+    # one block ahead: the loads of block h0 + 32 are in flight while block h0 is decoded (the last step loads
+    # its own block again, masked off: no traffic)
     nxt = _lanes_step(Q32, X32, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, row_a, row_b, mask_a, mask_b, c, h_start,
                       K, stride_q32, DOUBLE_QUANT, ABS_GROUP, True)
-    nxt2 = nxt
-    nxt3 = nxt
-    if DEPTH >= 2:
-        live2 = h_start + 32 < h_end
-        nxt2 = _lanes_step(Q32, X32, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, row_a, row_b, mask_a, mask_b, c,
-                           tl.where(live2, h_start + 32, h_start), K, stride_q32, DOUBLE_QUANT, ABS_GROUP, live2)
-    if DEPTH >= 3:
-        live3 = h_start + 64 < h_end
-        nxt3 = _lanes_step(Q32, X32, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, row_a, row_b, mask_a, mask_b, c,
-                           tl.where(live3, h_start + 64, h_start), K, stride_q32, DOUBLE_QUANT, ABS_GROUP, live3)
     for h0 in range(h_start, h_end, 32):
         qa0, qa1, qb0, qb1, x0, x1, x2, x3, x4, x5, x6, x7, abs_a, abs_b = nxt
-        ahead = h0 + 32 * DEPTH
-        more = ahead < h_end
-        fresh = _lanes_step(Q32, X32, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, row_a, row_b, mask_a, mask_b, c,
-                            tl.where(more, ahead, h0), K, stride_q32, DOUBLE_QUANT, ABS_GROUP, more)
-        if DEPTH == 1:
-            nxt = fresh
-        elif DEPTH == 2:
-            nxt = nxt2
-            nxt2 = fresh
-        else:
-            nxt = nxt2
-            nxt2 = nxt3
-            nxt3 = fresh
+        more = h0 + 32 < h_end
+        nxt = _lanes_step(Q32, X32, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, row_a, row_b, mask_a, mask_b, c,
+                          tl.where(more, h0 + 32, h0), K, stride_q32, DOUBLE_QUANT, ABS_GROUP, more)
         sum_a, sum_b = tl.inline_asm_elementwise(
             MMA_ASM, _LANES_CONSTRAINTS,
             [qa0, qa1, qb0, qb1, x0, x1, x2, x3, x4, x5, x6, x7, abs_a, abs_b, sum_a, sum_b,
@@ -614,7 +592,7 @@ class _RowPlan:
             self.launch = Launch(
                 kernel, (self.tiles, splits), slots, *([None] * 13), N, K, rank, xa_ranges, k_per_split // 2,
                 w4.qweight.stride(0), None, lora_B.stride(0), lora_B.stride(1), 1, 1, None,
-                MMA_ASM=_LANES_ASM[x.dtype], WARPS=cfg.num_warps, DEPTH=cfg.num_stages, num_warps=cfg.num_warps,
+                MMA_ASM=_LANES_ASM[x.dtype], WARPS=cfg.num_warps, num_warps=cfg.num_warps,
                 num_stages=1, **tail)
         else:
             self.launch = Launch(
