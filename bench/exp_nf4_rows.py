@@ -1,16 +1,17 @@
-"""Experiment: the one-row NF4 GEMV on the FMA units (`nf4_gemv(..., engine="fma")`) against the tensor-core
-GEMV (engine "mma") and the bf16 base linear, on the GPU.
+"""Experiment: the one-row NF4 GEMV engines (`nf4_gemv(..., engine=...)`: "fma" on the FMA units, "lanes" and
+"wide" on mma.sync, "padded" with rows padded to 16) against the bf16 base linear, on the GPU.
 
-1. Checks: the "rows" engine against the fp64 reference (outputs NaN-primed, so unwritten elements show) over
-   shapes, dtypes, double quantization, bias, ranks 1 / 3 / 16 / 64; with dropout, y and xa against the "mma"
+1. Checks: the one-row engines against the fp64 reference (outputs NaN-primed, so unwritten elements show) over
+   shapes, dtypes, double quantization, bias, ranks 1 / 3 / 16 / 64; with dropout, y and xa against the "padded"
    engine with the same seed; "prmt" bitwise equal to "select"; 20 bitwise-equal repeats (the split sum is in a
    fixed order whoever finishes, and each call's counters, taken from the allocator, are zeroed by its shrink);
    CUDA-graph replays with new inputs; two streams at once; PDL off bitwise equal to on.
 2. Decode timings under CUDA graphs over 8 rotated weight sets, ratio to the bf16 `F.linear` in the same setup:
-   the "mma" engine, and a sweep of "rows" tiles (BLOCK_N, BLOCK_K, warps) and K splits.
-3. Per-kernel GPU time (torch.profiler over graph replays) of the default "rows" call and the base.
+   each engine's default, and a sweep of tiles (BLOCK_N, BLOCK_K, warps) and K splits (--configs picks them).
+3. Per-kernel GPU time (torch.profiler over graph replays) and one call's kernel timeline per engine, and the
+   base's.
 
-    python bench/exp_nf4_rows.py --out /tmp/exp [--no-sweep]
+    python bench/exp_nf4_rows.py --out /tmp/exp [--no-sweep] [--no-checks] [--rounds 3] [--configs ...]
 """
 import argparse
 import itertools
@@ -61,7 +62,7 @@ def checks(dev):
             B = (torch.randn(N, r, device=dev) * 0.1).to(dtype)
             bias = torch.randn(N, device=dev, dtype=dtype) if has_bias else None
             ref = reference(x, q, bias, A, B, 2.0)
-            for engine in ("fma", "lanes") if dtype != torch.float32 else ("fma",):
+            for engine in ("fma", "lanes", "wide") if dtype != torch.float32 else ("fma",):
                 nan_primed((1, N), dtype, dev)
                 y, xa = nf4_gemv(x, q, bias, A, B, 2.0, store_xa=True, engine=engine)
                 xa_ref = x.double() @ A.double().t()
@@ -80,17 +81,17 @@ def checks(dev):
         A = (torch.randn(r, K, device=dev) / K ** 0.5).to(dtype)
         B = (torch.randn(N, r, device=dev) * 0.1).to(dtype)
         y2, xa2 = nf4_gemv(x, q, None, A, B, 2.0, dropout_p=0.1, seed=123, store_xa=True, engine="padded")
-        for engine in ("fma", "lanes") if dtype != torch.float32 else ("fma",):
+        for engine in ("fma", "lanes", "wide") if dtype != torch.float32 else ("fma",):
             y, xa = nf4_gemv(x, q, None, A, B, 2.0, dropout_p=0.1, seed=123, store_xa=True, engine=engine)
             add(f"{engine} dropout vs padded {str(dtype)[6:]} (xa)", rel_err(xa, xa2), rel_err(xa, xa2) < 1e-2)
             add(f"{engine} dropout vs padded {str(dtype)[6:]} (y)", rel_err(y, y2), rel_err(y, y2) < 1e-2)
-    # repeats, graphs, streams, PDL off: each one-row engine ("auto" is "fma")
+    # repeats, graphs, streams, PDL off: each one-row engine
     dtype = torch.bfloat16
     x = torch.randn(1, K, device=dev, dtype=dtype)
     A = (torch.randn(r, K, device=dev) / K ** 0.5).to(dtype)
     B = (torch.randn(N, r, device=dev) * 0.1).to(dtype)
     bias = torch.randn(N, device=dev, dtype=dtype)
-    for engine in ("auto", "lanes"):
+    for engine in ("auto", "fma", "lanes", "wide"):  # "auto" is "wide" here
         rows += call_checks(dev, q, x, A, B, bias, engine)
     return rows
 
@@ -168,7 +169,7 @@ def timings(dev, sweep, rounds=1, configs=None):
         for rnd in range(rounds):  # alternated rounds: the device's drift shows as the spread between them
             base = bench_graph_us([lambda W=W: F.linear(x, W) for W, _, _, _ in sets])
             rec(f"base bf16 F.linear (round {rnd})", base, base)
-            for engine in ("padded", "fma", "lanes"):
+            for engine in ("padded", "fma", "lanes", "wide"):
                 rec(f"{engine} default (round {rnd})", bench_graph_us(
                     [lambda q=q, A=A, B=B: nf4_gemv(x, q, None, A, B, 2.0, engine=engine) for _, q, A, B in sets]),
                     base)
@@ -220,7 +221,7 @@ def kernel_profile(dev):
     x = torch.randn(1, K, device=dev, dtype=dt)
     providers = [("base", [lambda W=W: F.linear(x, W) for W, _, _, _ in sets])]
     providers += [(engine, [lambda q=q, A=A, B=B, e=engine: nf4_gemv(x, q, None, A, B, 2.0, engine=e)
-                            for _, q, A, B in sets]) for engine in ("fma", "lanes", "padded")]
+                            for _, q, A, B in sets]) for engine in ("fma", "wide", "lanes", "padded")]
     for name, fns in providers:
         for kernel, calls, us in graph_kernel_times(fns):
             rows.append({"provider": name, "kernel": kernel[:70], "calls_per_op": calls, "us_per_call": us})

@@ -72,7 +72,7 @@ multi_lora.get_config = lambda T, K, N, R_PAD, dtype, device: dict(
     multi_lora._config(multi_lora._bucket(T), int(K), int(N), int(R_PAD), dtype, True), **multi_lora._OVERRIDE)
 multi_lora._base_gemm = lambda *args: None  # cuBLAS's X·Wᵀ (a CPU GEMM of the real size would take minutes)
 torch.Tensor.addmm_ = lambda self, *args, **kwargs: self  # likewise the "addmm" path's last step
-nf4_gemv.lanes_unsupported = lambda x, w4: None
+nf4_gemv.lanes_unsupported = lambda x, w4, align=4: None
 
 
 _TMA_ENABLED = helpers.tma_enabled
@@ -396,6 +396,8 @@ CASES = {
     "nf4gemv_m1_dq": lambda: case_nf4_gemv(1, dq=True),
     "nf4gemv_m16": lambda: case_nf4_gemv(16),
     "nf4gemv_m1_lanes": lambda: case_nf4_gemv(1, engine="lanes"),
+    "nf4gemv_m1_wide": lambda: case_nf4_gemv(1, engine="wide"),
+    "nf4gemv_m1_wide_dq": lambda: case_nf4_gemv(1, engine="wide", dq=True),
     "fwd_m8192_p0": lambda: case_fwd_train(0.0),
     "fwd_m8192_p0.1": lambda: case_fwd_train(0.1),
     "dx_m8192_p0": lambda: case_dx_train(0.0, True),

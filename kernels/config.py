@@ -246,6 +246,7 @@ _NF4_INTERPRET = {"gemm": GemmConfig(16, 16, 64, group_m=2, num_warps=1, num_sta
                   "gemv": GemmConfig(16, 16, 64, num_warps=1, num_stages=1),
                   "gemv_rows": GemmConfig(1, 16, 128, num_warps=1, num_stages=1),
                   "gemv_lanes": GemmConfig(1, 16, 64, num_warps=1, num_stages=1),  # (PTX: never interpreted)
+                  "gemv_wide": GemmConfig(1, 32, 64, num_warps=1, num_stages=1),  # (PTX: never interpreted)
                   "dequant": GemmConfig(0, 16, 64, num_warps=1, num_stages=1)}
 _NF4_GEMM = {  # bf16/fp16, by shape class; BLOCK_K a multiple of the 64-weight quantization block
     "m64": GemmConfig(32, 64, 128, group_m=1, num_warps=4, num_stages=4),
@@ -267,7 +268,9 @@ def nf4_config(kernel: str, m: int, dtype: torch.dtype = torch.bfloat16) -> Gemm
     """Config of the NF4 kernels: "gemm" (fused forward and dX, tile BLOCK_M x BLOCK_N, K step BLOCK_K),
     "gemv" (rows padded to block_m = 16, block_n outputs per program, split over K; it steps one 64-weight
     quantization block along K whatever block_k says), "gemv_rows" (the one-row GEMV: block_n outputs, K steps of
-    block_k, a multiple of 64), "gemv_lanes" (its mma.sync sibling: num_warps warps of 16 rows), and
+    block_k, a multiple of 64), "gemv_lanes" (its mma.sync sibling: num_warps warps of 16 rows), "gemv_wide"
+    (mma.sync with 16-byte loads: 32 rows per program, num_warps warps splitting its K range; block_n and block_k
+    unused), and
     "dequant" (block_n x block_k tiles of W; m is unused)."""
     if is_interpret():
         return _NF4_INTERPRET[kernel]
@@ -275,6 +278,8 @@ def nf4_config(kernel: str, m: int, dtype: torch.dtype = torch.bfloat16) -> Gemm
         return _OVERRIDES[("nf4_" + kernel, shape_class(m))]
     if kernel == "gemv":
         return GemmConfig(16, 128, 64, num_warps=4, num_stages=3)
+    if kernel == "gemv_wide":  # one row on mma.sync, 16-byte loads: 32 rows per program, its warps split K
+        return GemmConfig(1, 32, 128, num_warps=1, num_stages=1)
     if kernel == "gemv_lanes":  # one row on mma.sync: 16 output rows per warp, one 64-weight block per K step
         return GemmConfig(1, 64, 64, num_warps=4, num_stages=1)
     if kernel == "gemv_rows":  # one row: block_n outputs x block_k weights per program and K step (H200 sweep,

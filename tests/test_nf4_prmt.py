@@ -222,6 +222,59 @@ def test_lanes_block_ptx_sums_each_lanes_two_rows(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wide_step_ptx_sums_each_rows_two_blocks(dtype):
+    """The one-row NF4 GEMV's "wide" engine (kernels/nf4_gemv.py): one 64-byte span (two quantization blocks) of
+    32 rows, lane (g, c) holding bytes 16c .. 16c + 15 of rows g, g + 8, g + 16, g + 24, and x's pairs at those
+    columns only where g == c // 2 (zeros elsewhere, as the kernel loads them). B's column n then picks block n,
+    so lane c = 0 ends with start + absmax0 * (block 0's sum) + absmax1 * (block 1's sum) for each of its rows,
+    and every other lane (whose D columns are zero) with its start unchanged."""
+    gemv = importlib.import_module("lora_fast.kernels.nf4_gemv")
+    tiles = 2
+    asm = gemv.wide_step_ptx("bf16" if dtype == torch.bfloat16 else "f16", tiles)
+    constraints = gemv.wide_constraints(tiles).split(",")
+    assert len(constraints) == 56 and constraints[:4] == ["=f"] * 4
+    rng = random.Random(5)
+    codes = [[rng.randrange(16) for _ in range(128)] for _ in range(32)]  # 32 rows x 128 weights (64 bytes)
+    x = torch.randn(128).to(dtype)
+    xbits = x.view(torch.int16).tolist()
+    absmax = [[rng.uniform(0.5, 2.0), rng.uniform(0.5, 2.0)] for _ in range(32)]
+    start = [rng.uniform(-1, 1) for _ in range(32)]
+    words = _table_words(dtype)
+    values = [torch.tensor(nd.NF4_CODE, dtype=torch.float32).to(dtype).float()[c].tolist() for c in codes]
+
+    def byte(row, h):  # byte h of a row: the high nibble is weight 2h, the low one weight 2h + 1
+        return (codes[row][2 * h] << 4) | codes[row][2 * h + 1]
+
+    operands = []
+    for lane in range(32):
+        g, c = lane // 4, lane % 4
+        rows = (g, g + 8, g + 16, g + 24)
+        ops = {}
+        for r, row in enumerate(rows):  # $4 + 4r ..: row r's 16 bytes as 4 words
+            for w in range(4):
+                ops[f"${4 + 4 * r + w}"] = sum(byte(row, 16 * c + 4 * w + j) << (8 * j) for j in range(4))
+        for m in range(16):  # $20 - $35: x's pairs at the lane's 32 columns, or zeros
+            h = 16 * c + m
+            pair = (xbits[2 * h] & 0xFFFF) | ((xbits[2 * h + 1] & 0xFFFF) << 16)
+            ops[f"${20 + m}"] = pair if g == c // 2 else 0
+        for r, row in enumerate(rows):
+            ops[f"${36 + 2 * r}"], ops[f"${37 + 2 * r}"] = absmax[row]
+            ops[f"${44 + r}"] = start[row]
+        ops.update({f"${48 + i}": w for i, w in enumerate(words)})
+        operands.append(ops)
+    lanes = run_warp_ptx(asm, operands, dtype)
+    xf = x.float().tolist()
+    for lane, regs in enumerate(lanes):
+        g, c = lane // 4, lane % 4
+        for out, row in zip(("$0", "$1", "$2", "$3"), (g, g + 8, g + 16, g + 24)):
+            want = start[row]
+            if c == 0:
+                want += sum(absmax[row][blk] * sum(values[row][k] * xf[k] for k in range(64 * blk, 64 * blk + 64))
+                            for blk in (0, 1))
+            assert regs[out] == pytest.approx(want, rel=1e-9, abs=1e-9), (lane, row)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_scaled_words_decode_to_rounded_products(dtype):
     """The dequantize kernel's per-block words (`scaled_words_ptx`: the 16 code values times the block's absmax,
     each rounded once to dtype, laid out as `prmt` tables) fed to the 16-bit decode give, for every byte value,

@@ -476,6 +476,8 @@ def test_gemv_engine_argument_is_checked():
     # "lanes" runs PTX (mma.sync): on the CPU it is refused with the reason, never emulated
     with pytest.raises(ValueError, match="engine='lanes' cannot run here: it runs PTX"):
         kernels.nf4_gemv(x, q, None, A, B, 1.0, engine="lanes")
+    with pytest.raises(ValueError, match="engine='wide' cannot run here: it runs PTX"):
+        kernels.nf4_gemv(x, q, None, A, B, 1.0, engine="wide")
 
 
 def test_shrink_partials_zeroes_the_consumers_counters():
