@@ -137,6 +137,19 @@ CONFIGS = {
     # of "lead": one grid completion fewer on the tail; and the lead GEMM's K step
     "wf_k256s8_e8k": dict(GEMM="first", R_S_ELEMS=4096, R_S_STEPS=8, R_E_ELEMS=8192),
     "wl_wk256s3": dict(GEMM="lead", W_BLOCK_K=256, W_num_stages=3),
+    # 2026-12-02 (fifteenth session): the prefill shrink and expand tiles at 4096 tokens (shrink 12.3 µs and expand
+    # 16.5 µs against ~9 µs each at the copy rate)
+    "p_s128": dict(S_BLOCK_M=128),
+    "p_sk2": dict(SPLIT_K=2),
+    "p_sk8": dict(SPLIT_K=8),
+    "p_sw8": dict(s_num_warps=8),
+    "p_sk256": dict(S_BLOCK_K=256, s_num_stages=2),
+    "p_en256": dict(E_BLOCK_N=256, E_CHUNKS=2),
+    "p_ew8": dict(e_num_warps=8),
+    "p_es3": dict(e_num_stages=3),
+    "p_ec8": dict(E_CHUNKS=8),
+    "p_ec1": dict(E_CHUNKS=1),
+    "p_epdl": dict(E_PDL=True),
     "wl_wk64s12": dict(GEMM="lead", W_BLOCK_K=64, W_num_stages=12),
     "wl_wk128s7": dict(GEMM="lead", W_num_stages=7),
     # "lead" where W's N tiles outnumber the SMs (N = 14336: 448 tiles): the W-stream GEMM persistent, at most

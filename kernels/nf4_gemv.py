@@ -479,6 +479,14 @@ def _load16(addr, live):
 
 
 @triton.jit
+def _span_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, flat, live0, live1, DOUBLE_QUANT: tl.constexpr,
+                 ABS_GROUP: tl.constexpr):
+    """The absmax of a span's two blocks (flat indices flat and flat + 1), 0 where not live0 / live1."""
+    return (nf4_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, flat, live0, DOUBLE_QUANT, ABS_GROUP),
+            nf4_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, flat + 1, live1, DOUBLE_QUANT, ABS_GROUP))
+
+
+@triton.jit
 def _nf4_gemv_wide_kernel(
     X, QW, ABSMAX, ABS_CODE, ABS_SCALE, CODE, PART, COUNT, XA_PART, B, BIAS, Y, XA,
     N, K, RANK, XA_SPLITS, BYTES_PER_RANGE,
@@ -516,26 +524,30 @@ def _nf4_gemv_wide_kernel(
     k_range = pid_s * WARPS + t // 32
     h_start = k_range.to(tl.int64) * BYTES_PER_RANGE
     h_end = tl.minimum(h_start + BYTES_PER_RANGE, K // 2)
-    row0 = pid_n.to(tl.int64) * BLOCK_N + g
-    row1 = row0 + 8
-    row2 = row0 + 16
-    row3 = row0 + 24
-    # loads read clamped rows (their sums are never stored): no masks in the loop
-    q0 = QW.to(tl.int64) + tl.minimum(row0, N - 1) * stride_qn + 16 * c
-    q1 = QW.to(tl.int64) + tl.minimum(row1, N - 1) * stride_qn + 16 * c
-    q2 = QW.to(tl.int64) + tl.minimum(row2, N - 1) * stride_qn + 16 * c
-    q3 = QW.to(tl.int64) + tl.minimum(row3, N - 1) * stride_qn + 16 * c
+    # the lane's rows g, g + 8, g + 16, g + 24 of the tile, clamped below N: rows past N read row N - 1 (their
+    # sums are never stored), so the loop needs no row masks
+    row0 = tl.minimum(pid_n.to(tl.int64) * BLOCK_N + g, N - 1)
+    row1 = tl.minimum(pid_n.to(tl.int64) * BLOCK_N + g + 8, N - 1)
+    row2 = tl.minimum(pid_n.to(tl.int64) * BLOCK_N + g + 16, N - 1)
+    row3 = tl.minimum(pid_n.to(tl.int64) * BLOCK_N + g + 24, N - 1)
+    q0 = QW.to(tl.int64) + row0 * stride_qn + 16 * c
+    q1 = QW.to(tl.int64) + row1 * stride_qn + 16 * c
+    q2 = QW.to(tl.int64) + row2 * stride_qn + 16 * c
+    q3 = QW.to(tl.int64) + row3 * stride_qn + 16 * c
     xp = X.to(tl.int64) + 64 * c  # 2 bytes per x value, 32 values per lane: byte 4 * h0 + 64c for span h0
-    esz: tl.constexpr = X.dtype.element_ty.primitive_bitwidth // 8
-    tl.static_assert(esz == 2)
+    tl.static_assert(X.dtype.element_ty.primitive_bitwidth == 16)
     use_x = g == c // 2
-    first = c == 0
+    first = c == 0  # the lanes whose D columns hold the block sums: only they read the absmax
+    blocks = K // 64
+    a0 = row0 * blocks  # each row's first absmax (flat index)
+    a1 = row1 * blocks
+    a2 = row2 * blocks
+    a3 = row3 * blocks
     words = nf4_prmt_words(CODE, X.dtype.element_ty, t, "prmt")
     acc0 = tl.zeros((32 * WARPS,), dtype=ACC)
     acc1 = tl.zeros((32 * WARPS,), dtype=ACC)
     acc2 = tl.zeros((32 * WARPS,), dtype=ACC)
     acc3 = tl.zeros((32 * WARPS,), dtype=ACC)
-    blocks = K // 64
     for h0 in range(0, BYTES_PER_RANGE, 64):
         h = h_start + h0
         live = (h + 16 * c < h_end).to(tl.int32)  # a span with one block left: lanes c = 2, 3 read nothing
@@ -551,22 +563,10 @@ def _nf4_gemv_wide_kernel(
         blk = h // 32
         m0 = first & (h < h_end)
         m1 = first & (h + 32 < h_end)
-        s00 = nf4_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, tl.minimum(row0, N - 1) * blocks + blk, m0,
-                         DOUBLE_QUANT, ABS_GROUP)
-        s01 = nf4_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, tl.minimum(row0, N - 1) * blocks + blk + 1, m1,
-                         DOUBLE_QUANT, ABS_GROUP)
-        s10 = nf4_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, tl.minimum(row1, N - 1) * blocks + blk, m0,
-                         DOUBLE_QUANT, ABS_GROUP)
-        s11 = nf4_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, tl.minimum(row1, N - 1) * blocks + blk + 1, m1,
-                         DOUBLE_QUANT, ABS_GROUP)
-        s20 = nf4_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, tl.minimum(row2, N - 1) * blocks + blk, m0,
-                         DOUBLE_QUANT, ABS_GROUP)
-        s21 = nf4_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, tl.minimum(row2, N - 1) * blocks + blk + 1, m1,
-                         DOUBLE_QUANT, ABS_GROUP)
-        s30 = nf4_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, tl.minimum(row3, N - 1) * blocks + blk, m0,
-                         DOUBLE_QUANT, ABS_GROUP)
-        s31 = nf4_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, tl.minimum(row3, N - 1) * blocks + blk + 1, m1,
-                         DOUBLE_QUANT, ABS_GROUP)
+        s00, s01 = _span_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, a0 + blk, m0, m1, DOUBLE_QUANT, ABS_GROUP)
+        s10, s11 = _span_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, a1 + blk, m0, m1, DOUBLE_QUANT, ABS_GROUP)
+        s20, s21 = _span_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, a2 + blk, m0, m1, DOUBLE_QUANT, ABS_GROUP)
+        s30, s31 = _span_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, a3 + blk, m0, m1, DOUBLE_QUANT, ABS_GROUP)
         acc0, acc1, acc2, acc3 = tl.inline_asm_elementwise(
             STEP_ASM, STEP_CONSTRAINTS,
             [w0a, w0b, w0c, w0d, w1a, w1b, w1c, w1d, w2a, w2b, w2c, w2d, w3a, w3b, w3c, w3d,
