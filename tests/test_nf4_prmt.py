@@ -179,6 +179,20 @@ def run_warp_ptx(asm: str, lane_operands: list, dtype) -> list:
     return lanes
 
 
+def _random_block_rows(rng, rows: int, weights: int, dtype):
+    """Random codes for `rows` x `weights` weights and a random x: (x, x's 16-bit patterns, the decode's table
+    words, each row's decoded values in dtype as floats, byte(row, h): byte h of a row, whose high nibble is
+    weight 2h and low nibble weight 2h + 1)."""
+    codes = [[rng.randrange(16) for _ in range(weights)] for _ in range(rows)]
+    x = torch.randn(weights).to(dtype)
+    values = [torch.tensor(nd.NF4_CODE, dtype=torch.float32).to(dtype).float()[c].tolist() for c in codes]
+
+    def byte(row, h):
+        return (codes[row][2 * h] << 4) | codes[row][2 * h + 1]
+
+    return x, x.view(torch.int16).tolist(), _table_words(dtype), values, byte
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_lanes_block_ptx_sums_each_lanes_two_rows(dtype):
     """The one-row NF4 GEMV's "lanes" engine (kernels/nf4_gemv.py): one 64-weight block of 16 rows, each lane
@@ -189,16 +203,9 @@ def test_lanes_block_ptx_sums_each_lanes_two_rows(dtype):
     constraints = gemv._LANES_CONSTRAINTS.value.split(",")
     assert len(constraints) == 26 and constraints[:2] == ["=f", "=f"]
     rng = random.Random(3)
-    codes = [[rng.randrange(16) for _ in range(64)] for _ in range(16)]  # 16 rows x 64 weights
-    x = torch.randn(64).to(dtype)
-    xbits = x.view(torch.int16).tolist()
+    x, xbits, words, values, byte = _random_block_rows(rng, 16, 64, dtype)  # 16 rows x 64 weights
     absmax = [rng.uniform(0.5, 2.0) for _ in range(16)]
     start = [rng.uniform(-1, 1) for _ in range(16)]
-    words = _table_words(dtype)
-    values = [torch.tensor(nd.NF4_CODE, dtype=torch.float32).to(dtype).float()[c].tolist() for c in codes]
-
-    def byte(row, h):  # byte h of a row: the high nibble is weight 2h, the low one weight 2h + 1
-        return (codes[row][2 * h] << 4) | codes[row][2 * h + 1]
 
     operands = []
     for lane in range(32):
@@ -234,16 +241,9 @@ def test_wide_step_ptx_sums_each_rows_two_blocks(dtype):
     constraints = gemv.wide_constraints(tiles).split(",")
     assert len(constraints) == 56 and constraints[:4] == ["=f"] * 4
     rng = random.Random(5)
-    codes = [[rng.randrange(16) for _ in range(128)] for _ in range(32)]  # 32 rows x 128 weights (64 bytes)
-    x = torch.randn(128).to(dtype)
-    xbits = x.view(torch.int16).tolist()
+    x, xbits, words, values, byte = _random_block_rows(rng, 32, 128, dtype)  # 32 rows x 128 weights (64 bytes)
     absmax = [[rng.uniform(0.5, 2.0), rng.uniform(0.5, 2.0)] for _ in range(32)]
     start = [rng.uniform(-1, 1) for _ in range(32)]
-    words = _table_words(dtype)
-    values = [torch.tensor(nd.NF4_CODE, dtype=torch.float32).to(dtype).float()[c].tolist() for c in codes]
-
-    def byte(row, h):  # byte h of a row: the high nibble is weight 2h, the low one weight 2h + 1
-        return (codes[row][2 * h] << 4) | codes[row][2 * h + 1]
 
     operands = []
     for lane in range(32):
