@@ -460,6 +460,7 @@ def wide_step_ptx(mma_type: str, tiles: int) -> str:
 
 
 def wide_constraints(tiles: int) -> str:
+    """The inline-asm constraints of wide_step_ptx(_, tiles), operand for operand."""
     return ",".join(["=f"] * (2 * tiles) + ["r"] * (8 * tiles + 16) + ["f"] * (6 * tiles) + ["r"] * 8)
 
 
