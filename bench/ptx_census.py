@@ -13,6 +13,9 @@ each access; registers and spills come from cuobjdump -res-usage (bundled with T
 
     python bench/ptx_census.py [case-substring ...]   # every case by default; --list shows them
     CENSUS_PTX=DIR ...    also writes each kernel's PTX, TTGIR and cubin to DIR
+    CENSUS_SASS=1 ...     also prints each SASS loop's instruction count and its most frequent opcodes (the
+                          instructions per element of a streaming kernel: divide by the elements a thread
+                          handles per iteration)
 
 Written on 2026-12-01 (twelfth session, bench/NOTES.md): it found the multi-LoRA expands' 2-byte y stores and B
 loads, the NF4 GEMVs' 8-byte byte loads and dA / dB's scalar split-sum loads. It uses Triton internals
@@ -219,6 +222,32 @@ def resources(cubin):
     return dict(reg=int(m.group(1)), stack=int(m.group(2)), local=int(m.group(4))) if m else {}
 
 
+def sass_loops(cubin):
+    """The SASS loops of a cubin (nvdisasm, bundled with Triton): for each backward branch, its target label and
+    the instructions between them, as (label, instruction count, the 6 most frequent opcodes). The innermost,
+    hottest loop of a streaming kernel is usually the largest."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", path], capture_output=True, text=True).stdout
+    body, labels, loops = [], {}, []
+    for line in sass.splitlines():
+        m = re.match(r"\s*(\.L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(body)
+            continue
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*);", line)
+        if not m:
+            continue
+        body.append(m.group(2).split(".")[0])
+        target = re.search(r"`\((\.L_x_\d+)\)", m.group(3)) if m.group(2).startswith("BRA") else None
+        if target and target.group(1) in labels:  # a branch back to a label already seen: a loop
+            ops = body[labels[target.group(1)]:]
+            loops.append((target.group(1), len(ops), collections.Counter(ops).most_common(6)))
+    return loops
+
+
 _DONE = {}
 
 
@@ -270,6 +299,9 @@ def compile_and_report(case, fn, args, kwargs):
     for (flav, loc), n in acc.items():
         by_flav[flav] += n
     print("    totals: " + ", ".join(f"{f} x{n}" for f, n in sorted(by_flav.items())))
+    if os.environ.get("CENSUS_SASS"):
+        for label, n, top in sass_loops(k.asm["cubin"]):
+            print(f"    SASS loop at {label}: {n} instructions; " + ", ".join(f"{op} {c}" for op, c in top))
     lays = ttgir_layouts(k.asm["ttgir"])
     shown_locs = set()
     for (flav, loc), n in sorted(acc.items(), key=lambda t: (t[0][1], t[0][0])):
