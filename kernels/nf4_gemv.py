@@ -769,41 +769,34 @@ class _RowPlan:
         if self.engine == "wide":  # 32 rows per program; its warps split the program's K range among them
             cfg = nf4_config("gemv_wide", M, x.dtype)
             ranges = (splits or WIDE_SPLITS) * cfg.num_warps
-            bytes_per_range = cdiv(cdiv(K // 2, ranges), 64) * 64
-            splits = cdiv(K // 2, bytes_per_range * cfg.num_warps)
-            self.tiles = cdiv(N, 32)
-            self.part_shape = (splits, N)
-            tail["SPLITS_P2"] = triton.next_power_of_2(splits)
-            self.launch = Launch(
-                _nf4_gemv_wide_kernel, (self.tiles, splits), slots, *([None] * 13), N, K, rank, xa_ranges,
-                bytes_per_range, w4.qweight.stride(0), None, lora_B.stride(0), lora_B.stride(1), 1, 1, None,
-                STEP_ASM=_WIDE_ASM[x.dtype], STEP_CONSTRAINTS=_WIDE_CONSTRAINTS, WARPS=cfg.num_warps,
-                num_warps=cfg.num_warps, num_stages=1, **tail)
-            return
-        if self.engine == "lanes":
-            cfg = nf4_config("gemv_lanes", M, x.dtype)
-            block_n, block_k, kernel = 16 * cfg.num_warps, NF4_BLOCK, _nf4_gemv_lanes_kernel
+            bytes_per_split = cdiv(cdiv(K // 2, ranges), 64) * 64  # per warp
+            splits = cdiv(K // 2, bytes_per_split * cfg.num_warps)
+            block_n, kernel = 32, _nf4_gemv_wide_kernel
+            extra = dict(STEP_ASM=_WIDE_ASM[x.dtype], STEP_CONSTRAINTS=_WIDE_CONSTRAINTS, WARPS=cfg.num_warps,
+                         num_warps=cfg.num_warps, num_stages=1)
         else:
-            cfg = nf4_config("gemv_rows", M, x.dtype)
-            block_n, block_k, kernel = cfg.block_n, cfg.block_k, _nf4_gemv_row_kernel
-        steps = cdiv(K, block_k)
-        splits = min(splits or ROW_SPLITS, steps, MAX_ROW_SPLITS)
-        k_per_split = cdiv(steps, splits) * block_k
-        splits = cdiv(K, k_per_split)
+            if self.engine == "lanes":
+                cfg = nf4_config("gemv_lanes", M, x.dtype)
+                block_n, block_k, kernel = 16 * cfg.num_warps, NF4_BLOCK, _nf4_gemv_lanes_kernel
+                extra = dict(MMA_ASM=_LANES_ASM[x.dtype], WARPS=cfg.num_warps, num_warps=cfg.num_warps,
+                             num_stages=1)
+            else:
+                cfg = nf4_config("gemv_rows", M, x.dtype)
+                block_n, block_k, kernel = cfg.block_n, cfg.block_k, _nf4_gemv_row_kernel
+                extra = dict(DECODE=decode, BLOCK_N=block_n, BLOCK_K=block_k, **cfg.launch())
+            steps = cdiv(K, block_k)
+            splits = min(splits or ROW_SPLITS, steps, MAX_ROW_SPLITS)
+            k_per_split = cdiv(steps, splits) * block_k
+            splits = cdiv(K, k_per_split)
+            bytes_per_split = k_per_split // 2
         self.tiles = cdiv(N, block_n)
         self.part_shape = (splits, N)
         tail["SPLITS_P2"] = triton.next_power_of_2(splits)
-        if self.engine == "lanes":
-            self.launch = Launch(
-                kernel, (self.tiles, splits), slots, *([None] * 13), N, K, rank, xa_ranges, k_per_split // 2,
-                w4.qweight.stride(0), None, lora_B.stride(0), lora_B.stride(1), 1, 1, None,
-                MMA_ASM=_LANES_ASM[x.dtype], WARPS=cfg.num_warps, num_warps=cfg.num_warps,
-                num_stages=1, **tail)
-        else:
-            self.launch = Launch(
-                kernel, (self.tiles, splits), slots, *([None] * 13), N, K, rank, xa_ranges, k_per_split // 2,
-                x.stride(1), w4.qweight.stride(0), None, lora_B.stride(0), lora_B.stride(1), 1, 1, None,
-                DECODE=decode, BLOCK_N=block_n, BLOCK_K=block_k, **cfg.launch(), **tail)
+        # the fma kernel takes x's column stride; the PTX engines read x contiguous
+        strides = (x.stride(1), w4.qweight.stride(0)) if self.engine == "fma" else (w4.qweight.stride(0),)
+        self.launch = Launch(
+            kernel, (self.tiles, splits), slots, *([None] * 13), N, K, rank, xa_ranges, bytes_per_split, *strides,
+            None, lora_B.stride(0), lora_B.stride(1), 1, 1, None, **extra, **tail)
 
     def __call__(self, x, w4, bias, lora_A, lora_B, scaling, seed):
         y = torch.empty((1, self.N), device=x.device, dtype=x.dtype)
