@@ -14,6 +14,7 @@
     python bench/exp_nf4_rows.py --out /tmp/exp [--no-sweep] [--no-checks] [--rounds 3] [--configs ...]
 """
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -62,17 +63,20 @@ def checks(dev):
             B = (torch.randn(N, r, device=dev) * 0.1).to(dtype)
             bias = torch.randn(N, device=dev, dtype=dtype) if has_bias else None
             ref = reference(x, q, bias, A, B, 2.0)
-            for engine in ("fma", "lanes", "wide") if dtype != torch.float32 else ("fma",):
+            for label, engine, stages, xa_mode in VARIANTS:
+                if dtype == torch.float32 and engine != "fma":
+                    continue
                 nan_primed((1, N), dtype, dev)
-                y, xa = nf4_gemv(x, q, bias, A, B, 2.0, store_xa=True, engine=engine)
+                with wide_stages(stages):
+                    y, xa = nf4_gemv(x, q, bias, A, B, 2.0, store_xa=True, engine=engine, xa_mode=xa_mode)
                 xa_ref = x.double() @ A.double().t()
                 err, xa_err = rel_err(y, ref), rel_err(xa, xa_ref)
                 tol = 5e-3 if dtype == torch.float32 else 2e-2
                 ok = bool(torch.isfinite(y).all()) and err < tol and xa_err < tol
                 if engine == "fma" and dtype != torch.float32:
-                    y_sel, _ = nf4_gemv(x, q, bias, A, B, 2.0, engine="fma", decode="select")
+                    y_sel, _ = nf4_gemv(x, q, bias, A, B, 2.0, engine="fma", decode="select", xa_mode=xa_mode)
                     ok = ok and torch.equal(y, y_sel)
-                add(f"{engine} {N}x{K} r{r} dq={dq} {str(dtype)[6:]} bias={has_bias}", err, ok)
+                add(f"{label} {N}x{K} r{r} dq={dq} {str(dtype)[6:]} bias={has_bias}", err, ok)
     # dropout: the same mask as the "mma" engine (both draw it from (seed, row, column))
     N, K, r = 4096, 4096, 16
     q = quantize_nf4(torch.randn(N, K, device=dev) / K ** 0.5, report_error=False)
@@ -82,6 +86,7 @@ def checks(dev):
         B = (torch.randn(N, r, device=dev) * 0.1).to(dtype)
         y2, xa2 = nf4_gemv(x, q, None, A, B, 2.0, dropout_p=0.1, seed=123, store_xa=True, engine="padded")
         for engine in ("fma", "lanes", "wide") if dtype != torch.float32 else ("fma",):
+            # xa_mode "auto" takes the shrink with dropout ("fused" has no mask)
             y, xa = nf4_gemv(x, q, None, A, B, 2.0, dropout_p=0.1, seed=123, store_xa=True, engine=engine)
             add(f"{engine} dropout vs padded {str(dtype)[6:]} (xa)", rel_err(xa, xa2), rel_err(xa, xa2) < 1e-2)
             add(f"{engine} dropout vs padded {str(dtype)[6:]} (y)", rel_err(y, y2), rel_err(y, y2) < 1e-2)
@@ -91,22 +96,47 @@ def checks(dev):
     A = (torch.randn(r, K, device=dev) / K ** 0.5).to(dtype)
     B = (torch.randn(N, r, device=dev) * 0.1).to(dtype)
     bias = torch.randn(N, device=dev, dtype=dtype)
-    for engine in ("auto", "fma", "lanes", "wide"):  # "auto" is "wide" here
-        rows += call_checks(dev, q, x, A, B, bias, engine)
+    rows += call_checks(dev, q, x, A, B, bias, "auto", None, "auto", "auto")  # "auto" is "wide" here
+    for label, engine, stages, xa_mode in VARIANTS:
+        rows += call_checks(dev, q, x, A, B, bias, label, stages, engine, xa_mode)
     return rows
 
 
-def call_checks(dev, q, x, A, B, bias, engine):
-    """20 bitwise-equal repeats (each call's counters come from the allocator, zeroed by its shrink), CUDA-graph
-    replays with new x equal to eager calls, two streams at once, PDL off bitwise equal to on."""
+# The one-row variants the checks cover: (label, engine, the wide engine's stages or None, xa_mode)
+VARIANTS = [(f"{e}{'' if s is None else f' s{s}'} {m}", e, s, m)
+            for e, s in (("fma", None), ("lanes", None), ("wide", 1), ("wide", 2)) for m in ("shrink", "fused")]
+
+
+@contextlib.contextmanager
+def wide_stages(stages):
+    """The wide engine's prefetch depth (its config's num_stages) inside the block; None: the default."""
+    if stages is None:
+        yield
+        return
+    kconfig.set_override("nf4_gemv_wide", "m16", kconfig.GemmConfig(1, 32, 128, num_warps=1, num_stages=stages))
+    try:
+        yield
+    finally:
+        kconfig.set_override("nf4_gemv_wide", "m16", None)
+
+
+def call_checks(dev, q, x, A, B, bias, label, stages, engine, xa_mode):
+    """20 bitwise-equal repeats (xa_mode "shrink": each call's counters come from the allocator, zeroed by its
+    shrink; "fused": the stream's counters, reset by the kernel), CUDA-graph replays with new x equal to eager
+    calls, two streams at once, PDL off bitwise equal to on."""
+    with wide_stages(stages):
+        return _call_checks(dev, q, x, A, B, bias, label, engine, xa_mode)
+
+
+def _call_checks(dev, q, x, A, B, bias, label, engine, xa_mode):
     rows = []
     K = x.shape[1]
 
     def call(xi):
-        return nf4_gemv(xi, q, bias, A, B, 2.0, engine=engine)[0]
+        return nf4_gemv(xi, q, bias, A, B, 2.0, engine=engine, xa_mode=xa_mode)[0]
 
     def add(name, err, passed):
-        rows.append({"check": f"{engine} {name}", "rel_err": err, "passed": bool(passed)})
+        rows.append({"check": f"{label} {name}", "rel_err": err, "passed": bool(passed)})
 
     y0 = call(x)
     add("20 repeats bitwise equal", 0.0, all(torch.equal(call(x), y0) for _ in range(20)))
@@ -143,13 +173,23 @@ def call_checks(dev, q, x, A, B, bias, engine):
 
 
 def parse_configs(text):
-    """--configs "fma:4,4096,4,1;lanes:64,64,4,16" -> [(engine, BLOCK_N, BLOCK_K, warps, splits)]"""
+    """--configs "fma:4,4096,4,1;wide:32,64,1,8,2,fused" -> [(engine, BLOCK_N, BLOCK_K, warps, splits, stages,
+    xa_mode)]; stages (the config's num_stages: the wide engine's prefetch depth) and xa_mode are optional (1,
+    "auto")."""
     out = []
     for item in filter(None, text.split(";")):
         engine, nums = item.split(":")
-        bn, bk, w, sp = (int(v) for v in nums.split(","))
-        out.append((engine, bn, bk, w, sp))
+        fields = nums.split(",")
+        bn, bk, w, sp = (int(v) for v in fields[:4])
+        stages = int(fields[4]) if len(fields) > 4 else 1
+        out.append((engine, bn, bk, w, sp, stages, fields[5] if len(fields) > 5 else "auto"))
     return out
+
+
+# The variants of every alternated round: (label, engine, the wide engine's stages or None, xa_mode)
+ROUND_VARIANTS = [(f"{e} default", e, None, "auto") for e in ("padded", "fma", "lanes", "wide")]
+ROUND_VARIANTS += [(f"wide s{st} {m}", "wide", st, m) for st, m in ((2, "shrink"), (1, "fused"), (2, "fused"))]
+ROUND_VARIANTS += [("fma fused", "fma", None, "fused")]
 
 
 def timings(dev, sweep, rounds=1, configs=None):
@@ -169,44 +209,46 @@ def timings(dev, sweep, rounds=1, configs=None):
         for rnd in range(rounds):  # alternated rounds: the device's drift shows as the spread between them
             base = bench_graph_us([lambda W=W: F.linear(x, W) for W, _, _, _ in sets])
             rec(f"base bf16 F.linear (round {rnd})", base, base)
-            for engine in ("padded", "fma", "lanes", "wide"):
-                rec(f"{engine} default (round {rnd})", bench_graph_us(
-                    [lambda q=q, A=A, B=B: nf4_gemv(x, q, None, A, B, 2.0, engine=engine) for _, q, A, B in sets]),
-                    base)
+            for label, engine, stages, xa_mode in ROUND_VARIANTS:
+                with wide_stages(stages):
+                    rec(f"{label} (round {rnd})", bench_graph_us(
+                        [lambda q=q, A=A, B=B: nf4_gemv(x, q, None, A, B, 2.0, engine=engine, xa_mode=xa_mode)
+                         for _, q, A, B in sets]), base)
         if not sweep:
             continue
         if configs_given:
             configs = configs_given
         elif N == 4096 and K == 4096:
-            configs = [("fma", bn, bk, w, sp) for bn, bk, w, sp in
+            configs = [("fma", bn, bk, w, sp, 1, "auto") for bn, bk, w, sp in
                        itertools.product((16, 32), (128, 256), (1, 2), (1, 2, 4, 8))]
-            configs += [("fma", 16, 512, w, sp) for w, sp in itertools.product((1, 2), (2, 4))]
-            configs += [("lanes", 16 * w, 64, w, sp) for w, sp in ((1, 8), (4, 16))]
+            configs += [("fma", 16, 512, w, sp, 1, "auto") for w, sp in itertools.product((1, 2), (2, 4))]
+            configs += [("lanes", 16 * w, 64, w, sp, 1, "auto") for w, sp in ((1, 8), (4, 16))]
         else:
             configs = best or []
         results = []
-        for engine, bn, bk, w, splits in configs:
+        for engine, bn, bk, w, splits, stages, xa_mode in configs:
             kconfig.set_override(f"nf4_gemv_{'rows' if engine == 'fma' else engine}", "m16",
-                                 kconfig.GemmConfig(1, bn, bk, num_warps=w, num_stages=1))
-            name = f"{engine} BN{bn} BK{bk} w{w} splits{splits}"
+                                 kconfig.GemmConfig(1, bn, bk, num_warps=w, num_stages=stages))
+            name = f"{engine} BN{bn} BK{bk} w{w} splits{splits} s{stages} xa={xa_mode}"
             try:
                 # each config's output against the default engine's on the first weight set (bitwise equal
                 # is not expected: the block sums are added in another order)
                 _, q0, A0, B0 = sets[0]
-                got, _ = nf4_gemv(x, q0, None, A0, B0, 2.0, engine=engine, splits=splits)
+                got, _ = nf4_gemv(x, q0, None, A0, B0, 2.0, engine=engine, splits=splits, xa_mode=xa_mode)
                 want, _ = nf4_gemv(x, q0, None, A0, B0, 2.0, engine="padded")
                 err = rel_err(got, want)
                 if not (bool(torch.isfinite(got).all()) and err < 1e-2):
                     raise RuntimeError(f"wrong output: rel_err {err:.3g} against the padded engine")
                 us = bench_graph_us([lambda q=q, A=A, B=B: nf4_gemv(x, q, None, A, B, 2.0, engine=engine,
-                                                                     splits=splits) for _, q, A, B in sets])
+                                                                     splits=splits, xa_mode=xa_mode)
+                                     for _, q, A, B in sets])
             except Exception as e:  # noqa: BLE001 - a config that does not compile is recorded, not fatal
                 rows.append({"shape": shape, "variant": name, "error": str(e)[:160]})
                 continue
             rec(name, us, base)
-            results.append((us, (engine, bn, bk, w, splits)))
-        kconfig.set_override("nf4_gemv_lanes", "m16", None)
-        kconfig.set_override("nf4_gemv_rows", "m16", None)
+            results.append((us, (engine, bn, bk, w, splits, stages, xa_mode)))
+        for kernel in ("nf4_gemv_lanes", "nf4_gemv_rows", "nf4_gemv_wide"):
+            kconfig.set_override(kernel, "m16", None)
         if best is None:
             best = [c for _, c in sorted(results)[:6]]
     return rows
@@ -222,12 +264,17 @@ def kernel_profile(dev):
     providers = [("base", [lambda W=W: F.linear(x, W) for W, _, _, _ in sets])]
     providers += [(engine, [lambda q=q, A=A, B=B, e=engine: nf4_gemv(x, q, None, A, B, 2.0, engine=e)
                             for _, q, A, B in sets]) for engine in ("fma", "wide", "lanes", "padded")]
-    for name, fns in providers:
-        for kernel, calls, us in graph_kernel_times(fns):
+    providers += [(f"wide s{st} {m}", [lambda q=q, A=A, B=B, m=m: nf4_gemv(x, q, None, A, B, 2.0, engine="wide",
+                                                                          xa_mode=m) for _, q, A, B in sets], st)
+                  for st, m in ((2, "shrink"), (1, "fused"), (2, "fused"))]
+    for name, fns, *stages in providers:
+        with wide_stages(stages[0] if stages else None):
+            kernels = graph_kernel_times(fns)
+            line = graph_kernel_timeline(fns)
+        for kernel, calls, us in kernels:
             rows.append({"provider": name, "kernel": kernel[:70], "calls_per_op": calls, "us_per_call": us})
         # one call's kernels as (start, end) µs from its first kernel's start: does the GEMV wait for the shrink?
-        rows.append({"provider": name, "timeline": [(k[:40], round(a, 2), round(b, 2))
-                                                    for k, a, b in graph_kernel_timeline(fns)]})
+        rows.append({"provider": name, "timeline": [(k[:40], round(a, 2), round(b, 2)) for k, a, b in line]})
     return rows
 
 
@@ -238,7 +285,7 @@ def main():
     ap.add_argument("--no-checks", action="store_true", help="timings only")
     ap.add_argument("--rounds", type=int, default=1, help="alternated rounds of the default engines")
     ap.add_argument("--configs", default="", help='tiles to sweep instead of the built-in list, e.g. '
-                    '"fma:4,4096,4,1;lanes:64,64,4,16" (engine:BLOCK_N,BLOCK_K,warps,splits)')
+                    '"fma:4,4096,4,1;wide:32,64,1,8,2,fused" (engine:BLOCK_N,BLOCK_K,warps,splits[,stages[,xa_mode]])')
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     dev = "cuda"

@@ -71,7 +71,7 @@ for name in "$@"; do
     profc) step profc 240 bash -c "python3 bench/profile_compile.py --p 0 && python3 bench/profile_compile.py --p 0.1" ;;
     pdl) step pdl 330 python3 bench/exp_pdl.py --out "$OUT/logs" ${PDL_ARGS:-} ;;
     nf4dec) step nf4dec 300 python3 bench/exp_nf4_decode.py --out "$OUT/logs" ${NF4DEC_ARGS:-} ;;
-    nf4rows) step nf4rows 300 python3 bench/exp_nf4_rows.py --out "$OUT/logs" ${NF4ROWS_ARGS:-} ;;
+    nf4rows) step nf4rows 480 python3 bench/exp_nf4_rows.py --out "$OUT/logs" ${NF4ROWS_ARGS:-} ;;
     persistent) step persistent 200 python3 bench/exp_persistent.py --out "$OUT/logs" --shapes 1 ;;
     dist) step dist 200 torchrun --standalone --nproc_per_node 2 bench/gpu_distributed.py --out "$OUT/logs" ;;
     compile) step compile 170 python3 bench/gpu_compile.py --out "$OUT/logs" ;;

@@ -5,7 +5,7 @@
 
 nf4: the NF4 decode GEMV and its finishing kernel at M = 1 and 16, K = N = 4096, r = 16, over 4 weight sets.
 nf4lanes: the one-row GEMV's "lanes" engine (M = 1 only), the same weights; nf4wide: its "wide" engine
-(NCU_WIDE="warps,splits" picks the tile, e.g. 1,16).
+(NCU_WIDE="warps,splits[,stages[,xa_mode]]" picks the tile, e.g. 1,16 or 1,16,2,fused).
 multi16: multi-LoRA decode with 16 tokens and 16 adapters (shrink and fused GEMM), K = N = 4096, r = 16.
 multi64: multi-LoRA decode with 64 tokens and 64 adapters (shrink, expand, cuBLAS addmm).
 multi4096: multi-LoRA prefill, 4096 tokens and 32 adapters: the default path (shrink, cuBLAS, the fused kernel's
@@ -34,19 +34,23 @@ def main(what: str) -> None:
         ws = [torch.randn(N, K, device=DEV, dtype=DT) / K ** 0.5 for _ in range(4)]
         qs = [quantize_nf4(w, report_error=False) for w in ws]
         A, B = torch.randn(R, K, device=DEV, dtype=DT) / K ** 0.5, torch.randn(N, R, device=DEV, dtype=DT)
-        splits = None
+        splits, xa_mode = None, "auto"
         if what == "nf4wide" and os.environ.get("NCU_WIDE"):
             from lora_fast.kernels import config as kconfig
 
-            warps, splits = (int(v) for v in os.environ["NCU_WIDE"].split(","))
-            kconfig.set_override("nf4_gemv_wide", "m16", kconfig.GemmConfig(1, 32, 64, num_warps=warps))
+            fields = os.environ["NCU_WIDE"].split(",")
+            warps, splits = int(fields[0]), int(fields[1])
+            stages = int(fields[2]) if len(fields) > 2 else 1
+            xa_mode = fields[3] if len(fields) > 3 else "auto"
+            kconfig.set_override("nf4_gemv_wide", "m16", kconfig.GemmConfig(1, 32, 64, num_warps=warps,
+                                                                             num_stages=stages))
         for M in (1,) if what in ("nf4lanes", "nf4wide") else (1, 16):
             x = torch.randn(M, K, device=DEV, dtype=DT)
             for w, q in zip(ws, qs):
                 if what == "nf4lanes":
                     nf4_gemv(x, q, None, A, B, 2.0, engine="lanes")
                 elif what == "nf4wide":
-                    nf4_gemv(x, q, None, A, B, 2.0, engine="wide", splits=splits)
+                    nf4_gemv(x, q, None, A, B, 2.0, engine="wide", splits=splits, xa_mode=xa_mode)
                 elif what == "nf4":
                     nf4_gemv(x, q, None, A, B, 2.0)
                 else:

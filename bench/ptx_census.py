@@ -362,9 +362,15 @@ def case_ab_train(p):
     K.lora_grad_ab(x, dy, xa, dyb, 2.0, BF, BF, p, SEED if p else 0, **extra)
 
 
-def case_nf4_gemv(m, engine="auto", dq=False):
+def case_nf4_gemv(m, engine="auto", dq=False, xa_mode="auto", stages=None):
     W, b, A, B = adapters()
-    K.nf4_gemv(t(m, KD), nf4_weight(dq=dq), b, A, B, 2.0, engine=engine)
+    if stages is not None:  # the wide engine's prefetch depth (its config's num_stages)
+        config.set_override("nf4_gemv_wide", "m16", config.GemmConfig(1, 32, 128, num_warps=1, num_stages=stages))
+    try:
+        K.nf4_gemv(t(m, KD), nf4_weight(dq=dq), b, A, B, 2.0, engine=engine, xa_mode=xa_mode)
+    finally:
+        if stages is not None:
+            config.set_override("nf4_gemv_wide", "m16", None)
 
 
 def case_nf4_dequant(dq=False):
@@ -430,6 +436,10 @@ CASES = {
     "nf4gemv_m1_lanes": lambda: case_nf4_gemv(1, engine="lanes"),
     "nf4gemv_m1_wide": lambda: case_nf4_gemv(1, engine="wide"),
     "nf4gemv_m1_wide_dq": lambda: case_nf4_gemv(1, engine="wide", dq=True),
+    "nf4gemv_m1_wide_s2": lambda: case_nf4_gemv(1, engine="wide", stages=2),
+    "nf4gemv_m1_wide_fused": lambda: case_nf4_gemv(1, engine="wide", xa_mode="fused"),
+    "nf4gemv_m1_wide_fused_s2": lambda: case_nf4_gemv(1, engine="wide", xa_mode="fused", stages=2),
+    "nf4gemv_m1_fma_fused": lambda: case_nf4_gemv(1, engine="fma", xa_mode="fused"),
     "fwd_m8192_p0": lambda: case_fwd_train(0.0),
     "fwd_m8192_p0.1": lambda: case_fwd_train(0.1),
     "dx_m8192_p0": lambda: case_dx_train(0.0, True),

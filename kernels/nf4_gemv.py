@@ -182,7 +182,7 @@ def _nf4_gemv_finish_kernel(
 def finish_row_tile(PART, COUNT, XA_PART, B, BIAS, Y, XA, pid_n, N, RANK, XA_SPLITS, stride_bn, stride_br,
                     stride_yn, stride_xar, scaling, HAS_BIAS: tl.constexpr, STORE_XA: tl.constexpr,
                     PDL: tl.constexpr, SPLITS_P2: tl.constexpr, XA_SPLITS_P2: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_R: tl.constexpr, ACC: tl.constexpr):
+                    BLOCK_R: tl.constexpr, ACC: tl.constexpr, FUSED_XA: tl.constexpr = False):
     """After this program stored its split's partial of output tile pid_n (PART [splits, N] fp32, splits = the
     grid's second dimension, at most SPLITS_P2): count it in COUNT[pid_n] (release / acquire at GPU scope). The
     program that counts last adds the splits' partials (one load, summed in a fixed order: the same sum whichever
@@ -196,6 +196,12 @@ def finish_row_tile(PART, COUNT, XA_PART, B, BIAS, Y, XA, pid_n, N, RANK, XA_SPL
     With one split (SPLITS_P2 == 1) the program finishes its tile without counting: a CTA barrier makes its
     threads' partials visible to each other, and no GPU-scope fence or atomic is paid (under Nsight Compute the
     fence, the atomic and the acquire took a third of the "wide" engine's warp time).
+
+    FUSED_XA (xa_mode "fused"): there is no shrink before this kernel. Every program stored its own K range's
+    share of xa in XA_PART [tiles, splits, BLOCK_R] (row_xa_partial), so the tile's partials cover all of K and
+    the finishing program sums the tile's own splits' shares. COUNT is then kept between calls (zeroed once, by
+    whoever allocates it) and the finishing program sets its tile's counter back to zero: all the tile's
+    programs have counted by then, and the next kernel in the stream sees the zero.
     """
     splits = tl.num_programs(1)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -215,10 +221,17 @@ def finish_row_tile(PART, COUNT, XA_PART, B, BIAS, Y, XA, pid_n, N, RANK, XA_SPL
         offs_s = tl.arange(0, SPLITS_P2)
         parts = tl.load(PART + offs_s[:, None] * N + offs_n[None, :],
                         mask=(offs_s < splits)[:, None] & mask_n[None, :], other=0.0, cache_modifier=".cg")
-        offs_xs = tl.arange(0, XA_SPLITS_P2)
-        xa = tl.sum(tl.load(XA_PART + offs_xs[:, None] * RANK + offs_r[None, :],
-                            mask=(offs_xs < XA_SPLITS)[:, None] & mask_r[None, :], other=0.0, cache_modifier=".cg"),
-                    axis=0)
+        if FUSED_XA:
+            xa_ptrs = XA_PART + (pid_n.to(tl.int64) * splits + offs_s[:, None]) * BLOCK_R + offs_r[None, :]
+            xa = tl.sum(tl.load(xa_ptrs, mask=(offs_s < splits)[:, None] & mask_r[None, :], other=0.0,
+                                cache_modifier=".cg"), axis=0)
+            if SPLITS_P2 > 1:
+                tl.store(COUNT + pid_n, 0)
+        else:
+            offs_xs = tl.arange(0, XA_SPLITS_P2)
+            xa = tl.sum(tl.load(XA_PART + offs_xs[:, None] * RANK + offs_r[None, :],
+                                mask=(offs_xs < XA_SPLITS)[:, None] & mask_r[None, :], other=0.0,
+                                cache_modifier=".cg"), axis=0)
         xa_in = xa.to(Y.dtype.element_ty)  # rounded to the input dtype before it meets B, as PEFT does
         if STORE_XA:
             if pid_n == 0:
@@ -227,6 +240,27 @@ def finish_row_tile(PART, COUNT, XA_PART, B, BIAS, Y, XA, pid_n, N, RANK, XA_SPL
         if HAS_BIAS:
             total += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(ACC)
         tl.store(Y + offs_n * stride_yn, total.to(Y.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def row_xa_partial(X, A, XA_PART, pid_n, pid_s, k_start, k_end, RANK, stride_xk, stride_ar, stride_ak,
+                   BLOCK_R: tl.constexpr, XA_K: tl.constexpr, ACC: tl.constexpr):
+    """xa_mode "fused": XA_PART[pid_n, pid_s, :] = sum over k in [k_start, k_end) of x[k] * A[r, k] (fp32; fp64
+    for fp64), the program's own K range's share of xa = x @ A^T, zeros past RANK (finish_row_tile adds the
+    tile's shares). X: [1, K] (column stride stride_xk), A: [RANK, K]; XA_PART: [tiles, splits, BLOCK_R] with
+    splits = the grid's second dimension. Steps of XA_K columns, [BLOCK_R, XA_K] products per step."""
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, XA_K)
+    mask_r = offs_r < RANK
+    acc = tl.zeros((BLOCK_R, XA_K), dtype=ACC)
+    for k0 in range(k_start, k_end, XA_K):
+        mask_k = offs_k < k_end - k0
+        x = tl.load(X + (k0 + offs_k) * stride_xk, mask=mask_k, other=0.0).to(ACC)
+        a = tl.load(A + offs_r[:, None] * stride_ar + (k0 + offs_k)[None, :] * stride_ak,
+                    mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(ACC)
+        acc += a * x[None, :]
+    slot = pid_n.to(tl.int64) * tl.num_programs(1) + pid_s
+    tl.store(XA_PART + slot * BLOCK_R + offs_r, tl.sum(acc, axis=1))
 
 
 @triton.jit
@@ -245,12 +279,13 @@ def _row_step_loads(QW, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, offs_n, mask_n,
 
 @triton.jit
 def _nf4_gemv_row_kernel(
-    X, QW, ABSMAX, ABS_CODE, ABS_SCALE, CODE, PART, COUNT, XA_PART, B, BIAS, Y, XA,
+    X, QW, ABSMAX, ABS_CODE, ABS_SCALE, CODE, PART, COUNT, XA_PART, A, B, BIAS, Y, XA,
     N, K, RANK, XA_SPLITS, BYTES_PER_SPLIT,
-    stride_xk, stride_qn, abs_offset, stride_bn, stride_br, stride_yn, stride_xar, scaling,
+    stride_xk, stride_qn, abs_offset, stride_ar, stride_ak, stride_bn, stride_br, stride_yn, stride_xar, scaling,
     HAS_BIAS: tl.constexpr, STORE_XA: tl.constexpr, PDL: tl.constexpr, SPLITS_P2: tl.constexpr,
     XA_SPLITS_P2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ABS_GROUP: tl.constexpr, DECODE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
+    FUSED_XA: tl.constexpr, XA_K: tl.constexpr,
 ):
     """One row (M = 1) of Y = x @ deq(Wq)^T + b + s * xa @ B^T on the FMA units, with the K splits summed by the
     last program of each N tile (no second kernel).
@@ -261,6 +296,9 @@ def _nf4_gemv_row_kernel(
     waits for it once its own partial is stored, finish_row_tile); B: [N, RANK]; BIAS: [N]; Y: [1, N]; XA: [1, RANK] (written when
     STORE_XA). PART: [splits, N] fp32 workspace (splits <= SPLITS_P2, XA_SPLITS <= XA_SPLITS_P2); COUNT:
     [cdiv(N, BLOCK_N)] int32, zeroed by lora_shrink_partials (finish_row_tile).
+    FUSED_XA (xa_mode "fused", no dropout): no shrink runs before; each program adds its own K range's share of
+    x @ A^T (A: [RANK, K], strides stride_ar, stride_ak; row_xa_partial, XA_K columns a step) into XA_PART
+    [tiles, splits, BLOCK_R], and COUNT is kept zero between calls (finish_row_tile).
     grid = (cdiv(N, BLOCK_N), splits); BYTES_PER_SPLIT: the split's K range in bytes of QW (half its weights), a
     multiple of BLOCK_K / 2; BLOCK_K is a multiple of 64. The loop steps in bytes, so that the byte offsets keep
     the divisibility that lets each thread load 16 bytes at once.
@@ -283,6 +321,9 @@ def _nf4_gemv_row_kernel(
     # K is a multiple of 64 (whole blocks only); saying so keeps the byte loads 16 bytes wide (the mask below
     # compares with h_end)
     h_end = tl.minimum(h_start + BYTES_PER_SPLIT, tl.multiple_of(K // 2, 32))
+    if FUSED_XA:
+        row_xa_partial(X, A, XA_PART, pid_n, pid_s, 2 * h_start, 2 * h_end, RANK, stride_xk, stride_ar, stride_ak,
+                       BLOCK_R, XA_K, ACC)
     words = nf4_prmt_words(CODE, X.dtype.element_ty, tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.uint8), DECODE)
     acc = tl.zeros((BLOCK_N,), dtype=ACC)
     for h0 in range(h_start, h_end, BLOCK_K // 2):
@@ -298,7 +339,7 @@ def _nf4_gemv_row_kernel(
     tl.store(PART + pid_s.to(tl.int64) * N + offs_n, acc, mask=mask_n)
     finish_row_tile(PART, COUNT, XA_PART, B, BIAS, Y, XA, pid_n, N, RANK, XA_SPLITS, stride_bn, stride_br,
                     stride_yn, stride_xar, scaling, HAS_BIAS, STORE_XA, PDL, SPLITS_P2, XA_SPLITS_P2, BLOCK_N,
-                    BLOCK_R, ACC)
+                    BLOCK_R, ACC, FUSED_XA)
 
 
 
@@ -355,20 +396,20 @@ def _lanes_step(Q32, X32, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, row_a, row_b,
 
 @triton.jit
 def _nf4_gemv_lanes_kernel(
-    X, QW, ABSMAX, ABS_CODE, ABS_SCALE, CODE, PART, COUNT, XA_PART, B, BIAS, Y, XA,
+    X, QW, ABSMAX, ABS_CODE, ABS_SCALE, CODE, PART, COUNT, XA_PART, A, B, BIAS, Y, XA,
     N, K, RANK, XA_SPLITS, BYTES_PER_SPLIT,
-    stride_qn, abs_offset, stride_bn, stride_br, stride_yn, stride_xar, scaling,
+    stride_qn, abs_offset, stride_ar, stride_ak, stride_bn, stride_br, stride_yn, stride_xar, scaling,
     HAS_BIAS: tl.constexpr, STORE_XA: tl.constexpr, PDL: tl.constexpr, SPLITS_P2: tl.constexpr,
     XA_SPLITS_P2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ABS_GROUP: tl.constexpr, MMA_ASM: tl.constexpr,
-    WARPS: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
+    WARPS: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr, FUSED_XA: tl.constexpr, XA_K: tl.constexpr,
 ):
     """One row (M = 1) of Y = x @ deq(Wq)^T + b + s * xa @ B^T on the tensor cores, each lane holding its own
     mma fragments (no shared memory, no padded rows of x); the last program of each tile finishes it as in
     _nf4_gemv_row_kernel (finish_row_tile).
 
     X: [1, K] bf16 or fp16, contiguous and 4-byte aligned (read as K / 2 int32 pairs); QW [N, K / 2] with
-    stride_qn a multiple of 4, 4-byte aligned; MMA_ASM: lanes_block_ptx of x's dtype; the other arguments as in
-    _nf4_gemv_row_kernel. Each warp owns 16 output rows,
+    stride_qn a multiple of 4, 4-byte aligned; MMA_ASM: lanes_block_ptx of x's dtype; the other arguments (A,
+    FUSED_XA, XA_K included) as in _nf4_gemv_row_kernel. Each warp owns 16 output rows,
     each program WARPS warps (BLOCK_N = 16 * WARPS rows); grid = (cdiv(N, BLOCK_N), splits).
 
     Lane l = 4g + c of warp w takes rows a = 16w + g and b = a + 8 of the tile, and in every 64-weight block the 8
@@ -396,6 +437,9 @@ def _nf4_gemv_lanes_kernel(
     stride_q32 = stride_qn // 4
     h_start = pid_s.to(tl.int64) * BYTES_PER_SPLIT
     h_end = tl.minimum(h_start + BYTES_PER_SPLIT, K // 2)
+    if FUSED_XA:
+        row_xa_partial(X, A, XA_PART, pid_n, pid_s, 2 * h_start, 2 * h_end, RANK, 1, stride_ar, stride_ak, BLOCK_R,
+                       XA_K, ACC)
     words = nf4_prmt_words(CODE, X.dtype.element_ty, lane, "prmt")
     sum_a = tl.zeros((32 * WARPS,), dtype=ACC)
     sum_b = tl.zeros((32 * WARPS,), dtype=ACC)
@@ -418,7 +462,7 @@ def _nf4_gemv_lanes_kernel(
     tl.store(part + row_b, sum_b, mask=mask_b & (c == 0))
     finish_row_tile(PART, COUNT, XA_PART, B, BIAS, Y, XA, pid_n, N, RANK, XA_SPLITS, stride_bn, stride_br,
                     stride_yn, stride_xar, scaling, HAS_BIAS, STORE_XA, PDL, SPLITS_P2, XA_SPLITS_P2, BLOCK_N,
-                    BLOCK_R, ACC)
+                    BLOCK_R, ACC, FUSED_XA)
 
 
 def wide_step_ptx(mma_type: str, tiles: int) -> str:
@@ -464,9 +508,34 @@ def wide_constraints(tiles: int) -> str:
     return ",".join(["=f"] * (2 * tiles) + ["r"] * (8 * tiles + 16) + ["f"] * (6 * tiles) + ["r"] * 8)
 
 
+def wide_xa_ptx(mma_type: str) -> str:
+    """PTX of one span's share of xa = x @ A^T in the "wide" GEMV (xa_mode "fused"), for one lane (g, c) and one
+    16-rank tile of A: rows g and g + 8 of the tile at the lane's 32 columns of the span (the columns of its
+    weight bytes) are the A fragments of 8 mma.sync m16n8k16 (each 16-byte load holds column pairs, as the
+    fragment wants), x's pairs at the same columns are B in every lane, so every column of D is the tile's xa
+    and d0, d2 are ranks g and g + 8.
+
+    Operands: $0, $1 the two ranks' running sums (out); $2 .. $17 row g's 16 words; $18 .. $33 row g + 8's;
+    $34 .. $49 x's 16 pairs; $50, $51 the running sums (in). mma_type: "bf16" or "f16"."""
+    body = ["{", ".reg .f32 d0, d1, d2, d3;"]
+    acc = "{$50, $50, $51, $51}"
+    for i in range(8):  # words 2i, 2i + 1: columns 4i .. 4i + 3 of the lane's 32
+        body.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{mma_type}.{mma_type}.f32 {{d0, d1, d2, d3}}, "
+                    f"{{${2 + 2 * i}, ${18 + 2 * i}, ${3 + 2 * i}, ${19 + 2 * i}}}, {{${34 + 2 * i}, ${35 + 2 * i}}}, "
+                    f"{acc};")
+        acc = "{d0, d1, d2, d3}"
+    body += ["mov.f32 $0, d0;", "mov.f32 $1, d2;", "}"]
+    return "\n".join(body)
+
+
 _WIDE_TILES = 2  # row tiles of the mma per lane (4 rows): x's 16 words serve 4 rows' bytes
 _WIDE_ASM = {torch.bfloat16: wide_step_ptx("bf16", _WIDE_TILES), torch.float16: wide_step_ptx("f16", _WIDE_TILES)}
 _WIDE_CONSTRAINTS = tl.constexpr(wide_constraints(_WIDE_TILES))
+_WIDE_XA_ASM = {torch.bfloat16: wide_xa_ptx("bf16"), torch.float16: wide_xa_ptx("f16")}
+_WIDE_XA_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 2 + ["r"] * 48 + ["f"] * 2))
+# The "wide" kernel's fused xa handles at most this many 16-rank tiles of A (rank <= 64); larger ranks use the
+# shrink.
+WIDE_XA_MAX_TILES = 4
 # 16 bytes from a global address, or zeros where the predicate is 0 (no access)
 _LOAD16 = tl.constexpr("{.reg .pred p; setp.ne.b32 p, $4, 0; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; "
                        "mov.b32 $3, 0; @p ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$5];}")
@@ -488,13 +557,76 @@ def _span_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, flat, live0, live1, DO
 
 
 @triton.jit
+def _wide_loads(q0, q1, q2, q3, xp, h, h_end, c, x_lanes, first, a0, a1, a2, a3, ABSMAX, ABS_CODE, ABS_SCALE,
+                abs_offset, go, DOUBLE_QUANT: tl.constexpr, ABS_GROUP: tl.constexpr):
+    """The loads of one lane's share of span h (its first byte) of the "wide" GEMV: 16 bytes of each of its 4
+    rows (q0 .. q3: the rows' addresses at the lane's 16 bytes), x's 16 pairs at those columns where x_lanes
+    (int32 1 / 0), and the 4 rows' absmax of the span's two blocks where `first`; 40 values, all zeros and no
+    traffic unless `go` (a later span than the range has) and inside h_end."""
+    live = ((h + 16 * c < h_end) & go).to(tl.int32)  # a span with one block left: lanes c = 2, 3 read nothing
+    w0a, w0b, w0c, w0d = _load16(q0 + h, live)
+    w1a, w1b, w1c, w1d = _load16(q1 + h, live)
+    w2a, w2b, w2c, w2d = _load16(q2 + h, live)
+    w3a, w3b, w3c, w3d = _load16(q3 + h, live)
+    lx = live * x_lanes
+    xa0, xa1, xa2, xa3 = _load16(xp + 4 * h, lx)
+    xb0, xb1, xb2, xb3 = _load16(xp + 4 * h + 16, lx)
+    xc0, xc1, xc2, xc3 = _load16(xp + 4 * h + 32, lx)
+    xd0, xd1, xd2, xd3 = _load16(xp + 4 * h + 48, lx)
+    blk = h // 32
+    m0 = first & (h < h_end) & go
+    m1 = first & (h + 32 < h_end) & go
+    s00, s01 = _span_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, a0 + blk, m0, m1, DOUBLE_QUANT, ABS_GROUP)
+    s10, s11 = _span_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, a1 + blk, m0, m1, DOUBLE_QUANT, ABS_GROUP)
+    s20, s21 = _span_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, a2 + blk, m0, m1, DOUBLE_QUANT, ABS_GROUP)
+    s30, s31 = _span_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, a3 + blk, m0, m1, DOUBLE_QUANT, ABS_GROUP)
+    return (w0a, w0b, w0c, w0d, w1a, w1b, w1c, w1d, w2a, w2b, w2c, w2d, w3a, w3b, w3c, w3d,
+            xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3, xc0, xc1, xc2, xc3, xd0, xd1, xd2, xd3,
+            s00, s01, s10, s11, s20, s21, s30, s31)
+
+
+@triton.jit
+def _wide_xa_tile(ld, a_row, h, live, g8, s0, s1, XA_ASM: tl.constexpr):
+    """One span's share of a 16-rank tile of xa (wide_xa_ptx): a_row is the address of A's row g of the tile at
+    the lane's first column of span 0, g8 the byte distance to row g + 8, live (int32 per row pair: bit 0 row g,
+    bit 1 row g + 8) masks the loads; ld: the span's _wide_loads (x's pairs at 16 .. 31)."""
+    p = a_row + 4 * h
+    la = live & 1
+    lb = live >> 1
+    r0, r1, r2, r3 = _load16(p, la)
+    r4, r5, r6, r7 = _load16(p + 16, la)
+    r8, r9, r10, r11 = _load16(p + 32, la)
+    r12, r13, r14, r15 = _load16(p + 48, la)
+    t0, t1, t2, t3 = _load16(p + g8, lb)
+    t4, t5, t6, t7 = _load16(p + g8 + 16, lb)
+    t8, t9, t10, t11 = _load16(p + g8 + 32, lb)
+    t12, t13, t14, t15 = _load16(p + g8 + 48, lb)
+    return tl.inline_asm_elementwise(
+        XA_ASM, _WIDE_XA_CONSTRAINTS,
+        [r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11, r12, r13, r14, r15,
+         t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15,
+         ld[16], ld[17], ld[18], ld[19], ld[20], ld[21], ld[22], ld[23],
+         ld[24], ld[25], ld[26], ld[27], ld[28], ld[29], ld[30], ld[31], s0, s1],
+        dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _wide_xa_live(g, c, h, h_end, t: tl.constexpr, RANK):
+    """_wide_xa_tile's `live` for rank tile t: bit 0 rank 16t + g, bit 1 rank 16t + g + 8, both only where the
+    lane's columns of span h are inside the range."""
+    inside = (h + 16 * c < h_end).to(tl.int32)
+    return inside * ((16 * t + g < RANK).to(tl.int32) + 2 * (16 * t + g + 8 < RANK).to(tl.int32))
+
+
+@triton.jit
 def _nf4_gemv_wide_kernel(
-    X, QW, ABSMAX, ABS_CODE, ABS_SCALE, CODE, PART, COUNT, XA_PART, B, BIAS, Y, XA,
+    X, QW, ABSMAX, ABS_CODE, ABS_SCALE, CODE, PART, COUNT, XA_PART, A, B, BIAS, Y, XA,
     N, K, RANK, XA_SPLITS, BYTES_PER_RANGE,
-    stride_qn, abs_offset, stride_bn, stride_br, stride_yn, stride_xar, scaling,
+    stride_qn, abs_offset, stride_ar, stride_ak, stride_bn, stride_br, stride_yn, stride_xar, scaling,
     HAS_BIAS: tl.constexpr, STORE_XA: tl.constexpr, PDL: tl.constexpr, SPLITS_P2: tl.constexpr,
     XA_SPLITS_P2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ABS_GROUP: tl.constexpr, STEP_ASM: tl.constexpr,
     STEP_CONSTRAINTS: tl.constexpr, WARPS: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
+    FUSED_XA: tl.constexpr, XA_K: tl.constexpr, XA_ASM: tl.constexpr, STAGES: tl.constexpr,
 ):
     """One row (M = 1) of Y = x @ deq(Wq)^T + b + s * xa @ B^T on mma.sync, 16-byte loads, each lane holding
     the weights of 4 rows; the last program of each output tile finishes it as in _nf4_gemv_row_kernel
@@ -504,7 +636,8 @@ def _nf4_gemv_wide_kernel(
     arguments as in _nf4_gemv_row_kernel. A program's WARPS warps share its 32 output rows (BLOCK_N) and split
     its K range (BYTES_PER_RANGE bytes of QW per warp, a multiple of 64); their sums are added in the program
     before its partial is stored. grid = (cdiv(N, 32), splits); warp w of program (n, s) takes byte range
-    s * WARPS + w.
+    s * WARPS + w. STAGES = 2: the loads of a warp's next span are issued before its current span is decoded
+    (1: each span's loads at its own step).
 
     Each step covers a 64-byte span of every row (128 weights, two quantization blocks). Lane l = 4g + c takes,
     in rows 16j + g and 16j + g + 8 (j = 0, 1: two mma row tiles), the 16 bytes at 16c .. 16c + 15 of the span,
@@ -512,10 +645,16 @@ def _nf4_gemv_wide_kernel(
     values paired as in "lanes"), they are the A fragments of 8 mma.sync m16n8k16 per tile: any order of a
     lane's K columns works, provided B holds x at the same columns. B's column n is x where the A columns
     belong to block n of the span and zero elsewhere: lane (g, c) supplies B[its columns, g], which is x when
-    g == c // 2 (only those 4 lanes load x) and zero otherwise. So D[row, 0] and D[row, 1] are the row's two
+    g == c // 2 (only those 4 lanes need x) and zero otherwise. So D[row, 0] and D[row, 1] are the row's two
     block sums, in lane c = 0, which scales them by the blocks' absmax into its running sums.
+
+    FUSED_XA (xa_mode "fused", no dropout; A [RANK, K] contiguous along K with 16-byte aligned rows): every lane
+    loads x, the step's B keeps it only where g == c // 2, and per span each 16-rank tile of A (BLOCK_R / 16 of
+    them, at most WIDE_XA_MAX_TILES) adds its share of x @ A^T on 8 more mma.sync (wide_xa_ptx); the program
+    stores its share into XA_PART [tiles, splits, BLOCK_R] (finish_row_tile).
     """
     BLOCK_N: tl.constexpr = 32
+    RT: tl.constexpr = BLOCK_R // 16
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     t = tl.arange(0, 32 * WARPS)  # thread t holds element t
@@ -538,6 +677,15 @@ def _nf4_gemv_wide_kernel(
     xp = X.to(tl.int64) + 64 * c  # 2 bytes per x value, 32 values per lane: byte 4 * h0 + 64c for span h0
     tl.static_assert(X.dtype.element_ty.primitive_bitwidth == 16)
     use_x = g == c // 2
+    if FUSED_XA:
+        tl.static_assert(RT <= 4)
+        x_lanes = (c >= 0).to(tl.int32)  # every lane: the xa mma needs x at all columns
+        x_keep = -(use_x.to(tl.int32))  # all ones where the step's B takes x
+        a_row = A.to(tl.int64) + (g * stride_ar).to(tl.int64) * 2 + 64 * c  # rank g of tile 0, the lane's columns
+        g8 = 16 * stride_ar.to(tl.int64)  # 8 ranks, in bytes
+        t16 = 32 * stride_ar.to(tl.int64)  # 16 ranks
+    else:
+        x_lanes = use_x.to(tl.int32)
     first = c == 0  # the lanes whose D columns hold the block sums: only they read the absmax
     blocks = K // 64
     a0 = row0 * blocks  # each row's first absmax (flat index)
@@ -549,30 +697,47 @@ def _nf4_gemv_wide_kernel(
     acc1 = tl.zeros((32 * WARPS,), dtype=ACC)
     acc2 = tl.zeros((32 * WARPS,), dtype=ACC)
     acc3 = tl.zeros((32 * WARPS,), dtype=ACC)
+    xs00 = tl.zeros((32 * WARPS,), dtype=ACC)  # xa: ranks 16j + g (xsj0) and 16j + g + 8 (xsj1) of tile j
+    xs01 = tl.zeros((32 * WARPS,), dtype=ACC)
+    xs10 = tl.zeros((32 * WARPS,), dtype=ACC)
+    xs11 = tl.zeros((32 * WARPS,), dtype=ACC)
+    xs20 = tl.zeros((32 * WARPS,), dtype=ACC)
+    xs21 = tl.zeros((32 * WARPS,), dtype=ACC)
+    xs30 = tl.zeros((32 * WARPS,), dtype=ACC)
+    xs31 = tl.zeros((32 * WARPS,), dtype=ACC)
+    if STAGES > 1:
+        nxt = _wide_loads(q0, q1, q2, q3, xp, h_start, h_end, c, x_lanes, first, a0, a1, a2, a3, ABSMAX, ABS_CODE,
+                          ABS_SCALE, abs_offset, True, DOUBLE_QUANT, ABS_GROUP)
     for h0 in range(0, BYTES_PER_RANGE, 64):
         h = h_start + h0
-        live = (h + 16 * c < h_end).to(tl.int32)  # a span with one block left: lanes c = 2, 3 read nothing
-        w0a, w0b, w0c, w0d = _load16(q0 + h, live)
-        w1a, w1b, w1c, w1d = _load16(q1 + h, live)
-        w2a, w2b, w2c, w2d = _load16(q2 + h, live)
-        w3a, w3b, w3c, w3d = _load16(q3 + h, live)
-        lx = live * use_x.to(tl.int32)
-        xa0, xa1, xa2, xa3 = _load16(xp + 4 * h, lx)
-        xb0, xb1, xb2, xb3 = _load16(xp + 4 * h + 16, lx)
-        xc0, xc1, xc2, xc3 = _load16(xp + 4 * h + 32, lx)
-        xd0, xd1, xd2, xd3 = _load16(xp + 4 * h + 48, lx)
-        blk = h // 32
-        m0 = first & (h < h_end)
-        m1 = first & (h + 32 < h_end)
-        s00, s01 = _span_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, a0 + blk, m0, m1, DOUBLE_QUANT, ABS_GROUP)
-        s10, s11 = _span_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, a1 + blk, m0, m1, DOUBLE_QUANT, ABS_GROUP)
-        s20, s21 = _span_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, a2 + blk, m0, m1, DOUBLE_QUANT, ABS_GROUP)
-        s30, s31 = _span_absmax(ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, a3 + blk, m0, m1, DOUBLE_QUANT, ABS_GROUP)
+        if STAGES > 1:
+            ld = nxt
+            nxt = _wide_loads(q0, q1, q2, q3, xp, h + 64, h_end, c, x_lanes, first, a0, a1, a2, a3, ABSMAX,
+                              ABS_CODE, ABS_SCALE, abs_offset, h0 + 64 < BYTES_PER_RANGE, DOUBLE_QUANT, ABS_GROUP)
+        else:
+            ld = _wide_loads(q0, q1, q2, q3, xp, h, h_end, c, x_lanes, first, a0, a1, a2, a3, ABSMAX, ABS_CODE,
+                             ABS_SCALE, abs_offset, True, DOUBLE_QUANT, ABS_GROUP)
+        if FUSED_XA:
+            xs00, xs01 = _wide_xa_tile(ld, a_row, h, _wide_xa_live(g, c, h, h_end, 0, RANK), g8, xs00, xs01, XA_ASM)
+            if RT > 1:
+                xs10, xs11 = _wide_xa_tile(ld, a_row + t16, h, _wide_xa_live(g, c, h, h_end, 1, RANK), g8, xs10,
+                                           xs11, XA_ASM)
+            if RT > 2:
+                xs20, xs21 = _wide_xa_tile(ld, a_row + 2 * t16, h, _wide_xa_live(g, c, h, h_end, 2, RANK), g8,
+                                           xs20, xs21, XA_ASM)
+                xs30, xs31 = _wide_xa_tile(ld, a_row + 3 * t16, h, _wide_xa_live(g, c, h, h_end, 3, RANK), g8,
+                                           xs30, xs31, XA_ASM)
+            xm = x_keep
+        else:
+            xm = -1
         acc0, acc1, acc2, acc3 = tl.inline_asm_elementwise(
             STEP_ASM, STEP_CONSTRAINTS,
-            [w0a, w0b, w0c, w0d, w1a, w1b, w1c, w1d, w2a, w2b, w2c, w2d, w3a, w3b, w3c, w3d,
-             xa0, xa1, xa2, xa3, xb0, xb1, xb2, xb3, xc0, xc1, xc2, xc3, xd0, xd1, xd2, xd3,
-             s00, s01, s10, s11, s20, s21, s30, s31, acc0, acc1, acc2, acc3,
+            [ld[0], ld[1], ld[2], ld[3], ld[4], ld[5], ld[6], ld[7],
+             ld[8], ld[9], ld[10], ld[11], ld[12], ld[13], ld[14], ld[15],
+             ld[16] & xm, ld[17] & xm, ld[18] & xm, ld[19] & xm, ld[20] & xm, ld[21] & xm, ld[22] & xm,
+             ld[23] & xm, ld[24] & xm, ld[25] & xm, ld[26] & xm, ld[27] & xm, ld[28] & xm, ld[29] & xm,
+             ld[30] & xm, ld[31] & xm,
+             ld[32], ld[33], ld[34], ld[35], ld[36], ld[37], ld[38], ld[39], acc0, acc1, acc2, acc3,
              words[0], words[1], words[2], words[3], words[4], words[5], words[6], words[7]],
             dtype=(tl.float32,) * 4, is_pure=True, pack=1)
     # the warps' sums of the same rows, added in the program (a fixed order)
@@ -588,12 +753,25 @@ def _nf4_gemv_wide_kernel(
     tl.store(part + r0 + 8, acc1, mask=keep & (r0 + 8 < N))
     tl.store(part + r0 + 16, acc2, mask=keep & (r0 + 16 < N))
     tl.store(part + r0 + 24, acc3, mask=keep & (r0 + 24 < N))
+    if FUSED_XA:  # lane 4g of tile j holds ranks 16j + g and 16j + g + 8 (the 4 lanes of g hold the same sums)
+        xa_slot = XA_PART + (pid_n.to(tl.int64) * tl.num_programs(1) + pid_s) * BLOCK_R + l32 // 4
+        tl.store(xa_slot, tl.sum(tl.reshape(xs00, (WARPS, 32)), axis=0), mask=keep)
+        tl.store(xa_slot + 8, tl.sum(tl.reshape(xs01, (WARPS, 32)), axis=0), mask=keep)
+        if RT > 1:
+            tl.store(xa_slot + 16, tl.sum(tl.reshape(xs10, (WARPS, 32)), axis=0), mask=keep)
+            tl.store(xa_slot + 24, tl.sum(tl.reshape(xs11, (WARPS, 32)), axis=0), mask=keep)
+        if RT > 2:
+            tl.store(xa_slot + 32, tl.sum(tl.reshape(xs20, (WARPS, 32)), axis=0), mask=keep)
+            tl.store(xa_slot + 40, tl.sum(tl.reshape(xs21, (WARPS, 32)), axis=0), mask=keep)
+            tl.store(xa_slot + 48, tl.sum(tl.reshape(xs30, (WARPS, 32)), axis=0), mask=keep)
+            tl.store(xa_slot + 56, tl.sum(tl.reshape(xs31, (WARPS, 32)), axis=0), mask=keep)
     finish_row_tile(PART, COUNT, XA_PART, B, BIAS, Y, XA, pid_n, N, RANK, XA_SPLITS, stride_bn, stride_br,
                     stride_yn, stride_xar, scaling, HAS_BIAS, STORE_XA, PDL, SPLITS_P2, XA_SPLITS_P2, BLOCK_N,
-                    BLOCK_R, ACC)
+                    BLOCK_R, ACC, FUSED_XA)
 
 
 NF4_GEMV_ENGINES = ("auto", "padded", "fma", "lanes", "wide")
+XA_MODES = ("auto", "shrink", "fused")
 
 
 def nf4_gemv_splits(n_tiles: int, k_steps: int, device) -> int:
@@ -603,7 +781,7 @@ def nf4_gemv_splits(n_tiles: int, k_steps: int, device) -> int:
 
 
 def nf4_gemv(x, w4, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_xa=False, decode="auto",
-             splits=None, engine="auto"):
+             splits=None, engine="auto", xa_mode="auto"):
     """NF4 LoRA forward for M <= 16 rows, reading the 4-bit weight directly.
 
     x: [M, K] (M <= 16), w4: NF4 weight of shape (N, K) (kernels.nf4_dequant.nf4_kernel_args), bias: [N] or
@@ -616,6 +794,12 @@ def nf4_gemv(x, w4, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_
     x contiguous and 4-byte aligned; measured slower than "fma") or "wide" (mma.sync with 16-byte loads, 4 rows
     per lane: bf16 / fp16 on a CUDA GPU, x and qweight's rows 16-byte aligned); "auto": for one row "wide" where
     it can run, else "fma"; "padded" for more rows.
+    xa_mode (one-row engines): "shrink" (xa's split shrink runs first, `lora_shrink_partials`, and zeroes the
+    tiles' counters) or "fused" (no dropout: each program of the GEMV adds its own K range's share of x @ A^T,
+    so one kernel per call; the tiles' counters are kept per device and stream, zero between kernels, so two
+    CUDA graphs captured on the same stream must not be replayed at once on different streams); "auto": "fused"
+    for "wide" where it measured faster (WIDE_FUSED_CTAS_PER_SM, WIDE_FUSED_MAX_SPANS) and can run (dropout_p
+    == 0, lora_A contiguous along K with 16-byte aligned rows, rank <= 64), else "shrink".
     Returns (y [M, N], xa [M, r] or None). Checks and launch set-up are done once per call signature
     (kernels/launch.py).
 
@@ -625,15 +809,20 @@ def nf4_gemv(x, w4, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=0, store_
     check_dropout(dropout_p, seed, x)
     tensors, flags = nf4_key_parts(w4)
     key = plan_key((x, bias, lora_A, lora_B) + tensors, *flags, dropout_p, store_xa, decode, splits, engine,
-                   dot_precision_key(x), seed_key(seed))
+                   xa_mode, dot_precision_key(x), seed_key(seed))
     plan = _PLANS.find(key)
     if plan is None:
         if engine not in NF4_GEMV_ENGINES:
             raise ValueError(f"engine must be one of {NF4_GEMV_ENGINES}, got {engine!r}")
+        if xa_mode not in XA_MODES:
+            raise ValueError(f"xa_mode must be one of {XA_MODES}, got {xa_mode!r}")
         if engine == "padded" or (engine == "auto" and not (x.dim() == 2 and x.shape[0] == 1)):
+            if xa_mode == "fused":
+                raise ValueError("xa_mode='fused' is for the one-row engines ('fma', 'lanes', 'wide'); the "
+                                 f"'padded' engine (M = {x.shape[0] if x.dim() == 2 else '?'}) sums xa in its own programs")
             plan = _GemvPlan(x, w4, bias, lora_A, lora_B, dropout_p, store_xa, decode, splits)
         else:
-            plan = _RowPlan(x, w4, bias, lora_A, lora_B, dropout_p, store_xa, decode, splits, engine)
+            plan = _RowPlan(x, w4, bias, lora_A, lora_B, dropout_p, store_xa, decode, splits, engine, xa_mode)
         plan = _PLANS.put(key, plan)
     return plan(x, w4, bias, lora_A, lora_B, scaling, seed)
 
@@ -733,11 +922,52 @@ def lanes_unsupported(x, w4, align: int = 4) -> str | None:
     return None
 
 
-class _RowPlan:
-    """`nf4_gemv` with engine "fma" or "lanes" (one row) for one call signature: xa's split shrink
-    (lora_shrink_partials) and the row kernel, launched with PDL where the GPU has it."""
+# xa_mode "auto" takes "fused" for the "wide" engine when its grid fits on the GPU at once (at most this many of
+# its one-warp programs per SM: the fused kernel holds 128 registers a thread) and each warp walks at most
+# WIDE_FUSED_MAX_SPANS 64-byte spans: there the shrink's launch ahead of the GEMV (~1 us) costs more than the
+# programs' redundant share of xa. H200, r = 16 (bench/NOTES.md): K = N = 4096 0.773-0.775x the bf16 base against
+# 0.811-0.818x with the shrink; N = 14336 (3.4 waves) 0.887x against 0.785x, K = 14336 (7 spans a warp) 0.77x
+# against 0.75x. "fma" and "lanes" never take it on "auto" (their xa on the FMA units: "fma" 1.31x).
+WIDE_FUSED_CTAS_PER_SM = 16
+WIDE_FUSED_MAX_SPANS = 2
+# xa_mode "fused": the tiles' split counters, per (device, stream). They are zero between kernels (the finishing
+# program of each tile resets its own), so the kernels of one stream can share them; never freed, because a
+# CUDA graph keeps the address it captured.
+_COUNTERS: dict = {}
+_RETIRED_COUNTERS: list = []
 
-    def __init__(self, x, w4, bias, lora_A, lora_B, dropout_p, store_xa, decode, splits, engine):
+
+def tile_counters(device: torch.device, count: int) -> torch.Tensor:
+    """At least `count` int32 counters, zero, for the current stream of `device` (xa_mode "fused")."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    held = _COUNTERS.get(key)
+    if held is None or held.numel() < count:
+        if held is not None:
+            _RETIRED_COUNTERS.append(held)  # earlier kernels (or graphs) may still use it
+        held = torch.zeros(max(count, 1024), device=device, dtype=torch.int32)
+        _COUNTERS[key] = held
+    return held
+
+
+def fused_xa_unsupported(engine: str, lora_A, rank: int, dropout_p: float) -> str | None:
+    """Why xa_mode "fused" cannot run for this one-row engine and call (None: it can)."""
+    if dropout_p > 0.0:
+        return "it has no dropout (the shrink draws the mask)"
+    if engine == "wide":
+        if rank > 16 * WIDE_XA_MAX_TILES:
+            return f"the 'wide' engine's fused xa takes rank <= {16 * WIDE_XA_MAX_TILES}, got {rank}"
+        if lora_A.stride(1) != 1 or (lora_A.stride(0) * lora_A.element_size()) % 16 or lora_A.data_ptr() % 16:
+            return "the 'wide' engine reads lora_A 16 bytes at a time: it must be contiguous along K, 16-byte aligned"
+    return None
+
+
+class _RowPlan:
+    """`nf4_gemv` with engine "fma", "lanes" or "wide" (one row) for one call signature: with xa_mode "shrink",
+    xa's split shrink (lora_shrink_partials) and the row kernel, launched with PDL where the GPU has it; with
+    "fused", the row kernel alone."""
+
+    def __init__(self, x, w4, bias, lora_A, lora_B, dropout_p, store_xa, decode, splits, engine, xa_mode):
         check_flag(store_xa, "store_xa")
         if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
             raise ValueError(f"splits must be None (automatic) or an int >= 1, got {splits!r}")
@@ -753,27 +983,26 @@ class _RowPlan:
                 raise ValueError(f"nf4_gemv engine={engine!r} cannot run here: {why_not}")
         if engine == "auto":  # "wide" where it can run (measured the faster, bench/NOTES.md), else "fma"
             engine = "wide" if decode == "prmt" and lanes_unsupported(x, w4, 16) is None else "fma"
+        why_not = fused_xa_unsupported(engine, lora_A, rank, dropout_p)
+        if xa_mode == "fused" and why_not:
+            raise ValueError(f"nf4_gemv xa_mode='fused' cannot run here: {why_not}")
         self.engine = engine
         self.N, self.rank, self.store_xa, self.dropout_p = N, rank, store_xa, dropout_p
-        self.pdl = pdl_enabled(x.device)
         self.xa_splits = ROW_XA_SPLITS
-        self.launch = None
+        self.fused, self.pdl, self.launch = xa_mode == "fused", False, None
         if N == 0:
             return
-        xa_ranges = shrink_splits(M, K, x.dtype, self.xa_splits)[0]
-        tail = dict(HAS_BIAS=bias is not None, STORE_XA=store_xa, PDL=self.pdl, BLOCK_R=next_pow2_rank(rank),
-                    XA_SPLITS_P2=triton.next_power_of_2(xa_ranges),
-                    ACC=acc_dtype(x.dtype), **meta, **({"launch_pdl": True} if self.pdl else {}))
-        slots = ("X", "QW", "ABSMAX", "ABS_CODE", "ABS_SCALE", "CODE", "PART", "COUNT", "XA_PART", "B", "BIAS", "Y",
-                 "XA", "abs_offset", "scaling")
+        slots = ("X", "QW", "ABSMAX", "ABS_CODE", "ABS_SCALE", "CODE", "PART", "COUNT", "XA_PART", "A", "B", "BIAS",
+                 "Y", "XA", "abs_offset", "scaling")
         if self.engine == "wide":  # 32 rows per program; its warps split the program's K range among them
             cfg = nf4_config("gemv_wide", M, x.dtype)
+            stages = max(1, min(2, cfg.num_stages))
             ranges = (splits or WIDE_SPLITS) * cfg.num_warps
             bytes_per_split = cdiv(cdiv(K // 2, ranges), 64) * 64  # per warp
             splits = cdiv(K // 2, bytes_per_split * cfg.num_warps)
             block_n, kernel = 32, _nf4_gemv_wide_kernel
             extra = dict(STEP_ASM=_WIDE_ASM[x.dtype], STEP_CONSTRAINTS=_WIDE_CONSTRAINTS, WARPS=cfg.num_warps,
-                         num_warps=cfg.num_warps, num_stages=1)
+                         XA_ASM=_WIDE_XA_ASM[x.dtype], STAGES=stages, num_warps=cfg.num_warps, num_stages=1)
         else:
             if self.engine == "lanes":
                 cfg = nf4_config("gemv_lanes", M, x.dtype)
@@ -790,24 +1019,40 @@ class _RowPlan:
             splits = cdiv(K, k_per_split)
             bytes_per_split = k_per_split // 2
         self.tiles = cdiv(N, block_n)
+        if xa_mode == "auto" and why_not is None and engine == "wide":
+            self.fused = (self.tiles * splits <= WIDE_FUSED_CTAS_PER_SM * num_sms(x.device)
+                          and bytes_per_split <= 64 * WIDE_FUSED_MAX_SPANS)
+        self.pdl = pdl_enabled(x.device) and not self.fused  # fused: no kernel before it to overlap
+        block_r = next_pow2_rank(rank)
+        xa_ranges = shrink_splits(M, K, x.dtype, self.xa_splits)[0]
+        tail = dict(HAS_BIAS=bias is not None, STORE_XA=store_xa, PDL=self.pdl, BLOCK_R=block_r,
+                    XA_SPLITS_P2=triton.next_power_of_2(xa_ranges), ACC=acc_dtype(x.dtype), FUSED_XA=self.fused,
+                    XA_K=max(16, min(128, 4096 // block_r)), **meta, **({"launch_pdl": True} if self.pdl else {}))
         self.part_shape = (splits, N)
+        part_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        self.xa_part_shape, self.xa_part_dtype = (self.tiles, splits, block_r), part_dtype
         tail["SPLITS_P2"] = triton.next_power_of_2(splits)
         # the fma kernel takes x's column stride; the PTX engines read x contiguous
         strides = (x.stride(1), w4.qweight.stride(0)) if self.engine == "fma" else (w4.qweight.stride(0),)
         self.launch = Launch(
-            kernel, (self.tiles, splits), slots, *([None] * 13), N, K, rank, xa_ranges, bytes_per_split, *strides,
-            None, lora_B.stride(0), lora_B.stride(1), 1, 1, None, **extra, **tail)
+            kernel, (self.tiles, splits), slots, *([None] * 14), N, K, rank, xa_ranges, bytes_per_split, *strides,
+            None, lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1), 1, 1, None, **extra,
+            **tail)
 
     def __call__(self, x, w4, bias, lora_A, lora_B, scaling, seed):
         y = torch.empty((1, self.N), device=x.device, dtype=x.dtype)
         xa = torch.empty((1, self.rank), device=x.device, dtype=x.dtype) if self.store_xa else None
         if self.launch is None:
             return y, xa
-        count = torch.empty(self.tiles, device=x.device, dtype=torch.int32)  # zeroed by the shrink
-        xa_part = lora_shrink_partials(x, lora_A, self.xa_splits, self.dropout_p, seed, trigger=self.pdl,
-                                       zero=count)
+        if self.fused:
+            count = tile_counters(x.device, self.tiles)
+            xa_part = torch.empty(self.xa_part_shape, device=x.device, dtype=self.xa_part_dtype)
+        else:
+            count = torch.empty(self.tiles, device=x.device, dtype=torch.int32)  # zeroed by the shrink
+            xa_part = lora_shrink_partials(x, lora_A, self.xa_splits, self.dropout_p, seed, trigger=self.pdl,
+                                           zero=count)
         qw, absmax, abs_code, abs_scale, abs_offset, code = nf4_call_args(w4)
         part = torch.empty(self.part_shape, device=x.device, dtype=torch.float32)
-        self.launch(x, qw, absmax, abs_code, abs_scale, code, part, count, xa_part, lora_B, bias if bias is not None else y, y, xa if xa is not None else y, abs_offset,
-                    float(scaling))
+        self.launch(x, qw, absmax, abs_code, abs_scale, code, part, count, xa_part, lora_A, lora_B,
+                    bias if bias is not None else y, y, xa if xa is not None else y, abs_offset, float(scaling))
         return y, xa

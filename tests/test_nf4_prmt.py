@@ -149,8 +149,8 @@ def _mma_m16n8k16(lanes: list, a_regs: list, b_regs: list, c_regs: list, dtype) 
 
 
 def run_warp_ptx(asm: str, lane_operands: list, dtype) -> list:
-    """Run `asm` on 32 lanes in lock step (integer ops and prmt as run_ptx does; mov.f32 / fma.rn.f32 on Python
-    floats; mma.sync by _mma_m16n8k16). Returns each lane's registers."""
+    """Run `asm` on 32 lanes in lock step (integer ops and prmt as run_ptx does; mov.f32 (of a register or zero) /
+    fma.rn.f32 on Python floats; mma.sync by _mma_m16n8k16). Returns each lane's registers."""
     lanes = [dict(ops) for ops in lane_operands]
     for line in asm.splitlines():
         line = line.strip()
@@ -168,8 +168,7 @@ def run_warp_ptx(asm: str, lane_operands: list, dtype) -> list:
         op, dst, srcs = m.group(1), m.group(2).strip(), [t.strip() for t in m.group(3).split(",")]
         for regs in lanes:
             if op == "mov.f32":
-                assert srcs == ["0f00000000"]
-                regs[dst] = 0.0
+                regs[dst] = 0.0 if srcs == ["0f00000000"] else regs[srcs[0]]
             elif op == "fma.rn.f32":
                 a, b, c = (regs[t] for t in srcs)
                 regs[dst] = a * b + c
@@ -272,6 +271,48 @@ def test_wide_step_ptx_sums_each_rows_two_blocks(dtype):
                 want += sum(absmax[row][blk] * sum(values[row][k] * xf[k] for k in range(64 * blk, 64 * blk + 64))
                             for blk in (0, 1))
             assert regs[out] == pytest.approx(want, rel=1e-9, abs=1e-9), (lane, row)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wide_xa_ptx_sums_each_lanes_two_ranks(dtype):
+    """The "wide" engine's fused xa (xa_mode "fused", `wide_xa_ptx`): lane (g, c) holding ranks g and g + 8 of a
+    16-rank tile of A at its 32 columns of a 128-column span (16 words each, column pairs as loaded) and x's
+    pairs at the same columns ends with start + sum over the span of A[rank, k] * x[k] for both ranks, in every
+    lane. A lane pairing x with other columns (x shifted by one pair) fails it."""
+    gemv = importlib.import_module("lora_fast.kernels.nf4_gemv")
+    asm = gemv.wide_xa_ptx("bf16" if dtype == torch.bfloat16 else "f16")
+    constraints = gemv._WIDE_XA_CONSTRAINTS.value.split(",")
+    assert len(constraints) == 52 and constraints[:2] == ["=f"] * 2 and constraints[-2:] == ["f"] * 2
+    torch.manual_seed(6)
+    a = torch.randn(16, 128).to(dtype)
+    x = torch.randn(128).to(dtype)
+    start = torch.randn(16).tolist()
+
+    def pairs(v):  # 16-bit values -> words of (v[2m], v[2m + 1]), v[2m] in the low half
+        bits = v.view(torch.int16).tolist()
+        return [(bits[2 * m] & 0xFFFF) | ((bits[2 * m + 1] & 0xFFFF) << 16) for m in range(len(bits) // 2)]
+
+    def operands(shift):
+        out = []
+        for lane in range(32):
+            g, c = lane // 4, lane % 4
+            cols = slice(32 * c, 32 * c + 32)
+            ops = {f"${2 + m}": w for m, w in enumerate(pairs(a[g, cols]))}
+            ops.update({f"${18 + m}": w for m, w in enumerate(pairs(a[g + 8, cols]))})
+            xw = pairs(x[cols])
+            ops.update({f"${34 + m}": xw[(m + shift) % 16] for m in range(16)})
+            ops["$50"], ops["$51"] = start[g], start[g + 8]
+            out.append(ops)
+        return out
+
+    want = [start[r] + sum(av * xv for av, xv in zip(a[r].float().tolist(), x.float().tolist())) for r in range(16)]
+    lanes = run_warp_ptx(asm, operands(0), dtype)
+    for lane, regs in enumerate(lanes):
+        g = lane // 4
+        assert regs["$0"] == pytest.approx(want[g], rel=1e-9, abs=1e-9), lane
+        assert regs["$1"] == pytest.approx(want[g + 8], rel=1e-9, abs=1e-9), lane
+    wrong = run_warp_ptx(asm, operands(1), dtype)
+    assert any(abs(regs["$0"] - want[lane // 4]) > 1e-3 for lane, regs in enumerate(wrong))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

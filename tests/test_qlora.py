@@ -450,6 +450,57 @@ def test_one_row_engines_match_the_reference(dtype):
             assert torch.equal(y, y2), "the split sum must not depend on which program finishes last"
 
 
+def test_fused_xa_matches_the_reference_and_leaves_its_counters_zero():
+    """xa_mode "fused" (no shrink before the GEMV: each program adds its own K range's share of x @ A^T, and the
+    tiles' split counters live across calls, reset by the program that finishes each tile), through the "fma"
+    engine that the interpreter runs: odd shapes (N = 37, K = 1152; ranks 1, 3 and 20, whose padded rank 32 spans
+    two tiles of the "wide" engine's xa), K splits from one to more than the steps, y and xa against the fp64
+    reference; two shapes' plans interleaved on the same counters, each call bitwise equal to the first, and
+    every counter back at zero after every call (a missed reset would leave the next call's tiles unfinished)."""
+    import importlib
+
+    gemv = importlib.import_module("lora_fast.kernels.nf4_gemv")
+    torch.manual_seed(23)
+    problems = []
+    for (N, K, r, dq), dtype in zip(((37, 1152, 1, False), (50, 640, 3, True), (21, 192, 20, False)),
+                                    (torch.float32, torch.bfloat16, torch.float16)):
+        q = quantize_nf4(weight(N, K), double_quant=dq)
+        x = torch.randn(1, K).to(dtype)
+        A, B = (torch.randn(r, K) / 16).to(dtype), torch.randn(N, r).to(dtype)
+        b = torch.randn(N).to(dtype)
+        xa_want = x.double() @ A.double().t()
+        want = x.double() @ q.dequantize(torch.float32).double().t() + 1.5 * xa_want @ B.double().t() + b.double()
+        problems.append((q, x, A, B, b, xa_want, want, dtype))
+    counters = gemv.tile_counters(torch.device("cpu"), 1)
+    for splits in (1, 4, 40):
+        first = []
+        for rnd in range(2):  # the plans alternate on the same counters
+            for i, (q, x, A, B, b, xa_want, want, dtype) in enumerate(problems):
+                y, xa = kernels.nf4_gemv(x, q, b, A, B, 1.5, store_xa=True, engine="fma", splits=splits,
+                                         xa_mode="fused")
+                assert int(counters.count_nonzero()) == 0, "a tile's counter was not reset"
+                if rnd == 0:
+                    assert_close(f"y (fused, splits={splits}, {dtype})", y, want, dtype)
+                    assert_close(f"xa (fused, splits={splits}, {dtype})", xa, xa_want, dtype)
+                    first.append(y)
+                else:
+                    assert torch.equal(y, first[i]), "a repeated call must give the same bits"
+
+
+def test_xa_mode_is_checked():
+    q = quantize_nf4(weight(8, 64))
+    x, A, B = torch.randn(1, 64), torch.randn(2, 64), torch.randn(8, 2)
+    with pytest.raises(ValueError, match="xa_mode must be one of"):
+        kernels.nf4_gemv(x, q, None, A, B, 1.0, xa_mode="inline")
+    with pytest.raises(ValueError, match="xa_mode='fused' cannot run here: it has no dropout"):
+        kernels.nf4_gemv(x, q, None, A, B, 1.0, dropout_p=0.1, seed=3, engine="fma", xa_mode="fused")
+    with pytest.raises(ValueError, match="xa_mode='fused' is for the one-row engines"):
+        kernels.nf4_gemv(torch.randn(2, 64), q, None, A, B, 1.0, xa_mode="fused")
+    # with dropout, "auto" takes the shrink (whose mask the backward regenerates)
+    y, _ = kernels.nf4_gemv(x, q, None, A, B, 1.0, dropout_p=0.1, seed=3, engine="fma")
+    assert torch.isfinite(y).all()
+
+
 def test_one_row_engines_draw_the_same_dropout_mask():
     """With dropout the "fma" engine's xa (its split shrink) uses the mask the padded engine and the backward
     regenerate, from (seed, row, column)."""
