@@ -21,6 +21,11 @@ full bandwidth needs several CTAs per SM, far more than N / BLOCK_N output tiles
     16 bytes of 4 rows per step and B's columns keep the step's two quantization blocks apart, so x's loads
     serve 4 rows and the absmax scales D once per block (~3.7 SASS instructions per weight against ~7.4 for
     "fma"); a few percent faster than "fma" on the H200.
+
+The one-row engines take xa either from the split shrink (xa_mode "shrink", above) or add it themselves
+("fused"): each program sums its own K range's share of x @ A^T into a [tiles, splits, BLOCK_R] workspace, so a
+tile's own splits cover all of K and no kernel runs before the GEMV; the tiles' counters then live per device
+and stream (`tile_counters`), zero between kernels.
 """
 import torch
 import triton
