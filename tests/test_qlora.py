@@ -487,20 +487,6 @@ def test_fused_xa_matches_the_reference_and_leaves_its_counters_zero():
                     assert torch.equal(y, first[i]), "a repeated call must give the same bits"
 
 
-def test_xa_mode_is_checked():
-    q = quantize_nf4(weight(8, 64))
-    x, A, B = torch.randn(1, 64), torch.randn(2, 64), torch.randn(8, 2)
-    with pytest.raises(ValueError, match="xa_mode must be one of"):
-        kernels.nf4_gemv(x, q, None, A, B, 1.0, xa_mode="inline")
-    with pytest.raises(ValueError, match="xa_mode='fused' cannot run here: it has no dropout"):
-        kernels.nf4_gemv(x, q, None, A, B, 1.0, dropout_p=0.1, seed=3, engine="fma", xa_mode="fused")
-    with pytest.raises(ValueError, match="xa_mode='fused' is for the one-row engines"):
-        kernels.nf4_gemv(torch.randn(2, 64), q, None, A, B, 1.0, xa_mode="fused")
-    # with dropout, "auto" takes the shrink (whose mask the backward regenerates)
-    y, _ = kernels.nf4_gemv(x, q, None, A, B, 1.0, dropout_p=0.1, seed=3, engine="fma")
-    assert torch.isfinite(y).all()
-
-
 def test_one_row_engines_draw_the_same_dropout_mask():
     """With dropout the "fma" engine's xa (its split shrink) uses the mask the padded engine and the backward
     regenerate, from (seed, row, column)."""
@@ -517,9 +503,18 @@ def test_one_row_engines_draw_the_same_dropout_mask():
         assert_close(f"y ({engine})", y, want, torch.float32)
 
 
-def test_gemv_engine_argument_is_checked():
+def test_gemv_engine_and_xa_mode_arguments_are_checked():
     q = quantize_nf4(weight(8, 64))
     x, A, B = torch.randn(1, 64), torch.randn(2, 64), torch.randn(8, 2)
+    with pytest.raises(ValueError, match="xa_mode must be one of"):
+        kernels.nf4_gemv(x, q, None, A, B, 1.0, xa_mode="inline")
+    with pytest.raises(ValueError, match="xa_mode='fused' cannot run here: it has no dropout"):
+        kernels.nf4_gemv(x, q, None, A, B, 1.0, dropout_p=0.1, seed=3, engine="fma", xa_mode="fused")
+    with pytest.raises(ValueError, match="xa_mode='fused' is for the one-row engines"):
+        kernels.nf4_gemv(torch.randn(2, 64), q, None, A, B, 1.0, xa_mode="fused")
+    # with dropout, "auto" takes the shrink (whose mask the backward regenerates)
+    y, _ = kernels.nf4_gemv(x, q, None, A, B, 1.0, dropout_p=0.1, seed=3, engine="fma")
+    assert torch.isfinite(y).all()
     with pytest.raises(ValueError, match="engine must be one of"):
         kernels.nf4_gemv(x, q, None, A, B, 1.0, engine="tensor")
     with pytest.raises(ValueError, match="engine='fma' takes one row, got M=2"):
