@@ -165,3 +165,23 @@ def test_multi_lora_bench_shard(tmp_path):
     merged = json.load(open(tmp_path / "multi_lora_cpu_tiny.json"))
     assert merged["missing"] == [] and len(merged["rows"]) == len(payload["rows"]) + len(again["rows"])
     assert [r for r in merged["rows"] if r["T"] == 16] == again["rows"]
+
+
+def test_ncu_stalls_sums_samples_by_reason_and_line():
+    """bench/ncu_stalls.py on a small report in Nsight Compute's `--page source --csv` shape: preamble lines
+    skipped, samples summed per reason, the busiest SASS line first with its top reason."""
+    sys.path.insert(0, BENCH_DIR)
+    try:
+        from ncu_stalls import summarise
+    finally:
+        sys.path.remove(BENCH_DIR)
+    text = ('==PROF== preamble\n'
+            '"# Address","Source","Warp Stall Sampling (All Samples)","stall_long_sb","stall_membar"\n'
+            '"0x10","ERRBAR","12","0","12"\n'
+            '"0x20","LDG.E.128 R4, desc[UR4][R2.64]","1,030","1,000","30"\n')
+    out = summarise(text, top=1)
+    assert "total samples 1042" in out
+    assert "stall_long_sb                  1000  96.0 %" in out
+    assert "stall_membar                     42   4.0 %" in out
+    last = out.splitlines()[-1]
+    assert last.split()[0] == "1030" and "LDG.E.128" in last and last.endswith("stall_long_sb")
