@@ -47,8 +47,10 @@ def reference(x, q, bias, A, B, s):
     return ref + bias.double() if bias is not None else ref
 
 
-def checks(dev):
+def checks(dev, only=""):
+    """only: keep the VARIANTS whose label contains it (all by default); "auto" is always checked."""
     rows = []
+    variants = [v for v in VARIANTS if only in v[0]]
 
     def add(name, err, passed):
         rows.append({"check": name, "rel_err": err, "passed": bool(passed)})
@@ -63,7 +65,7 @@ def checks(dev):
             B = (torch.randn(N, r, device=dev) * 0.1).to(dtype)
             bias = torch.randn(N, device=dev, dtype=dtype) if has_bias else None
             ref = reference(x, q, bias, A, B, 2.0)
-            for label, engine, stages, xa_mode in VARIANTS:
+            for label, engine, stages, xa_mode in variants:
                 if dtype == torch.float32 and engine != "fma":
                     continue
                 nan_primed((1, N), dtype, dev)
@@ -97,7 +99,7 @@ def checks(dev):
     B = (torch.randn(N, r, device=dev) * 0.1).to(dtype)
     bias = torch.randn(N, device=dev, dtype=dtype)
     rows += call_checks(dev, q, x, A, B, bias, "auto", None, "auto", "auto")  # "auto" is "wide" here
-    for label, engine, stages, xa_mode in VARIANTS:
+    for label, engine, stages, xa_mode in variants:
         rows += call_checks(dev, q, x, A, B, bias, label, stages, engine, xa_mode)
     return rows
 
@@ -287,16 +289,19 @@ def main():
     ap.add_argument("--rounds", type=int, default=1, help="alternated rounds of the default engines")
     ap.add_argument("--configs", default="", help='tiles to sweep instead of the built-in list, e.g. '
                     '"fma:4,4096,4,1;wide:32,64,1,8,2,fused" (engine:BLOCK_N,BLOCK_K,warps,splits[,stages[,xa_mode]])')
+    ap.add_argument("--variants", default="", help="check only the one-row variants whose label contains this "
+                    '(e.g. "fused"), and "auto"')
+    ap.add_argument("--no-profile", action="store_true", help="skip the per-kernel profile")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     dev = "cuda"
-    check_rows = [] if args.no_checks else checks(dev)
+    check_rows = [] if args.no_checks else checks(dev, args.variants)
     bad = [r for r in check_rows if not r["passed"]]
     print(f"checks: {len(check_rows) - len(bad)}/{len(check_rows)} passed", flush=True)
     for r in bad:
         print("FAILED", r, flush=True)
     time_rows = timings(dev, not args.no_sweep, args.rounds, parse_configs(args.configs) or None)
-    prof_rows = kernel_profile(dev)
+    prof_rows = [] if args.no_profile else kernel_profile(dev)
     with open(os.path.join(args.out, "exp_nf4_rows.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "checks": check_rows,
                    "decode": time_rows, "profile": prof_rows}, f, indent=1)

@@ -20,7 +20,8 @@ Checks (each case in its own try/except; failures are recorded in the JSON and t
 - torch.utils.checkpoint, re-entrant and not, dropout 0.1, under autocast too: gradients bit-equal to no checkpoint;
   and under torch.compile (checkpoint inside the compiled region and around a compiled module): the same mask;
 - the host time of an eager call through the op's dispatcher against the direct autograd.Function that eager uses;
-- torch.compile(mode="reduce-overhead"): a LoRALinear decode, and a training step without and with dropout,
+- torch.compile(mode="reduce-overhead"): a LoRALinear decode, a QLoRA decode at one row, and a training step
+  without and with dropout,
   against eager (the dropout seed drawn on the GPU inside the graph: fresh masks per replay, the backward's the
   forward's); torch.cuda.graph around an eager training step with dropout, the same.
 Writes OUT/gpu_compile.json and prints a table last.
@@ -411,6 +412,20 @@ def reduce_overhead(K=4096, N=4096, r=16, M=16):
             x = torch.randn(M, K, device=DEV, dtype=BF16)
             errs.append(rel_err(fwd(x).clone(), layer(x)))
     record(f"reduce-overhead LoRALinear decode M={M} == eager", max(errs) <= 1e-3, rel_errs=errs)
+    # QLoRA decode at one row: the GEMV's split counters (xa_mode "fused") are driver allocations outside the
+    # graph trees' pool, which the trees may roll back; replays with new x equal eager
+    from lora_fast.qlora import LoRALinear4bit
+
+    qlayer = LoRALinear4bit.from_linear(nn.Linear(K, N, device=DEV, dtype=BF16), rank=r, alpha=32)
+    nn.init.normal_(qlayer.lora_B, std=0.1)
+    qlayer.eval()
+    qfwd = torch.compile(qlayer, mode="reduce-overhead", fullgraph=True)
+    qerrs = []
+    with torch.no_grad():
+        for _ in range(4):
+            x1 = torch.randn(1, K, device=DEV, dtype=BF16)
+            qerrs.append(rel_err(qfwd(x1).clone(), qlayer(x1)))
+    record("reduce-overhead QLoRA decode M=1 == eager", max(qerrs) <= 1e-3, rel_errs=qerrs)
     from torch._dynamo.utils import counters  # inductor counts the graphs it would not CUDA-graph
 
     for p in (0.0, 0.1):

@@ -108,6 +108,56 @@ def gdc_wait_if(ENABLED: tl.constexpr):
         tl.extra.cuda.gdc_wait()
 
 
+_TYPESTR = {torch.int32: "<i4", torch.float32: "<f4", torch.int64: "<i8", torch.uint8: "|u1"}
+_DRIVER_TENSORS: list = []  # every driver allocation made (never freed: graphs keep the addresses they captured)
+
+
+class _DriverBuffer:
+    """A device allocation seen by torch through __cuda_array_interface__ (torch does not own it)."""
+
+    def __init__(self, ptr: int, shape: tuple, dtype: torch.dtype):
+        self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": _TYPESTR[dtype], "data": (ptr, False),
+                                         "version": 3, "strides": None}
+
+
+def driver_copy(src: torch.Tensor, device) -> torch.Tensor | None:
+    """A copy of the CPU tensor `src` (int32, fp32, int64 or uint8) on the CUDA `device`, in memory from the driver
+    (cuMemAlloc): owned by no allocator pool, never freed. For the device constants and counters that lora-fast
+    caches across calls: torch.compile's CUDA-graph trees route every allocation of the thread to their pool while
+    they warm up, and may roll that pool back to a checkpoint (or report the tensor as an untracked live
+    allocation), so a cache filled there from the caching allocator breaks. None where it cannot be done now
+    (no CUDA device, ROCm, no libcuda, a stream capture under way, the allocation failed); the copy is read back
+    and compared once."""
+    import ctypes
+
+    device = torch.device(device)
+    if (device.type != "cuda" or torch.version.hip is not None or src.dtype not in _TYPESTR
+            or torch.cuda.is_current_stream_capturing()):
+        return None
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    src = src.contiguous()
+    torch.cuda.synchronize(device)  # the device's primary context current on this thread; earlier work done
+    ptr = ctypes.c_uint64(0)
+    with torch.cuda.device(device):
+        if libcuda.cuMemAlloc_v2(ctypes.byref(ptr), ctypes.c_size_t(max(1, src.numel() * src.element_size()))):
+            return None
+        out = torch.as_tensor(_DriverBuffer(ptr.value, src.shape, src.dtype), device=device)
+        out.copy_(src)
+    torch.cuda.synchronize(device)  # written before any stream reads it
+    _DRIVER_TENSORS.append(out)
+    return out if torch.equal(out.cpu(), src) else None
+
+
+def cached_device_tensor(src: torch.Tensor, device) -> torch.Tensor:
+    """`src` on `device` for a cache kept across calls: driver memory on CUDA where it can (driver_copy), else
+    `src.to(device)`."""
+    out = driver_copy(src, device)
+    return out if out is not None else src.to(device)
+
+
 def tensor_descriptor(t, block_shape):
     """Host tensor descriptor of 2-D `t` with the given block shape."""
     return TensorDescriptor.from_tensor(t, list(block_shape))

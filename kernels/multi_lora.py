@@ -49,7 +49,8 @@ import triton
 import triton.language as tl
 
 from .helpers import (
-    acc_dtype, cdiv, dot, gdc_launch_dependents_if, gdc_wait_if, grouped_tile, next_pow2, pdl_enabled,
+    acc_dtype, cached_device_tensor, cdiv, dot, gdc_launch_dependents_if, gdc_wait_if, grouped_tile, next_pow2,
+    pdl_enabled,
 )
 from .launch import Launch, PlanCache, plan_key
 from .wstream import wstream_config, wstream_fits, wstream_launch
@@ -1117,7 +1118,7 @@ def _slice_table(slice_sizes: tuple, block_n: int, device) -> tuple:
             rows.append((offset, size, tile))
             offset += size
             tile += cdiv(size, block_n)
-        _SLICE_TABLES[key] = (torch.tensor(rows, dtype=torch.int32, device=device), tile)
+        _SLICE_TABLES[key] = (cached_device_tensor(torch.tensor(rows, dtype=torch.int32), device), tile)
     return _SLICE_TABLES[key]
 
 

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .config import nf4_config
-from .helpers import cdiv, check_shapes, is_interpret
+from .helpers import cached_device_tensor, cdiv, check_shapes, is_interpret
 from .launch import Launch, PlanCache, plan_key
 
 # The NF4 code book of the QLoRA paper (Dettmers et al. 2023, appendix E): the 2^4 quantiles of N(0, 1) with an
@@ -366,7 +366,7 @@ def nf4_code_table(device) -> torch.Tensor:
         table = torch.cat([torch.tensor(NF4_CODE, dtype=torch.float32),
                            torch.tensor(words, dtype=torch.int32).view(torch.float32)])
         assert table.numel() == CODE_TABLE_SIZE
-        t = _CODE_CACHE[device] = table.to(device)
+        t = _CODE_CACHE[device] = cached_device_tensor(table, device)  # outside CUDA-graph pools (helpers)
     return t
 
 

@@ -34,7 +34,7 @@ import triton.language as tl
 from .config import capability_major, nf4_config, num_sms
 from .helpers import (
     acc_dtype, apply_dropout, cdiv, check_dropout, check_flag, check_scaling, dot, dot_precision, dot_precision_key,
-    dropout_keep, dropout_threshold, gdc_wait_if, is_interpret, next_pow2_rank, pdl_enabled, seed_arg,
+    driver_copy, dropout_keep, dropout_threshold, gdc_wait_if, is_interpret, next_pow2_rank, pdl_enabled, seed_arg,
 )
 from .launch import Launch, PlanCache, plan_key, seed_key
 from .lora_shrink import lora_shrink_partials, shrink_splits
@@ -935,24 +935,59 @@ def lanes_unsupported(x, w4, align: int = 4) -> str | None:
 # against 0.75x. "fma" and "lanes" never take it on "auto" (their xa on the FMA units: "fma" 1.31x).
 WIDE_FUSED_CTAS_PER_SM = 16
 WIDE_FUSED_MAX_SPANS = 2
-# xa_mode "fused": the tiles' split counters, per (device, stream). They are zero between kernels (the finishing
-# program of each tile resets its own), so the kernels of one stream can share them; never freed, because a
-# CUDA graph keeps the address it captured.
-_COUNTERS: dict = {}
-_RETIRED_COUNTERS: list = []
+# xa_mode "fused": the tiles' split counters, a slot of COUNTER_SLOT int32 per (device, stream), zero between
+# kernels (the finishing program of each tile resets its own), so the kernels of one stream share a slot. They
+# must belong to no allocator pool and outlive every graph that captured their address: torch.compile's CUDA-graph
+# trees route every allocation of the thread to their pool while they warm up and may roll that pool back to a
+# checkpoint, which would hand a counter allocated there to another tensor. So on CUDA they come from the driver
+# (cuMemAlloc, never freed), COUNTER_SLOTS_PER_CHUNK slots at a time, allocated only outside stream capture.
+COUNTER_SLOT = 8192
+COUNTER_SLOTS_PER_CHUNK = 16
+_COUNTER_SLOTS: dict = {}  # (device type, index, stream handle) -> int32 tensor [COUNTER_SLOT]
+_FREE_SLOTS: dict = {}  # (device type, index) -> unassigned slots
+_CHUNKS: list = []  # every chunk ever allocated (kept: graphs hold their addresses)
 
 
-def tile_counters(device: torch.device, count: int) -> torch.Tensor:
-    """At least `count` int32 counters, zero, for the current stream of `device` (xa_mode "fused")."""
+def _add_counter_chunk(device: torch.device) -> bool:
+    """Allocate COUNTER_SLOTS_PER_CHUNK more zeroed slots for `device`; False where that cannot be done now (a
+    stream capture is under way, or no driver allocation)."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        chunk = driver_copy(torch.zeros(COUNTER_SLOT * COUNTER_SLOTS_PER_CHUNK, dtype=torch.int32), device)
+        if chunk is None:
+            return False
+    else:
+        chunk = torch.zeros(COUNTER_SLOT * COUNTER_SLOTS_PER_CHUNK, device=device, dtype=torch.int32)
+    _CHUNKS.append(chunk)
+    _FREE_SLOTS.setdefault((device.type, device.index), []).extend(chunk.split(COUNTER_SLOT))
+    return True
+
+
+def counters_unavailable(device: torch.device) -> str | None:
+    """Why xa_mode "fused" has no counters on `device` now (None: it has, or can allocate them)."""
+    key = (device.type, device.index)
+    if _FREE_SLOTS.get(key) or any(k[:2] == key for k in _COUNTER_SLOTS) or _add_counter_chunk(device):
+        return None
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return "its counters are allocated outside CUDA-graph capture: call it once before capturing"
+    return "its counters need the CUDA driver's cuMemAlloc (libcuda), which is not available here"
+
+
+def tile_counters(device: torch.device) -> torch.Tensor:
+    """The zeroed slot of COUNTER_SLOT int32 counters of the current stream of `device` (xa_mode "fused")."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device.type, device.index, stream)
-    held = _COUNTERS.get(key)
-    if held is None or held.numel() < count:
-        if held is not None:
-            _RETIRED_COUNTERS.append(held)  # earlier kernels (or graphs) may still use it
-        held = torch.zeros(max(count, 1024), device=device, dtype=torch.int32)
-        _COUNTERS[key] = held
-    return held
+    slot = _COUNTER_SLOTS.get(key)
+    if slot is None:
+        free = _FREE_SLOTS.get(key[:2])
+        if not free and not _add_counter_chunk(device):
+            raise RuntimeError(
+                f"nf4_gemv xa_mode='fused': no free counter slot for a new stream of {device} during CUDA-graph "
+                f"capture ({len(_COUNTER_SLOTS)} streams hold one); call it once on this stream before capturing, "
+                "or use xa_mode='shrink'")
+        slot = _COUNTER_SLOTS[key] = _FREE_SLOTS[key[:2]].pop()
+    return slot
 
 
 def fused_xa_unsupported(engine: str, lora_A, rank: int, dropout_p: float) -> str | None:
@@ -1024,6 +1059,12 @@ class _RowPlan:
             splits = cdiv(K, k_per_split)
             bytes_per_split = k_per_split // 2
         self.tiles = cdiv(N, block_n)
+        if self.tiles > COUNTER_SLOT:
+            why_not = why_not or f"it takes at most {COUNTER_SLOT} output tiles, got {self.tiles}"
+        if xa_mode != "shrink" and why_not is None and (self.fused or engine == "wide"):
+            why_not = counters_unavailable(x.device)
+        if xa_mode == "fused" and why_not:
+            raise ValueError(f"nf4_gemv xa_mode='fused' cannot run here: {why_not}")
         if xa_mode == "auto" and why_not is None and engine == "wide":
             self.fused = (self.tiles * splits <= WIDE_FUSED_CTAS_PER_SM * num_sms(x.device)
                           and bytes_per_split <= 64 * WIDE_FUSED_MAX_SPANS)
@@ -1050,7 +1091,7 @@ class _RowPlan:
         if self.launch is None:
             return y, xa
         if self.fused:
-            count = tile_counters(x.device, self.tiles)
+            count = tile_counters(x.device)
             xa_part = torch.empty(self.xa_part_shape, device=x.device, dtype=self.xa_part_dtype)
         else:
             count = torch.empty(self.tiles, device=x.device, dtype=torch.int32)  # zeroed by the shrink

@@ -4,6 +4,7 @@ quantize option, bad input, and bitsandbytes' layout when bitsandbytes is instal
 
 The kernels run through Triton's interpreter on the CPU (tests/conftest.py): sizes stay tiny.
 """
+import importlib
 import io
 import math
 
@@ -457,8 +458,6 @@ def test_fused_xa_matches_the_reference_and_leaves_its_counters_zero():
     two tiles of the "wide" engine's xa), K splits from one to more than the steps, y and xa against the fp64
     reference; two shapes' plans interleaved on the same counters, each call bitwise equal to the first, and
     every counter back at zero after every call (a missed reset would leave the next call's tiles unfinished)."""
-    import importlib
-
     gemv = importlib.import_module("lora_fast.kernels.nf4_gemv")
     torch.manual_seed(23)
     problems = []
@@ -471,7 +470,7 @@ def test_fused_xa_matches_the_reference_and_leaves_its_counters_zero():
         xa_want = x.double() @ A.double().t()
         want = x.double() @ q.dequantize(torch.float32).double().t() + 1.5 * xa_want @ B.double().t() + b.double()
         problems.append((q, x, A, B, b, xa_want, want, dtype))
-    counters = gemv.tile_counters(torch.device("cpu"), 1)
+    counters = gemv.tile_counters(torch.device("cpu"))  # this stream's slot
     for splits in (1, 4, 40):
         first = []
         for rnd in range(2):  # the plans alternate on the same counters
@@ -503,7 +502,7 @@ def test_one_row_engines_draw_the_same_dropout_mask():
         assert_close(f"y ({engine})", y, want, torch.float32)
 
 
-def test_gemv_engine_and_xa_mode_arguments_are_checked():
+def test_gemv_engine_and_xa_mode_arguments_are_checked(monkeypatch):
     q = quantize_nf4(weight(8, 64))
     x, A, B = torch.randn(1, 64), torch.randn(2, 64), torch.randn(8, 2)
     with pytest.raises(ValueError, match="xa_mode must be one of"):
@@ -512,6 +511,12 @@ def test_gemv_engine_and_xa_mode_arguments_are_checked():
         kernels.nf4_gemv(x, q, None, A, B, 1.0, dropout_p=0.1, seed=3, engine="fma", xa_mode="fused")
     with pytest.raises(ValueError, match="xa_mode='fused' is for the one-row engines"):
         kernels.nf4_gemv(torch.randn(2, 64), q, None, A, B, 1.0, xa_mode="fused")
+    # more output tiles than a counter slot holds: refused by name ("auto" takes the shrink there)
+    gemv = importlib.import_module("lora_fast.kernels.nf4_gemv")
+    monkeypatch.setattr(gemv, "COUNTER_SLOT", 0)
+    with pytest.raises(ValueError, match="xa_mode='fused' cannot run here: it takes at most 0 output tiles, got 1"):
+        kernels.nf4_gemv(x, q, None, A, B, 1.0, engine="fma", xa_mode="fused")
+    monkeypatch.undo()
     # with dropout, "auto" takes the shrink (whose mask the backward regenerates)
     y, _ = kernels.nf4_gemv(x, q, None, A, B, 1.0, dropout_p=0.1, seed=3, engine="fma")
     assert torch.isfinite(y).all()
