@@ -394,6 +394,20 @@ def _record_masks(name, steps, p):
            rel_errs=list(errs), kept=list(rates), fresh_masks=fresh)
 
 
+def _decode_matches_eager(name, layer, M, K, replays=4):
+    """`layer` (eval, lora_B drawn at random) under torch.compile(mode="reduce-overhead") against eager, with new
+    [M, K] inputs each replay."""
+    nn.init.normal_(layer.lora_B, std=0.1)
+    layer.eval()
+    fwd = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    errs = []
+    with torch.no_grad():
+        for _ in range(replays):
+            x = torch.randn(M, K, device=DEV, dtype=BF16)
+            errs.append(rel_err(fwd(x).clone(), layer(x)))
+    record(name, max(errs) <= 1e-3, rel_errs=errs)
+
+
 def reduce_overhead(K=4096, N=4096, r=16, M=16):
     """torch.compile(mode="reduce-overhead") (inductor's own CUDA graphs): a LoRALinear decode replayed with new
     inputs equals eager; a training step without dropout equals eager; a training step with dropout (the seed drawn
@@ -401,31 +415,14 @@ def reduce_overhead(K=4096, N=4096, r=16, M=16):
     backward uses the forward's mask, and it equals an eager step given the seed the CUDA generator draws there.
     And a torch.cuda.graph capture of an eager training step with dropout: fresh masks per replay as well."""
     from lora_fast.functional import LoRALinearFunction
-
-    layer = LoRALinear(K, N, rank=r, alpha=32, dropout=0.1, device=DEV, dtype=BF16)
-    nn.init.normal_(layer.lora_B, std=0.1)
-    layer.eval()
-    fwd = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
-    errs = []
-    with torch.no_grad():
-        for _ in range(3):
-            x = torch.randn(M, K, device=DEV, dtype=BF16)
-            errs.append(rel_err(fwd(x).clone(), layer(x)))
-    record(f"reduce-overhead LoRALinear decode M={M} == eager", max(errs) <= 1e-3, rel_errs=errs)
-    # QLoRA decode at one row: the GEMV's split counters (xa_mode "fused") are driver allocations outside the
-    # graph trees' pool, which the trees may roll back; replays with new x equal eager
     from lora_fast.qlora import LoRALinear4bit
 
+    layer = LoRALinear(K, N, rank=r, alpha=32, dropout=0.1, device=DEV, dtype=BF16)
+    _decode_matches_eager(f"reduce-overhead LoRALinear decode M={M} == eager", layer, M, K)
+    # QLoRA decode at one row, its first call inside the compiled region: the device tensors our kernels cache
+    # (the NF4 code table, the GEMV's split counters) must stay outside the graph trees' pool
     qlayer = LoRALinear4bit.from_linear(nn.Linear(K, N, device=DEV, dtype=BF16), rank=r, alpha=32)
-    nn.init.normal_(qlayer.lora_B, std=0.1)
-    qlayer.eval()
-    qfwd = torch.compile(qlayer, mode="reduce-overhead", fullgraph=True)
-    qerrs = []
-    with torch.no_grad():
-        for _ in range(4):
-            x1 = torch.randn(1, K, device=DEV, dtype=BF16)
-            qerrs.append(rel_err(qfwd(x1).clone(), qlayer(x1)))
-    record("reduce-overhead QLoRA decode M=1 == eager", max(qerrs) <= 1e-3, rel_errs=qerrs)
+    _decode_matches_eager("reduce-overhead QLoRA decode M=1 == eager", qlayer, 1, K)
     from torch._dynamo.utils import counters  # inductor counts the graphs it would not CUDA-graph
 
     for p in (0.0, 0.1):
