@@ -205,3 +205,18 @@ def test_pdl_pairs_are_planned_where_pdl_is_enabled(device, monkeypatch):
     dy = torch.randn(300, N, device=device)
     dx_plan = lora_bwd._DxPlan(dy, W, A, B, 0.0, True, "auto", None, "auto", None)
     assert dx_plan.shrink and dx_plan.pdl and dx_plan.launch.options.get("launch_pdl") is True
+
+
+def test_cached_device_tensors_come_from_the_driver_only_on_cuda():
+    """helpers.driver_copy (the memory of the device tensors kept across calls: NF4 code table, multi-LoRA slice
+    tables, the fused GEMV's counters) serves CUDA devices only; elsewhere cached_device_tensor is a plain copy on
+    the device, with the same values, and the NF4 code table is cached once per device."""
+    helpers = importlib.import_module("lora_fast.kernels.helpers")
+    nf4_dequant = importlib.import_module("lora_fast.kernels.nf4_dequant")
+    src = torch.arange(-3, 9, dtype=torch.int32).view(3, 4)
+    assert helpers.driver_copy(src, "cpu") is None
+    out = helpers.cached_device_tensor(src, torch.device("cpu"))
+    assert out.dtype == torch.int32 and out.shape == (3, 4) and torch.equal(out, src)
+    table = nf4_dequant.nf4_code_table("cpu")
+    assert nf4_dequant.nf4_code_table(torch.device("cpu")) is table
+    assert table.numel() == nf4_dequant.CODE_TABLE_SIZE
