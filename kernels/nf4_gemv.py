@@ -631,7 +631,7 @@ def _nf4_gemv_wide_kernel(
     HAS_BIAS: tl.constexpr, STORE_XA: tl.constexpr, PDL: tl.constexpr, SPLITS_P2: tl.constexpr,
     XA_SPLITS_P2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ABS_GROUP: tl.constexpr, STEP_ASM: tl.constexpr,
     STEP_CONSTRAINTS: tl.constexpr, WARPS: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
-    FUSED_XA: tl.constexpr, XA_K: tl.constexpr, XA_ASM: tl.constexpr, STAGES: tl.constexpr,
+    FUSED_XA: tl.constexpr, XA_ASM: tl.constexpr, STAGES: tl.constexpr,
 ):
     """One row (M = 1) of Y = x @ deq(Wq)^T + b + s * xa @ B^T on mma.sync, 16-byte loads, each lane holding
     the weights of 4 rows; the last program of each output tile finishes it as in _nf4_gemv_row_kernel
@@ -944,22 +944,16 @@ WIDE_FUSED_MAX_SPANS = 2
 COUNTER_SLOT = 8192
 COUNTER_SLOTS_PER_CHUNK = 16
 _COUNTER_SLOTS: dict = {}  # (device type, index, stream handle) -> int32 tensor [COUNTER_SLOT]
-_FREE_SLOTS: dict = {}  # (device type, index) -> unassigned slots
-_CHUNKS: list = []  # every chunk ever allocated (kept: graphs hold their addresses)
+_FREE_SLOTS: dict = {}  # (device type, index) -> unassigned slots (views: they keep their chunk alive)
 
 
 def _add_counter_chunk(device: torch.device) -> bool:
     """Allocate COUNTER_SLOTS_PER_CHUNK more zeroed slots for `device`; False where that cannot be done now (a
-    stream capture is under way, or no driver allocation)."""
-    if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            return False
-        chunk = driver_copy(torch.zeros(COUNTER_SLOT * COUNTER_SLOTS_PER_CHUNK, dtype=torch.int32), device)
-        if chunk is None:
-            return False
-    else:
-        chunk = torch.zeros(COUNTER_SLOT * COUNTER_SLOTS_PER_CHUNK, device=device, dtype=torch.int32)
-    _CHUNKS.append(chunk)
+    stream capture is under way, or no driver allocation: helpers.driver_copy)."""
+    zeros = torch.zeros(COUNTER_SLOT * COUNTER_SLOTS_PER_CHUNK, dtype=torch.int32)
+    chunk = driver_copy(zeros, device) if device.type == "cuda" else zeros.to(device)
+    if chunk is None:
+        return False
     _FREE_SLOTS.setdefault((device.type, device.index), []).extend(chunk.split(COUNTER_SLOT))
     return True
 
@@ -1032,6 +1026,8 @@ class _RowPlan:
         self.fused, self.pdl, self.launch = xa_mode == "fused", False, None
         if N == 0:
             return
+        block_r = next_pow2_rank(rank)
+        xa_k = max(16, min(128, 4096 // block_r))  # row_xa_partial's step: [block_r, xa_k] products
         slots = ("X", "QW", "ABSMAX", "ABS_CODE", "ABS_SCALE", "CODE", "PART", "COUNT", "XA_PART", "A", "B", "BIAS",
                  "Y", "XA", "abs_offset", "scaling")
         if self.engine == "wide":  # 32 rows per program; its warps split the program's K range among them
@@ -1047,12 +1043,12 @@ class _RowPlan:
             if self.engine == "lanes":
                 cfg = nf4_config("gemv_lanes", M, x.dtype)
                 block_n, block_k, kernel = 16 * cfg.num_warps, NF4_BLOCK, _nf4_gemv_lanes_kernel
-                extra = dict(MMA_ASM=_LANES_ASM[x.dtype], WARPS=cfg.num_warps, num_warps=cfg.num_warps,
-                             num_stages=1)
+                extra = dict(MMA_ASM=_LANES_ASM[x.dtype], WARPS=cfg.num_warps, XA_K=xa_k,
+                             num_warps=cfg.num_warps, num_stages=1)
             else:
                 cfg = nf4_config("gemv_rows", M, x.dtype)
                 block_n, block_k, kernel = cfg.block_n, cfg.block_k, _nf4_gemv_row_kernel
-                extra = dict(DECODE=decode, BLOCK_N=block_n, BLOCK_K=block_k, **cfg.launch())
+                extra = dict(DECODE=decode, BLOCK_N=block_n, BLOCK_K=block_k, XA_K=xa_k, **cfg.launch())
             steps = cdiv(K, block_k)
             splits = min(splits or ROW_SPLITS, steps, MAX_ROW_SPLITS)
             k_per_split = cdiv(steps, splits) * block_k
@@ -1069,11 +1065,10 @@ class _RowPlan:
             self.fused = (self.tiles * splits <= WIDE_FUSED_CTAS_PER_SM * num_sms(x.device)
                           and bytes_per_split <= 64 * WIDE_FUSED_MAX_SPANS)
         self.pdl = pdl_enabled(x.device) and not self.fused  # fused: no kernel before it to overlap
-        block_r = next_pow2_rank(rank)
         xa_ranges = shrink_splits(M, K, x.dtype, self.xa_splits)[0]
         tail = dict(HAS_BIAS=bias is not None, STORE_XA=store_xa, PDL=self.pdl, BLOCK_R=block_r,
                     XA_SPLITS_P2=triton.next_power_of_2(xa_ranges), ACC=acc_dtype(x.dtype), FUSED_XA=self.fused,
-                    XA_K=max(16, min(128, 4096 // block_r)), **meta, **({"launch_pdl": True} if self.pdl else {}))
+                    **meta, **({"launch_pdl": True} if self.pdl else {}))
         self.part_shape = (splits, N)
         part_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         self.xa_part_shape, self.xa_part_dtype = (self.tiles, splits, block_r), part_dtype
