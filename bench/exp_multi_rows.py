@@ -168,6 +168,16 @@ CONFIGS = {
                       num_warps=4, num_stages=6),
     "fused64s6_seg": dict(BASE="triton", EXPAND="fused", GATHER=False, BLOCK_M=64, BLOCK_N=32, BLOCK_K=128,
                           GROUP_M=1, num_warps=4, num_stages=6),
+    # 2026-12-02 (seventeenth session): the W-stream GEMM adds the LoRA term itself (GEMM="lora": the rows shrink,
+    # then the GEMM as its PDL consumer, each token's term as extra K steps after W's; no expand launch, no tail
+    # after W's stream). "lora" keeps the default's rows tiles at 32-64 tokens (the light K-stepping shrink);
+    # "lora_rows" forces the rows kernels at any T (1-16 and 128 tokens)
+    "lora": dict(GEMM="lora"),
+    "lora_s1": dict(GEMM="lora", R_S_ELEMS=8192, R_S_STEPS=1),
+    "lora_s4": dict(GEMM="lora", R_S_ELEMS=4096, R_S_STEPS=4),
+    "lora_s5": dict(GEMM="lora", W_num_stages=5),
+    "lora_rows": dict(ROWS, GEMM="lora", R_S_ELEMS=4096, R_S_STEPS=8),
+    "lora_rows_s1": dict(ROWS, GEMM="lora", R_S_ELEMS=8192, R_S_STEPS=1),
 }
 SHAPES = "1x1,16x16,32x32,64x64,128x32,256x32,64x64x64,256x32x64,64x64n14336"
 FAILURES: list[str] = []
@@ -285,7 +295,7 @@ def main(argv=None):
         write_json("exp_multi_rows", rows, {"failures": FAILURES}, out_dir=args.out)
     print("== kernels per call (graph replays), default and rows")
     for row in rows:
-        if row["config"] in ("default", "segment", "rows") or row["config"].startswith(("ws", "wf", "wl", "fused")):
+        if row["config"] in ("default", "segment", "rows") or row["config"].startswith(("ws", "wf", "wl", "fused", "lora")):
             print(row["T"], row["adapters"], row["r"], row["N"], row["config"], row.get("kernels"))
             print("    timeline (start, end µs):", row.get("timeline"))
     print("== graph ratios to F.linear")

@@ -313,6 +313,19 @@ def dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def rank_bound(rank, R_ALIGNED: tl.constexpr):
+    """How far to load an adapter's rank rows (of B, or of the xa workspace) when it has `rank` of them: the
+    exact mask `r < rank` varies element by element, so a load under it is split into single elements; rounding
+    the rank up to a multiple of 8 keeps 16-byte vectors along the rank. R_ALIGNED: the pool's rank R and the
+    workspace width are multiples of 8, so those rows exist. The caller zeroes the rows past the true rank with
+    the exact mask (they may hold anything, and 0 * inf is nan). rank: a scalar or a tensor."""
+    if R_ALIGNED:
+        return tl.multiple_of((rank + 7) // 8 * 8, 8)
+    else:
+        return rank
+
+
+@triton.jit
 def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     """Map a linear program id to (pid_m, pid_n) in groups of GROUP_M row-tiles, so that programs running
     together share both their X rows and their W columns in L2 (Triton tutorial 03)."""

@@ -50,7 +50,7 @@ import triton.language as tl
 
 from .helpers import (
     acc_dtype, cached_device_tensor, cdiv, dot, gdc_launch_dependents_if, gdc_wait_if, grouped_tile, next_pow2,
-    pdl_enabled,
+    pdl_enabled, rank_bound,
 )
 from .launch import Launch, PlanCache, plan_key
 from .wstream import wstream_config, wstream_fits, wstream_launch
@@ -116,28 +116,15 @@ def _rows_dot(acc, x_rows, op_cols, k_start, k_end, row_mask, col_mask, stride_x
 
 
 @triton.jit
-def _rank_bound(rank, R_ALIGNED: tl.constexpr):
-    """How far to load an adapter's rank rows (of B, or of the xa workspace) when it has `rank` of them: the
-    exact mask `r < rank` varies element by element, so a load under it is split into single elements; rounding
-    the rank up to a multiple of 8 keeps 16-byte vectors along the rank. R_ALIGNED: the pool's rank R and the
-    workspace width are multiples of 8, so those rows exist. The caller zeroes the rows past the true rank with
-    the exact mask (they may hold anything, and 0 * inf is nan). rank: a scalar or a tensor."""
-    if R_ALIGNED:
-        return tl.multiple_of((rank + 7) // 8 * 8, 8)
-    else:
-        return rank
-
-
-@triton.jit
 def _adapter_rows(adapter, ranks_ptr, scalings_ptr, BLOCK_R: tl.constexpr, R_ALIGNED: tl.constexpr,
                   ACC: tl.constexpr):
     """An expand's view of one adapter slot (-1: base only): (slot clamped to >= 0 for addressing, true rank (0 when
-    base only), scaling, rank rows [BLOCK_R], the exact mask `r < rank`, the load mask of `_rank_bound`)."""
+    base only), scaling, rank rows [BLOCK_R], the exact mask `r < rank`, the load mask of `helpers.rank_bound`)."""
     safe = tl.maximum(adapter, 0)
     rank = tl.where(adapter >= 0, tl.load(ranks_ptr + safe), 0)
     scale = tl.load(scalings_ptr + safe).to(ACC)
     offs_r = tl.arange(0, BLOCK_R)
-    return safe, rank, scale, offs_r, offs_r < rank, offs_r < _rank_bound(rank, R_ALIGNED)
+    return safe, rank, scale, offs_r, offs_r < rank, offs_r < rank_bound(rank, R_ALIGNED)
 
 
 @triton.jit
@@ -277,7 +264,7 @@ def _fused_kernel(
         # (B's first step loaded before the K loop instead measured no faster, and slowed the GEMM alone.)
         offs_g = tl.arange(0, GATHER_R)
         b_rows = b_ptr + safe.to(tl.int64)[:, None, None] * stride_bs + cols[None, None, :] * stride_bn
-        rank_load = _rank_bound(rank, R_ALIGNED)
+        rank_load = rank_bound(rank, R_ALIGNED)
         for r0 in range(0, tl.max(rank, 0), GATHER_R):
             rs = r0 + offs_g
             r_mask = rs[None, :] < rank[:, None]
@@ -510,7 +497,7 @@ def _expand_rows_kernel(
     Pointers and strides as in `_expand_kernel`, the workspace written by `_shrink_rows_kernel` (rows are tokens);
     ids int32 [T]. Grid: (T, column tiles of all slices) with the slice table of `_fused_kernel`.
     BLOCK_R: the padded rank (a power of two >= RANK_CHUNK). COL_ALIGN: a power of two dividing every slice's
-    offset and width (`_col_align`); R_ALIGNED: B's rank R is a multiple of 8 (`_rank_bound`). TRIGGER: the
+    offset and width (`_col_align`); R_ALIGNED: B's rank R is a multiple of 8 (`helpers.rank_bound`). TRIGGER: the
     W-stream GEMM after it is a PDL consumer (kernels/wstream.py): let it start now. ACCUMULATE: add the term to
     y (which holds X·Wᵀ + b: no bias here; base-only tokens exit) instead of writing it.
     """
@@ -789,21 +776,27 @@ class _Plan:
         # letting the shrink start at once; the shrink's programs wait for the GEMM only as they exit, so that the
         # expand (which loads B before its wait) sees y once the shrink is done. W's stream starts at the call's
         # start and no LoRA kernel holds the SMs it needs.
+        # "lora": the rows shrink, then the GEMM as its PDL consumer, adding each token's LoRA term in its own K
+        # loop after W's (kernels/wstream.py, LORA): no expand launch; needs the rows shrink and every slice's
+        # width a multiple of the GEMM's BLOCK_N (a tile in one slice), else "lead" is taken.
         self.gemm = cfg.get("GEMM", "cublas") if base == "addmm" else None
-        if self.gemm not in (None, "cublas", "triton", "first", "lead"):
-            raise ValueError(f"config GEMM must be 'cublas', 'triton', 'first' or 'lead', got {self.gemm!r}")
+        if self.gemm not in (None, "cublas", "triton", "first", "lead", "lora"):
+            raise ValueError(f"config GEMM must be 'cublas', 'triton', 'first', 'lead' or 'lora', got {self.gemm!r}")
+        if self.gemm == "lora" and (self.expand != "rows" or any(
+                size % self._wstream_tiles(x2d)["BLOCK_N"] for size in self.slice_sizes)):
+            self.gemm = "lead"
         if self.gemm == "lead" and self.expand == "delta":
             raise ValueError("config GEMM='lead' needs a shrink kernel: EXPAND 'rows' or 'segment', not 'delta'")
-        self.gemm_pdl = (self.gemm in ("triton", "first", "lead") and cfg.get("G_PDL", True)
+        self.gemm_pdl = (self.gemm in ("triton", "first", "lead", "lora") and cfg.get("G_PDL", True)
                          and pdl_enabled(x2d.device))
-        if self.gemm in ("triton", "lead") and cfg.get("G_ONLY_PDL") and not (
+        if self.gemm in ("triton", "lead", "lora") and cfg.get("G_ONLY_PDL") and not (
                 self.gemm_pdl and wstream_fits(self._wstream_tiles(x2d), x2d.dtype, x2d.device)
-                and (self.gemm != "lead" or self.expand == "rows")):
+                and (self.gemm not in ("lead", "lora") or self.expand == "rows")):
             # the default's choice: without PDL cuBLAS is faster; its 6-stage pipeline (144 KiB at bf16) does not
             # fit a GPU with less shared memory per SM than Hopper's; and "lead" was measured with the rows kernels
             # only (the segment ones, taken when the ids are not given, lost). The rows kernels then get their
             # tiles for a shrink on the critical path.
-            if self.gemm == "lead" and self.expand == "rows":
+            if self.gemm in ("lead", "lora") and self.expand == "rows":
                 cfg.update(_rows_tiles(self.R_PAD))
             self.gemm, self.gemm_pdl = "cublas", False
 
@@ -819,6 +812,10 @@ class _Plan:
         if self.launches is None:
             self.launches = self._build(x2d, weight, lora_A, lora_B, bias, ws, out)
         shrink, second, gemm = self.launches
+        if self.gemm == "lora":  # the rows shrink, then y = X·Wᵀ + b + the LoRA term in one GEMM
+            shrink(x2d, lora_A, ws, adapter_ids, ranks)
+            gemm(x2d, weight, bias if bias is not None else weight, out, lora_B, ws, adapter_ids, ranks, scalings)
+            return out
         if self.gemm == "lead":  # y = X·Wᵀ + b first, then the LoRA kernels (the expand adds the term to y)
             gemm(x2d, weight, bias if bias is not None else weight, out)
         if self.expand == "rows":
@@ -866,6 +863,14 @@ class _Plan:
         """(shrink Launch or None, expand or fused Launch, W-stream GEMM Launch or None) for this signature, from
         one call's tensors."""
         cfg, precision, base = self.cfg, self.precision, self.base
+        if self.gemm == "lora":  # shrink -> GEMM (PDL: W streams while the shrink runs)
+            shrink = _shrink_rows_launch(x2d, lora_A, ws, cfg, trigger=self.gemm_pdl)
+            wcfg = self._wstream_tiles(x2d)
+            slices, _ = _slice_table(self.slice_sizes, wcfg["BLOCK_N"], x2d.device)
+            gemm = wstream_launch(x2d, weight, target, wcfg, precision, accumulate=False, pdl=self.gemm_pdl,
+                                  has_bias=bias is not None,
+                                  lora=dict(lora_B=lora_B, ws=ws, slices=slices, r_aligned=_r_aligned(lora_B, cfg)))
+            return shrink, None, gemm
         first, lead = self.gemm == "first", self.gemm == "lead"
         # who lets whom start early (PDL): shrink -> expand -> GEMM, shrink -> GEMM -> expand ("first"), or
         # GEMM -> shrink -> expand ("lead")
@@ -1100,7 +1105,7 @@ def _col_align(slice_sizes: tuple, cfg: dict) -> int:
 
 
 def _r_aligned(lora_B, cfg: dict) -> bool:
-    """R_ALIGNED of the expand kernels (`_rank_bound`): B's rank R a multiple of 8 (the workspace's width, a
+    """R_ALIGNED of the expand kernels (`helpers.rank_bound`): B's rank R a multiple of 8 (the workspace's width, a
     multiple of RANK_CHUNK, always is), unless the config sets VEC_HINTS False."""
     return lora_B.shape[2] % 8 == 0 and cfg.get("VEC_HINTS", True)
 

@@ -16,7 +16,7 @@ from lora_fast.multi_lora import (AdapterPool, BatchMetadata, MultiLoRALinear, _
                                   make_batch_metadata, multi_lora_linear)
 from lora_fast.multi_lora_reference import multi_lora_linear_reference  # noqa: E402
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float64: 1e-12}
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 4e-3, torch.float64: 1e-12}
 
 
 @pytest.fixture(autouse=True)
@@ -30,14 +30,16 @@ def _nan_workspace(monkeypatch):
 # row per program ("rows": small chunks here, so that K and N take several programs and the tails are masked), and
 # our W-stream GEMM (kernels/wstream.py) adding X·Wᵀ instead of cuBLAS, or writing X·Wᵀ + b before the expand
 # adds the term ("first"), or before the shrink too ("lead", the GPU default at 17-64 tokens, its shrink walking K
-# in steps).
+# in steps), or adding the LoRA term itself after the rows shrink ("lora": no expand; its tokens' terms as extra K
+# steps of the GEMM, 16 columns per row tile here, so that a slice table of odd widths falls back to "lead").
 PATHS = {"triton": None, "addmm": dict(BASE="addmm", EXPAND="segment"),
          "addmm_delta": dict(BASE="addmm", EXPAND="delta", D_CHUNKS=3),
          "addmm_rows": dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=256, R_E_ELEMS=512),
          "rows_wstream": dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=256, R_E_ELEMS=512, GEMM="triton"),
          "rows_gemm_first": dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=256, R_E_ELEMS=512, GEMM="first"),
          "rows_gemm_lead": dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=128, R_S_STEPS=2, R_E_ELEMS=512,
-                                GEMM="lead")}
+                                GEMM="lead"),
+         "rows_gemm_lora": dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=128, R_S_STEPS=2, GEMM="lora")}
 
 
 @pytest.fixture(params=list(PATHS))
@@ -458,3 +460,49 @@ def test_gemm_lead_needs_a_shrink():
             run(x, W, b, A, B, scal, ranks, ids)
     finally:
         kml.set_config_override(None)
+
+
+@pytest.mark.parametrize("T,S,R,sizes,dtype,mixed", [
+    (37, 5, 16, (32, 16, 48), torch.bfloat16, True),   # 3 slices, 3 row tiles of 16, ranks 1..16
+    (40, 40, 64, (48,), torch.float32, True),           # 40 adapters, rank 64 (one token per K step)
+    (1, 1, 8, (16,), torch.float32, False),             # rank 8 in a pool of rank 8 (the U block is 16 wide)
+    (19, 3, 20, (64, 32), torch.float16, True),         # R = 20: a 32-wide U block, R not a multiple of 8
+])
+def test_gemm_lora_adds_each_tokens_term(T, S, R, sizes, dtype, mixed):
+    """GEMM="lora": the rows shrink, then the W-stream GEMM adds each token's LoRA term as extra K steps (a
+    block-diagonal operand of the tokens' xa times their adapters' B rows). The plan must take it (not fall back),
+    and every row must equal its per-token reference: mixed ranks with the padded rows of A and B poisoned, base-only
+    tokens, several slices, row tiles and token groups; y starts as NaN and the workspace is NaN-filled."""
+    K = 40
+    x, W, b, A, B, scal, ranks, ids = make_case(T, S, R, K, sum(sizes), dtype, seed=T + S + R,
+                                                n_slices=len(sizes), mixed_ranks=mixed)
+    ref = multi_lora_linear_reference(x, W, b, A, B, scal, ids, ranks, sizes)
+    for s, r in enumerate(ranks.tolist()):
+        A[s, :, r:] = 1e4
+        B[s, :, r:] = float("nan")
+    kml.set_config_override(dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=128, R_S_STEPS=2, GEMM="lora"))
+    try:
+        y = run(x, W, b, A, B, scal, ranks, ids, slice_sizes=sizes)
+        assert [p.gemm for p in kml._PLANS.values()] == ["lora"]
+        assert_close(y, ref, dtype, f"lora GEMM {sizes}")
+        y2 = run(x, W, None, A, B, scal, ranks, ids, slice_sizes=sizes)  # no bias
+        assert_close(y2, ref - b.double(), dtype, "lora GEMM without bias")
+    finally:
+        kml.set_config_override(None)
+
+
+def test_gemm_lora_falls_back_where_a_tile_would_straddle_slices():
+    """A slice width that is not a multiple of the GEMM's BLOCK_N would put two slices (two xa workspaces) in one
+    tile: the plan takes "lead" instead, with the same result; and "lora" needs the rows kernels (the ids)."""
+    T, S, R, K, sizes = 9, 3, 16, 32, (40, 24)
+    x, W, b, A, B, scal, ranks, ids = make_case(T, S, R, K, sum(sizes), torch.float32, seed=97, n_slices=2)
+    ref = multi_lora_linear_reference(x, W, b, A, B, scal, ids, ranks, sizes)
+    for cfg, expected in ((dict(BASE="addmm", EXPAND="rows", GEMM="lora"), "lead"),
+                          (dict(BASE="addmm", EXPAND="rows", GEMM="lora", W_BLOCK_N=8), "lora"),
+                          (dict(BASE="addmm", EXPAND="segment", GEMM="lora", W_BLOCK_N=8), "lead")):
+        kml.set_config_override(cfg)
+        try:
+            assert_close(run(x, W, b, A, B, scal, ranks, ids, slice_sizes=sizes), ref, torch.float32, str(cfg))
+            assert [p.gemm for p in kml._PLANS.values()] == [expected], cfg
+        finally:
+            kml.set_config_override(None)
