@@ -236,8 +236,10 @@ def configs_for(T, wanted=None):
     return names
 
 
-def run_shape(T, n_ad, r, N, rounds, wanted=None, K=4096):
+def run_shape(T, n_ad, r, N, rounds, wanted=None, K=4096, pool_layout=False):
     prob = bml.Problem(T, n_ad, r, K, N, torch.bfloat16, DEV, sets=bml.WEIGHT_SETS)
+    if pool_layout:  # B as AdapterPool keeps it (Bt [S, R, N], viewed [S, N, R] with N contiguous): same values
+        prob.sets = [(W, b, A, B.transpose(1, 2).contiguous().transpose(1, 2)) for W, b, A, B in prob.sets]
     names = configs_for(T, wanted)
     times = {n: [] for n in ["base"] + names}
     info = {n: {} for n in names}
@@ -272,7 +274,7 @@ def run_shape(T, n_ad, r, N, rounds, wanted=None, K=4096):
     rows = []
     for name in names:
         t = sorted(times[name])
-        row = dict(T=T, adapters=n_ad, r=r, N=N, config=name, base_us=base, **info[name])
+        row = dict(T=T, adapters=n_ad, r=r, N=N, config=name, base_us=base, pool_layout=pool_layout, **info[name])
         if t:
             row.update(graph_us=t[len(t) // 2], ratio=t[len(t) // 2] / base,
                        ratio_range=[t[0] / base, t[-1] / base])
@@ -287,11 +289,13 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--shapes", default=SHAPES)
     ap.add_argument("--configs", default="", help="comma-separated names of CONFIGS (default: the first sweep's)")
+    ap.add_argument("--pool-layout", action="store_true", help="B as AdapterPool keeps it (N contiguous)")
     args = ap.parse_args(argv)
     rows = []
     for shape in args.shapes.split(","):
         T, n_ad, r, N = parse_shape(shape)
-        rows += run_shape(T, n_ad, r, N, args.rounds, [c for c in args.configs.split(",") if c])
+        rows += run_shape(T, n_ad, r, N, args.rounds, [c for c in args.configs.split(",") if c],
+                          pool_layout=args.pool_layout)
         write_json("exp_multi_rows", rows, {"failures": FAILURES}, out_dir=args.out)
     print("== kernels per call (graph replays), default and rows")
     for row in rows:

@@ -7,7 +7,8 @@ nf4: the NF4 decode GEMV and its finishing kernel at M = 1 and 16, K = N = 4096,
 nf4lanes: the one-row GEMV's "lanes" engine (M = 1 only), the same weights; nf4wide: its "wide" engine
 (NCU_WIDE="warps,splits[,stages[,xa_mode]]" picks the tile, e.g. 1,16 or 1,16,2,fused).
 multi16: multi-LoRA decode with 16 tokens and 16 adapters (shrink and fused GEMM), K = N = 4096, r = 16.
-multi64: multi-LoRA decode with 64 tokens and 64 adapters (shrink, expand, cuBLAS addmm).
+multi64: multi-LoRA decode with 64 tokens and 64 adapters (the default path; MULTI_CFG='{"GEMM": "lora"}' overrides
+its config).
 multi4096: multi-LoRA prefill, 4096 tokens and 32 adapters: the default path (shrink, cuBLAS, the fused kernel's
 read-modify-write epilogue), then the segment expand adding into y (32 x 256 tiles), twice each.
 base: F.linear at M = 1 and 16 (cuBLAS), for the same counters on the bf16 base.
@@ -59,7 +60,12 @@ def main(what: str) -> None:
         prob = bml.Problem(16, 16, R, K, N, DT, DEV, sets=4)
         for s in range(4):
             prob.provider("ours", s)()
-    elif what == "multi64":  # the default decode path: shrink, PDL expand, cuBLAS addmm
+    elif what == "multi64":  # the default decode path (MULTI_CFG: a JSON dict of config overrides, e.g. GEMM)
+        import json
+
+        from lora_fast.kernels import multi_lora as kml
+
+        kml.set_config_override(json.loads(os.environ.get("MULTI_CFG", "{}")) or None)
         prob = bml.Problem(64, 64, R, K, N, DT, DEV, sets=2)
         for s in range(2):
             prob.provider("ours", s)()

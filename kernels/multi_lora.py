@@ -776,9 +776,9 @@ class _Plan:
         # letting the shrink start at once; the shrink's programs wait for the GEMM only as they exit, so that the
         # expand (which loads B before its wait) sees y once the shrink is done. W's stream starts at the call's
         # start and no LoRA kernel holds the SMs it needs.
-        # "lora": the rows shrink, then the GEMM as its PDL consumer, adding each token's LoRA term in its own K
-        # loop after W's (kernels/wstream.py, LORA): no expand launch; needs the rows shrink and every slice's
-        # width a multiple of the GEMM's BLOCK_N (a tile in one slice), else "lead" is taken.
+        # "lora": the rows shrink, then the GEMM as its PDL consumer, adding each token's LoRA term after W's K loop
+        # (kernels/wstream.py, LORA): no expand launch; needs the rows shrink and every slice's width a multiple of
+        # the GEMM's BLOCK_N (a tile in one slice), else "lead" is taken. Measured slower than "lead".
         self.gemm = cfg.get("GEMM", "cublas") if base == "addmm" else None
         if self.gemm not in (None, "cublas", "triton", "first", "lead", "lora"):
             raise ValueError(f"config GEMM must be 'cublas', 'triton', 'first', 'lead' or 'lora', got {self.gemm!r}")
@@ -869,7 +869,7 @@ class _Plan:
             slices, _ = _slice_table(self.slice_sizes, wcfg["BLOCK_N"], x2d.device)
             gemm = wstream_launch(x2d, weight, target, wcfg, precision, accumulate=False, pdl=self.gemm_pdl,
                                   has_bias=bias is not None,
-                                  lora=dict(lora_B=lora_B, ws=ws, slices=slices, r_aligned=_r_aligned(lora_B, cfg)))
+                                  lora=dict(lora_B=lora_B, ws=ws, slices=slices))
             return shrink, None, gemm
         first, lead = self.gemm == "first", self.gemm == "lead"
         # who lets whom start early (PDL): shrink -> expand -> GEMM, shrink -> GEMM -> expand ("first"), or

@@ -5,12 +5,11 @@ reads (16 MiB at 64 tokens / 64 adapters) should overlap, and cuBLAS can neither
 dependent launch) nor let later kernels start beside it. The multi-LoRA forward (kernels/multi_lora.py) uses it
 two ways: launched first (GEMM="lead", the default at 17-64 tokens), writing X·Wᵀ + b from the call's start and
 letting the LoRA kernels start at once beside it (TRIGGER); or launched with PDL after the LoRA expand (GEMM="triton"),
-streaming W while the shrink and the expand run and waiting for them (`gdc_wait`) only before it adds y; or with the
-LoRA term in its own K loop (GEMM="lora", `LORA`): launched with PDL after the rows shrink, it streams W while the
-shrink runs, waits for the shrink's xa partials, then walks the tile's tokens TOK_GROUP at a time as more K steps,
-[BLOCK_T, TOK_GROUP * BLOCK_R] x [TOK_GROUP * BLOCK_R, BLOCK_N]: the block-diagonal operand U holds token t's scaled
-xa in its own BLOCK_R columns (zeros elsewhere) and the other operand each token's adapter's B rows, so one
-tensor-core dot adds every token's own term (no expand launch, and y is written once).
+streaming W while the shrink and the expand run and waiting for them (`gdc_wait`) only before it adds y; or adding
+the LoRA term itself (GEMM="lora", `LORA`): launched with PDL after the rows shrink, it streams W while the shrink
+runs, waits for the shrink's xa partials after its K loop, then adds each row's term on the FMA units from B rows
+gathered by token (no expand launch, and y is written once). Measured slower than "lead" (bench/NOTES.md,
+seventeenth session); kept as a tested option.
 
 H200, bf16, K = N = 4096, CUDA graphs over 8 weight sets (`bench/exp_skinny_gemm.py`,
 `results/exp_skinny_gemm.json`): the plain GEMM with all rows in one tile, BLOCK_N 32, BLOCK_K 128 and 6 stages
@@ -25,44 +24,50 @@ from .launch import Launch
 
 
 @triton.jit
-def _lora_term(acc, rows, cols, col_mask, slice_id, t_start, t_end, b_ptr, ws_ptr, ids_ptr, ranks_ptr, scalings_ptr,
-               stride_bs, stride_bn, stride_br, stride_wsk, stride_wsi, stride_wst, SPLIT_K: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, TOK_GROUP: tl.constexpr, R_ALIGNED: tl.constexpr,
-               PRECISION: tl.constexpr, ACC: tl.constexpr, DTYPE: tl.constexpr):
-    """acc [BLOCK_T, BLOCK_N] + the LoRA term of tokens [t_start, t_end) (those of the tile's rows `rows`):
-    s[a] · round(sum_split xa_part[split, slice_id, t, :rank]) · B[a, cols, :rank]ᵀ with a = ids[t], as K steps of
-    TOK_GROUP tokens: U [BLOCK_T, TOK_GROUP * BLOCK_R] has token t's xa in columns (t - t0) * BLOCK_R + r of the
-    row that is t, zeros elsewhere; Bg [TOK_GROUP * BLOCK_R, BLOCK_N] those tokens' adapters' B rows (gathered
-    along the rank, 16-byte vectors where R_ALIGNED). Base-only tokens (id -1) and rank rows past an adapter's
-    true rank add zeros (those B rows may hold anything: zeroed before the dot, as 0 * inf is nan).
-    ws [SPLIT_K, slices, T, >= BLOCK_R] from `_shrink_rows_kernel` (rows are tokens); ids int32 [T]; ranks int32
-    [S]; scalings fp32 [S]; b [S, N, R] (any strides). DTYPE: the operands' dtype (xa is rounded to it, as the
-    other paths do)."""
-    C: tl.constexpr = TOK_GROUP * BLOCK_R
-    offs_g = tl.arange(0, TOK_GROUP)
-    offs_r = tl.arange(0, BLOCK_R)
-    col_tok = tl.arange(0, C) // BLOCK_R  # the token (within the group) of each of U's columns
-    ws_slice = ws_ptr + slice_id.to(tl.int64) * stride_wsi
-    for t0 in range(t_start, t_end, TOK_GROUP):
-        tok = t0 + offs_g
-        adapter = tl.load(ids_ptr + tok, mask=tok < t_end, other=-1)
-        safe = tl.maximum(adapter, 0)
-        rank = tl.where(adapter >= 0, tl.load(ranks_ptr + safe), 0)
-        scale = tl.load(scalings_ptr + safe).to(ACC)
-        r_mask = offs_r[None, :] < rank[:, None]  # [TOK_GROUP, BLOCK_R]
-        r_load = offs_r[None, :] < rank_bound(rank, R_ALIGNED)[:, None]
-        b = tl.load(b_ptr + safe.to(tl.int64)[None, :, None] * stride_bs + cols[:, None, None] * stride_bn
-                    + offs_r.to(tl.int64)[None, None, :] * stride_br,
-                    mask=col_mask[:, None, None] & r_load[None, :, :], other=0.0)  # [BLOCK_N, TOK_GROUP, BLOCK_R]
-        b = tl.where(r_mask[None, :, :], b, 0.0)
-        ws_tok = ws_slice + tok.to(tl.int64)[:, None] * stride_wst + offs_r[None, :]
-        xa = tl.zeros((TOK_GROUP, BLOCK_R), dtype=ACC)
+def _tile_adapters(ids_ptr, ranks_ptr, scalings_ptr, t_start, t_end, BLOCK_T: tl.constexpr, ACC: tl.constexpr):
+    """(slot clamped to >= 0, true rank (0 for base-only tokens), scaling) of the tile's tokens t_start + [0,
+    BLOCK_T), each [BLOCK_T]: loaded before the W loop, so that `_lora_term`'s steps read no metadata from memory
+    (a chain of dependent loads per step, ids -> rank -> B, that the pipeliner cannot hide)."""
+    tok = t_start + tl.arange(0, BLOCK_T)
+    adapter = tl.load(ids_ptr + tok, mask=tok < t_end, other=-1)
+    safe = tl.maximum(adapter, 0)
+    rank = tl.where(adapter >= 0, tl.load(ranks_ptr + safe), 0)
+    return safe, rank, tl.load(scalings_ptr + safe).to(ACC)
+
+
+@triton.jit
+def _lora_term(acc, rows, cols, col_mask, slice_id, t_end, safe_t, rank_t, scale_t, b_ptr, ws_ptr, stride_bn,
+               stride_bs, stride_br, stride_wsk, stride_wsi, stride_wst, SPLIT_K: tl.constexpr,
+               BLOCK_R: tl.constexpr, RANK_VEC: tl.constexpr, ACC: tl.constexpr, DTYPE: tl.constexpr):
+    """acc [BLOCK_T, BLOCK_N] + the LoRA term of the tile's rows (tokens) below t_end, on the FMA units:
+    term[t, n] = sum_j round(s[a] · sum_split xa_part[split, slice_id, t, j]) · B[a, n, j] (a = ids[t]) over the
+    rank rows j < BLOCK_R, RANK_VEC of them per step: one [BLOCK_T, BLOCK_N, RANK_VEC] tile of B gathered by row
+    (RANK_VEC 8 where B's rank is its contiguous dimension, B [S, N, R]: 16-byte vectors along the rank, summed in
+    each thread; 1 where N is, the pool's Bᵀ [S, R, N] viewed: 16-byte vectors along N). Rank rows at or past a
+    token's true rank, and base-only tokens (rank 0), are masked off (never read: they may hold anything).
+    safe_t, rank_t, scale_t: `_tile_adapters` of the rows; ws [SPLIT_K, slices, T, >= BLOCK_R] from
+    `_shrink_rows_kernel` (rows are tokens); b [S, N, R] (any strides). DTYPE: the operands' dtype (xa is rounded
+    to it, as the other paths do). Unrolled over the rank, so that every step's loads can be in flight together."""
+    row_ok = rows < t_end
+    offs_v = tl.arange(0, RANK_VEC)
+    b_rows = b_ptr + safe_t.to(tl.int64)[:, None, None] * stride_bs + cols[None, :, None] * stride_bn
+    ws_rows = ws_ptr + slice_id.to(tl.int64) * stride_wsi + rows.to(tl.int64)[:, None] * stride_wst
+    term = tl.zeros(acc.shape, dtype=ACC)
+    # loads up to the rank rounded up to RANK_VEC (a mask constant over each vector; B's R and the workspace's
+    # width are multiples of it), the rows past the true rank zeroed after the load
+    rank_load = rank_bound(rank_t, RANK_VEC > 1)
+    for j0 in tl.static_range(0, BLOCK_R, RANK_VEC):
+        live = row_ok[:, None] & (j0 + offs_v[None, :] < rank_t[:, None])  # [BLOCK_T, RANK_VEC]
+        load = row_ok[:, None] & (j0 + offs_v[None, :] < rank_load[:, None])
+        b = tl.load(b_rows + (j0 + offs_v)[None, None, :] * stride_br,
+                    mask=load[:, None, :] & col_mask[None, :, None], other=0.0)
+        b = tl.where(live[:, None, :], b.to(ACC), 0.0)
+        xa = tl.zeros(live.shape, dtype=ACC)
         for split in tl.static_range(SPLIT_K):
-            xa += tl.load(ws_tok + split * stride_wsk, mask=r_load, other=0.0)
-        xa = tl.where(r_mask, (xa * scale[:, None]).to(DTYPE).to(ACC), 0.0)
-        u = tl.where(rows[:, None] == (t0 + col_tok)[None, :], tl.reshape(xa, (C,))[None, :], 0.0)
-        acc = dot(u.to(DTYPE), tl.trans(tl.reshape(b, (BLOCK_N, C))), acc, PRECISION)
-    return acc
+            xa += tl.load(ws_rows + split * stride_wsk + j0 + offs_v[None, :], mask=load, other=0.0)
+        xa = tl.where(live, (xa * scale_t[:, None]).to(DTYPE).to(ACC), 0.0)
+        term += tl.sum(xa[:, None, :] * b, axis=2)
+    return acc + term
 
 
 @triton.jit
@@ -71,8 +76,8 @@ def _wstream_tile(x_ptr, w_ptr, bias_ptr, y_ptr, b_ptr, ws_ptr, ids_ptr, ranks_p
                   stride_br, stride_wsk, stride_wsi, stride_wst, ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr,
                   GDC_WAIT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, LORA: tl.constexpr,
-                  NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, TOK_GROUP: tl.constexpr,
-                  R_ALIGNED: tl.constexpr):
+                  NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                  RANK_VEC: tl.constexpr):
     """One [BLOCK_T, BLOCK_N] tile of `_wstream_kernel` (tile: its index, row tiles of one N tile adjacent)."""
     num_t = tl.cdiv(T, BLOCK_T)
     pid_t = tile % num_t
@@ -85,6 +90,10 @@ def _wstream_tile(x_ptr, w_ptr, bias_ptr, y_ptr, b_ptr, ws_ptr, ids_ptr, ranks_p
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xt
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=ACC)
+    if LORA:
+        t_end = tl.minimum(pid_t * BLOCK_T + BLOCK_T, T)
+        safe_t, rank_t, scale_t = _tile_adapters(ids_ptr, ranks_ptr, scalings_ptr, pid_t * BLOCK_T, t_end, BLOCK_T,
+                                                 ACC)
     for k0 in range(0, K, BLOCK_K):
         ks = (k0 + offs_k).to(tl.int64)
         if EVEN_K:
@@ -101,10 +110,9 @@ def _wstream_tile(x_ptr, w_ptr, bias_ptr, y_ptr, b_ptr, ws_ptr, ids_ptr, ranks_p
         slice_id = pid_n * 0
         for i in tl.static_range(1, NUM_SLICES):
             slice_id = tl.where(pid_n * BLOCK_N >= tl.load(slices_ptr + 3 * i), i, slice_id)
-        acc = _lora_term(acc, rows, cols.to(tl.int64), col_mask, slice_id, pid_t * BLOCK_T,
-                         tl.minimum(pid_t * BLOCK_T + BLOCK_T, T), b_ptr, ws_ptr, ids_ptr, ranks_ptr, scalings_ptr,
-                         stride_bs, stride_bn, stride_br, stride_wsk, stride_wsi, stride_wst, SPLIT_K, BLOCK_N,
-                         BLOCK_R, TOK_GROUP, R_ALIGNED, PRECISION, ACC, x_ptr.dtype.element_ty)
+        acc = _lora_term(acc, rows, cols.to(tl.int64), col_mask, slice_id, t_end, safe_t, rank_t, scale_t, b_ptr,
+                         ws_ptr, stride_bn, stride_bs, stride_br, stride_wsk, stride_wsi, stride_wst, SPLIT_K, BLOCK_R,
+                         RANK_VEC, ACC, x_ptr.dtype.element_ty)
     y = y_ptr + rows.to(tl.int64)[:, None] * stride_yt + cols.to(tl.int64)[None, :] * stride_yn
     out_mask = row_mask[:, None] & col_mask[None, :]
     if ACCUMULATE:
@@ -124,7 +132,7 @@ def _wstream_kernel(
     EVEN_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr, PERSISTENT: tl.constexpr,
     LORA: tl.constexpr, NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    TOK_GROUP: tl.constexpr, R_ALIGNED: tl.constexpr,
+    RANK_VEC: tl.constexpr,
 ):
     """Y[t, n] = (Y[t, n] if ACCUMULATE else b[n] if HAS_BIAS else 0) + sum_k X[t, k] · W[n, k], rounded once to
     Y's dtype.
@@ -139,7 +147,7 @@ def _wstream_kernel(
     LORA (ACCUMULATE off): also add each token's LoRA term (`_lora_term`: b [S, N, R], ws [SPLIT_K, slices, T,
     >= BLOCK_R] written by the rows shrink, which this kernel waits for when GDC_WAIT, ids int32 [T], ranks int32
     [S], scalings fp32 [S], slices int32 [NUM_SLICES, 3] with each slice's column offset first); BLOCK_R: the
-    padded rank (a power of two), TOK_GROUP tokens per extra K step, R_ALIGNED as in `helpers.rank_bound`.
+    padded rank (a power of two), the rank rows walked, RANK_VEC at a time (`_lora_term`).
     """
     gdc_launch_dependents_if(TRIGGER)
     pid = tl.program_id(0)
@@ -149,19 +157,16 @@ def _wstream_kernel(
             _wstream_tile(x_ptr, w_ptr, bias_ptr, y_ptr, b_ptr, ws_ptr, ids_ptr, ranks_ptr, scalings_ptr, slices_ptr,
                           tile, T, N, K, stride_xt, stride_xk, stride_wn, stride_wk, stride_yt, stride_yn, stride_bs,
                           stride_bn, stride_br, stride_wsk, stride_wsi, stride_wst, ACCUMULATE, HAS_BIAS, GDC_WAIT,
-                          EVEN_K, BLOCK_T, BLOCK_N, BLOCK_K, PRECISION, ACC, LORA, NUM_SLICES, SPLIT_K, BLOCK_R,
-                          TOK_GROUP, R_ALIGNED)
+                          EVEN_K, BLOCK_T, BLOCK_N, BLOCK_K, PRECISION, ACC, LORA, NUM_SLICES, SPLIT_K, BLOCK_R, RANK_VEC)
     else:
         _wstream_tile(x_ptr, w_ptr, bias_ptr, y_ptr, b_ptr, ws_ptr, ids_ptr, ranks_ptr, scalings_ptr, slices_ptr, pid,
                       T, N, K, stride_xt, stride_xk, stride_wn, stride_wk, stride_yt, stride_yn, stride_bs, stride_bn,
                       stride_br, stride_wsk, stride_wsi, stride_wst, ACCUMULATE, HAS_BIAS, GDC_WAIT, EVEN_K, BLOCK_T,
-                      BLOCK_N, BLOCK_K, PRECISION, ACC, LORA, NUM_SLICES, SPLIT_K, BLOCK_R, TOK_GROUP, R_ALIGNED)
+                      BLOCK_N, BLOCK_K, PRECISION, ACC, LORA, NUM_SLICES, SPLIT_K, BLOCK_R, RANK_VEC)
 
 
 _SLOTS = ("x_ptr", "w_ptr", "bias_ptr", "y_ptr")
 _LORA_SLOTS = _SLOTS + ("b_ptr", "ws_ptr", "ids_ptr", "ranks_ptr", "scalings_ptr")
-# Columns of one extra K step of the LoRA term (TOK_GROUP = LORA_STEP // BLOCK_R tokens): the W loop's own K step
-LORA_STEP = 128
 
 
 def wstream_config(T: int, dtype: torch.dtype, is_cuda: bool) -> dict:
@@ -192,9 +197,9 @@ def wstream_launch(x2d, weight, y, cfg: dict, precision: str, accumulate: bool =
     consumer of the kernel before it (which must let it start early, `gdc_launch_dependents`, for any overlap);
     trigger: a PDL producer for the kernel after it. The tensors give shapes and strides only.
     lora: also add each token's LoRA term (LORA, accumulate False), a dict of lora_B [S, N, R], ws (the rows
-    shrink's [SPLIT_K, slices, T, R_PAD] partials), slices (the int32 [slices, 3] table, column offsets first; every
-    slice's width a multiple of BLOCK_N) and r_aligned (`helpers.rank_bound`); then called with (x2d, weight, bias,
-    y, lora_B, ws, ids, ranks, scalings)."""
+    shrink's [SPLIT_K, slices, T, R_PAD] partials) and slices (the int32 [slices, 3] table, column offsets first;
+    every slice's width a multiple of BLOCK_N); then called with (x2d, weight, bias, y, lora_B, ws, ids, ranks,
+    scalings)."""
     T, K = x2d.shape
     N = weight.shape[0]
     tiles = cdiv(T, cfg["BLOCK_T"]) * cdiv(N, cfg["BLOCK_N"])
@@ -207,10 +212,10 @@ def wstream_launch(x2d, weight, y, cfg: dict, precision: str, accumulate: bool =
         ws, lora_B = lora["ws"], lora["lora_B"]
         block_r = next_pow2(max(16, lora_B.shape[2]))
         extra = dict(slices=lora["slices"], strides=(*lora_B.stride(), *ws.stride()[:3]), n_slices=ws.shape[1],
-                     split_k=ws.shape[0], block_r=block_r, tok_group=max(1, LORA_STEP // block_r),
-                     r_aligned=bool(lora["r_aligned"]))
+                     split_k=ws.shape[0], block_r=block_r,
+                     rank_vec=8 if lora_B.stride(2) == 1 and lora_B.shape[2] % 8 == 0 else 1)
     else:
-        extra = dict(slices=None, strides=(0,) * 6, n_slices=1, split_k=1, block_r=16, tok_group=1, r_aligned=False)
+        extra = dict(slices=None, strides=(0,) * 6, n_slices=1, split_k=1, block_r=16, rank_vec=1)
     return Launch(
         _wstream_kernel, grid, _LORA_SLOTS if lora is not None else _SLOTS,
         *(None,) * 9, extra["slices"], T, N, K,
@@ -220,8 +225,8 @@ def wstream_launch(x2d, weight, y, cfg: dict, precision: str, accumulate: bool =
         EVEN_K=K % cfg["BLOCK_K"] == 0,
         BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], PRECISION=precision,
         ACC=acc_dtype(x2d.dtype), PERSISTENT=persistent, LORA=lora is not None, NUM_SLICES=extra["n_slices"],
-        SPLIT_K=extra["split_k"], BLOCK_R=extra["block_r"], TOK_GROUP=extra["tok_group"],
-        R_ALIGNED=extra["r_aligned"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        SPLIT_K=extra["split_k"], BLOCK_R=extra["block_r"], RANK_VEC=extra["rank_vec"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
         **({"launch_pdl": True} if pdl else {}),
     )
 

@@ -462,21 +462,25 @@ def test_gemm_lead_needs_a_shrink():
         kml.set_config_override(None)
 
 
-@pytest.mark.parametrize("T,S,R,sizes,dtype,mixed", [
-    (37, 5, 16, (32, 16, 48), torch.bfloat16, True),   # 3 slices, 3 row tiles of 16, ranks 1..16
-    (40, 40, 64, (48,), torch.float32, True),           # 40 adapters, rank 64 (one token per K step)
-    (1, 1, 8, (16,), torch.float32, False),             # rank 8 in a pool of rank 8 (the U block is 16 wide)
-    (19, 3, 20, (64, 32), torch.float16, True),         # R = 20: a 32-wide U block, R not a multiple of 8
+@pytest.mark.parametrize("T,S,R,sizes,dtype,mixed,pool", [
+    (37, 5, 16, (32, 16, 48), torch.bfloat16, True, False),  # 3 slices, 3 row tiles of 16, ranks 1..16
+    (37, 5, 16, (32, 16, 48), torch.bfloat16, True, True),   # the same with the pool's B layout (N contiguous)
+    (40, 40, 64, (48,), torch.float32, True, False),          # 40 adapters, rank 64
+    (1, 1, 8, (16,), torch.float32, False, True),             # rank 8: the rank block is 16 wide
+    (19, 3, 20, (64, 32), torch.float16, True, False),        # R = 20, not a multiple of 8: one rank row a step
 ])
-def test_gemm_lora_adds_each_tokens_term(T, S, R, sizes, dtype, mixed):
-    """GEMM="lora": the rows shrink, then the W-stream GEMM adds each token's LoRA term as extra K steps (a
-    block-diagonal operand of the tokens' xa times their adapters' B rows). The plan must take it (not fall back),
-    and every row must equal its per-token reference: mixed ranks with the padded rows of A and B poisoned, base-only
-    tokens, several slices, row tiles and token groups; y starts as NaN and the workspace is NaN-filled."""
+def test_gemm_lora_adds_each_tokens_term(T, S, R, sizes, dtype, mixed, pool):
+    """GEMM="lora": the rows shrink, then the W-stream GEMM adds each token's LoRA term after its K loop, from B
+    rows gathered by token (8 rank rows a step where B's rank is contiguous, one where N is). The plan must take
+    it (not fall back), and every row must equal its per-token reference: mixed ranks with the padded rows of A and
+    B poisoned (read up to the rank rounded to 8, then zeroed), base-only tokens, several slices and row tiles;
+    y starts as NaN and the workspace is NaN-filled."""
     K = 40
     x, W, b, A, B, scal, ranks, ids = make_case(T, S, R, K, sum(sizes), dtype, seed=T + S + R,
                                                 n_slices=len(sizes), mixed_ranks=mixed)
     ref = multi_lora_linear_reference(x, W, b, A, B, scal, ids, ranks, sizes)
+    if pool:  # the pool keeps Bt [S, R, N]: B viewed with N contiguous
+        B = B.transpose(1, 2).contiguous().transpose(1, 2)
     for s, r in enumerate(ranks.tolist()):
         A[s, :, r:] = 1e4
         B[s, :, r:] = float("nan")
