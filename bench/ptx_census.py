@@ -425,6 +425,7 @@ CASES = {
     "multi_64x64_pool": lambda: case_multi(64, 64, pool_layout=True),
     "multi_64x64_lead": lambda: case_multi(64, 64, GEMM="lead"),
     "multi_64x64_lead_s4": lambda: case_multi(64, 64, GEMM="lead", R_S_STEPS=4, R_E_ELEMS=8192),
+    "multi_64x64_pool_e16k": lambda: case_multi(64, 64, pool_layout=True, R_E_ELEMS=16384),
     "multi_64x64_lora": lambda: case_multi(64, 64, GEMM="lora"),
     "multi_64x64_lora_pool": lambda: case_multi(64, 64, pool_layout=True, GEMM="lora"),
     "multi_64x64_lora_r64": lambda: case_multi(64, 64, r=64, GEMM="lora"),

@@ -963,15 +963,35 @@ def _shrink_rows_launch(x2d, lora_A, ws, cfg, trigger=False, wait_end=False):
     )
 
 
+# The rows expand on the pool's B layout (N contiguous): 16-byte vectors along N put 8 columns in a thread, 256 in a
+# warp; with fewer than 256 columns per warp the warps split the rank rows and the sum over them goes through
+# shared memory (and xa's loads turn scalar). H200, graphs, the pool's layout (`exp_multi_rows_pool_expand_tiles.json`,
+# bench/NOTES.md seventeenth session): 1024 columns at r <= 16 against 512: 64/64 1.68x -> 1.50x, 48/48 1.65x ->
+# 1.46x, 64/8 1.54x -> 1.37x, 32/32 1.50x -> 1.40x, 20/20 1.21x -> 1.12x.
+ROWS_POOL_COLS_PER_WARP = 256
+
+
+def _rows_block_n(lora_B, slice_sizes, cfg, block_r: int) -> int:
+    """Columns per program of the rows expand: R_E_ELEMS / BLOCK_R (a power of two, at least 16, at most the widest
+    slice's power of two), raised to ROWS_POOL_COLS_PER_WARP per warp where B's N is contiguous and BLOCK_R is one
+    rank chunk, so that each thread sums its columns over every rank row itself."""
+    block_n = next_pow2(max(1, cfg.get("R_E_ELEMS", 8192) // block_r))
+    if lora_B.stride(1) == 1 and block_r <= RANK_CHUNK:
+        block_n = max(block_n, ROWS_POOL_COLS_PER_WARP * cfg.get("r_e_num_warps", 4))
+    return max(16, min(next_pow2(max(slice_sizes)), block_n))
+
+
 def _expand_rows_launch(x2d, lora_B, bias, ws, target, slice_sizes, cfg, pdl=False, trigger=False,
                         accumulate=False):
     """The `_expand_rows_kernel` Launch: target = bias + the LoRA term, one token and R_E_ELEMS / BLOCK_R
     columns per program; called with the `_EXPAND_ROWS_SLOTS` tensors (bias: any tensor when None). pdl: a PDL
     consumer of the kernel before it; trigger: a PDL producer for the W-stream GEMM; accumulate: target += the
-    term (it holds X·Wᵀ + b). The tensors give shapes and strides only."""
+    term (it holds X·Wᵀ + b). The tensors give shapes and strides only.
+    With B's N contiguous (the pool's Bᵀ [S, R, N] viewed) and a rank block of RANK_CHUNK, the tile is at least
+    ROWS_POOL_COLS_PER_WARP columns per warp (`_rows_block_n`)."""
     T = x2d.shape[0]
     block_r = max(RANK_CHUNK, next_pow2(lora_B.shape[2]))
-    block_n = max(16, min(next_pow2(max(slice_sizes)), next_pow2(max(1, cfg.get("R_E_ELEMS", 8192) // block_r))))
+    block_n = _rows_block_n(lora_B, slice_sizes, cfg, block_r)
     slices, n_tiles = _slice_table(slice_sizes, block_n, x2d.device)
     return Launch(
         _expand_rows_kernel, (T, n_tiles), _EXPAND_ROWS_SLOTS,

@@ -510,3 +510,37 @@ def test_gemm_lora_falls_back_where_a_tile_would_straddle_slices():
             assert [p.gemm for p in kml._PLANS.values()] == [expected], cfg
         finally:
             kml.set_config_override(None)
+
+
+def test_rows_expand_tile_follows_the_b_layout():
+    """The rows expand's columns per program: R_E_ELEMS / BLOCK_R for B [S, N, R] (rank contiguous); where N is
+    contiguous (the pool's layout) at least 256 per warp at one rank chunk, so that no warp splits the rank rows;
+    never past the widest slice's power of two."""
+    S, N, R = 4, 4096, 16
+    B = torch.empty(S, N, R)
+    pool_B = torch.empty(S, R, N).transpose(1, 2)
+    cfg = dict(R_E_ELEMS=8192, r_e_num_warps=4)
+    assert kml._rows_block_n(B, (N,), cfg, 16) == 512
+    assert kml._rows_block_n(pool_B, (N,), cfg, 16) == 1024
+    assert kml._rows_block_n(pool_B, (N,), dict(cfg, r_e_num_warps=8), 16) == 2048
+    assert kml._rows_block_n(pool_B, (300, 200), cfg, 16) == 512  # the widest slice, 300 -> 512
+    pool_B64 = torch.empty(S, 64, N).transpose(1, 2)
+    assert kml._rows_block_n(pool_B64, (N,), cfg, 64) == 128     # larger ranks keep R_E_ELEMS / BLOCK_R
+    assert kml._rows_block_n(B, (8,), cfg, 16) == 16
+
+
+def test_rows_path_with_the_pool_layout_of_b():
+    """The rows kernels ("lead" and the plain addmm path) with B as the pool keeps it (N contiguous): the larger
+    expand tile gives the per-token reference, the padded rank rows poisoned."""
+    T, S, R, K, N = 23, 6, 16, 40, 1100
+    x, W, b, A, B, scal, ranks, ids = make_case(T, S, R, K, N, torch.float32, seed=101, mixed_ranks=True)
+    ref = multi_lora_linear_reference(x, W, b, A, B, scal, ids, ranks)
+    B = B.transpose(1, 2).contiguous().transpose(1, 2)
+    for s, r in enumerate(ranks.tolist()):
+        B[s, :, r:] = float("nan")
+    for cfg in (PATHS["addmm_rows"], PATHS["rows_gemm_lead"]):
+        kml.set_config_override(cfg)
+        try:
+            assert_close(run(x, W, b, A, B, scal, ranks, ids), ref, torch.float32, f"pool layout {cfg}")
+        finally:
+            kml.set_config_override(None)
