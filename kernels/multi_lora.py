@@ -976,8 +976,8 @@ def _rows_block_n(lora_B, slice_sizes, cfg, block_r: int) -> int:
     slice's power of two), raised to ROWS_POOL_COLS_PER_WARP per warp where B's N is contiguous and BLOCK_R is one
     rank chunk, so that each thread sums its columns over every rank row itself."""
     block_n = next_pow2(max(1, cfg.get("R_E_ELEMS", 8192) // block_r))
-    if lora_B.stride(1) == 1 and block_r <= RANK_CHUNK:
-        block_n = max(block_n, ROWS_POOL_COLS_PER_WARP * cfg.get("r_e_num_warps", 4))
+    if lora_B.stride(1) == 1 and block_r <= RANK_CHUNK:  # config R_POOL_COLS_PER_WARP 0: off (A/B timing)
+        block_n = max(block_n, cfg.get("R_POOL_COLS_PER_WARP", ROWS_POOL_COLS_PER_WARP) * cfg.get("r_e_num_warps", 4))
     return max(16, min(next_pow2(max(slice_sizes)), block_n))
 
 

@@ -527,6 +527,7 @@ def test_rows_expand_tile_follows_the_b_layout():
     pool_B64 = torch.empty(S, 64, N).transpose(1, 2)
     assert kml._rows_block_n(pool_B64, (N,), cfg, 64) == 128     # larger ranks keep R_E_ELEMS / BLOCK_R
     assert kml._rows_block_n(B, (8,), cfg, 16) == 16
+    assert kml._rows_block_n(pool_B, (N,), dict(cfg, R_POOL_COLS_PER_WARP=0), 16) == 512  # off: as before
 
 
 def test_rows_path_with_the_pool_layout_of_b():
