@@ -30,7 +30,8 @@ Paths (no host sync in any of them; `_config` picks one per token bucket, measur
   kernels run beside it as PDL consumers; each shrink program waits for the GEMM as it exits, so the expand,
   which waits for the shrink, adds the term to a finished y. (GEMM="triton": the GEMM after the expand, adding
   X·Wᵀ to y, still the default with the segment kernels at 64 tokens; GEMM="first": between the shrink and the
-  expand. Both measured slower than "lead" with the rows kernels.)
+  expand; GEMM="lora": after the rows shrink, adding each token's term itself, no expand launch. All measured
+  slower than "lead" with the rows kernels.)
   (`EXPAND="delta"` computes xa inside the expand kernel instead of the shrink: one launch, measured slower.)
 * An older path kept as a config option and tested: cuBLAS, then the LoRA term added in place ("cublas"). (A
   side-stream variant, the LoRA term into an fp32 delta under cuBLAS's W stream then one add, was removed on
