@@ -94,9 +94,21 @@ try:
     out["wstream"] = widths(
         wstream._wstream_kernel,
         dict(stride_xk=1, stride_wk=1, stride_yn=1, ACCUMULATE=True, HAS_BIAS=False, GDC_WAIT=True, TRIGGER=False,
-             EVEN_K=True, BLOCK_T=64, BLOCK_N=32, BLOCK_K=128, PRECISION="ieee", ACC=tl.float32, PERSISTENT=False),
-        dict(x_ptr=BF, w_ptr=BF, bias_ptr=BF, y_ptr=BF), ("N", "K", "stride_xt", "stride_wn", "stride_yt"),
-        num_stages=6)
+             EVEN_K=True, BLOCK_T=64, BLOCK_N=32, BLOCK_K=128, PRECISION="ieee", ACC=tl.float32, PERSISTENT=False,
+             LORA=False, NUM_SLICES=1, SPLIT_K=1, BLOCK_R=16, RANK_VEC=1),
+        dict(x_ptr=BF, w_ptr=BF, bias_ptr=BF, y_ptr=BF, b_ptr=BF, ws_ptr=F32, ids_ptr=I32, ranks_ptr=I32,
+             scalings_ptr=F32, slices_ptr=I32), ("N", "K", "stride_xt", "stride_wn", "stride_yt"), num_stages=6)
+    # GEMM="lora": the W-stream GEMM adding the LoRA term, B in the pool's layout (N contiguous) and as [S, N, R]
+    lora_const = dict(stride_xk=1, stride_wk=1, stride_yn=1, ACCUMULATE=False, HAS_BIAS=True, GDC_WAIT=True,
+                      TRIGGER=False, EVEN_K=True, BLOCK_T=64, BLOCK_N=32, BLOCK_K=128, PRECISION="ieee",
+                      ACC=tl.float32, PERSISTENT=False, LORA=True, NUM_SLICES=1, SPLIT_K=2, BLOCK_R=16)
+    lora_ptrs = dict(x_ptr=BF, w_ptr=BF, bias_ptr=BF, y_ptr=BF, b_ptr=BF, ws_ptr=F32, ids_ptr=I32, ranks_ptr=I32,
+                     scalings_ptr=F32, slices_ptr=I32)
+    lora_div = ("N", "K", "stride_xt", "stride_wn", "stride_yt", "stride_bs", "stride_wsk", "stride_wsi", "stride_wst")
+    out["wstream_lora_pool"] = widths(wstream._wstream_kernel, dict(lora_const, stride_bn=1, RANK_VEC=1), lora_ptrs,
+                                      lora_div + ("stride_br",), num_stages=6)
+    out["wstream_lora_nr"] = widths(wstream._wstream_kernel, dict(lora_const, stride_br=1, RANK_VEC=8), lora_ptrs,
+                                    lora_div + ("stride_bn",), num_stages=6)
     out["sum_splits"] = widths(lora_bwd._sum_splits_kernel, dict(BLOCK=512, SPLIT_CHUNK=8),
                                dict(PA=F32, PB=F32, OUT_A="*bf16", OUT_B="*bf16"), ("NUM_A", "NUM_B"))
 except Exception as e:  # noqa: BLE001 - reported to the test, which fails on it
@@ -123,10 +135,12 @@ def narrow(counts, kinds=("ld.global.b16", "st.global.b16")):
     return {k: v for k, v in counts.items() if k in kinds}
 
 
-@pytest.mark.parametrize("case", ["rows_nr", "rows_pool", "segment", "fused", "rows_accumulate", "wstream"])
+@pytest.mark.parametrize("case", ["rows_nr", "rows_pool", "segment", "fused", "rows_accumulate", "wstream",
+                                  "wstream_lora_pool", "wstream_lora_nr"])
 def test_multi_lora_expand_accesses_are_16_bytes(ptx, case):
     """No 2-byte loads or stores of y, B or the bias in the multi-LoRA epilogues (either B layout, writing or adding
-    to y), nor of y in the W-stream GEMM's epilogue."""
+    to y), nor of y in the W-stream GEMM's epilogue, nor of B in its LoRA term (GEMM="lora", either layout: the
+    rank-contiguous one needs the mask rounded to 8 rank rows)."""
     counts = ptx[case]
     assert not narrow(counts), f"{case}: 2-byte global accesses {narrow(counts)} (all: {counts})"
     assert counts.get("st.global.v4.b32", 0) >= 1 or case == "fused", f"{case}: y not stored in 16 bytes: {counts}"
