@@ -301,7 +301,8 @@ def main(argv=None):
         write_json("exp_multi_rows", rows, {"failures": FAILURES}, out_dir=args.out)
     print("== kernels per call (graph replays), default and rows")
     for row in rows:
-        if row["config"] in ("default", "segment", "rows") or row["config"].startswith(("ws", "wf", "wl", "fused", "lora")):
+        if row["config"] in ("default", "segment", "rows") or row["config"].startswith(
+                ("ws", "wf", "wl", "fused", "lora")):
             print(row["T"], row["adapters"], row["r"], row["N"], row["config"], row.get("kernels"))
             print("    timeline (start, end µs):", row.get("timeline"))
     print("== graph ratios to F.linear")

@@ -157,7 +157,8 @@ def _wstream_kernel(
             _wstream_tile(x_ptr, w_ptr, bias_ptr, y_ptr, b_ptr, ws_ptr, ids_ptr, ranks_ptr, scalings_ptr, slices_ptr,
                           tile, T, N, K, stride_xt, stride_xk, stride_wn, stride_wk, stride_yt, stride_yn, stride_bs,
                           stride_bn, stride_br, stride_wsk, stride_wsi, stride_wst, ACCUMULATE, HAS_BIAS, GDC_WAIT,
-                          EVEN_K, BLOCK_T, BLOCK_N, BLOCK_K, PRECISION, ACC, LORA, NUM_SLICES, SPLIT_K, BLOCK_R, RANK_VEC)
+                          EVEN_K, BLOCK_T, BLOCK_N, BLOCK_K, PRECISION, ACC, LORA, NUM_SLICES, SPLIT_K, BLOCK_R,
+                          RANK_VEC)
     else:
         _wstream_tile(x_ptr, w_ptr, bias_ptr, y_ptr, b_ptr, ws_ptr, ids_ptr, ranks_ptr, scalings_ptr, slices_ptr, pid,
                       T, N, K, stride_xt, stride_xk, stride_wn, stride_wk, stride_yt, stride_yn, stride_bs, stride_bn,
