@@ -313,6 +313,15 @@ def dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def adapter_slot(adapter, ranks_ptr, scalings_ptr, ACC: tl.constexpr):
+    """A multi-LoRA adapter id's (slot clamped to >= 0 for addressing, true rank (0 for -1, base only), scaling in
+    ACC) from the pool's ranks int32 [S] and scalings fp32 [S]; adapter: a scalar or a tensor of ids."""
+    safe = tl.maximum(adapter, 0)
+    rank = tl.where(adapter >= 0, tl.load(ranks_ptr + safe), 0)
+    return safe, rank, tl.load(scalings_ptr + safe).to(ACC)
+
+
+@triton.jit
 def rank_bound(rank, R_ALIGNED: tl.constexpr):
     """How far to load an adapter's rank rows (of B, or of the xa workspace) when it has `rank` of them: the
     exact mask `r < rank` varies element by element, so a load under it is split into single elements; rounding

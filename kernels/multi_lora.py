@@ -50,8 +50,8 @@ import triton
 import triton.language as tl
 
 from .helpers import (
-    acc_dtype, cached_device_tensor, cdiv, dot, gdc_launch_dependents_if, gdc_wait_if, grouped_tile, next_pow2,
-    pdl_enabled, rank_bound,
+    acc_dtype, adapter_slot, cached_device_tensor, cdiv, dot, gdc_launch_dependents_if, gdc_wait_if, grouped_tile,
+    next_pow2, pdl_enabled, rank_bound,
 )
 from .launch import Launch, PlanCache, plan_key
 from .wstream import wstream_config, wstream_fits, wstream_launch
@@ -121,9 +121,7 @@ def _adapter_rows(adapter, ranks_ptr, scalings_ptr, BLOCK_R: tl.constexpr, R_ALI
                   ACC: tl.constexpr):
     """An expand's view of one adapter slot (-1: base only): (slot clamped to >= 0 for addressing, true rank (0 when
     base only), scaling, rank rows [BLOCK_R], the exact mask `r < rank`, the load mask of `helpers.rank_bound`)."""
-    safe = tl.maximum(adapter, 0)
-    rank = tl.where(adapter >= 0, tl.load(ranks_ptr + safe), 0)
-    scale = tl.load(scalings_ptr + safe).to(ACC)
+    safe, rank, scale = adapter_slot(adapter, ranks_ptr, scalings_ptr, ACC)
     offs_r = tl.arange(0, BLOCK_R)
     return safe, rank, scale, offs_r, offs_r < rank, offs_r < rank_bound(rank, R_ALIGNED)
 
@@ -246,9 +244,7 @@ def _fused_kernel(
         # rank) that would otherwise sit between the GEMM and the epilogue
         adapter = tl.load(seg_adapter_ptr + tl.load(seg_of_ptr + rows, mask=row_mask, other=0), mask=row_mask,
                           other=-1)
-        safe = tl.maximum(adapter, 0)
-        rank = tl.where(adapter >= 0, tl.load(ranks_ptr + safe), 0)
-        scale = tl.load(scalings_ptr + safe).to(ACC)
+        safe, rank, scale = adapter_slot(adapter, ranks_ptr, scalings_ptr, ACC)
     if BASE_MODE == 1:
         acc = tl.load(y, mask=out_mask, other=0.0).to(ACC)
     else:
@@ -303,9 +299,7 @@ def _segment_epilogue(acc, ws_rows, b_ptr, x_ptr, rows, row_mask, cols, col_mask
     offs_r = tl.arange(0, BLOCK_R)
     for seg in range(seg_first, seg_last + 1):
         adapter = tl.load(seg_adapter_ptr + seg)
-        safe = tl.maximum(adapter, 0)
-        rank = tl.where(adapter >= 0, tl.load(ranks_ptr + safe), 0)
-        scale = tl.load(scalings_ptr + safe).to(ACC)
+        safe, rank, scale = adapter_slot(adapter, ranks_ptr, scalings_ptr, ACC)
         in_seg = row_mask & (rows >= tl.load(seg_start_ptr + seg)) & (rows < tl.load(seg_start_ptr + seg + 1))
         b_base = b_ptr + safe.to(tl.int64) * stride_bs + cols[None, :] * stride_bn
         for r0 in range(0, rank, BLOCK_R):

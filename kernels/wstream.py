@@ -19,7 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .helpers import acc_dtype, cdiv, dot, gdc_launch_dependents_if, gdc_wait_if, next_pow2, rank_bound
+from .helpers import (
+    acc_dtype, adapter_slot, cdiv, dot, gdc_launch_dependents_if, gdc_wait_if, next_pow2, rank_bound,
+)
 from .launch import Launch
 
 
@@ -29,10 +31,7 @@ def _tile_adapters(ids_ptr, ranks_ptr, scalings_ptr, t_start, t_end, BLOCK_T: tl
     BLOCK_T), each [BLOCK_T]: loaded before the W loop, so that `_lora_term`'s steps read no metadata from memory
     (a chain of dependent loads per step, ids -> rank -> B, that the pipeliner cannot hide)."""
     tok = t_start + tl.arange(0, BLOCK_T)
-    adapter = tl.load(ids_ptr + tok, mask=tok < t_end, other=-1)
-    safe = tl.maximum(adapter, 0)
-    rank = tl.where(adapter >= 0, tl.load(ranks_ptr + safe), 0)
-    return safe, rank, tl.load(scalings_ptr + safe).to(ACC)
+    return adapter_slot(tl.load(ids_ptr + tok, mask=tok < t_end, other=-1), ranks_ptr, scalings_ptr, ACC)
 
 
 @triton.jit
