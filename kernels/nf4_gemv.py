@@ -1057,13 +1057,15 @@ class _RowPlan:
         self.tiles = cdiv(N, block_n)
         if self.tiles > COUNTER_SLOT:
             why_not = why_not or f"it takes at most {COUNTER_SLOT} output tiles, got {self.tiles}"
-        if xa_mode != "shrink" and why_not is None and (self.fused or engine == "wide"):
-            why_not = counters_unavailable(x.device)
-        if xa_mode == "fused" and why_not:
-            raise ValueError(f"nf4_gemv xa_mode='fused' cannot run here: {why_not}")
+        if xa_mode == "fused":
+            why_not = why_not or counters_unavailable(x.device)
+            if why_not:
+                raise ValueError(f"nf4_gemv xa_mode='fused' cannot run here: {why_not}")
         if xa_mode == "auto" and why_not is None and engine == "wide":
+            # the counters are looked up (allocated on first use) only where "auto" would take fused
             self.fused = (self.tiles * splits <= WIDE_FUSED_CTAS_PER_SM * num_sms(x.device)
-                          and bytes_per_split <= 64 * WIDE_FUSED_MAX_SPANS)
+                          and bytes_per_split <= 64 * WIDE_FUSED_MAX_SPANS
+                          and counters_unavailable(x.device) is None)
         self.pdl = pdl_enabled(x.device) and not self.fused  # fused: no kernel before it to overlap
         xa_ranges = shrink_splits(M, K, x.dtype, self.xa_splits)[0]
         tail = dict(HAS_BIAS=bias is not None, STORE_XA=store_xa, PDL=self.pdl, BLOCK_R=block_r,
