@@ -180,18 +180,6 @@ CONFIGS = {
     "lora_rows_s1": dict(ROWS, GEMM="lora", R_S_ELEMS=8192, R_S_STEPS=1),
     # the rows expand's tile on the pool's B layout as before (R_E_ELEMS / BLOCK_R columns, not >= 256 per warp)
     "pool_cols_off": dict(R_POOL_COLS_PER_WARP=0),
-    # 2026-12-02 (eighteenth session): GEMM="tile", the segment shrink then one Triton GEMM (W on a tensor
-    # descriptor, X rows gathered in sorted order) adding each row tile's LoRA term, T_GROUP_R / R_PAD segments per
-    # dot (`_tile_gemm_kernel`); exp_skinny_gemm: such a plain GEMM (gathered X, TMA W) 1.27x cuBLAS at 256 rows
-    # (64 x 128 x 64, 6 stages), 1.05x at 1024 (128 x 256 x 64, 3 stages, 8 warps)
-    "tile": dict(BASE="addmm", EXPAND="segment", GEMM="tile"),
-    "tile_gr32": dict(BASE="addmm", EXPAND="segment", GEMM="tile", T_GROUP_R=32),
-    "tile_gr128": dict(BASE="addmm", EXPAND="segment", GEMM="tile", T_GROUP_R=128),
-    "tile_k128": dict(BASE="addmm", EXPAND="segment", GEMM="tile", T_BLOCK_K=128, T_STAGES=3),
-    "tile_m128n256": dict(BASE="addmm", EXPAND="segment", GEMM="tile", T_BLOCK_M=128, T_BLOCK_N=256, T_STAGES=3,
-                          t_num_warps=8),
-    "tile_m128": dict(BASE="addmm", EXPAND="segment", GEMM="tile", T_BLOCK_M=128, T_STAGES=3, t_num_warps=8),
-    "tile_nopdl": dict(BASE="addmm", EXPAND="segment", GEMM="tile", G_PDL=False),
 }
 SHAPES = "1x1,16x16,32x32,64x64,128x32,256x32,64x64x64,256x32x64,64x64n14336"
 FAILURES: list[str] = []

@@ -51,7 +51,7 @@ import triton.language as tl
 
 from .helpers import (
     acc_dtype, adapter_slot, cached_device_tensor, cdiv, dot, gdc_launch_dependents_if, gdc_wait_if, grouped_tile,
-    next_pow2, pdl_enabled, rank_bound, tensor_descriptor, tma_enabled,
+    next_pow2, pdl_enabled, rank_bound,
 )
 from .launch import Launch, PlanCache, plan_key
 from .wstream import wstream_config, wstream_fits, wstream_launch
@@ -90,23 +90,14 @@ def _slice_span(slices_ptr, slice_id, COL_ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _tile_start(pid_n, slices_ptr, NUM_SLICES: tl.constexpr, BLOCK_N: tl.constexpr, COL_ALIGN: tl.constexpr):
-    """(slice, first global column, first column within the slice, slice width) of output column tile `pid_n` in
-    the slice table."""
+def _tile_columns(pid_n, slices_ptr, NUM_SLICES: tl.constexpr, BLOCK_N: tl.constexpr, COL_ALIGN: tl.constexpr):
+    """(slice, global columns int64 [BLOCK_N], column mask) of output column tile `pid_n` in the slice table."""
     slice_id = pid_n * 0
     for i in tl.static_range(1, NUM_SLICES):
         slice_id = tl.where(pid_n >= tl.load(slices_ptr + 3 * i + 2), i, slice_id)
     n_off, n_size = _slice_span(slices_ptr, slice_id, COL_ALIGN)
-    local0 = (pid_n - tl.load(slices_ptr + 3 * slice_id + 2)) * BLOCK_N
-    return slice_id, n_off + local0, local0, n_size
-
-
-@triton.jit
-def _tile_columns(pid_n, slices_ptr, NUM_SLICES: tl.constexpr, BLOCK_N: tl.constexpr, COL_ALIGN: tl.constexpr):
-    """(slice, global columns int64 [BLOCK_N], column mask) of output column tile `pid_n` in the slice table."""
-    slice_id, n0, local0, n_size = _tile_start(pid_n, slices_ptr, NUM_SLICES, BLOCK_N, COL_ALIGN)
-    local_n = local0 + tl.arange(0, BLOCK_N)
-    return slice_id, (n0 + tl.arange(0, BLOCK_N)).to(tl.int64), local_n < n_size
+    local_n = (pid_n - tl.load(slices_ptr + 3 * slice_id + 2)) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return slice_id, (n_off + local_n).to(tl.int64), local_n < n_size
 
 
 @triton.jit
@@ -323,95 +314,6 @@ def _segment_epilogue(acc, ws_rows, b_ptr, x_ptr, rows, row_mask, cols, col_mask
                         mask=r_mask[:, None] & col_mask[None, :], other=0.0)
             acc = dot(xa, b, acc, PRECISION)
     return acc
-
-
-@triton.jit(do_not_specialize=["T"])
-def _tile_gemm_kernel(
-    x_ptr, w_desc, bias_ptr, b_ptr, ws_ptr, y_ptr, perm_ptr, seg_of_ptr, seg_adapter_ptr, ranks_ptr, scalings_ptr,
-    slices_ptr,
-    T, K, NUM_N_TILES,
-    stride_xt, stride_xk,
-    stride_bs, stride_bn, stride_br,
-    stride_wsk, stride_wsi, stride_wst,
-    stride_yt, stride_yn,
-    HAS_BIAS: tl.constexpr, NUM_SLICES: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr,
-    ACC: tl.constexpr, GDC_WAIT: tl.constexpr, COL_ALIGN: tl.constexpr, R_ALIGNED: tl.constexpr,
-):
-    """Y[perm[p], n] = X[perm[p]] · W[n] + b[n] + s[a] · round(sum_split xa_part[., slice(n), p]) · B[a, n]
-    (a = adapter of sorted row p) over one (sorted-row tile, N tile) per program: the base GEMM with W on a tensor
-    descriptor, then the LoRA term of the segments the tile meets, GROUP segments per tensor-core dot.
-
-    Pointers: x [T, K] (rows gathered through perm); w_desc: W [N, K]'s descriptor, block [BLOCK_N, BLOCK_K];
-    bias [N]; b [S, N, R] (any strides); ws fp32 (fp64 for fp64) [SPLIT_K, slices, T, BLOCK_R] from
-    `_shrink_kernel` (rows: sorted positions); y [T, N]; perm, seg_of int32 [T]; seg_adapter int32 [MAX_SEGS];
-    ranks int32 [S]; scalings fp32 [S]; slices as in `_fused_kernel`.
-    Grid: (cdiv(T, BLOCK_M) * NUM_N_TILES,), row tiles fastest, so the programs that share an N tile of W run
-    together (W from L2 after the first).
-    After W's K loop (GDC_WAIT: a PDL consumer of the shrink, waited for only here) the tile's segments
-    seg_of[first row] .. seg_of[last row] are taken GROUP at a time: U [BLOCK_M, GROUP * BLOCK_R] holds each row's
-    scaled xa, rounded to the input dtype (as PEFT does), in its segment's column group, zero elsewhere and past
-    the true rank; the group's B rows [GROUP * BLOCK_R, BLOCK_N] are gathered per adapter; acc += U · B.
-    BLOCK_R: the pool's padded rank; COL_ALIGN, R_ALIGNED: as in `_expand_rows_kernel`.
-    """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(T, BLOCK_M)
-    pid_m = pid % num_pid_m
-    pid_n = pid // num_pid_m
-    slice_id, n0, local0, n_size = _tile_start(pid_n, slices_ptr, NUM_SLICES, BLOCK_N, COL_ALIGN)
-    cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-    col_mask = local0 + tl.arange(0, BLOCK_N) < n_size
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < T
-    tokens = tl.load(perm_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    # each row's segment and adapter before the K loop (their loads would otherwise sit between the GEMM and the
-    # epilogue)
-    seg = tl.load(seg_of_ptr + rows, mask=row_mask, other=0)
-    seg0 = tl.load(seg_of_ptr + pid_m * BLOCK_M)
-    count = tl.load(seg_of_ptr + tl.minimum(pid_m * BLOCK_M + BLOCK_M, T) - 1) - seg0 + 1
-    safe, rank, scale = adapter_slot(tl.load(seg_adapter_ptr + seg, mask=row_mask, other=-1), ranks_ptr,
-                                     scalings_ptr, ACC)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        xt = tl.load(x_ptr + tokens[:, None] * stride_xt + (k + offs_k)[None, :] * stride_xk,
-                     mask=row_mask[:, None] & ((k + offs_k) < K)[None, :], other=0.0)
-        acc = dot(xt, tl.trans(w_desc.load([n0, k])), acc, PRECISION)
-
-    gdc_wait_if(GDC_WAIT)
-    live = row_mask & (rank > 0)
-    # every row's xa once: the splits' partials summed, scaled in fp32; ranks past the true rank zeroed (the
-    # workspace, like B, may hold anything there)
-    offs_r = tl.arange(0, BLOCK_R)
-    ws_rows = ws_ptr + slice_id.to(tl.int64) * stride_wsi + rows.to(tl.int64)[:, None] * stride_wst + offs_r[None, :]
-    ws_mask = live[:, None] & (offs_r[None, :] < rank_bound(rank, R_ALIGNED)[:, None])
-    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
-    for split in tl.static_range(SPLIT_K):
-        xa += tl.load(ws_rows + split * stride_wsk, mask=ws_mask, other=0.0)
-    xa = tl.where(offs_r[None, :] < rank[:, None], xa * scale[:, None], 0.0)
-    xa_groups = tl.reshape(tl.broadcast_to(xa[:, None, :], (BLOCK_M, GROUP, BLOCK_R)), (BLOCK_M, GROUP * BLOCK_R))
-    local = seg - seg0
-    offs_q = tl.arange(0, GROUP * BLOCK_R)
-    q_group = offs_q // BLOCK_R
-    q_r = offs_q % BLOCK_R
-    for c0 in range(0, count, GROUP):
-        q_id = tl.load(seg_adapter_ptr + seg0 + c0 + q_group, mask=c0 + q_group < count, other=-1)
-        q_safe, q_rank, _ = adapter_slot(q_id, ranks_ptr, scalings_ptr, ACC)
-        # U: each row's xa in its segment's column group (rounded to the operands' dtype, as PEFT does)
-        u = tl.where(live[:, None] & (local[:, None] == (c0 + q_group)[None, :]), xa_groups, 0.0)
-        b = tl.load(b_ptr + q_safe.to(tl.int64)[:, None] * stride_bs + q_r.to(tl.int64)[:, None] * stride_br
-                    + cols[None, :] * stride_bn,
-                    mask=(q_r < rank_bound(q_rank, R_ALIGNED))[:, None] & col_mask[None, :], other=0.0)
-        b = tl.where((q_r < q_rank)[:, None], b, 0.0)
-        acc = dot(u.to(b_ptr.dtype.element_ty), b, acc, PRECISION)
-    if HAS_BIAS:
-        acc += bias[None, :]
-    tl.store(y_ptr + tokens[:, None] * stride_yt + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit(do_not_specialize=["T", "MAX_SEGS"])
@@ -636,12 +538,6 @@ def _rows_tiles(R_PAD: int) -> dict:
     return dict(R_S_ELEMS=8192 if R_PAD <= RANK_CHUNK else 16384, R_S_STEPS=1, R_E_ELEMS=16384)
 
 
-# GEMM="tile" (`_tile_gemm_kernel`): row tile, N tile, K step, pipeline stages, warps, the extension's columns
-# per dot (GROUP segments of the padded rank R_PAD: T_GROUP_R // R_PAD of them)
-_TILE_INTERPRET = dict(T_BLOCK_M=16, T_BLOCK_N=16, T_BLOCK_K=32, T_STAGES=1, t_num_warps=4, T_GROUP_R=32)
-_TILE_CUDA = dict(T_BLOCK_M=64, T_BLOCK_N=128, T_BLOCK_K=64, T_STAGES=6, t_num_warps=4, T_GROUP_R=64)
-
-
 def _bucket(t: int) -> int:
     return next_pow2(max(int(t), 1))
 
@@ -653,8 +549,7 @@ def _config(t_bucket: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, is_cu
                     BASE="triton", S_BLOCK_M=16, S_BLOCK_K=32, SPLIT_K=2 if K > 32 else 1, s_num_warps=4,
                     s_num_stages=1, EXPAND="fused", E_BLOCK_M=16, E_BLOCK_N=16, E_CHUNKS=2, e_num_warps=4,
                     e_num_stages=1,
-                    D_BLOCK_M=16, D_BLOCK_N=16, D_BLOCK_K=32, D_CHUNKS=2, d_num_warps=4, d_num_stages=1,
-                    **_TILE_INTERPRET)
+                    D_BLOCK_M=16, D_BLOCK_N=16, D_BLOCK_K=32, D_CHUNKS=2, d_num_warps=4, d_num_stages=1)
     big = dtype.itemsize >= 4  # 4- and 8-byte operands: halve the K step to keep shared memory in budget
     # Measured on H100 (bench/NOTES.md, "multi-LoRA"): up to 64 tokens our GEMM reads W once (1.04x cuBLAS at
     # T <= 16) and the LoRA term is gathered per row in its epilogue. From 128 tokens our gathered-row GEMM falls
@@ -671,7 +566,7 @@ def _config(t_bucket: int, K: int, N: int, R_PAD: int, dtype: torch.dtype, is_cu
         cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64 if big else 128, GROUP_M=4, num_warps=4, num_stages=4)
     else:
         cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=1)
-    cfg.update(GATHER=t_bucket <= 256, BASE="triton" if t_bucket <= 64 else "cublas", **_TILE_CUDA)
+    cfg.update(GATHER=t_bucket <= 256, BASE="triton" if t_bucket <= 64 else "cublas")
     # Shrink: segment tiles of 16 rows at decode (one token per adapter is common), 64 in prefill; split K until
     # there are about two programs per SM.
     s_block_m = 16 if t_bucket <= 256 else 64
@@ -850,7 +745,7 @@ class _Plan:
                 self.expand = "segment"  # the rows kernels index the ids by token
         else:
             self.expand = "segment" if base != "triton" and cfg.get("EXPAND") == "segment" else "fused"
-        self._choose_gemm(x2d, weight, base)
+        self._choose_gemm(x2d, base)
         if self.expand == "rows":
             # the decode kernels: one token per program, whole chunks of A and B at once; the workspace rows are
             # tokens, and its split count is set by the shrink's K chunk
@@ -864,7 +759,7 @@ class _Plan:
             self.pdl = base == "triton" and pdl_enabled(x2d.device)
         self.launches = None
 
-    def _choose_gemm(self, x2d, weight, base):
+    def _choose_gemm(self, x2d, base):
         """self.gemm and self.gemm_pdl: who computes the addmm path's X·Wᵀ, and whether with PDL."""
         cfg = self.cfg
         # addmm's X·Wᵀ: cuBLAS after the LoRA kernels (GEMM="cublas"), or our W-stream GEMM (kernels/wstream.py):
@@ -879,21 +774,15 @@ class _Plan:
         # "lora": the rows shrink, then the GEMM as its PDL consumer, adding each token's LoRA term after W's K loop
         # (kernels/wstream.py, LORA): no expand launch; needs the rows shrink and every slice's width a multiple of
         # the GEMM's BLOCK_N (a tile in one slice), else "lead" is taken. Measured slower than "lead".
-        # "tile": the segment shrink, then `_tile_gemm_kernel` as its PDL consumer: X·Wᵀ over sorted-row tiles
-        # (W on a tensor descriptor), then each tile's LoRA term, a few segments per tensor-core dot (no expand
-        # launch); needs W fit for TMA, else cuBLAS is taken.
         self.gemm = cfg.get("GEMM", "cublas") if base == "addmm" else None
-        if self.gemm not in (None, "cublas", "triton", "first", "lead", "lora", "tile"):
-            raise ValueError(f"config GEMM must be 'cublas', 'triton', 'first', 'lead', 'lora' or 'tile', "
-                             f"got {self.gemm!r}")
-        if self.gemm == "tile" and (self.expand != "segment" or not tma_enabled(True, weight)):
-            self.gemm = "cublas"
+        if self.gemm not in (None, "cublas", "triton", "first", "lead", "lora"):
+            raise ValueError(f"config GEMM must be 'cublas', 'triton', 'first', 'lead' or 'lora', got {self.gemm!r}")
         if self.gemm == "lora" and (self.expand != "rows" or any(
                 size % self._wstream_tiles(x2d)["BLOCK_N"] for size in self.slice_sizes)):
             self.gemm = "lead"
         if self.gemm == "lead" and self.expand == "delta":
             raise ValueError("config GEMM='lead' needs a shrink kernel: EXPAND 'rows' or 'segment', not 'delta'")
-        self.gemm_pdl = (self.gemm in ("triton", "first", "lead", "lora", "tile") and cfg.get("G_PDL", True)
+        self.gemm_pdl = (self.gemm in ("triton", "first", "lead", "lora") and cfg.get("G_PDL", True)
                          and pdl_enabled(x2d.device))
         if self.gemm in ("triton", "lead", "lora") and cfg.get("G_ONLY_PDL") and not (
                 self.gemm_pdl and wstream_fits(self._wstream_tiles(x2d), x2d.dtype, x2d.device)
@@ -918,12 +807,6 @@ class _Plan:
         if self.launches is None:
             self.launches = self._build(x2d, weight, lora_A, lora_B, bias, ws, out)
         shrink, second, gemm = self.launches
-        if self.gemm == "tile":  # the shrink, then y = X·Wᵀ + b + the LoRA term in one GEMM
-            cfg = self.cfg
-            shrink(x2d, lora_A, ws, perm, seg_start, seg_adapter, ranks)
-            gemm(x2d, tensor_descriptor(weight, (cfg["T_BLOCK_N"], cfg["T_BLOCK_K"])),
-                 bias if bias is not None else weight, lora_B, ws, out, perm, seg_of, seg_adapter, ranks, scalings)
-            return out
         if self.gemm == "lora":  # the rows shrink, then y = X·Wᵀ + b + the LoRA term in one GEMM
             shrink(x2d, lora_A, ws, adapter_ids, ranks)
             gemm(x2d, weight, bias if bias is not None else weight, out, lora_B, ws, adapter_ids, ranks, scalings)
@@ -975,10 +858,6 @@ class _Plan:
         """(shrink Launch or None, expand or fused Launch, W-stream GEMM Launch or None) for this signature, from
         one call's tensors."""
         cfg, precision, base = self.cfg, self.precision, self.base
-        if self.gemm == "tile":  # shrink -> GEMM (PDL: W streams while the shrink runs)
-            shrink = _shrink_launch(x2d, lora_A, ws, cfg, precision, trigger=self.gemm_pdl)
-            return shrink, None, _tile_gemm_launch(x2d, lora_B, bias, ws, target, self.slice_sizes, cfg, precision,
-                                                   pdl=self.gemm_pdl)
         if self.gemm == "lora":  # shrink -> GEMM (PDL: W streams while the shrink runs)
             shrink = _shrink_rows_launch(x2d, lora_A, ws, cfg, trigger=self.gemm_pdl)
             wcfg = self._wstream_tiles(x2d)
@@ -1143,33 +1022,6 @@ def _fused_launch(x2d, weight, bias, lora_B, ws, target, slice_sizes, cfg, preci
         GATHER=bool(cfg["GATHER"]), GATHER_R=_gather_r(cfg["BLOCK_M"], cfg["BLOCK_N"]),
         BASE_MODE=base_mode, GDC_WAIT=pdl, COL_ALIGN=_col_align(slice_sizes, cfg), R_ALIGNED=_r_aligned(lora_B, cfg),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **({"launch_pdl": True} if pdl else {}),
-    )
-
-
-_TILE_SLOTS = ("x_ptr", "w_desc", "bias_ptr", "b_ptr", "ws_ptr", "y_ptr", "perm_ptr", "seg_of_ptr",
-               "seg_adapter_ptr", "ranks_ptr", "scalings_ptr")
-
-
-def _tile_gemm_launch(x2d, lora_B, bias, ws, target, slice_sizes, cfg, precision, pdl=False):
-    """The `_tile_gemm_kernel` Launch: target = X·Wᵀ + b + the LoRA term over (row tile, N tile) programs (config
-    keys T_*); called with the `_TILE_SLOTS` values (w_desc: W's tensor descriptor; bias: any tensor when None).
-    pdl: a PDL consumer of the shrink. The tensors give shapes and strides only."""
-    T, K = x2d.shape
-    slices, n_tiles = _slice_table(slice_sizes, cfg["T_BLOCK_N"], x2d.device)
-    r_pad = ws.shape[3]
-    return Launch(
-        _tile_gemm_kernel, (cdiv(T, cfg["T_BLOCK_M"]) * n_tiles,), _TILE_SLOTS,
-        *(None,) * 11, slices, T, K, n_tiles,
-        x2d.stride(0), x2d.stride(1),
-        *lora_B.stride(),
-        ws.stride(0), ws.stride(1), ws.stride(2),
-        target.stride(0), target.stride(1),
-        HAS_BIAS=bias is not None, NUM_SLICES=len(slice_sizes), SPLIT_K=ws.shape[0],
-        BLOCK_M=cfg["T_BLOCK_M"], BLOCK_N=cfg["T_BLOCK_N"], BLOCK_K=cfg["T_BLOCK_K"], BLOCK_R=r_pad,
-        GROUP=max(1, cfg["T_GROUP_R"] // r_pad), STAGES=cfg["T_STAGES"],
-        PRECISION=precision, ACC=acc_dtype(x2d.dtype), GDC_WAIT=pdl, COL_ALIGN=_col_align(slice_sizes, cfg),
-        R_ALIGNED=_r_aligned(lora_B, cfg),
-        num_warps=cfg["t_num_warps"], num_stages=1, **({"launch_pdl": True} if pdl else {}),
     )
 
 

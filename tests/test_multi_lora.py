@@ -31,9 +31,7 @@ def _nan_workspace(monkeypatch):
 # our W-stream GEMM (kernels/wstream.py) adding X·Wᵀ instead of cuBLAS, or writing X·Wᵀ + b before the expand
 # adds the term ("first"), or before the shrink too ("lead", the GPU default at 17-64 tokens, its shrink walking K
 # in steps), or adding the LoRA term itself after the rows shrink ("lora": no expand; its tokens' terms as extra K
-# steps of the GEMM, 16 columns per row tile here, so that a slice table of odd widths falls back to "lead"), or
-# the segment shrink then one GEMM (W on a tensor descriptor) that adds each sorted-row tile's LoRA term, two
-# segments of a 16-rank pool per dot here ("tile"; 32-row tiles: "tile_m32").
+# steps of the GEMM, 16 columns per row tile here, so that a slice table of odd widths falls back to "lead").
 PATHS = {"triton": None, "addmm": dict(BASE="addmm", EXPAND="segment"),
          "addmm_delta": dict(BASE="addmm", EXPAND="delta", D_CHUNKS=3),
          "addmm_rows": dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=256, R_E_ELEMS=512),
@@ -41,9 +39,7 @@ PATHS = {"triton": None, "addmm": dict(BASE="addmm", EXPAND="segment"),
          "rows_gemm_first": dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=256, R_E_ELEMS=512, GEMM="first"),
          "rows_gemm_lead": dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=128, R_S_STEPS=2, R_E_ELEMS=512,
                                 GEMM="lead"),
-         "rows_gemm_lora": dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=128, R_S_STEPS=2, GEMM="lora"),
-         "gemm_tile": dict(BASE="addmm", EXPAND="segment", GEMM="tile"),
-         "gemm_tile_m32": dict(BASE="addmm", EXPAND="segment", GEMM="tile", T_BLOCK_M=32, T_GROUP_R=64)}
+         "rows_gemm_lora": dict(BASE="addmm", EXPAND="rows", R_S_ELEMS=128, R_S_STEPS=2, GEMM="lora")}
 
 
 @pytest.fixture(params=list(PATHS))
