@@ -2,6 +2,7 @@
 
     python bench/gpu_check.py --out $OUT            # correctness grid + big case
     python bench/gpu_check.py --out $OUT --tune     # + config sweep of the GEMM-shaped kernels
+    python bench/gpu_check.py --out $OUT --only big # the > 2**31-element case alone (y, dx tails; dA, dB whole)
 
 Every check compares against the textbook reference in fp32 on the same inputs and the kernels' own dropout
 mask, by relative error ||out - ref|| / ||ref||, for y, dx, dA and dB. Outputs are preallocated NaN-filled
@@ -161,8 +162,15 @@ def check_big():
     for i in range(0, M, 65536):
         dB_ref += dy[i:i + 65536].float().t() @ xa[i:i + 65536].float()
     err_db = rel_err(dB, dB_ref * s)
+    # dA = s * (dy · B)ᵀ · drop(x) over every row, chunked the same way
+    keep = kernels.dropout_mask(99, M, K, 0.1, "cuda")
+    dA_ref = torch.zeros(r, K, device="cuda")
+    for i in range(0, M, 65536):
+        dA_ref += (dy[i:i + 65536].float() @ B.float()).t() @ (x[i:i + 65536].float() * keep[i:i + 65536] / 0.9)
+    err_da = rel_err(dA, dA_ref * s)
     return {"case": f"big M={M} K={K} N={N} ({M * K / 2**31:.2f} x 2^31 elements)", "y_tail": err_y,
-            "dx_tail": err_dx, "dB": err_db, "ok": all(v < 2e-2 for v in (err_y, err_dx, err_db))}
+            "dx_tail": err_dx, "dA": err_da, "dB": err_db,
+            "ok": all(v < 2e-2 for v in (err_y, err_dx, err_da, err_db))}
 
 
 def persistent_cases() -> list[dict]:
@@ -288,7 +296,8 @@ def main():
     ap.add_argument("--out", default=common.RESULTS_DIR)
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--skip-big", action="store_true")
-    ap.add_argument("--only", choices=["persistent"], help="run only these cases (persistent_cases)")
+    ap.add_argument("--only", choices=["persistent", "big"],
+                    help="run only these cases (persistent_cases, or the > 2**31-element case)")
     args = ap.parse_args()
     if not common.have_gpu():
         print("gpu_check needs a CUDA GPU; the CPU tests cover the interpreter path.")
@@ -296,8 +305,8 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     result = {"env": common.environment(), "peaks": common.measure_peaks() if hasattr(common, "measure_peaks") else None}
-    rows = persistent_cases() if args.only == "persistent" else correctness()
-    if not args.skip_big and not args.only:
+    rows = persistent_cases() if args.only == "persistent" else [] if args.only == "big" else correctness()
+    if not args.skip_big and args.only in (None, "big"):
         try:
             rows.append(check_big())
         except Exception as e:  # noqa: BLE001
