@@ -18,6 +18,9 @@ call itself never syncs, so it can be captured in a CUDA graph: build the metada
 capture, and before each replay refill its buffers in place with `meta.update_(new_ids)` (validates, outside the
 graph), or capture `meta.update_(ids, validate=False)` itself inside the graph. With validation skipped, an invalid
 id is computed as base only (-1): the kernels never read out of bounds whatever the ids hold.
+Metadata built from a pool records the pool's `generation` (bumped by every load / unload, a host int): a call with
+that pool's tensors raises `ValueError` for metadata older than the pool's last load / unload (its slots may hold
+other tenants now); rebuild it, or `update_` it. Not checked while torch.compile traces.
 
 Autograd: the Triton path is for inference; with x requiring grad (or under torch.compile) the call goes through
 the `lora_fast::multi_lora_forward` op, which returns dx (the pool and the base weight are frozen: no gradients).
@@ -34,7 +37,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
@@ -81,6 +84,9 @@ class BatchMetadata:
     seg_of [T]: sorted position -> segment; seg_start [max_segs + 1]: first sorted position of each segment
     (unused segments start and end at T); seg_adapter [max_segs]: each segment's slot (-1: base only).
     num_slots: size of the pool the ids index. max_segs = min(T, num_slots + 1).
+    pool, generation: the `AdapterPool` it was built from (None when built from a slot count) and that pool's
+    `generation` then: a call with the pool's tensors raises ValueError if the pool has loaded or unloaded an
+    adapter since (a slot the ids name may hold another tenant now); `update_` refreshes it.
     """
 
     adapter_ids: torch.Tensor
@@ -90,6 +96,8 @@ class BatchMetadata:
     seg_adapter: torch.Tensor
     num_slots: int
     ranks: torch.Tensor | None = None
+    pool: "AdapterPool | None" = field(default=None, repr=False, compare=False)
+    generation: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -100,13 +108,32 @@ class BatchMetadata:
         return self.seg_adapter.shape[0]
 
     def update_(self, adapter_ids: torch.Tensor, validate: bool = True) -> "BatchMetadata":
-        """Refill these buffers in place for a new adapter mix of the same T (for CUDA-graph replay)."""
+        """Refill these buffers in place for a new adapter mix of the same T (for CUDA-graph replay). The new ids
+        name the pool's current slots: metadata built from a pool is current again (its `generation` refreshed)."""
         fresh = make_batch_metadata(adapter_ids, self.num_slots, ranks=self.ranks, validate=validate)
         if fresh.num_tokens != self.num_tokens:
             raise ValueError(f"adapter_ids: update_ needs {self.num_tokens} tokens, got {fresh.num_tokens}")
         for name in ("adapter_ids", "perm", "seg_of", "seg_start", "seg_adapter"):
             getattr(self, name).copy_(getattr(fresh, name))
+        if self.pool is not None:
+            self.generation = self.pool.generation
         return self
+
+
+def _check_metadata_current(meta: BatchMetadata, ranks) -> None:
+    """Metadata built from an AdapterPool, used with that pool's tensors (`ranks` is the pool's own), must not
+    predate a load / unload: its ids may name a slot that is now empty or holds another tenant. Host ints only (no
+    sync: fine inside a CUDA-graph capture); skipped while torch.compile traces (a guard on the counter would
+    recompile the graph after every load)."""
+    pool = meta.pool
+    if pool is None or ranks is not pool.ranks or is_compiling():
+        return
+    if meta.generation != pool.generation:
+        raise ValueError(f"adapter_ids: this BatchMetadata was built before the AdapterPool last loaded or unloaded "
+                         f"an adapter (pool generation {meta.generation}, now {pool.generation}), so its slot ids "
+                         f"may name an empty slot or another tenant's adapter; rebuild it after changing the pool "
+                         f"(pool.batch_metadata(names) or make_batch_metadata(ids, pool)), or refill it with "
+                         f"meta.update_(ids)")
 
 
 def validate_adapter_ids(adapter_ids: torch.Tensor, num_slots: int, ranks: torch.Tensor | None = None) -> None:
@@ -142,12 +169,16 @@ def make_batch_metadata(adapter_ids, pool_or_slots, *, ranks: torch.Tensor | Non
     """Sort order and segments of one batch, built once and shared by every layer.
 
     adapter_ids: integer tensor [T] (any leading shape is flattened), -1 = base only, on the device of the model.
-    pool_or_slots: an `AdapterPool` (its ranks are used to reject empty slots) or the number of slots.
+    pool_or_slots: an `AdapterPool` (its ranks are used to reject empty slots; the metadata records the pool's
+    `generation`, and a layer of that pool refuses it after a later load / unload) or the number of slots (with
+    `ranks`, the slots' true ranks, ids naming a rank-0 slot are rejected too).
     validate: check the ids (one host sync; raises ValueError). With False nothing syncs, so the call can be
     captured in a CUDA graph, and invalid ids are computed as base only.
     """
+    pool = None
     if isinstance(pool_or_slots, AdapterPool):
-        num_slots, ranks = pool_or_slots.max_adapters, pool_or_slots.ranks
+        pool = pool_or_slots
+        num_slots, ranks = pool.max_adapters, pool.ranks
     elif _is_int(pool_or_slots):
         num_slots = check_rank(pool_or_slots, "pool_or_slots")
     else:
@@ -180,7 +211,8 @@ def make_batch_metadata(adapter_ids, pool_or_slots, *, ranks: torch.Tensor | Non
     seg_adapter = torch.full((max_segs + 2,), -1, dtype=torch.int32, device=device)
     seg_adapter.scatter_(0, target, sorted_ids)
     return BatchMetadata(ids, perm.to(torch.int32), seg_of, seg_start[: max_segs + 1].clone(),
-                         seg_adapter[:max_segs].clone(), num_slots, ranks)
+                         seg_adapter[:max_segs].clone(), num_slots, ranks, pool,
+                         None if pool is None else pool.generation)
 
 
 def _check_ranks_tensor(ranks, num_slots: int) -> None:
@@ -340,7 +372,7 @@ def multi_lora_linear(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ada
     if not (len(slice_sizes) == n_slices and sum(slice_sizes) == N and min(slice_sizes) > 0):
         raise _bad("slice_sizes", f"must be {n_slices} positive widths summing to N={N}, got {slice_sizes}")
     scalings = _checked_scalings(scalings, S, x.device)
-    ranks = _checked_ranks(ranks, S, R, x.device)
+    ranks_arg, ranks = ranks, _checked_ranks(ranks, S, R, x.device)
 
     lead = x.shape[:-1]
     x2d = x.reshape(-1, K)
@@ -354,6 +386,7 @@ def multi_lora_linear(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ada
         if meta.perm.device != x.device:
             raise _bad("adapter_ids", f"metadata is on {meta.perm.device} but x is on {x.device}: build it from "
                                       f"ids on x's device")
+        _check_metadata_current(meta, ranks_arg)
     else:
         if not (isinstance(adapter_ids, torch.Tensor) and adapter_ids.numel() == T):
             raise _bad("adapter_ids", f"must be an integer tensor of {T} ids (x's leading shape {tuple(lead)})")
@@ -492,6 +525,9 @@ class AdapterPool:
         self.scalings = torch.zeros(max_adapters, dtype=torch.float32, device=self.device)
         self._slots: dict[str, int] = {}
         self._layers: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = {}
+        # Bumped by every load / unload (a host int): BatchMetadata built from this pool records it, and a call
+        # with this pool's tensors refuses metadata from an older generation.
+        self.generation = 0
 
     # layers
     def add_layer(self, key: str, in_features: int, slice_sizes: Sequence[int]) -> None:
@@ -571,6 +607,7 @@ class AdapterPool:
         self.ranks[slot] = rank
         self.scalings[slot] = alpha / (math.sqrt(rank) if use_rslora else rank)
         self._slots[name] = slot
+        self.generation += 1
         return slot
 
     def unload(self, name: str) -> None:
@@ -579,6 +616,7 @@ class AdapterPool:
         del self._slots[name]
         self.ranks[slot] = 0
         self.scalings[slot] = 0.0
+        self.generation += 1
 
     def ids(self, names: Sequence[str | None]) -> torch.Tensor:
         """int32 [len(names)] slot per entry on the pool's device; None -> -1 (base only)."""

@@ -1,0 +1,117 @@
+"""Multi-LoRA API contracts: stale batch metadata after the pool changes, and the argument checks of
+MultiLoRALinear / AdapterPool / multi_lora_linear (tiny shapes: the kernels run in Triton's interpreter on CPU)."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # conftest sets it too; must precede the first triton import
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lora_fast.multi_lora import AdapterPool, MultiLoRALinear, make_batch_metadata, multi_lora_linear  # noqa: E402
+from lora_fast.multi_lora_reference import multi_lora_linear_reference  # noqa: E402
+
+K, N, R = 8, 6, 4
+
+
+def _adapter(r=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(r, K, generator=g), torch.randn(N, r, generator=g)
+
+
+def _layer(slots=2):
+    torch.manual_seed(0)
+    pool = AdapterPool(slots, R, dtype=torch.float32)
+    return pool, MultiLoRALinear(torch.nn.Linear(K, N), pool, key="p")
+
+
+def _reference(layer, x, ids):
+    """The float64 per-token reference, in fp32."""
+    A, B, sizes = layer.pool.layer_stacks(layer.key)
+    return multi_lora_linear_reference(x, layer.weight, layer.bias, A, B, layer.pool.scalings, ids,
+                                       layer.pool.ranks, sizes).float()
+
+
+def _close(got, want):
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- stale metadata
+
+
+def test_metadata_from_before_an_unload_is_refused():
+    """Was: after pool.unload("a") the old metadata's "a" tokens silently came out as base only."""
+    pool, layer = _layer()
+    pool.load("a", {"p": _adapter(seed=1)}, alpha=2)
+    meta = pool.batch_metadata(["a", None, "a"])
+    x = torch.randn(3, K)
+    with torch.no_grad():
+        layer(x, meta)  # current: fine
+    pool.unload("a")
+    with pytest.raises(ValueError, match="BatchMetadata was built before the AdapterPool last loaded or unloaded"):
+        layer(x, meta)
+    A, B, sizes = pool.layer_stacks("p")
+    with pytest.raises(ValueError, match="rebuild it"):  # the functional form with the pool's tensors too
+        multi_lora_linear(x, layer.weight, layer.bias, A, B, pool.scalings, meta, ranks=pool.ranks)
+
+
+def test_metadata_from_before_a_load_into_the_reused_slot_is_refused():
+    """Was: tenant b, loaded into a's freed slot, served the tokens the old metadata gave to a."""
+    pool, layer = _layer()
+    pool.load("a", {"p": _adapter(seed=1)}, alpha=2)
+    meta = pool.batch_metadata(["a", None, "a"])
+    pool.unload("a")
+    assert pool.load("b", {"p": _adapter(seed=2)}, alpha=2) == 0  # a's slot
+    x = torch.randn(3, K)
+    with pytest.raises(ValueError, match="rebuild it"):
+        layer(x, meta)
+    # rebuilt metadata (or the old one refilled in place) is current again and serves b where asked
+    fresh = pool.batch_metadata(["b", None, "b"])
+    with torch.no_grad():
+        want = _reference(layer, x, fresh.adapter_ids)
+        _close(layer(x, fresh), want)
+        meta.update_(pool.ids(["b", None, "b"]))
+        _close(layer(x, meta), want)
+
+
+def test_generation_counts_loads_and_unloads_only():
+    pool, layer = _layer(slots=3)
+    g0 = pool.generation
+    pool.load("a", {"p": _adapter(seed=1)}, alpha=2)
+    pool.load("b", {"p": _adapter(seed=2)}, alpha=2)
+    pool.unload("a")
+    assert pool.generation == g0 + 3
+    with pytest.raises(ValueError, match="already loaded"):  # a refused load changes nothing
+        pool.load("b", {"p": _adapter()}, alpha=2)
+    assert pool.generation == g0 + 3
+    meta = pool.batch_metadata(["b", None])
+    assert meta.pool is pool and meta.generation == pool.generation
+
+
+def test_metadata_built_from_a_slot_count_or_used_with_other_tensors_is_not_tied_to_the_pool():
+    """Only metadata built from a pool and used with that pool's ranks is compared with the pool's counter."""
+    pool, layer = _layer()
+    pool.load("a", {"p": _adapter(seed=1)}, alpha=2)
+    ids = pool.ids(["a", None, "a"])
+    by_count = make_batch_metadata(ids, pool.max_adapters)
+    assert by_count.pool is None and by_count.generation is None
+    by_pool = pool.batch_metadata(ids)
+    pool.load("b", {"p": _adapter(seed=2)}, alpha=2)  # slot 1: ids above still mean a
+    x = torch.randn(3, K)
+    with torch.no_grad():
+        want = _reference(layer, x, ids)
+        _close(layer(x, by_count), want)
+        A, B, sizes = pool.layer_stacks("p")
+        # a snapshot of the ranks (not the pool's own tensor): the caller vouches for the layout
+        got = multi_lora_linear(x, layer.weight, layer.bias, A, B, pool.scalings, by_pool, ranks=pool.ranks.clone())
+        _close(got, want)
+
+
+def test_slot_count_with_ranks_rejects_an_empty_slot():
+    """make_batch_metadata(ids, S, ranks=...) checks the ids against the ranks: an id naming a rank-0 slot is
+    rejected (validate=True), not served as base only."""
+    ranks = torch.tensor([0, 2, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"adapter_ids\[1\] = 0 points at an empty slot"):
+        make_batch_metadata(torch.tensor([1, 0, -1]), 3, ranks=ranks)
+    assert make_batch_metadata(torch.tensor([1, 0, -1]), 3, ranks=ranks, validate=False).adapter_ids.tolist() \
+        == [1, 0, -1]
+    assert make_batch_metadata(torch.tensor([1, 2, -1]), 3, ranks=ranks).num_tokens == 3
