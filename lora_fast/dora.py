@@ -30,9 +30,9 @@ from torch import nn
 
 from . import naive
 from .functional import _ops, autocast_inputs, compile_dispatch, draw_seed, lora_linear, use_triton
-from .layers import LoRALinear
+from .layers import LoRALinear, check_targets
 from .philox import dropout_mask_torch
-from .targeting import replace_linears
+from .targeting import matching_linears, replace_linears
 from .validation import (check_dropout, check_lora_linear_args, check_rank, check_same, check_scaling, check_tensor,
                          check_vector_param)
 
@@ -230,11 +230,22 @@ class DoRALinear(LoRALinear):
     def reset_lora_parameters(self, *args, **kwargs) -> None:
         """LoRALinear's (re)initialisation of A and B, then the magnitude set to the new ||W + s * B @ A||_row."""
         super().reset_lora_parameters(*args, **kwargs)
+        self._reset_magnitude()  # again once a base rewrite held back by deferred_base_writes is written
+
+    @torch.no_grad()
+    def _reset_magnitude(self) -> None:
         norm = dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling).to(self.weight.dtype)
         if "lora_magnitude" in self._parameters:
             self.lora_magnitude.copy_(norm)
         else:
             self.lora_magnitude = nn.Parameter(norm)
+
+    def _write_deferred_base(self) -> None:
+        """The base rewrite of "pissa" / "nonzero" (lora_fast.init.deferred_base_writes), then the magnitude from
+        the rewritten W, as reset_lora_parameters computes it without deferral."""
+        if self._base_pending:
+            super()._write_deferred_base()
+            self._reset_magnitude()
 
     adapter_variant = "dora"  # count_parameters' variant name
 
@@ -302,10 +313,12 @@ def apply_dora(model: nn.Module, target_modules=("q_proj", "k_proj", "v_proj", "
     if deltas is not None and not isinstance(deltas, abc.Mapping):
         raise TypeError(f"deltas must be a mapping {{module name: dW}}, got {type(deltas).__name__}")
 
+    found = matching_linears(model, target_modules)
+    check_targets(found, rank, init, deltas)  # every layer, before any is built (replace_linears: all or nothing)
+
     def make(name, lin):
-        if deltas is not None and name not in deltas:
-            raise ValueError(f"init='from_delta': deltas has no entry for matched module {name!r}")
         return DoRALinear.from_linear(lin, rank, alpha, dropout, use_rslora, init,
                                       None if deltas is None else deltas[name], pissa_niter)
 
-    return replace_linears(model, target_modules, make, trainable=("lora_A", "lora_B", "lora_magnitude"))
+    return replace_linears(model, target_modules, make, trainable=("lora_A", "lora_B", "lora_magnitude"),
+                           found=found)

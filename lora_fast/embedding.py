@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .init import LoRAFactors, check_init, init_lora, load_init
+from .init import LoRAFactors, check_init, init_lora
 from .validation import check_dtype, check_flag, check_rank, check_scaling
 
 
@@ -120,8 +120,11 @@ class LoRAEmbedding(LoRAFactors, nn.Module):
             raise ValueError("delta must be a 2-D tensor dE [vocab, dim]")
         res = init_lora(self.weight.T, self.rank, init, self.scaling, None if delta is None else delta.T,
                         pissa_niter, generator)
-        load_init(self.lora_A, self.lora_B, self.weight.T, res)
+        self._load_init(res)
         self.init, self.init_error = init, res.error
+
+    def _init_view(self) -> torch.Tensor:
+        return self.weight.T
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors an adapter file holds for this layer (count_parameters sizes the adapter from these)."""

@@ -20,8 +20,10 @@ is PEFT's, so s*B@A is exactly the top-r part of the SVD whatever alpha is, with
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import threading
 from typing import NamedTuple
 
 import torch
@@ -67,9 +69,37 @@ def _lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+_DEFERRAL = threading.local()
+
+
+@contextlib.contextmanager
+def deferred_base_writes():
+    """While active (in this thread), an init that rewrites the base weight ("pissa", "nonzero") loads A and B into
+    the layer but leaves the (shared) base weight as it is, and marks the layer: `write_deferred_base(module)`
+    then writes W - s*B@A into it (the same values, recomputed from A and B). The model helpers build every
+    layer under it and write only once all were built, so that an error on a later layer leaves the weights
+    of the earlier ones (still the model's) unchanged."""
+    previous = getattr(_DEFERRAL, "on", False)
+    _DEFERRAL.on = True
+    try:
+        yield
+    finally:
+        _DEFERRAL.on = previous
+
+
+def write_deferred_base(module: nn.Module) -> None:
+    """Write the base weights whose rewrite `deferred_base_writes` held back, in every submodule of `module`."""
+    for m in module.modules():
+        if callable(getattr(m, "_write_deferred_base", None)):
+            m._write_deferred_base()
+
+
 class LoRAFactors:
     """Mixin of the LoRA modules (LoRALinear, LoRAEmbedding): the factors A [r, a_cols] and B [b_rows, r] as
-    parameters, filled by the module's `reset_lora_parameters`, and `scaling` from alpha, rank and use_rslora."""
+    parameters, filled by the module's `reset_lora_parameters`, and `scaling` from alpha, rank and use_rslora.
+    The module defines `_init_view()`: its base weight as the [b_rows, a_cols] matrix the init schemes see."""
+
+    _base_pending = False  # a rewrite of the base weight held back by deferred_base_writes
 
     def _make_factors(self, a_cols: int, b_rows: int, like: torch.Tensor, init, delta, pissa_niter) -> None:
         kw = {"device": like.device, "dtype": like.dtype}
@@ -77,6 +107,23 @@ class LoRAFactors:
         self.lora_B = nn.Parameter(torch.zeros(b_rows, self.rank, **kw))
         self.merged = False
         self.reset_lora_parameters(init, delta, pissa_niter)
+
+    def _load_init(self, res: LoRAInit) -> None:
+        """Copy an init_lora result into A, B and (unless deferred_base_writes holds it back) the base weight."""
+        if res.weight is not None and getattr(_DEFERRAL, "on", False):
+            load_init(self.lora_A, self.lora_B, self._init_view(), res._replace(weight=None))
+            self._base_pending = True
+        else:
+            load_init(self.lora_A, self.lora_B, self._init_view(), res)
+            self._base_pending = False
+
+    @torch.no_grad()
+    def _write_deferred_base(self) -> None:
+        """W <- W - s*B@A (what the init computed: the same expression on the same A, B and W) if held back."""
+        if self._base_pending:
+            view = self._init_view()
+            view.copy_(_compensate(view, self.lora_A, self.lora_B, self.scaling)[0])
+            self._base_pending = False
 
     @property
     def scaling(self) -> float:

@@ -19,7 +19,7 @@ from torch import nn
 
 from .embedding import LoRAEmbedding
 from .functional import lora_linear
-from .init import LoRAFactors, check_init, init_lora, load_init
+from .init import LoRAFactors, check_init, deferred_base_writes, init_lora, write_deferred_base
 from .validation import check_dropout, check_dtype, check_flag, check_rank, check_scaling, check_target_modules
 
 
@@ -81,8 +81,11 @@ class LoRALinear(LoRAFactors, nn.Module):
         if self.merged:
             raise ValueError("reset_lora_parameters on a merged layer: unmerge() first")
         res = init_lora(self.weight, self.rank, init, self.scaling, delta, pissa_niter, generator)
-        load_init(self.lora_A, self.lora_B, self.weight, res)
+        self._load_init(res)
         self.init, self.init_error = init, res.error
+
+    def _init_view(self) -> torch.Tensor:
+        return self.weight
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors an adapter file holds for this layer (count_parameters sizes the adapter from these)."""
@@ -144,6 +147,90 @@ def _matches(name: str, targets: Iterable[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def _same_memory_key(t: torch.Tensor):
+    """Equal for two tensors over the same elements (one tied Parameter, or two views of one region)."""
+    return (t.data_ptr(), tuple(t.shape), t.stride()) if t.device.type != "meta" and t.data_ptr() else id(t)
+
+
+def check_targets(targets: list[tuple[str, nn.Module]], rank: int, init: str, deltas=None,
+                  quantize: str | None = None) -> None:
+    """Per-module checks of the model helpers, run on every matched module before any is built or changed, each
+    naming its module: deltas present (init="from_delta"), rank <= min(out, in) for the SVD inits, a weight
+    shared by two modules refused for the inits that rewrite it in place, NF4's K a multiple of 64 and a
+    compute dtype it takes."""
+    rewritten: dict[object, str] = {}
+    for name, module in targets:
+        shape = tuple(module.weight.shape)  # linear [out, in]; embedding [vocab, dim]
+        if deltas is not None and name not in deltas:
+            raise ValueError(f"init='from_delta': deltas has no entry for matched module {name!r}")
+        if init in ("pissa", "from_delta") and rank > min(shape):
+            raise ValueError(f"module {name!r}: rank={rank} exceeds min{shape} = {min(shape)} of its weight: "
+                             f"init={init!r} (an SVD) needs rank <= min(out_features, in_features)")
+        if init in ("pissa", "nonzero"):
+            key = _same_memory_key(module.weight)
+            if key in rewritten:
+                raise ValueError(f"init={init!r} rewrites each module's weight in place (W <- W - s*B@A), but "
+                                 f"modules {rewritten[key]!r} and {name!r} share one weight (tied weights): "
+                                 "adapt only one of them, or use init='default'")
+            rewritten[key] = name
+        if quantize is not None and isinstance(module, nn.Linear):
+            from .nf4 import check_nf4_shape
+            from .qlora import COMPUTE_DTYPES
+
+            try:
+                check_nf4_shape(shape, "weight")
+                if module.weight.dtype not in COMPUTE_DTYPES:
+                    raise TypeError(f"the weight's dtype {module.weight.dtype} is no NF4 compute dtype "
+                                    "(float16, bfloat16 or float32)")
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"quantize={quantize!r}, module {name!r}: {e}") from e
+
+
+def build_all(model: nn.Module, targets: list[tuple[str, nn.Module]], build) -> list[nn.Module]:
+    """[build(name, module) for each target], all or nothing: built with `deferred_base_writes` (no shared base
+    weight is rewritten yet); if one build fails, every parameter of `model` gets its requires_grad back and
+    the error propagates (a ValueError / TypeError naming its module), the model as it was."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    built = []
+    try:
+        with deferred_base_writes():
+            for name, module in targets:
+                try:
+                    new = build(name, module)
+                except (ValueError, TypeError) as e:
+                    if not name or repr(name) in str(e):
+                        raise
+                    try:
+                        named = type(e)(f"module {name!r}: {e}")
+                    except Exception:  # noqa: BLE001 -- an exception type with other arguments: as it is
+                        raise e from None
+                    raise named from e
+                if not isinstance(new, nn.Module):
+                    raise TypeError(f"make({name!r}, linear) must return an nn.Module, got {type(new).__name__}")
+                built.append(new)
+    except BaseException:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
+    return built
+
+
+def swap_in(model: nn.Module, targets: list[tuple[str, nn.Module]], built: list[nn.Module]) -> None:
+    """Write the base weights `build_all` held back, then put each built module in its target's place."""
+    for new in built:
+        write_deferred_base(new)
+    for (name, _), new in zip(targets, built):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+
+
+def freeze_base(model: nn.Module, trainable: tuple[str, ...]) -> None:
+    """Only parameters whose name ends with one of `trainable` require grad."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.endswith(trainable))
+
+
 def apply_lora(model: nn.Module, target_modules: Iterable[str] | str = ("q_proj", "k_proj", "v_proj", "o_proj"),
                rank: int = 8, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False,
                init: str = "default", pissa_niter: int | None = None,
@@ -151,12 +238,18 @@ def apply_lora(model: nn.Module, target_modules: Iterable[str] | str = ("q_proj"
     """Replace every nn.Linear (nn.Embedding) of `model` whose name matches `target_modules` by a LoRALinear
     (LoRAEmbedding) sharing its weights, freeze every other parameter, and return `model` (changed in place).
 
+    All or nothing: every matched module is checked and built before any weight is rewritten or module swapped,
+    so an error (a rank too big for one layer's SVD init, a layer NF4 cannot take, ...) leaves the model as it
+    was: its modules, weights and requires_grad.
+
     target_modules: names or name suffixes (["q_proj", "mlp.up_proj"]), or one regex string (full match).
     init, pissa_niter: see LoRALinear (embeddings take no dropout, as in PEFT). init="from_delta" needs
     deltas={module name: dW} for every matched module (dW [out, in] for a linear, [vocab, dim] for an embedding).
     quantize: None, "nf4" or "nf4_dq" (double-quantized absmax): QLoRA, each matched linear becomes a
     `lora_fast.qlora.LoRALinear4bit` whose frozen base is quantized to NF4 (its bf16 weight is released);
-    compute dtype = the linear's dtype. Needs init="default" and in_features a multiple of 64.
+    compute dtype = the linear's dtype. Needs init="default" and in_features a multiple of 64. Every layer is
+    quantized before the first is swapped: until apply_lora returns, the NF4 copies and the original weights
+    coexist (about 1.3x the matched weights' bf16 bytes at the peak).
 
     >>> model = apply_lora(model, ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], rank=16, alpha=32)
     """
@@ -174,35 +267,31 @@ def apply_lora(model: nn.Module, target_modules: Iterable[str] | str = ("q_proj"
         raise ValueError(f"quantize={quantize!r} takes init='default' only (the base is frozen in NF4), got {init!r}")
     if quantize is not None and pissa_niter is not None:
         raise ValueError(f"pissa_niter goes with init='pissa', which quantize={quantize!r} does not take")
-    replaced = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, (nn.Linear, nn.Embedding)) and not isinstance(module, LoRALinear) \
-                and _matches(name, target_modules):
-            delta = None
-            if deltas is not None:
-                if name not in deltas:
-                    raise ValueError(f"init='from_delta': deltas has no entry for matched module {name!r}")
-                delta = deltas[name]
-            replaced.append(name)
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            if isinstance(module, nn.Embedding):
-                wrapped = LoRAEmbedding.from_embedding(module, rank, alpha, use_rslora, init, delta, pissa_niter)
-            elif quantize is not None:
-                from .qlora import LoRALinear4bit
-
-                try:
-                    wrapped = LoRALinear4bit.from_linear(module, rank, alpha, dropout, module.weight.dtype,
-                                                         use_rslora, double_quant=quantize == "nf4_dq")
-                except (ValueError, TypeError) as e:  # name the module (e.g. in_features not a multiple of 64)
-                    raise type(e)(f"quantize={quantize!r}, module {name!r}: {e}") from e
-            else:
-                wrapped = LoRALinear.from_linear(module, rank, alpha, dropout, use_rslora, init, delta, pissa_niter)
-            setattr(parent, child, wrapped)
-    if not replaced:
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, (nn.Linear, nn.Embedding)) and _matches(name, target_modules)]
+    if not targets:
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear or nn.Embedding in the model")
-    for name, param in model.named_parameters():
-        param.requires_grad_(name.endswith("lora_A") or name.endswith("lora_B"))
+    # All or nothing: every module is checked, then built (with the base rewrites of "pissa" / "nonzero" held
+    # back), and only then are the weights written and the modules swapped: an error on any layer leaves the model
+    # as it was (modules, weights, requires_grad).
+    check_targets(targets, rank, init, deltas, quantize)
+
+    def build(name, module):
+        delta = None if deltas is None else deltas[name]
+        if isinstance(module, nn.Embedding):
+            return LoRAEmbedding.from_embedding(module, rank, alpha, use_rslora, init, delta, pissa_niter)
+        if quantize is not None:
+            from .qlora import LoRALinear4bit
+
+            try:
+                return LoRALinear4bit.from_linear(module, rank, alpha, dropout, module.weight.dtype, use_rslora,
+                                                  double_quant=quantize == "nf4_dq")
+            except (ValueError, TypeError) as e:  # name the module (e.g. in_features not a multiple of 64)
+                raise type(e)(f"quantize={quantize!r}, module {name!r}: {e}") from e
+        return LoRALinear.from_linear(module, rank, alpha, dropout, use_rslora, init, delta, pissa_niter)
+
+    swap_in(model, targets, build_all(model, targets, build))
+    freeze_base(model, ("lora_A", "lora_B"))
     return model
 
 

@@ -5,7 +5,7 @@ from typing import Callable, Iterable
 
 from torch import nn
 
-from .layers import _matches
+from .layers import _matches, build_all, freeze_base, swap_in
 from .validation import check_target_modules
 
 
@@ -23,6 +23,10 @@ def replace_linears(model: nn.Module, target_modules, make: Callable[[str, nn.Li
     """Swap each matching nn.Linear for `make(name, linear)`; then only parameters whose name ends with one of
     `trainable` require grad. Returns `model`, changed in place.
 
+    All or nothing: every replacement is built before any is set, with the in-place base rewrites of
+    init="pissa" / "nonzero" held back until all were built (lora_fast.init.deferred_base_writes); an error on any
+    layer leaves the model unchanged (modules, weights, requires_grad).
+
     >>> replace_linears(model, ["q_proj"], lambda name, lin: DoRALinear.from_linear(lin, 8), ("lora_A", "lora_B"))
     """
     if not callable(make):
@@ -31,20 +35,7 @@ def replace_linears(model: nn.Module, target_modules, make: Callable[[str, nn.Li
     names = tuple(trainable) if isinstance(trainable, Iterable) and not isinstance(trainable, str) else None
     if names is None or not all(isinstance(t, str) for t in names):
         raise TypeError(f"trainable must be a list of parameter-name suffixes, got {trainable!r}")
-    trainable = names
-    # Every replacement is built before any is set: an error (a bad option, a layer that does not fit) leaves the
-    # model unchanged.
     targets = found if found is not None else matching_linears(model, target_modules)
-    replacements = []
-    for name, module in targets:
-        new = make(name, module)
-        if not isinstance(new, nn.Module):
-            raise TypeError(f"make({name!r}, linear) must return an nn.Module, got {type(new).__name__}")
-        replacements.append(new)
-    for (name, _), new in zip(targets, replacements):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
-    for name, param in model.named_parameters():
-        param.requires_grad_(name.endswith(trainable))
+    swap_in(model, targets, build_all(model, targets, make))
+    freeze_base(model, names)
     return model

@@ -388,3 +388,46 @@ def test_dora_norm_launcher_checks_scaling(scaling, err):
     W, A, B, m = torch.randn(8, 64), torch.randn(2, 64), torch.randn(8, 2), torch.rand(8)
     with pytest.raises(err, match="scaling"):
         kernels.dora_norm(W, A, B, scaling, m)
+
+
+@pytest.mark.parametrize("case", ["pissa_rank", "pissa_nan", "nonzero_nan"])
+def test_apply_dora_failure_on_a_later_layer_leaves_the_model_unchanged(case):
+    """replace_linears builds every DoRALinear before swapping, and "pissa" / "nonzero" rewrite the shared base
+    weight in place: a failure on layer '2' must not leave layer '0''s nn.Linear weight rewritten (or frozen)."""
+    from tests.test_layers import _assert_unchanged, _model_state, _two_layers
+
+    model = _two_layers(16, 4)
+    init, rank = case.split("_")[0], 8 if case == "pissa_rank" else 2  # 8 > min(4, 16) of layer '2' only
+    if case.endswith("nan"):  # found only while building layer '2'
+        with torch.no_grad():
+            model[2].weight[1, 3] = float("nan")
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        y0 = model(x)
+    state = _model_state(model)
+    with pytest.raises(ValueError, match="'2'"):
+        apply_dora(model, ["0", "2"], rank=rank, init=init)
+    with torch.no_grad():
+        _assert_unchanged(model, state, x, y0)
+
+
+def test_apply_dora_deferred_rewrite_equals_the_direct_init():
+    """The base rewrite of "pissa" / "nonzero" written after every layer was built, and the magnitude computed
+    from the rewritten W: bit for bit DoRALinear.from_linear's, and the output at init is the base's."""
+    from tests.test_layers import _two_layers
+
+    for init in ("pissa", "nonzero"):
+        model = _two_layers(16, 8)
+        ref = copy.deepcopy(model)
+        x = torch.randn(3, 64)
+        with torch.no_grad():
+            y0 = model(x)
+        torch.manual_seed(1)
+        apply_dora(model, ["0", "2"], rank=3, alpha=6, init=init)
+        torch.manual_seed(1)
+        direct = [DoRALinear.from_linear(ref[i], 3, 6, init=init) for i in (0, 2)]
+        for ours, theirs in zip((model[0], model[2]), direct):
+            for name in ("weight", "lora_A", "lora_B", "lora_magnitude"):
+                assert torch.equal(getattr(ours, name), getattr(theirs, name)), (init, name)
+        with torch.no_grad():
+            assert_close(f"{init} at init", model(x), y0, torch.float32)

@@ -1,4 +1,5 @@
 """LoRALinear, apply_lora, count_parameters, and the argument checks of every public entry point."""
+import copy
 import math
 
 import pytest
@@ -188,3 +189,85 @@ def test_reference_function_matches_module():
     x = torch.randn(3, 9)
     y = lora_linear_reference(x, ref.base.weight, ref.base.bias, ref.lora_A.weight, ref.lora_B.weight, ref.scaling)
     assert torch.allclose(y, ref(x))
+
+
+# ------------------------------------------------------------------------------------------- all or nothing
+def _bits(t):
+    """t's bits (a NaN equals itself: torch.equal on the integer view)."""
+    t = t.detach().contiguous()
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _model_state(model):
+    """(module types by name, parameters by name (cloned) and their requires_grad): what a failed helper must keep."""
+    return ({n: type(m) for n, m in model.named_modules()},
+            {n: p.detach().clone() for n, p in model.named_parameters()},
+            {n: p.requires_grad for n, p in model.named_parameters()})
+
+
+def _assert_unchanged(model, state, x, y0):
+    types, params, flags = state
+    assert {n: type(m) for n, m in model.named_modules()} == types, "a failed helper swapped modules"
+    now = dict(model.named_parameters())
+    assert now.keys() == params.keys()
+    for n, p in params.items():
+        assert torch.equal(_bits(now[n]), _bits(p)), f"a failed helper changed {n}"
+    assert {n: p.requires_grad for n, p in now.items()} == flags, "a failed helper changed requires_grad"
+    assert torch.equal(_bits(model(x)), _bits(y0))
+
+
+def _two_layers(k1, n1):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, k1), nn.Tanh(), nn.Linear(k1, n1))
+
+
+@pytest.mark.parametrize("case", ["nf4_k", "pissa_rank", "nonzero_nan", "pissa_nan", "from_delta_shape"])
+def test_apply_lora_failure_on_a_later_layer_leaves_the_model_unchanged(case):
+    """A failure on module '2' (found by the checks up front, or only while building it) leaves module '0' as it
+    was: not swapped or quantized, its weight not rewritten by "pissa" / "nonzero", requires_grad untouched."""
+    model = _two_layers(32 if case == "nf4_k" else 64, 4)  # nf4_k: layer '2' has K = 32, no multiple of 64
+    kw = {"rank": 2}
+    if case == "nf4_k":
+        kw["quantize"] = "nf4"
+    elif case == "pissa_rank":
+        kw = {"init": "pissa", "rank": 8}  # 8 > min(4, 64) of layer '2' only
+    elif case in ("nonzero_nan", "pissa_nan"):  # found only while building layer '2' (init_lora's value check)
+        with torch.no_grad():
+            model[2].weight[0, 0] = float("nan")
+        kw["init"] = case.split("_")[0]
+    elif case == "from_delta_shape":  # found only while building layer '2' (init_lora's shape check)
+        kw.update(init="from_delta", deltas={"0": torch.randn(64, 64), "2": torch.randn(5, 64)})
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        y0 = model(x)
+    state = _model_state(model)
+    with pytest.raises((ValueError, TypeError), match="'2'"):
+        apply_lora(model, ["0", "2"], **kw)
+    with torch.no_grad():
+        _assert_unchanged(model, state, x, y0)
+
+
+def test_apply_lora_deferred_rewrite_equals_the_direct_init():
+    """apply_lora writes the "pissa" / "nonzero" residual only after every layer was built: the weights it
+    writes, and A and B, are bit for bit those of LoRALinear.from_linear on the same layer."""
+    for init in ("pissa", "nonzero"):
+        model = _two_layers(64, 16)
+        ref = copy.deepcopy(model)
+        torch.manual_seed(1)
+        apply_lora(model, ["0", "2"], rank=3, alpha=6, init=init)
+        torch.manual_seed(1)
+        direct = [LoRALinear.from_linear(ref[i], 3, 6, init=init) for i in (0, 2)]
+        for ours, theirs in zip((model[0], model[2]), direct):
+            for name in ("weight", "lora_A", "lora_B"):
+                assert torch.equal(getattr(ours, name), getattr(theirs, name)), (init, name)
+
+
+def test_apply_lora_refuses_an_in_place_init_on_tied_weights():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    model[1].weight = model[0].weight
+    state = _model_state(model)
+    x = torch.randn(2, 8)
+    y0 = model(x)
+    with pytest.raises(ValueError, match="share one weight"):
+        apply_lora(model, ["0", "1"], rank=2, init="pissa")
+    _assert_unchanged(model, state, x, y0)
