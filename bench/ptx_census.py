@@ -364,13 +364,16 @@ def case_ab_train(p):
 
 def case_nf4_gemv(m, engine="auto", dq=False, xa_mode="auto", stages=None):
     W, b, A, B = adapters()
-    if stages is not None:  # the wide engine's prefetch depth (its config's num_stages)
-        config.set_override("nf4_gemv_wide", "m16", config.GemmConfig(1, 32, 128, num_warps=1, num_stages=stages))
+    # stages: the wide engine's prefetch depth, or the fma engine's pipeline stages (each config's num_stages)
+    key, cfg = (("nf4_gemv_rows", config.GemmConfig(1, 16, 256, num_warps=1, num_stages=stages)) if engine == "fma"
+                else ("nf4_gemv_wide", config.GemmConfig(1, 32, 128, num_warps=1, num_stages=stages)))
+    if stages is not None:
+        config.set_override(key, "m16", cfg)
     try:
         K.nf4_gemv(t(m, KD), nf4_weight(dq=dq), b, A, B, 2.0, engine=engine, xa_mode=xa_mode)
     finally:
         if stages is not None:
-            config.set_override("nf4_gemv_wide", "m16", None)
+            config.set_override(key, "m16", None)
 
 
 def case_nf4_dequant(dq=False):
@@ -450,6 +453,7 @@ CASES = {
     "nf4gemv_m1_wide_fused": lambda: case_nf4_gemv(1, engine="wide", xa_mode="fused"),
     "nf4gemv_m1_wide_fused_s2": lambda: case_nf4_gemv(1, engine="wide", xa_mode="fused", stages=2),
     "nf4gemv_m1_fma_fused": lambda: case_nf4_gemv(1, engine="fma", xa_mode="fused"),
+    "nf4gemv_m1_fma_s3": lambda: case_nf4_gemv(1, engine="fma", stages=3),
     "fwd_m8192_p0": lambda: case_fwd_train(0.0),
     "fwd_m8192_p0.1": lambda: case_fwd_train(0.1),
     "dx_m8192_p0": lambda: case_dx_train(0.0, True),

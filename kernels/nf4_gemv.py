@@ -290,10 +290,12 @@ def _nf4_gemv_row_kernel(
     HAS_BIAS: tl.constexpr, STORE_XA: tl.constexpr, PDL: tl.constexpr, SPLITS_P2: tl.constexpr,
     XA_SPLITS_P2: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ABS_GROUP: tl.constexpr, DECODE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
-    FUSED_XA: tl.constexpr, XA_K: tl.constexpr,
+    FUSED_XA: tl.constexpr, XA_K: tl.constexpr, STAGES: tl.constexpr = 1,
 ):
     """One row (M = 1) of Y = x @ deq(Wq)^T + b + s * xa @ B^T on the FMA units, with the K splits summed by the
-    last program of each N tile (no second kernel).
+    last program of each N tile (no second kernel). STAGES > 1: the K loop's loads go through Triton's software
+    pipeline (cp.async into shared memory, STAGES - 1 steps ahead; Triton pipelines loads that feed no dot only
+    in a `tl.range` loop that names its stages, not through the launch's num_stages).
 
     X: [1, K] (column stride stride_xk); QW, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, CODE: the NF4 weight
     (nf4_dequant.nf4_tile); XA_PART: [XA_SPLITS, 1, RANK] fp32 partials of xa = drop(x) @ A^T from
@@ -331,7 +333,7 @@ def _nf4_gemv_row_kernel(
                        BLOCK_R, XA_K, ACC)
     words = nf4_prmt_words(CODE, X.dtype.element_ty, tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.uint8), DECODE)
     acc = tl.zeros((BLOCK_N,), dtype=ACC)
-    for h0 in range(h_start, h_end, BLOCK_K // 2):
+    for h0 in tl.range(h_start, h_end, BLOCK_K // 2, num_stages=STAGES):
         left = h_end - h0  # bytes of this row left in the split
         byte, scale = _row_step_loads(QW, ABSMAX, ABS_CODE, ABS_SCALE, abs_offset, offs_n, mask_n, offs_h, offs_g,
                                       h0, h_end, K, stride_qn, DOUBLE_QUANT, ABS_GROUP)
@@ -1048,7 +1050,8 @@ class _RowPlan:
             else:
                 cfg = nf4_config("gemv_rows", M, x.dtype)
                 block_n, block_k, kernel = cfg.block_n, cfg.block_k, _nf4_gemv_row_kernel
-                extra = dict(DECODE=decode, BLOCK_N=block_n, BLOCK_K=block_k, XA_K=xa_k, **cfg.launch())
+                extra = dict(DECODE=decode, BLOCK_N=block_n, BLOCK_K=block_k, XA_K=xa_k, STAGES=cfg.num_stages,
+                             num_warps=cfg.num_warps, num_stages=1)
             steps = cdiv(K, block_k)
             splits = min(splits or ROW_SPLITS, steps, MAX_ROW_SPLITS)
             k_per_split = cdiv(steps, splits) * block_k
