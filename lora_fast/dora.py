@@ -293,8 +293,9 @@ class DoRALinear(LoRALinear):
 def apply_dora(model: nn.Module, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), rank: int = 8,
                alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False, init: str = "default",
                pissa_niter: int | None = None, deltas=None) -> nn.Module:
-    """Replace the matching nn.Linear modules of `model` by DoRALinear (sharing their weights), train only
-    lora_A, lora_B and lora_magnitude, and return `model` (changed in place). target_modules as in apply_lora;
+    """Replace the matching nn.Linear modules of `model` by DoRALinear (sharing their weights), train lora_A,
+    lora_B and lora_magnitude (other variants' adapters keep their requires_grad; every base parameter is frozen:
+    lora_fast.layers.freeze_base), and return `model` (changed in place). target_modules as in apply_lora;
     init, pissa_niter and deltas ({module name: dW} for init="from_delta") as in apply_lora (the magnitude then
     starts at the row norms of W + s * B @ A, so that the output at init is LoRA's under that init).
 

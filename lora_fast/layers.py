@@ -226,9 +226,17 @@ def swap_in(model: nn.Module, targets: list[tuple[str, nn.Module]], built: list[
 
 
 def freeze_base(model: nn.Module, trainable: tuple[str, ...]) -> None:
-    """Only parameters whose name ends with one of `trainable` require grad."""
+    """The model helpers' freezing rule: a parameter requires grad iff its name ends with one of `trainable` (the
+    variant just applied), or it is an adapter parameter (a tensor `adapter_state_dict()` returns) of a lora-fast
+    adapter module and requires grad already. So applying one variant after another (apply_vera after
+    apply_dora, apply_lora on an embedding after apply_dora) keeps the earlier variants' adapters training (and
+    one frozen on purpose frozen), and every base parameter (weights, biases, norms, heads) is frozen."""
+    adapter = set()
+    for module in model.modules():
+        if callable(getattr(module, "adapter_state_dict", None)):
+            adapter.update(id(t) for t in module.adapter_state_dict().values())
     for name, param in model.named_parameters():
-        param.requires_grad_(name.endswith(trainable))
+        param.requires_grad_(name.endswith(trainable) or (id(param) in adapter and param.requires_grad))
 
 
 def apply_lora(model: nn.Module, target_modules: Iterable[str] | str = ("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -240,7 +248,9 @@ def apply_lora(model: nn.Module, target_modules: Iterable[str] | str = ("q_proj"
 
     All or nothing: every matched module is checked and built before any weight is rewritten or module swapped,
     so an error (a rank too big for one layer's SVD init, a layer NF4 cannot take, ...) leaves the model as it
-    was: its modules, weights and requires_grad.
+    was: its modules, weights and requires_grad. Freezing: lora_A / lora_B train, adapter parameters of other
+    variants' modules (apply_dora's magnitude, apply_vera's lambdas) keep their requires_grad, and every other
+    parameter is frozen (`freeze_base`).
 
     target_modules: names or name suffixes (["q_proj", "mlp.up_proj"]), or one regex string (full match).
     init, pissa_niter: see LoRALinear (embeddings take no dropout, as in PEFT). init="from_delta" needs

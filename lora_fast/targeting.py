@@ -20,8 +20,10 @@ def matching_linears(model: nn.Module, target_modules) -> list[tuple[str, nn.Lin
 
 def replace_linears(model: nn.Module, target_modules, make: Callable[[str, nn.Linear], nn.Module],
                     trainable: Iterable[str], found=None) -> nn.Module:
-    """Swap each matching nn.Linear for `make(name, linear)`; then only parameters whose name ends with one of
-    `trainable` require grad. Returns `model`, changed in place.
+    """Swap each matching nn.Linear for `make(name, linear)`; then a parameter requires grad iff its name ends
+    with one of `trainable`, or it is an adapter parameter of a lora-fast adapter module (another variant's, e.g.
+    apply_dora's magnitude under apply_vera) that already did (`lora_fast.layers.freeze_base`): every base
+    parameter is frozen. Returns `model`, changed in place.
 
     All or nothing: every replacement is built before any is set, with the in-place base rewrites of
     init="pissa" / "nonzero" held back until all were built (lora_fast.init.deferred_base_writes); an error on any

@@ -341,8 +341,9 @@ class VeRALinear(nn.Module):
 def apply_vera(model: nn.Module, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), rank: int = 256,
                dropout: float = 0.0, seed: int = 0, d_initial: float = 0.1) -> nn.Module:
     """Replace the matching nn.Linear modules of `model` by VeRALinear sharing one VeRAProjections of the
-    largest matched shape (PEFT's rule), stored once: as `vera_projections` of the first adapted layer. Only the
-    lambdas train. target_modules as in apply_lora. Returns `model` (changed in place).
+    largest matched shape (PEFT's rule), stored once: as `vera_projections` of the first adapted layer. The
+    lambdas train, other variants' adapters keep their requires_grad, every base parameter is frozen
+    (lora_fast.layers.freeze_base). target_modules as in apply_lora. Returns `model` (changed in place).
 
     >>> model = apply_vera(model, ["q_proj", "v_proj"], rank=256, seed=0)
     >>> [k for k in model.state_dict() if "vera_projections" in k]   # [...q_proj.vera_projections.vera_A, ..._B]

@@ -271,3 +271,26 @@ def test_apply_lora_refuses_an_in_place_init_on_tied_weights():
     with pytest.raises(ValueError, match="share one weight"):
         apply_lora(model, ["0", "1"], rank=2, init="pissa")
     _assert_unchanged(model, state, x, y0)
+
+
+def test_variant_helpers_combined_keep_each_others_adapters_trainable():
+    """Each helper freezes base parameters only: apply_vera after apply_dora keeps the DoRA layer's A, B and
+    magnitude training, apply_lora on an embedding after both keeps theirs; an adapter parameter frozen on purpose
+    stays frozen, and every base weight, bias and the norm are frozen."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 16), nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 8),
+                          nn.Linear(8, 8))
+    lora_fast.apply_dora(model, ["1"], rank=2)
+    lora_fast.apply_vera(model, ["3"], rank=2)
+    dora = {"1.lora_A", "1.lora_B", "1.lora_magnitude"}
+    vera = {"3.vera_lambda_d", "3.vera_lambda_b"}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == dora | vera
+    model[3].vera_lambda_d.requires_grad_(False)  # frozen on purpose: another helper does not turn it back on
+    apply_lora(model, ["0", "4"], rank=2)
+    lora = {"0.lora_A", "0.lora_B", "4.lora_A", "4.lora_B"}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == dora | lora | {"3.vera_lambda_b"}
+    nn.init.normal_(model[4].lora_B)
+    model(torch.tensor([[1, 4, 7]])).pow(2).sum().backward()
+    for name in dora | lora | {"3.vera_lambda_b"}:
+        assert model.get_parameter(name).grad is not None, name
+    assert count_parameters(model).trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
