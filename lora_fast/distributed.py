@@ -363,8 +363,8 @@ class _ParallelLoRA(_ParallelLinear):
     """A TP base linear plus its LoRA factors, split per `style` (column: B by rows; row: A by columns)."""
 
     def _setup_lora(self, layer: LoRALinear, group) -> None:
-        if not isinstance(layer, LoRALinear):
-            raise TypeError(f"layer must be a lora_fast.LoRALinear, got {type(layer).__name__}")
+        if type(layer) is not LoRALinear:  # a subclass (DoRALinear) would lose what it adds (its magnitude)
+            raise TypeError(f"layer must be a lora_fast.LoRALinear, got {type(layer).__name__}: {_TP_SUPPORTED}")
         if layer.merged:
             raise ValueError("layer is merged: call layer.unmerge() before sharding it")
         self._setup(layer.weight, layer.bias, group)
@@ -481,6 +481,26 @@ class RowParallelLoRALinear(_RowForward, _ParallelLoRA):
 # ----------------------------------------------------------------------------------------------- model surgery
 
 
+_TP_SUPPORTED = ("tensor parallelism shards plain nn.Linear and lora_fast.LoRALinear layers only; DoRA, VeRA, "
+                 "QLoRA 4-bit and other subclasses or adapter layers are not supported (sharded as a LoRALinear or a "
+                 "linear they would silently lose their magnitude, lambdas or quantized base)")
+
+
+def _check_tp_target(name: str, module: nn.Module) -> bool:
+    """Whether tensor_parallel shards `module` (a plan-matched module): True for exactly nn.Linear / LoRALinear,
+    False for a TP layer already or a module without a weight (a container); anything else that holds a weight
+    (a subclass, another adapter variant) is refused, named: skipping it would leave a full layer among shards."""
+    if type(module) in (nn.Linear, LoRALinear):
+        return True
+    if isinstance(module, _ParallelLinear):
+        return False
+    if isinstance(module, (nn.Linear, LoRALinear)) or callable(getattr(module, "adapter_state_dict", None)) \
+            or isinstance(getattr(module, "weight", None), torch.Tensor):
+        raise TypeError(f"tensor_parallel: module {name!r} is a {type(module).__module__}.{type(module).__name__}: "
+                        f"{_TP_SUPPORTED}")
+    return False
+
+
 def _plan_style(name: str, plan: Mapping[str, str]) -> str | None:
     for suffix, style in plan.items():
         if name == suffix or name.endswith("." + suffix):
@@ -492,6 +512,8 @@ def tensor_parallel(model: nn.Module, plan: Mapping[str, str] = LLAMA_TP_PLAN, g
     """Replace, in place, each LoRALinear / nn.Linear of `model` whose name ends with a key of `plan` by its TP
     form (plan value "column" or "row"); column outputs stay sharded and row layers take sharded inputs, so a
     column -> row pair (q/k/v -> o, gate/up -> down) runs with one all-reduce in the forward.
+    Only exactly nn.Linear and LoRALinear are sharded: a plan-matched DoRALinear, VeRALinear, LoRALinear4bit,
+    subclass or other layer with a weight raises a TypeError naming it (before the model changes).
 
     The model must be identical on every rank. Attention must reshape heads with -1 (as transformers' Llama does),
     so that each rank runs its num_heads / P local heads; heads and the MLP width must divide by P.
@@ -505,7 +527,7 @@ def tensor_parallel(model: nn.Module, plan: Mapping[str, str] = LLAMA_TP_PLAN, g
         raise ValueError(f"plan must map module-name suffixes to 'column' or 'row', got {plan!r}")
     tp_rank_and_size(group)
     targets = [(name, module, _plan_style(name, plan)) for name, module in model.named_modules()
-               if isinstance(module, (nn.Linear, LoRALinear)) and _plan_style(name, plan) is not None]
+               if _plan_style(name, plan) is not None and _check_tp_target(name, module)]
     if not targets:
         raise ValueError(f"plan={dict(plan)!r} matched no nn.Linear or LoRALinear in the model")
     # Build every shard first (this checks sizes and merged layers), so a bad layer leaves the model unchanged.

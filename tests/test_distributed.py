@@ -499,3 +499,52 @@ def test_shard_range():
     assert lfd.shard_range(30, 1, 2, "n") == slice(15, 30)
     with pytest.raises(ValueError, match="n=7 must be divisible by the tensor-parallel size 2"):
         lfd.shard_range(7, 0, 2, "n")
+
+
+def test_tensor_parallel_refuses_variants_it_cannot_shard(tmp_path):
+    """DoRALinear subclasses LoRALinear: sharded as one it lost its magnitude (plain LoRA, silently); VeRA and
+    QLoRA 4-bit layers matched by the plan were left whole among sharded layers. Each is refused, named, and the
+    model is left as it was; plain LoRALinear and nn.Linear still shard (a one-process gloo group)."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    from lora_fast.qlora import LoRALinear4bit
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        plan = {"0": "column", "1": "row"}
+        for variant in ("dora", "vera", "nf4"):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+            if variant == "dora":
+                lora_fast.apply_dora(model, ["1"], rank=2)
+            elif variant == "vera":
+                lora_fast.apply_vera(model, ["1"], rank=2)
+            else:
+                model[1] = LoRALinear4bit.from_linear(model[1], rank=2, compute_dtype=torch.float32)
+            types = [type(m) for m in model]
+            params = {n: p.detach().clone() for n, p in model.named_parameters()}
+            with pytest.raises(TypeError, match=r"module '1' is a .*(DoRALinear|VeRALinear|LoRALinear4bit).*"
+                                                r"plain nn\.Linear and lora_fast\.LoRALinear layers only"):
+                lfd.tensor_parallel(model, plan)
+            assert [type(m) for m in model] == types, variant
+            assert all(torch.equal(p, params[n]) for n, p in model.named_parameters()), variant
+        dora = lora_fast.DoRALinear(8, 8, rank=2)
+        for cls in (lfd.ColumnParallelLoRALinear, lfd.RowParallelLoRALinear):
+            with pytest.raises(TypeError, match="layer must be a lora_fast.LoRALinear, got DoRALinear"):
+                cls.from_lora_linear(dora)
+
+        class MyLinear(nn.Linear):
+            pass
+
+        with pytest.raises(TypeError, match="module '0' is a .*MyLinear"):
+            lfd.tensor_parallel(nn.Sequential(MyLinear(8, 8), nn.Linear(8, 8)), plan)
+        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+        lora_fast.apply_lora(model, ["0"], rank=2)
+        nn.init.normal_(model[0].lora_B)
+        x = torch.randn(3, 8)
+        y0 = model(x)
+        lfd.tensor_parallel(model, plan)
+        assert isinstance(model[0], lfd.ColumnParallelLoRALinear) and isinstance(model[1], lfd.RowParallelLinear)
+        assert_close("tp_size 1", model(x), y0.detach(), DT)
+    finally:
+        dist.destroy_process_group()
