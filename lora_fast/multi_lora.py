@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import autocast_inputs, eager_only, is_compiling, use_triton
+from .functional import _CASTABLE, autocast_dtype, autocast_inputs, eager_only, is_compiling, use_triton
 from .validation import check_dtype, check_flag, check_rank, check_same, check_scaling, check_tensor
 
 
@@ -388,8 +388,10 @@ def multi_lora_linear(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ada
                                       f"ids on x's device")
         _check_metadata_current(meta, ranks_arg)
     else:
-        if not (isinstance(adapter_ids, torch.Tensor) and adapter_ids.numel() == T):
-            raise _bad("adapter_ids", f"must be an integer tensor of {T} ids (x's leading shape {tuple(lead)})")
+        if not (isinstance(adapter_ids, torch.Tensor) and adapter_ids.shape == lead):
+            got = tuple(adapter_ids.shape) if isinstance(adapter_ids, torch.Tensor) else type(adapter_ids).__name__
+            raise _bad("adapter_ids", f"must be an integer tensor of x's leading shape {tuple(lead)} (one id per "
+                                      f"token; {T} ids), got {got}")
         _check_host_or_device("adapter_ids", adapter_ids, x.device)
         meta = _metadata_of_raw_ids(adapter_ids.to(x.device), S, ranks=ranks, validate=True)
     if out is not None:
@@ -565,7 +567,8 @@ class AdapterPool:
         """Copy an adapter into a free slot and return the slot.
 
         weights: layer key -> (A [r, K], B [N, r]) for a one-slice layer, or a list of such pairs, one per slice.
-        Layers not named get a zero update. rank: r (default: read from the first A).
+        Layers not named get a zero update; an empty dict (an all-zero adapter) needs `rank`.
+        rank: r (default: read from the first A).
         """
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__} (None in `ids` means base only)")
@@ -581,6 +584,10 @@ class AdapterPool:
         if rank is not None:
             check_rank(rank)
         pairs = {k: adapter_pairs(k, v) for k, v in weights.items()}
+        if not pairs and rank is None:
+            raise ValueError(f"weights: no (A, B) pair for adapter {name!r} (an empty dict): pass "
+                             f"{{layer key: (A, B)}} for its layers (registered: {sorted(self._layers)}); an "
+                             f"all-zero placeholder adapter needs an explicit rank=")
         free = sorted(set(range(self.max_adapters)) - set(self._slots.values()))
         if not free:
             raise RuntimeError(f"the pool is full ({self.max_adapters} adapters); unload one first")
@@ -639,11 +646,32 @@ class AdapterPool:
 # ----------------------------------------------------------------------------------------------- module
 
 
+def _check_pool_matches_base(pool: AdapterPool, weight: torch.Tensor, x: torch.Tensor | None = None) -> None:
+    """The pool's stacks live on the base weight's device, in its dtype; a float16 / bfloat16 / float32 mix is
+    allowed where torch.autocast casts both (at construction: always; at a call: only with autocast on for x)."""
+    if pool.ranks.device != weight.device:
+        raise ValueError(f"pool: the AdapterPool is on {pool.ranks.device} but the base layer's weight is on "
+                         f"{weight.device}: create the pool on the base layer's device (AdapterPool(..., "
+                         f"device={str(weight.device)!r}))")
+    if pool.dtype == weight.dtype:
+        return
+    if pool.dtype in _CASTABLE and weight.dtype in _CASTABLE:
+        if x is None or autocast_dtype("cuda" if x.is_cuda else "cpu") is not None:
+            return
+        raise TypeError(f"pool: the AdapterPool holds {pool.dtype} adapters but the base layer's weight is "
+                        f"{weight.dtype}: outside torch.autocast they must match (create the pool with "
+                        f"dtype={weight.dtype}, or call the layer under torch.autocast)")
+    raise TypeError(f"pool: the AdapterPool holds {pool.dtype} adapters but the base layer's weight is "
+                    f"{weight.dtype}: create the pool with dtype={weight.dtype} (only float16 / bfloat16 / float32 "
+                    f"may differ, and only for calls under torch.autocast)")
+
+
 class MultiLoRALinear(nn.Module):
     """A frozen base linear plus the pool's adapters; `forward(x, batch)` serves every token with its own adapter.
 
     base_linear: nn.Linear [N, K] (for several projections sharing x, the concatenated weight, e.g. fused qkv);
-    pool: the model's `AdapterPool`; key: this layer's name in adapter weight dicts;
+    pool: the model's `AdapterPool`, on base_linear's device and in its dtype (a float16 / bfloat16 / float32 pool
+    under a base of another of these works only under torch.autocast); key: this layer's name in adapter weight dicts;
     slice_sizes: output widths of the projections (default one slice of N).
     forward(x [..., K], batch: BatchMetadata or integer ids with x's leading shape) -> [..., N].
     """
@@ -660,6 +688,7 @@ class MultiLoRALinear(nn.Module):
         if slice_sizes is not None and not (isinstance(slice_sizes, (list, tuple)) and slice_sizes
                                             and all(_is_int(s) and s >= 1 for s in slice_sizes)):
             raise ValueError(f"slice_sizes: must be a non-empty list of positive ints, got {slice_sizes!r}")
+        _check_pool_matches_base(pool, base_linear.weight)
         self.weight = base_linear.weight
         self.bias = base_linear.bias
         self.in_features, self.out_features = base_linear.in_features, base_linear.out_features
@@ -675,11 +704,16 @@ class MultiLoRALinear(nn.Module):
         if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] != self.in_features:
             raise ValueError(f"x: must be [..., in_features={self.in_features}], got {tuple(x.shape)}")
         A, B, sizes = self.pool.layer_stacks(self.key)
+        if (A.dtype != self.weight.dtype or A.is_cuda != self.weight.is_cuda) and isinstance(x, torch.Tensor):
+            _check_pool_matches_base(self.pool, self.weight, x)  # (moved or cast since; else the stacks get blamed)
         if not isinstance(batch, BatchMetadata):
             check_tensor("x", x, min_ndim=1)  # x.device is read below
             if not isinstance(batch, torch.Tensor):
                 raise TypeError(f"batch must be a BatchMetadata or an integer tensor of adapter ids (for names: "
                                 f"pool.batch_metadata(names) or pool.ids(names)), got {type(batch).__name__}")
+            if batch.shape != x.shape[:-1]:
+                raise ValueError(f"batch: adapter ids must have x's leading shape {tuple(x.shape[:-1])} (one id "
+                                 f"per token), got {tuple(batch.shape)}")
             _check_host_or_device("batch", batch, x.device)
             batch = _metadata_of_raw_ids(batch.to(x.device), self.pool)
         return multi_lora_linear(x, self.weight, self.bias, A, B, self.pool.scalings, batch,

@@ -115,3 +115,76 @@ def test_slot_count_with_ranks_rejects_an_empty_slot():
     assert make_batch_metadata(torch.tensor([1, 0, -1]), 3, ranks=ranks, validate=False).adapter_ids.tolist() \
         == [1, 0, -1]
     assert make_batch_metadata(torch.tensor([1, 2, -1]), 3, ranks=ranks).num_tokens == 3
+
+
+# ------------------------------------------------------------------------------------------------- argument checks
+
+
+def test_pool_on_another_device_than_the_base_layer_is_refused_at_construction():
+    """Was: accepted, and the first forward failed on `ranks` / `lora_A_stack` (the meta device stands in for a GPU
+    pool under a CPU layer)."""
+    pool = AdapterPool(2, R, dtype=torch.float32, device="meta")
+    with pytest.raises(ValueError, match=r"pool: the AdapterPool is on meta but the base layer's weight is on cpu"):
+        MultiLoRALinear(torch.nn.Linear(K, N), pool, key="p")
+    assert "p" not in pool._layers  # refused before registering a layer
+
+
+def test_pool_dtype_that_never_works_is_refused_at_construction():
+    """Was: accepted; the first forward then blamed lora_A_stack. A float64 base never meets an fp32 pool (autocast
+    leaves float64 alone)."""
+    for base_dtype, pool_dtype in ((torch.float64, torch.float32), (torch.float32, torch.float64)):
+        pool = AdapterPool(2, R, dtype=pool_dtype)
+        with pytest.raises(TypeError, match=rf"pool: the AdapterPool holds {pool_dtype} adapters but the base "
+                                            rf"layer's weight is {base_dtype}: create the pool with dtype"):
+            MultiLoRALinear(torch.nn.Linear(K, N, dtype=base_dtype), pool, key="p")
+
+
+def test_half_pool_under_an_fp32_base_needs_autocast():
+    """A bfloat16 pool under an fp32 layer is the autocast setup (the docstring's advice: keep the pool in the
+    autocast dtype): built fine, served under autocast, and outside autocast refused naming the pool."""
+    torch.manual_seed(0)
+    pool = AdapterPool(2, R, dtype=torch.bfloat16)
+    layer = MultiLoRALinear(torch.nn.Linear(K, N), pool, key="p")
+    pool.load("a", {"p": _adapter(seed=1)}, alpha=2)
+    meta = pool.batch_metadata(["a", None, "a"])
+    x = torch.randn(3, K)
+    with pytest.raises(TypeError, match=r"pool: the AdapterPool holds torch.bfloat16 adapters but the base layer's "
+                                        r"weight is torch.float32: outside torch.autocast they must match"):
+        layer(x, meta)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x, meta)
+    assert y.dtype == torch.bfloat16
+    A, B, sizes = pool.layer_stacks("p")
+    c = lambda t: t.to(torch.bfloat16).double()  # noqa: E731
+    want = multi_lora_linear_reference(c(x), c(layer.weight), c(layer.bias), c(A), c(B), pool.scalings.double(),
+                                       meta.adapter_ids, pool.ranks, sizes)
+    torch.testing.assert_close(y.double(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_load_with_no_weights_needs_an_explicit_rank():
+    """Was: load(name, {}, alpha) put a silent all-zero rank-1 adapter in a slot."""
+    pool, _ = _layer()
+    with pytest.raises(ValueError, match=r"weights: no \(A, B\) pair for adapter 'a' \(an empty dict\)"):
+        pool.load("a", {}, alpha=2)
+    assert pool.names == [] and pool.ranks.tolist() == [0, 0] and pool.generation == 0
+    assert pool.load("placeholder", {}, alpha=2, rank=1) == 0  # asked for explicitly: an all-zero adapter
+
+
+def test_ids_must_have_x_leading_shape():
+    """Was: ids of the same count but another shape ([1, 3] for x [3, K]) were accepted."""
+    pool, layer = _layer()
+    pool.load("a", {"p": _adapter(seed=1)}, alpha=2)
+    x = torch.randn(3, K)
+    ids = pool.ids(["a", None, "a"])
+    with pytest.raises(ValueError, match=r"batch: adapter ids must have x's leading shape \(3,\).*got \(1, 3\)"):
+        layer(x, ids.view(1, 3))
+    A, B, sizes = pool.layer_stacks("p")
+    with pytest.raises(ValueError, match=r"adapter_ids: must be an integer tensor of x's leading shape \(3,\).*"
+                                         r"got \(1, 3\)"):
+        multi_lora_linear(x, layer.weight, layer.bias, A, B, pool.scalings, ids.view(1, 3), ranks=pool.ranks)
+    with pytest.raises(ValueError, match=r"leading shape \(1, 3\).*got \(3,\)"):
+        multi_lora_linear(x.view(1, 3, K), layer.weight, layer.bias, A, B, pool.scalings, ids, ranks=pool.ranks)
+    with torch.no_grad():  # matching shapes (and a BatchMetadata, which is flat, for any leading shape) still work
+        want = _reference(layer, x, ids)
+        _close(layer(x.view(1, 3, K), ids.view(1, 3)).view(3, N), want)
+        _close(layer(x.view(1, 3, K), pool.batch_metadata(ids)).view(3, N), want)
