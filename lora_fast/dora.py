@@ -279,9 +279,12 @@ class DoRALinear(LoRALinear):
         """weight <- merged / g - s * B @ A with merge()'s g (the norm of the merged weight differs)."""
         if not self.merged:
             return
-        w = self.weight.float() / self._merge_scale[:, None] - self.lora_B.float() @ self.lora_A.float() * self.scaling
-        self.weight.copy_(w.to(self.weight.dtype))
+        self.weight.copy_(self._unmerged_weight())
         self.merged = False
+
+    def _unmerged_weight(self) -> torch.Tensor:
+        w = self.weight.float() / self._merge_scale[:, None] - self.lora_B.float() @ self.lora_A.float() * self.scaling
+        return w.to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .init import LoRAFactors, check_init, init_lora
+from .merging import SavesUnmerged
 from .validation import check_dtype, check_flag, check_rank, check_scaling
 
 
@@ -41,7 +42,7 @@ def _check_ids(ids, num_embeddings: int, device: torch.device) -> torch.Tensor:
     return ids
 
 
-class LoRAEmbedding(LoRAFactors, nn.Module):
+class LoRAEmbedding(SavesUnmerged, LoRAFactors, nn.Module):
     """nn.Embedding with a LoRA adapter: y = E[ids] + s * A[:, ids]^T @ B^T; ids [...] -> y [..., dim].
 
     Args: num_embeddings (vocab), embedding_dim (dim); rank r >= 1; alpha (s = alpha / r, or alpha / sqrt(r) with
@@ -140,6 +141,10 @@ class LoRAEmbedding(LoRAFactors, nn.Module):
     @torch.no_grad()
     def _fold(self, sign: float) -> None:
         self.weight.copy_((self.weight.float() + sign * self._delta_fp32()).to(self.weight.dtype))
+
+    def _unmerged_state(self) -> dict[str, torch.Tensor]:
+        """E as unmerge() restores it (the state dict of a merged layer holds it: lora_fast.merging)."""
+        return {"weight": (self.weight.float() - self._delta_fp32()).to(self.weight.dtype)}
 
     def merge(self) -> None:
         """Fold the adapter into the embedding weight (a plain lookup afterwards). Rounds in the weight's dtype."""

@@ -2,7 +2,8 @@
 
 State-dict keys of a LoRALinear: `weight` [out, in] and `bias` [out] (the frozen base, as nn.Linear names them),
 `lora_A` [r, in] and `lora_B` [out, r]. `scaling` and `dropout` are constructor arguments, not state.
-merge() folds s * B @ A into `weight` in place, so save the state dict unmerged (or unmerge first).
+merge() folds s * B @ A into `weight` in place; the state dict of a merged layer still holds the unmerged weight
+(what unmerge() would restore: `lora_fast.merging`), and loading into a merged layer keeps it merged.
 `init=` picks the initialisation (lora_fast.init): "pissa" and "nonzero" rewrite `weight` in place.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from .embedding import LoRAEmbedding
 from .functional import lora_linear
 from .init import LoRAFactors, check_init, deferred_base_writes, init_lora, write_deferred_base
+from .merging import SavesUnmerged
 from .validation import check_dropout, check_dtype, check_flag, check_rank, check_scaling, check_target_modules
 
 
@@ -34,7 +36,7 @@ def adopt_frozen_base(module: nn.Module, weight: nn.Parameter, bias: nn.Paramete
     module.bias = bias
 
 
-class LoRALinear(LoRAFactors, nn.Module):
+class LoRALinear(SavesUnmerged, LoRAFactors, nn.Module):
     """y = x @ W^T + b + scaling * (dropout(x) @ A^T) @ B^T, with W and b frozen and A, B trained.
 
     Args: in_features, out_features; rank r >= 1; alpha (scaling = alpha / r, or alpha / sqrt(r) with
@@ -124,9 +126,15 @@ class LoRALinear(LoRAFactors, nn.Module):
         """Undo merge(): W is restored within the rounding of its dtype (fp32: ~1e-7 relative)."""
         if not self.merged:
             return
-        self.weight.copy_((self.weight.float() - self.lora_B.float() @ self.lora_A.float() * self.scaling)
-                          .to(self.weight.dtype))
+        self.weight.copy_(self._unmerged_weight())
         self.merged = False
+
+    def _unmerged_weight(self) -> torch.Tensor:
+        """W as unmerge() restores it from the merged weight, in W's dtype (the layer is not changed)."""
+        return (self.weight.float() - self.lora_B.float() @ self.lora_A.float() * self.scaling).to(self.weight.dtype)
+
+    def _unmerged_state(self) -> dict[str, torch.Tensor]:
+        return {"weight": self._unmerged_weight()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:

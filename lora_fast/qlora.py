@@ -10,7 +10,8 @@ Under torch.compile the call goes through the `lora_fast::qlora_forward` op (`lo
 
 State-dict keys of a LoRALinear4bit: `qweight` [N, K // 2] uint8, `absmax` [N, K // 64] (fp32, or uint8 with
 `absmax_code` [256], `absmax_scale`, `absmax_offset`, `absmax_group` when double-quantized), `bias` [N],
-`lora_A` [r, K], `lora_B` [N, r].
+`lora_A` [r, K], `lora_B` [N, r]. A merged layer's state dict holds the NF4 base from before merge() (loading it
+into a fresh layer does not apply the adapter twice; `lora_fast.merging`).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torch import nn
 
 from . import naive
 from .functional import autocast_inputs, compile_dispatch, draw_seed, lora_backward, use_triton
+from .merging import SavesUnmerged
 from .nf4 import (ABSMAX_GROUP, NF4_BLOCK, NF4Tensor, check_nf4_shape, check_nf4_tensor, from_bnb, quantize_nf4,
                   roundtrip_error)
 from .validation import check_adapter_dtype, check_dropout, check_flag, check_rank, check_scaling, check_tensor
@@ -175,7 +177,7 @@ def _check_options(rank, alpha, dropout, compute_dtype, use_rslora, double_quant
 _FIXED_DTYPE_BUFFERS = ("qweight", "absmax", "absmax_code", "absmax_scale", "absmax_offset", "absmax_group")
 
 
-class LoRALinear4bit(nn.Module):
+class LoRALinear4bit(SavesUnmerged, nn.Module):
     """LoRA on a frozen NF4 base: y = x @ deq(Wq)^T + b + scaling * (dropout(x) @ A^T) @ B^T.
 
     Args: in_features (a multiple of 64), out_features, rank, alpha (scaling = alpha / r, or alpha / sqrt(r)
@@ -309,6 +311,13 @@ class LoRALinear4bit(nn.Module):
         self.merge_error = roundtrip_error(target, merged)
         self.merged = True
         return self.merge_error
+
+    def _after_state_load(self) -> None:
+        self._refresh_scalars()  # the loaded absmax_offset / absmax_group, before a merge re-reads the base
+
+    def _unmerged_state(self) -> dict[str, torch.Tensor]:
+        """The NF4 buffers from before merge() (the state dict of a merged layer holds them: lora_fast.merging)."""
+        return {k: v.to(getattr(self, k).device) for k, v in self._unmerged.items()}
 
     @torch.no_grad()
     def unmerge(self) -> None:

@@ -30,6 +30,7 @@ from torch import nn
 from . import naive
 from .functional import _ops, _term_in_ab, autocast_inputs, compile_dispatch, draw_seed, is_compiling, lora_linear
 from .layers import adopt_frozen_base
+from .merging import SavesUnmerged
 from .targeting import matching_linears, replace_linears
 from .validation import (check_dropout, check_dtype, check_lora_linear_args, check_rank, check_scaling, check_tensor,
                          check_vector_param)
@@ -231,7 +232,7 @@ def _vera_linear_traced(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, dro
 
 
 
-class VeRALinear(nn.Module):
+class VeRALinear(SavesUnmerged, nn.Module):
     """y = x @ W^T + b + lambda_b * (B @ (lambda_d * (A @ drop(x)))), W and b frozen, A and B frozen and shared.
 
     Args: in_features, out_features; rank r (PEFT's default 256); dropout in [0, 1); bias; seed (PEFT's
@@ -317,6 +318,10 @@ class VeRALinear(nn.Module):
         if not self.merged:
             self.weight.copy_((self.weight.float() + self.delta_weight().float()).to(self.weight.dtype))
             self.merged = True
+
+    def _unmerged_state(self) -> dict[str, torch.Tensor]:
+        """W as unmerge() restores it (the state dict of a merged layer holds it: lora_fast.merging)."""
+        return {"weight": (self.weight.float() - self.delta_weight().float()).to(self.weight.dtype)}
 
     @torch.no_grad()
     def unmerge(self) -> None:

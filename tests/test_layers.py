@@ -294,3 +294,74 @@ def test_variant_helpers_combined_keep_each_others_adapters_trainable():
     for name in dora | lora | {"3.vera_lambda_b"}:
         assert model.get_parameter(name).grad is not None, name
     assert count_parameters(model).trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _mergeable(kind):
+    torch.manual_seed(2)
+    if kind == "embedding":
+        layer = lora_fast.embedding.LoRAEmbedding(12, 6, rank=2, alpha=4)
+        nn.init.normal_(layer.lora_A)  # PEFT's embedding init has A = 0: nothing to merge
+        return layer, lambda: lora_fast.embedding.LoRAEmbedding(12, 6, rank=2, alpha=4), torch.tensor([[1, 5, 11]])
+    if kind == "vera":
+        layer = lora_fast.VeRALinear(10, 6, rank=2)
+        with torch.no_grad():
+            layer.vera_lambda_b.normal_()
+        return layer, lambda: lora_fast.VeRALinear(10, 6, rank=2), torch.randn(3, 10)
+    cls = {"lora": LoRALinear, "dora": lora_fast.DoRALinear}[kind]
+    layer = cls(10, 6, rank=2, alpha=4)
+    nn.init.normal_(layer.lora_B)
+    return layer, lambda: cls(10, 6, rank=2, alpha=4), torch.randn(3, 10)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "embedding", "vera"])
+def test_merged_state_dict_loads_unmerged_without_a_second_adapter(kind):
+    """merge() folds the adapter into `weight` and `merged` is no state: a merged layer's state dict loaded into a
+    fresh layer applied the adapter twice. It now holds the unmerged weight (same keys), so any layer that loads it
+    computes the saved function: a fresh one unmerged, a merged one still merged. An unmerged layer's state dict
+    still references its tensors (no copy)."""
+    layer, fresh_layer, x = _mergeable(kind)
+    with torch.no_grad():
+        y = layer(x)
+        sd0 = layer.state_dict()
+        assert all(sd0[k].data_ptr() == p.data_ptr() for k, p in layer.named_parameters())
+        sd0 = {k: v.clone() for k, v in sd0.items()}
+        layer.merge()
+        w_merged = layer.weight.detach().clone()
+        sd = layer.state_dict()
+        assert list(sd) == list(sd0) and layer.merged and torch.equal(layer.weight, w_merged)
+        assert_close("saved weight", sd["weight"], sd0["weight"], torch.float32)  # unmerged, within rounding
+        fresh = fresh_layer()
+        fresh.load_state_dict(sd)
+        assert not fresh.merged
+        assert_close("fresh y", fresh(x), y, torch.float32)
+        other = fresh_layer()
+        other.merge()
+        other.load_state_dict(sd)
+        assert other.merged
+        assert_close("merged y", other(x), y, torch.float32)
+        assert_close("merged weight", other.weight, w_merged, torch.float32)
+
+
+def test_merged_vera_reloads_its_own_projections_before_merging_again():
+    """A merged VeRALinear that owns its projections (a child module, loaded after the layer itself) merges
+    again only once the new projections are in: it then computes the saved layer's function."""
+    def vera(seed):
+        torch.manual_seed(seed)
+        layer = lora_fast.VeRALinear(10, 6, rank=2, seed=seed,
+                                     projections=lora_fast.VeRAProjections(10, 6, rank=2, seed=seed))
+        layer.own_projections()
+        with torch.no_grad():
+            layer.vera_lambda_b.normal_()
+        return layer
+
+    src, dst = vera(0), vera(1)
+    x = torch.randn(3, 10)
+    with torch.no_grad():
+        y = src(x)
+        src.merge()
+        dst.merge()
+        dst.load_state_dict(src.state_dict())
+        assert dst.merged and torch.equal(dst.projections.vera_A, src.projections.vera_A)
+        assert_close("merged y", dst(x), y, torch.float32)
+        dst.unmerge()
+        assert_close("unmerged y", dst(x), y, torch.float32)

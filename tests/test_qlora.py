@@ -546,3 +546,32 @@ def test_shrink_partials_zeroes_the_consumers_counters():
     for bad in (torch.zeros(4), [0, 0], torch.zeros(8, dtype=torch.int32)[::2]):
         with pytest.raises(ValueError, match="zero must be a contiguous int32 tensor"):
             lora_shrink_partials(x, A, 4, zero=bad)
+
+
+@pytest.mark.parametrize("dq", [False, True])
+def test_merged_state_dict_loads_unmerged_without_a_second_adapter(dq):
+    """merge() re-quantizes deq(Wq) + s B A into the buffers, and `merged` is no state: a merged layer's state
+    dict loaded into a fresh layer applied the adapter twice. It now holds the NF4 base from before the merge
+    (same keys), so the fresh layer computes exactly what the layer did before merging; loading into a merged
+    layer keeps it merged (the adapter re-folded once)."""
+    _, layer = make_layer(dq)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        y = layer(x)
+        keys = list(layer.state_dict())
+        layer.merge()
+        merged_buffers = {k: getattr(layer, k).clone() for k in ("qweight", "absmax")}
+        y_merged = layer(x)
+        sd = layer.state_dict()
+        assert list(sd) == keys
+        assert layer.merged and all(torch.equal(getattr(layer, k), v) for k, v in merged_buffers.items())
+        assert not torch.equal(sd["qweight"], merged_buffers["qweight"])  # the base from before the merge
+        fresh = LoRALinear4bit(128, 24, rank=3, alpha=6, compute_dtype=torch.float32, double_quant=dq)
+        fresh.load_state_dict(sd)
+        assert not fresh.merged and torch.equal(fresh(x), y)
+        other = LoRALinear4bit(128, 24, rank=3, alpha=6, compute_dtype=torch.float32, double_quant=dq)
+        other.merge()
+        other.load_state_dict(sd)
+        assert other.merged and torch.equal(other(x), y_merged)
+        other.unmerge()
+        assert torch.equal(other(x), y)
