@@ -30,12 +30,13 @@ def _reference_grads(x, W, b, A, B, s, p, keep, dy):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M%d_K%d_N%d_r%d" % s)
-def test_lora_linear_matches_reference(shape, p, dtype, device):
+def test_lora_linear_matches_reference(shape, p, bias, dtype, device):
     M, K, N, r = shape
-    bias = (M + K + N) % 2 == 0  # half the shapes with a bias, half without
     x, W, b, A, B = lora_problem(M, K, N, r, dtype, device, bias)
+    assert (b is not None) == bias
     s = 1.7
     x.requires_grad_()
     A.requires_grad_()
@@ -477,11 +478,43 @@ def test_kernel_and_torch_paths_agree(device):
             assert rel_err(a, b_) < 1e-12, (name, p)
 
 
-def test_dispatch():
-    cpu = torch.zeros(1)
-    assert use_triton(cpu) == kernels.is_interpret()
-    if torch.cuda.is_available():
-        assert use_triton(cpu.cuda())
+@pytest.mark.parametrize("path", ["kernels", "naive"])
+def test_cpu_dispatch_runs_the_chosen_path(path, monkeypatch):
+    """lora_fast.lora_linear on CPU tensors runs the Triton kernels (interpreted) when TRITON_INTERPRET=1 and the
+    PyTorch `naive` path otherwise (functional._ops, read at call time): only that path's forward and backward
+    launchers run, and the result and gradients match the reference either way."""
+    if path == "kernels" and not kernels.is_interpret():
+        pytest.skip("CPU tensors run the kernels only under TRITON_INTERPRET=1")
+    monkeypatch.setattr(kernels, "is_interpret", lambda: path == "kernels")
+    calls = []
+    for owner, mod in (("kernels", kernels), ("naive", naive)):
+        for fn in ("lora_forward", "lora_backward_dx"):
+            original = getattr(mod, fn)
+
+            def spy(*args, _original=original, _tag=(owner, fn), **kwargs):
+                calls.append(_tag)
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(mod, fn, spy)
+    assert use_triton(torch.zeros(1)) == (path == "kernels")
+    x, W, b, A, B = lora_problem(5, 12, 7, 2, torch.float32, "cpu", True)
+    x.requires_grad_()
+    y = lora_fast.lora_linear(x, W, b, A, B, 1.5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert calls == [(path, "lora_forward"), (path, "lora_backward_dx")], calls
+    yr, dxr, _, _ = _reference_grads(x, W, b, A, B, 1.5, 0.0, None, dy)
+    assert_close("y", y, yr, torch.float32)
+    assert_close("dx", x.grad, dxr, torch.float32)
+    calls.clear()
+    with torch.no_grad():  # the inference call (no autograd Function) dispatches the same way
+        assert_close("y no_grad", lora_fast.lora_linear(x, W, b, A, B, 1.5), yr, torch.float32)
+    assert calls == [(path, "lora_forward")], calls
+
+
+@pytest.mark.gpu
+def test_cuda_dispatch():
+    assert use_triton(torch.zeros(1, device="cuda"))
 
 
 @pytest.mark.gpu
