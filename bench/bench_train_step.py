@@ -20,6 +20,9 @@ cache emptied between providers. Correctness at real size (dropout 0): one step'
 
     PYTHONPATH=$PWD python3 bench/bench_train_step.py --out $OUT               # H100: ~1B model, ~2 minutes
     python bench/bench_train_step.py --size tiny --out /tmp/ts                  # CPU smoke run (no timings)
+
+Needs transformers and peft (`pip install -e ".[peft]"`); without them it prints "skipped: needs peft and
+transformers" and exits 0, and run_all.py lists it as skipped.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # no GPU: the kernels through the interpreter (before triton loads)
 
-from common import format_table, write_json  # noqa: E402
+from common import format_table, missing_modules, skip_bench, write_json  # noqa: E402
 from llama_tasks import LLAMA_TARGETS, build_base, count_params, llama_config  # noqa: E402
 
 TARGETS = {"dropout0": 1.25, "dropout0.1": 1.35}  # the issue's tokens/s targets, lora_fast over PEFT
@@ -333,6 +336,10 @@ def run_config(base, adapter_dtype, dropout, args, vocab) -> tuple[list[dict], d
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    missing = missing_modules("transformers", "peft")  # the model and the baseline (optional: the [peft] extra)
+    if missing:
+        return skip_bench("train_step", f"needs peft and transformers, and {' and '.join(missing)} did not import "
+                                        f"(pip install -e '.[peft]')")
     t_start = time.perf_counter()
     config = llama_config(args.size, max_positions=max(args.seq, 64))
     base = build_base(config, seed=0, device=args.device, dtype=torch.bfloat16 if args.device == "cuda"

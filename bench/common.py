@@ -14,6 +14,7 @@ do_bench medians over interleaved rounds), `mem_fwd_bytes` / `mem_fwd_x_out`, `r
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -22,6 +23,30 @@ from typing import Callable, Sequence
 import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# run_all.py names a file here for each script it runs: a script that skips itself writes the reason into it
+SKIP_FILE_ENV = "LORA_FAST_BENCH_SKIP_FILE"
+
+
+def missing_modules(*names: str) -> list[str]:
+    """The modules of `names` that do not import (missing, or broken by one of their own dependencies)."""
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - any import failure means the benchmark cannot use it
+            missing.append(name)
+    return missing
+
+
+def skip_bench(name: str, reason: str) -> int:
+    """A benchmark that cannot run on this machine: print `<name>: skipped: <reason>`, tell run_all.py (which then
+    lists it as skipped, not failed), and return 0, the script's exit status. No results file is written."""
+    print(f"{name}: skipped: {reason}", flush=True)
+    path = os.environ.get(SKIP_FILE_ENV)
+    if path:
+        with open(path, "w") as f:
+            f.write(reason)
+    return 0
 
 
 def have_gpu() -> bool:

@@ -2,7 +2,8 @@
 
 Each script runs in its own process (a crash or a CUDA error in one does not stop the others) with `--out DIR`
 (and `--quick` when given); any other option is passed on to each script whose --help lists it. Script `bench_<name>.py` writes
-`DIR/<name>.json`; this then writes `DIR/<name>.png` and the `<name>` section of `DIR/README.md`.
+`DIR/<name>.json`; this then writes `DIR/<name>.png` and the `<name>` section of `DIR/README.md`. A script that
+cannot run on this machine (an optional dependency missing: `common.skip_bench`) is listed as skipped, not failed.
 
     python bench/run_all.py                        # everything, into bench/results/
     python bench/run_all.py --out "$OUT" --quick   # a quick pass, results under $OUT
@@ -17,12 +18,13 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH_DIR)
 import plot  # noqa: E402
-from common import RESULTS_DIR  # noqa: E402
+from common import RESULTS_DIR, SKIP_FILE_ENV  # noqa: E402
 
 
 def bench_scripts(only: list[str] | None = None) -> dict[str, str]:
@@ -74,14 +76,23 @@ def main(argv=None) -> int:
         return 2
     os.makedirs(args.out, exist_ok=True)
 
-    failures = []
+    failures, skipped = [], []
+    skip_dir = tempfile.mkdtemp(prefix="lora_fast_bench_")
     for name, path in scripts.items():
         cmd = [sys.executable, path, "--out", args.out] + (["--quick"] if args.quick else [])
         cmd += accepted_options(path, option_groups(passthrough))
         print(f"\n===== {name}: {shlex.join(cmd)}", flush=True)
         start = time.time()
-        rc = subprocess.call(cmd)
+        skip_file = os.path.join(skip_dir, f"{name}.skip")
+        rc = subprocess.call(cmd, env={**os.environ, SKIP_FILE_ENV: skip_file})
         print(f"===== {name}: exit {rc} after {time.time() - start:.0f} s", flush=True)
+        if os.path.exists(skip_file):  # the script cannot run here (common.skip_bench): not a failure
+            with open(skip_file) as f:
+                reason = f.read().strip()
+            os.remove(skip_file)
+            if rc == 0:
+                skipped.append(f"{name}: {reason}")
+                continue
         # A bench names its file <name>.json, or <name>_cpu.json for a run without a GPU.
         paths = [os.path.join(args.out, f"{name}{suffix}.json") for suffix in ("", "_cpu")]
         json_path = next((p for p in paths if os.path.exists(p) and os.path.getmtime(p) >= start), None)
@@ -92,10 +103,14 @@ def main(argv=None) -> int:
             png, readme = plot.report(json_path, os.path.join(args.out, "README.md"), command)
             print(f"plot: {png or '(matplotlib missing)'}; README: {readme}")
 
+    os.rmdir(skip_dir)
+    if skipped:
+        print(f"\nskipped: {'; '.join(skipped)}")
     if failures:
         print(f"\nfailed (non-zero exit or no fresh results): {', '.join(failures)}", file=sys.stderr)
         return 1
-    print(f"\nall {len(scripts)} benchmark(s) done; results in {args.out}")
+    print(f"\nall {len(scripts) - len(skipped)} benchmark(s) done" + (f", {len(skipped)} skipped" if skipped else "")
+          + f"; results in {args.out}")
     return 0
 
 

@@ -185,3 +185,36 @@ def test_ncu_stalls_sums_samples_by_reason_and_line():
     assert "stall_membar                     42   4.0 %" in out
     last = out.splitlines()[-1]
     assert last.split()[0] == "1030" and "LDG.E.128" in last and last.endswith("stall_long_sb")
+
+
+def _without_peft_and_transformers(tmp_path) -> dict:
+    """An environment whose `import peft` and `import transformers` fail, as on a machine with only the [bench]
+    extra installed (stub modules first on PYTHONPATH)."""
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for name in ("peft", "transformers"):
+        (stubs / f"{name}.py").write_text(f"raise ImportError('No module named {name!r} (test stub)')\n")
+    path = os.pathsep.join(p for p in (str(stubs), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
+
+
+def test_train_step_bench_skips_without_peft_and_transformers(tmp_path):
+    """Was: an ImportError traceback and exit 1 (run.sh's `bash run.sh main` then stopped before the serving demo).
+    Now: a "skipped" line, exit 0, no results file."""
+    env = _without_peft_and_transformers(tmp_path)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, os.path.join(BENCH_DIR, "bench_train_step.py"), "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "train_step: skipped: needs peft and transformers" in proc.stdout
+    assert not (out / "train_step.json").exists()
+
+
+def test_run_all_lists_a_skipped_bench_without_failing(tmp_path):
+    """run_all.py counts a bench that skips itself (common.skip_bench) as skipped, not failed: exit 0."""
+    env = _without_peft_and_transformers(tmp_path)
+    cmd = [sys.executable, os.path.join(BENCH_DIR, "run_all.py"), "--only", "train_step", "--out", str(tmp_path / "o")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "skipped: train_step: needs peft and transformers" in proc.stdout
+    assert "all 0 benchmark(s) done, 1 skipped" in proc.stdout and "failed" not in proc.stderr
