@@ -57,6 +57,7 @@ class LoRALinear(SavesUnmerged, LoRAFactors, nn.Module):
         check_rank(in_features, "in_features")
         check_rank(out_features, "out_features")
         check_dtype(dtype, "dtype")
+        check_flag(bias, "bias")  # a string such as "no" would be truthy: a bias the caller did not ask for
         kw = {"device": device, "dtype": dtype}
         base = nn.Linear(in_features, out_features, bias=bias, **kw)
         self._init(base.weight, base.bias, rank, alpha, dropout, use_rslora, init, delta, pissa_niter)

@@ -170,6 +170,8 @@ def test_bad_input_names_the_argument(over, exc, name):
     (dict(in_features=0), ValueError, "in_features"),
     (dict(alpha="16"), TypeError, "alpha"),
     (dict(alpha=float("inf")), ValueError, "alpha"),
+    (dict(bias="no"), TypeError, "bias"),
+    (dict(use_rslora=1), TypeError, "use_rslora"),
 ])
 def test_module_bad_arguments(kwargs, exc, name):
     args = dict(in_features=8, out_features=4)
