@@ -164,10 +164,16 @@ def _same_memory_key(t: torch.Tensor):
 def check_targets(targets: list[tuple[str, nn.Module]], rank: int, init: str, deltas=None,
                   quantize: str | None = None) -> None:
     """Per-module checks of the model helpers, run on every matched module before any is built or changed, each
-    naming its module: deltas present (init="from_delta"), rank <= min(out, in) for the SVD inits, a weight
+    naming its module: deltas present for every module and for no other (init="from_delta"), rank <= min(out, in)
+    for the SVD inits, a weight
     shared by two modules refused for the inits that rewrite it in place, NF4's K a multiple of 64 and a
     compute dtype it takes."""
     rewritten: dict[object, str] = {}
+    if deltas is not None:  # a key that matches no module is most likely a typo: its delta would be dropped
+        unused = sorted(set(deltas) - {name for name, _ in targets})
+        if unused:
+            raise ValueError(f"init='from_delta': deltas has entries for modules that target_modules did not match: "
+                             f"{unused[:8]} (matched: {[name for name, _ in targets][:8]})")
     for name, module in targets:
         shape = tuple(module.weight.shape)  # linear [out, in]; embedding [vocab, dim]
         if deltas is not None and name not in deltas:

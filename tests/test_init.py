@@ -144,6 +144,11 @@ def test_apply_lora_init_and_deltas():
         assert_close(name, model.get_submodule(name).delta_weight(), d, torch.float32)
     with pytest.raises(ValueError, match="deltas has no entry"):
         apply_lora(nn.Sequential(nn.Linear(4, 4)), ["0"], init="from_delta", deltas={})
+    # a key that matches no module (a typo) would silently drop its delta: refused before the model changes
+    typo = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"did not match: \['1'\]"):
+        apply_lora(typo, ["0"], init="from_delta", deltas={"0": torch.zeros(4, 4), "1": torch.zeros(4, 4)})
+    assert isinstance(typo[0], nn.Linear) and typo[0].weight.requires_grad
     with pytest.raises(ValueError, match="deltas"):
         apply_lora(nn.Sequential(nn.Linear(4, 4)), ["0"], init="pissa", deltas={"0": torch.zeros(4, 4)})
     with pytest.raises(TypeError, match="deltas must be a mapping"):
