@@ -254,33 +254,10 @@ def _graph(fn):
 def demo_decode_graph(batch=16, dim=1024, layers=2, n_ad=4, max_len=16):
     import examples.serve_multi_lora as demo
 
-    class GraphBlock(demo.Block):
-        """The demo's block with attention over the whole fixed-size cache and the position as a device tensor
-        (the demo's `int(pos[-1])` is a host sync, which a CUDA graph cannot hold)."""
-
-        def forward(self, x, proj, cache, pos):
-            B = x.shape[0]
-            q, k, v = proj(self.qkv, self.n1(x)).split(self.qkv.slice_sizes, -1)
-            q = demo.rotary(q.view(B, 1, self.heads, self.hd).transpose(1, 2), pos)
-            k = demo.rotary(k.view(B, 1, self.kv_heads, self.hd).transpose(1, 2), pos)
-            v = v.view(B, 1, self.kv_heads, self.hd).transpose(1, 2)
-            kc, vc = cache
-            kc.index_copy_(2, pos, k)
-            vc.index_copy_(2, pos, v)
-            rep = self.heads // self.kv_heads
-            mask = (torch.arange(kc.shape[2], device=x.device) <= pos)[None, :]
-            att = F.scaled_dot_product_attention(q, kc.repeat_interleave(rep, 1), vc.repeat_interleave(rep, 1),
-                                                 attn_mask=mask)
-            x = x + proj(self.o, att.transpose(1, 2).reshape(B, 1, -1))
-            gate, up = proj(self.gate_up, self.n2(x)).split(self.gate_up.slice_sizes, -1)
-            return x + proj(self.down, F.silu(gate) * up)
-
     torch.manual_seed(0)
     heads = max(4, dim // 128)
     pool = AdapterPool(n_ad, 64, device=DEV, dtype=BF16)
     model = demo.TinyLlama(512, dim, layers, heads, heads // 2, int(dim * 2.75) // 16 * 16, pool, DEV, BF16)
-    for blk in model.blocks:
-        blk.__class__ = GraphBlock
     for a in range(n_ad):
         r = (8, 16, 64)[a % 3]
         w = {}

@@ -71,12 +71,18 @@ class Block(nn.Module):
         k = rotary(k.view(B, L, self.kv_heads, self.hd).transpose(1, 2), pos)
         v = v.view(B, L, self.kv_heads, self.hd).transpose(1, 2)
         kc, vc = cache
-        kc[:, :, pos] = k
-        vc[:, :, pos] = v
-        end = int(pos[-1]) + 1
+        kc.index_copy_(2, pos, k)
+        vc.index_copy_(2, pos, v)
         rep = self.heads // self.kv_heads
-        keys, vals = kc[:, :, :end].repeat_interleave(rep, 1), vc[:, :, :end].repeat_interleave(rep, 1)
-        mask = pos[:, None] >= torch.arange(end, device=x.device)[None, :]
+        if L == 1:
+            # a decode step: attention over the whole fixed-size cache, masked past the position, so that no value
+            # is read on the host and the step can be captured in a CUDA graph (bench/gpu_compile.py replays it)
+            keys, vals = kc.repeat_interleave(rep, 1), vc.repeat_interleave(rep, 1)
+            mask = (torch.arange(kc.shape[2], device=x.device) <= pos)[None, :]
+        else:  # the prompt: only the cache's filled part (one host read of its length, outside any graph)
+            end = int(pos[-1]) + 1
+            keys, vals = kc[:, :, :end].repeat_interleave(rep, 1), vc[:, :, :end].repeat_interleave(rep, 1)
+            mask = pos[:, None] >= torch.arange(end, device=x.device)[None, :]
         att = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
         x = x + proj(self.o, att.transpose(1, 2).reshape(B, L, -1))
         gate, up = proj(self.gate_up, self.n2(x)).split(self.gate_up.slice_sizes, -1)
