@@ -7,9 +7,13 @@ A and B, and for some schemes a new W:
 |---|---|---|---|---|
 | "default" | kaiming-uniform (a=sqrt(5)): U(-1/sqrt(K), 1/sqrt(K)) | 0 | unchanged | = base |
 | "gaussian" | N(0, std=1/r) (PEFT's `init_lora_weights="gaussian"`) | 0 | unchanged | = base |
-| "nonzero" | kaiming-uniform (a=sqrt(5)) on fan-in K | kaiming-uniform (a=sqrt(5)) on fan-in r | W - s*B@A | = base within W's rounding |
+| "nonzero" | kaiming-uniform (a=sqrt(5)) on fan-in K | the same law: U(-1/sqrt(K), 1/sqrt(K)) | W - s*B@A | = base within W's rounding |
 | "pissa" | sqrt(S_r/s) * Vh_r | U_r * sqrt(S_r/s) | W - s*B@A (residual) | = base within W's rounding |
 | "from_delta" | sqrt(S_r/s) * Vh_r of dW | U_r * sqrt(S_r/s) of dW | unchanged | base + best rank-r dW |
+
+"nonzero" draws both factors small, so that s*B@A is a small change of a kaiming-initialised W (||s*B@A|| / ||W||
+~0.07-0.15 at K = N = 2048-4096, r = 16, s = 2): the compensated W stays near W, and the adapter does not have to
+undo a large start. (Until 2026-12-02 B was drawn on fan-in r, U(-1/sqrt(r), 1/sqrt(r)): ||s*B@A|| ~1.15 ||W||.)
 
 "zeros" (A = B = 0) is refused: dL/dA = s * B^T (...) and dL/dB = s * (...) A^T are both zero when A = B = 0, so
 neither factor ever moves: the adapter never learns.
@@ -281,6 +285,7 @@ def init_lora(weight: torch.Tensor, rank: int, scheme: str = "default", scaling:
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
     if scheme != "nonzero":
         return LoRAInit(A, B, None, None)
-    nn.init.kaiming_uniform_(B, a=math.sqrt(5), generator=generator)
+    bound = 1.0 / math.sqrt(K)  # A's law (kaiming-uniform, a = sqrt(5), fan-in K): both factors small
+    nn.init.uniform_(B, -bound, bound, generator=generator)
     new, err = _compensate(weight, A, B, scaling)
     return LoRAInit(A, B, new, err)

@@ -252,3 +252,16 @@ def test_experiment_variants_runs(tmp_path, monkeypatch):
     assert rows["lora"][1] == rows["lora+"][1] == rows["pissa"][1] < rows["dora"][1]
     assert rows["vera"][1] < rows["lora"][1] / 4
     assert all(0.0 < r[5] < 10.0 for r in rows.values()) and (tmp_path / "exp_variants.md").exists()
+
+
+def test_nonzero_init_is_small():
+    """"nonzero": both factors random and small (issue 6): s*B@A a small change of a kaiming-initialised W, so the
+    compensated W stays near W (B on fan-in r made ||s*B@A|| about 1.15 ||W||)."""
+    torch.manual_seed(3)
+    W = torch.empty(1024, 1024)
+    nn.init.kaiming_uniform_(W, a=5 ** 0.5)
+    A, B, new, _ = init_lora(W, 16, "nonzero", scaling=2.0)
+    assert torch.count_nonzero(A) > 0 and torch.count_nonzero(B) > 0
+    ratio = float((2.0 * B @ A).norm() / W.norm())
+    assert 0.01 < ratio < 0.25, ratio
+    assert float((new - W).norm() / W.norm()) < 0.25
