@@ -17,7 +17,8 @@
 # multip (exp_multi_prefill: kernel profile per shape, end-to-end configs, cuBLAS with beta 1; MULTIP_ARGS picks
 # shapes and configs), mrows (exp_multi_rows: the decode "rows" kernels against the segment ones, checks, graph
 # replays with a new mix, kernel times; MROWS_ARGS picks shapes and configs, MROWS_LIMIT seconds), skinny
-# (exp_skinny_gemm: plain Triton GEMMs at 16-256 rows against cuBLAS, TMA / swap / split K; SKINNY_ARGS), gaps
+# (exp_skinny_gemm: plain Triton GEMMs at 16-4096 rows against cuBLAS, TMA / swap / split K / row tiles; SKINNY_ARGS),
+# splitrows (exp_split_rows: the single-adapter forward's xa modes at 65-512 rows under graphs; SPLITROWS_ARGS), gaps
 # (probe_multi_gaps: a graphed multi-LoRA call's idle time between its kernels; GAPS_ARGS), inline
 # (exp_inline_shrink: the shrink inside the persistent GEMM against a shrink launch, checks and timings), stages
 # (exp_inline_stages: that shrink's pipeline depth, and dA / dB's partial sums in one launch), dist (gpu_distributed on 2 GPUs, kind nvidia-h200-x2), qlora, variants, init, train (bench_train_step),
@@ -102,6 +103,7 @@ for name in "$@"; do
     multip) step multip 200 python3 bench/exp_multi_prefill.py --out "$OUT/logs" ${MULTIP_ARGS:-} ;;
     mrows) step mrows ${MROWS_LIMIT:-330} python3 bench/exp_multi_rows.py --out "$OUT/logs" ${MROWS_ARGS:-} ;;
     skinny) step skinny ${SKINNY_LIMIT:-400} python3 bench/exp_skinny_gemm.py --out "$OUT/logs" ${SKINNY_ARGS:-} ;;
+    splitrows) step splitrows ${SPLITROWS_LIMIT:-240} python3 bench/exp_split_rows.py --out "$OUT/logs" ${SPLITROWS_ARGS:-} ;;
     gaps) step gaps 200 python3 bench/probe_multi_gaps.py --out "$OUT/logs" ${GAPS_ARGS:-} ;;
     inline) step inline 300 python3 bench/exp_inline_shrink.py --out "$OUT/logs" ${INLINE_ARGS:-} ;;
     stages) step stages 400 python3 bench/exp_inline_stages.py --out "$OUT/logs" ${STAGES_ARGS:-} ;;
