@@ -346,6 +346,14 @@ def case_fwd_decode(m):
     K.lora_forward(t(m, KD), W, b, A, B, 2.0)  # functional.py's inference call: store_xa False, p 0
 
 
+def case_fwd_mode(m, mode, p=0.0, r=None):
+    """The forward at m rows in one xa_mode (exp_split_rows times them at 65-512 rows)."""
+    W, b, A, B = adapters()
+    if r is not None:
+        A, B = t(r, KD), t(ND, r)
+    K.lora_forward(t(m, KD), W, b, A, B, 2.0, p, SEED if p else 0, xa_mode=mode)
+
+
 def case_fwd_train(p):
     W, b, A, B = adapters()
     K.lora_forward(t(8192, KD), W, b, A, B, 2.0, p, SEED if p else 0, store_xa=True)
@@ -443,6 +451,10 @@ CASES = {
     "fwd_m1": lambda: case_fwd_decode(1),
     "fwd_m16": lambda: case_fwd_decode(16),
     "fwd_m64": lambda: case_fwd_decode(64),
+    "fwd_m128_split": lambda: case_fwd_mode(128, "split"),
+    "fwd_m128_split_p0.1": lambda: case_fwd_mode(128, "split", 0.1),
+    "fwd_m128_split_r64": lambda: case_fwd_mode(128, "split", r=64),
+    "fwd_m512_split": lambda: case_fwd_mode(512, "split"),
     "nf4gemv_m1": lambda: case_nf4_gemv(1),
     "nf4gemv_m1_dq": lambda: case_nf4_gemv(1, dq=True),
     "nf4gemv_m16": lambda: case_nf4_gemv(16),
