@@ -120,6 +120,23 @@ class BatchMetadata:
         return self
 
 
+def _token_ids(ids, lead: torch.Size, name: str) -> torch.Tensor:
+    """One adapter id per token, flat [T], from raw ids for x of leading shape `lead`: ids of that shape (one per
+    token), flat [T] ids (the tokens in x's row-major order), or, for x [B, L, ..., K], [B] ids (one per request,
+    every token of request b takes ids[b], as PEFT's `adapter_names` per sample). Anything else raises ValueError
+    naming `name` (a [1, T] or [L, B] tensor is a mistake, not a layout)."""
+    T = math.prod(lead)
+    if isinstance(ids, torch.Tensor):
+        if ids.shape == lead or (ids.dim() == 1 and ids.shape[0] == T):
+            return ids.reshape(-1)
+        if len(lead) >= 2 and ids.dim() == 1 and ids.shape[0] == lead[0]:
+            return ids[:, None].expand(lead[0], T // max(lead[0], 1)).reshape(-1)
+    got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+    per_request = f", or [{lead[0]}] (one per request)" if len(lead) >= 2 else ""
+    raise ValueError(f"{name}: adapter ids must be an integer tensor of x's leading shape {tuple(lead)} (one id per "
+                     f"token), flat [{T}]{per_request}, got {got}")
+
+
 def _check_metadata_current(meta: BatchMetadata, ranks) -> None:
     """Metadata built from an AdapterPool, used with that pool's tensors (`ranks` is the pool's own), must not
     predate a load / unload: its ids may name a slot that is now empty or holds another tenant. Host ints only (no
@@ -332,7 +349,8 @@ def multi_lora_linear(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ada
     x: [..., K]; weight: [N, K]; bias: [N] or None;
     lora_A_stack: [S, R, K], or [S, slices, R, K] for several projections sharing x;
     lora_B_stack: [S, N, R] (per-slice B concatenated along N); scalings: [S] tensor, a float or a list;
-    adapter_ids: integer tensor with x's leading shape (-1 = base only), or a `BatchMetadata` for these tokens;
+    adapter_ids: integer tensor with x's leading shape, or flat [T], or [B] for x [B, L, K] (one id per request)
+    (-1 = base only), or a `BatchMetadata` for these tokens;
     ranks: int [S] true rank of each slot (default R for all; 0 = empty slot); slice_sizes: widths summing to N.
     Returns [..., N] in x's dtype. Under torch.autocast, x, weight, bias and the stacks are cast to the autocast
     dtype first, as nn.Linear's operands are (keep the pool in that dtype to avoid copying it on every call).
@@ -388,10 +406,7 @@ def multi_lora_linear(x, weight, bias, lora_A_stack, lora_B_stack, scalings, ada
                                       f"ids on x's device")
         _check_metadata_current(meta, ranks_arg)
     else:
-        if not (isinstance(adapter_ids, torch.Tensor) and adapter_ids.shape == lead):
-            got = tuple(adapter_ids.shape) if isinstance(adapter_ids, torch.Tensor) else type(adapter_ids).__name__
-            raise _bad("adapter_ids", f"must be an integer tensor of x's leading shape {tuple(lead)} (one id per "
-                                      f"token; {T} ids), got {got}")
+        adapter_ids = _token_ids(adapter_ids, lead, "adapter_ids")
         _check_host_or_device("adapter_ids", adapter_ids, x.device)
         meta = _metadata_of_raw_ids(adapter_ids.to(x.device), S, ranks=ranks, validate=True)
     if out is not None:
@@ -673,7 +688,8 @@ class MultiLoRALinear(nn.Module):
     pool: the model's `AdapterPool`, on base_linear's device and in its dtype (a float16 / bfloat16 / float32 pool
     under a base of another of these works only under torch.autocast); key: this layer's name in adapter weight dicts;
     slice_sizes: output widths of the projections (default one slice of N).
-    forward(x [..., K], batch: BatchMetadata or integer ids with x's leading shape) -> [..., N].
+    forward(x [..., K], batch: BatchMetadata or integer ids: x's leading shape, flat [T], or [B] for x [B, L, K]
+    (one per request)) -> [..., N].
     """
 
     _auto_key = itertools.count()
@@ -711,9 +727,7 @@ class MultiLoRALinear(nn.Module):
             if not isinstance(batch, torch.Tensor):
                 raise TypeError(f"batch must be a BatchMetadata or an integer tensor of adapter ids (for names: "
                                 f"pool.batch_metadata(names) or pool.ids(names)), got {type(batch).__name__}")
-            if batch.shape != x.shape[:-1]:
-                raise ValueError(f"batch: adapter ids must have x's leading shape {tuple(x.shape[:-1])} (one id "
-                                 f"per token), got {tuple(batch.shape)}")
+            batch = _token_ids(batch, x.shape[:-1], "batch")
             _check_host_or_device("batch", batch, x.device)
             batch = _metadata_of_raw_ids(batch.to(x.device), self.pool)
         return multi_lora_linear(x, self.weight, self.bias, A, B, self.pool.scalings, batch,

@@ -171,20 +171,32 @@ def test_load_with_no_weights_needs_an_explicit_rank():
 
 
 def test_ids_must_have_x_leading_shape():
-    """Was: ids of the same count but another shape ([1, 3] for x [3, K]) were accepted."""
+    """Was: ids of the same count but another shape ([1, 3] for x [3, K]) were accepted. Taken: x's leading shape,
+    flat [T] (row-major token order) and, for x [B, L, K], [B] (one adapter per request, as PEFT's adapter_names)."""
     pool, layer = _layer()
     pool.load("a", {"p": _adapter(seed=1)}, alpha=2)
+    pool.load("b", {"p": _adapter(seed=2)}, alpha=3)
     x = torch.randn(3, K)
     ids = pool.ids(["a", None, "a"])
-    with pytest.raises(ValueError, match=r"batch: adapter ids must have x's leading shape \(3,\).*got \(1, 3\)"):
+    with pytest.raises(ValueError, match=r"batch: adapter ids must be an integer tensor of x's leading shape "
+                                         r"\(3,\).*got \(1, 3\)"):
         layer(x, ids.view(1, 3))
     A, B, sizes = pool.layer_stacks("p")
-    with pytest.raises(ValueError, match=r"adapter_ids: must be an integer tensor of x's leading shape \(3,\).*"
-                                         r"got \(1, 3\)"):
+    with pytest.raises(ValueError, match=r"adapter_ids: adapter ids must be an integer tensor of x's leading shape "
+                                         r"\(3,\).*got \(1, 3\)"):
         multi_lora_linear(x, layer.weight, layer.bias, A, B, pool.scalings, ids.view(1, 3), ranks=pool.ranks)
-    with pytest.raises(ValueError, match=r"leading shape \(1, 3\).*got \(3,\)"):
-        multi_lora_linear(x.view(1, 3, K), layer.weight, layer.bias, A, B, pool.scalings, ids, ranks=pool.ranks)
+    x2 = torch.randn(2, 3, K)
+    ids6 = pool.ids(["a", None, "b", "b", "a", None])
+    with pytest.raises(ValueError, match=r"leading shape \(2, 3\).*flat \[6\], or \[2\].*got \(3, 2\)"):
+        layer(x2, ids6.view(3, 2))  # [L, B] for x [B, L]: a mistake, not a layout
     with torch.no_grad():  # matching shapes (and a BatchMetadata, which is flat, for any leading shape) still work
         want = _reference(layer, x, ids)
         _close(layer(x.view(1, 3, K), ids.view(1, 3)).view(3, N), want)
+        _close(layer(x.view(1, 3, K), ids).view(3, N), want)  # flat ids, x's row-major token order
+        _close(multi_lora_linear(x.view(1, 3, K), layer.weight, layer.bias, A, B, pool.scalings, ids,
+                                 ranks=pool.ranks).view(3, N), want)
         _close(layer(x.view(1, 3, K), pool.batch_metadata(ids)).view(3, N), want)
+        # one id per request: every token of request b takes ids[b]
+        per_request = pool.ids(["b", None])
+        per_token = per_request[:, None].expand(2, 3)
+        _close(layer(x2, per_request), _reference(layer, x2.view(6, K), per_token.reshape(6)).view(2, 3, N))
