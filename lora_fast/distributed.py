@@ -377,6 +377,12 @@ class _ParallelLoRA(_ParallelLinear):
     def scaling(self) -> float:
         return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
 
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's adapter tensors (its shards of A or B): what marks the module as an adapter for the model
+        helpers' freezing rule (`layers.freeze_base`: a later apply_vera keeps them training) and for
+        count_parameters."""
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+
     @torch.no_grad()
     def to_lora_linear(self) -> LoRALinear:
         """The full LoRALinear, gathered from every rank's shard (the same on every rank; a collective call).
@@ -447,6 +453,7 @@ class ColumnParallelLoRALinear(_ColumnForward, _ParallelLoRA):
     """
 
     style = COLUMN
+    adapter_variant = "lora"  # count_parameters' variant (looked up on the module's own class)
 
     def _local(self, x):
         from .functional import lora_linear
@@ -467,6 +474,7 @@ class RowParallelLoRALinear(_RowForward, _ParallelLoRA):
     """
 
     style = ROW
+    adapter_variant = "lora"
 
     def _local(self, x):
         from .functional import lora_linear_shifted

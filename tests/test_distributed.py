@@ -546,5 +546,15 @@ def test_tensor_parallel_refuses_variants_it_cannot_shard(tmp_path):
         lfd.tensor_parallel(model, plan)
         assert isinstance(model[0], lfd.ColumnParallelLoRALinear) and isinstance(model[1], lfd.RowParallelLinear)
         assert_close("tp_size 1", model(x), y0.detach(), DT)
+        # the TP layer is an adapter module (adapter_state_dict): another variant applied after tensor_parallel
+        # keeps its factors training (the freezing rule kept only its own names), and they count as LoRA
+        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+        lora_fast.apply_lora(model, ["0"], rank=2)
+        lfd.tensor_parallel(model, {"0": "column"})
+        lora_fast.apply_vera(model, ["1"], rank=2)
+        assert model[0].lora_A.requires_grad and model[0].lora_B.requires_grad
+        assert not model[0].weight.requires_grad and model[1].vera_lambda_b.requires_grad
+        counts = lora_fast.count_parameters(model).by_variant
+        assert counts["lora"].adapter == model[0].lora_A.numel() + model[0].lora_B.numel()
     finally:
         dist.destroy_process_group()
