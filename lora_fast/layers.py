@@ -305,14 +305,11 @@ def apply_lora(model: nn.Module, target_modules: Iterable[str] | str = ("q_proj"
         delta = None if deltas is None else deltas[name]
         if isinstance(module, nn.Embedding):
             return LoRAEmbedding.from_embedding(module, rank, alpha, use_rslora, init, delta, pissa_niter)
-        if quantize is not None:
+        if quantize is not None:  # (check_targets refused what NF4 cannot take; build_all names the module)
             from .qlora import LoRALinear4bit
 
-            try:
-                return LoRALinear4bit.from_linear(module, rank, alpha, dropout, module.weight.dtype, use_rslora,
-                                                  double_quant=quantize == "nf4_dq")
-            except (ValueError, TypeError) as e:  # name the module (e.g. in_features not a multiple of 64)
-                raise type(e)(f"quantize={quantize!r}, module {name!r}: {e}") from e
+            return LoRALinear4bit.from_linear(module, rank, alpha, dropout, module.weight.dtype, use_rslora,
+                                              double_quant=quantize == "nf4_dq")
         return LoRALinear.from_linear(module, rank, alpha, dropout, use_rslora, init, delta, pissa_niter)
 
     swap_in(model, targets, build_all(model, targets, build))
