@@ -80,6 +80,7 @@ class Case:
 
 def gpu_cases() -> list[Case]:
     shapes = [("prefill", 8192, 4096, 4096), ("prefill", 8192, 4096, 14336), ("prefill", 8192, 14336, 4096)]
+    shapes += [("prefill", m, 4096, 4096) for m in (512, 2048)]  # mid-size batches (config.mid_tile at 512)
     shapes += [("decode", m, 4096, 4096) for m in (1, 16, 128)]
     return [Case(kind, M, K, N, r, p) for kind, M, K, N in shapes for r in (16, 64) for p in (0.0, 0.1)]
 

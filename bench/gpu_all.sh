@@ -18,7 +18,7 @@
 # shapes and configs), mrows (exp_multi_rows: the decode "rows" kernels against the segment ones, checks, graph
 # replays with a new mix, kernel times; MROWS_ARGS picks shapes and configs, MROWS_LIMIT seconds), skinny
 # (exp_skinny_gemm: plain Triton GEMMs at 16-4096 rows against cuBLAS, TMA / swap / split K / row tiles; SKINNY_ARGS),
-# splitrows (exp_split_rows: the single-adapter forward's xa modes at 65-512 rows under graphs; SPLITROWS_ARGS), gaps
+# linear_mid (bench_lora_linear at the mid-size prefill cases, LINEAR_CASES), midrows (exp_mid_rows: forward and dX tiles at 65-2048 rows under graphs; MIDROWS_ARGS), splitrows (exp_split_rows: the single-adapter forward's xa modes at 65-512 rows under graphs; SPLITROWS_ARGS), gaps
 # (probe_multi_gaps: a graphed multi-LoRA call's idle time between its kernels; GAPS_ARGS), inline
 # (exp_inline_shrink: the shrink inside the persistent GEMM against a shrink launch, checks and timings), stages
 # (exp_inline_stages: that shrink's pipeline depth, and dA / dB's partial sums in one launch), dist (gpu_distributed on 2 GPUs, kind nvidia-h200-x2), qlora, variants, init, train (bench_train_step),
@@ -68,6 +68,8 @@ for name in "$@"; do
       --only reduce_overhead,checkpoint_compiled ;;
     host) step host 120 python3 bench/profile_host.py --out "$OUT/logs" ;;
     linear) step linear 330 python3 bench/bench_lora_linear.py --quick --out "$OUT/logs" ;;
+    linear_mid) step linear_mid ${LINEAR_LIMIT:-240} python3 bench/bench_lora_linear.py \
+      --cases "${LINEAR_CASES:-prefill-512x,prefill-2048x}" --out "$OUT/logs" ;;
     prof) step prof 120 bash -c "python3 bench/profile_lora.py --p 0.1 && python3 bench/profile_lora.py --p 0" ;;
     profc) step profc 240 bash -c "python3 bench/profile_compile.py --p 0 && python3 bench/profile_compile.py --p 0.1" ;;
     pdl) step pdl 330 python3 bench/exp_pdl.py --out "$OUT/logs" ${PDL_ARGS:-} ;;
@@ -104,6 +106,7 @@ for name in "$@"; do
     mrows) step mrows ${MROWS_LIMIT:-330} python3 bench/exp_multi_rows.py --out "$OUT/logs" ${MROWS_ARGS:-} ;;
     skinny) step skinny ${SKINNY_LIMIT:-400} python3 bench/exp_skinny_gemm.py --out "$OUT/logs" ${SKINNY_ARGS:-} ;;
     splitrows) step splitrows ${SPLITROWS_LIMIT:-240} python3 bench/exp_split_rows.py --out "$OUT/logs" ${SPLITROWS_ARGS:-} ;;
+    midrows) step midrows ${MIDROWS_LIMIT:-480} python3 bench/exp_mid_rows.py --out "$OUT/logs" ${MIDROWS_ARGS:-} ;;
     gaps) step gaps 200 python3 bench/probe_multi_gaps.py --out "$OUT/logs" ${GAPS_ARGS:-} ;;
     inline) step inline 300 python3 bench/exp_inline_shrink.py --out "$OUT/logs" ${INLINE_ARGS:-} ;;
     stages) step stages 400 python3 bench/exp_inline_stages.py --out "$OUT/logs" ${STAGES_ARGS:-} ;;

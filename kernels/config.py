@@ -89,6 +89,28 @@ _HALF = {
 # 16x32x128, 6 stages 1.07x / 1.01x at M = 1 / 16 against 1.14x / 1.07x for the "m16" tile (exp_pdl_m16_hoist.json).
 _HALF_FWD_SPLIT = {"m16": GemmConfig(16, 32, 128, group_m=1, num_warps=4, num_stages=6),
                    "m64": GemmConfig(64, 32, 256, group_m=1, num_warps=4, num_stages=3)}
+# 65 rows up to where the large tile fills the GPU (half precision, Hopper): the "m256" tile (pointer loads, 512
+# programs of 64 x 32 at 256 x 4096) and the large class's 128 x 256 tile (64 tiles for 132 SMs at 512 rows) ran the
+# forward at 1.9-2.0x the base at 256 and 512 rows, dX at 2.5x / 1.9x (bench/exp_mid_rows.py, H200, K = N = 4096,
+# r = 16, graphs). `mid_tile` takes the first tile of its kernel's list whose grid has at least its share of the
+# SMs in tiles (else the last): forward at 96-128 rows 64 x 64 (1.22-1.26x), at 256 64 x 128 (1.35x), at 512
+# 128 x 128 (1.28x); dX 64 x 64 (1.10-1.20x), 64 x 128 (1.16x at 256, 1.31x at 512), 128 x 128 only from 1.5 waves of
+# it (256 x 14336: 1.16x), where its one-tile-per-SM grids ran slower (1.41-1.48x at 512). The Unsloth-style addmm
+# measured 1.48-1.75x in the same rounds (bench/NOTES.md, nineteenth session).
+_HALF_MID = {
+    "fwd": ((GemmConfig(128, 128, 64, group_m=8, num_warps=4, num_stages=4, tma=True), 0.7),
+            (GemmConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=6, tma=True), 0.7),
+            (GemmConfig(64, 64, 64, group_m=8, num_warps=4, num_stages=6, tma=True), 0.0)),
+    "dx": ((GemmConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3, tma=True), 1.5),
+           (GemmConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=6, tma=True), 0.7),
+           (GemmConfig(64, 64, 64, group_m=8, num_warps=4, num_stages=6, tma=True), 0.0)),
+}
+# The large tile is kept where its grid alone has MID_FILL of the SMs in tiles.
+MID_FILL = 0.7
+# A 6-stage 64 x 128 tile takes 144 KiB of shared memory (one program per SM); where its grid has more tiles than
+# SMs it takes MID_SHARED_STAGES stages (96 KiB, two programs per SM): dX at 512 x 4096 1.31x with 4 stages
+# against 1.48x with 6, at 256 x 4096 (128 tiles) 1.16x with 6 against 1.54x with 4.
+MID_SHARED_STAGES = 4
 # dX: persistent too (1.04-1.06x cuBLAS's dY @ W against 1.07-1.08x one tile per program at M=8192); with its
 # rank-r epilogue 3 stages beat 4 (1.04-1.06x against 1.05-1.08x), though a plain GEMM of dX's layout preferred 4.
 # dX is stored through a descriptor too: with pointers, the int64 addresses of the 128 x 256 tile spilled ~1 KB
@@ -122,14 +144,50 @@ def dx_dropout_term_config() -> GemmConfig:
     return _INTERPRET_CONFIG if is_interpret() else _DX_DROPOUT_TERM
 
 
+def _tiles(m: int, cols: int, cfg: GemmConfig) -> int:
+    return -(-m // cfg.block_m) * -(-cols // cfg.block_n)
+
+
+def mid_tile(kernel: str, m: int, dtype: torch.dtype, cols: int, sms: int) -> GemmConfig | None:
+    """The tile of `_HALF_MID` that "fwd" / "fwd_split" / "dx" / "dx_dropout" take for m rows and `cols` output
+    columns (N for the forward, K for dX) on a GPU of `sms` SMs, or None where the class table applies: below 65
+    rows, outside half precision, without `sms` (0: not a Hopper GPU, where these tiles were not measured), under
+    the interpreter or an override of the class, and where the large tile alone fills MID_FILL of the SMs."""
+    cls = shape_class(m)
+    base = "fwd" if kernel == "fwd_split" else kernel
+    if (not sms or cls not in ("m256", "large") or dtype not in (torch.float16, torch.bfloat16) or is_interpret()
+            or (base, cls) in _OVERRIDES or base not in ("fwd", "dx", "dx_dropout")):
+        return None
+    if cls == "large" and _tiles(m, cols, _HALF["large"]) >= MID_FILL * sms:
+        return None
+    for cfg, fill in _HALF_MID["fwd" if base == "fwd" else "dx"]:
+        if _tiles(m, cols, cfg) >= fill * sms:
+            break
+    if cfg.num_stages > MID_SHARED_STAGES and (cfg.block_m, cfg.block_n) == (64, 128) and _tiles(m, cols, cfg) > sms:
+        cfg = replace(cfg, num_stages=MID_SHARED_STAGES)
+    return cfg
+
+
+def fill_sms(device: torch.device) -> int:
+    """The SM count `mid_tile` plans for: that of a Hopper (or newer) CUDA device, else 0."""
+    if device.type != "cuda" or is_interpret():
+        return 0
+    return num_sms(device) if capability_major(device) >= 9 else 0
+
+
 @lru_cache(maxsize=None)
-def gemm_config(kernel: str, m: int, dtype: torch.dtype, rank_block: int) -> GemmConfig:
+def gemm_config(kernel: str, m: int, dtype: torch.dtype, rank_block: int, cols: int = 0,
+                sms: int = 0) -> GemmConfig:
     """Config of the GEMM-shaped kernels `kernel` in {"fwd", "fwd_split", "dx", "dx_dropout"} for M = m rows
     ("fwd_split": the forward in "split" mode; overrides of "fwd" apply to it).
 
     rank_block is the padded rank carried in registers alongside the tile (0 when the rank-r product is loaded
     precomputed); a wide one shrinks BLOCK_N so that the two accumulators fit the register file.
+    cols and sms (`fill_sms`), where given, pick a tile that fills the GPU at 65 rows and more (`mid_tile`).
     """
+    mid = mid_tile(kernel, m, dtype, cols, sms)
+    if mid is not None:
+        return mid
     split = kernel == "fwd_split"  # the forward with xa precomputed as partial sums ("split" mode)
     if split:
         kernel = "fwd"

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import dx_dropout_term_config, gemm_config, num_sms, reduce_m_config
+from .config import dx_dropout_term_config, fill_sms, gemm_config, mid_tile, num_sms, reduce_m_config
 from .helpers import (
     acc_dtype, apply_dropout, cdiv, check_dropout, check_dtype, check_flag, check_scaling, check_shapes,
     check_vector, dot, dot_precision, dot_precision_key, dropout_keep, dropout_threshold, gdc_wait_if,
@@ -36,7 +36,9 @@ from .helpers import (
     persistent_start, tensor_descriptor, tma_enabled, upcast, wait_row_block, walk_tile,
 )
 from .launch import Launch, PlanCache, plan_key, seed_key
-from .lora_fwd import EPILOGUE_RANK_BLOCK, MAX_FUSED_ROWS, _output, choose_xa_mode, inline_pays
+from .lora_fwd import (
+    EPILOGUE_RANK_BLOCK, MAX_FUSED_ROWS, _output, choose_xa_mode, inline_pays,
+)
 from .lora_shrink import lora_shrink
 
 
@@ -464,6 +466,14 @@ DX_DROPOUT_EPILOGUE = os.environ.get("LORA_FAST_DX_DROPOUT_EPILOGUE", "0") == "1
 # (dX 405 against 433 µs: half the slices, each a chain of dependent loads, mask and store). Plans keep the split
 # they were built with (launch.clear_plans).
 DX_EPILOGUE_COLUMNS = 64
+# Where dX takes a `config.mid_tile` (65 rows and more, Hopper, half precision), "auto" accumulates dY @ B in the
+# GEMM's loop ("fused") for tiles of at most this many rows and takes a shrink launch first above: with 64-row
+# tiles fused measured 1.11-1.21x cuBLAS's dY @ W against 1.13-1.31x (96-256 rows); with 128 x 128 tiles at 256
+# rows and K = 14336 the shrink launch 1.31x against 1.73x (H200, graphs, bench/exp_mid_rows.py).
+MID_FUSED_DX_BLOCK_M = 64
+# ... and ranks up to this block: each of the 64 x 128 tile's 6 stages also holds a [64, rank block] tile of B
+# (at 32: 168 KiB of shared memory; at 64 it would be 192 KiB before the epilogue's).
+MID_FUSED_DX_RANK_BLOCK = 32
 
 
 def epilogue_split(block_k: int) -> int:
@@ -490,13 +500,19 @@ class _DxPlan:
                      lora_B=(lora_B, (N, rank)))
         check_vector("dy_scale", dy_scale, N, dy)
         dx_strides = _output(out, (M, K), dy, "out").stride() if out is not None else (K, 1)  # a new dx: contiguous
+        sms = fill_sms(dy.device)
+        mid = mid_tile("dx", M, dy.dtype, K, sms)
         if dyb_mode == "auto":
             dyb_mode = choose_xa_mode(M, rank, dropout=False)
+            if mid is not None:  # 64-row tiles: dY @ B in the loop; 128 x 128: a shrink launch first
+                dyb_mode = ("fused" if mid.block_m <= MID_FUSED_DX_BLOCK_M
+                            and next_pow2_rank(rank) <= MID_FUSED_DX_RANK_BLOCK else "shrink")
             # dY @ B inside the persistent GEMM (as lora_forward's "inline" xa; its dropout term, if any, still
             # gets its own pass), except with DoRA's column scale, which its shrinking programs do not apply
             # (its shrinking programs, "inline": producer tiles measured slower for dX, 1.052-1.127x cuBLAS against
             # 1.033-1.084x at four shapes on the H200, bench/NOTES.md)
-            if dyb_mode == "shrink" and dy_scale is None and inline_pays(M, rank, False, dy.dtype, "dx"):
+            if (dyb_mode == "shrink" and dy_scale is None and mid is None
+                    and inline_pays(M, rank, False, dy.dtype, "dx")):
                 dyb_mode = "inline"
             if dyb_mode == "fused" and defer_term:  # its epilogue adds the term: take the shrink launch instead
                 dyb_mode = "shrink"
@@ -543,7 +559,7 @@ class _DxPlan:
                 PRECISION=dot_precision(dy.dtype), ACC=acc_dtype(dy.dtype), **tcfg.launch(),
             )
         cfg = gemm_config("dx_dropout" if dropout_p > 0.0 and not term_pass else "dx", M, dy.dtype,
-                          block_r if compute else 0)
+                          block_r if compute else 0, K, sms)
         split = epilogue_split(cfg.block_n) if epilogue else 1
         if self.inline:  # the shrinking programs need the persistent walk
             cfg = replace(cfg, persistent=True)

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import gemm_config, num_sms
+from .config import fill_sms, gemm_config, mid_tile, num_sms
 from .helpers import (
     acc_dtype, apply_dropout, cdiv, check_dropout, check_flag, check_scaling, check_shapes, check_vector, dot,
     dot_precision, dot_precision_key, dropout_keep, dropout_threshold, gdc_wait_if, inline_shrink_grid,
@@ -59,6 +59,22 @@ EPILOGUE_RANK_BLOCK = 64
 # for which "auto" picks it where PDL is available (H200, K = N = 4096, r = 16, graphs: bench/NOTES.md).
 XA_SPLITS = 8
 MAX_SPLIT_ROWS = 64
+# From 65 rows, where the forward takes a `config.mid_tile` (Hopper, half precision), "auto" takes "shrink" up to
+# MID_SHRINK_ROWS rows without dropout and "split" otherwise: at 96-128 rows the shrink launch measured 1.19-1.26x
+# the base against 1.30-1.41x for "split"; from 256 rows, and with dropout (the shrink launch's few programs each
+# walk all of K drawing the mask), "split" won: 1.34x against 1.57x at 256 rows, 1.30x / 1.50x at 512, 1.42x / 2.21x
+# at 128 rows with dropout 0.1 (H200, K = N = 4096, r = 16, graphs, bench/exp_mid_rows.py).
+MID_SHRINK_ROWS = 128
+# Above the mid tiles, up to SPLIT_MAX_ROWS rows (half precision, PDL), "auto" keeps "split" with the large tile
+# rather than the persistent walk's producer tiles: 1.13x / 1.11x the base at 1024 / 2048 rows against 1.42x / 1.25x
+# (1.37x against 1.74x at 768), 1.12x against 1.11x at 4096, 1.13x against 1.07x at 8192; with dropout 1.19x against
+# the shrink launch's 1.71x at 1024 and 1.20x against 1.22x at 4096 (H200, K = N = 4096, r = 16, graphs,
+# bench/exp_mid_rows.py).
+SPLIT_MAX_ROWS = 4096
+# ... at ranks up to this block: the large tile's 3 stages and 64 KiB store buffer leave room for the epilogue's
+# B chunk and partial sums of a 16-wide rank block (at r = 128, a 64-wide chunk needed 240 KiB of shared memory on
+# the H200, over its 227 KiB).
+SPLIT_MAX_RANK_BLOCK = 16
 # "auto" may compute xa inside the persistent GEMM (the forward's "producer" tiles, dX's "inline" shrink:
 # `inline_pays`); LORA_FAST_INLINE=0 turns that off (a shrink launch first; the results agree to rounding).
 INLINE_SHRINK = os.environ.get("LORA_FAST_INLINE", "1") != "0"
@@ -358,9 +374,15 @@ class _ForwardPlan:
         y_strides = _output(out, (M, N), x, "out").stride() if out is not None else (N, 1)  # a new y: contiguous
         dropout = dropout_p > 0.0
         pdl = pdl_enabled(x.device)
+        sms = fill_sms(x.device)
         if xa_mode == "auto":
             xa_mode = choose_xa_mode(M, rank, dropout)
             if M <= MAX_SPLIT_ROWS and pdl:
+                xa_mode = "split"
+            elif pdl and mid_tile("fwd", M, x.dtype, N, sms) is not None:
+                xa_mode = "shrink" if M <= MID_SHRINK_ROWS and not dropout else "split"
+            elif (pdl and sms and M <= SPLIT_MAX_ROWS and x.dtype in (torch.float16, torch.bfloat16)
+                  and next_pow2_rank(rank) <= SPLIT_MAX_RANK_BLOCK):
                 xa_mode = "split"
             elif xa_mode == "shrink" and inline_pays(M, rank, dropout and not PRODUCER_DROPOUT, x.dtype, "fwd"):
                 xa_mode = "producer"
@@ -393,7 +415,7 @@ class _ForwardPlan:
         block_r = next_pow2_rank(rank) if compute_xa else min(EPILOGUE_RANK_BLOCK, next_pow2_rank(rank))
         if compute_xa and M <= DECODE_ROWS:
             block_r = max(block_r, DECODE_RANK_BLOCK)
-        cfg = gemm_config("fwd_split" if self.splits else "fwd", M, x.dtype, block_r if compute_xa else 0)
+        cfg = gemm_config("fwd_split" if self.splits else "fwd", M, x.dtype, block_r if compute_xa else 0, N, sms)
         if self.inline:  # the shrinking programs need the persistent walk (a grid of at most one program per SM)
             cfg = replace(cfg, persistent=True)
         has_xa = self.shrink or self.new_xa or self.splits

@@ -207,6 +207,66 @@ def test_pdl_pairs_are_planned_where_pdl_is_enabled(device, monkeypatch):
     assert dx_plan.shrink and dx_plan.pdl and dx_plan.launch.options.get("launch_pdl") is True
 
 
+def test_mid_row_tiles_fill_the_gpu_and_pick_their_modes(monkeypatch):
+    """From 65 rows on a Hopper GPU (half precision) the forward and dX take the first `config._HALF_MID` tile whose
+    grid has its share of the SMs in tiles, until the large tile fills MID_FILL of them (bench/exp_mid_rows.py);
+    "auto" then takes the shrink launch (<= MID_SHRINK_ROWS rows, no dropout) or "split" for the forward (and
+    "split" with the large tile up to SPLIT_MAX_ROWS), dY @ B in the loop for 64-row dX tiles and a shrink launch
+    for 128-row ones. Not on other GPUs, in fp32, or under an override.
+    Plans only (the tiles run in bench/exp_mid_rows.py and gpu_check on the GPU)."""
+    from lora_fast.kernels import config, lora_bwd, lora_fwd
+
+    monkeypatch.setattr(config, "is_interpret", lambda: False)
+    config.set_override("fwd", "m256", None)  # no config cached before the patch
+    bf16 = torch.bfloat16
+    tile = lambda cfg: cfg and (cfg.block_m, cfg.block_n)  # noqa: E731
+    assert tile(config.mid_tile("fwd", 96, bf16, 4096, 132)) == (64, 64)  # 128 tiles
+    assert tile(config.mid_tile("fwd", 256, bf16, 4096, 132)) == (64, 128)
+    assert tile(config.mid_tile("fwd_split", 512, bf16, 4096, 132)) == (128, 128)
+    assert tile(config.mid_tile("dx", 256, bf16, 14336, 132)) == (128, 128)  # 224 tiles: 1.5 waves
+    assert tile(config.mid_tile("dx", 512, bf16, 4096, 132)) == (64, 128)  # 128 x 128: one wave only
+    stages = lambda m: config.mid_tile("dx", m, bf16, 4096, 132).num_stages  # noqa: E731
+    assert (stages(256), stages(512)) == (6, config.MID_SHARED_STAGES)  # 128 / 256 tiles of 64 x 128
+    assert config.mid_tile("fwd", 1024, bf16, 4096, 132) is None  # the large 128 x 256 tile: 128 tiles
+    assert config.mid_tile("fwd", 768, bf16, 4096, 132) is None  # 96 tiles >= 0.7 x 132
+    assert tile(config.mid_tile("fwd", 768, bf16, 4096, 160)) == (128, 128)
+    assert config.mid_tile("fwd", 64, bf16, 4096, 132) is None  # the split decode tiles below 65 rows
+    assert config.mid_tile("fwd", 256, torch.float32, 4096, 132) is None
+    assert config.mid_tile("fwd", 256, bf16, 4096, 0) is None  # not a Hopper GPU
+    assert tile(config.mid_tile("fwd", 200, bf16, 64, 132)) == (64, 64)  # nothing fills: the smallest
+    override = config.GemmConfig(32, 32, 32)
+    config.set_override("fwd", "m256", override)
+    try:
+        assert config.mid_tile("fwd", 256, bf16, 4096, 132) is None
+        assert config.gemm_config("fwd", 256, bf16, 0, 4096, 132) == override
+    finally:
+        config.set_override("fwd", "m256", None)
+    for module in (lora_fwd, lora_bwd):
+        monkeypatch.setattr(module, "pdl_enabled", lambda dev: True)
+        monkeypatch.setattr(module, "fill_sms", lambda dev: 132)
+    K = N = 4096
+    arg = lambda plan, name: plan.launch.args[plan.launch.fn.arg_names.index(name)]  # noqa: E731
+    try:
+        for M, p, mode, blocks, *rank in ((96, 0.0, "shrink", (64, 64)), (128, 0.1, "split", (64, 64)),
+                                   (256, 0.0, "split", (64, 128)), (512, 0.0, "split", (128, 128)),
+                                   (1024, 0.1, "split", (128, 256)), (8192, 0.0, "producer", (128, 256)),
+                                   (8192, 0.1, "shrink", (128, 256)), (2048, 0.0, "producer", (128, 256), 32)):
+            x, W, b, A, B = lora_problem(M, K, N, (rank or [16])[0], bf16, "cpu")
+            plan = lora_fwd._ForwardPlan(x, W, b, A, B, p, False, "auto", None, "auto", None)
+            got = "split" if plan.splits else "shrink" if plan.shrink else "producer" if plan.producer else "other"
+            assert (got, (arg(plan, "BLOCK_M"), arg(plan, "BLOCK_N"))) == (mode, blocks), (M, p)
+        for M, mode, blocks, r in ((128, "fused", (64, 64), 16), (256, "fused", (64, 128), 32),
+                                   (512, "fused", (64, 128), 16), (512, "shrink", (64, 128), 64),
+                                   (1024, "inline", (128, 256), 16)):
+            dy, W, A, B = (torch.randn(M, N, dtype=bf16), torch.randn(N, K, dtype=bf16),
+                           torch.randn(r, K, dtype=bf16), torch.randn(N, r, dtype=bf16))
+            plan = lora_bwd._DxPlan(dy, W, A, B, 0.0, True, "auto", None, "auto", None)
+            got = "inline" if plan.inline else "shrink" if plan.shrink else "fused"
+            assert (got, (arg(plan, "BLOCK_M"), arg(plan, "BLOCK_K"))) == (mode, blocks), (M, r)  # dX's tile: M x K
+    finally:
+        config.set_override("fwd", "m256", None)  # drops the configs cached while patched, and every plan
+
+
 def test_cached_device_tensors_come_from_the_driver_only_on_cuda():
     """helpers.driver_copy (the memory of the device tensors kept across calls: NF4 code table, multi-LoRA slice
     tables, the fused GEMV's counters) serves CUDA devices only; elsewhere cached_device_tensor is a plain copy on
