@@ -168,11 +168,19 @@ def mid_tile(kernel: str, m: int, dtype: torch.dtype, cols: int, sms: int) -> Ge
     return cfg
 
 
+# The mid tiles' shared memory (a 6-stage 64 x 128 x 64 tile: 144 KiB, plus the epilogue's) asks for a GPU with at
+# least this much per SM (the H100 / H200's 228 KiB; consumer Blackwell parts have ~100 KiB).
+MID_MIN_SHARED = 200 * 1024
+
+
 def fill_sms(device: torch.device) -> int:
-    """The SM count `mid_tile` plans for: that of a Hopper (or newer) CUDA device, else 0."""
+    """The SM count `mid_tile` plans for: that of a CUDA device of compute capability 9 or more (TMA) with
+    MID_MIN_SHARED bytes of shared memory per SM, else 0 (the class table applies)."""
     if device.type != "cuda" or is_interpret():
         return 0
-    return num_sms(device) if capability_major(device) >= 9 else 0
+    if capability_major(device) < 9 or shared_memory_per_sm(device) < MID_MIN_SHARED:
+        return 0
+    return num_sms(device)
 
 
 @lru_cache(maxsize=None)

@@ -212,12 +212,20 @@ def test_mid_row_tiles_fill_the_gpu_and_pick_their_modes(monkeypatch):
     grid has its share of the SMs in tiles, until the large tile fills MID_FILL of them (bench/exp_mid_rows.py);
     "auto" then takes the shrink launch (<= MID_SHRINK_ROWS rows, no dropout) or "split" for the forward (and
     "split" with the large tile up to SPLIT_MAX_ROWS), dY @ B in the loop for 64-row dX tiles and a shrink launch
-    for 128-row ones. Not on other GPUs, in fp32, or under an override.
+    for 128-row ones. Not on GPUs before Hopper or with less shared memory (`fill_sms`), in fp32, or under an
+    override.
     Plans only (the tiles run in bench/exp_mid_rows.py and gpu_check on the GPU)."""
     from lora_fast.kernels import config, lora_bwd, lora_fwd
 
     monkeypatch.setattr(config, "is_interpret", lambda: False)
     config.set_override("fwd", "m256", None)  # no config cached before the patch
+    gpu = torch.device("cuda", 0)  # never touched: the device facts are patched
+    for major, shared, sms in ((9, 228 << 10, 132), (10, 228 << 10, 148), (8, 164 << 10, 0), (12, 100 << 10, 0)):
+        monkeypatch.setattr(config, "capability_major", lambda dev, major=major: major)
+        monkeypatch.setattr(config, "shared_memory_per_sm", lambda dev, shared=shared: shared)
+        monkeypatch.setattr(config, "num_sms", lambda dev, n=sms or 99: n)
+        assert config.fill_sms(gpu) == sms, (major, shared)
+    assert config.fill_sms(torch.device("cpu")) == 0
     bf16 = torch.bfloat16
     tile = lambda cfg: cfg and (cfg.block_m, cfg.block_n)  # noqa: E731
     assert tile(config.mid_tile("fwd", 96, bf16, 4096, 132)) == (64, 64)  # 128 tiles
