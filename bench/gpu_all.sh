@@ -28,7 +28,7 @@
 # (exp_ws_gemm: warp specialization on Hopper), dprod (exp_dropout_producer), dxterm (exp_dx_term_in_ab: dX's dropout term in
 # dA's programs against its own pass), probedora (probe_dora_train: DoRA / LoRA training against PEFT's on the GPU, same init and batches),
 # nf4deq (exp_nf4_dequant: the dequantize kernel's tile sweep, checked bit for bit), probefwd (probe_fwd_paths: the issue-2 forward by launcher / functional / module, paired and do_bench),
-# dectl (probe_decode_timeline: the single-adapter decode's kernels and their timeline under a graph),
+# dectl (probe_decode_timeline: the single-adapter forward's kernels and their timeline under a graph; DECTL_ROWS),
 # exps (issue 6's experiments A, B and C at their large, GPU sizes: examples/exp_init.py, exp_rank.py,
 # exp_variants.py --size large), train_big (bf16 adapters at TRAIN_BATCH sequences, default 8: a GPU-bound step; TRAIN_ARGS adds options to both), pytest (the CPU suite's tests on the GPU,
 # PYTEST_ARGS picks them, PYTEST_LIMIT seconds). bitsandbytes wheels in .whl/ are installed
@@ -100,7 +100,7 @@ for name in "$@"; do
     nf4deq) step nf4deq 150 python3 bench/exp_nf4_dequant.py --out "$OUT/logs" ;;
     probedora) step probedora 200 python3 bench/probe_dora_train.py --out "$OUT/logs" ;;
     probefwd) step probefwd 150 python3 bench/probe_fwd_paths.py --out "$OUT/logs" ;;
-    dectl) step dectl 120 python3 bench/probe_decode_timeline.py --out "$OUT/logs" ;;
+    dectl) step dectl 120 python3 bench/probe_decode_timeline.py --out "$OUT/logs" --rows "${DECTL_ROWS:-1,16}" ;;
     multik) step multik 300 python3 bench/exp_multi_kernels.py --out "$OUT/logs" ;;
     multip) step multip 200 python3 bench/exp_multi_prefill.py --out "$OUT/logs" ${MULTIP_ARGS:-} ;;
     mrows) step mrows ${MROWS_LIMIT:-330} python3 bench/exp_multi_rows.py --out "$OUT/logs" ${MROWS_ARGS:-} ;;

@@ -6,8 +6,11 @@ time, and one call's timeline (each kernel's start and end from the call's first
 which shows whether a PDL consumer starts at once or waits for SMs held by the kernel before it, and the idle gap
 between calls in the graph. Also with PDL off, and two F.linear calls per call (a two-kernel call of cuBLAS's);
 and each graph with its calls repeated 4 times (32 a replay), which separates a cost per replay from one per call.
+`--rows` takes other row counts: above 16 rows each of the forward's xa modes "split" and "shrink" is timed too
+(at 65-4096 rows "auto" takes one of them with `config.mid_tile`'s tiles; bench/NOTES.md, nineteenth session: the
+forward at 256 rows ran 1.35x the base where a plain TMA GEMM of its tile ran 1.03-1.07x).
 
-    PYTHONPATH=$PWD python3 bench/probe_decode_timeline.py [--out DIR]
+    PYTHONPATH=$PWD python3 bench/probe_decode_timeline.py [--out DIR] [--rows 1,16]
 """
 import argparse
 import json
@@ -21,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import bench_graph_us, graph_kernel_timeline, graph_kernel_times  # noqa: E402
 import lora_fast  # noqa: E402
+from lora_fast import kernels  # noqa: E402
 from lora_fast.kernels import helpers  # noqa: E402
 from lora_fast.kernels.launch import clear_plans  # noqa: E402
 
@@ -30,6 +34,7 @@ SETS = 8
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/probe")
+    ap.add_argument("--rows", default="1,16", help="comma-separated row counts")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
@@ -39,12 +44,16 @@ def main():
              torch.randn(N, r, device="cuda", dtype=dt) / r ** 0.5) for _ in range(SETS)]
     rows = []
     with torch.no_grad():
-        for M in (1, 16):
+        for M in (int(v) for v in args.rows.split(",")):
             x = torch.randn(M, K, device="cuda", dtype=dt)
             lora = [lambda W=W, A=A, B=B: lora_fast.lora_linear(x, W, None, A, B, 2.0) for W, A, B in sets]
             provs = {"base": [lambda W=W: F.linear(x, W) for W, _, _ in sets], "lora_linear": lora,
                      "lora_linear_nopdl": lora,  # the same calls with PDL off (the kernels in stream order)
                      "base_x2": [lambda W=W: (F.linear(x, W), F.linear(x, W)) for W, _, _ in sets]}
+            for mode in (("split", "shrink") if M > 16 else ()):
+                provs[mode] = [lambda W=W, A=A, B=B, mode=mode: kernels.lora_forward(x, W, None, A, B, 2.0,
+                                                                                   xa_mode=mode)
+                               for W, A, B in sets]
             base = None
             for name, fns in provs.items():
                 helpers.PDL_ENV = name != "lora_linear_nopdl"
