@@ -36,9 +36,7 @@ from .helpers import (
     persistent_start, tensor_descriptor, tma_enabled, upcast, wait_row_block, walk_tile,
 )
 from .launch import Launch, PlanCache, plan_key, seed_key
-from .lora_fwd import (
-    EPILOGUE_RANK_BLOCK, MAX_FUSED_ROWS, _output, choose_xa_mode, inline_pays,
-)
+from .lora_fwd import EPILOGUE_RANK_BLOCK, MAX_FUSED_ROWS, _output, choose_xa_mode, inline_pays
 from .lora_shrink import lora_shrink
 
 
