@@ -75,10 +75,29 @@ def _check(fn, ref, kernel, cls, cfg) -> float:
     return rel_err(out.float(), ref)
 
 
+def _time_variants(op: str, modes, call, out_shape, ref, sets, graphs: dict, rows: list, meta: dict) -> None:
+    """For each tile of CANDIDATES and each of `modes` ("auto" too for the default tile): check
+    `call(W, A, B, mode, out=NaN-filled)` of the first weight set against `ref`, then capture a graph of one call
+    per weight set into graphs["op/tile/mode"]; a row per variant (with its error if it cannot run here)."""
+    W0, A0, B0 = sets[0]
+    cls = kconfig.shape_class(meta["M"])
+    for name, cfg in CANDIDATES.items():
+        for mode in (("auto",) if name == "default" else ()) + tuple(modes):
+            row = dict(meta, tile=name, mode=mode, ok=True)
+            try:
+                out = torch.full(out_shape, float("nan"), device="cuda", dtype=W0.dtype)
+                err = _check(lambda: call(W0, A0, B0, mode, out=out), ref, op, cls, cfg)
+                graphs[f"{op}/{name}/{mode}"] = _graph_of(
+                    [(lambda W=W, A=A, B=B, mode=mode: call(W, A, B, mode)) for W, A, B in sets], op, cls, cfg)
+                row.update(rel_err=err, ok=err < 1e-2)
+            except Exception as e:  # noqa: BLE001 - a tile that cannot run here is recorded; the rest run
+                row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+            rows.append(row)
+
+
 def run_shape(M: int, K: int, N: int, r: int, p: float, rounds: int, which: str) -> list[dict]:
     g = torch.Generator(device="cuda").manual_seed(M * 131 + N + r)
     dt = torch.bfloat16
-    cls = kconfig.shape_class(M)
     x = torch.randn(M, K, device="cuda", dtype=dt, generator=g)
     dy = torch.randn(M, N, device="cuda", dtype=dt, generator=g)
     sets = [((torch.randn(N, K, device="cuda", dtype=dt, generator=g) / K**0.5),
@@ -95,21 +114,9 @@ def run_shape(M: int, K: int, N: int, r: int, p: float, rounds: int, which: str)
                 y = F.linear(x, W)
                 return y.addmm_(x @ A.t(), B.t(), alpha=SCALE)
             graphs["fwd/addmm"] = capture_graph([(lambda W=W, A=A, B=B: addmm(W, A, B)) for W, A, B in sets])
-        for name, cfg in CANDIDATES.items():
-            for mode in (("auto",) if name == "default" else ()) + ("split", "shrink"):
-                def call(W, A, B, mode=mode, out=None):
-                    return kernels.lora_forward(x, W, None, A, B, SCALE, p, SEED, xa_mode=mode, out=out)[0]
-                tag = f"fwd/{name}/{mode}"
-                try:
-                    out = torch.full((M, N), float("nan"), device="cuda", dtype=dt)
-                    err = _check(lambda: call(W0, A0, B0, out=out), ref, "fwd", cls, cfg)
-                    graphs[tag] = _graph_of([(lambda W=W, A=A, B=B: call(W, A, B)) for W, A, B in sets],
-                                            "fwd", cls, cfg)
-                    rows.append(dict(op="fwd", M=M, K=K, N=N, r=r, p=p, tile=name, mode=mode, rel_err=err,
-                                     ok=err < 1e-2))
-                except Exception as e:  # noqa: BLE001 - a tile that cannot run here is recorded; the rest run
-                    rows.append(dict(op="fwd", M=M, K=K, N=N, r=r, p=p, tile=name, mode=mode, ok=True,
-                                     error=f"{type(e).__name__}: {str(e)[:160]}"))
+        _time_variants("fwd", ("split", "shrink"), lambda W, A, B, mode, out=None: kernels.lora_forward(
+            x, W, None, A, B, SCALE, p, SEED, xa_mode=mode, out=out)[0], (M, N), ref, sets, graphs, rows,
+                       dict(op="fwd", M=M, K=K, N=N, r=r, p=p))
     if which in ("dx", "both") and p == 0:
         ref = dy.float() @ W0.float() + SCALE * (dy.float() @ B0.float()) @ A0.float()
         graphs["dx/base"] = capture_graph([(lambda W=W: torch.mm(dy, W)) for W, _, _ in sets])
@@ -117,21 +124,9 @@ def run_shape(M: int, K: int, N: int, r: int, p: float, rounds: int, which: str)
         def addmm_dx(W, A, B):
             return torch.mm(dy, W).addmm_(dy @ B, A, alpha=SCALE)
         graphs["dx/addmm"] = capture_graph([(lambda W=W, A=A, B=B: addmm_dx(W, A, B)) for W, A, B in sets])
-        for name, cfg in CANDIDATES.items():
-            for mode in (("auto",) if name == "default" else ()) + ("shrink", "fused"):
-                def call(W, A, B, mode=mode, out=None):
-                    return kernels.lora_backward_dx(dy, W, A, B, SCALE, dyb_mode=mode, out=out)[0]
-                tag = f"dx/{name}/{mode}"
-                try:
-                    out = torch.full((M, K), float("nan"), device="cuda", dtype=dt)
-                    err = _check(lambda: call(W0, A0, B0, out=out), ref, "dx", cls, cfg)
-                    graphs[tag] = _graph_of([(lambda W=W, A=A, B=B: call(W, A, B)) for W, A, B in sets],
-                                            "dx", cls, cfg)
-                    rows.append(dict(op="dx", M=M, K=K, N=N, r=r, p=p, tile=name, mode=mode, rel_err=err,
-                                     ok=err < 1e-2))
-                except Exception as e:  # noqa: BLE001
-                    rows.append(dict(op="dx", M=M, K=K, N=N, r=r, p=p, tile=name, mode=mode, ok=True,
-                                     error=f"{type(e).__name__}: {str(e)[:160]}"))
+        _time_variants("dx", ("shrink", "fused"), lambda W, A, B, mode, out=None: kernels.lora_backward_dx(
+            dy, W, A, B, SCALE, dyb_mode=mode, out=out)[0], (M, K), ref, sets, graphs, rows,
+                       dict(op="dx", M=M, K=K, N=N, r=r, p=p))
     timers = {tag: (lambda gr=gr: graph_replay_us(gr, SETS)) for tag, gr in graphs.items()}
     times = interleaved_times(timers, rounds)
     for op in ("fwd", "dx"):
