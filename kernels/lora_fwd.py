@@ -8,18 +8,20 @@ product xa = drop(X) @ A^T [M, r] comes one of four ways (`xa_mode`):
   * "shrink": `lora_shrink` computes xa once (one extra read of X, the dropout mask drawn once per element) and
     the kernel loads it. Used with dropout (the mask would otherwise be redrawn for every N tile) and at large
     rank (the xa accumulator would crowd out the GEMM's registers).
-  * "split" (decode, M <= MAX_SPLIT_ROWS): `lora_shrink_partials` computes xa as fp32 partial sums over K ranges,
+  * "split": `lora_shrink_partials` computes xa as fp32 partial sums over K ranges,
     which the epilogue adds up. On Hopper the GEMM is launched with PDL while the shrink runs: its programs stream
     W at once and wait for xa only before the epilogue, so neither a second pass nor a redundant xa per N tile
     (each of N / BLOCK_N programs reading all of A) is on the critical path. The shrink draws the dropout mask;
-    the first N tile's programs store the rounded xa for the backward. "auto" picks it up to MAX_SPLIT_ROWS rows
-    where PDL is available (helpers.pdl_enabled); without PDL it would be two launches in a row.
+    the first N tile's programs store the rounded xa for the backward. Where PDL is available
+    (helpers.pdl_enabled; without it this would be two launches in a row) "auto" picks it up to MAX_SPLIT_ROWS
+    rows, from 65 rows on `config.mid_tile`'s tiles (except the shrink launch at <= MID_SHRINK_ROWS rows without
+    dropout), and on the large tile up to SPLIT_MAX_ROWS rows at rank blocks <= SPLIT_MAX_RANK_BLOCK.
   * "inline" (large M, r <= 64): the persistent GEMM computes xa itself. Its first programs, those
     with a tile fewer to walk when the tile count is not a multiple of the grid, first shrink whole row blocks and
     publish each through a flag; a tile's epilogue waits for its row block's flag (helpers.shrink_row_block).
     One launch instead of two, and the extra read of X runs in the last wave's idle time. With dropout the
     shrinking programs draw the mask (on request: measured slower than the shrink launch, INLINE_DROPOUT).
-  * "producer" (what "auto" picks where "inline" would pay): the persistent GEMM's walk starts with one producer
+  * "producer" (what "auto" picks where "inline" would pay, above SPLIT_MAX_ROWS rows or at wider ranks): the persistent GEMM's walk starts with one producer
     tile per row block (its first N tile), whose K loop also accumulates xa from the X tiles it loads anyway
     ("fused"'s loop, for one tile in N / BLOCK_N); it stores and publishes xa before its own epilogue, and the
     other tiles of the row block wait for that flag. No extra read of X: on the H200 at 8192 x 4096 x 4096,
